@@ -1,0 +1,137 @@
+"""Shared test helpers: random inputs, the float64 reference, a generic loss over outputs and last states, and
+relative-error assertions.
+
+Loss convention for gradient tests: L = sum(W_h * h) + sum(W_C * C_S) + sum(W_n * n_S) + sum(W_m * m_S) with random
+weights, so every output and every last state carries a cotangent (DESIGN.md §2: true derivatives).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from xlstm_jax.mlstm.reference import mlstm_recurrent_reference
+
+INPUT_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def make_inputs(
+    seed: int,
+    B: int,
+    NH: int,
+    S: int,
+    DHQK: int,
+    DHHV: int,
+    *,
+    dtype: str = "float32",
+    with_state: bool = False,
+    igate: tuple[float, float] = (-3.0, 3.0),
+    fgate: tuple[float, float] = (-1.0, 6.0),
+) -> dict[str, np.ndarray]:
+    """Random inputs as numpy arrays. q/k/v are rounded to `dtype` (values stay exact in float64); gates and
+    states are float32. Gate pre-activations are uniform in the given ranges."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    x = {
+        "q": rng.standard_normal((B, NH, S, DHQK)).astype(dt),
+        "k": rng.standard_normal((B, NH, S, DHQK)).astype(dt),
+        "v": rng.standard_normal((B, NH, S, DHHV)).astype(dt),
+        "i": rng.uniform(*igate, (B, NH, S)).astype(np.float32),
+        "f": rng.uniform(*fgate, (B, NH, S)).astype(np.float32),
+    }
+    if with_state:
+        x["c_initial"] = rng.standard_normal((B, NH, DHQK, DHHV)).astype(np.float32)
+        x["n_initial"] = rng.standard_normal((B, NH, DHQK)).astype(np.float32)
+        x["m_initial"] = rng.uniform(-2.0, 2.0, (B, NH)).astype(np.float32)
+    return x
+
+
+def make_weights(seed: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Random float32 loss weights for h and each last state."""
+    rng = np.random.default_rng(seed + 1000)
+    B, NH, S, DHQK = inputs["q"].shape
+    DHHV = inputs["v"].shape[-1]
+    return {
+        "h": rng.standard_normal((B, NH, S, DHHV)).astype(np.float32),
+        "C": rng.standard_normal((B, NH, DHQK, DHHV)).astype(np.float32),
+        "n": rng.standard_normal((B, NH, DHQK)).astype(np.float32),
+        "m": rng.standard_normal((B, NH)).astype(np.float32),
+    }
+
+
+def _loss(h, states, weights):
+    c, n, m = states
+    return (
+        jnp.sum(weights["h"] * h)
+        + jnp.sum(weights["C"] * c)
+        + jnp.sum(weights["n"] * n)
+        + jnp.sum(weights["m"] * m)
+    )
+
+
+def reference_outputs_and_grads(inputs, weights=None, *, eps: float = 1e-6):
+    """float64 reference: (h, (C, n, m)) and, if weights are given, the gradients of the generic loss w.r.t.
+    every given input (dict keyed like `inputs`). All numpy float64."""
+    names = [n for n in INPUT_NAMES if n in inputs]
+    with jax.enable_x64(True):
+        args = {n: jnp.asarray(np.asarray(inputs[n], np.float64)) for n in names}
+
+        def run(a):
+            return mlstm_recurrent_reference(**a, eps=eps)
+
+        h, states = run(args)
+        out = (np.asarray(h), tuple(np.asarray(s) for s in states))
+        if weights is None:
+            return out, None
+        w64 = {n: jnp.asarray(np.asarray(w, np.float64)) for n, w in weights.items()}
+        grads = jax.grad(lambda a: _loss(*run(a), w64))(args)
+        return out, {n: np.asarray(g) for n, g in grads.items()}
+
+
+def outputs_and_grads(fn, inputs, weights=None):
+    """Run `fn(q, k, v, i, f, c_initial=, n_initial=, m_initial=) -> (h, (C, n, m))` on `inputs` (as given dtypes)
+    under jit, and if weights are given the gradients of the generic loss w.r.t. every input."""
+    names = [n for n in INPUT_NAMES if n in inputs]
+    args = {n: jnp.asarray(inputs[n]) for n in names}
+
+    def run(a):
+        return fn(**a)
+
+    h, states = jax.jit(run)(args)
+    out = (np.asarray(h, np.float64), tuple(np.asarray(s, np.float64) for s in states))
+    if weights is None:
+        return out, None
+    grads = jax.jit(jax.grad(lambda a: _loss(*(lambda r: (r[0].astype(jnp.float32), r[1]))(run(a)), weights)))(args)
+    return out, {n: np.asarray(g, np.float64) for n, g in grads.items()}
+
+
+def rel_err(actual, expected) -> float:
+    """||actual - expected|| / max(||expected||, 1e-6) (Frobenius)."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-6))
+
+
+def assert_rel_close(actual, expected, tol: float, name: str) -> None:
+    """Relative Frobenius error at most tol, with no NaN/inf in `actual`."""
+    actual = np.asarray(actual, np.float64)
+    assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_matches_reference(out, grads, ref_out, ref_grads, *, fw_tol: float, bw_tol: float) -> None:
+    """Compare outputs, last states and (if given) all gradients with the float64 reference."""
+    h, (c, n, m) = out
+    rh, (rc, rn, rm) = ref_out
+    assert_rel_close(h, rh, fw_tol, "h")
+    assert_rel_close(c, rc, fw_tol, "C_last")
+    assert_rel_close(n, rn, fw_tol, "n_last")
+    np.testing.assert_allclose(m, rm, atol=1e-4, rtol=1e-5, err_msg="m_last")
+    if grads is not None:
+        for name, g in ref_grads.items():
+            assert_rel_close(grads[name], g, bw_tol, f"d{name}")

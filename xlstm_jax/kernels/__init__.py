@@ -1,0 +1,1 @@
+"""xlstm_jax.kernels."""

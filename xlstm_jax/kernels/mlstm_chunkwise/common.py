@@ -1,0 +1,97 @@
+"""XLA pieces every chunkwise implementation (native and Triton) shares: gate cumsums, the output cotangents of the
+normalized output, and the gate / stabilizer gradient epilogue.
+
+Backward convention (DESIGN.md §2, mlstm_math.md §4.9): the kernels differentiate with every stabilizer m held
+constant, but *through* the denominator N_t = max(|q̂·ñ_t|, e^{-m_t}): the denominator behaves like an extra value
+column of ones, whose output cotangent is `dden`. The dependence of the returned last stabilizer m_S on the gates
+is added here exactly (m_S is a max over a chain of sums, so its derivative follows the argmax).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.mlstm.base import log_sigmoid
+
+
+def reverse_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Inclusive cumulative sum from the end: out[t] = sum_{r >= t} x[r]."""
+    return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
+
+
+def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-chunk gate quantities (mlstm_math.md §4.1), float32.
+
+    i, f: (B, NH, S) pre-activations with S % chunk_size == 0. Returns
+    vecB (B, NH, NC, L): inclusive within-chunk cumsum of log forget gates,
+    vecA (B, NH, NC, L): log weight of each token in its end-of-chunk state, sum_{r>t} logf_r + i_t (stable form),
+    scaG (B, NH, NC): total log decay over each chunk.
+    """
+    B, NH, S = i.shape
+    L = chunk_size
+    logf = log_sigmoid(f.astype(jnp.float32)).reshape(B, NH, S // L, L)
+    vecB = jnp.cumsum(logf, axis=-1)
+    suffix = reverse_cumsum(logf)
+    vecA = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
+    vecA = vecA + i.astype(jnp.float32).reshape(B, NH, S // L, L)
+    return vecB, vecA, suffix[..., 0]
+
+
+def output_cotangents(
+    dh: jax.Array, h: jax.Array, den: jax.Array, lower: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array]:
+    """Cotangents of the numerator and the signed denominator q̂·ñ of h = num / (max(|den|, lower) + eps).
+
+    dh, h: (B, NH, S, DHHV); den, lower: (B, NH, S) float32 (lower is e^{-m} in the standard form). Returns
+    deltaH (B, NH, S, DHHV) and dden (B, NH, S), float32.
+    """
+    dh = dh.astype(jnp.float32)
+    norm = jnp.maximum(jnp.abs(den), lower) + eps
+    delta_h = dh / norm[..., None]
+    dnorm = -jnp.sum(dh * h.astype(jnp.float32), axis=-1) / norm
+    dden = jnp.where(jnp.abs(den) >= lower, dnorm * jnp.sign(den), 0.0)
+    return delta_h, dden
+
+
+def gate_gradients(
+    q: jax.Array,
+    dq: jax.Array,
+    k: jax.Array,
+    dk: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    m_initial: jax.Array,
+    *,
+    first_state_dot: jax.Array,
+    last_state_dot: jax.Array,
+    dm_last: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of i, f and m_initial from the complete dq, dk (mlstm_math.md §4.9.2-4.9.3, plus the m_S path).
+
+    q, dq, k, dk: (B, NH, S, DHQK); i, f: (B, NH, S); m_initial: (B, NH) (zeros if none was given).
+    first_state_dot = <C̃_0, dC̃_0> + <ñ_0, dñ_0>, last_state_dot = <C̃_S, dC̃_S> + <ñ_S, dñ_S> with dC̃_S, dñ_S the
+    cotangents of the returned last states; dm_last: cotangent of the returned m_S or None. All (B, NH) float32.
+    Returns di, df (B, NH, S) and dm_initial (B, NH), float32.
+    """
+    f32 = jnp.float32
+    qdq = jnp.sum(q.astype(f32) * dq.astype(f32), axis=-1)
+    kdk = jnp.sum(k.astype(f32) * dk.astype(f32), axis=-1)
+    di = kdk
+    dlogf = reverse_cumsum(qdq - kdk) + last_state_dot[..., None]
+    dm_initial = first_state_dot
+
+    # m_S = max(m_0 + sum_r logf_r, max_t (i_t + sum_{r>t} logf_r)): its derivative follows the argmax. The
+    # returned C̃_S = C_S e^{-m_S} depends on m_S too, hence -last_state_dot.
+    tau = -last_state_dot if dm_last is None else dm_last.astype(f32) - last_state_dot
+    logf = log_sigmoid(f.astype(f32))
+    suffix = reverse_cumsum(logf)
+    after_t = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
+    candidates = jnp.concatenate([(m_initial + suffix[..., 0])[..., None], i.astype(f32) + after_t], axis=-1)
+    source = jax.nn.one_hot(jnp.argmax(candidates, axis=-1), candidates.shape[-1], dtype=f32)
+    di = di + tau[..., None] * source[..., 1:]
+    dlogf = dlogf + tau[..., None] * jnp.cumsum(source, axis=-1)[..., :-1]
+    dm_initial = dm_initial + tau * source[..., 0]
+
+    df = dlogf * jax.nn.sigmoid(-f.astype(f32))
+    return di, df, dm_initial

@@ -1,0 +1,174 @@
+"""The contract every mLSTM implementation shares: input checks, dtype rules, gate math and neutral padding.
+
+Shapes (DESIGN.md §1): q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1);
+c_initial (B, NH, DHQK, DHHV), n_initial (B, NH, DHQK), m_initial (B, NH). States are float32, m in natural-log
+units. Every check runs on static shapes and dtypes, so it fires before anything is traced or launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Neutral padding (DESIGN.md §2): a padded step must leave C, n and m exactly unchanged. An input-gate
+# pre-activation of -1e30 makes exp(i - m) exactly 0 for any reachable m; a forget pre-activation of +1e30 gives
+# log(sigmoid(f)) == 0 exactly in float32, i.e. no decay.
+NEUTRAL_IGATE = -1e30
+NEUTRAL_FGATE = 1e30
+
+_COMPUTE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class MLSTMShape:
+    """Static problem size of one mLSTM call."""
+
+    B: int
+    NH: int
+    S: int
+    DHQK: int
+    DHHV: int
+
+
+def _shape_str(x: Any) -> str:
+    return str(tuple(np.shape(x)))
+
+
+def _check_float(x: Any, name: str) -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16, float64), got {dtype}.")
+
+
+def _gate_to_3d(x: Any, name: str, expected: tuple[int, int, int]) -> jax.Array:
+    shape = tuple(np.shape(x))
+    if shape == expected:
+        return jnp.asarray(x)
+    if shape == (*expected, 1):
+        return jnp.asarray(x)[..., 0]
+    raise ValueError(f"{name} must have shape (B, NH, S) = {expected} or (B, NH, S, 1), got shape {shape}.")
+
+
+def check_inputs(
+    q: Any,
+    k: Any,
+    v: Any,
+    i: Any,
+    f: Any,
+    c_initial: Any = None,
+    n_initial: Any = None,
+    m_initial: Any = None,
+) -> tuple[jax.Array, jax.Array, MLSTMShape]:
+    """Validate mLSTM inputs and return the gates as (B, NH, S) arrays and the problem size.
+
+    Raises ValueError for shapes (naming the argument, its shape and what was expected) and TypeError for dtypes.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if np.ndim(x) != 4:
+            axes = "(B, NH, S, DHHV)" if name == "v" else "(B, NH, S, DHQK)"
+            raise ValueError(f"{name} must be 4-D {axes}, got shape {_shape_str(x)}.")
+        _check_float(x, name)
+    B, NH, S, DHQK = np.shape(q)
+    DHHV = np.shape(v)[-1]
+    if np.shape(k) != (B, NH, S, DHQK):
+        raise ValueError(f"k must have the shape of q {(B, NH, S, DHQK)}, got shape {_shape_str(k)}.")
+    if np.shape(v)[:3] != (B, NH, S):
+        raise ValueError(f"v must have shape (B, NH, S, DHHV) with (B, NH, S) = {(B, NH, S)}, got {_shape_str(v)}.")
+    if min(B, NH, S, DHQK, DHHV) < 1:
+        raise ValueError(f"all of B, NH, S, DHQK, DHHV must be >= 1, got q {_shape_str(q)} and v {_shape_str(v)}.")
+    dtypes = {jnp.result_type(x) for x in (q, k, v)}
+    if len(dtypes) != 1:
+        raise TypeError(
+            "q, k and v must share one dtype, got "
+            f"q {jnp.result_type(q)}, k {jnp.result_type(k)}, v {jnp.result_type(v)}."
+        )
+    for name, x in (("i", i), ("f", f)):
+        _check_float(x, name)
+    i3 = _gate_to_3d(i, "i", (B, NH, S))
+    f3 = _gate_to_3d(f, "f", (B, NH, S))
+
+    given = [x is not None for x in (c_initial, n_initial, m_initial)]
+    if any(given) and not all(given):
+        missing = [n for n, g in zip(("c_initial", "n_initial", "m_initial"), given) if not g]
+        raise ValueError(f"initial states must be given all three or none; missing {', '.join(missing)}.")
+    if all(given):
+        for name, x, expected in (
+            ("c_initial", c_initial, (B, NH, DHQK, DHHV)),
+            ("n_initial", n_initial, (B, NH, DHQK)),
+            ("m_initial", m_initial, (B, NH)),
+        ):
+            if tuple(np.shape(x)) != expected:
+                raise ValueError(f"{name} must have shape {expected}, got shape {_shape_str(x)}.")
+            _check_float(x, name)
+    return i3, f3, MLSTMShape(B, NH, S, DHQK, DHHV)
+
+
+def check_chunk_size(chunk_size: Any, *, minimum: int = 16, maximum: int | None = None) -> int:
+    """A chunk size must be an int, a power of two and within [minimum, maximum]."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise ValueError(f"chunk_size must be an int, got {chunk_size!r}.")
+    chunk_size = int(chunk_size)
+    if chunk_size < minimum or chunk_size & (chunk_size - 1):
+        bound = f"{minimum}..{maximum}" if maximum else f">= {minimum}"
+        raise ValueError(f"chunk_size must be a power of two in {bound}, got {chunk_size}.")
+    if maximum is not None and chunk_size > maximum:
+        raise ValueError(f"chunk_size must be a power of two in {minimum}..{maximum}, got {chunk_size}.")
+    return chunk_size
+
+
+def resolve_compute_dtype(dtype: Any, default: Any, name: str = "autocast_dtype") -> jnp.dtype:
+    """Matmul operand dtype: None -> `default`; accepts "float32" | "bfloat16" | "float16" or the jnp types."""
+    if dtype is None:
+        dtype = default
+    key = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if key not in _COMPUTE_DTYPES:
+        raise ValueError(f"{name} must be one of {sorted(_COMPUTE_DTYPES)} (or None), got {dtype!r}.")
+    return jnp.dtype(_COMPUTE_DTYPES[key])
+
+
+def qk_scale(dhqk: int) -> float:
+    """The query scale of every mLSTM implementation: DHQK ** -0.5."""
+    return float(dhqk) ** -0.5
+
+
+def log_sigmoid(x: jax.Array) -> jax.Array:
+    """Numerically stable log(sigmoid(x)) = -softplus(-x), finite for every finite x."""
+    return -jax.nn.softplus(-x)
+
+
+def initial_states_or_zeros(
+    c_initial: jax.Array | None, n_initial: jax.Array | None, m_initial: jax.Array | None, shape: MLSTMShape
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The float32 initial states (C, n, m); zeros (m_0 = 0) when none are given."""
+    if c_initial is None:
+        return (
+            jnp.zeros((shape.B, shape.NH, shape.DHQK, shape.DHHV), jnp.float32),
+            jnp.zeros((shape.B, shape.NH, shape.DHQK), jnp.float32),
+            jnp.zeros((shape.B, shape.NH), jnp.float32),
+        )
+    return c_initial.astype(jnp.float32), n_initial.astype(jnp.float32), m_initial.astype(jnp.float32)
+
+
+def pad_to_multiple(
+    q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, multiple: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Pad the sequence axis (2) to a multiple of `multiple` with neutral steps (zeros for q/k/v).
+
+    Gates are expected as float32 (B, NH, S); the padded steps leave C, n and m exactly unchanged.
+    """
+    S = q.shape[2]
+    pad = -S % multiple
+    if pad == 0:
+        return q, k, v, i, f
+    seq = ((0, 0), (0, 0), (0, pad), (0, 0))
+    return (
+        jnp.pad(q, seq),
+        jnp.pad(k, seq),
+        jnp.pad(v, seq),
+        jnp.pad(i, seq[:3], constant_values=NEUTRAL_IGATE),
+        jnp.pad(f, seq[:3], constant_values=NEUTRAL_FGATE),
+    )

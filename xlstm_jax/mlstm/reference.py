@@ -1,0 +1,69 @@
+"""Float64 reference: the literal max-stabilized mLSTM recurrence (mlstm_math.md §1.2), one time step at a time.
+
+Every backend is tested against this function, and `xlstm-jax doctor` runs it too. Gradients are plain
+autodiff through the recurrence (the max, the stabilizer and the denominator included): the true derivative.
+Needs 64-bit JAX: call it inside `with jax.enable_x64(True):`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.mlstm.base import log_sigmoid
+
+
+def mlstm_recurrent_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    c_initial: jax.Array | None = None,
+    n_initial: jax.Array | None = None,
+    m_initial: jax.Array | None = None,
+    *,
+    eps: float = 1e-6,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """Run the recurrence in float64.
+
+    q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S); optional c (B, NH, DHQK, DHHV), n (B, NH, DHQK),
+    m (B, NH). Returns h (B, NH, S, DHHV) and the last states (C, n, m), all float64.
+    """
+    if not jax.config.read("jax_enable_x64"):
+        raise RuntimeError("mlstm_recurrent_reference needs 64-bit JAX: wrap the call in jax.enable_x64(True).")
+    f64 = jnp.float64
+    q, k, v, i, f = (jnp.asarray(x, f64) for x in (q, k, v, i, f))
+    B, NH, S, DHQK = q.shape
+    DHHV = v.shape[-1]
+    if c_initial is None:
+        c0 = jnp.zeros((B, NH, DHQK, DHHV), f64)
+        n0 = jnp.zeros((B, NH, DHQK), f64)
+        m0 = jnp.zeros((B, NH), f64)
+    else:
+        c0, n0, m0 = (jnp.asarray(x, f64) for x in (c_initial, n_initial, m_initial))
+    qs = q * DHQK**-0.5
+    logf = log_sigmoid(f)
+
+    def step(state, xs):
+        c, n, m = state
+        q_t, k_t, v_t, i_t, lf_t = xs
+        m_new = jnp.maximum(lf_t + m, i_t)
+        fbar = jnp.exp(lf_t + m - m_new)
+        ibar = jnp.exp(i_t - m_new)
+        c_new = fbar[..., None, None] * c + ibar[..., None, None] * (k_t[..., :, None] * v_t[..., None, :])
+        n_new = fbar[..., None] * n + ibar[..., None] * k_t
+        num = jnp.einsum("bhd,bhdv->bhv", q_t, c_new)
+        den = jnp.maximum(jnp.abs(jnp.einsum("bhd,bhd->bh", q_t, n_new)), jnp.exp(-m_new))
+        h_t = num / (den[..., None] + eps)
+        return (c_new, n_new, m_new), h_t
+
+    time_major = (
+        jnp.moveaxis(qs, 2, 0),
+        jnp.moveaxis(k, 2, 0),
+        jnp.moveaxis(v, 2, 0),
+        jnp.moveaxis(i, 2, 0),
+        jnp.moveaxis(logf, 2, 0),
+    )
+    last, h = jax.lax.scan(step, (c0, n0, m0), time_major)
+    return jnp.moveaxis(h, 0, 2), last

@@ -1,0 +1,1 @@
+"""xlstm_jax.models.xlstm_parallel."""
