@@ -38,20 +38,27 @@ def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> tuple[jax.Array,
     return vecB, vecA, suffix[..., 0]
 
 
+def denominator_cotangent(
+    dh: jax.Array, h: jax.Array, den: jax.Array, lower: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array]:
+    """The normalizer and the cotangent of the signed denominator q̂·ñ of h = num / (max(|den|, lower) + eps).
+
+    dh, h: (B, NH, S, DHHV); den, lower: (B, NH, S) float32 (lower is e^{-m} in the standard form). Returns
+    norm = max(|den|, lower) + eps and dden, both (B, NH, S) float32.
+    """
+    norm = jnp.maximum(jnp.abs(den), lower) + eps
+    dnorm = -jnp.sum(dh.astype(jnp.float32) * h.astype(jnp.float32), axis=-1) / norm
+    dden = jnp.where(jnp.abs(den) >= lower, dnorm * jnp.sign(den), 0.0)
+    return norm, dden
+
+
 def output_cotangents(
     dh: jax.Array, h: jax.Array, den: jax.Array, lower: jax.Array, eps: float
 ) -> tuple[jax.Array, jax.Array]:
-    """Cotangents of the numerator and the signed denominator q̂·ñ of h = num / (max(|den|, lower) + eps).
-
-    dh, h: (B, NH, S, DHHV); den, lower: (B, NH, S) float32 (lower is e^{-m} in the standard form). Returns
-    deltaH (B, NH, S, DHHV) and dden (B, NH, S), float32.
-    """
-    dh = dh.astype(jnp.float32)
-    norm = jnp.maximum(jnp.abs(den), lower) + eps
-    delta_h = dh / norm[..., None]
-    dnorm = -jnp.sum(dh * h.astype(jnp.float32), axis=-1) / norm
-    dden = jnp.where(jnp.abs(den) >= lower, dnorm * jnp.sign(den), 0.0)
-    return delta_h, dden
+    """Cotangents of the numerator (deltaH = dh / norm, float32, shaped like dh) and of the signed denominator
+    (dden (B, NH, S) float32); see `denominator_cotangent`."""
+    norm, dden = denominator_cotangent(dh, h, den, lower, eps)
+    return dh.astype(jnp.float32) / norm[..., None], dden
 
 
 def gate_gradients(

@@ -1,0 +1,201 @@
+"""The one launch layer through which every Triton kernel of xlstm_jax is called (DESIGN.md §3).
+
+- CUDA: `jax_triton.triton_call` (imported lazily: it refuses to import without a CUDA jaxlib). jax-triton 0.3.1
+  clobbers TRITON_CACHE_DIR on import; the previous value is restored. Works with 0.3.1 (`out_shape`) and 0.4.x
+  (`out_type`).
+- CPU with XLSTM_JAX_TRITON_INTERPRET=1: the same `@triton.jit` kernels run in Triton's interpreter inside a
+  `jax.pure_callback` (slow; for tests at small shapes).
+- Otherwise: a RuntimeError that names the native backends.
+
+Kernel convention: `kernel(*input_ptrs, *output_ptrs, **constexprs)`. Every input and output has the same leading
+axis (the flattened batch·heads axis, "BH") and grid axis 0 runs over it, so `vmap` folds the mapped axis into BH
+(one launch, no loop over the mapped axis).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INTERPRET_ENV = "XLSTM_JAX_TRITON_INTERPRET"
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels should run in Triton's CPU interpreter."""
+    return os.environ.get(INTERPRET_ENV, "0") not in ("", "0", "false", "False")
+
+
+if interpret_mode():  # must be set before any @triton.jit kernel module is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _cuda_problem() -> str | None:
+    """Why the CUDA path cannot run here, or None."""
+    if jax.default_backend() != "gpu":
+        return f"no CUDA GPU (JAX backend is {jax.default_backend()!r}); set {INTERPRET_ENV}=1 for the CPU interpreter"
+    from xlstm_jax.compat import version_problems
+
+    device = jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)
+    cc = tuple(int(x) for x in str(cc).split(".")) if cc else None
+    errors = [
+        msg
+        for severity, msg in version_problems(
+            jax_version=jax.__version__,
+            triton_version=_version("triton"),
+            jax_triton_version=_version("jax-triton") or _version("jax_triton"),
+            compute_capability=cc,
+        )
+        if severity == "error"
+    ]
+    return "; ".join(errors) or None
+
+
+def triton_availability() -> tuple[bool, str]:
+    """(can Triton kernels run here, why / how)."""
+    if _version("triton") is None:
+        return False, "triton is not installed (pip install 'xlstm-jax[gpu]' on CUDA, or triton for the interpreter)"
+    if interpret_mode():
+        return True, f"Triton interpreter on the host ({INTERPRET_ENV}=1; slow, for tests)"
+    problem = _cuda_problem()
+    if problem:
+        return False, problem
+    return True, "jax-triton on CUDA"
+
+
+@functools.cache
+def _jax_triton():
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    import jax_triton
+
+    if saved is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = saved
+    out_kw = "out_type" if "out_type" in inspect.signature(jax_triton.triton_call).parameters else "out_shape"
+    return jax_triton, out_kw
+
+
+class _HostTensor:
+    """The slice of the torch.Tensor protocol Triton's interpreter uses, over a numpy array (no torch needed)."""
+
+    _NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32", "int64": "int64"}
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        name = self._NAMES[array.dtype.name]
+        self.dtype = type("dtype", (), {"__str__": lambda _: f"torch.{name}"})()
+
+    def data_ptr(self) -> int:
+        return self.array.ctypes.data
+
+    def untyped_storage(self) -> "_HostTensor":
+        return self
+
+    def cpu(self) -> "_HostTensor":
+        return self
+
+    def new_empty(self, *args, **kwargs) -> "_HostTensor":
+        return self
+
+    def set_(self, *args, **kwargs) -> "_HostTensor":
+        return self
+
+    def copy_(self, other) -> "_HostTensor":
+        return self
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def stride(self) -> tuple[int, ...]:
+        return tuple(s // self.array.itemsize for s in self.array.strides)
+
+
+def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
+    def host(*arrays):
+        ins = [np.ascontiguousarray(a) for a in arrays]
+        outs = [np.zeros(o.shape, o.dtype) for o in out_shapes]
+        kernel[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
+        return tuple(outs)
+
+    return jax.pure_callback(host, tuple(out_shapes), *inputs, vmap_method="sequential")
+
+
+def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, constexprs, *inputs):
+    bh = inputs[0].shape[0]
+    grid = (bh, *grid_rest)
+    if interpret_mode():
+        return _interpret(kernel, grid, out_shapes, constexprs, *inputs)
+    ok, why = triton_availability()
+    if not ok:
+        raise RuntimeError(
+            f"Triton kernels cannot run here: {why}. Use backend='native_chunkwise' (or 'native_parallel', "
+            "'native_recurrent') instead."
+        )
+    jt, out_kw = _jax_triton()
+    outs = jt.triton_call(
+        *inputs, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
+        **{out_kw: tuple(out_shapes)}, **constexprs,
+    )
+    return tuple(outs)
+
+
+def launch(
+    kernel: Callable[..., Any],
+    inputs: Sequence[jax.Array],
+    out_shapes: Sequence[jax.ShapeDtypeStruct],
+    *,
+    grid: tuple[int, ...],
+    num_warps: int = 4,
+    num_stages: int = 1,
+    **constexprs: Any,
+) -> tuple[jax.Array, ...]:
+    """Launch `kernel` over grid (BH, *grid) where BH = inputs[0].shape[0] = every array's leading axis.
+
+    All scalars are compile-time constants (`constexprs`). Returns the outputs (uninitialised memory on CUDA:
+    kernels write every element they own). Supports `jax.vmap`: mapped axes are folded into BH.
+    """
+    out_shapes = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_shapes)
+    bh = inputs[0].shape[0]
+    for x in (*inputs, *out_shapes):
+        if x.shape[0] != bh:
+            raise ValueError(f"every kernel operand must lead with the BH axis {bh}, got shape {x.shape}.")
+    call = functools.partial(_launch_unbatched, kernel, tuple(grid), out_shapes, num_warps, num_stages, constexprs)
+
+    @jax.custom_batching.custom_vmap
+    def run(*args):
+        return call(*args)
+
+    @run.def_vmap
+    def _fold(axis_size, in_batched, *args):
+        folded = []
+        for x, batched in zip(args, in_batched):
+            x = x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            folded.append(x.reshape(axis_size * x.shape[1], *x.shape[2:]))
+        outs = launch(
+            kernel, folded,
+            [jax.ShapeDtypeStruct((axis_size * o.shape[0], *o.shape[1:]), o.dtype) for o in out_shapes],
+            grid=grid, num_warps=num_warps, num_stages=num_stages, **constexprs,
+        )
+        return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), tuple(True for _ in outs)
+
+    return run(*inputs)

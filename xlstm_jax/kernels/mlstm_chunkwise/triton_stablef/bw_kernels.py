@@ -1,0 +1,189 @@
+"""Backward Triton kernels of the limit-chunk family (mlstm_math.md §4.9, true-derivative form of DESIGN.md §2).
+
+The denominator is differentiated as an extra value column of ones: the output cotangent is
+(dh / norm, dden) with norm = max(|den|, lower) + eps and dden from common.output_cotangents (BH, S) float32.
+Layouts as in fw_kernels; dC (BH, NC + 1, DHQK, DHHV) and dn (BH, NC + 1, DHQK) float32 hold the gradient w.r.t.
+each chunk-border state (index 0: the initial state). dq, dk, dv are written in float32.
+No `tl.trans` of dot results anywhere: transposed operands are loaded transposed from memory.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mlstm_bw_recurrent_kernel(
+    Q, DH, VEC_B, M_OUT, NORM, DDEN, SCA_G, M_ALL, DC_LAST, DN_LAST,
+    DC_ALL, DN_ALL,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+):
+    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the chunks."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    NBV: tl.constexpr = (DHHV + BV - 1) // BV
+    S: tl.constexpr = NC * L
+    rk = (pid // NBV) * BK + tl.arange(0, BK)
+    rv = (pid % NBV) * BV + tl.arange(0, BV)
+    rt = tl.arange(0, L)
+    mk = rk < DHQK
+    mv = rv < DHHV
+    c_off = rk[:, None] * DHHV + rv[None, :]
+    c_mask = mk[:, None] & mv[None, :]
+    n_mask = mk & (pid % NBV == 0)
+
+    dc = tl.load(DC_LAST + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
+    dn = tl.load(DN_LAST + bh * DHQK + rk, mask=mk, other=0.0)
+    for j in range(NC):
+        kc = NC - 1 - j
+        tl.store(DC_ALL + (bh * (NC + 1) + kc + 1) * DHQK * DHHV + c_off, dc, mask=c_mask)
+        tl.store(DN_ALL + (bh * (NC + 1) + kc + 1) * DHQK + rk, dn, mask=n_mask)
+        tok = kc * L + rt
+        m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
+        m_next = tl.load(M_ALL + bh * (NC + 1) + kc + 1)
+        g = tl.load(SCA_G + bh * NC + kc)
+        w = tl.exp(tl.load(VEC_B + bh * S + tok) + m_prev - tl.load(M_OUT + bh * S + tok)) * QK_SCALE
+        q_t = tl.load(Q + bh * S * DHQK + tok[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        qbar_t = q_t.to(tl.float32) * w[None, :]
+        norm = tl.load(NORM + bh * S + tok)
+        dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        dh = dh.to(tl.float32) / norm[:, None]
+        decay = tl.exp(g + m_prev - m_next)
+        dc = decay * dc + tl.dot(qbar_t.to(Q.dtype.element_ty), dh.to(Q.dtype.element_ty), input_precision="ieee")
+        dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
+    tl.store(DC_ALL + bh * (NC + 1) * DHQK * DHHV + c_off, dc, mask=c_mask)
+    tl.store(DN_ALL + bh * (NC + 1) * DHQK + rk, dn, mask=n_mask)
+
+
+@triton.jit
+def mlstm_bw_dq_kernel(
+    K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
+    DQ,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
+):
+    """Grid (BH, NC): dq of one chunk, rows = query positions t."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1)
+    S: tl.constexpr = NC * L
+    rt = tl.arange(0, L)
+    tok = kc * L + rt
+    b = tl.load(VEC_B + bh * S + tok)
+    ig = tl.load(I + bh * S + tok)
+    m_t = tl.load(M_OUT + bh * S + tok)
+    norm = tl.load(NORM + bh * S + tok)
+    dden = tl.load(DDEN + bh * S + tok)
+    m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
+    state = bh * NS + kc
+    dtype = K.dtype.element_ty
+
+    dp = tl.zeros((L, L), dtype=tl.float32)
+    for jv in range(tl.cdiv(DHHV, BV)):
+        rv = jv * BV + tl.arange(0, BV)
+        mv = rv < DHHV
+        dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        v_t = tl.load(V + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
+        dp += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), v_t, input_precision="ieee")
+    causal = rt[:, None] >= rt[None, :]
+    log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
+    ds = (dp + dden[:, None]) * tl.exp(log_d - m_t[:, None])
+    inter = tl.exp(b + m_prev - m_t) * QK_SCALE
+
+    for jk in range(tl.cdiv(DHQK, BK)):
+        rk = jk * BK + tl.arange(0, BK)
+        mk = rk < DHQK
+        k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        dq = tl.dot(ds.to(dtype), k, input_precision="ieee") * QK_SCALE
+        hc = tl.zeros((L, BK), dtype=tl.float32)
+        for jv in range(tl.cdiv(DHHV, BV)):
+            rv = jv * BV + tl.arange(0, BV)
+            mv = rv < DHHV
+            dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+            c_t = tl.load(
+                C_ALL + state * DHQK * DHHV + rk[None, :] * DHHV + rv[:, None],
+                mask=mk[None, :] & mv[:, None], other=0.0,
+            )
+            hc += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), c_t.to(dtype), input_precision="ieee")
+        n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
+        dq += inter[:, None] * (hc + dden[:, None] * n[None, :])
+        tl.store(DQ + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dq, mask=mk[None, :])
+
+
+@triton.jit
+def mlstm_bw_dkdv_kernel(
+    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    DK, DV,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
+):
+    """Grid (BH, NC): dk and dv of one chunk, rows = key positions s (all L x L tiles built transposed)."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1)
+    S: tl.constexpr = NC * L
+    rt = tl.arange(0, L)
+    tok = kc * L + rt
+    b = tl.load(VEC_B + bh * S + tok)
+    ig = tl.load(I + bh * S + tok)
+    m_t = tl.load(M_OUT + bh * S + tok)
+    norm = tl.load(NORM + bh * S + tok)
+    dden = tl.load(DDEN + bh * S + tok)
+    abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
+    state = bh * (NC + 1) + kc + 1
+    dtype = K.dtype.element_ty
+
+    s_t = tl.zeros((L, L), dtype=tl.float32)
+    for jk in range(tl.cdiv(DHQK, BK)):
+        rk = jk * BK + tl.arange(0, BK)
+        mk = rk < DHQK
+        k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        q_t = tl.load(Q + bh * S * DHQK + tok[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        s_t += tl.dot(k, q_t, input_precision="ieee")
+    dp_t = tl.zeros((L, L), dtype=tl.float32)
+    for jv in range(tl.cdiv(DHHV, BV)):
+        rv = jv * BV + tl.arange(0, BV)
+        mv = rv < DHHV
+        v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        dh_t = tl.load(DH + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
+        dp_t += tl.dot(v, (dh_t.to(tl.float32) / norm[None, :]).to(dtype), input_precision="ieee")
+    causal_t = rt[None, :] >= rt[:, None]
+    log_d_t = tl.where(causal_t, b[None, :] - b[:, None] + ig[:, None], float("-inf"))
+    d_t = tl.exp(log_d_t - m_t[None, :])
+    ds_t = (dp_t + dden[None, :]) * d_t
+    sd_t = s_t * QK_SCALE * d_t
+
+    for jk in range(tl.cdiv(DHQK, BK)):
+        rk = jk * BK + tl.arange(0, BK)
+        mk = rk < DHQK
+        q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        dk = tl.dot(ds_t.to(dtype), q, input_precision="ieee") * QK_SCALE
+        vdc = tl.zeros((L, BK), dtype=tl.float32)
+        for jv in range(tl.cdiv(DHHV, BV)):
+            rv = jv * BV + tl.arange(0, BV)
+            mv = rv < DHHV
+            v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+            dc_t = tl.load(
+                DC_ALL + state * DHQK * DHHV + rk[None, :] * DHHV + rv[:, None],
+                mask=mk[None, :] & mv[:, None], other=0.0,
+            )
+            vdc += tl.dot(v, dc_t.to(dtype), input_precision="ieee")
+        dn = tl.load(DN_ALL + state * DHQK + rk, mask=mk, other=0.0)
+        dk += abar[:, None] * (vdc + dn[None, :])
+        tl.store(DK + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dk, mask=mk[None, :])
+
+    for jv in range(tl.cdiv(DHHV, BV)):
+        rv = jv * BV + tl.arange(0, BV)
+        mv = rv < DHHV
+        dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        dv = tl.dot(sd_t.to(dtype), (dh.to(tl.float32) / norm[:, None]).to(dtype), input_precision="ieee")
+        kdc = tl.zeros((L, BV), dtype=tl.float32)
+        for jk in range(tl.cdiv(DHQK, BK)):
+            rk = jk * BK + tl.arange(0, BK)
+            mk = rk < DHQK
+            k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+            dc = tl.load(
+                DC_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :],
+                mask=mk[:, None] & mv[None, :], other=0.0,
+            )
+            kdc += tl.dot(k, dc.to(dtype), input_precision="ieee")
+        dv += abar[:, None] * kdc
+        tl.store(DV + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], dv, mask=mv[None, :])

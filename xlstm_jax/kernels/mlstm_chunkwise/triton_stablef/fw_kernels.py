@@ -1,0 +1,111 @@
+"""Forward Triton kernels of the limit-chunk family: chunk-border states (recurrent) and outputs (parallel).
+
+Layouts (BH = B·NH flattened, S = NC·L padded, all contiguous):
+q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB (BH, S) and scaG (BH, NC) float32 gate
+cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k:
+state before chunk k, index NC: last state) or NS = NC (last state sliced off); m (BH, NC + 1) float32.
+The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
+Addressing: every per-(b, h) base offset is int64.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mlstm_fw_recurrent_kernel(
+    K, V, VEC_A, SCA_G, C0, N0, M0,
+    C_ALL, N_ALL, M_ALL,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC chunks."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    NBV: tl.constexpr = (DHHV + BV - 1) // BV
+    S: tl.constexpr = NC * L
+    rk = (pid // NBV) * BK + tl.arange(0, BK)
+    rv = (pid % NBV) * BV + tl.arange(0, BV)
+    rt = tl.arange(0, L)
+    mk = rk < DHQK
+    c_off = rk[:, None] * DHHV + rv[None, :]
+    c_mask = mk[:, None] & (rv < DHHV)[None, :]
+    n_mask = mk & (pid % NBV == 0)
+
+    c = tl.load(C0 + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
+    n = tl.load(N0 + bh * DHQK + rk, mask=mk, other=0.0)
+    m = tl.load(M0 + bh)
+    k_base = K + bh * S * DHQK
+    v_base = V + bh * S * DHHV
+    for kc in range(NC):
+        tl.store(C_ALL + (bh * (NC + 1) + kc) * DHQK * DHHV + c_off, c, mask=c_mask)
+        tl.store(N_ALL + (bh * (NC + 1) + kc) * DHQK + rk, n, mask=n_mask)
+        tl.store(M_ALL + bh * (NC + 1) + kc, m, mask=pid == 0)
+        a = tl.load(VEC_A + bh * S + kc * L + rt)
+        g = tl.load(SCA_G + bh * NC + kc)
+        m_new = tl.maximum(g + m, tl.max(a, axis=0))
+        k_t = tl.load(k_base + (kc * L + rt)[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        v_c = tl.load(v_base + (kc * L + rt)[:, None] * DHHV + rv[None, :], mask=(rv < DHHV)[None, :], other=0.0)
+        kbar_t = k_t.to(tl.float32) * tl.exp(a - m_new)[None, :]
+        decay = tl.exp(g + m - m_new)
+        c = decay * c + tl.dot(kbar_t.to(v_c.dtype), v_c, input_precision="ieee")
+        n = decay * n + tl.sum(kbar_t, axis=1)
+        m = m_new
+    tl.store(C_ALL + (bh * (NC + 1) + NC) * DHQK * DHHV + c_off, c, mask=c_mask)
+    tl.store(N_ALL + (bh * (NC + 1) + NC) * DHQK + rk, n, mask=n_mask)
+    tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=pid == 0)
+
+
+@triton.jit
+def mlstm_fw_parallel_kernel(
+    Q, K, V, VEC_B, I, C_ALL, N_ALL, M_ALL,
+    H, DEN, M_OUT,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
+    STABILIZE_CORRECTLY: tl.constexpr,
+):
+    """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1)
+    iv = tl.program_id(2)
+    S: tl.constexpr = NC * L
+    rt = tl.arange(0, L)
+    rv = iv * BV + tl.arange(0, BV)
+    mv = rv < DHHV
+    tok = kc * L + rt
+    b = tl.load(VEC_B + bh * S + tok)
+    ig = tl.load(I + bh * S + tok)
+    m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
+    state = bh * NS + kc
+
+    s_qk = tl.zeros((L, L), dtype=tl.float32)
+    qc = tl.zeros((L, BV), dtype=tl.float32)
+    qn = tl.zeros((L,), dtype=tl.float32)
+    for jk in range(tl.cdiv(DHQK, BK)):
+        rk = jk * BK + tl.arange(0, BK)
+        mk = rk < DHQK
+        q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        k_t = tl.load(K + bh * S * DHQK + tok[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        c = tl.load(
+            C_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0
+        )
+        n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
+        s_qk += tl.dot(q, k_t, input_precision="ieee")
+        qc += tl.dot(q, c.to(q.dtype), input_precision="ieee")
+        qn += tl.sum(q.to(tl.float32) * n[None, :], axis=1)
+
+    causal = rt[:, None] >= rt[None, :]
+    log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
+    m_t = tl.maximum(b + m_prev, tl.max(log_d, axis=1))
+    s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_t[:, None])
+    inter = tl.exp(b + m_prev - m_t) * QK_SCALE
+    v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+    num = inter[:, None] * qc + tl.dot(s_bar.to(v.dtype), v, input_precision="ieee")
+    den = inter * qn + tl.sum(s_bar, axis=1)
+    if STABILIZE_CORRECTLY:
+        lower = NORM_VAL * tl.exp(-m_t)
+    else:
+        lower = tl.full((L,), NORM_VAL, tl.float32)
+    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    tl.store(H + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
+    tl.store(DEN + bh * S + tok, den, mask=(rt < L) & (iv == 0))
+    tl.store(M_OUT + bh * S + tok, m_t, mask=(rt < L) & (iv == 0))
