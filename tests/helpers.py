@@ -72,15 +72,15 @@ def _loss(h, states, weights):
     )
 
 
-def reference_outputs_and_grads(inputs, weights=None, *, eps: float = 1e-6):
+def reference_outputs_and_grads(inputs, weights=None, *, eps: float = 1e-6, **variant):
     """float64 reference: (h, (C, n, m)) and, if weights are given, the gradients of the generic loss w.r.t.
-    every given input (dict keyed like `inputs`). All numpy float64."""
+    every given input (dict keyed like `inputs`). All numpy float64. `variant`: norm_val / stabilize_correctly."""
     names = [n for n in INPUT_NAMES if n in inputs]
     with jax.enable_x64(True):
         args = {n: jnp.asarray(np.asarray(inputs[n], np.float64)) for n in names}
 
         def run(a):
-            return mlstm_recurrent_reference(**a, eps=eps)
+            return mlstm_recurrent_reference(**a, eps=eps, **variant)
 
         h, states = run(args)
         out = (np.asarray(h), tuple(np.asarray(s) for s in states))

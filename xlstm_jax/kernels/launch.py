@@ -130,7 +130,29 @@ class _HostTensor:
         return tuple(s // self.array.itemsize for s in self.array.strides)
 
 
+@functools.cache
+def _fix_interpreter_bf16_dot() -> None:
+    """Triton's interpreter keeps bf16 as raw uint16 bits and feeds them to np.matmul as integers; widen bf16
+    dot operands to float32 (exact) first so bf16 kernels compute the same products as on the GPU."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot_bf16
+
+
 def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
+    _fix_interpreter_bf16_dot()
+
     def host(*arrays):
         ins = [np.ascontiguousarray(a) for a in arrays]
         outs = [np.zeros(o.shape, o.dtype) for o in out_shapes]

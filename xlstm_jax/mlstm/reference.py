@@ -24,11 +24,15 @@ def mlstm_recurrent_reference(
     m_initial: jax.Array | None = None,
     *,
     eps: float = 1e-6,
+    norm_val: float = 1.0,
+    stabilize_correctly: bool = True,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """Run the recurrence in float64.
 
     q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S); optional c (B, NH, DHQK, DHHV), n (B, NH, DHQK),
-    m (B, NH). Returns h (B, NH, S, DHHV) and the last states (C, n, m), all float64.
+    m (B, NH). The denominator is max(|q̂·ñ|, norm_val·e^{-m}) + eps, or max(|q̂·ñ|, norm_val) + eps when
+    `stabilize_correctly` is False (the m-dependent "stablef" variant). Returns h (B, NH, S, DHHV) and the last
+    states (C, n, m), all float64.
     """
     if not jax.config.read("jax_enable_x64"):
         raise RuntimeError("mlstm_recurrent_reference needs 64-bit JAX: wrap the call in jax.enable_x64(True).")
@@ -54,7 +58,8 @@ def mlstm_recurrent_reference(
         c_new = fbar[..., None, None] * c + ibar[..., None, None] * (k_t[..., :, None] * v_t[..., None, :])
         n_new = fbar[..., None] * n + ibar[..., None] * k_t
         num = jnp.einsum("bhd,bhdv->bhv", q_t, c_new)
-        den = jnp.maximum(jnp.abs(jnp.einsum("bhd,bhd->bh", q_t, n_new)), jnp.exp(-m_new))
+        lower = norm_val * jnp.exp(-m_new) if stabilize_correctly else jnp.full_like(m_new, norm_val)
+        den = jnp.maximum(jnp.abs(jnp.einsum("bhd,bhd->bh", q_t, n_new)), lower)
         h_t = num / (den[..., None] + eps)
         return (c_new, n_new, m_new), h_t
 

@@ -51,12 +51,17 @@ class _KernelConfig:
     reduce_slicing: bool
 
 
-def _block(dim: int) -> int:
-    return min(64, max(16, 1 << (dim - 1).bit_length()))
+# Launch parameters from an H100 sweep (docs/benchmarks.md): head-dim block caps, warps of the recurrent
+# kernels, and warps of the per-chunk (parallel) kernels for chunks up to 64 / of 128.
+LAUNCH = {"block": 64, "out_v_block": 128, "recurrent_warps": 4, "parallel_warps": 4, "parallel_warps_l128": 8}
 
 
-def _num_warps(chunk_size: int) -> int:
-    return 4 if chunk_size <= 64 else 8
+def _parallel_warps(chunk_size: int) -> int:
+    return LAUNCH["parallel_warps"] if chunk_size <= 64 else LAUNCH["parallel_warps_l128"]
+
+
+def _block(dim: int, cap: int | None = None) -> int:
+    return min(cap or LAUNCH["block"], max(16, 1 << (dim - 1).bit_length()))
 
 
 def _check_head_dims(shape: MLSTMShape) -> None:
@@ -91,7 +96,7 @@ def _chunk_states(k, v, vec_a, sca_g, c0, n0, m0, cfg: _KernelConfig):
             jax.ShapeDtypeStruct((BH, NC + 1, DHQK), jnp.float32),
             jax.ShapeDtypeStruct((BH, NC + 1), jnp.float32),
         ],
-        grid=grid, num_warps=4, NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
+        grid=grid, num_warps=LAUNCH["recurrent_warps"], NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
     )
 
 
@@ -108,7 +113,7 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: _KernelConfig):
     DHHV = v.shape[-1]
     L = cfg.chunk_size
     NC = S // L
-    BK, BV = _block(DHQK), _block(DHHV)
+    BK, BV = _block(DHQK), _block(DHHV, LAUNCH["out_v_block"])
     dt = jnp.dtype(cfg.compute_dtype)
     qc, kc, vc = q.astype(dt), k.astype(dt), v.astype(dt)
     vec_b, vec_a, sca_g = _gates(i, f, L)
@@ -122,7 +127,7 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: _KernelConfig):
             jax.ShapeDtypeStruct((BH, S), jnp.float32),
             jax.ShapeDtypeStruct((BH, S), jnp.float32),
         ],
-        grid=(NC, -(-DHHV // BV)), num_warps=_num_warps(L),
+        grid=(NC, -(-DHHV // BV)), num_warps=_parallel_warps(L),
         NC=NC, NS=c_in.shape[1], L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK), EPS=cfg.eps,
         NORM_VAL=cfg.norm_val, STABILIZE_CORRECTLY=cfg.stabilize_correctly,
     )
@@ -184,20 +189,20 @@ def _core_bwd(cfg: _KernelConfig, residuals, cotangents):
             jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), jnp.float32),
             jax.ShapeDtypeStruct((BH, NC + 1, DHQK), jnp.float32),
         ],
-        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=4, **consts,
+        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"], **consts,
     )
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
     (dq,) = launch(
         mlstm_bw_dq_kernel,
         [kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all],
         [jax.ShapeDtypeStruct((BH, S_pad, DHQK), jnp.float32)],
-        grid=(NC,), num_warps=_num_warps(L), NS=c_in.shape[1], **consts,
+        grid=(NC,), num_warps=_parallel_warps(L), NS=c_in.shape[1], **consts,
     )
     dk, dv = launch(
         mlstm_bw_dkdv_kernel,
         [qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all],
         [jax.ShapeDtypeStruct((BH, S_pad, DHQK), jnp.float32), jax.ShapeDtypeStruct((BH, S_pad, DHHV), jnp.float32)],
-        grid=(NC,), num_warps=_num_warps(L), **consts,
+        grid=(NC,), num_warps=_parallel_warps(L), **consts,
     )
     first_dot = jnp.sum(c0f * dc_all[:, 0], axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
     last_dot = jnp.sum(c_all[:, -1] * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
