@@ -42,7 +42,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         False, None, None, "step-by-step recurrence under lax.scan in XLA, autodiff",
     ),
     "native_chunkwise": Implementation(
-        "xlstm_jax.kernels.mlstm_chunkwise.native.api:mlstm_chunkwise_native",
+        "xlstm_jax.kernels.mlstm_chunkwise.native_chunkwise:mlstm_chunkwise_native",
         False, (16, 512), 64, "chunkwise form in XLA with a hand-written backward, O(S) memory",
     ),
     "triton_limit_chunk": Implementation(

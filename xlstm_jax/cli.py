@@ -1,0 +1,50 @@
+"""The `xlstm-jax` command line: `xlstm-jax doctor [--backends NAME ...] [--quick]`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+
+def _backend_list(text: str) -> list[str]:
+    from xlstm_jax.mlstm.api import IMPLEMENTATIONS
+
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in IMPLEMENTATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from {list(IMPLEMENTATIONS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per task."""
+    parser = argparse.ArgumentParser(prog="xlstm-jax", description="xlstm_jax: mLSTM kernels and models for JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    doctor = sub.add_parser(
+        "doctor",
+        help="check versions and backends, and run every runnable backend against the float64 reference",
+        description="Print versions and known-bad combinations, list the mLSTM backends and whether they can run "
+        "here, and check each runnable one (forward and backward, with states) against the float64 reference. "
+        "Exits 1 on a FAIL or a refused version combination.",
+    )
+    doctor.add_argument(
+        "--backends", nargs="+", type=_backend_list, metavar="NAME",
+        help="only check these backends (space- or comma-separated); default: all",
+    )
+    doctor.add_argument("--quick", action="store_true", help="one tiny problem per backend instead of two")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `xlstm-jax` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        from xlstm_jax.doctor import run_doctor
+
+        backends = None if args.backends is None else list(dict.fromkeys(n for group in args.backends for n in group))
+        return run_doctor(backends=backends, quick=args.quick)
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""`xlstm-jax doctor`: versions, known-bad combinations, runnable backends and a float64 parity check of each.
+
+The parity check runs every runnable backend through `xlstm_jax.mlstm` (float32 inputs, initial states,
+return_last_states) forward and backward, and compares h, the last states (C, n, m) and the gradients of
+q, k, v, i, f, c_initial, n_initial, m_initial under the loss sum(W_h*h) + sum(W_C*C) + sum(W_n*n) + sum(W_m*m)
+(random weights) with the float64 recurrence of `xlstm_jax.mlstm.reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from xlstm_jax import compat
+from xlstm_jax.mlstm import api
+from xlstm_jax.mlstm.reference import mlstm_recurrent_reference
+
+FW_TOL = 1e-4  # relative Frobenius error of h and of each last state (float32 inputs)
+BW_TOL = 1e-3  # relative Frobenius error of each gradient
+STATE_NAMES = ("c_initial", "n_initial", "m_initial")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One parity problem. Head dims are multiples of 16 so the Triton kernels take them too."""
+
+    B: int
+    NH: int
+    S: int
+    DHQK: int
+    DHHV: int
+    chunk_size: int | None
+    with_state: bool
+    igate: tuple[float, float]
+    fgate: tuple[float, float]
+
+
+QUICK_CASES = (Case(1, 2, 20, 16, 32, 16, True, (-3.0, 3.0), (-1.0, 6.0)),)
+FULL_CASES = QUICK_CASES + (Case(2, 2, 70, 32, 48, 32, False, (-8.0, 8.0), (-4.0, 8.0)),)
+
+
+@dataclasses.dataclass
+class Result:
+    """Parity of one backend: max relative errors over the cases, or why it did not run."""
+
+    name: str
+    status: str  # "PASS" | "FAIL" | "SKIP"
+    h_err: float = float("nan")
+    state_err: float = float("nan")
+    grad_err: float = float("nan")
+    worst_grad: str = ""
+    note: str = ""
+    seconds: float = 0.0
+
+
+def backend_availability(name: str) -> tuple[bool, str]:
+    """(runnable, why) for one entry of `xlstm_jax.mlstm.IMPLEMENTATIONS`."""
+    impl = api.IMPLEMENTATIONS[name]
+    if impl.needs_triton:
+        try:
+            ok, why = api.triton_status()
+        except ImportError as exc:
+            return False, f"launch layer missing ({exc})"
+        if not ok:
+            return False, why
+    try:
+        impl.load()
+    except (ImportError, AttributeError) as exc:
+        return False, f"cannot import {impl.target}: {exc}"
+    if impl.needs_triton:
+        return True, why
+    return True, f"XLA on {jax.default_backend()}"
+
+
+def _inputs(case: Case, seed: int, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """q, k, v rounded to `dtype` (so the float64 reference sees the same values); gates, states, weights float32."""
+    rng = np.random.default_rng(seed)
+    B, NH, S, DK, DV = case.B, case.NH, case.S, case.DHQK, case.DHHV
+    x = {
+        "q": rng.standard_normal((B, NH, S, DK)),
+        "k": rng.standard_normal((B, NH, S, DK)),
+        "v": rng.standard_normal((B, NH, S, DV)),
+        "i": rng.uniform(*case.igate, (B, NH, S)),
+        "f": rng.uniform(*case.fgate, (B, NH, S)),
+    }
+    if case.with_state:
+        x["c_initial"] = rng.standard_normal((B, NH, DK, DV))
+        x["n_initial"] = rng.standard_normal((B, NH, DK))
+        x["m_initial"] = rng.uniform(-2.0, 2.0, (B, NH))
+    w = {
+        "h": rng.standard_normal((B, NH, S, DV)),
+        "C": rng.standard_normal((B, NH, DK, DV)),
+        "n": rng.standard_normal((B, NH, DK)),
+        "m": rng.standard_normal((B, NH)),
+    }
+    x = {n: a.astype(jnp.dtype(dtype) if n in "qkv" else np.float32) for n, a in x.items()}
+    return x, {n: a.astype(np.float32) for n, a in w.items()}
+
+
+def _loss(h, states, w):
+    c, n, m = states
+    return jnp.sum(w["h"] * h) + jnp.sum(w["C"] * c) + jnp.sum(w["n"] * n) + jnp.sum(w["m"] * m)
+
+
+def _reference(x, w):
+    with jax.enable_x64(True):
+        args = {n: jnp.asarray(np.asarray(a, np.float64)) for n, a in x.items()}
+        w64 = {n: jnp.asarray(a, jnp.float64) for n, a in w.items()}
+        h, states = mlstm_recurrent_reference(**args)
+        grads = jax.grad(lambda a: _loss(*mlstm_recurrent_reference(**a), w64))(args)
+        return np.asarray(h), [np.asarray(s) for s in states], {n: np.asarray(g) for n, g in grads.items()}
+
+
+def _backend(name, case: Case, x, w):
+    def run(a):
+        q, k, v, i, f = (a[n] for n in "qkvif")
+        states = {n: a[n] for n in STATE_NAMES if n in a}
+        h, last = api.mlstm(
+            q, k, v, i, f, backend=name, chunk_size=case.chunk_size, return_last_states=True, **states
+        )
+        return h.astype(jnp.float32), last
+
+    args = {n: jnp.asarray(a) for n, a in x.items()}
+    h, states = jax.jit(run)(args)
+    grads = jax.jit(jax.grad(lambda a: _loss(*run(a), w)))(args)
+    return np.asarray(h), [np.asarray(s) for s in states], {n: np.asarray(g) for n, g in grads.items()}
+
+
+def rel_err(actual, expected) -> float:
+    """||actual - expected|| / max(||expected||, 1e-6) in float64; inf when actual has NaN/inf."""
+    actual = np.asarray(actual, np.float64)
+    if not np.all(np.isfinite(actual)):
+        return float("inf")
+    expected = np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-6))
+
+
+def measure_errors(name: str, case: Case, *, dtype: str = "float32", seed: int = 0) -> dict[str, float]:
+    """Relative errors of backend `name` vs the float64 reference on one case with q, k, v in `dtype`.
+
+    Keys: "h", "C", "n", "m" and "d<input>" for every gradient (dq, dk, dv, di, df, dc_initial, ...).
+    """
+    x, w = _inputs(case, seed, dtype)
+    rh, rstates, rgrads = _reference(x, w)
+    h, states, grads = _backend(name, case, x, w)
+    errors = {"h": rel_err(h, rh)}
+    errors.update({s: rel_err(a, r) for s, a, r in zip("Cnm", states, rstates)})
+    errors.update({f"d{n}": rel_err(g, rgrads[n]) for n, g in grads.items()})
+    return errors
+
+
+def check_backend(name: str, cases: tuple[Case, ...], seed: int = 0) -> Result:
+    """Run `name` (float32) on every case and compare with the float64 reference."""
+    result = Result(name, "PASS", 0.0, 0.0, 0.0)
+    start = time.perf_counter()
+    for index, case in enumerate(cases):
+        try:
+            errors = measure_errors(name, case, seed=seed + index)
+        except Exception as exc:  # a backend that crashes is reported, not raised
+            return Result(name, "FAIL", note=f"{type(exc).__name__}: {exc}"[:300])
+        result.h_err = max(result.h_err, errors["h"])
+        result.state_err = max(result.state_err, errors["C"], errors["n"], errors["m"])
+        for key, err in errors.items():
+            if key.startswith("d") and err >= result.grad_err:
+                result.grad_err, result.worst_grad = err, key
+    result.seconds = time.perf_counter() - start
+    if not (result.h_err <= FW_TOL and result.state_err <= FW_TOL and result.grad_err <= BW_TOL):
+        result.status = "FAIL"
+        result.note = f"above tolerance (h, states <= {FW_TOL:.0e}; gradients <= {BW_TOL:.0e})"
+    return result
+
+
+def _versions_table(versions: dict[str, Any]) -> Table:
+    table = Table(title="Versions", show_header=False)
+    cc = versions["compute_capability"]
+    rows = [
+        ("python", versions["python"]),
+        ("jax", versions["jax"]),
+        ("jaxlib", versions["jaxlib"]),
+        ("triton", versions["triton"]),
+        ("jax-triton", versions["jax_triton"]),
+        ("JAX platform", versions["platform"]),
+        ("GPU", f"{versions['gpu']} (compute capability {cc[0]}.{cc[1]})" if versions["gpu"] else None),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value) if value is not None else "[dim]not installed / none[/dim]")
+    return table
+
+
+def _fmt(x: float) -> str:
+    return "-" if np.isnan(x) else f"{x:.1e}"
+
+
+def run_doctor(backends: list[str] | None = None, quick: bool = False, console: Console | None = None) -> int:
+    """Print the report; return 0, or 1 on a FAIL, a refused version combination or a requested backend that
+    cannot run."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=140)
+    exit_code = 0
+    versions = compat.installed_versions()
+    console.print(_versions_table(versions))
+
+    problems = compat.installed_problems(versions)
+    for severity, message in problems:
+        style = "bold red" if severity == "error" else "yellow"
+        console.print(f"[{style}]{severity}[/{style}]: {message}", highlight=False)
+    if any(severity == "error" for severity, _ in problems):
+        console.print("[bold red]refused[/bold red]: the Triton kernels will not run with these versions.")
+        exit_code = 1
+    elif not problems:
+        console.print("no known version problems.")
+
+    selected = list(api.IMPLEMENTATIONS) if backends is None else list(backends)
+    status = Table(title="Backends")
+    for column in ("backend", "kind", "chunk sizes", "runnable", "why / where"):
+        status.add_column(column)
+    runnable = {}
+    for name, impl in api.IMPLEMENTATIONS.items():
+        ok, why = backend_availability(name)
+        runnable[name] = ok
+        chunks = "-" if impl.chunk_sizes is None else f"{impl.chunk_sizes[0]}..{impl.chunk_sizes[1]} (default {impl.default_chunk_size})"
+        status.add_row(name, "Triton" if impl.needs_triton else "XLA", chunks, "yes" if ok else "[red]no[/red]", why)
+    console.print(status)
+
+    cases = QUICK_CASES if quick else FULL_CASES
+    parity = Table(title=f"Parity vs float64 reference ({len(cases)} case(s); h, states <= {FW_TOL:.0e}, grads <= {BW_TOL:.0e})")
+    for column in ("backend", "h", "states", "grads (worst)", "time", "result"):
+        parity.add_column(column)
+    for name in selected:
+        impl = api.IMPLEMENTATIONS[name]
+        if not runnable[name]:
+            if not impl.needs_triton or backends is not None:
+                exit_code = 1
+                parity.add_row(name, "-", "-", "-", "-", "[bold red]FAIL[/bold red] (cannot run)")
+            else:
+                parity.add_row(name, "-", "-", "-", "-", "SKIP")
+            continue
+        res = check_backend(name, cases)
+        if res.status == "FAIL":
+            exit_code = 1
+        mark = "[green]PASS[/green]" if res.status == "PASS" else f"[bold red]FAIL[/bold red] {res.note}"
+        grads = f"{_fmt(res.grad_err)} {res.worst_grad}".strip()
+        parity.add_row(name, _fmt(res.h_err), _fmt(res.state_err), grads, f"{res.seconds:.1f}s", mark)
+    console.print(parity)
+    console.print("[bold red]doctor: FAIL[/bold red]" if exit_code else "[green]doctor: OK[/green]")
+    return exit_code
