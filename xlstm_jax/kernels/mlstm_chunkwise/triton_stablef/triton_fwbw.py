@@ -52,8 +52,13 @@ class _KernelConfig:
 
 
 # Launch parameters from an H100 sweep (docs/benchmarks.md): head-dim block caps, warps of the recurrent
-# kernels, and warps of the per-chunk (parallel) kernels for chunks up to 64 / of 128.
-LAUNCH = {"block": 64, "out_v_block": 128, "recurrent_warps": 4, "parallel_warps": 4, "parallel_warps_l128": 8}
+# kernels, and warps of the per-chunk (parallel) kernels for chunks up to 64 / of 128. The dq kernel always runs
+# 8 warps: with 4, triton 3.6 on H100 miscompiles it for bf16 at L=64, DHQK=128, DHHV=256 (dq 80% off, silently;
+# caught by test_gpu_parity_realistic_shape).
+LAUNCH = {
+    "block": 64, "out_v_block": 128, "recurrent_warps": 4, "parallel_warps": 4, "parallel_warps_l128": 8,
+    "dq_warps": 8,
+}
 
 
 def _parallel_warps(chunk_size: int) -> int:
@@ -196,7 +201,7 @@ def _core_bwd(cfg: _KernelConfig, residuals, cotangents):
         mlstm_bw_dq_kernel,
         [kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all],
         [jax.ShapeDtypeStruct((BH, S_pad, DHQK), jnp.float32)],
-        grid=(NC,), num_warps=_parallel_warps(L), NS=c_in.shape[1], **consts,
+        grid=(NC,), num_warps=LAUNCH["dq_warps"], NS=c_in.shape[1], **consts,
     )
     dk, dv = launch(
         mlstm_bw_dkdv_kernel,
