@@ -131,9 +131,12 @@ class _HostTensor:
 
 
 @functools.cache
-def _fix_interpreter_bf16_dot() -> None:
-    """Triton's interpreter keeps bf16 as raw uint16 bits and feeds them to np.matmul as integers; widen bf16
-    dot operands to float32 (exact) first so bf16 kernels compute the same products as on the GPU."""
+def _fix_interpreter() -> None:
+    """Two fixes to Triton's interpreter (3.6) so it runs our kernels as the GPU does:
+    - it keeps bf16 as raw uint16 bits and feeds them to np.matmul as integers: widen bf16 dot operands to float32
+      (exact) first;
+    - it converts a scalar tensor to an index with int() of a 1-element 1-D array, which numpy 2 refuses: loops
+      with bounds computed from program ids failed."""
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -148,10 +151,17 @@ def _fix_interpreter_bf16_dot() -> None:
         return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     interpreter.InterpreterBuilder.create_dot = create_dot_bf16
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_tensor_index
 
 
 def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
-    _fix_interpreter_bf16_dot()
+    _fix_interpreter()
 
     def host(*arrays):
         ins = [np.ascontiguousarray(a) for a in arrays]

@@ -16,9 +16,10 @@ def mlstm_bw_recurrent_kernel(
     Q, DH, VEC_B, M_OUT, NORM, DDEN, SCA_G, M_ALL, DC_LAST, DN_LAST,
     DC_ALL, DN_ALL,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    QK_SCALE: tl.constexpr,
+    QK_SCALE: tl.constexpr, SAVE_EVERY: tl.constexpr = 1,
 ):
-    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the chunks."""
+    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the NC chunks of
+    length L; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states)."""
     bh = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
@@ -34,10 +35,12 @@ def mlstm_bw_recurrent_kernel(
 
     dc = tl.load(DC_LAST + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
     dn = tl.load(DN_LAST + bh * DHQK + rk, mask=mk, other=0.0)
+    NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
     for j in range(NC):
         kc = NC - 1 - j
-        tl.store(DC_ALL + (bh * (NC + 1) + kc + 1) * DHQK * DHHV + c_off, dc, mask=c_mask)
-        tl.store(DN_ALL + (bh * (NC + 1) + kc + 1) * DHQK + rk, dn, mask=n_mask)
+        save = (kc + 1) % SAVE_EVERY == 0
+        tl.store(DC_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK * DHHV + c_off, dc, mask=c_mask & save)
+        tl.store(DN_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK + rk, dn, mask=n_mask & save)
         tok = kc * L + rt
         m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
         m_next = tl.load(M_ALL + bh * (NC + 1) + kc + 1)
@@ -51,8 +54,8 @@ def mlstm_bw_recurrent_kernel(
         decay = tl.exp(g + m_prev - m_next)
         dc = decay * dc + tl.dot(qbar_t.to(Q.dtype.element_ty), dh.to(Q.dtype.element_ty), input_precision="ieee")
         dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
-    tl.store(DC_ALL + bh * (NC + 1) * DHQK * DHHV + c_off, dc, mask=c_mask)
-    tl.store(DN_ALL + bh * (NC + 1) * DHQK + rk, dn, mask=n_mask)
+    tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc, mask=c_mask)
+    tl.store(DN_ALL + bh * NSAVE * DHQK + rk, dn, mask=n_mask)
 
 
 @triton.jit

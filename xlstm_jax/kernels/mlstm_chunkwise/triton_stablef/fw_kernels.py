@@ -17,8 +17,13 @@ def mlstm_fw_recurrent_kernel(
     K, V, VEC_A, SCA_G, C0, N0, M0,
     C_ALL, N_ALL, M_ALL,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SAVE_EVERY: tl.constexpr = 1,
 ):
-    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC chunks."""
+    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC chunks of length L.
+
+    C and n are stored before every SAVE_EVERY-th chunk and at the end (NC // SAVE_EVERY + 1 states), m at every
+    chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks.
+    """
     bh = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
@@ -36,9 +41,11 @@ def mlstm_fw_recurrent_kernel(
     m = tl.load(M0 + bh)
     k_base = K + bh * S * DHQK
     v_base = V + bh * S * DHHV
+    NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
     for kc in range(NC):
-        tl.store(C_ALL + (bh * (NC + 1) + kc) * DHQK * DHHV + c_off, c, mask=c_mask)
-        tl.store(N_ALL + (bh * (NC + 1) + kc) * DHQK + rk, n, mask=n_mask)
+        save = kc % SAVE_EVERY == 0
+        tl.store(C_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK * DHHV + c_off, c, mask=c_mask & save)
+        tl.store(N_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK + rk, n, mask=n_mask & save)
         tl.store(M_ALL + bh * (NC + 1) + kc, m, mask=pid == 0)
         a = tl.load(VEC_A + bh * S + kc * L + rt)
         g = tl.load(SCA_G + bh * NC + kc)
@@ -50,8 +57,8 @@ def mlstm_fw_recurrent_kernel(
         c = decay * c + tl.dot(kbar_t.to(v_c.dtype), v_c, input_precision="ieee")
         n = decay * n + tl.sum(kbar_t, axis=1)
         m = m_new
-    tl.store(C_ALL + (bh * (NC + 1) + NC) * DHQK * DHHV + c_off, c, mask=c_mask)
-    tl.store(N_ALL + (bh * (NC + 1) + NC) * DHQK + rk, n, mask=n_mask)
+    tl.store(C_ALL + (bh * NSAVE + NSAVE - 1) * DHQK * DHHV + c_off, c, mask=c_mask)
+    tl.store(N_ALL + (bh * NSAVE + NSAVE - 1) * DHQK + rk, n, mask=n_mask)
     tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=pid == 0)
 
 

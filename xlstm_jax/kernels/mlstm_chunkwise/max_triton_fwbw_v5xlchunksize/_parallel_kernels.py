@@ -1,0 +1,209 @@
+"""Tiled (TFLA "xl-chunk") Triton kernels for the parallel parts of the chunkwise mLSTM: chunks of any size, tiled
+into (LQ, LKV) blocks of queries and keys.
+
+Layouts (BH = B·NH flattened, S = NC·L padded, contiguous): q, k (BH, S, DHQK), v, dh (BH, S, DHHV); vecB (BH, S)
+within-chunk cumsum of log forget gates, vecA (BH, S) log weight of each token in its chunk's end state, i, m_t,
+den, norm, dden (BH, S) float32; chunk-border states C (BH, NS, DHQK, DHHV), n (BH, NS, DHQK), m (BH, NC + 1)
+float32, and their gradients dC, dn (BH, NC + 1, ·). A program id over (chunk, row block) is `kc * NB + jb`.
+The forward keeps a running max (starting from the inter-chunk log weight b_t + m_{k-1}, always finite, so a
+fully masked tile row cannot produce NaN); the backward uses the stored per-token stabilizer m_t.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mlstm_xl_fw_parallel_kernel(
+    Q, K, V, VEC_B, I, C_ALL, N_ALL, M_ALL,
+    H, DEN, M_OUT,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr,
+):
+    """Grid (BH, NC * L / LQ, cdiv(DHHV, BV)): one (LQ, BV) output tile; loops over key tiles up to the diagonal."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1) // (L // LQ)
+    jq = tl.program_id(1) % (L // LQ)
+    iv = tl.program_id(2)
+    S: tl.constexpr = NC * L
+    rq = kc * L + jq * LQ + tl.arange(0, LQ)
+    rv = iv * BV + tl.arange(0, BV)
+    mv = rv < DHHV
+    b_q = tl.load(VEC_B + bh * S + rq)
+    m_run = b_q + tl.load(M_ALL + bh * (NC + 1) + kc)
+    state = bh * NS + kc
+
+    num = tl.zeros((LQ, BV), dtype=tl.float32)
+    den = tl.zeros((LQ,), dtype=tl.float32)
+    for jk in range(tl.cdiv(DHQK, BK)):
+        rk = jk * BK + tl.arange(0, BK)
+        mk = rk < DHQK
+        q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        c = tl.load(
+            C_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0
+        )
+        num += tl.dot(q, c.to(q.dtype), input_precision="ieee")
+        den += tl.sum(q.to(tl.float32) * tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)[None, :], axis=1)
+    num = num * QK_SCALE
+    den = den * QK_SCALE
+
+    for jkv in range(((jq + 1) * LQ + LKV - 1) // LKV):
+        rs = kc * L + jkv * LKV + tl.arange(0, LKV)
+        s_qk = tl.zeros((LQ, LKV), dtype=tl.float32)
+        for jk in range(tl.cdiv(DHQK, BK)):
+            rk = jk * BK + tl.arange(0, BK)
+            mk = rk < DHQK
+            q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+            k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+            s_qk += tl.dot(q, k_t, input_precision="ieee")
+        causal = rq[:, None] >= rs[None, :]
+        log_d = tl.where(causal, b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
+                         + tl.load(I + bh * S + rs)[None, :], float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
+        alpha = tl.exp(m_run - m_new)
+        s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_new[:, None])
+        v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        num = num * alpha[:, None] + tl.dot(s_bar.to(v.dtype), v, input_precision="ieee")
+        den = den * alpha + tl.sum(s_bar, axis=1)
+        m_run = m_new
+
+    if STABILIZE_CORRECTLY:
+        lower = NORM_VAL * tl.exp(-m_run)
+    else:
+        lower = tl.full((LQ,), NORM_VAL, tl.float32)
+    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    tl.store(H + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
+    tl.store(DEN + bh * S + rq, den, mask=iv == 0)
+    tl.store(M_OUT + bh * S + rq, m_run, mask=iv == 0)
+
+
+@triton.jit
+def mlstm_xl_bw_dq_kernel(
+    K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
+    DQ,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
+):
+    """Grid (BH, NC * L / LQ, cdiv(DHQK, BK)): one (LQ, BK) tile of dq; loops over key tiles up to the diagonal."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1) // (L // LQ)
+    jq = tl.program_id(1) % (L // LQ)
+    S: tl.constexpr = NC * L
+    rq = kc * L + jq * LQ + tl.arange(0, LQ)
+    rk = tl.program_id(2) * BK + tl.arange(0, BK)
+    mk = rk < DHQK
+    b_q = tl.load(VEC_B + bh * S + rq)
+    m_q = tl.load(M_OUT + bh * S + rq)
+    norm = tl.load(NORM + bh * S + rq)
+    dden = tl.load(DDEN + bh * S + rq)
+    m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
+    state = bh * NS + kc
+    dtype = K.dtype.element_ty
+
+    dq = tl.zeros((LQ, BK), dtype=tl.float32)
+    for jkv in range(((jq + 1) * LQ + LKV - 1) // LKV):
+        rs = kc * L + jkv * LKV + tl.arange(0, LKV)
+        dp = tl.zeros((LQ, LKV), dtype=tl.float32)
+        for jv in range(tl.cdiv(DHHV, BV)):
+            rv = jv * BV + tl.arange(0, BV)
+            mv = rv < DHHV
+            dh = tl.load(DH + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+            v_t = tl.load(V + bh * S * DHHV + rs[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
+            dp += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), v_t, input_precision="ieee")
+        causal = rq[:, None] >= rs[None, :]
+        log_d = tl.where(causal, b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
+                         + tl.load(I + bh * S + rs)[None, :], float("-inf"))
+        ds = (dp + dden[:, None]) * tl.exp(log_d - m_q[:, None])
+        k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        dq += tl.dot(ds.to(dtype), k, input_precision="ieee")
+
+    hc = tl.zeros((LQ, BK), dtype=tl.float32)
+    for jv in range(tl.cdiv(DHHV, BV)):
+        rv = jv * BV + tl.arange(0, BV)
+        mv = rv < DHHV
+        dh = tl.load(DH + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        c_t = tl.load(
+            C_ALL + state * DHQK * DHHV + rk[None, :] * DHHV + rv[:, None], mask=mk[None, :] & mv[:, None], other=0.0
+        )
+        hc += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), c_t.to(dtype), input_precision="ieee")
+    n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
+    inter = tl.exp(b_q + m_prev - m_q)
+    dq = (dq + inter[:, None] * (hc + dden[:, None] * n[None, :])) * QK_SCALE
+    tl.store(DQ + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], dq, mask=mk[None, :])
+
+
+@triton.jit
+def mlstm_xl_bw_dkdv_kernel(
+    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    DOUT,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
+    WANT_DK: tl.constexpr, BO: tl.constexpr,
+):
+    """Grid (BH, NC * L / LKV, cdiv(D_out, BO)): one (LKV, BO) tile of dk (WANT_DK) or dv; rows = key positions s,
+    loops over query tiles from the diagonal to the chunk end; every L x L tile is built transposed."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1) // (L // LKV)
+    jkv = tl.program_id(1) % (L // LKV)
+    S: tl.constexpr = NC * L
+    D_OUT: tl.constexpr = DHQK if WANT_DK else DHHV
+    rs = kc * L + jkv * LKV + tl.arange(0, LKV)
+    ro = tl.program_id(2) * BO + tl.arange(0, BO)
+    mo = ro < D_OUT
+    b_s = tl.load(VEC_B + bh * S + rs)
+    i_s = tl.load(I + bh * S + rs)
+    state = bh * (NC + 1) + kc + 1
+    dtype = K.dtype.element_ty
+
+    acc = tl.zeros((LKV, BO), dtype=tl.float32)
+    for jq in range((jkv * LKV) // LQ, L // LQ):
+        rq = kc * L + jq * LQ + tl.arange(0, LQ)
+        m_q = tl.load(M_OUT + bh * S + rq)
+        norm = tl.load(NORM + bh * S + rq)
+        causal_t = rq[None, :] >= rs[:, None]
+        d_t = tl.exp(tl.where(causal_t, tl.load(VEC_B + bh * S + rq)[None, :] - b_s[:, None] + i_s[:, None],
+                              float("-inf")) - m_q[None, :])
+        w_t = tl.zeros((LKV, LQ), dtype=tl.float32)
+        if WANT_DK:  # dS^T = (V dH^T / norm + dden) * D^T, then dS^T @ Q
+            for jv in range(tl.cdiv(DHHV, BV)):
+                rv = jv * BV + tl.arange(0, BV)
+                mv = rv < DHHV
+                v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+                dh_t = tl.load(DH + bh * S * DHHV + rq[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
+                w_t += tl.dot(v, (dh_t.to(tl.float32) / norm[None, :]).to(dtype), input_precision="ieee")
+            w_t = (w_t + tl.load(DDEN + bh * S + rq)[None, :]) * d_t
+            x = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + ro[None, :], mask=mo[None, :], other=0.0)
+        else:  # (S * D)^T @ dH / norm
+            for jk in range(tl.cdiv(DHQK, BK)):
+                rk = jk * BK + tl.arange(0, BK)
+                mk = rk < DHQK
+                k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+                q_t = tl.load(Q + bh * S * DHQK + rq[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+                w_t += tl.dot(k, q_t, input_precision="ieee")
+            w_t = w_t * d_t
+            x = tl.load(DH + bh * S * DHHV + rq[:, None] * DHHV + ro[None, :], mask=mo[None, :], other=0.0)
+            x = x.to(tl.float32) / norm[:, None]
+        acc += tl.dot(w_t.to(dtype), x.to(dtype), input_precision="ieee")
+    acc = acc * QK_SCALE
+
+    inter = tl.zeros((LKV, BO), dtype=tl.float32)
+    if WANT_DK:  # e^{a_s - m_k} (V dC^T + dn)
+        for jv in range(tl.cdiv(DHHV, BV)):
+            rv = jv * BV + tl.arange(0, BV)
+            mv = rv < DHHV
+            v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+            dc_t = tl.load(DC_ALL + state * DHQK * DHHV + ro[None, :] * DHHV + rv[:, None],
+                           mask=mo[None, :] & mv[:, None], other=0.0)
+            inter += tl.dot(v, dc_t.to(dtype), input_precision="ieee")
+        inter += tl.load(DN_ALL + state * DHQK + ro, mask=mo, other=0.0)[None, :]
+    else:  # e^{a_s - m_k} K dC
+        for jk in range(tl.cdiv(DHQK, BK)):
+            rk = jk * BK + tl.arange(0, BK)
+            mk = rk < DHQK
+            k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+            dc = tl.load(DC_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + ro[None, :],
+                         mask=mk[:, None] & mo[None, :], other=0.0)
+            inter += tl.dot(k, dc.to(dtype), input_precision="ieee")
+    abar = tl.exp(tl.load(VEC_A + bh * S + rs) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
+    tl.store(DOUT + bh * S * D_OUT + rs[:, None] * D_OUT + ro[None, :], acc + abar[:, None] * inter, mask=mo[None, :])

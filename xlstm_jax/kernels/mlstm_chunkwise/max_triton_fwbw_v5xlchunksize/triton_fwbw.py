@@ -1,0 +1,91 @@
+"""TFLA "xl-chunk" chunkwise mLSTM: chunks of 16..2048 tokens tiled into (LQ, LKV) blocks, chunk-border states
+computed at a finer inter-chunk granularity and stored only at chunk borders. Same semantics and exact backward as
+the limit-chunk family (shared core: ../triton_core.py); here only the parallel kernels differ.
+
+Shapes: q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1); states (B, NH, DHQK, DHHV),
+(B, NH, DHQK), (B, NH). Any S; head dims up to 512.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, check_head_dims, mlstm_triton_core
+from xlstm_jax.mlstm.base import check_chunk_size, check_inputs, initial_states_or_zeros, resolve_compute_dtype
+
+CHUNK_SIZES = (16, 2048)
+
+
+def xl_params(chunk_size: int, inter_chunk_size: int | None, tile_q: int | None, tile_kv: int | None):
+    """Resolve and check (inter_chunk_size, tile_q, tile_kv) for a chunk size: defaults min(64, chunk) each.
+
+    Every value must be a power of two >= 16 dividing chunk_size.
+    """
+    resolved = []
+    for name, value in (("inter_chunk_size", inter_chunk_size), ("tile_q", tile_q), ("tile_kv", tile_kv)):
+        value = min(64, chunk_size) if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value!r}.")
+        if value > chunk_size:
+            raise ValueError(f"{name}={value} must not exceed chunk_size={chunk_size}.")
+        resolved.append(value)
+    return tuple(resolved)
+
+
+def mlstm_chunkwise_triton_xl_chunk(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    c_initial: jax.Array | None = None,
+    n_initial: jax.Array | None = None,
+    m_initial: jax.Array | None = None,
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    chunk_size: int = 128,
+    autocast_kernel_dtype: Any = None,
+    inter_chunk_size: int | None = None,
+    tile_q: int | None = None,
+    tile_kv: int | None = None,
+    num_warps: int | None = None,
+    recompute_states_in_bw: bool = True,
+    stabilize_correctly: bool = True,
+    norm_val: float = 1.0,
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """Chunkwise mLSTM with the xl-chunk Triton kernels; differentiable (exact custom backward), vmappable.
+
+    chunk_size: power of two in 16..2048 (honoured as given). inter_chunk_size: granularity of the state
+    recurrence (states are still stored only every chunk). tile_q / tile_kv: query / key rows per tile. None
+    picks min(64, chunk_size). autocast_kernel_dtype: matmul operand dtype (None: q's dtype). Returns h
+    (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m)) float32 with return_last_states.
+    """
+    i, f, shape = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    check_head_dims(shape)
+    L = check_chunk_size(chunk_size, minimum=CHUNK_SIZES[0], maximum=CHUNK_SIZES[1])
+    inter, lq, lkv = xl_params(L, inter_chunk_size, tile_q, tile_kv)
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}.")
+    cfg = KernelConfig(
+        chunk_size=L, eps=float(eps), norm_val=float(norm_val), stabilize_correctly=bool(stabilize_correctly),
+        compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, q.dtype, "autocast_kernel_dtype").name,
+        recompute_states_in_bw=bool(recompute_states_in_bw), family="xl", inter_chunk_size=inter, tile_q=lq,
+        tile_kv=lkv, num_warps=num_warps,
+    )
+    c0, n0, m0 = initial_states_or_zeros(c_initial, n_initial, m_initial, shape)
+    h, c, n, m = mlstm_triton_core(q, k, v, i.astype(jnp.float32), f.astype(jnp.float32), c0, n0, m0, cfg)
+    return (h, (c, n, m)) if return_last_states else h
+
+
+def mlstm_triton_xl_chunk(
+    q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *,
+    return_last_states=False, eps=1e-6, chunk_size=128, autocast_dtype=None,
+):
+    """`xlstm_jax.mlstm(backend="triton_xl_chunk")`: the standard denominator, default tiles."""
+    return mlstm_chunkwise_triton_xl_chunk(
+        q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=eps,
+        chunk_size=chunk_size, autocast_kernel_dtype=autocast_dtype,
+    )

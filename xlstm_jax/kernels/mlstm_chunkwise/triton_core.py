@@ -1,0 +1,260 @@
+"""The differentiable core shared by both Triton chunkwise families: padding, gates, kernel launches and the
+custom_vjp wiring. The family decides only which parallel kernels run:
+
+- "limit" (triton_stablef/): one L x L tile per chunk in registers, chunk sizes 16..128;
+- "xl" (max_triton_fwbw_v5xlchunksize/): chunks tiled into (LQ, LKV) blocks, chunk sizes up to 2048, and the
+  chunk-border states computed at a finer inter-chunk granularity (states stored only at chunk borders).
+
+Shapes: B, NH, S, DHQK, DHHV; NC chunks of length L; BH = B·NH. Kernel operands are flattened to (BH, ...).
+Backward convention: DESIGN.md §2 (common.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.launch import launch
+from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, denominator_cotangent, gate_gradients
+from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
+    mlstm_xl_bw_dkdv_kernel,
+    mlstm_xl_bw_dq_kernel,
+    mlstm_xl_fw_parallel_kernel,
+)
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import (
+    mlstm_bw_dkdv_kernel,
+    mlstm_bw_dq_kernel,
+    mlstm_bw_recurrent_kernel,
+)
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.fw_kernels import mlstm_fw_parallel_kernel, mlstm_fw_recurrent_kernel
+from xlstm_jax.mlstm.base import MLSTMShape, pad_to_multiple, qk_scale
+
+MAX_HEAD_DIM = 512
+F32 = jnp.float32
+
+# Launch parameters from H100 sweeps (docs/benchmarks.md). The limit-chunk dq kernel always runs 8 warps: with 4,
+# triton 3.6 on H100 miscompiles it for bf16 at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by
+# test_gpu_parity_realistic_shape).
+LAUNCH = {
+    "block": 64, "out_v_block": 128, "recurrent_warps": 4, "parallel_warps": 4, "parallel_warps_l128": 8,
+    "dq_warps": 8, "xl_warps": 4, "xl_out_block": 128,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static configuration of one Triton chunkwise call (hashable: it is a custom_vjp static argument)."""
+
+    chunk_size: int
+    eps: float
+    compute_dtype: str
+    norm_val: float = 1.0
+    stabilize_correctly: bool = True
+    recompute_states_in_bw: bool = True
+    reduce_slicing: bool = True
+    family: str = "limit"
+    inter_chunk_size: int | None = None  # recurrent granularity (divides chunk_size); None: chunk_size
+    tile_q: int | None = None  # xl: query rows per tile (LQ)
+    tile_kv: int | None = None  # xl: key rows per tile (LKV)
+    num_warps: int | None = None  # xl: warps of the parallel kernels; None: LAUNCH["xl_warps"]
+
+    @property
+    def recurrent_chunk(self) -> int:
+        return self.inter_chunk_size or self.chunk_size
+
+
+def block(dim: int, cap: int | None = None) -> int:
+    """Head-dim block: the next power of two >= dim (at least 16), capped."""
+    return min(cap or LAUNCH["block"], max(16, 1 << (dim - 1).bit_length()))
+
+
+def check_head_dims(shape: MLSTMShape) -> None:
+    for name, dim in (("DHQK (q, k last axis)", shape.DHQK), ("DHHV (v last axis)", shape.DHHV)):
+        if dim > MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be <= {MAX_HEAD_DIM} for the Triton kernels, got {dim}.")
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """vecB, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) gates, for chunks of length L."""
+    vec_b, vec_a, sca_g = chunk_gates(i[None], f[None], L)
+    return vec_b[0].reshape(i.shape), vec_a[0].reshape(i.shape), sca_g[0]
+
+
+def _parallel_warps(cfg: KernelConfig) -> int:
+    if cfg.family == "xl":
+        return cfg.num_warps or LAUNCH["xl_warps"]
+    return LAUNCH["parallel_warps"] if cfg.chunk_size <= 64 else LAUNCH["parallel_warps_l128"]
+
+
+def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
+    """States at chunk borders C (BH, NC+1, DHQK, DHHV), n (BH, NC+1, DHQK), m (BH, NC+1), and m at every
+    recurrent sub-chunk border (BH, S // recurrent_chunk + 1); float32."""
+    BH, S, DHQK = k.shape
+    DHHV = v.shape[-1]
+    Lr = cfg.recurrent_chunk
+    every = cfg.chunk_size // Lr
+    _, vec_a, sca_g = _gates(i, f, Lr)
+    BK, BV = block(DHQK), block(DHHV)
+    c_all, n_all, m_sub = launch(
+        mlstm_fw_recurrent_kernel,
+        [k, v, vec_a, sca_g, c0, n0, m0],
+        [
+            jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK, DHHV), F32),
+            jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK), F32),
+            jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
+        ],
+        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"],
+        NC=S // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, SAVE_EVERY=every,
+    )
+    return c_all, n_all, m_sub[:, ::every], m_sub
+
+
+def _kernel_states(c_all, n_all, cfg: KernelConfig):
+    """The state buffers the output / dq kernels read: whole (reduce_slicing) or without the last state."""
+    return (c_all, n_all) if cfg.reduce_slicing else (c_all[:, :-1], n_all[:, :-1])
+
+
+def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
+    """Flattened, padded inputs (q, k, v in the compute dtype). Returns h (BH, S, DHHV) in `out_dtype`, the signed
+    denominator and m_t (BH, S) float32, and the states."""
+    BH, S, DHQK = q.shape
+    DHHV = v.shape[-1]
+    L = cfg.chunk_size
+    NC = S // L
+    c_all, n_all, m_all, m_sub = _chunk_states(k, v, i, f, c0, n0, m0, cfg)
+    c_in, n_in = _kernel_states(c_all, n_all, cfg)
+    vec_b, _, _ = _gates(i, f, L)
+    outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
+            jax.ShapeDtypeStruct((BH, S), F32)]
+    consts = dict(NC=NC, NS=c_in.shape[1], L=L, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK), QK_SCALE=qk_scale(DHQK),
+                  EPS=cfg.eps, NORM_VAL=cfg.norm_val, STABILIZE_CORRECTLY=cfg.stabilize_correctly)
+    if cfg.family == "xl":
+        BV = block(DHHV, LAUNCH["xl_out_block"])
+        kernel, grid = mlstm_xl_fw_parallel_kernel, (NC * (L // cfg.tile_q), -(-DHHV // BV))
+        consts.update(LQ=cfg.tile_q, LKV=cfg.tile_kv)
+    else:
+        BV = block(DHHV, LAUNCH["out_v_block"])
+        kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
+    h, den, m_out = launch(kernel, [q, k, v, vec_b, i, c_in, n_in, m_all], outs, grid=grid,
+                           num_warps=_parallel_warps(cfg), BV=BV, **consts)
+    return h, den, m_out, (c_all, n_all, m_all, m_sub)
+
+
+def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
+                       cfg: KernelConfig):
+    """dq, dk, dv (BH, S, ·) float32 from the per-chunk kernels of the family."""
+    BH, S, DHQK = qf.shape
+    DHHV = vf.shape[-1]
+    L = cfg.chunk_size
+    NC = S // L
+    c_in, n_in = _kernel_states(c_all, n_all, cfg)
+    BK, BV = block(DHQK), block(DHHV)
+    consts = dict(NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK))
+    dq_shape = jax.ShapeDtypeStruct((BH, S, DHQK), F32)
+    dv_shape = jax.ShapeDtypeStruct((BH, S, DHHV), F32)
+    dq_in = [kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all]
+    dkdv_in = [qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all]
+    if cfg.family != "xl":
+        (dq,) = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape], grid=(NC,), num_warps=LAUNCH["dq_warps"],
+                       NS=c_in.shape[1], **consts)
+        dk, dv = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dq_shape, dv_shape], grid=(NC,),
+                        num_warps=_parallel_warps(cfg), **consts)
+        return dq, dk, dv
+    LQ, LKV = cfg.tile_q, cfg.tile_kv
+    warps = _parallel_warps(cfg)
+    BO = LAUNCH["xl_out_block"]
+    (dq,) = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape], grid=(NC * (L // LQ), -(-DHQK // BK)),
+                   num_warps=warps, NS=c_in.shape[1], LQ=LQ, LKV=LKV, **consts)
+    tiles = dict(LQ=LQ, LKV=LKV)
+    (dk,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dq_shape], grid=(NC * (L // LKV), -(-DHQK // block(DHQK, BO))),
+                   num_warps=warps, WANT_DK=True, BO=block(DHQK, BO), **tiles, **consts)
+    (dv,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // LKV), -(-DHHV // block(DHHV, BO))),
+                   num_warps=warps, WANT_DK=False, BO=block(DHHV, BO), **tiles, **consts)
+    return dq, dk, dv
+
+
+def _pad_flat(q, k, v, i, f, L):
+    q, k, v, i, f = pad_to_multiple(q, k, v, i, f, L)
+    return tuple(_flat(x) for x in (q, k, v, i, f))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
+    """(B, NH, S, ·) inputs, float32 gates (B, NH, S) and states -> (h in q's dtype, C_last, n_last, m_last)."""
+    return _core_fwd(q, k, v, i, f, c0, n0, m0, cfg)[0]
+
+
+def _core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
+    B, NH, S, _ = q.shape
+    dt = jnp.dtype(cfg.compute_dtype)
+    qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
+    h, den, m_out, states = _forward(qf, kf, vf, i_f, f_f, _flat(c0), _flat(n0), _flat(m0), cfg, q.dtype)
+    c_all, n_all, m_all, _ = states
+    out = (
+        h.reshape(B, NH, -1, h.shape[-1])[:, :, :S],
+        c_all[:, -1].reshape(c0.shape),
+        n_all[:, -1].reshape(n0.shape),
+        m_all[:, -1].reshape(m0.shape),
+    )
+    states = None if cfg.recompute_states_in_bw else states
+    return out, (q, k, v, i, f, c0, n0, m0, h, den, m_out, states)
+
+
+def _core_bwd(cfg: KernelConfig, residuals, cotangents):
+    q, k, v, i, f, c0, n0, m0, h, den, m_out, states = residuals
+    dh, dc_last, dn_last, dm_last = cotangents
+    B, NH, S, DHQK = q.shape
+    DHHV = v.shape[-1]
+    dt = jnp.dtype(cfg.compute_dtype)
+    qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
+    BH, S_pad = i_f.shape
+    dh = _flat(jnp.pad(dh, ((0, 0), (0, 0), (0, S_pad - S), (0, 0))))
+    c0f, n0f, m0f = _flat(c0), _flat(n0), _flat(m0)
+    if states is None:
+        states = _chunk_states(kf, vf, i_f, f_f, c0f, n0f, m0f, cfg)
+    c_all, n_all, m_all, m_sub = states
+    lower = cfg.norm_val * jnp.exp(-m_out) if cfg.stabilize_correctly else jnp.full_like(m_out, cfg.norm_val)
+    norm, dden = denominator_cotangent(dh, h, den, lower, cfg.eps)
+    dc_lastf, dn_lastf = _flat(dc_last.astype(F32)), _flat(dn_last.astype(F32))
+
+    Lr = cfg.recurrent_chunk
+    vec_b_sub, _, sca_g_sub = _gates(i_f, f_f, Lr)
+    BK, BV = block(DHQK), block(DHHV)
+    NC = S_pad // cfg.chunk_size
+    dc_all, dn_all = launch(
+        mlstm_bw_recurrent_kernel,
+        [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_lastf, dn_lastf],
+        [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), F32), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32)],
+        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"],
+        NC=S_pad // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK),
+        SAVE_EVERY=cfg.chunk_size // Lr,
+    )
+    vec_b, vec_a, _ = _gates(i_f, f_f, cfg.chunk_size)
+    dq, dk, dv = _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all,
+                                    dc_all, dn_all, cfg)
+    first_dot = jnp.sum(c0f * dc_all[:, 0], axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
+    last_dot = jnp.sum(c_all[:, -1] * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
+    di, df, dm0 = gate_gradients(
+        qf, dq, kf, dk, i_f, f_f, m0f, first_state_dot=first_dot, last_state_dot=last_dot,
+        dm_last=_flat(dm_last.astype(F32)),
+    )
+
+    def unflat(x, like):
+        return x.reshape(B, NH, *x.shape[1:])[:, :, :S].astype(like.dtype)
+
+    return (
+        unflat(dq, q), unflat(dk, k), unflat(dv, v), unflat(di, i), unflat(df, f),
+        dc_all[:, 0].reshape(c0.shape).astype(c0.dtype),
+        dn_all[:, 0].reshape(n0.shape).astype(n0.dtype),
+        dm0.reshape(m0.shape).astype(m0.dtype),
+    )
+
+
+mlstm_triton_core.defvjp(_core_fwd, _core_bwd)
