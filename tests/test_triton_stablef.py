@@ -146,13 +146,12 @@ def test_backend_config_defaults_and_names():
     assert mLSTMBackendTriton().can_vmap_over_heads is False
     with pytest.raises(ValueError, match="backend_name"):
         mLSTMBackendTritonConfig(backend_name="nope")
-    x = make_inputs(0, 1, 1, 16, 16, 16)
-    with pytest.raises(NotImplementedError, match="xl-chunk"):
-        mLSTMBackendTriton(mLSTMBackendTritonConfig(backend_name="max_triton_xlchunksize"))(
-            *(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")))
 
 
-@pytest.mark.parametrize("name", ["max_triton", "max_triton_noslice", "triton_stablef", "chunkwise--triton_limit_chunk"])
+@pytest.mark.parametrize(
+    "name", ["max_triton", "max_triton_noslice", "triton_stablef", "chunkwise--triton_limit_chunk",
+             "max_triton_xlchunksize", "chunkwise--triton_xl_chunk"],
+)
 def test_backend_runs_every_limit_chunk_name_and_honours_fields(name):
     x = make_inputs(7, 1, 2, 24, 16, 16, with_state=True)
     a = {k: jnp.asarray(v) for k, v in x.items()}

@@ -1,9 +1,11 @@
 """Triton chunkwise backend (seed 000): runs the Triton kernel family named by `backend_name`.
 
-Every config field is honoured (upstream silently ignores several): `autocast_dtype`, `chunk_size`, `eps`,
-`norm_val` and `stabilize_correctly` reach the kernels for every backend name. `reduce_slicing` selects whether
-the chunk-border state buffers are passed whole to the output and backward kernels (True) or sliced per use in
-XLA first (False); the results are identical, True avoids a copy.
+`max_triton`, `max_triton_noslice` and `triton_stablef` run the limit-chunk kernels (triton_stablef/),
+`max_triton_xlchunksize` the TFLA xl-chunk kernels (max_triton_fwbw_v5xlchunksize/). Every config field is honoured
+(upstream silently ignores several): `autocast_dtype`, `chunk_size`, `eps`, `norm_val` and `stabilize_correctly`
+reach the kernels for every backend name. `reduce_slicing` (limit-chunk) selects whether the chunk-border state
+buffers are passed whole to the output and backward kernels (True) or with the last state sliced off in XLA first
+(False); the results are identical, True avoids a copy.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ _ALIASES = {
     "chunkwise--triton_limit_chunk": "max_triton_noslice",
     "chunkwise--triton_xl_chunk": "max_triton_xlchunksize",
 }
-_LIMIT_CHUNK_NAMES = ("max_triton", "max_triton_noslice", "triton_stablef")
 
 
 @dataclasses.dataclass
@@ -80,26 +81,22 @@ class mLSTMBackendTriton(mLSTMBackend):
         """
         cfg = self.config
         name = _ALIASES.get(cfg.backend_name, cfg.backend_name)
-        if name not in _LIMIT_CHUNK_NAMES:
-            raise NotImplementedError(
-                f"backend_name {cfg.backend_name!r} runs the TFLA xl-chunk kernels, which are not implemented yet; "
-                f"use one of {list(_LIMIT_CHUNK_NAMES)} (Triton limit-chunk kernels)."
-            )
-        from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
-
         if i.ndim == q.ndim:
             i, f = i[..., 0], f[..., 0]
-        return mlstm_chunkwise_triton_stablef(
-            q, k, v, i, f,
-            c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
-            return_last_states=return_last_states,
-            eps=cfg.eps,
-            chunk_size=cfg.chunk_size,
-            autocast_kernel_dtype=cfg.autocast_dtype,
-            stabilize_correctly=cfg.stabilize_correctly,
-            norm_val=cfg.norm_val,
-            reduce_slicing=cfg.reduce_slicing,
+        common = dict(
+            c_initial=c_initial, n_initial=n_initial, m_initial=m_initial, return_last_states=return_last_states,
+            eps=cfg.eps, chunk_size=cfg.chunk_size, autocast_kernel_dtype=cfg.autocast_dtype,
+            stabilize_correctly=cfg.stabilize_correctly, norm_val=cfg.norm_val,
         )
+        if name == "max_triton_xlchunksize":
+            from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
+                mlstm_chunkwise_triton_xl_chunk,
+            )
+
+            return mlstm_chunkwise_triton_xl_chunk(q, k, v, i, f, **common)
+        from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
+
+        return mlstm_chunkwise_triton_stablef(q, k, v, i, f, reduce_slicing=cfg.reduce_slicing, **common)
 
     @property
     def can_vmap_over_heads(self) -> bool:

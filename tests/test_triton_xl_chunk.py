@@ -1,0 +1,113 @@
+"""TFLA xl-chunk Triton kernels (seed 003 and the `triton_xl_chunk` backend).
+
+CPU: the real kernels through Triton's interpreter at small shapes and several tilings; `gpu`: realistic shapes.
+Compared with the float64 reference on outputs, last states and the gradients of all eight inputs.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (
+    assert_matches_reference,
+    assert_rel_close,
+    make_inputs,
+    make_weights,
+    outputs_and_grads,
+    reference_outputs_and_grads,
+)
+
+from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_fw import (
+    mlstm_chunkwise__parallel_fw_Hintra,
+)
+from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
+    mlstm_chunkwise_triton_xl_chunk,
+)
+
+
+def _xl(**kw):
+    return lambda **a: mlstm_chunkwise_triton_xl_chunk(**a, return_last_states=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "S, DHQK, DHHV, tiling, with_state",
+    [
+        (70, 16, 32, dict(chunk_size=64, inter_chunk_size=16, tile_q=32, tile_kv=16), True),  # S % chunk != 0
+        (40, 24, 40, dict(chunk_size=32, inter_chunk_size=16, tile_q=16, tile_kv=32), False),  # tile_kv > tile_q
+        (64, 16, 16, dict(chunk_size=64, inter_chunk_size=32, tile_q=64, tile_kv=64), True),  # one tile per chunk
+        (5, 16, 16, dict(chunk_size=16), True),  # S < chunk
+    ],
+)
+def test_matches_float64_reference(S, DHQK, DHHV, tiling, with_state):
+    x = make_inputs(0, 1, 2, S, DHQK, DHHV, with_state=with_state)
+    w = make_weights(0, x)
+    out, grads = outputs_and_grads(_xl(**tiling), x, w)
+    ref_out, ref_grads = reference_outputs_and_grads(x, w)
+    assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
+
+
+def test_recompute_option_and_denominator_variant():
+    x = make_inputs(1, 1, 1, 48, 16, 16, with_state=True)
+    w = make_weights(1, x)
+    variant = dict(norm_val=2.0, stabilize_correctly=True)
+    out, grads = outputs_and_grads(_xl(chunk_size=32, tile_q=16, recompute_states_in_bw=False, **variant), x, w)
+    ref_out, ref_grads = reference_outputs_and_grads(x, w, **variant)
+    assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
+
+
+def test_seed_003_parallel_forward_matches_reference():
+    B, NH, L, NC, DHQK, DHHV = 1, 2, 32, 3, 16, 32
+    x = make_inputs(2, B, NH, NC * L, DHQK, DHHV)
+    states = [(np.zeros((B, NH, DHQK, DHHV)), np.zeros((B, NH, DHQK)), np.zeros((B, NH)))]
+    for kc in range(1, NC + 1):
+        prefix = {n: a[:, :, : kc * L] for n, a in x.items()}
+        states.append(reference_outputs_and_grads(prefix)[0][1])
+    c_all = np.concatenate([s[0] for s in states], axis=2).astype(np.float32)
+    n_all = np.concatenate([s[1] for s in states], axis=2).astype(np.float32)
+    m_all = np.stack([s[2] for s in states], axis=-1).astype(np.float32)
+    a = {n: jnp.asarray(v) for n, v in x.items()}
+    h, norm, m = mlstm_chunkwise__parallel_fw_Hintra(
+        a["q"], a["k"], a["v"], a["i"].reshape(B, NH, NC, L), a["f"], jnp.asarray(c_all), jnp.asarray(n_all),
+        jnp.asarray(m_all), chunk_size=L, siz_b_LQ=16, siz_b_LKV=16,
+    )
+    ref_h = reference_outputs_and_grads(x)[0][0]
+    assert h.shape == (B, NH, NC * L, DHHV) and norm.dtype == jnp.float32 and m.shape == (B, NH, NC * L)
+    assert_rel_close(h, ref_h, 2e-5, "H")
+    assert np.all(np.asarray(norm) > 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(siz_b_LQ=24), "siz_b_LQ"),
+        (dict(siz_b_LKV=128), "siz_b_LKV"),
+        (dict(siz_b_DHQK=8), "siz_b_DHQK"),
+        (dict(chunk_size=48), "chunk_size"),
+    ],
+)
+def test_seed_003_rejects_bad_blocks(kwargs, match):
+    B, NH, S, D = 1, 1, 64, 16
+    z = jnp.zeros((B, NH, S, D))
+    args = (z, z, z, jnp.zeros((B, NH, S)), jnp.zeros((B, NH, S)), jnp.zeros((B, NH, 2 * D, D)),
+            jnp.zeros((B, NH, 2 * D)), jnp.zeros((B, NH, 2)))
+    with pytest.raises(ValueError, match=match):
+        mlstm_chunkwise__parallel_fw_Hintra(*args, **{"chunk_size": 64, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(chunk_size=4096), "chunk_size"), (dict(tile_q=8), "tile_q"),
+                                           (dict(chunk_size=32, tile_kv=64), "tile_kv")])
+def test_bad_tiling_is_refused(kwargs, match):
+    x = make_inputs(0, 1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match=match):
+        mlstm_chunkwise_triton_xl_chunk(*(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- GPU (CUDA) tests
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_size", [64, 128, 256, 512, 1024])
+@pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
+def test_gpu_parity_realistic_shapes(chunk_size, DHQK, DHHV):
+    x = make_inputs(0, 1, 2, 2048, DHQK, DHHV, with_state=True)
+    w = make_weights(0, x)
+    out, grads = outputs_and_grads(_xl(chunk_size=chunk_size), x, w)
+    ref_out, ref_grads = reference_outputs_and_grads(x, w)
+    assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=1e-4, bw_tol=1e-3)
