@@ -7,6 +7,8 @@ weights, so every output and every last state carries a cotangent (DESIGN.md §2
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -72,40 +74,48 @@ def _loss(h, states, weights):
     )
 
 
+@functools.partial(jax.jit, static_argnames=("eps", "variant"))
+def _reference_jit(args, w64, eps, variant):
+    def loss(a):
+        out = mlstm_recurrent_reference(**a, eps=eps, **dict(variant))
+        return (0.0 if w64 is None else _loss(*out, w64)), out
+
+    if w64 is None:
+        return loss(args)[1], None
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(args)
+    return out, grads
+
+
 def reference_outputs_and_grads(inputs, weights=None, *, eps: float = 1e-6, **variant):
     """float64 reference: (h, (C, n, m)) and, if weights are given, the gradients of the generic loss w.r.t.
-    every given input (dict keyed like `inputs`). All numpy float64. `variant`: norm_val / stabilize_correctly."""
+    every given input (dict keyed like `inputs`). All numpy float64. `variant`: norm_val / stabilize_correctly.
+    Jitted (one compile per shape), so repeated shapes are cheap."""
     names = [n for n in INPUT_NAMES if n in inputs]
     with jax.enable_x64(True):
         args = {n: jnp.asarray(np.asarray(inputs[n], np.float64)) for n in names}
-
-        def run(a):
-            return mlstm_recurrent_reference(**a, eps=eps, **variant)
-
-        h, states = run(args)
+        w64 = None if weights is None else {n: jnp.asarray(np.asarray(w, np.float64)) for n, w in weights.items()}
+        (h, states), grads = _reference_jit(args, w64, float(eps), tuple(sorted(variant.items())))
         out = (np.asarray(h), tuple(np.asarray(s) for s in states))
-        if weights is None:
-            return out, None
-        w64 = {n: jnp.asarray(np.asarray(w, np.float64)) for n, w in weights.items()}
-        grads = jax.grad(lambda a: _loss(*run(a), w64))(args)
-        return out, {n: np.asarray(g) for n, g in grads.items()}
+        return out, None if grads is None else {n: np.asarray(g) for n, g in grads.items()}
 
 
 def outputs_and_grads(fn, inputs, weights=None):
     """Run `fn(q, k, v, i, f, c_initial=, n_initial=, m_initial=) -> (h, (C, n, m))` on `inputs` (as given dtypes)
-    under jit, and if weights are given the gradients of the generic loss w.r.t. every input."""
+    under jit, and if weights are given the gradients of the generic loss w.r.t. every input (one compile)."""
     names = [n for n in INPUT_NAMES if n in inputs]
     args = {n: jnp.asarray(inputs[n]) for n in names}
 
-    def run(a):
-        return fn(**a)
+    def loss(a):
+        h, states = fn(**a)
+        return _loss(h.astype(jnp.float32), states, weights), (h, states)
 
-    h, states = jax.jit(run)(args)
-    out = (np.asarray(h, np.float64), tuple(np.asarray(s, np.float64) for s in states))
     if weights is None:
-        return out, None
-    grads = jax.jit(jax.grad(lambda a: _loss(*(lambda r: (r[0].astype(jnp.float32), r[1]))(run(a)), weights)))(args)
-    return out, {n: np.asarray(g, np.float64) for n, g in grads.items()}
+        h, states = jax.jit(lambda a: fn(**a))(args)
+        grads = None
+    else:
+        (_, (h, states)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    out = (np.asarray(h, np.float64), tuple(np.asarray(s, np.float64) for s in states))
+    return out, None if grads is None else {n: np.asarray(g, np.float64) for n, g in grads.items()}
 
 
 def rel_err(actual, expected) -> float:

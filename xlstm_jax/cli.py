@@ -1,9 +1,12 @@
-"""The `xlstm-jax` command line: `xlstm-jax doctor [--backends NAME ...] [--quick]`."""
+"""The `xlstm-jax` command line: `xlstm-jax doctor [--backends NAME ...] [--quick]` and
+`xlstm-jax bench [--preset NAME] [options]` (see `xlstm_jax.bench`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
+
+from xlstm_jax.bench.runner import add_arguments as add_bench_arguments
 
 
 def _backend_list(text: str) -> list[str]:
@@ -32,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only check these backends (space- or comma-separated); default: all",
     )
     doctor.add_argument("--quick", action="store_true", help="one tiny problem per backend instead of two")
+    bench = sub.add_parser(
+        "bench",
+        help="time the mLSTM backends and the installed peers; table, CSV, JSON and plots",
+        description="Measure runtime, peak memory and the roofline fractions of every backend (and of the peers "
+        "that are installed) over a preset sweep of shapes; print a table and write results.csv, results.json, "
+        "runtime.png and roofline.png under --out. Exits 1 if an xlstm_jax case failed.",
+    )
+    add_bench_arguments(bench, backend_type=_backend_list)
     return parser
 
 
@@ -43,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         backends = None if args.backends is None else list(dict.fromkeys(n for group in args.backends for n in group))
         return run_doctor(backends=backends, quick=args.quick)
+    if args.command == "bench":
+        from xlstm_jax.bench.runner import run_bench
+
+        return run_bench(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

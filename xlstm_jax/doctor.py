@@ -9,6 +9,7 @@ q, k, v, i, f, c_initial, n_initial, m_initial under the loss sum(W_h*h) + sum(W
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -51,7 +52,7 @@ class Result:
     """Parity of one backend: max relative errors over the cases, or why it did not run."""
 
     name: str
-    status: str  # "PASS" | "FAIL" | "SKIP"
+    status: str  # "PASS" | "FAIL"
     h_err: float = float("nan")
     state_err: float = float("nan")
     grad_err: float = float("nan")
@@ -109,28 +110,38 @@ def _loss(h, states, w):
     return jnp.sum(w["h"] * h) + jnp.sum(w["C"] * c) + jnp.sum(w["n"] * n) + jnp.sum(w["m"] * m)
 
 
-def _reference(x, w):
+def _outputs_and_grads(run, args, w):
+    """(h, [C, n, m], {input: gradient}) as numpy, from one jitted value_and_grad of the weighted loss."""
+
+    def loss(a):
+        h, states = run(a)
+        return _loss(h, states, w), (h, states)
+
+    (_, (h, states)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    return np.asarray(h), [np.asarray(s) for s in states], {n: np.asarray(g) for n, g in grads.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _reference(case: Case, seed: int, dtype: str):
+    x, w = _inputs(case, seed, dtype)
     with jax.enable_x64(True):
         args = {n: jnp.asarray(np.asarray(a, np.float64)) for n, a in x.items()}
         w64 = {n: jnp.asarray(a, jnp.float64) for n, a in w.items()}
-        h, states = mlstm_recurrent_reference(**args)
-        grads = jax.grad(lambda a: _loss(*mlstm_recurrent_reference(**a), w64))(args)
-        return np.asarray(h), [np.asarray(s) for s in states], {n: np.asarray(g) for n, g in grads.items()}
+        return _outputs_and_grads(lambda a: mlstm_recurrent_reference(**a), args, w64)
 
 
-def _backend(name, case: Case, x, w):
+def _backend(name, case: Case, seed: int, dtype: str):
+    impl = api.IMPLEMENTATIONS[name]
+    chunk_size = case.chunk_size if impl.chunk_sizes is not None else None
+    x, w = _inputs(case, seed, dtype)
+
     def run(a):
         q, k, v, i, f = (a[n] for n in "qkvif")
         states = {n: a[n] for n in STATE_NAMES if n in a}
-        h, last = api.mlstm(
-            q, k, v, i, f, backend=name, chunk_size=case.chunk_size, return_last_states=True, **states
-        )
+        h, last = api.mlstm(q, k, v, i, f, backend=name, chunk_size=chunk_size, return_last_states=True, **states)
         return h.astype(jnp.float32), last
 
-    args = {n: jnp.asarray(a) for n, a in x.items()}
-    h, states = jax.jit(run)(args)
-    grads = jax.jit(jax.grad(lambda a: _loss(*run(a), w)))(args)
-    return np.asarray(h), [np.asarray(s) for s in states], {n: np.asarray(g) for n, g in grads.items()}
+    return _outputs_and_grads(run, {n: jnp.asarray(a) for n, a in x.items()}, w)
 
 
 def rel_err(actual, expected) -> float:
@@ -147,9 +158,8 @@ def measure_errors(name: str, case: Case, *, dtype: str = "float32", seed: int =
 
     Keys: "h", "C", "n", "m" and "d<input>" for every gradient (dq, dk, dv, di, df, dc_initial, ...).
     """
-    x, w = _inputs(case, seed, dtype)
-    rh, rstates, rgrads = _reference(x, w)
-    h, states, grads = _backend(name, case, x, w)
+    rh, rstates, rgrads = _reference(case, seed, dtype)
+    h, states, grads = _backend(name, case, seed, dtype)
     errors = {"h": rel_err(h, rh)}
     errors.update({s: rel_err(a, r) for s, a, r in zip("Cnm", states, rstates)})
     errors.update({f"d{n}": rel_err(g, rgrads[n]) for n, g in grads.items()})
@@ -159,6 +169,8 @@ def measure_errors(name: str, case: Case, *, dtype: str = "float32", seed: int =
 def check_backend(name: str, cases: tuple[Case, ...], seed: int = 0) -> Result:
     """Run `name` (float32) on every case and compare with the float64 reference."""
     result = Result(name, "PASS", 0.0, 0.0, 0.0)
+    for index, case in enumerate(cases):
+        _reference(case, seed + index, "float32")
     start = time.perf_counter()
     for index, case in enumerate(cases):
         try:
@@ -198,58 +210,71 @@ def _fmt(x: float) -> str:
     return "-" if np.isnan(x) else f"{x:.1e}"
 
 
-def run_doctor(backends: list[str] | None = None, quick: bool = False, console: Console | None = None) -> int:
-    """Print the report; return 0, or 1 on a FAIL, a refused version combination or a requested backend that
-    cannot run."""
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=140)
-    exit_code = 0
+def _chunk_text(impl: api.Implementation) -> str:
+    if impl.chunk_sizes is None:
+        return "-"
+    return f"{impl.chunk_sizes[0]}..{impl.chunk_sizes[1]} (default {impl.default_chunk_size})"
+
+
+def _print_versions(console: Console) -> bool:
+    """Print the versions and known problems; True when the combination is refused."""
     versions = compat.installed_versions()
     console.print(_versions_table(versions))
-
     problems = compat.installed_problems(versions)
     for severity, message in problems:
         style = "bold red" if severity == "error" else "yellow"
         console.print(f"[{style}]{severity}[/{style}]: {message}", highlight=False)
-    if any(severity == "error" for severity, _ in problems):
+    refused = any(severity == "error" for severity, _ in problems)
+    if refused:
         console.print("[bold red]refused[/bold red]: the Triton kernels will not run with these versions.")
-        exit_code = 1
     elif not problems:
         console.print("no known version problems.")
+    return refused
 
-    selected = list(api.IMPLEMENTATIONS) if backends is None else list(backends)
-    status = Table(title="Backends")
+
+def _print_backends(console: Console) -> dict[str, bool]:
+    """Print every implementation with whether it can run here; return name -> runnable."""
+    table = Table(title="Backends")
     for column in ("backend", "kind", "chunk sizes", "runnable", "why / where"):
-        status.add_column(column)
+        table.add_column(column)
     runnable = {}
     for name, impl in api.IMPLEMENTATIONS.items():
         ok, why = backend_availability(name)
         runnable[name] = ok
-        chunks = "-" if impl.chunk_sizes is None else f"{impl.chunk_sizes[0]}..{impl.chunk_sizes[1]} (default {impl.default_chunk_size})"
-        status.add_row(name, "Triton" if impl.needs_triton else "XLA", chunks, "yes" if ok else "[red]no[/red]", why)
-    console.print(status)
+        kind = "Triton" if impl.needs_triton else "XLA"
+        table.add_row(name, kind, _chunk_text(impl), "yes" if ok else "[red]no[/red]", why)
+    console.print(table)
+    return runnable
+
+
+def run_doctor(backends: list[str] | None = None, quick: bool = False, console: Console | None = None) -> int:
+    """Print the report; return 0, or 1 on a FAIL, a refused version combination or a requested backend that
+    cannot run (a Triton backend that cannot run here is skipped unless requested)."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=140)
+    failed = _print_versions(console)
+    runnable = _print_backends(console)
 
     cases = QUICK_CASES if quick else FULL_CASES
-    parity = Table(title=f"Parity vs float64 reference ({len(cases)} case(s); h, states <= {FW_TOL:.0e}, grads <= {BW_TOL:.0e})")
+    title = f"Parity vs float64 reference ({len(cases)} case(s); h, states <= {FW_TOL:.0e}, grads <= {BW_TOL:.0e})"
+    parity = Table(title=title)
     for column in ("backend", "h", "states", "grads (worst)", "time", "result"):
         parity.add_column(column)
-    for name in selected:
-        impl = api.IMPLEMENTATIONS[name]
+    for name in list(api.IMPLEMENTATIONS) if backends is None else backends:
         if not runnable[name]:
-            if not impl.needs_triton or backends is not None:
-                exit_code = 1
-                parity.add_row(name, "-", "-", "-", "-", "[bold red]FAIL[/bold red] (cannot run)")
-            else:
+            if api.IMPLEMENTATIONS[name].needs_triton and backends is None:
                 parity.add_row(name, "-", "-", "-", "-", "SKIP")
+            else:
+                failed = True
+                parity.add_row(name, "-", "-", "-", "-", "[bold red]FAIL[/bold red] (cannot run)")
             continue
         res = check_backend(name, cases)
-        if res.status == "FAIL":
-            exit_code = 1
+        failed = failed or res.status == "FAIL"
         mark = "[green]PASS[/green]" if res.status == "PASS" else f"[bold red]FAIL[/bold red] {res.note}"
         grads = f"{_fmt(res.grad_err)} {res.worst_grad}".strip()
         parity.add_row(name, _fmt(res.h_err), _fmt(res.state_err), grads, f"{res.seconds:.1f}s", mark)
     console.print(parity)
-    console.print("[bold red]doctor: FAIL[/bold red]" if exit_code else "[green]doctor: OK[/green]")
-    return exit_code
+    console.print("[bold red]doctor: FAIL[/bold red]" if failed else "[green]doctor: OK[/green]")
+    return int(failed)

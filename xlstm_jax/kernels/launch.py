@@ -132,11 +132,13 @@ class _HostTensor:
 
 @functools.cache
 def _fix_interpreter() -> None:
-    """Two fixes to Triton's interpreter (3.6) so it runs our kernels as the GPU does:
+    """Three fixes to Triton's interpreter (3.6 to 3.9) so it runs our kernels as the GPU does:
     - it keeps bf16 as raw uint16 bits and feeds them to np.matmul as integers: widen bf16 dot operands to float32
       (exact) first;
     - it converts a scalar tensor to an index with int() of a 1-element 1-D array, which numpy 2 refuses: loops
-      with bounds computed from program ids failed."""
+      with bounds computed from program ids failed;
+    - (3.9) a comparison of scalars keeps its operands' integer type, so a mask built from one (`pid == 0`) reaches
+      the masked load/store as int32, which they refuse: masks are cast to bool."""
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -158,6 +160,20 @@ def _fix_interpreter() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
     interpreter._patch_lang_tensor = patch_tensor_index
+    masked_load = interpreter.InterpreterBuilder.create_masked_load
+    masked_store = interpreter.InterpreterBuilder.create_masked_store
+
+    def as_bool(mask):
+        return interpreter.TensorHandle(np.asarray(mask.data).astype(bool), tl.int1)
+
+    def create_masked_load_bool(self, ptrs, mask, *args):
+        return masked_load(self, ptrs, as_bool(mask), *args)
+
+    def create_masked_store_bool(self, ptrs, value, mask, *args):
+        return masked_store(self, ptrs, value, as_bool(mask), *args)
+
+    interpreter.InterpreterBuilder.create_masked_load = create_masked_load_bool
+    interpreter.InterpreterBuilder.create_masked_store = create_masked_store_bool
 
 
 def _interpret(kernel, grid, out_shapes, constexprs, *inputs):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from xlstm_jax.mlstm.base import check_inputs
+from xlstm_jax.mlstm.base import check_chunk_size, check_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +42,16 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         False, None, None, "step-by-step recurrence under lax.scan in XLA, autodiff",
     ),
     "native_chunkwise": Implementation(
-        "xlstm_jax.kernels.mlstm_chunkwise.native_chunkwise:mlstm_chunkwise_native",
+        "xlstm_jax.kernels.mlstm_chunkwise.native.api:mlstm_chunkwise_native",
         False, (16, 512), 64, "chunkwise form in XLA with a hand-written backward, O(S) memory",
     ),
     "triton_limit_chunk": Implementation(
         "xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw:mlstm_triton_limit_chunk",
         True, (16, 128), 64, "Triton limit-chunk kernels (one L x L tile per chunk), fused backward",
+    ),
+    "triton_xl_chunk": Implementation(
+        "xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw:mlstm_triton_xl_chunk",
+        True, (16, 2048), 128, "Triton TFLA xl-chunk kernels (tiled chunks of any size), exact backward",
     ),
 }
 
@@ -107,6 +111,8 @@ def mlstm(
             raise ValueError(f"backend {name!r} does not take a chunk_size, got chunk_size={chunk_size}.")
     elif chunk_size is None:
         chunk_size = impl.default_chunk_size
+    else:
+        chunk_size = check_chunk_size(chunk_size, minimum=impl.chunk_sizes[0], maximum=impl.chunk_sizes[1])
     return impl.load()(
         q, k, v, i3, f3, c_initial, n_initial, m_initial,
         return_last_states=return_last_states, eps=eps, chunk_size=chunk_size, autocast_dtype=autocast_dtype,

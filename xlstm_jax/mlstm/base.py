@@ -130,6 +130,19 @@ def resolve_compute_dtype(dtype: Any, default: Any, name: str = "autocast_dtype"
     return jnp.dtype(_COMPUTE_DTYPES[key])
 
 
+def matmul_precision(dtype: Any) -> jax.lax.Precision:
+    """XLA precision of a matmul with `dtype` operands: HIGHEST for float32 and wider, so GPUs do not round the
+    operands to TF32; DEFAULT (the native 16-bit product) otherwise."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else jax.lax.Precision.DEFAULT
+
+
+def exp_neg(m: jax.Array) -> jax.Array:
+    """e^{-m}, the lower bound of the mLSTM denominator, capped one e-fold below the largest finite value of m's
+    dtype. For such m every output is ~0 either way; the cap keeps autodiff from forming inf * 0 = NaN."""
+    cap = float(np.log(jnp.finfo(m.dtype).max)) - 1.0
+    return jnp.exp(jnp.minimum(-m, cap))
+
+
 def qk_scale(dhqk: int) -> float:
     """The query scale of every mLSTM implementation: DHQK ** -0.5."""
     return float(dhqk) ** -0.5

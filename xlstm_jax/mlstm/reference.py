@@ -58,7 +58,12 @@ def mlstm_recurrent_reference(
         c_new = fbar[..., None, None] * c + ibar[..., None, None] * (k_t[..., :, None] * v_t[..., None, :])
         n_new = fbar[..., None] * n + ibar[..., None] * k_t
         num = jnp.einsum("bhd,bhdv->bhv", q_t, c_new)
-        lower = norm_val * jnp.exp(-m_new) if stabilize_correctly else jnp.full_like(m_new, norm_val)
+        # exp(-m) is capped below the float64 overflow: for m < -700 the output and every gradient are ~0 either
+        # way, and the cap avoids inf * 0 = NaN in the derivative of the denominator.
+        if stabilize_correctly:
+            lower = norm_val * jnp.exp(jnp.minimum(-m_new, 700.0))
+        else:
+            lower = jnp.full_like(m_new, norm_val)
         den = jnp.maximum(jnp.abs(jnp.einsum("bhd,bhd->bh", q_t, n_new)), lower)
         h_t = num / (den[..., None] + eps)
         return (c_new, n_new, m_new), h_t

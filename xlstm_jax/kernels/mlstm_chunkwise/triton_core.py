@@ -40,7 +40,7 @@ F32 = jnp.float32
 # test_gpu_parity_realistic_shape).
 LAUNCH = {
     "block": 64, "out_v_block": 128, "recurrent_warps": 4, "parallel_warps": 4, "parallel_warps_l128": 8,
-    "dq_warps": 8, "xl_warps": 4, "xl_out_block": 128,
+    "dq_warps": 8, "xl_warps": 4, "xl_out_block": 128, "recurrent_stages": 1, "parallel_stages": 1,
 }
 
 
@@ -94,26 +94,28 @@ def _parallel_warps(cfg: KernelConfig) -> int:
 
 
 def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
-    """States at chunk borders C (BH, NC+1, DHQK, DHHV), n (BH, NC+1, DHQK), m (BH, NC+1), and m at every
-    recurrent sub-chunk border (BH, S // recurrent_chunk + 1); float32."""
+    """States at chunk borders C (BH, NC+1, DHQK, DHHV) in the compute dtype (only ever a matmul operand),
+    n (BH, NC+1, DHQK), m (BH, NC+1), m at every recurrent sub-chunk border (BH, S // recurrent_chunk + 1), and the
+    last C (BH, DHQK, DHHV); float32 unless said otherwise."""
     BH, S, DHQK = k.shape
     DHHV = v.shape[-1]
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
     _, vec_a, sca_g = _gates(i, f, Lr)
     BK, BV = block(DHQK), block(DHHV)
-    c_all, n_all, m_sub = launch(
+    c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
         [k, v, vec_a, sca_g, c0, n0, m0],
         [
-            jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK, DHHV), F32),
+            jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK, DHHV), k.dtype),
             jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK), F32),
             jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
+            jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
         ],
-        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"],
+        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"], num_stages=LAUNCH["recurrent_stages"],
         NC=S // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, SAVE_EVERY=every,
     )
-    return c_all, n_all, m_sub[:, ::every], m_sub
+    return c_all, n_all, m_sub[:, ::every], m_sub, c_last
 
 
 def _kernel_states(c_all, n_all, cfg: KernelConfig):
@@ -128,7 +130,8 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     DHHV = v.shape[-1]
     L = cfg.chunk_size
     NC = S // L
-    c_all, n_all, m_all, m_sub = _chunk_states(k, v, i, f, c0, n0, m0, cfg)
+    states = _chunk_states(k, v, i, f, c0, n0, m0, cfg)
+    c_all, n_all, m_all = states[:3]
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
     vec_b, _, _ = _gates(i, f, L)
     outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
@@ -143,8 +146,8 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
         BV = block(DHHV, LAUNCH["out_v_block"])
         kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
     h, den, m_out = launch(kernel, [q, k, v, vec_b, i, c_in, n_in, m_all], outs, grid=grid,
-                           num_warps=_parallel_warps(cfg), BV=BV, **consts)
-    return h, den, m_out, (c_all, n_all, m_all, m_sub)
+                           num_warps=_parallel_warps(cfg), num_stages=LAUNCH["parallel_stages"], BV=BV, **consts)
+    return h, den, m_out, states
 
 
 def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
@@ -162,21 +165,21 @@ def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_a
     dq_in = [kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all]
     dkdv_in = [qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all]
     if cfg.family != "xl":
-        (dq,) = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape], grid=(NC,), num_warps=LAUNCH["dq_warps"],
+        (dq,) = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape], grid=(NC,), num_warps=LAUNCH["dq_warps"], num_stages=LAUNCH["parallel_stages"],
                        NS=c_in.shape[1], **consts)
         dk, dv = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dq_shape, dv_shape], grid=(NC,),
-                        num_warps=_parallel_warps(cfg), **consts)
+                        num_warps=_parallel_warps(cfg), num_stages=LAUNCH["parallel_stages"], **consts)
         return dq, dk, dv
     LQ, LKV = cfg.tile_q, cfg.tile_kv
     warps = _parallel_warps(cfg)
     BO = LAUNCH["xl_out_block"]
     (dq,) = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape], grid=(NC * (L // LQ), -(-DHQK // BK)),
-                   num_warps=warps, NS=c_in.shape[1], LQ=LQ, LKV=LKV, **consts)
+                   num_warps=warps, num_stages=LAUNCH["parallel_stages"], NS=c_in.shape[1], LQ=LQ, LKV=LKV, **consts)
     tiles = dict(LQ=LQ, LKV=LKV)
     (dk,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dq_shape], grid=(NC * (L // LKV), -(-DHQK // block(DHQK, BO))),
-                   num_warps=warps, WANT_DK=True, BO=block(DHQK, BO), **tiles, **consts)
+                   num_warps=warps, num_stages=LAUNCH["parallel_stages"], WANT_DK=True, BO=block(DHQK, BO), **tiles, **consts)
     (dv,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // LKV), -(-DHHV // block(DHHV, BO))),
-                   num_warps=warps, WANT_DK=False, BO=block(DHHV, BO), **tiles, **consts)
+                   num_warps=warps, num_stages=LAUNCH["parallel_stages"], WANT_DK=False, BO=block(DHHV, BO), **tiles, **consts)
     return dq, dk, dv
 
 
@@ -196,10 +199,10 @@ def _core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
     dt = jnp.dtype(cfg.compute_dtype)
     qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
     h, den, m_out, states = _forward(qf, kf, vf, i_f, f_f, _flat(c0), _flat(n0), _flat(m0), cfg, q.dtype)
-    c_all, n_all, m_all, _ = states
+    _, n_all, m_all, _, c_last = states
     out = (
         h.reshape(B, NH, -1, h.shape[-1])[:, :, :S],
-        c_all[:, -1].reshape(c0.shape),
+        c_last.reshape(c0.shape),
         n_all[:, -1].reshape(n0.shape),
         m_all[:, -1].reshape(m0.shape),
     )
@@ -219,7 +222,7 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     c0f, n0f, m0f = _flat(c0), _flat(n0), _flat(m0)
     if states is None:
         states = _chunk_states(kf, vf, i_f, f_f, c0f, n0f, m0f, cfg)
-    c_all, n_all, m_all, m_sub = states
+    c_all, n_all, m_all, m_sub, c_last = states
     lower = cfg.norm_val * jnp.exp(-m_out) if cfg.stabilize_correctly else jnp.full_like(m_out, cfg.norm_val)
     norm, dden = denominator_cotangent(dh, h, den, lower, cfg.eps)
     dc_lastf, dn_lastf = _flat(dc_last.astype(F32)), _flat(dn_last.astype(F32))
@@ -232,7 +235,7 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
         mlstm_bw_recurrent_kernel,
         [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_lastf, dn_lastf],
         [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), F32), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32)],
-        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"],
+        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"], num_stages=LAUNCH["recurrent_stages"],
         NC=S_pad // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK),
         SAVE_EVERY=cfg.chunk_size // Lr,
     )
@@ -240,7 +243,7 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     dq, dk, dv = _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all,
                                     dc_all, dn_all, cfg)
     first_dot = jnp.sum(c0f * dc_all[:, 0], axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
-    last_dot = jnp.sum(c_all[:, -1] * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
+    last_dot = jnp.sum(c_last * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
     di, df, dm0 = gate_gradients(
         qf, dq, kf, dk, i_f, f_f, m0f, first_state_dot=first_dot, last_state_dot=last_dot,
         dm_last=_flat(dm_last.astype(F32)),

@@ -2,7 +2,7 @@
 
 Layouts (BH = B·NH flattened, S = NC·L padded, all contiguous):
 q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB (BH, S) and scaG (BH, NC) float32 gate
-cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k:
+cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV) in the compute dtype, n (BH, NS, DHQK) float32 where NS = NC + 1 (index k:
 state before chunk k, index NC: last state) or NS = NC (last state sliced off); m (BH, NC + 1) float32.
 The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
 Addressing: every per-(b, h) base offset is int64.
@@ -15,14 +15,16 @@ import triton.language as tl
 @triton.jit
 def mlstm_fw_recurrent_kernel(
     K, V, VEC_A, SCA_G, C0, N0, M0,
-    C_ALL, N_ALL, M_ALL,
+    C_ALL, N_ALL, M_ALL, C_LAST,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SAVE_EVERY: tl.constexpr = 1,
 ):
     """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC chunks of length L.
 
     C and n are stored before every SAVE_EVERY-th chunk and at the end (NC // SAVE_EVERY + 1 states), m at every
-    chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks.
+    chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks. C is accumulated in
+    float32 and stored in C_ALL's dtype (the compute dtype: the parallel kernels only use C as a matmul operand);
+    the last C is also written in float32 to C_LAST (BH, DHQK, DHHV).
     """
     bh = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
@@ -44,7 +46,8 @@ def mlstm_fw_recurrent_kernel(
     NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
     for kc in range(NC):
         save = kc % SAVE_EVERY == 0
-        tl.store(C_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK * DHHV + c_off, c, mask=c_mask & save)
+        tl.store(C_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty),
+                 mask=c_mask & save)
         tl.store(N_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK + rk, n, mask=n_mask & save)
         tl.store(M_ALL + bh * (NC + 1) + kc, m, mask=pid == 0)
         a = tl.load(VEC_A + bh * S + kc * L + rt)
@@ -57,7 +60,8 @@ def mlstm_fw_recurrent_kernel(
         c = decay * c + tl.dot(kbar_t.to(v_c.dtype), v_c, input_precision="ieee")
         n = decay * n + tl.sum(kbar_t, axis=1)
         m = m_new
-    tl.store(C_ALL + (bh * NSAVE + NSAVE - 1) * DHQK * DHHV + c_off, c, mask=c_mask)
+    tl.store(C_ALL + (bh * NSAVE + NSAVE - 1) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty), mask=c_mask)
+    tl.store(C_LAST + bh * DHQK * DHHV + c_off, c, mask=c_mask)
     tl.store(N_ALL + (bh * NSAVE + NSAVE - 1) * DHQK + rk, n, mask=n_mask)
     tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=pid == 0)
 

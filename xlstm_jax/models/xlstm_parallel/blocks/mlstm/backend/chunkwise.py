@@ -1,5 +1,5 @@
-"""Native chunkwise backend: the XLA chunkwise mLSTM (kernels/mlstm_chunkwise/native_chunkwise.py) behind the
-backend interface; runs everywhere, O(S) memory, exact custom backward."""
+"""Native chunkwise backend: the XLA chunkwise mLSTM (kernels/mlstm_chunkwise/native) behind the backend interface.
+Runs on every platform, any sequence length, O(S) memory, exact hand-written backward."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import dataclasses
 
 import jax
 
-from xlstm_jax.kernels.mlstm_chunkwise.native_chunkwise import mlstm_chunkwise_native
+from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
+from xlstm_jax.mlstm.base import check_inputs
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 
@@ -16,11 +17,11 @@ class mLSTMBackendChunkwiseConfig:
     """Configuration of the native chunkwise backend."""
 
     chunk_size: int = 64
-    """Chunk size, a power of two in 16..512."""
+    """Chunk size L, a power of two in 16..512; S need not be a multiple of it."""
     eps: float = 1e-6
-    """Denominator epsilon."""
+    """Denominator epsilon, added after max(|q·n|, e^{-m})."""
     autocast_dtype: str | None = None
-    """Matmul operand dtype; None uses q's dtype."""
+    """Matmul operand dtype ("float32" | "bfloat16" | "float16"); None uses q's dtype."""
 
     def assign_model_config_params(self, model_config) -> None:
         """Nothing to take from the model config: any sequence length works."""
@@ -33,8 +34,10 @@ class mLSTMBackendChunkwise(mLSTMBackend):
     config_class = mLSTMBackendChunkwiseConfig
 
     def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
-        """q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1). Returns h (B, NH, S, DHHV)
-        or (h, (C, n, m)) with float32 states."""
+        """q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1); optional initial states
+        (B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH). Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m))
+        with float32 states."""
+        i, f, _ = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
         cfg = self.config
         return mlstm_chunkwise_native(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=cfg.eps,
@@ -43,5 +46,5 @@ class mLSTMBackendChunkwise(mLSTMBackend):
 
     @property
     def can_vmap_over_heads(self) -> bool:
-        """Whether the backend can be vmaped over the heads dimension: False, it takes the heads axis itself."""
+        """False: the backend takes the heads axis itself."""
         return False

@@ -1,38 +1,90 @@
-"""Parallel (quadratic) mLSTM backend (seed 002) and the `native_parallel` implementation of `xlstm_jax.mlstm`.
+"""Parallel (quadratic) mLSTM: the seed-002 function and backend, and the `native_parallel` implementation of
+`xlstm_jax.mlstm` (mlstm_math.md §2, §7.3).
 
-The log forget-gate matrix is built in the stable form (masked cumsum, no differences of long cumsums); gradients
-are plain autodiff, i.e. true derivatives. Memory is O(S^2).
+The log forget-gate matrix is built in the stable form (a masked cumsum, so every entry is a sum of its own terms
+only, never a difference of long cumsums). Gradients are plain autodiff, i.e. true derivatives. Memory is O(S^2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.mlstm.base import MLSTMShape, initial_states_or_zeros, log_sigmoid, qk_scale, resolve_compute_dtype
+from xlstm_jax.mlstm.base import (
+    MLSTMShape,
+    check_inputs,
+    exp_neg,
+    initial_states_or_zeros,
+    log_sigmoid,
+    matmul_precision,
+    qk_scale,
+    resolve_compute_dtype,
+)
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 F32 = jnp.float32
 
 
-def _log_forget_matrix(logf: jax.Array) -> jax.Array:
-    """F[..., t, s] = sum_{r=s+1..t} logf[..., r] for s <= t (0 on the diagonal), -inf above it. logf (..., S)."""
+def log_forget_matrix(logf: jax.Array) -> jax.Array:
+    """F[..., t, s] = sum_{r=s+1..t} logf[..., r] for s <= t (0 on the diagonal), -inf above it.
+
+    logf (..., S) -> (..., S, S), same dtype. Stable form: a cumsum down the rows of a strictly lower-triangular
+    broadcast of logf, so no entry is a difference of two long sums.
+    """
     S = logf.shape[-1]
     strict = jnp.tril(jnp.ones((S, S), bool), k=-1)
     F = jnp.cumsum(jnp.where(strict, logf[..., :, None], 0.0), axis=-2)
     return jnp.where(jnp.tril(jnp.ones((S, S), bool)), F, -jnp.inf)
 
 
-def _resolve(dtype, inputs, names, what):
+def _resolve_dtype(dtype: Any, arrays: dict[str, Any], what: str) -> jnp.dtype:
+    """`what` (qkv_dtype / gate_dtype): None -> the one dtype all `arrays` share (TypeError if they differ)."""
     if dtype is not None:
-        return jnp.dtype(dtype)
-    dtypes = {jnp.result_type(x) for x in inputs}
-    if len(dtypes) != 1:
-        raise TypeError(f"{' and '.join(names)} must share one dtype when {what} is None, got {sorted(map(str, dtypes))}.")
-    return dtypes.pop()
+        try:
+            dtype = jnp.dtype(dtype)
+        except TypeError as err:
+            raise TypeError(f"{what} must be a floating dtype or its name, got {dtype!r}.") from err
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{what} must be a floating dtype, got {dtype}.")
+        return dtype
+    dtypes = {name: jnp.result_type(x) for name, x in arrays.items()}
+    if len(set(dtypes.values())) != 1:
+        found = ", ".join(f"{name} {dt}" for name, dt in dtypes.items())
+        raise TypeError(f"{' and '.join(dtypes)} must share one dtype when {what} is None, got {found}.")
+    return next(iter(dtypes.values()))
+
+
+def _check_simple_inputs(queries, keys, values, igate_preact, fgate_preact) -> None:
+    if np.ndim(queries) < 2:
+        raise ValueError(f"queries must be (..., S, DHQK), got shape {np.shape(queries)}.")
+    lead = np.shape(queries)[:-1]
+    if np.shape(keys) != np.shape(queries):
+        raise ValueError(f"keys must have the shape of queries {np.shape(queries)}, got {np.shape(keys)}.")
+    if np.ndim(values) != len(lead) + 1 or np.shape(values)[:-1] != lead:
+        raise ValueError(f"values must have shape (..., S, DHV) with (..., S) = {lead}, got {np.shape(values)}.")
+    for name, g in (("igate_preact", igate_preact), ("fgate_preact", fgate_preact)):
+        if np.shape(g) != (*lead, 1):
+            raise ValueError(f"{name} must have shape (..., S, 1) = {(*lead, 1)}, got {np.shape(g)}.")
+    for name, x in (("queries", queries), ("keys", keys), ("values", values), ("igate_preact", igate_preact),
+                    ("fgate_preact", fgate_preact)):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise TypeError(f"{name} must have a floating dtype, got {jnp.result_type(x)}.")
+
+
+def _leading_mask(mask: Any, S: int) -> jax.Array | None:
+    """The leading S x S block of a boolean mask of shape (>= S, >= S)."""
+    if mask is None:
+        return None
+    if jnp.result_type(mask) != jnp.bool_:
+        raise TypeError(f"lower_triangular_matrix must be boolean, got dtype {jnp.result_type(mask)}.")
+    shape = np.shape(mask)
+    if len(shape) != 2 or min(shape) < S:
+        raise ValueError(f"lower_triangular_matrix must be 2-D and at least ({S}, {S}) for S={S}, got shape {shape}.")
+    return jnp.asarray(mask)[:S, :S]
 
 
 def parallel_stabilized_simple(
@@ -44,119 +96,144 @@ def parallel_stabilized_simple(
     lower_triangular_matrix: jax.Array | None = None,
     stabilize_rowwise: bool = True,
     eps: float = 1e-6,
-    qkv_dtype=None,
-    gate_dtype=None,
+    qkv_dtype: Any = None,
+    gate_dtype: Any = None,
 ) -> jax.Array:
-    """The mLSTM cell in stabilized parallel form.
+    """This is the mLSTM cell in parallel form, stabilized so that every exp() argument is <= 0.
 
-    queries, keys (..., S, DHQK); values (..., S, DHHV); igate_preact, fgate_preact (..., S, 1) — e.g. the
-    documented (B, NH, S, ·) or per-head (B, S, ·) under vmap. lower_triangular_matrix: boolean (>= S, >= S), its
-    leading S x S block is the causal mask. stabilize_rowwise: max per row (True) or over the whole S x S matrix.
-    qkv_dtype / gate_dtype: None infers them from the inputs (which must agree). Returns h (..., S, DHHV) in
-    qkv_dtype.
+    queries, keys (..., S, DHQK); values (..., S, DHV); igate_preact, fgate_preact (..., S, 1): the documented
+    (B, NH, S, ·) layout, per-head (B, S, ·) under a vmap over heads, or any leading dims.
+    lower_triangular_matrix: optional boolean (>= S, >= S) mask; its leading S x S block is used.
+    stabilize_rowwise: subtract the maximum of each row (True) or one maximum over the last two axes (False).
+    eps: added to the normalizer. qkv_dtype / gate_dtype: None infers them from the inputs (which must agree, else
+    TypeError); given, the inputs are cast to them. Gate math runs in float32 (or wider), the QK^T and the value
+    products take qkv_dtype operands with float32 accumulation. Returns h (..., S, DHV) in qkv_dtype.
     """
-    S, DHQK = queries.shape[-2:]
-    if keys.shape != queries.shape or values.shape[:-1] != queries.shape[:-1]:
-        raise ValueError(f"keys must match queries {queries.shape} and values (..., S, DHHV), got keys {keys.shape}, "
-                         f"values {values.shape}.")
-    for name, g in (("igate_preact", igate_preact), ("fgate_preact", fgate_preact)):
-        if g.shape != (*queries.shape[:-1], 1):
-            raise ValueError(f"{name} must have shape {(*queries.shape[:-1], 1)}, got {g.shape}.")
-    qkv_dtype = _resolve(qkv_dtype, (queries, keys, values), ("queries", "keys", "values"), "qkv_dtype")
-    gate_dtype = _resolve(gate_dtype, (igate_preact, fgate_preact), ("igate_preact", "fgate_preact"), "gate_dtype")
-    q, k, v = (x.astype(qkv_dtype) for x in (queries, keys, values))
-    i, f = igate_preact.astype(gate_dtype)[..., 0], fgate_preact.astype(gate_dtype)[..., 0]
+    _check_simple_inputs(queries, keys, values, igate_preact, fgate_preact)
+    S, DHQK = np.shape(queries)[-2:]
+    mask = _leading_mask(lower_triangular_matrix, S)
+    qkv_dtype = _resolve_dtype(qkv_dtype, {"queries": queries, "keys": keys, "values": values}, "qkv_dtype")
+    gate_dtype = _resolve_dtype(gate_dtype, {"igate_preact": igate_preact, "fgate_preact": fgate_preact}, "gate_dtype")
+    acc = jnp.promote_types(qkv_dtype, F32)
+    gate_math = jnp.promote_types(gate_dtype, F32)
+    q, k, v = (jnp.asarray(x).astype(qkv_dtype) for x in (queries, keys, values))
+    i, f = (jnp.asarray(g).astype(gate_dtype).astype(gate_math)[..., 0] for g in (igate_preact, fgate_preact))
 
-    log_d = _log_forget_matrix(log_sigmoid(f)) + i[..., None, :]
-    if lower_triangular_matrix is not None:
-        mask = jnp.asarray(lower_triangular_matrix)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"lower_triangular_matrix must be boolean, got {mask.dtype}.")
-        if mask.ndim != 2 or min(mask.shape) < S:
-            raise ValueError(f"lower_triangular_matrix must be at least ({S}, {S}), got {mask.shape}.")
-        log_d = jnp.where(mask[:S, :S], log_d, -jnp.inf)
-    axes = (-1,) if stabilize_rowwise else (-2, -1)
-    max_log_d = jnp.max(log_d, axis=axes, keepdims=True)
-    d = jnp.exp(log_d - max_log_d).astype(qkv_dtype)
-    c = (q @ jnp.swapaxes(k * jnp.asarray(qk_scale(DHQK), qkv_dtype), -1, -2)) * d
-    normalizer = jnp.maximum(jnp.abs(jnp.sum(c, axis=-1, keepdims=True)), jnp.exp(-max_log_d).astype(qkv_dtype))
-    return (c / (normalizer + eps)) @ v
+    log_d = log_forget_matrix(log_sigmoid(f)) + i[..., None, :]
+    if mask is not None:
+        log_d = jnp.where(mask, log_d, -jnp.inf)
+    max_log_d = jnp.max(log_d, axis=(-1,) if stabilize_rowwise else (-2, -1), keepdims=True)
+    precision = matmul_precision(qkv_dtype)
+    scores = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=acc, precision=precision) * qk_scale(DHQK)
+    c = scores * jnp.exp(log_d - max_log_d)
+    normalizer = jnp.maximum(jnp.abs(jnp.sum(c, axis=-1, keepdims=True)), exp_neg(max_log_d))
+    weights = (c / (normalizer + eps)).astype(qkv_dtype)
+    h = jnp.einsum("...ts,...sv->...tv", weights, v, preferred_element_type=acc, precision=precision)
+    return h.astype(qkv_dtype)
 
 
 def mlstm_parallel(
-    q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *,
-    return_last_states=False, eps=1e-6, chunk_size=None, autocast_dtype=None,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    c_initial: jax.Array | None = None,
+    n_initial: jax.Array | None = None,
+    m_initial: jax.Array | None = None,
+    *,
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    chunk_size: int | None = None,
+    autocast_dtype: Any = None,
 ):
-    """`xlstm_jax.mlstm(backend="native_parallel")`: the parallel form with initial and last states.
+    """`xlstm_jax.mlstm(backend="native_parallel")`: the quadratic form with initial and last states.
 
-    The initial state enters as one more column with log weight F_{t,0} + m_0 (m_0 = 0 without initial states),
-    so the row stabilizer equals the recurrent m_t. q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S).
-    Returns h in q's dtype, or (h, (C, n, m)) with float32 states.
+    q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S); optional states (B, NH, DHQK, DHHV), (B, NH, DHQK),
+    (B, NH) (inputs already validated; chunk_size is unused). The initial state is one more column with log weight
+    F_{t,0} + m_0 (m_0 = 0 without initial states) and takes part in the row max, so the row stabilizer equals the
+    recurrent m_t; the last states are closed-form weighted sums. Matmul operands in the autocast dtype (None: q's),
+    gate math float32. Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m)) with float32 states.
     """
     B, NH, S, DHQK = q.shape
     dt = resolve_compute_dtype(autocast_dtype, q.dtype)
+    scale = qk_scale(DHQK)
+
+    def dot(spec, a, b):
+        return jnp.einsum(spec, a.astype(dt), b.astype(dt), preferred_element_type=F32, precision=matmul_precision(dt))
 
     c0, n0, m0 = initial_states_or_zeros(c_initial, n_initial, m_initial, MLSTMShape(B, NH, S, DHQK, v.shape[-1]))
     logf = log_sigmoid(f.astype(F32))
-    log_d = _log_forget_matrix(logf) + i.astype(F32)[..., None, :]
-    log_w0 = jnp.cumsum(logf, axis=-1) + m0[..., None]
+    log_d = log_forget_matrix(logf) + i.astype(F32)[..., None, :]  # (B, NH, S, S)
+    log_w0 = jnp.cumsum(logf, axis=-1) + m0[..., None]  # F_{t,0} + m_0, (B, NH, S)
     m_t = jnp.maximum(jnp.max(log_d, axis=-1), log_w0)
-    scale = qk_scale(DHQK)
-    s_bar = jnp.einsum("bhtd,bhsd->bhts", q.astype(dt), k.astype(dt), preferred_element_type=F32) * scale
-    s_bar = s_bar * jnp.exp(log_d - m_t[..., None])
-    w0 = jnp.exp(log_w0 - m_t)
-    num = (w0 * scale)[..., None] * jnp.einsum("bhtd,bhde->bhte", q.astype(dt), c0.astype(dt),
-                                               preferred_element_type=F32)
-    num = num + jnp.einsum("bhts,bhse->bhte", s_bar.astype(dt), v.astype(dt), preferred_element_type=F32)
-    den = w0 * scale * jnp.einsum("bhtd,bhd->bht", q.astype(F32), n0) + jnp.sum(s_bar, axis=-1)
-    h = (num / (jnp.maximum(jnp.abs(den), jnp.exp(-m_t)) + eps)[..., None]).astype(q.dtype)
+    s_bar = dot("bhtd,bhsd->bhts", q, k) * scale * jnp.exp(log_d - m_t[..., None])
+    w0 = jnp.exp(log_w0 - m_t) * scale
+    num = w0[..., None] * dot("bhtd,bhde->bhte", q, c0) + dot("bhts,bhse->bhte", s_bar, v)
+    q_n0 = jnp.einsum("bhtd,bhd->bht", q.astype(F32), n0, precision=matmul_precision(F32))
+    den = w0 * q_n0 + jnp.sum(s_bar, axis=-1)
+    h = (num / (jnp.maximum(jnp.abs(den), exp_neg(m_t)) + eps)[..., None]).astype(q.dtype)
     if not return_last_states:
         return h
     m_last = m_t[..., -1]
-    w = jnp.exp(log_d[..., -1, :] - m_last[..., None])
-    w_init = jnp.exp(log_w0[..., -1] - m_last)
-    kw = k.astype(F32) * w[..., None]
-    c_last = w_init[..., None, None] * c0 + jnp.einsum("bhsd,bhse->bhde", kw.astype(dt), v.astype(dt),
-                                                       preferred_element_type=F32)
-    n_last = w_init[..., None] * n0 + jnp.sum(kw, axis=-2)
+    k_bar = k.astype(F32) * jnp.exp(log_d[..., -1, :] - m_last[..., None])[..., None]
+    decay = jnp.exp(log_w0[..., -1] - m_last)
+    c_last = decay[..., None, None] * c0 + dot("bhsd,bhse->bhde", k_bar, v)
+    n_last = decay[..., None] * n0 + jnp.sum(k_bar, axis=-2)
     return h, (c_last, n_last, m_last)
 
 
 @dataclasses.dataclass
 class mLSTMBackendParallelConfig:
-    """Configuration of the parallel backend: the longest sequence it builds a mask for (-1: any)."""
+    """Configuration of the parallel backend."""
 
     context_length: int = -1
+    """Longest sequence the backend accepts; -1: any length."""
 
-    def assign_model_config_params(self, model_config) -> None:
+    def assign_model_config_params(self, model_config: Any) -> None:
         """Take `context_length` from the model config when it has one."""
         self.context_length = getattr(model_config, "context_length", self.context_length)
 
 
 @register_backend("parallel_stabilized")
 class mLSTMBackendParallel(mLSTMBackend):
-    """Parallel stabilized mLSTM; per-head (B, S, D) inputs (vmapped over heads) or (B, NH, S, D)."""
+    """Parallel stabilized mLSTM on per-head (B, S, ·) inputs (vmapped over heads) or (B, NH, S, ·)."""
 
     config_class = mLSTMBackendParallelConfig
 
     def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
-        """Gates (..., S, 1) (or (B, NH, S) with 4-D inputs). Any S <= context_length (any S when it is -1).
-        Initial or last states are served by the state-aware parallel form (4-D inputs only)."""
-        S = q.shape[-2]
-        ctx = self.config.context_length
+        """q, k (B, NH, S, DHQK) or per-head (B, S, DHQK); v likewise with DHV; gates (..., S, 1) or (..., S).
+
+        Any S <= context_length (any S when it is -1). Without states: `parallel_stabilized_simple`, returns h.
+        With initial states (B, [NH,] DHQK, DHV), (B, [NH,] DHQK), (B, [NH]) or `return_last_states`: the
+        state-aware `mlstm_parallel`, returns h or (h, (C, n, m)) with float32 states.
+        """
+        if np.ndim(q) not in (3, 4):
+            raise ValueError(f"q must be (B, NH, S, DHQK) or per-head (B, S, DHQK), got shape {np.shape(q)}.")
+        S, ctx = np.shape(q)[-2], self.config.context_length
         if ctx != -1 and S > ctx:
             raise ValueError(f"sequence length S={S} exceeds the backend's context_length={ctx}.")
-        if return_last_states or c_initial is not None or n_initial is not None or m_initial is not None:
-            if q.ndim != 4:
-                raise ValueError(f"initial/last states need 4-D (B, NH, S, DHQK) inputs, got q of shape {q.shape}.")
-            from xlstm_jax.mlstm.api import mlstm
+        if return_last_states or any(x is not None for x in (c_initial, n_initial, m_initial)):
+            return self._with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states)
+        i, f = (g[..., None] if np.ndim(g) == np.ndim(q) - 1 else g for g in (i, f))
+        return parallel_stabilized_simple(q, k, v, i, f)
 
-            return mlstm(q, k, v, i, f, backend="native_parallel", c_initial=c_initial, n_initial=n_initial,
-                         m_initial=m_initial, return_last_states=return_last_states)
-        if i.ndim == q.ndim - 1:
-            i, f = i[..., None], f[..., None]
-        mask = None if ctx == -1 else jnp.asarray(np.tril(np.ones((ctx, ctx), bool)))
-        return parallel_stabilized_simple(q, k, v, i, f, lower_triangular_matrix=mask)
+    @staticmethod
+    def _with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states):
+        per_head = np.ndim(q) == 3
+        args = (q, k, v, i, f, c_initial, n_initial, m_initial)
+        if per_head:  # give per-head inputs a head axis of 1
+            for name, x in (("k", k), ("v", v)):
+                if np.ndim(x) != 3:
+                    raise ValueError(f"q has the per-head shape (B, S, DHQK) = {np.shape(q)}, so {name} must be "
+                                     f"per-head (B, S, ·) too, got shape {np.shape(x)}.")
+            args = tuple(None if x is None else jnp.expand_dims(x, 1) for x in args)
+        q, k, v, i, f, c_initial, n_initial, m_initial = args
+        i, f, _ = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+        out = mlstm_parallel(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states)
+        if not per_head:
+            return out
+        return jax.tree.map(lambda x: jnp.squeeze(x, 1), out)
 
     @property
     def can_vmap_over_heads(self) -> bool:

@@ -1,0 +1,80 @@
+"""`xlstm-jax doctor`: runs, reports PASS for the native backends, and exits non-zero on a FAIL or a refused
+version combination."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+from backend_cases import NATIVE_BACKENDS
+
+from xlstm_jax import cli, compat, doctor
+from xlstm_jax.mlstm import IMPLEMENTATIONS
+
+
+def _rows(text):
+    """backend name -> its line in the parity table."""
+    parity = text.split("Parity vs float64 reference", 1)[1]
+    return {name: line for line in parity.splitlines() for name in IMPLEMENTATIONS if f" {name} " in line}
+
+
+def test_doctor_quick_passes_for_native_backends(capsys):
+    assert cli.main(["doctor", "--quick"]) == 0
+    text = capsys.readouterr().out
+    for key in ("python", "jax", "jaxlib", "triton", "jax-triton"):
+        assert key in text
+    rows = _rows(text)
+    for name in NATIVE_BACKENDS:
+        assert "PASS" in rows[name], rows.get(name)
+    for name in IMPLEMENTATIONS:
+        assert name in rows and ("PASS" in rows[name] or "SKIP" in rows[name]), rows.get(name)
+    assert "doctor: OK" in text
+
+
+def test_doctor_console_script_selected_backends():
+    """The installed console script (or `python -m xlstm_jax.cli`), comma- and space-separated --backends."""
+    script = shutil.which("xlstm-jax")
+    command = [script] if script else [sys.executable, "-m", "xlstm_jax.cli"]
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run(
+        [*command, "doctor", "--quick", "--backends", "native_recurrent,native_parallel"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = _rows(result.stdout)
+    assert set(rows) == {"native_recurrent", "native_parallel"}
+    assert all("PASS" in line for line in rows.values())
+
+
+def test_doctor_rejects_an_unknown_backend(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["doctor", "--backends", "native_nope"])
+    assert info.value.code == 2
+    assert "native_nope" in capsys.readouterr().err
+
+
+def _wrong_by_one_percent(q, k, v, i, f, c_initial, n_initial, m_initial, **kwargs):
+    h, states = IMPLEMENTATIONS["native_recurrent"].load()(
+        q, k, v, i, f, c_initial, n_initial, m_initial, **{**kwargs, "return_last_states": True}
+    )
+    return h * jnp.asarray(1.01, h.dtype), states
+
+
+def test_doctor_fails_on_a_wrong_backend(monkeypatch, capsys):
+    broken = dataclasses.replace(IMPLEMENTATIONS["native_recurrent"], target=f"{__name__}:_wrong_by_one_percent")
+    monkeypatch.setitem(IMPLEMENTATIONS, "native_recurrent", broken)
+    assert cli.main(["doctor", "--quick", "--backends", "native_recurrent"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL" in _rows(text)["native_recurrent"]
+    assert "doctor: FAIL" in text
+
+
+def test_doctor_refuses_a_known_bad_version_combination(monkeypatch, capsys):
+    versions = {**compat.installed_versions(), "triton": "3.6.0", "jax_triton": "0.4.0"}
+    monkeypatch.setattr(compat, "installed_versions", lambda: versions)
+    assert doctor.run_doctor(backends=["native_recurrent"], quick=True) == 1
+    text = capsys.readouterr().out
+    assert "error" in text and "triton >= 3.7" in text and "refused" in text

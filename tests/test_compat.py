@@ -1,0 +1,117 @@
+"""The known-bad version table (xlstm_jax.compat) and the installed-versions probe."""
+
+import jax
+import pytest
+
+from xlstm_jax import compat
+
+GOOD_03 = dict(jax_version="0.11.2", triton_version="3.6.0", jax_triton_version="0.3.1", compute_capability=(8, 0))
+GOOD_04 = dict(jax_version="0.11.0", triton_version="3.7.1", jax_triton_version="0.4.0", compute_capability=(9, 0))
+
+
+def _severities(**kwargs):
+    return [severity for severity, _ in compat.version_problems(**kwargs)]
+
+
+@pytest.mark.parametrize("combo", [GOOD_03, GOOD_04, {**GOOD_04, "jax_triton_version": "0.4.2"}])
+def test_supported_combinations_have_no_problems(combo):
+    assert compat.version_problems(**combo) == []
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"jax_triton_version": "0.4.0", "triton_version": "3.6.0", "jax_version": "0.11.0"}, "triton >= 3.7"),
+        ({"jax_triton_version": "0.4.0", "triton_version": "3.7.1", "jax_version": "0.10.2"}, "jax >= 0.11"),
+        ({"jax_triton_version": "0.3.0", "triton_version": "3.5.1"}, "jax-triton#365"),
+        ({"jax_triton_version": "0.3.1", "triton_version": "3.5.0"}, "needs triton >= 3.6"),
+        ({"jax_triton_version": "0.3.1", "jax_version": "0.8.1"}, "jax >= 0.8.2"),
+        ({"jax_triton_version": "0.2.0", "triton_version": "3.6.0"}, "not supported"),
+        ({"jax_triton_version": None, "triton_version": "3.5.0"}, "triton >= 3.6"),
+        ({"jax_triton_version": None, "triton_version": "3.6.0rc1"}, "triton >= 3.6"),
+    ],
+)
+def test_refused_combinations_are_errors(change, needle):
+    problems = compat.version_problems(**{**GOOD_03, **change})
+    errors = [message for severity, message in problems if severity == "error"]
+    assert errors, problems
+    assert any(needle in message for message in errors), errors
+
+
+@pytest.mark.parametrize(
+    "triton_version, cc, warned",
+    [
+        ("3.6.0", (9, 0), True),
+        ("3.7.0", (9, 0), True),
+        ("3.7.1rc1", (9, 0), True),
+        ("3.7.1", (9, 0), False),
+        ("3.8.0", (9, 0), False),
+        ("3.6.0", (8, 0), False),
+        ("3.6.0", (10, 0), False),
+        ("3.6.0", None, False),
+    ],
+)
+def test_hopper_trans_miscompile_warning(triton_version, cc, warned):
+    jt = "0.3.1" if triton_version.startswith("3.6") else "0.4.0"
+    problems = compat.version_problems(
+        jax_version="0.11.2", triton_version=triton_version, jax_triton_version=jt, compute_capability=cc
+    )
+    warnings = [message for severity, message in problems if severity == "warning" and "fla#640" in message]
+    assert bool(warnings) == warned, problems
+    assert all(severity != "error" for severity, _ in problems), problems
+
+
+def test_untested_versions_warn_but_run():
+    assert _severities(**{**GOOD_03, "jax_triton_version": "0.3.0"}) == ["warning"]
+    assert _severities(**{**GOOD_04, "jax_triton_version": "0.5.0"}) == ["warning"]
+
+
+def test_missing_packages_are_not_version_problems():
+    assert compat.version_problems(
+        jax_version="0.10.2", triton_version=None, jax_triton_version=None, compute_capability=None
+    ) == []
+
+
+@pytest.mark.parametrize(
+    "installed, minimum, expected",
+    [
+        ("3.6.0", "3.6", True),
+        ("3.6", "3.6.0", True),
+        ("3.10.0", "3.7.1", True),
+        ("3.7.0+git1a2b3c", "3.7.1", False),
+        ("3.7.1+git1a2b3c", "3.7.1", True),
+        ("v3.7.1-custom", "3.7.1", True),
+        ("0.8.1.dev20250101", "0.8.2", False),
+    ],
+)
+def test_version_comparison_is_tolerant(installed, minimum, expected):
+    assert compat.version_at_least(installed, minimum) is expected
+
+
+def test_unparseable_version_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot read a version"):
+        compat.version_at_least("nightly", "3.6")
+
+
+@pytest.mark.parametrize("value, expected", [("9.0", (9, 0)), (8.6, (8, 6)), ((12, 0), (12, 0)), (None, None)])
+def test_parse_compute_capability(value, expected):
+    assert compat.parse_compute_capability(value) == expected
+
+
+def test_installed_versions_on_this_machine():
+    versions = compat.installed_versions()
+    assert versions["jax"] == jax.__version__
+    assert versions["platform"] == jax.devices()[0].platform
+    assert set(versions) >= {"python", "jax", "jaxlib", "triton", "jax_triton", "gpu", "compute_capability"}
+    if versions["platform"] != "gpu":
+        assert versions["gpu"] is None and versions["compute_capability"] is None
+    assert isinstance(compat.installed_problems(versions), list)
+
+
+def test_fallback_parser_without_packaging(monkeypatch):
+    combos = [GOOD_03, GOOD_04, {**GOOD_04, "triton_version": "3.6.0"}, {**GOOD_03, "jax_triton_version": "0.2.0"}]
+    expected = [compat.version_problems(**combo) for combo in combos]
+    monkeypatch.setattr(compat, "Version", None)
+    assert compat.version_at_least("3.6.0+git1", "3.6")
+    assert not compat.version_at_least("3.5.1", "3.6")
+    assert [compat.version_problems(**combo) for combo in combos] == expected

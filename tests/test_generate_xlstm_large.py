@@ -1,0 +1,86 @@
+"""Generation: chunkwise prefill + recurrent steps in one jitted while_loop reproduce the logits of one full
+forward pass; ragged prompts, stop tokens and the sampling filters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.xlstm_large_helpers import jitted, random_model, random_tokens, tiny_config
+from xlstm_jax.models.xlstm_large.generate import _generate, filter_logits, generate
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(igate_bias_init=0.0), seed=11)
+
+
+def _rel(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+def test_prefill_plus_steps_equal_the_full_forward(model):
+    prompt = random_tokens(0, (2, 21), model.config.vocab_size)
+    out = generate(model, prompt, max_new_tokens=10, return_logits=True, prefill_backend="native_chunkwise",
+                   step_backend="native_recurrent")
+    assert out.tokens.shape == (2, 10) and out.logits.shape == (2, 10, model.config.vocab_size)
+    assert out.tokens.dtype == np.int32 and out.lengths.tolist() == [10, 10]
+    full = jitted(model)(np.concatenate([prompt, out.tokens], axis=1), backend="native_recurrent")
+    assert _rel(out.logits, full[:, 20:30]) < 2e-5
+    assert np.array_equal(out.tokens, np.argmax(np.asarray(full[:, 20:30]), axis=-1))  # greedy
+
+
+def test_ragged_prompts_are_left_padded_neutrally(model):
+    rows = [random_tokens(1, (1, 17), model.config.vocab_size)[0].tolist(),
+            random_tokens(2, (1, 6), model.config.vocab_size)[0].tolist()]
+    out = generate(model, rows, max_new_tokens=5, return_logits=True)
+    for row, prompt in enumerate(rows):
+        alone = generate(model, [prompt], max_new_tokens=5, return_logits=True)
+        assert np.array_equal(alone.tokens[0], out.tokens[row])
+        assert _rel(out.logits[row], alone.logits[0]) < 2e-5
+
+
+def test_stop_tokens_end_rows_and_pad_the_rest(model):
+    prompt = random_tokens(3, (2, 9), model.config.vocab_size)
+    free = generate(model, prompt, max_new_tokens=8)
+    stop = int(free.tokens[0, 2])
+    out = generate(model, prompt, max_new_tokens=8, stop_tokens=[stop])
+    first = int(np.argmax(free.tokens[0] == stop))
+    assert out.lengths[0] == first + 1
+    assert np.array_equal(out.tokens[0, : first + 1], free.tokens[0, : first + 1])
+    assert np.all(out.tokens[0, first + 1:] == model.config.pad_token_id)
+    hit = np.nonzero(free.tokens[1] == stop)[0]
+    assert out.lengths[1] == (hit[0] + 1 if hit.size else 8)
+
+
+def test_one_compilation_serves_every_step(model):
+    prompt = random_tokens(4, (1, 5), model.config.vocab_size)
+    generate(model, prompt, max_new_tokens=3)
+    before = _generate._cache_size()
+    generate(model, random_tokens(5, (1, 5), model.config.vocab_size), max_new_tokens=3, seed=1)
+    assert _generate._cache_size() == before
+
+
+def test_sampling_filters_and_seeds(model):
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    assert np.isinf(filter_logits(logits, 1.0, 2, None)[0, 2:]).all()
+    assert np.isfinite(filter_logits(logits, 1.0, 2, None)[0, :2]).all()
+    top_p = filter_logits(logits, 1.0, None, 0.7)  # 0.5 + 0.3 reaches 0.7: keep two
+    assert np.isfinite(top_p[0, :2]).all() and np.isinf(top_p[0, 2:]).all()
+    assert np.allclose(filter_logits(logits, 2.0, None, None), logits / 2.0)
+    prompt = random_tokens(6, (2, 7), model.config.vocab_size)
+    greedy = generate(model, prompt, max_new_tokens=6)
+    assert np.array_equal(generate(model, prompt, max_new_tokens=6, temperature=0.7, top_k=1).tokens, greedy.tokens)
+    a = generate(model, prompt, max_new_tokens=6, temperature=1.5, top_p=0.95, seed=3)
+    b = generate(model, prompt, max_new_tokens=6, temperature=1.5, top_p=0.95, seed=3)
+    c = generate(model, prompt, max_new_tokens=6, temperature=1.5, top_p=0.95, seed=4)
+    assert np.array_equal(a.tokens, b.tokens) and not np.array_equal(a.tokens, c.tokens)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompt, max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        generate(model, [[model.config.vocab_size]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, max_new_tokens=0)
+    assert jax.numpy.issubdtype(greedy.tokens.dtype, jnp.integer)

@@ -1,0 +1,257 @@
+"""`xlstm-jax bench`: build the cases of a preset, measure them with a progress bar, write the report.
+
+xlstm_jax's own cases run in this process (or each in a subprocess with --isolate, which also gives exact
+per-case peak memory); every peer case runs in its own subprocess with a timeout (`xlstm_jax.bench.worker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.bench import cost as cost_model
+from xlstm_jax.bench.cases import (
+    ATTENTION_DH, ATTENTION_NH, PRESETS, Case, Preset, custom_preset, parse_shape, working_set_bytes,
+)
+from xlstm_jax.bench.measure import MIN_REPS, load
+from xlstm_jax.bench.peers import PEERS, Peer, peer_availability
+
+DECODE_IMPL = "recurrent_step_fw"
+MEASURE = "xlstm_jax.bench.measure"
+
+
+def _shape_arg(text: str) -> tuple[int, int, int, int, int]:
+    try:
+        return parse_shape(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _reps(text: str) -> int:
+    if not text.isdigit() or int(text) < MIN_REPS:
+        raise argparse.ArgumentTypeError(f"--reps must be an integer >= {MIN_REPS}, got {text!r}")
+    return int(text)
+
+
+def _peer_list(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {unknown}; choose from {list(PEERS)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser, backend_type: Callable[[str], list[str]]) -> None:
+    """The options of `xlstm-jax bench`; `backend_type` parses one --backends word into backend names."""
+    parser.add_argument("--preset", choices=list(PRESETS), default="smoke",
+                        help="problem sizes: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+    parser.add_argument("--shape", action="append", type=_shape_arg, metavar="B,NH,S,DHQK,DHHV",
+                        help="explicit shape (repeatable); replaces the preset's shapes")
+    parser.add_argument("--backends", nargs="+", type=backend_type, metavar="NAME",
+                        help="xlstm_jax backends (space- or comma-separated); default: all that run here, "
+                        "Triton ones only on a GPU (the CPU interpreter's timings mean nothing)")
+    parser.add_argument("--mode", choices=("fw", "fwbw", "both"), default="both",
+                        help="forward, forward+backward, or both (decode: forward only)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="q/k/v dtype; default: the preset's (bfloat16; smoke: float32), bfloat16 with --shape")
+    parser.add_argument("--chunk-sizes", type=_int_list, metavar="L,L,...",
+                        help="chunk sizes for the chunked implementations (each within its range); default: each "
+                        "implementation's default")
+    parser.add_argument("--reps", type=_reps, default=20, help=f"timed runs per case (>= {MIN_REPS}; default 20)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default out/bench)")
+    parser.add_argument("--peers", nargs="+", type=_peer_list, metavar="NAME",
+                        help=f"peers to include (default: all of {list(PEERS)})")
+    parser.add_argument("--no-peers", action="store_true", help="leave the peers out")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run xlstm_jax's cases in subprocesses too (crash-safe, exact peak memory per case)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess case (default 900)")
+
+
+def default_backends() -> tuple[list[str], dict[str, str]]:
+    """(backends to run, {backend: why not}) — every runnable one; Triton ones not through the interpreter."""
+    from xlstm_jax.doctor import backend_availability
+    from xlstm_jax.kernels.launch import interpret_mode
+    from xlstm_jax.mlstm.api import IMPLEMENTATIONS
+
+    run, why_not = [], {}
+    for name, impl in IMPLEMENTATIONS.items():
+        ok, why = backend_availability(name)
+        if ok and impl.needs_triton and interpret_mode():
+            why_not[name] = "Triton interpreter: timings are meaningless (name it in --backends to run anyway)"
+        elif ok:
+            run.append(name)
+        else:
+            why_not[name] = why
+    return run, why_not
+
+
+def _chunks(default: int | None, allowed: tuple[int, int] | None, requested: list[int] | None) -> list[int | None]:
+    if allowed is None:
+        return [None]
+    if requested is None:
+        return [default]
+    return [c for c in requested if allowed[0] <= c <= allowed[1]]
+
+
+def _device_limit() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("bytes_limit")
+
+
+def build_cases(preset: Preset, backends: list[str], peers: dict[str, Peer], args: argparse.Namespace,
+                dtype: str) -> tuple[list[Case], list[dict[str, Any]]]:
+    """The cases to measure, and a row for every implementation that is not run at all (with the reason)."""
+    from xlstm_jax.mlstm.api import IMPLEMENTATIONS
+
+    modes = ["fw"] if preset.kind == "decode" or args.mode == "fw" else \
+        ["fwbw"] if args.mode == "fwbw" else ["fw", "fwbw"]
+    size, limit = jnp.dtype(dtype).itemsize, _device_limit()
+    cases: list[Case] = []
+    not_run: dict[str, dict[str, Any]] = {}
+
+    def add(template: Case, default: int | None, allowed: tuple[int, int] | None) -> None:
+        """One case per chunk size and mode; `template` holds everything else."""
+        chunks = _chunks(default, allowed, args.chunk_sizes)
+        if not chunks:
+            not_run[template.impl] = {"impl": template.impl, "source": template.source, "status": "not run",
+                                      "note": f"no requested chunk size within {allowed}"}
+        for chunk in chunks:
+            for mode in modes:
+                need = working_set_bytes(template.options.get("backend", ""), template.run_shape, mode, size)
+                skip = None if limit is None or need < 0.9 * limit else \
+                    f"needs >= {need / 2**30:.0f} GiB, device has {limit / 2**30:.0f} GiB"
+                cases.append(dataclasses.replace(
+                    template, impl=template.impl if len(chunks) == 1 else f"{template.impl} L={chunk}",
+                    mode=mode, chunk=chunk, model_chunk=chunk or template.model_chunk, skip=skip))
+
+    for shape in preset.shapes:
+        dims = (shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV)
+        if preset.kind == "decode":
+            add(Case(DECODE_IMPL, "xlstm_jax", f"{MEASURE}:measure_decode", "decode", shape, dims, dtype, "fw",
+                     None, 1, args.reps, {}, args.isolate), None, None)
+        for name in backends if preset.kind == "sequence" else []:
+            impl = IMPLEMENTATIONS[name]
+            # cost-model chunk of the chunkless backends: the whole sequence (parallel), one step (recurrent)
+            model_chunk = shape.S if name == "native_parallel" else 1
+            add(Case(name, "xlstm_jax", f"{MEASURE}:measure_mlstm", "mlstm", shape, dims, dtype, "fw", None,
+                     model_chunk, args.reps, {"backend": name}, args.isolate),
+                impl.default_chunk_size, impl.chunk_sizes)
+        for name, peer in peers.items():
+            run_shape = (shape.B, ATTENTION_NH, shape.S, ATTENTION_DH, ATTENTION_DH) \
+                if peer.model == "attention" else dims
+            options = {} if peer.fn is None else {"fn": peer.fn}
+            add(Case(name, "peer", peer.target, peer.model, shape, run_shape, dtype, "fw", None, 1, args.reps,
+                     options, True), peer.chunk, peer.chunk_range)
+    return cases, list(not_run.values())
+
+
+def _select_peers(preset: Preset, args: argparse.Namespace, dtype: str) -> tuple[dict[str, Peer], list[dict]]:
+    if args.no_peers:
+        return {}, []
+    names = list(dict.fromkeys(n for group in args.peers for n in group)) if args.peers else list(PEERS)
+    run, rows = {}, []
+    for name in names:
+        peer = PEERS[name]
+        if peer.kind != preset.kind:
+            continue
+        ok, why = peer_availability(peer)
+        if ok and peer.dtypes is not None and dtype not in peer.dtypes:
+            ok, why = False, f"takes {'/'.join(peer.dtypes)} inputs, not {dtype}"
+        if ok:
+            run[name] = peer
+        else:
+            prefix = "not installed: "
+            status, note = ("not installed", why[len(prefix):]) if why.startswith(prefix) else ("not run", why)
+            rows.append({"impl": name, "source": "peer", "status": status, "note": note})
+    return run, rows
+
+
+def measure_case(case: Case, timeout: float) -> dict[str, Any]:
+    """The result row of one case: its identity, status, timings and the cost model's rates."""
+    row = case.row()
+    if case.skip:
+        return {**row, "status": "skipped", "note": case.skip}
+    if case.isolate:
+        from xlstm_jax.bench.worker import run_isolated
+
+        result = run_isolated(case.spec(), timeout)
+    else:
+        try:
+            result = {"status": "ok", **load(case.target)(case.spec())}
+        except Exception as exc:  # a failing backend must not stop the sweep
+            result = {"status": "failed", "note": f"{type(exc).__name__}: {exc}"[:300]}
+    row.update(result)
+    cost = case.cost()
+    row.update(flops=cost.flops, bytes=cost.bytes)
+    if row["status"] == "ok":
+        peak = cost_model.device_peak(jax.devices()[0].device_kind)
+        row.update(cost_model.roofline(cost, row["ms_median"] / 1e3, peak))
+    return row
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the sweep described by parsed `xlstm-jax bench` arguments; 0, or 1 if an xlstm_jax case failed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from xlstm_jax.bench import report
+
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    preset = PRESETS[args.preset]
+    dtype = args.dtype or ("bfloat16" if args.shape else preset.dtype)
+    if args.shape:
+        preset = custom_preset(args.shape, dtype)
+    if args.backends is not None:
+        backends, why_not = list(dict.fromkeys(n for group in args.backends for n in group)), {}
+    else:
+        backends, why_not = default_backends()
+    peers, rows = _select_peers(preset, args, dtype)
+    rows += [{"impl": n, "source": "xlstm_jax", "status": "not run", "note": why} for n, why in why_not.items()
+             if preset.kind == "sequence"]
+    cases, not_run = build_cases(preset, backends, peers, args, dtype)
+    rows += not_run
+    device = jax.devices()[0]
+    peak = cost_model.device_peak(device.device_kind)
+    meta = {
+        "preset": preset.name, "description": preset.description, "x_name": preset.x_name, "dtype": dtype,
+        "device_kind": device.device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
+        "device_peak": None if peak is None else vars(peak), "command": sys.argv,
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "memory_note": "peak_mb: device.memory_stats() peak; JAX cannot reset it, so in-process cases report an "
+        "upper bound unless the peak rose during the case (peak_exact); subprocess cases are exact.",
+    }
+    measured = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=len(cases))
+        for case in cases:
+            progress.update(task, description=f"{case.impl} {case.mode} {case.run_shape}")
+            measured.append(measure_case(case, args.timeout))
+            progress.advance(task)
+    rows = measured + rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.print_table(rows, meta, console)
+    report.write_csv(rows, args.out / "results.csv")
+    report.write_json(rows, meta, args.out / "results.json")
+    plots = report.write_plots(rows, meta, args.out)
+    console.print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.json'}, "
+                  f"{', '.join(str(p) for p in plots)}")
+    failed = [r for r in measured if r["source"] == "xlstm_jax" and r["status"] in ("failed", "timeout")]
+    return 1 if failed else 0

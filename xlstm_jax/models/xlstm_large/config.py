@@ -1,0 +1,229 @@
+"""Configuration of the xLSTM-7B ("xlstm_large" / mLSTMv1) language model (xlstm_model_spec.md §1).
+
+The defaults are the released xLSTM-7B: D 4096, 32 blocks, 8 heads, vocab 50304, DHQK 256, DHV 512, FFN 10944.
+Any size works; the derived dimensions are properties. Conversion to and from the two checkpoint config files
+(HF `config.json`, model_type "xlstm", and the plain `xlstm_large` config) lives here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_WEIGHT_MODES = ("single", "fused")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class xLSTMLargeConfig:
+    """Architecture, numerics and backend choice of the model.
+
+    Dimensions: qk_dim = round_up(int(D * qk_dim_factor), mlstm_round_up_to_multiple_of) (1: the torch
+    `xlstm_large` rule, 64: the HF rule), v_dim likewise, FFN width = ceil(D * ffn_proj_factor / 64) * 64.
+    `backend` is any of `xlstm_jax.BACKEND_NAMES` ("auto": a Triton kernel on a CUDA GPU, native_chunkwise
+    elsewhere); `step_backend` runs single-token decoding steps. Parameters are stored in `param_dtype`, matmuls
+    run in `compute_dtype` with float32 accumulation; gates, norm statistics, mLSTM states and logits are float32.
+    """
+
+    embedding_dim: int = 4096
+    num_heads: int = 8
+    num_blocks: int = 32
+    vocab_size: int = 50304
+    use_bias: bool = False
+    norm_eps: float = 1e-6
+    add_out_norm: bool = True
+    qk_dim_factor: float = 0.5
+    v_dim_factor: float = 1.0
+    mlstm_round_up_to_multiple_of: int = 1
+    ffn_proj_factor: float = 2.667
+    ffn_round_up_to_multiple_of: int = 64
+    gate_soft_cap: float | None = 15.0
+    output_logit_soft_cap: float | None = 30.0
+    weight_mode: str = "single"
+    tie_word_embeddings: bool = False
+    eps: float = 1e-6
+    backend: str = "auto"
+    chunk_size: int | None = None
+    step_backend: str = "native_recurrent"
+    compute_dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    reset_fgate_value: float = -25.0
+    igate_bias_init: float = -10.0
+    fgate_bias_init_range: tuple[float, float] = (3.0, 6.0)
+    bos_token_id: int = 0
+    pad_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "num_heads", "num_blocks", "vocab_size", "mlstm_round_up_to_multiple_of",
+                     "ffn_round_up_to_multiple_of"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.weight_mode not in _WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {_WEIGHT_MODES}, got {self.weight_mode!r}.")
+        for name in ("compute_dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}.")
+        from xlstm_jax.mlstm.api import BACKEND_NAMES
+
+        for name in ("backend", "step_backend"):
+            if getattr(self, name) not in BACKEND_NAMES:
+                raise ValueError(f"{name} must be one of {list(BACKEND_NAMES)}, got {getattr(self, name)!r}.")
+        for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
+            if dim < self.num_heads or dim % self.num_heads:
+                raise ValueError(
+                    f"{name} = {dim} (embedding_dim {self.embedding_dim} x factor) must be a positive multiple of "
+                    f"num_heads = {self.num_heads}."
+                )
+        for name in ("gate_soft_cap", "output_logit_soft_cap"):
+            cap = getattr(self, name)
+            if cap is not None and not cap > 0:
+                raise ValueError(f"{name} must be positive or None, got {cap!r}.")
+        if len(self.fgate_bias_init_range) != 2:
+            raise ValueError(f"fgate_bias_init_range must be (low, high), got {self.fgate_bias_init_range!r}.")
+
+    @property
+    def qk_dim(self) -> int:
+        """NH * DHQK."""
+        return _round_up(int(self.embedding_dim * self.qk_dim_factor), self.mlstm_round_up_to_multiple_of)
+
+    @property
+    def v_dim(self) -> int:
+        """NH * DHV."""
+        return _round_up(int(self.embedding_dim * self.v_dim_factor), self.mlstm_round_up_to_multiple_of)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """DHQK."""
+        return self.qk_dim // self.num_heads
+
+    @property
+    def v_head_dim(self) -> int:
+        """DHV."""
+        return self.v_dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """F, the SwiGLU hidden width."""
+        return _round_up(int(math.ceil(self.embedding_dim * self.ffn_proj_factor)), self.ffn_round_up_to_multiple_of)
+
+    @property
+    def compute_jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def param_jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "xLSTMLargeConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Number of parameters (embedding and LM head counted separately unless tied)."""
+        D, F, NH = self.embedding_dim, self.ffn_dim, self.num_heads
+        bias = 1 if self.use_bias else 0
+        mlstm = (2 * self.qk_dim + 2 * self.v_dim) * (D + bias) + 2 * NH * (D + 1) + self.v_dim * (1 + bias)
+        mlstm += D * (self.v_dim + bias)
+        ffn = 2 * F * (D + bias) + D * (F + bias)
+        norms = 2 * D * (1 + bias)
+        head = 0 if self.tie_word_embeddings else self.vocab_size * D
+        out_norm = D * (1 + bias) if self.add_out_norm else 0
+        return self.vocab_size * D + self.num_blocks * (mlstm + ffn + norms) + out_norm + head
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of every field."""
+        out = dataclasses.asdict(self)
+        out["fgate_bias_init_range"] = list(self.fgate_bias_init_range)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "xLSTMLargeConfig":
+        """Inverse of `to_dict`; unknown keys raise."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown xLSTMLargeConfig fields {unknown}; known: {sorted(names)}.")
+        data = dict(data)
+        if "fgate_bias_init_range" in data:
+            data["fgate_bias_init_range"] = tuple(data["fgate_bias_init_range"])
+        return cls(**data)
+
+
+# Checkpoint config keys (HF `config.json` and the plain `xlstm_large` config) -> our field names. Several
+# spellings exist across upstream revisions (spec §1.2, §1.3).
+_ALIASES = {
+    "embedding_dim": ("embedding_dim", "hidden_size"),
+    "num_blocks": ("num_blocks", "num_hidden_layers"),
+    "num_heads": ("num_heads",),
+    "vocab_size": ("vocab_size",),
+    "use_bias": ("use_bias",),
+    "norm_eps": ("norm_eps",),
+    "add_out_norm": ("add_out_norm",),
+    "qk_dim_factor": ("qk_dim_factor",),
+    "v_dim_factor": ("v_dim_factor",),
+    "mlstm_round_up_to_multiple_of": ("mlstm_round_up_to_multiple_of",),
+    "ffn_proj_factor": ("ffn_proj_factor",),
+    "ffn_round_up_to_multiple_of": ("ffn_round_up_to_multiple_of",),
+    "gate_soft_cap": ("gate_soft_cap",),
+    "output_logit_soft_cap": ("output_logit_soft_cap",),
+    "weight_mode": ("weight_mode",),
+    "tie_word_embeddings": ("tie_word_embeddings",),
+    "eps": ("eps",),
+    "chunk_size": ("chunk_size",),
+    "bos_token_id": ("bos_token_id",),
+    "pad_token_id": ("pad_token_id",),
+    "eos_token_id": ("eos_token_id",),
+}
+
+
+def config_from_checkpoint_dict(data: dict[str, Any], *, hf: bool) -> xLSTMLargeConfig:
+    """Our config from a checkpoint's config dict (HF `config.json` if `hf`, else the plain `xlstm_large` one).
+
+    Kernel names, modes and dtypes in the file are ignored (the backend is ours to choose); HF rounds the q/k and v
+    widths up to a multiple of 64, the plain format does not. Missing fields keep the xLSTM-7B defaults.
+    """
+    kwargs: dict[str, Any] = {"mlstm_round_up_to_multiple_of": 64 if hf else 1}
+    for field, keys in _ALIASES.items():
+        for key in keys:
+            if key in data and data[key] is not None:
+                kwargs[field] = data[key]
+                break
+    # YAML 1.1 reads "1e-06" as a string; coerce every number to its field's type.
+    for name in ("embedding_dim", "num_blocks", "num_heads", "vocab_size", "ffn_round_up_to_multiple_of",
+                 "mlstm_round_up_to_multiple_of", "chunk_size", "bos_token_id", "pad_token_id", "eos_token_id"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = int(kwargs[name])
+    for name in ("norm_eps", "qk_dim_factor", "v_dim_factor", "ffn_proj_factor", "gate_soft_cap",
+                 "output_logit_soft_cap", "eps"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = float(kwargs[name])
+    return xLSTMLargeConfig(**kwargs)
+
+
+def config_to_checkpoint_dict(config: xLSTMLargeConfig, *, hf: bool) -> dict[str, Any]:
+    """The config file contents for a checkpoint in the HF (`config.json`, model_type "xlstm") or plain layout."""
+    out: dict[str, Any] = {field: getattr(config, field) for field in _ALIASES if field != "chunk_size"}
+    out["chunk_size"] = config.chunk_size or 64
+    out["mode"] = "inference"
+    out["return_last_states"] = True
+    out["autocast_kernel_dtype"] = "bfloat16"
+    out["inference_state_dtype"] = "float32"
+    out["norm_reduction_force_float32"] = True
+    if hf:
+        out.update(
+            model_type="xlstm",
+            architectures=["xLSTMForCausalLM"],
+            hidden_size=config.embedding_dim,
+            num_hidden_layers=config.num_blocks,
+            torch_dtype=config.param_dtype,
+        )
+    return out

@@ -1,0 +1,168 @@
+"""Batched generation: one chunkwise prefill that returns the mLSTM states, then single-token recurrent steps
+carrying them, inside one jitted `lax.while_loop` (no per-token recompilation) (xlstm_model_spec.md §4).
+
+Prompts of different lengths are left-padded; padded steps get neutral gates, so they leave the states exactly
+unchanged and every row continues from its own last prompt token. Sampling: greedy (temperature 0), temperature,
+top-k, top-p; a row stops after emitting one of `stop_tokens` and is filled with the pad token afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """tokens (B, max_new_tokens) int32, pad-filled after a stop token; lengths (B,) int32 counts the generated
+    tokens up to and including the stop token; logits (B, max_new_tokens, V) float32 (the distribution each token
+    was drawn from, before temperature / top-k / top-p) when requested, else None."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logits: np.ndarray | None
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Temperature-scaled logits (B, V) with everything outside the top-k / top-p set at -inf."""
+    logits = logits.astype(F32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        kept = jnp.where(before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+                  top_p: float | None) -> jax.Array:
+    """One token per row of logits (B, V): argmax when temperature == 0, else a draw from the filtered softmax."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens", "pad_token",
+                     "prefill_backend", "step_backend", "chunk_size", "return_logits"),
+)
+def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+              pad_token, prefill_backend, step_backend, chunk_size, return_logits):
+    model = nnx.merge(graphdef, params)
+    B = prompt.shape[0]
+    V = model.config.vocab_size
+    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    logits, states = model(prompt, token_mask=mask, return_states=True, backend=prefill_backend,
+                           chunk_size=chunk_size)
+    key, sub = jax.random.split(key)
+    first_logits = logits[:, -1]
+    token = sample_tokens(first_logits, sub, temperature, top_k, top_p)
+    tokens = jnp.full((B, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(token)
+    all_logits = jnp.zeros((B, max_new_tokens if return_logits else 0, V), F32)
+    if return_logits:
+        all_logits = all_logits.at[:, 0].set(first_logits)
+    done = jnp.isin(token, stops)
+    lengths = jnp.ones((B,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, done, _, _, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, states, done, tokens, all_logits, lengths, key = carry
+        logits, states = model(token[:, None], states=states, return_states=True, backend=step_backend)
+        key, sub = jax.random.split(key)
+        step_logits = logits[:, 0]
+        new = jnp.where(done, pad_token, sample_tokens(step_logits, sub, temperature, top_k, top_p))
+        tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, step))
+        if return_logits:
+            all_logits = jax.lax.dynamic_update_slice(all_logits, step_logits[:, None], (0, step, 0))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(new, stops)
+        return step + 1, new, states, done, tokens, all_logits, lengths, key
+
+    carry = (jnp.asarray(1, jnp.int32), token, states, done, tokens, all_logits, lengths, key)
+    _, _, _, _, tokens, all_logits, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, lengths, all_logits
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists of any lengths -> (tokens (B, P) int32 left-padded with `pad_token`, mask (B, P) bool)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences.")
+    P = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), P), pad_token, np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, P - len(prompt):] = np.asarray(prompt, np.int32)
+        mask[row, P - len(prompt):] = True
+    return tokens, mask
+
+
+def generate(
+    model: xLSTMLarge,
+    prompts: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    prefill_backend: str | None = None,
+    step_backend: str | None = None,
+    chunk_size: int | None = None,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Generate up to `max_new_tokens` tokens after each prompt.
+
+    prompts: int array (B, P) (all rows full length) or a list of token lists of any lengths (left-padded).
+    prefill_backend: the chunkwise backend of the prompt pass (None: the config's `backend`); step_backend: the
+    backend of the one-token steps (None: the config's `step_backend`, native_recurrent). Returns a
+    `GenerationOutput`.
+    """
+    config = model.config
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}.")
+    if isinstance(prompts, (list, tuple)):
+        tokens, mask = left_pad(prompts, config.pad_token_id)
+    else:
+        tokens = np.asarray(prompts)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"prompts must be an int array (B, P) or a list of token lists, got "
+                             f"{tokens.dtype} array of shape {tokens.shape}.")
+        mask = np.ones(tokens.shape, bool)
+    if tokens.min() < 0 or tokens.max() >= config.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}), got range "
+                         f"[{tokens.min()}, {tokens.max()}].")
+    graphdef, params = nnx.split(model)
+    out_tokens, lengths, logits = _generate(
+        params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jax.random.key(seed),
+        graphdef=graphdef, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+        top_p=None if top_p is None else float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens),
+        pad_token=int(config.pad_token_id), prefill_backend=prefill_backend or config.backend,
+        step_backend=step_backend or config.step_backend, chunk_size=chunk_size, return_logits=return_logits,
+    )
+    return GenerationOutput(np.asarray(out_tokens), np.asarray(lengths), np.asarray(logits) if return_logits else None)

@@ -1,0 +1,323 @@
+"""The xLSTM-7B language model in Flax NNX on the `xlstm_jax.mlstm` backends (xlstm_model_spec.md §2, §5).
+
+Module and parameter names mirror the torch/HF state dict (`backbone.blocks.3.mlstm_layer.q.kernel` <->
+`backbone.blocks.3.mlstm_layer.q.weight`), so checkpoint conversion is a rename plus a transpose of Dense kernels.
+Shapes: B batch, S sequence, D embedding_dim, NH heads, DHQK / DHV head dims, F FFN width, V vocab.
+
+Precision: parameters in `param_dtype` (float32); matmul operands in `compute_dtype` with float32 accumulation;
+the residual stream, norm statistics, gate pre-activations, mLSTM states and logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xlstm_jax.mlstm.api import IMPLEMENTATIONS, mlstm, resolve_backend
+from xlstm_jax.mlstm.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
+from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
+
+F32 = jnp.float32
+State = tuple[jax.Array, jax.Array, jax.Array]  # C (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH); float32
+
+
+def _normal(std: float) -> Callable[..., jax.Array]:
+    return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def _constant(values: Any) -> Callable[..., jax.Array]:
+    return lambda key, shape, dtype: jnp.broadcast_to(jnp.asarray(values, dtype), shape)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap); identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel (in, out) in the parameter dtype, operands cast to the compute dtype,
+    float32 accumulation and float32 result."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, kernel_init, bias_init=None,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        init = bias_init or _constant(0.0)
+        self.bias = nnx.Param(init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
+        y = jnp.einsum("...d,df->...f", x.astype(dtype), self.kernel[...].astype(dtype),
+                       preferred_element_type=F32, precision=matmul_precision(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(F32)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight (+ bias) over the last axis, statistics in float32; returns float32."""
+
+    def __init__(self, dim: int, *, eps: float, use_bias: bool, param_dtype: Any):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(F32)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        y = y * self.weight[...].astype(F32)
+        return y if self.bias is None else y + self.bias[...].astype(F32)
+
+
+class MultiHeadLayerNorm(nnx.Module):
+    """Per-head LayerNorm over DHV (mean subtracted, biased variance, float32), then a flat (NH * DHV) weight.
+
+    (B, S, NH, DHV) -> (B, S, NH * DHV) float32."""
+
+    def __init__(self, num_heads: int, head_dim: int, *, eps: float, use_bias: bool, param_dtype: Any):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((num_heads * head_dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_heads * head_dim,), param_dtype)) if use_bias else None
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        h = h.astype(F32)
+        centred = h - jnp.mean(h, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
+        y = y.reshape(*y.shape[:-2], -1) * self.weight[...].astype(F32)
+        return y if self.bias is None else y + self.bias[...].astype(F32)
+
+
+class mLSTMLayer(nnx.Module):
+    """q/k/v/o projections, per-head soft-capped input and forget gates, the mLSTM cell on a backend, per-head norm,
+    sigmoid output gate and out projection (spec §2.3). weight_mode "fused" concatenates q|k|v|o, i|f and
+    (in the FFN) gate|up into one Dense each; the math is identical."""
+
+    def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        D, NH, pdt, bias = c.embedding_dim, c.num_heads, c.param_jnp_dtype, c.use_bias
+        small = _normal(float(np.sqrt(2.0 / (5.0 * D))))
+        wang = _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
+        zeros = _constant(0.0)
+        f_bias = np.linspace(*c.fgate_bias_init_range, NH)
+        if c.weight_mode == "single":
+            self.q = Dense(D, c.qk_dim, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.k = Dense(D, c.qk_dim, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.v = Dense(D, c.v_dim, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.ogate_preact = Dense(D, c.v_dim, use_bias=bias, kernel_init=zeros, param_dtype=pdt, rngs=rngs)
+            self.igate_preact = Dense(D, NH, use_bias=True, kernel_init=zeros,
+                                      bias_init=_constant(c.igate_bias_init), param_dtype=pdt, rngs=rngs)
+            self.fgate_preact = Dense(D, NH, use_bias=True, kernel_init=zeros, bias_init=_constant(f_bias),
+                                      param_dtype=pdt, rngs=rngs)
+        else:
+            def qkvo_init(key, shape, dtype):
+                keys = jax.random.split(key, 3)
+                parts = [small(keys[0], (D, c.qk_dim), dtype), small(keys[1], (D, c.qk_dim), dtype),
+                         small(keys[2], (D, c.v_dim), dtype), jnp.zeros((D, c.v_dim), dtype)]
+                return jnp.concatenate(parts, axis=1)
+
+            if_bias = np.concatenate([np.full(NH, c.igate_bias_init), f_bias])
+            self.qkv_opreact = Dense(D, 2 * c.qk_dim + 2 * c.v_dim, use_bias=bias, kernel_init=qkvo_init,
+                                     param_dtype=pdt, rngs=rngs)
+            self.ifgate_preact = Dense(D, 2 * NH, use_bias=True, kernel_init=zeros, bias_init=_constant(if_bias),
+                                       param_dtype=pdt, rngs=rngs)
+        self.multihead_norm = MultiHeadLayerNorm(NH, c.v_head_dim, eps=c.norm_eps, use_bias=bias, param_dtype=pdt)
+        self.out_proj = Dense(c.v_dim, D, use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
+                 backend: str, chunk_size: int | None) -> tuple[jax.Array, State]:
+        """x (B, S, D) float32 (normed) -> (y (B, S, D) float32, last state)."""
+        c = self.config
+        B, S, _ = x.shape
+        NH, DHQK, DHV, dt = c.num_heads, c.qk_head_dim, c.v_head_dim, c.compute_jnp_dtype
+        if c.weight_mode == "single":
+            q, k, v, o = (proj(x, dt) for proj in (self.q, self.k, self.v, self.ogate_preact))
+            i = soft_cap(self.igate_preact(x, F32), c.gate_soft_cap)
+            f = soft_cap(self.fgate_preact(x, F32), c.gate_soft_cap)
+        else:
+            q, k, v, o = jnp.split(self.qkv_opreact(x, dt), np.cumsum([c.qk_dim, c.qk_dim, c.v_dim]), axis=-1)
+            i, f = jnp.split(soft_cap(self.ifgate_preact(x, F32), c.gate_soft_cap), 2, axis=-1)
+        if reset is not None:
+            f = jnp.where(reset[..., None], jnp.asarray(c.reset_fgate_value, F32), f)
+        if token_mask is not None:
+            i = jnp.where(token_mask[..., None], i, NEUTRAL_IGATE)
+            f = jnp.where(token_mask[..., None], f, NEUTRAL_FGATE)
+
+        def heads(a: jax.Array, dh: int) -> jax.Array:
+            return a.astype(dt).reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
+
+        initial = {} if state is None else dict(zip(("c_initial", "n_initial", "m_initial"), state))
+        h, new_state = mlstm(
+            heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1), f.transpose(0, 2, 1),
+            backend=backend, chunk_size=chunk_size, return_last_states=True, eps=c.eps, **initial,
+        )
+        h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
+        y = jax.nn.sigmoid(o) * h_norm
+        return self.out_proj(y, dt), new_state
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down (spec §2.5)."""
+
+    def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        D, F, pdt, bias = c.embedding_dim, c.ffn_dim, c.param_jnp_dtype, c.use_bias
+        small = _normal(float(np.sqrt(2.0 / (5.0 * D))))
+        wang = _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
+        if c.weight_mode == "single":
+            self.proj_up_gate = Dense(D, F, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.proj_up = Dense(D, F, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+        else:
+            self.proj_up_gate_z = Dense(D, 2 * F, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+        self.proj_down = Dense(F, D, use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.config.compute_jnp_dtype
+        if self.config.weight_mode == "single":
+            gate, up = self.proj_up_gate(x, dt), self.proj_up(x, dt)
+        else:
+            gate, up = jnp.split(self.proj_up_gate_z(x, dt), 2, axis=-1)
+        return self.proj_down(jax.nn.silu(gate) * up, dt)
+
+
+class mLSTMBlock(nnx.Module):
+    """x + mLSTM(RMSNorm(x)), then x + FFN(RMSNorm(x)) (spec §2.2)."""
+
+    def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
+        c = config
+        norm = dict(eps=c.norm_eps, use_bias=c.use_bias, param_dtype=c.param_jnp_dtype)
+        self.norm_mlstm = RMSNorm(c.embedding_dim, **norm)
+        self.mlstm_layer = mLSTMLayer(c, rngs=rngs)
+        self.norm_ffn = RMSNorm(c.embedding_dim, **norm)
+        self.ffn = FeedForward(c, rngs=rngs)
+
+    def __call__(self, x: jax.Array, **kwargs: Any) -> tuple[jax.Array, State]:
+        y, state = self.mlstm_layer(self.norm_mlstm(x), **kwargs)
+        x = x + y
+        return x + self.ffn(self.norm_ffn(x)), state
+
+
+class Embedding(nnx.Module):
+    """Token embedding table `weight` (V, D)."""
+
+    def __init__(self, vocab_size: int, dim: int, *, param_dtype: Any, rngs: nnx.Rngs):
+        std = float(np.sqrt(2.0 / (5.0 * dim)))
+        self.weight = nnx.Param(_normal(std)(rngs.params(), (vocab_size, dim), param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0).astype(F32)
+
+
+class xLSTMBackbone(nnx.Module):
+    """Embedding, the block stack and the optional final RMSNorm."""
+
+    def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.embeddings = Embedding(c.vocab_size, c.embedding_dim, param_dtype=c.param_jnp_dtype, rngs=rngs)
+        self.blocks = nnx.List([mLSTMBlock(c, rngs=rngs) for _ in range(c.num_blocks)])
+        self.out_norm = (
+            RMSNorm(c.embedding_dim, eps=c.norm_eps, use_bias=c.use_bias, param_dtype=c.param_jnp_dtype)
+            if c.add_out_norm else None
+        )
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """(B, S) bool: True where a document begins (position 0, or a segment id different from the previous one)."""
+    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def _check_2d(x: Any, name: str, shape: tuple[int, ...] | None = None) -> None:
+    if np.ndim(x) != 2:
+        raise ValueError(f"{name} must be 2-D (B, S), got shape {tuple(np.shape(x))}.")
+    if shape is not None and tuple(np.shape(x)) != shape:
+        raise ValueError(f"{name} must have the shape of tokens {shape}, got shape {tuple(np.shape(x))}.")
+
+
+class xLSTMLarge(nnx.Module):
+    """The xLSTM-7B language model for any `xLSTMLargeConfig`.
+
+    `model(tokens)` maps int tokens (B, S) to float32 logits (B, S, V). See `__call__` for states, packed
+    documents and padding.
+    """
+
+    def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.backbone = xLSTMBackbone(config, rngs=rngs)
+        std = float(np.sqrt(2.0 / (5.0 * config.embedding_dim)))
+        self.lm_head = (
+            Dense(config.embedding_dim, config.vocab_size, use_bias=False, kernel_init=_normal(std),
+                  param_dtype=config.param_jnp_dtype, rngs=rngs)
+            if not config.tie_word_embeddings else None
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        states: list[State] | None = None,
+        segment_ids: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+        return_states: bool = False,
+        backend: str | None = None,
+        chunk_size: int | None = None,
+    ) -> jax.Array | tuple[jax.Array, list[State]]:
+        """Logits of every position.
+
+        tokens (B, S) int. states: one (C, n, m) float32 per block to continue from (None: zeros).
+        segment_ids (B, S) int: packed documents; the forget gate is set to `config.reset_fgate_value` at each
+        document start (position 0 included), which wipes the memory carried in from the previous document.
+        token_mask (B, S) bool: False marks padding steps, given neutral gates so they leave the states exactly
+        unchanged (left padding of batched prompts); their logits are meaningless.
+        backend / chunk_size override the config's. Returns logits (B, S, V) float32, and with `return_states`
+        also the last states (one (C, n, m) per block).
+        """
+        c = self.config
+        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise TypeError(f"tokens must be an integer array (B, S), got dtype {jnp.result_type(tokens)}.")
+        _check_2d(tokens, "tokens")
+        shape = tuple(np.shape(tokens))
+        reset = None
+        if segment_ids is not None:
+            _check_2d(segment_ids, "segment_ids", shape)
+            reset = document_starts(jnp.asarray(segment_ids))
+        if token_mask is not None:
+            _check_2d(token_mask, "token_mask", shape)
+            token_mask = jnp.asarray(token_mask, bool)
+        if states is not None and len(states) != c.num_blocks:
+            raise ValueError(f"states must hold one (C, n, m) per block ({c.num_blocks}), got {len(states)}.")
+        name = resolve_backend(backend or c.backend)
+        if IMPLEMENTATIONS[name].chunk_sizes is None:
+            chunk_size = None
+        else:
+            chunk_size = chunk_size or c.chunk_size
+        x = self.backbone.embeddings(jnp.asarray(tokens))
+        new_states = []
+        for index, block in enumerate(self.backbone.blocks):
+            x, state = block(x, state=None if states is None else states[index], reset=reset,
+                             token_mask=token_mask, backend=name, chunk_size=chunk_size)
+            new_states.append(state)
+        if self.backbone.out_norm is not None:
+            x = self.backbone.out_norm(x)
+        dt = c.compute_jnp_dtype
+        if self.lm_head is None:
+            table = self.backbone.embeddings.weight[...]
+            logits = jnp.einsum("bsd,vd->bsv", x.astype(dt), table.astype(dt), preferred_element_type=F32,
+                                precision=matmul_precision(dt))
+        else:
+            logits = self.lm_head(x, dt)
+        logits = soft_cap(logits, c.output_logit_soft_cap)
+        return (logits, new_states) if return_states else logits
+
+
+def zero_states(config: xLSTMLargeConfig, batch_size: int) -> list[State]:
+    """Float32 zero states (m = 0) for every block: the state before any token."""
+    NH, DHQK, DHV = config.num_heads, config.qk_head_dim, config.v_head_dim
+    return [
+        (jnp.zeros((batch_size, NH, DHQK, DHV), F32), jnp.zeros((batch_size, NH, DHQK), F32),
+         jnp.zeros((batch_size, NH), F32))
+        for _ in range(config.num_blocks)
+    ]
