@@ -65,6 +65,8 @@ def test_bfloat16_and_tied_checkpoints_round_trip(tmp_path):
     assert tensors["backbone.embeddings.weight"].dtype == ml_dtypes.bfloat16
     loaded = from_pretrained(str(tmp_path), "float32")
     assert loaded.config.tie_word_embeddings and loaded.config.param_dtype == "bfloat16"
+    assert loaded.config.compute_dtype == "float32"
+    assert from_pretrained(str(tmp_path)).config.compute_dtype == "bfloat16"  # default: the checkpoint's dtype
     want = ckpt.state_dict(model)
     assert all(np.array_equal(ckpt.state_dict(loaded)[k], want[k]) for k in want)
 
@@ -118,8 +120,8 @@ def test_handwritten_hf_sharded_checkpoint_loads_and_matches_the_spec(tmp_path):
              "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
     with open(tmp_path / ckpt.INDEX_FILE, "w") as fh:
         json.dump(index, fh)
-    model = from_pretrained(str(tmp_path), "float32", backend="native_chunkwise")
-    assert model.config.qk_dim == 64 and model.config.param_dtype == "float32"
+    model = from_pretrained(str(tmp_path), backend="native_chunkwise")  # computes in the checkpoint's float32
+    assert model.config.qk_dim == 64 and model.config.param_dtype == model.config.compute_dtype == "float32"
     tokens = random_tokens(3, (2, 7), 30)
     want = numpy_forward(tensors, model.config, tokens)
     got = model(jnp.asarray(tokens))

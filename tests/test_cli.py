@@ -1,5 +1,5 @@
-"""`xlstm-jax doctor`: runs, reports PASS for the native backends, and exits non-zero on a FAIL or a refused
-version combination."""
+"""The `xlstm-jax` command: `doctor` runs, reports PASS for the native backends, and exits non-zero on a FAIL or a
+refused version combination; `train` and `generate` run through the same entry point."""
 
 import dataclasses
 import os
@@ -78,3 +78,15 @@ def test_doctor_refuses_a_known_bad_version_combination(monkeypatch, capsys):
     assert doctor.run_doctor(backends=["native_recurrent"], quick=True) == 1
     text = capsys.readouterr().out
     assert "error" in text and "triton >= 3.7" in text and "refused" in text
+
+
+def test_train_and_generate_run_through_the_top_level_command(tmp_path, capsys):
+    """`xlstm-jax train` (the README's main job, shortened) and `xlstm-jax generate` on its output."""
+    out_dir = str(tmp_path / "run")
+    argv = ["train", "--vocab-size", "16", "--seq-len", "16", "--num-kv-pairs", "2", "--embedding-dim", "32",
+            "--num-blocks", "1", "--batch-size", "4", "--steps", "3", "--warmup-steps", "1", "--eval-every", "3",
+            "--chunk-size", "16", "--output-dir", out_dir, "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "eval accuracy" in capsys.readouterr().out
+    assert cli.main(["generate", out_dir, "--prompt-ids", "1 9 2", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.startswith("prompt [1, 9, 2] -> ")

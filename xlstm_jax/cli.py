@@ -1,5 +1,5 @@
-"""The `xlstm-jax` command line: `xlstm-jax doctor [--backends NAME ...] [--quick]` and
-`xlstm-jax bench [--preset NAME] [options]` (see `xlstm_jax.bench`)."""
+"""The `xlstm-jax` command line: `train` (the main job: an xLSTM on synthetic MQAR, `xlstm_jax.train`),
+`generate` (sampling from a checkpoint), `bench` (`xlstm_jax.bench`) and `doctor` (versions and backend checks)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 from typing import Sequence
 
 from xlstm_jax.bench.runner import add_arguments as add_bench_arguments
+from xlstm_jax.train.cli import GENERATE_DESCRIPTION, TRAIN_DESCRIPTION, add_generate_arguments, add_train_arguments
 
 
 def _backend_list(text: str) -> list[str]:
@@ -23,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per task."""
     parser = argparse.ArgumentParser(prog="xlstm-jax", description="xlstm_jax: mLSTM kernels and models for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a small xLSTM on synthetic multi-query associative recall",
+                           description=TRAIN_DESCRIPTION)
+    add_train_arguments(train)
+    generate = sub.add_parser("generate", help="sample from a trained or pretrained xLSTM checkpoint",
+                              description=GENERATE_DESCRIPTION)
+    add_generate_arguments(generate)
     doctor = sub.add_parser(
         "doctor",
         help="check versions and backends, and run every runnable backend against the float64 reference",
@@ -54,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         backends = None if args.backends is None else list(dict.fromkeys(n for group in args.backends for n in group))
         return run_doctor(backends=backends, quick=args.quick)
+    if args.command in ("train", "generate"):
+        from xlstm_jax.train.cli import run_generate, run_train
+
+        return run_train(args) if args.command == "train" else run_generate(args)
     if args.command == "bench":
         from xlstm_jax.bench.runner import run_bench
 

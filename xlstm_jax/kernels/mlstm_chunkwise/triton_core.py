@@ -35,11 +35,13 @@ from xlstm_jax.mlstm.base import MLSTMShape, pad_to_multiple, qk_scale
 MAX_HEAD_DIM = 512
 F32 = jnp.float32
 
-# Launch parameters from H100 sweeps (docs/benchmarks.md). The limit-chunk dq kernel always runs 8 warps: with 4,
-# triton 3.6 on H100 miscompiles it for bf16 at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by
-# test_gpu_parity_realistic_shape).
+# Launch parameters: H100/H200 measurements and scripts/tune_launch.py (docs/benchmarks.md). recurrent_warps=2 came
+# from that tuner on the H200 (limit L=64 fw 2.93 -> 2.68 ms at B=8, NH=16, S=8192, 128/256, bf16). The limit-chunk
+# dq kernel always runs 8 warps: with 4, triton 3.6 on H100 miscompiles it for bf16 at L=64, DHQK=128, DHHV=256
+# (dq 80% off, silently; caught by test_gpu_parity_realistic_shape; the tuner rejects any candidate whose
+# gradients deviate).
 LAUNCH = {
-    "block": 64, "out_v_block": 128, "recurrent_warps": 4, "parallel_warps": 4, "parallel_warps_l128": 8,
+    "block": 64, "out_v_block": 128, "recurrent_warps": 2, "parallel_warps": 4, "parallel_warps_l128": 8,
     "dq_warps": 8, "xl_warps": 4, "xl_out_block": 128, "recurrent_stages": 1, "parallel_stages": 1,
 }
 
@@ -87,10 +89,17 @@ def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, ja
     return vec_b[0].reshape(i.shape), vec_a[0].reshape(i.shape), sca_g[0]
 
 
-def _parallel_warps(cfg: KernelConfig) -> int:
-    if cfg.family == "xl":
-        return cfg.num_warps or LAUNCH["xl_warps"]
-    return LAUNCH["parallel_warps"] if cfg.chunk_size <= 64 else LAUNCH["parallel_warps_l128"]
+def _recurrent_launch() -> dict:
+    return dict(num_warps=LAUNCH["recurrent_warps"], num_stages=LAUNCH["recurrent_stages"])
+
+
+def _parallel_launch(cfg: KernelConfig, warps: int | None = None) -> dict:
+    """num_warps / num_stages of a parallel (per-chunk) kernel; `warps` overrides the family's choice."""
+    if warps is None and cfg.family == "xl":
+        warps = cfg.num_warps or LAUNCH["xl_warps"]
+    elif warps is None:
+        warps = LAUNCH["parallel_warps"] if cfg.chunk_size <= 64 else LAUNCH["parallel_warps_l128"]
+    return dict(num_warps=warps, num_stages=LAUNCH["parallel_stages"])
 
 
 def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
@@ -112,7 +121,7 @@ def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
             jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
             jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
         ],
-        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"], num_stages=LAUNCH["recurrent_stages"],
+        grid=(-(-DHQK // BK) * -(-DHHV // BV),), **_recurrent_launch(),
         NC=S // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, SAVE_EVERY=every,
     )
     return c_all, n_all, m_sub[:, ::every], m_sub, c_last
@@ -146,7 +155,7 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
         BV = block(DHHV, LAUNCH["out_v_block"])
         kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
     h, den, m_out = launch(kernel, [q, k, v, vec_b, i, c_in, n_in, m_all], outs, grid=grid,
-                           num_warps=_parallel_warps(cfg), num_stages=LAUNCH["parallel_stages"], BV=BV, **consts)
+                           BV=BV, **_parallel_launch(cfg), **consts)
     return h, den, m_out, states
 
 
@@ -165,21 +174,21 @@ def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_a
     dq_in = [kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all]
     dkdv_in = [qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all]
     if cfg.family != "xl":
-        (dq,) = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape], grid=(NC,), num_warps=LAUNCH["dq_warps"], num_stages=LAUNCH["parallel_stages"],
-                       NS=c_in.shape[1], **consts)
+        (dq,) = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape], grid=(NC,), NS=c_in.shape[1],
+                       **_parallel_launch(cfg, LAUNCH["dq_warps"]), **consts)
         dk, dv = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dq_shape, dv_shape], grid=(NC,),
-                        num_warps=_parallel_warps(cfg), num_stages=LAUNCH["parallel_stages"], **consts)
+                        **_parallel_launch(cfg), **consts)
         return dq, dk, dv
     LQ, LKV = cfg.tile_q, cfg.tile_kv
-    warps = _parallel_warps(cfg)
+    run = _parallel_launch(cfg)
     BO = LAUNCH["xl_out_block"]
     (dq,) = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape], grid=(NC * (L // LQ), -(-DHQK // BK)),
-                   num_warps=warps, num_stages=LAUNCH["parallel_stages"], NS=c_in.shape[1], LQ=LQ, LKV=LKV, **consts)
+                   NS=c_in.shape[1], LQ=LQ, LKV=LKV, **run, **consts)
     tiles = dict(LQ=LQ, LKV=LKV)
     (dk,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dq_shape], grid=(NC * (L // LKV), -(-DHQK // block(DHQK, BO))),
-                   num_warps=warps, num_stages=LAUNCH["parallel_stages"], WANT_DK=True, BO=block(DHQK, BO), **tiles, **consts)
+                   WANT_DK=True, BO=block(DHQK, BO), **tiles, **run, **consts)
     (dv,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // LKV), -(-DHHV // block(DHHV, BO))),
-                   num_warps=warps, num_stages=LAUNCH["parallel_stages"], WANT_DK=False, BO=block(DHHV, BO), **tiles, **consts)
+                   WANT_DK=False, BO=block(DHHV, BO), **tiles, **run, **consts)
     return dq, dk, dv
 
 
@@ -235,7 +244,7 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
         mlstm_bw_recurrent_kernel,
         [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_lastf, dn_lastf],
         [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), F32), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32)],
-        grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"], num_stages=LAUNCH["recurrent_stages"],
+        grid=(-(-DHQK // BK) * -(-DHHV // BV),), **_recurrent_launch(),
         NC=S_pad // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK),
         SAVE_EVERY=cfg.chunk_size // Lr,
     )

@@ -26,7 +26,7 @@ __all__ = sorted([*_EXPORTS, "from_pretrained"])
 def from_pretrained(path: str, dtype: Any = None, **overrides: Any) -> Any:
     """Load an xLSTM-7B checkpoint directory (HF `xLSTM-7b` or plain `xlstm_large` safetensors layout).
 
-    dtype: the matmul compute dtype (None: bfloat16, the config default). Keyword overrides: param_dtype,
+    dtype: the matmul compute dtype (None: the checkpoint's dtype, e.g. float32 for the hub checkpoint). Keyword overrides: param_dtype,
     weight_mode, backend, chunk_size (see `xlstm_jax.models.xlstm_large.checkpoint.from_pretrained`). Returns an
     `xLSTMLarge` whose call on int tokens (B, S) gives float32 logits (B, S, V).
     """

@@ -227,8 +227,8 @@ def from_pretrained(
 ) -> xLSTMLarge:
     """Load an xLSTM-7B checkpoint directory in the HF or plain layout (detected from the keys).
 
-    dtype: the compute dtype of the matmuls ("bfloat16" / "float32" / "float16"; None: the config default,
-    bfloat16). param_dtype: the parameter dtype (None: the checkpoint's, float32 for the hub). weight_mode:
+    dtype: the compute dtype of the matmuls ("bfloat16" / "float32" / "float16"; None: the checkpoint's dtype,
+    float32 for the hub checkpoint). param_dtype: the parameter dtype (None: the checkpoint's, float32 for the hub). weight_mode:
     "single" or "fused" (None: whatever the checkpoint stores). backend / chunk_size: the mLSTM backend (None: "auto").
     """
     if not os.path.isdir(path):
@@ -241,8 +241,7 @@ def from_pretrained(
     stored = np.asarray(tensors[_EMBEDDING_KEY[layout]]).dtype
     changes["param_dtype"] = jnp.dtype(param_dtype).name if param_dtype is not None else jnp.dtype(stored).name
     changes["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    if dtype is not None:
-        changes["compute_dtype"] = jnp.dtype(dtype).name
+    changes["compute_dtype"] = jnp.dtype(stored if dtype is None else dtype).name
     if backend is not None:
         changes["backend"] = backend
     if chunk_size is not None:

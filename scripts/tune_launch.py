@@ -1,0 +1,131 @@
+"""Offline tuning of the Triton launch parameters (`LAUNCH` in triton_core.py and the xl-chunk tiles) on a GPU.
+
+Coordinate descent from the checked-in values: one parameter at a time over its candidates, keeping a change only
+when it lowers fw + fw·bw median time. Every candidate's gradients are compared with the checked-in
+configuration's (a miscompiled kernel gives wrong numbers, not an error: see the dq_warps note in triton_core.py);
+a candidate that deviates is rejected. Prints each step and writes the winners as JSON:
+
+    python scripts/tune_launch.py --shape 8,16,8192,128,256 --out out/tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xlstm_jax.bench.measure import mlstm_inputs, time_jax, with_mode
+from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
+    mlstm_chunkwise_triton_xl_chunk,
+)
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
+
+# Candidates per knob. Keys of LAUNCH are global (SHARED ones are tuned in the first run only); "tile_q", "tile_kv", "inter_chunk_size" are xl-chunk arguments.
+SHARED = {"block": (32, 64, 128), "recurrent_warps": (2, 4, 8), "recurrent_stages": (1, 2, 3),
+          "parallel_stages": (1, 2, 3)}
+FAMILY = {
+    "limit": {"out_v_block": (64, 128, 256), "parallel_warps": (4, 8), "parallel_warps_l128": (4, 8)},
+    "xl": {"xl_warps": (4, 8), "xl_out_block": (64, 128, 256), "tile_q": (32, 64, 128), "tile_kv": (32, 64, 128),
+           "inter_chunk_size": (32, 64, 128)},
+}
+XL_ARGS = ("tile_q", "tile_kv", "inter_chunk_size")
+GRAD_TOL = 2e-2  # relative (norm-wise) deviation from the checked-in configuration's gradients
+
+
+def _fw(family: str, chunk: int, xl_args: dict):
+    """The family's forward at chunk size `chunk`, computing in the inputs' dtype (the seed default is float32)."""
+    if family == "limit":
+        return lambda q, k, v, i, f: mlstm_chunkwise_triton_stablef(
+            q, k, v, i, f, chunk_size=chunk, autocast_kernel_dtype=None)
+    return lambda q, k, v, i, f: mlstm_chunkwise_triton_xl_chunk(
+        q, k, v, i, f, chunk_size=chunk, autocast_kernel_dtype=None, **xl_args)
+
+
+def _grads(fw, args):
+    w = jax.random.normal(jax.random.PRNGKey(1), args[0].shape[:3] + (args[2].shape[-1],), jnp.float32)
+
+    def loss(*a):
+        return jnp.sum(w * fw(*a).astype(jnp.float32))
+
+    return [np.asarray(g, np.float64) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)]
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def evaluate(family, chunk, setting, shape, dtype, reps, baseline):
+    """(fw ms, fwbw ms, max grad deviation) of one setting, or None if it does not compile or run."""
+    launch = {k: v for k, v in setting.items() if k not in XL_ARGS}
+    xl_args = {k: v for k, v in setting.items() if k in XL_ARGS and family == "xl"}
+    saved = dict(triton_core.LAUNCH)
+    triton_core.LAUNCH.update(launch)
+    try:
+        fw = _fw(family, chunk, xl_args)
+        make = lambda: mlstm_inputs(*shape, dtype)  # noqa: E731
+        t_fw = time_jax(fw, make, reps)["ms_median"]
+        t_bw = time_jax(with_mode(fw, "fwbw", 5), make, reps)["ms_median"]
+        grads = _grads(fw, make())
+        dev = 0.0 if baseline is None else max(_rel(g, b) for g, b in zip(grads, baseline))
+        return t_fw, t_bw, dev, grads
+    except Exception as err:  # a candidate that fails to compile or launch is just not chosen
+        print(f"    {setting}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})", flush=True)
+        return None
+    finally:
+        triton_core.LAUNCH.clear()
+        triton_core.LAUNCH.update(saved)
+
+
+def tune(family, chunk, shape, dtype, reps, shared):
+    knobs = {**(SHARED if shared else {}), **FAMILY[family]}
+    setting = {k: triton_core.LAUNCH[k] for k in knobs if k in triton_core.LAUNCH}
+    if family == "xl":
+        setting.update(zip(XL_ARGS, (min(64, chunk),) * 3))
+    t_fw, t_bw, _, baseline = evaluate(family, chunk, setting, shape, dtype, reps, None)
+    best = (t_fw + t_bw, t_fw, t_bw)
+    print(f"{family} L={chunk}: checked-in {setting}: fw {t_fw:.3f} ms, fwbw {t_bw:.3f} ms", flush=True)
+    for name, values in knobs.items():
+        for value in values:
+            if value == setting[name] or (name in XL_ARGS and value > chunk):
+                continue
+            trial = {**setting, name: value}
+            result = evaluate(family, chunk, trial, shape, dtype, reps, baseline)
+            if result is None:
+                continue
+            f_ms, b_ms, dev, _ = result
+            verdict = "WRONG" if dev > GRAD_TOL else ("better" if f_ms + b_ms < best[0] else "")
+            print(f"    {name}={value}: fw {f_ms:.3f}, fwbw {b_ms:.3f}, grad dev {dev:.1e} {verdict}", flush=True)
+            if verdict == "better":
+                setting, best = trial, (f_ms + b_ms, f_ms, b_ms)
+    print(f"{family} L={chunk}: best {setting}: fw {best[1]:.3f} ms, fwbw {best[2]:.3f} ms", flush=True)
+    return {"family": family, "chunk": chunk, "setting": setting, "fw_ms": best[1], "fwbw_ms": best[2],
+            "checked_in_fw_ms": t_fw, "checked_in_fwbw_ms": t_bw}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="8,16,8192,128,256", help="B,NH,S,DHQK,DHHV")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--runs", nargs="+", default=["limit:64", "xl:128"], help="family:chunk pairs")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default="out/tune.json")
+    args = parser.parse_args()
+    shape = tuple(int(x) for x in args.shape.split(","))
+    start = time.time()
+    results = []
+    for index, run in enumerate(args.runs):  # the knobs shared by both families are tuned in the first run
+        family, chunk = run.split(":")
+        results.append(tune(family, int(chunk), shape, jnp.dtype(args.dtype), args.reps, shared=index == 0))
+    meta = {"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype, "seconds": time.time() - start}
+    with open(args.out, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
