@@ -48,7 +48,7 @@ def measure(config: xLSTMLargeConfig, batch: int, seq_len: int, reps: int) -> di
             "tokens_per_s": batch * seq_len / (timing["ms_median"] / 1e3), "compile_s": timing["compile_s"]}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["triton_limit_chunk", "triton_xl_chunk", "native_chunkwise"])
     parser.add_argument("--chunk-size", type=int, default=None, help="None: each backend's default")
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="D=64, 2 blocks, vocab 256, S=64, B=2")
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = dict(embedding_dim=768, num_heads=4, num_blocks=12, vocab_size=50304, tie_word_embeddings=True)
     batch, seq_len = args.batch, args.seq_len
     if args.tiny:

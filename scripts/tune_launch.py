@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.bench.measure import mlstm_inputs, time_jax, with_mode
+from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats, with_mode
 from xlstm_jax.kernels.mlstm_chunkwise import triton_core
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
     mlstm_chunkwise_triton_xl_chunk,
@@ -26,8 +26,8 @@ from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
 
 # Candidates per knob. Keys of LAUNCH are global (SHARED ones are tuned in the first run only); "tile_q", "tile_kv", "inter_chunk_size" are xl-chunk arguments.
-SHARED = {"block": (32, 64, 128), "recurrent_warps": (2, 4, 8), "recurrent_stages": (1, 2, 3),
-          "parallel_stages": (1, 2, 3)}
+SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (2, 4, 8), "recurrent_stages": (1, 2, 3),
+          "block": (32, 64, 128), "parallel_stages": (1, 2, 3)}
 FAMILY = {
     "limit": {"out_v_block": (64, 128, 256), "parallel_warps": (4, 8), "parallel_warps_l128": (4, 8)},
     "xl": {"xl_warps": (4, 8), "xl_out_block": (64, 128, 256), "tile_q": (32, 64, 128), "tile_kv": (32, 64, 128),
@@ -46,33 +46,29 @@ def _fw(family: str, chunk: int, xl_args: dict):
         q, k, v, i, f, chunk_size=chunk, autocast_kernel_dtype=None, **xl_args)
 
 
-def _grads(fw, args):
-    w = jax.random.normal(jax.random.PRNGKey(1), args[0].shape[:3] + (args[2].shape[-1],), jnp.float32)
-
-    def loss(*a):
-        return jnp.sum(w * fw(*a).astype(jnp.float32))
-
-    return [np.asarray(g, np.float64) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)]
-
-
 def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def evaluate(family, chunk, setting, shape, dtype, reps, baseline):
-    """(fw ms, fwbw ms, max grad deviation) of one setting, or None if it does not compile or run."""
+def _time(compiled, args, reps) -> float:
+    seconds, _ = timed_runs(lambda: compiled(*args), jax.block_until_ready, reps)
+    return timing_stats(seconds)["ms_median"]
+
+
+def evaluate(family, chunk, setting, args, reps, baseline):
+    """(fw ms, fwbw ms, max gradient deviation from `baseline`, gradients) of one setting, or None if it does not
+    compile or run. The gradients are those of sum(h) with respect to q, k, v, i, f (the timed fw·bw call)."""
     launch = {k: v for k, v in setting.items() if k not in XL_ARGS}
     xl_args = {k: v for k, v in setting.items() if k in XL_ARGS and family == "xl"}
     saved = dict(triton_core.LAUNCH)
     triton_core.LAUNCH.update(launch)
     try:
         fw = _fw(family, chunk, xl_args)
-        make = lambda: mlstm_inputs(*shape, dtype)  # noqa: E731
-        t_fw = time_jax(fw, make, reps)["ms_median"]
-        t_bw = time_jax(with_mode(fw, "fwbw", 5), make, reps)["ms_median"]
-        grads = _grads(fw, make())
+        fw_call = jax.jit(fw).lower(*args).compile()
+        bw_call = jax.jit(with_mode(fw, "fwbw", 5)).lower(*args).compile()
+        grads = [np.asarray(g, np.float64) for g in bw_call(*args)]
         dev = 0.0 if baseline is None else max(_rel(g, b) for g, b in zip(grads, baseline))
-        return t_fw, t_bw, dev, grads
+        return _time(fw_call, args, reps), _time(bw_call, args, reps), dev, grads
     except Exception as err:  # a candidate that fails to compile or launch is just not chosen
         print(f"    {setting}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})", flush=True)
         return None
@@ -81,12 +77,15 @@ def evaluate(family, chunk, setting, shape, dtype, reps, baseline):
         triton_core.LAUNCH.update(saved)
 
 
-def tune(family, chunk, shape, dtype, reps, shared):
+def tune(family, chunk, shape, dtype, reps, shared, only=None):
     knobs = {**(SHARED if shared else {}), **FAMILY[family]}
+    if only:
+        knobs = {k: v for k, v in knobs.items() if k in only}
     setting = {k: triton_core.LAUNCH[k] for k in knobs if k in triton_core.LAUNCH}
     if family == "xl":
         setting.update(zip(XL_ARGS, (min(64, chunk),) * 3))
-    t_fw, t_bw, _, baseline = evaluate(family, chunk, setting, shape, dtype, reps, None)
+    args = mlstm_inputs(*shape, dtype)
+    t_fw, t_bw, _, baseline = evaluate(family, chunk, setting, args, reps, None)
     best = (t_fw + t_bw, t_fw, t_bw)
     print(f"{family} L={chunk}: checked-in {setting}: fw {t_fw:.3f} ms, fwbw {t_bw:.3f} ms", flush=True)
     for name, values in knobs.items():
@@ -94,7 +93,7 @@ def tune(family, chunk, shape, dtype, reps, shared):
             if value == setting[name] or (name in XL_ARGS and value > chunk):
                 continue
             trial = {**setting, name: value}
-            result = evaluate(family, chunk, trial, shape, dtype, reps, baseline)
+            result = evaluate(family, chunk, trial, args, reps, baseline)
             if result is None:
                 continue
             f_ms, b_ms, dev, _ = result
@@ -107,20 +106,22 @@ def tune(family, chunk, shape, dtype, reps, shared):
             "checked_in_fw_ms": t_fw, "checked_in_fwbw_ms": t_bw}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="8,16,8192,128,256", help="B,NH,S,DHQK,DHHV")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--runs", nargs="+", default=["limit:64", "xl:128"], help="family:chunk pairs")
+    parser.add_argument("--knobs", nargs="+", help="tune only these knobs (default: all)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default="out/tune.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     start = time.time()
     results = []
     for index, run in enumerate(args.runs):  # the knobs shared by both families are tuned in the first run
         family, chunk = run.split(":")
-        results.append(tune(family, int(chunk), shape, jnp.dtype(args.dtype), args.reps, shared=index == 0))
+        results.append(tune(family, int(chunk), shape, jnp.dtype(args.dtype), args.reps,
+                            shared=index == 0, only=args.knobs))
     meta = {"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype, "seconds": time.time() - start}
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)

@@ -42,6 +42,7 @@ def _stablef(**kw):
         (2, 1, 32, 32, 16, 16, False),  # S a multiple of L
         (1, 1, 1, 16, 16, 16, True),  # S = 1
         (1, 1, 20, 24, 48, 32, True),  # head dims that are not powers of two, S < L
+        (1, 1, 20, 48, 1024, 16, True),  # the largest head dim (1024), tiled
     ],
 )
 def test_matches_float64_reference(B, NH, S, DHQK, DHHV, L, with_state):

@@ -45,6 +45,21 @@ def test_matches_float64_reference(S, DHQK, DHHV, tiling, with_state):
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
 
 
+@pytest.mark.parametrize("DHQK, DHHV", [(1024, 48), (48, 1024)])
+def test_head_dims_up_to_1024(DHQK, DHHV):
+    """Head dims up to 1024 (the key and the value axis each tiled in 64-wide blocks)."""
+    x = make_inputs(4, 1, 1, 20, DHQK, DHHV, with_state=True)
+    w = make_weights(4, x)
+    out, grads = outputs_and_grads(_xl(chunk_size=16), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-4, bw_tol=1e-3)
+
+
+def test_head_dims_above_1024_are_refused():
+    x = make_inputs(0, 1, 1, 4, 1040, 16)
+    with pytest.raises(ValueError, match=r"DHQK \(q, k last axis\) must be <= 1024"):
+        mlstm_chunkwise_triton_xl_chunk(*(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")))
+
+
 def test_recompute_option_and_denominator_variant():
     x = make_inputs(1, 1, 1, 48, 16, 16, with_state=True)
     w = make_weights(1, x)
@@ -109,5 +124,14 @@ def test_gpu_parity_realistic_shapes(chunk_size, DHQK, DHHV):
     x = make_inputs(0, 1, 2, 2048, DHQK, DHHV, with_state=True)
     w = make_weights(0, x)
     out, grads = outputs_and_grads(_xl(chunk_size=chunk_size), x, w)
+    ref_out, ref_grads = reference_outputs_and_grads(x, w)
+    assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=1e-4, bw_tol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_parity_largest_head_dims():
+    x = make_inputs(1, 1, 2, 1024, 1024, 1024, with_state=True)
+    w = make_weights(1, x)
+    out, grads = outputs_and_grads(_xl(chunk_size=128), x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=1e-4, bw_tol=1e-3)

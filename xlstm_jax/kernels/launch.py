@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -176,13 +177,20 @@ def _fix_interpreter() -> None:
     interpreter.InterpreterBuilder.create_masked_store = create_masked_store_bool
 
 
+# Triton's interpreter keeps the running program's grid position in process-global state, and XLA's CPU runtime may
+# run independent host callbacks (e.g. the dq and dk/dv kernels of one backward) on several threads at once: one
+# interpreted launch at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
     _fix_interpreter()
 
     def host(*arrays):
         ins = [np.ascontiguousarray(a) for a in arrays]
         outs = [np.zeros(o.shape, o.dtype) for o in out_shapes]
-        kernel[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
+        with _INTERPRETER_LOCK:
+            kernel[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
         return tuple(outs)
 
     return jax.pure_callback(host, tuple(out_shapes), *inputs, vmap_method="sequential")

@@ -65,13 +65,21 @@ def triton_status() -> tuple[bool, str]:
     return triton_availability()
 
 
-def resolve_backend(backend: str) -> str:
-    """Map a backend name (or "auto") to a runnable implementation name; raise with the alternatives if it can't run."""
+def resolve_backend(backend: str, chunk_size: int | None = None) -> str:
+    """Map a backend name (or "auto") to a runnable implementation name; raise with the alternatives if it can't run.
+
+    "auto" on a CUDA GPU with Triton: triton_limit_chunk, the faster family in the GPU benchmarks
+    (docs/benchmarks.md), or triton_xl_chunk for a chunk_size beyond limit-chunk's range; elsewhere
+    native_chunkwise.
+    """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown mLSTM backend {backend!r}; expected one of {list(BACKEND_NAMES)}.")
     if backend == "auto":
         ok, _ = triton_status()
-        return "triton_limit_chunk" if ok and jax.default_backend() == "gpu" else "native_chunkwise"
+        if not (ok and jax.default_backend() == "gpu"):
+            return "native_chunkwise"
+        limit_max = IMPLEMENTATIONS["triton_limit_chunk"].chunk_sizes[1]
+        return "triton_xl_chunk" if chunk_size is not None and chunk_size > limit_max else "triton_limit_chunk"
     if IMPLEMENTATIONS[backend].needs_triton:
         ok, why = triton_status()
         if not ok:
@@ -104,7 +112,7 @@ def mlstm(
     Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (C, n, m))` float32 with `return_last_states=True`.
     """
     i3, f3, _ = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, chunk_size)
     impl = IMPLEMENTATIONS[name]
     if impl.chunk_sizes is None:
         if chunk_size is not None:

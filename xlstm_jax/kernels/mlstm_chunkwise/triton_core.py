@@ -32,7 +32,7 @@ from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import (
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.fw_kernels import mlstm_fw_parallel_kernel, mlstm_fw_recurrent_kernel
 from xlstm_jax.mlstm.base import MLSTMShape, pad_to_multiple, qk_scale
 
-MAX_HEAD_DIM = 512
+MAX_HEAD_DIM = 1024
 F32 = jnp.float32
 
 # Launch parameters: H100/H200 measurements and scripts/tune_launch.py (docs/benchmarks.md). recurrent_warps=2 came
@@ -41,8 +41,11 @@ F32 = jnp.float32
 # (dq 80% off, silently; caught by test_gpu_parity_realistic_shape; the tuner rejects any candidate whose
 # gradients deviate).
 LAUNCH = {
-    "block": 64, "out_v_block": 128, "recurrent_warps": 2, "parallel_warps": 4, "parallel_warps_l128": 8,
-    "dq_warps": 8, "xl_warps": 4, "xl_out_block": 128, "recurrent_stages": 1, "parallel_stages": 1,
+    # state recurrence (fw states, bw state cotangents): head-dim tile, warps, software-pipelining stages
+    "recurrent_block": 64, "recurrent_warps": 2, "recurrent_stages": 1,
+    # per-chunk kernels: head-dim tile, output (DHHV) tile, warps (limit L <= 64 / L = 128, dq, xl), stages
+    "block": 64, "out_v_block": 128, "parallel_warps": 4, "parallel_warps_l128": 8, "dq_warps": 8,
+    "xl_warps": 4, "xl_out_block": 128, "parallel_stages": 1,
 }
 
 
@@ -69,7 +72,8 @@ class KernelConfig:
 
 
 def block(dim: int, cap: int | None = None) -> int:
-    """Head-dim block: the next power of two >= dim (at least 16), capped."""
+    """Head-dim block: the next power of two >= dim (at least 16), capped at `cap` (default LAUNCH["block"], the
+    parallel kernels' block; the state-recurrence kernels use LAUNCH["recurrent_block"])."""
     return min(cap or LAUNCH["block"], max(16, 1 << (dim - 1).bit_length()))
 
 
@@ -111,7 +115,7 @@ def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
     _, vec_a, sca_g = _gates(i, f, Lr)
-    BK, BV = block(DHQK), block(DHHV)
+    BK, BV = block(DHQK, LAUNCH["recurrent_block"]), block(DHHV, LAUNCH["recurrent_block"])
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
         [k, v, vec_a, sca_g, c0, n0, m0],
@@ -238,7 +242,7 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
 
     Lr = cfg.recurrent_chunk
     vec_b_sub, _, sca_g_sub = _gates(i_f, f_f, Lr)
-    BK, BV = block(DHQK), block(DHHV)
+    BK, BV = block(DHQK, LAUNCH["recurrent_block"]), block(DHHV, LAUNCH["recurrent_block"])
     NC = S_pad // cfg.chunk_size
     dc_all, dn_all = launch(
         mlstm_bw_recurrent_kernel,

@@ -3,7 +3,7 @@ computed at a finer inter-chunk granularity and stored only at chunk borders. Sa
 the limit-chunk family (shared core: ../triton_core.py); here only the parallel kernels differ.
 
 Shapes: q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1); states (B, NH, DHQK, DHHV),
-(B, NH, DHQK), (B, NH). Any S; head dims up to 512.
+(B, NH, DHQK), (B, NH). Any S; head dims up to 1024.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from the saved border stabilizers; `gate_gradients` finishes di, df and dm_initi
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

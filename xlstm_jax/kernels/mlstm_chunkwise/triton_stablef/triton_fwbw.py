@@ -100,7 +100,7 @@ def mlstm_chunkwise_triton_stablef(
 
     q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) (or (B, NH, S, 1)); optional c_initial
     (B, NH, DHQK, DHHV), n_initial (B, NH, DHQK), m_initial (B, NH) — all three or none. Any S; chunk_size a power
-    of two in 16..128; head dims up to 512. See `_mlstm_chunkwise_fwbw_generator` for the other arguments.
+    of two in 16..128; head dims up to 1024. See `_mlstm_chunkwise_fwbw_generator` for the other arguments.
     Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (C, n, m))` with float32 states (m in natural-log units).
     """
     fwd = _get_chunkwise_fwbw_kernel(

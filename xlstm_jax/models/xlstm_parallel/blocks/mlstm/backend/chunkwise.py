@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 from xlstm_jax.mlstm.base import check_inputs
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU-machine checks, one step per call so each fits a bounded session; logs and results go to OUT_DIR.
+#   bash scripts/gpu_checks.sh STEP OUT_DIR
+# STEP: tests       GPU-marked tests (kernel parity at realistic shapes, extreme gates) and `xlstm-jax doctor`
+#       bench       the issue shapes (16-head and 7B-head, 65536 tokens) for every backend and chunk size, with peers
+#       presets     the four H100/H200 presets of docs/benchmarks.md (in-process; peers in subprocesses)
+#       tune        scripts/tune_launch.py for both families at the 16-head shape
+#       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
+# Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
+set -uo pipefail
+step=${1:?step}
+out=${2:?output folder}
+mkdir -p "$out"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+case "$step" in
+  tests)
+    python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
+    python3 -m xlstm_jax.cli doctor 2>&1 | tee "$out/doctor.log" ;;
+  bench)
+    python3 -m xlstm_jax.cli bench --shape 8,16,8192,128,256 --shape 8,8,8192,256,512 --chunk-sizes 64,128,256 \
+      --backends native_chunkwise,triton_limit_chunk,triton_xl_chunk --reps 20 --out "$out/issue_shapes" 2>&1 \
+      | tee "$out/bench.log" ;;
+  presets)
+    for preset in tfla-const-tokens 7b head-dims decode; do
+      python3 -m xlstm_jax.cli bench --preset "$preset" --reps 20 --out "$out/$preset" 2>&1 | tee "$out/$preset.log"
+    done ;;
+  tune)
+    python3 scripts/tune_launch.py --runs limit:64 xl:128 --out "$out/tune.json" 2>&1 | tee "$out/tune.log" ;;
+  throughput)
+    python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
+  *)
+    echo "unknown step $step" >&2; exit 2 ;;
+esac

@@ -1,0 +1,50 @@
+"""The GPU-side scripts run end to end at tiny sizes (Triton interpreter on CPU): the launch tuner keeps only
+candidates whose gradients agree with the checked-in configuration, and the throughput script reports every
+backend."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuner_rejects_a_candidate_with_wrong_gradients(tmp_path, capsys, monkeypatch):
+    tuner = _load("tune_launch")
+    right = tuner._fw
+
+    def fw_broken_with_8_warps(family, chunk, xl_args):  # stands in for a miscompiled kernel
+        fw = right(family, chunk, xl_args)
+        scale = 2.0 if triton_core.LAUNCH["recurrent_warps"] == 8 else 1.0
+        return lambda *a: fw(*a) * jnp.asarray(scale, a[0].dtype)
+
+    monkeypatch.setattr(tuner, "_fw", fw_broken_with_8_warps)
+    out = tmp_path / "tune.json"
+    checked_in = dict(triton_core.LAUNCH)
+    tuner.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--knobs", "recurrent_warps",
+                "--reps", "10", "--out", str(out)])
+    wrong = [line for line in capsys.readouterr().out.splitlines() if "WRONG" in line]
+    assert len(wrong) == 1 and "recurrent_warps=8" in wrong[0]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["setting"]["recurrent_warps"] in (2, 4) and result["fw_ms"] > 0 and result["fwbw_ms"] > 0
+    assert triton_core.LAUNCH == checked_in  # the tuner leaves the module's table as it found it
+
+
+def test_train_throughput_reports_each_backend(tmp_path):
+    out = tmp_path / "throughput.json"
+    _load("train_throughput").main(["--tiny", "--backends", "native_chunkwise", "native_recurrent", "--reps", "10",
+                                    "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in rows] == ["native_chunkwise", "native_recurrent"]
+    assert all(r["tokens_per_s"] > 0 and r["params_M"] > 0 for r in rows)
