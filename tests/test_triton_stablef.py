@@ -127,7 +127,7 @@ def test_vmap_over_leading_axis_folds_into_the_kernel():
         ({"chunk_size": 8}, (1, 1, 16, 16, 16), "chunk_size"),
         ({"chunk_size": 256}, (1, 1, 16, 16, 16), "chunk_size"),
         ({"chunk_size": 48}, (1, 1, 16, 16, 16), "chunk_size"),
-        ({}, (1, 1, 16, 640, 16), "DHQK"),
+        ({}, (1, 1, 16, 1040, 16), "DHQK"),
         ({"autocast_kernel_dtype": "int8"}, (1, 1, 16, 16, 16), "autocast_kernel_dtype"),
     ],
 )

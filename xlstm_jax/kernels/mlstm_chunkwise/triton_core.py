@@ -93,8 +93,11 @@ def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, ja
     return vec_b[0].reshape(i.shape), vec_a[0].reshape(i.shape), sca_g[0]
 
 
-def _recurrent_launch() -> dict:
-    return dict(num_warps=LAUNCH["recurrent_warps"], num_stages=LAUNCH["recurrent_stages"])
+def _recurrent_launch(DHQK: int, DHHV: int) -> dict:
+    """Grid, head-dim tiles and launch parameters of a state-recurrence kernel: one (BK, BV) tile of C a program."""
+    BK, BV = block(DHQK, LAUNCH["recurrent_block"]), block(DHHV, LAUNCH["recurrent_block"])
+    return dict(grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"],
+                num_stages=LAUNCH["recurrent_stages"], DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV)
 
 
 def _parallel_launch(cfg: KernelConfig, warps: int | None = None) -> dict:
@@ -115,7 +118,6 @@ def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
     _, vec_a, sca_g = _gates(i, f, Lr)
-    BK, BV = block(DHQK, LAUNCH["recurrent_block"]), block(DHHV, LAUNCH["recurrent_block"])
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
         [k, v, vec_a, sca_g, c0, n0, m0],
@@ -125,8 +127,7 @@ def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
             jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
             jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
         ],
-        grid=(-(-DHQK // BK) * -(-DHHV // BV),), **_recurrent_launch(),
-        NC=S // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, SAVE_EVERY=every,
+        NC=S // Lr, L=Lr, SAVE_EVERY=every, **_recurrent_launch(DHQK, DHHV),
     )
     return c_all, n_all, m_sub[:, ::every], m_sub, c_last
 
@@ -242,15 +243,13 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
 
     Lr = cfg.recurrent_chunk
     vec_b_sub, _, sca_g_sub = _gates(i_f, f_f, Lr)
-    BK, BV = block(DHQK, LAUNCH["recurrent_block"]), block(DHHV, LAUNCH["recurrent_block"])
     NC = S_pad // cfg.chunk_size
     dc_all, dn_all = launch(
         mlstm_bw_recurrent_kernel,
         [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_lastf, dn_lastf],
         [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), F32), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32)],
-        grid=(-(-DHQK // BK) * -(-DHHV // BV),), **_recurrent_launch(),
-        NC=S_pad // Lr, L=Lr, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK),
-        SAVE_EVERY=cfg.chunk_size // Lr,
+        NC=S_pad // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr,
+        **_recurrent_launch(DHQK, DHHV),
     )
     vec_b, vec_a, _ = _gates(i_f, f_f, cfg.chunk_size)
     dq, dk, dv = _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all,
