@@ -4,7 +4,8 @@ into (LQ, LKV) blocks of queries and keys.
 Layouts (BH = B·NH flattened, S = NC·L padded, contiguous): q, k (BH, S, DHQK), v, dh (BH, S, DHHV); vecB (BH, S)
 within-chunk cumsum of log forget gates, vecA (BH, S) log weight of each token in its chunk's end state, i, m_t,
 den, norm, dden (BH, S) float32; chunk-border states C (BH, NS, DHQK, DHHV) in the compute dtype, n (BH, NS, DHQK)
-and m (BH, NC + 1) float32, and their gradients dC (BH, NC + 1, DHQK, DHHV), dn (BH, NC + 1, DHQK) float32. A program id over (chunk, row block) is `kc * NB + jb`.
+and m (BH, NC + 1) float32, and their gradients dC (BH, NC + 1, DHQK, DHHV), dn (BH, NC + 1, DHQK) float32.
+A program id over (chunk, row block) is `kc * NB + jb`.
 The forward keeps a running max (starting from the inter-chunk log weight b_t + m_{k-1}, always finite, so a
 fully masked tile row cannot produce NaN); the backward uses the stored per-token stabilizer m_t.
 """
