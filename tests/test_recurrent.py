@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    BF16_FW_TOL,
+    BW_TOL,
+    FW_TOL,
     assert_matches_reference,
     assert_rel_close,
     make_inputs,
@@ -26,8 +29,6 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import (
     recurrent_step_fw,
 )
 
-FW_TOL, BW_TOL = 1e-5, 1e-4  # float32
-BF16_FW_TOL, BF16_BW_TOL = 3e-2, 5e-2
 STATES = ("c_initial", "n_initial", "m_initial")
 
 

@@ -10,6 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 from helpers import (
+    BF16_FW_TOL,
+    BW_TOL,
+    FW_TOL,
     assert_matches_reference,
     assert_rel_close,
     make_inputs,
@@ -25,8 +28,6 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.simple import (
     parallel_stabilized_simple,
 )
 
-FW_TOL, BW_TOL = 1e-5, 1e-4  # float32
-BF16_FW_TOL, BF16_BW_TOL = 3e-2, 5e-2
 
 
 def _gates4(x):

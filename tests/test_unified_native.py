@@ -4,6 +4,10 @@ gradients of every input against the float64 recurrence, float32 and bf16 inputs
 import jax.numpy as jnp
 import pytest
 from helpers import (
+    BF16_BW_TOL,
+    BF16_FW_TOL,
+    BW_TOL,
+    FW_TOL,
     assert_matches_reference,
     assert_rel_close,
     make_inputs,
@@ -14,8 +18,6 @@ from helpers import (
 
 import xlstm_jax
 
-FW_TOL, BW_TOL = 1e-5, 1e-4  # float32
-BF16_FW_TOL, BF16_BW_TOL = 3e-2, 5e-2
 BACKENDS = ["native_parallel", "native_recurrent"]
 CASES = [  # seed, B, NH, S, DHQK, DHHV, with_state
     (11, 2, 2, 37, 24, 48, True),
