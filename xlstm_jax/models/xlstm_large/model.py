@@ -289,11 +289,10 @@ class xLSTMLarge(nnx.Module):
             token_mask = jnp.asarray(token_mask, bool)
         if states is not None and len(states) != c.num_blocks:
             raise ValueError(f"states must hold one (C, n, m) per block ({c.num_blocks}), got {len(states)}.")
-        name = resolve_backend(backend or c.backend, chunk_size or c.chunk_size)
+        chunk_size = chunk_size or c.chunk_size
+        name = resolve_backend(backend or c.backend, chunk_size)
         if IMPLEMENTATIONS[name].chunk_sizes is None:
             chunk_size = None
-        else:
-            chunk_size = chunk_size or c.chunk_size
         x = self.backbone.embeddings(jnp.asarray(tokens))
         new_states = []
         for index, block in enumerate(self.backbone.blocks):
