@@ -25,7 +25,8 @@ from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw
 )
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
 
-# Candidates per knob. Keys of LAUNCH are global (SHARED ones are tuned in the first run only); "tile_q", "tile_kv", "inter_chunk_size" are xl-chunk arguments.
+# Candidates per knob. Keys of LAUNCH are global (SHARED ones are tuned in the first run only); "tile_q",
+# "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
 SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (2, 4, 8), "recurrent_stages": (1, 2, 3),
           "block": (32, 64, 128), "parallel_stages": (1, 2, 3)}
 FAMILY = {
