@@ -122,6 +122,19 @@ def outputs_and_grads(fn, inputs, weights=None):
     return out, None if grads is None else {n: np.asarray(g, np.float64) for n, g in grads.items()}
 
 
+def output_and_grad_dtypes(fn, inputs) -> tuple:
+    """Dtypes of h and of the q, k, v gradients of `fn` (as in `outputs_and_grads`), from abstract evaluation."""
+    args = {n: jnp.asarray(inputs[n]) for n in INPUT_NAMES if n in inputs}
+
+    def loss(qkv):
+        h, _ = fn(**{**args, **qkv})
+        return jnp.sum(h.astype(jnp.float32)), h
+
+    qkv = {n: args[n] for n in ("q", "k", "v")}
+    grads, h = jax.eval_shape(jax.grad(loss, has_aux=True), qkv)
+    return h.dtype, grads["q"].dtype, grads["k"].dtype, grads["v"].dtype
+
+
 def rel_err(actual, expected) -> float:
     """||actual - expected|| / max(||expected||, 1e-6) (Frobenius)."""
     actual = np.asarray(actual, np.float64)

@@ -14,6 +14,7 @@ from helpers import (
     assert_rel_close,
     make_inputs,
     make_weights,
+    output_and_grad_dtypes,
     outputs_and_grads,
     reference_outputs_and_grads,
 )
@@ -67,15 +68,15 @@ def test_denominator_variants(norm_val, stabilize_correctly):
         assert_rel_close(grads[name], ref_grads[name], 1e-4, f"d{name}")
 
 
-def test_bfloat16_inputs_with_float32_compute():
-    """bf16 q/k/v with the seed's default float32 kernel compute: h and the q/k/v gradients come back in bf16.
-    (bf16 *compute* is covered by the gpu tests: Triton's interpreter does not model bf16 matmuls faithfully.)"""
+@pytest.mark.parametrize("compute", ["float32", None])
+def test_bfloat16_inputs(compute):
+    """bf16 q/k/v with the seed's default float32 kernel compute and with bf16 compute (autocast_kernel_dtype=None:
+    bf16 matmul operands, chunk states and state cotangents): h and the q/k/v gradients come back in bf16."""
     x = make_inputs(2, 1, 2, 48, 32, 32, dtype="bfloat16", with_state=True)
     w = make_weights(2, x)
-    args = {n: jnp.asarray(a) for n, a in x.items()}
-    h = mlstm_chunkwise_triton_stablef(**args, chunk_size=16)
-    assert h.dtype == jnp.bfloat16
-    out, grads = outputs_and_grads(_stablef(chunk_size=16), x, w)
+    fn = _stablef(chunk_size=16, autocast_kernel_dtype=compute)
+    assert output_and_grad_dtypes(fn, x) == (jnp.bfloat16,) * 4
+    out, grads = outputs_and_grads(fn, x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=1e-2, bw_tol=2e-2)
 

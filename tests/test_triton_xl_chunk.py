@@ -12,6 +12,7 @@ from helpers import (
     assert_rel_close,
     make_inputs,
     make_weights,
+    output_and_grad_dtypes,
     outputs_and_grads,
     reference_outputs_and_grads,
 )
@@ -43,6 +44,16 @@ def test_matches_float64_reference(S, DHQK, DHHV, tiling, with_state):
     out, grads = outputs_and_grads(_xl(**tiling), x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
+
+
+def test_bfloat16_compute():
+    """bf16 q/k/v computed in bf16 (matmul operands, chunk states, state cotangents, gradients written in bf16)."""
+    x = make_inputs(2, 1, 2, 48, 32, 32, dtype="bfloat16", with_state=True)
+    w = make_weights(2, x)
+    fn = _xl(chunk_size=32, inter_chunk_size=16, tile_q=16, tile_kv=16)
+    assert output_and_grad_dtypes(fn, x) == (jnp.bfloat16,) * 4
+    out, grads = outputs_and_grads(fn, x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-2, bw_tol=2e-2)
 
 
 @pytest.mark.parametrize("DHQK, DHHV", [(1024, 48), (48, 1024)])

@@ -96,12 +96,17 @@ def _jax_triton():
 class _HostTensor:
     """The slice of the torch.Tensor protocol Triton's interpreter uses, over a numpy array (no torch needed)."""
 
-    _NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32", "int64": "int64"}
+    # One long-lived dtype object per name: triton 3.9 caches argument types by the dtype object's identity, so a
+    # fresh object per call could reuse a freed one's address and be read as that one's dtype (seen as bf16
+    # operands turning into float32 at random).
+    _DTYPES = {
+        name: type("dtype", (), {"__str__": lambda _, name=name: f"torch.{name}"})()
+        for name in ("float32", "float16", "bfloat16", "int32", "int64")
+    }
 
     def __init__(self, array: np.ndarray):
         self.array = array
-        name = self._NAMES[array.dtype.name]
-        self.dtype = type("dtype", (), {"__str__": lambda _: f"torch.{name}"})()
+        self.dtype = self._DTYPES[array.dtype.name]
 
     def data_ptr(self) -> int:
         return self.array.ctypes.data

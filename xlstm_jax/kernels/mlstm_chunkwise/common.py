@@ -61,11 +61,14 @@ def output_cotangents(
     return dh.astype(jnp.float32) / norm[..., None], dden
 
 
+def row_dot(x: jax.Array, dx: jax.Array) -> jax.Array:
+    """sum_d x[..., d] * dx[..., d] in float32: the per-token products q_t·dq_t, k_t·dk_t `gate_gradients` needs."""
+    return jnp.sum(x.astype(jnp.float32) * dx.astype(jnp.float32), axis=-1)
+
+
 def gate_gradients(
-    q: jax.Array,
-    dq: jax.Array,
-    k: jax.Array,
-    dk: jax.Array,
+    qdq: jax.Array,
+    kdk: jax.Array,
     i: jax.Array,
     f: jax.Array,
     m_initial: jax.Array,
@@ -76,14 +79,13 @@ def gate_gradients(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of i, f and m_initial from the complete dq, dk (mlstm_math.md §4.9.2-4.9.3, plus the m_S path).
 
-    q, dq, k, dk: (B, NH, S, DHQK); i, f: (B, NH, S); m_initial: (B, NH) (zeros if none was given).
+    qdq, kdk: row_dot(q, dq), row_dot(k, dk) (B, NH, S) float32; i, f: (B, NH, S); m_initial: (B, NH) (zeros if
+    none was given).
     first_state_dot = <C̃_0, dC̃_0> + <ñ_0, dñ_0>, last_state_dot = <C̃_S, dC̃_S> + <ñ_S, dñ_S> with dC̃_S, dñ_S the
     cotangents of the returned last states; dm_last: cotangent of the returned m_S or None. All (B, NH) float32.
     Returns di, df (B, NH, S) and dm_initial (B, NH), float32.
     """
     f32 = jnp.float32
-    qdq = jnp.sum(q.astype(f32) * dq.astype(f32), axis=-1)
-    kdk = jnp.sum(k.astype(f32) * dk.astype(f32), axis=-1)
     di = kdk
     dlogf = reverse_cumsum(qdq - kdk) + last_state_dot[..., None]
     dm_initial = first_state_dot

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, denominator_cotangent, gate_gradients
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
-    mlstm_xl_bw_dkdv_kernel,
+    mlstm_xl_bw_dk_kernel,
     mlstm_xl_bw_dq_kernel,
+    mlstm_xl_bw_dv_kernel,
     mlstm_xl_fw_parallel_kernel,
 )
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import (
@@ -165,8 +166,9 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
 
 
 def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
-                       cfg: KernelConfig):
-    """dq, dk, dv (BH, S, ·) float32 from the per-chunk kernels of the family."""
+                       cfg: KernelConfig, grad_dtypes):
+    """dq, dk, dv (BH, S, ·) in `grad_dtypes` (three dtypes) from the per-chunk kernels of the family, and the
+    float32 row dot products q_t·dq_t, k_t·dk_t (BH, S)."""
     BH, S, DHQK = qf.shape
     DHHV = vf.shape[-1]
     L = cfg.chunk_size
@@ -174,27 +176,29 @@ def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_a
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
     BK, BV = block(DHQK), block(DHHV)
     consts = dict(NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK))
-    dq_shape = jax.ShapeDtypeStruct((BH, S, DHQK), F32)
-    dv_shape = jax.ShapeDtypeStruct((BH, S, DHHV), F32)
-    dq_in = [kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all]
+    dq_shape, dk_shape = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
+    dv_shape = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
+    dq_in = [qf, kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all]
     dkdv_in = [qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all]
     if cfg.family != "xl":
-        (dq,) = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape], grid=(NC,), NS=c_in.shape[1],
-                       **_parallel_launch(cfg, LAUNCH["dq_warps"]), **consts)
-        dk, dv = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dq_shape, dv_shape], grid=(NC,),
-                        **_parallel_launch(cfg), **consts)
-        return dq, dk, dv
+        row = jax.ShapeDtypeStruct((BH, S), F32)
+        dq, qdq = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape, row], grid=(NC,), NS=c_in.shape[1],
+                         **_parallel_launch(cfg, LAUNCH["dq_warps"]), **consts)
+        dk, dv, kdk = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dk_shape, dv_shape, row], grid=(NC,),
+                             **_parallel_launch(cfg), **consts)
+        return dq, dk, dv, qdq, kdk
     LQ, LKV = cfg.tile_q, cfg.tile_kv
     run = _parallel_launch(cfg)
     BO = LAUNCH["xl_out_block"]
-    (dq,) = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape], grid=(NC * (L // LQ), -(-DHQK // BK)),
-                   NS=c_in.shape[1], LQ=LQ, LKV=LKV, **run, **consts)
+    n_dq, n_dk = -(-DHQK // BK), -(-DHQK // block(DHQK, BO))
+    dq, qdq = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape, jax.ShapeDtypeStruct((BH, n_dq, S), F32)],
+                     grid=(NC * (L // LQ), n_dq), NS=c_in.shape[1], LQ=LQ, LKV=LKV, **run, **consts)
     tiles = dict(LQ=LQ, LKV=LKV)
-    (dk,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dq_shape], grid=(NC * (L // LKV), -(-DHQK // block(DHQK, BO))),
-                   WANT_DK=True, BO=block(DHQK, BO), **tiles, **run, **consts)
-    (dv,) = launch(mlstm_xl_bw_dkdv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // LKV), -(-DHHV // block(DHHV, BO))),
-                   WANT_DK=False, BO=block(DHHV, BO), **tiles, **run, **consts)
-    return dq, dk, dv
+    dk, kdk = launch(mlstm_xl_bw_dk_kernel, dkdv_in, [dk_shape, jax.ShapeDtypeStruct((BH, n_dk, S), F32)],
+                     grid=(NC * (L // LKV), n_dk), BO=block(DHQK, BO), **tiles, **run, **consts)
+    (dv,) = launch(mlstm_xl_bw_dv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // LKV), -(-DHHV // block(DHHV, BO))),
+                   BO=block(DHHV, BO), **tiles, **run, **consts)
+    return dq, dk, dv, qdq.sum(axis=1), kdk.sum(axis=1)
 
 
 def _pad_flat(q, k, v, i, f, L):
@@ -244,20 +248,21 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     Lr = cfg.recurrent_chunk
     vec_b_sub, _, sca_g_sub = _gates(i_f, f_f, Lr)
     NC = S_pad // cfg.chunk_size
-    dc_all, dn_all = launch(
+    dc_all, dn_all, dc_first = launch(
         mlstm_bw_recurrent_kernel,
         [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_lastf, dn_lastf],
-        [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), F32), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32)],
+        [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), dt), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
+         jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32)],
         NC=S_pad // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr,
         **_recurrent_launch(DHQK, DHHV),
     )
     vec_b, vec_a, _ = _gates(i_f, f_f, cfg.chunk_size)
-    dq, dk, dv = _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all,
-                                    dc_all, dn_all, cfg)
-    first_dot = jnp.sum(c0f * dc_all[:, 0], axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
+    dq, dk, dv, qdq, kdk = _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all,
+                                              m_all, dc_all, dn_all, cfg, (q.dtype, k.dtype, v.dtype))
+    first_dot = jnp.sum(c0f * dc_first, axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
     last_dot = jnp.sum(c_last * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
     di, df, dm0 = gate_gradients(
-        qf, dq, kf, dk, i_f, f_f, m0f, first_state_dot=first_dot, last_state_dot=last_dot,
+        qdq, kdk, i_f, f_f, m0f, first_state_dot=first_dot, last_state_dot=last_dot,
         dm_last=_flat(dm_last.astype(F32)),
     )
 
@@ -266,7 +271,7 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
 
     return (
         unflat(dq, q), unflat(dk, k), unflat(dv, v), unflat(di, i), unflat(df, f),
-        dc_all[:, 0].reshape(c0.shape).astype(c0.dtype),
+        dc_first.reshape(c0.shape).astype(c0.dtype),
         dn_all[:, 0].reshape(n0.shape).astype(n0.dtype),
         dm0.reshape(m0.shape).astype(m0.dtype),
     )

@@ -4,7 +4,9 @@ into (LQ, LKV) blocks of queries and keys.
 Layouts (BH = B·NH flattened, S = NC·L padded, contiguous): q, k (BH, S, DHQK), v, dh (BH, S, DHHV); vecB (BH, S)
 within-chunk cumsum of log forget gates, vecA (BH, S) log weight of each token in its chunk's end state, i, m_t,
 den, norm, dden (BH, S) float32; chunk-border states C (BH, NS, DHQK, DHHV) in the compute dtype, n (BH, NS, DHQK)
-and m (BH, NC + 1) float32, and their gradients dC (BH, NC + 1, DHQK, DHHV), dn (BH, NC + 1, DHQK) float32.
+and m (BH, NC + 1) float32, and their gradients dC (BH, NC + 1, DHQK, DHHV) in the compute dtype, dn (BH, NC + 1,
+DHQK) float32. dq, dk, dv are written in their output buffers' dtype (the gradient dtype); the dq and dk kernels
+also write the float32 row dot products q_t·dq_t, k_s·dk_s of their head-dim block, (BH, n_blocks, S).
 A program id over (chunk, row block) is `kc * NB + jb`.
 The forward keeps a running max (starting from the inter-chunk log weight b_t + m_{k-1}, always finite, so a
 fully masked tile row cannot produce NaN); the backward uses the stored per-token stabilizer m_t.
@@ -81,12 +83,13 @@ def mlstm_xl_fw_parallel_kernel(
 
 @triton.jit
 def mlstm_xl_bw_dq_kernel(
-    K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
-    DQ,
+    Q, K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
+    DQ, QDQ,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
-    """Grid (BH, NC * L / LQ, cdiv(DHQK, BK)): one (LQ, BK) tile of dq; loops over key tiles up to the diagonal."""
+    """Grid (BH, NC * L / LQ, cdiv(DHQK, BK)): one (LQ, BK) tile of dq and its part of q_t·dq_t; loops over key
+    tiles up to the diagonal."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1) // (L // LQ)
     jq = tl.program_id(1) % (L // LQ)
@@ -131,26 +134,24 @@ def mlstm_xl_bw_dq_kernel(
     n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
     inter = tl.exp(b_q + m_prev - m_q)
     dq = (dq + inter[:, None] * (hc + dden[:, None] * n[None, :])) * QK_SCALE
-    tl.store(DQ + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], dq, mask=mk[None, :])
+    q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+    tl.store(DQ + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=mk[None, :])
+    tl.store(QDQ + (bh * tl.num_programs(2) + tl.program_id(2)) * S + rq, tl.sum(q.to(tl.float32) * dq, axis=1))
 
 
 @triton.jit
-def mlstm_xl_bw_dkdv_kernel(
+def _xl_dkdv_tile(
     Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
-    DOUT,
+    bh, kc, jkv, ro,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
     WANT_DK: tl.constexpr, BO: tl.constexpr,
 ):
-    """Grid (BH, NC * L / LKV, cdiv(D_out, BO)): one (LKV, BO) tile of dk (WANT_DK) or dv; rows = key positions s,
-    loops over query tiles from the diagonal to the chunk end; every L x L tile is built transposed."""
-    bh = tl.program_id(0).to(tl.int64)
-    kc = tl.program_id(1) // (L // LKV)
-    jkv = tl.program_id(1) % (L // LKV)
+    """The (LKV, BO) float32 tile of dk (WANT_DK) or dv at key rows kc * L + jkv * LKV + [0, LKV) and output
+    columns ro; loops over query tiles from the diagonal to the chunk end; every L x L tile is built transposed."""
     S: tl.constexpr = NC * L
     D_OUT: tl.constexpr = DHQK if WANT_DK else DHHV
     rs = kc * L + jkv * LKV + tl.arange(0, LKV)
-    ro = tl.program_id(2) * BO + tl.arange(0, BO)
     mo = ro < D_OUT
     b_s = tl.load(VEC_B + bh * S + rs)
     i_s = tl.load(I + bh * S + rs)
@@ -207,4 +208,46 @@ def mlstm_xl_bw_dkdv_kernel(
                          mask=mk[:, None] & mo[None, :], other=0.0)
             inter += tl.dot(k, dc.to(dtype), input_precision="ieee")
     abar = tl.exp(tl.load(VEC_A + bh * S + rs) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
-    tl.store(DOUT + bh * S * D_OUT + rs[:, None] * D_OUT + ro[None, :], acc + abar[:, None] * inter, mask=mo[None, :])
+    return acc + abar[:, None] * inter
+
+
+@triton.jit
+def mlstm_xl_bw_dk_kernel(
+    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    DK, KDK,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
+):
+    """Grid (BH, NC * L / LKV, cdiv(DHQK, BO)): one (LKV, BO) tile of dk and its part of k_s·dk_s."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1) // (L // LKV)
+    jkv = tl.program_id(1) % (L // LKV)
+    S: tl.constexpr = NC * L
+    rs = kc * L + jkv * LKV + tl.arange(0, LKV)
+    ro = tl.program_id(2) * BO + tl.arange(0, BO)
+    mo = ro < DHQK
+    dk = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL, bh, kc, jkv, ro,
+                       NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, True, BO)
+    k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + ro[None, :], mask=mo[None, :], other=0.0)
+    tl.store(DK + bh * S * DHQK + rs[:, None] * DHQK + ro[None, :], dk.to(DK.dtype.element_ty), mask=mo[None, :])
+    tl.store(KDK + (bh * tl.num_programs(2) + tl.program_id(2)) * S + rs, tl.sum(k.to(tl.float32) * dk, axis=1))
+
+
+@triton.jit
+def mlstm_xl_bw_dv_kernel(
+    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    DV,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
+):
+    """Grid (BH, NC * L / LKV, cdiv(DHHV, BO)): one (LKV, BO) tile of dv."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1) // (L // LKV)
+    jkv = tl.program_id(1) % (L // LKV)
+    S: tl.constexpr = NC * L
+    rs = kc * L + jkv * LKV + tl.arange(0, LKV)
+    ro = tl.program_id(2) * BO + tl.arange(0, BO)
+    dv = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL, bh, kc, jkv, ro,
+                       NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, False, BO)
+    tl.store(DV + bh * S * DHHV + rs[:, None] * DHHV + ro[None, :], dv.to(DV.dtype.element_ty),
+             mask=(ro < DHHV)[None, :])

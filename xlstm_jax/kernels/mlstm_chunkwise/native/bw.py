@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, gate_gradients, output_cotangents
+from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, gate_gradients, output_cotangents, row_dot
 from xlstm_jax.kernels.mlstm_chunkwise.native.fw import (
     F32,
     border_decay,
@@ -103,7 +103,7 @@ def backward(residuals, cotangents, *, chunk_size: int, eps: float, dt: jnp.dtyp
     else:
         last_dot = jnp.zeros((B, NH), F32)
     di, df, dm0 = gate_gradients(
-        q, dq, k, dk, i, f, m0z, first_state_dot=first_dot, last_state_dot=last_dot, dm_last=dm_last
+        row_dot(q, dq), row_dot(k, dk), i, f, m0z, first_state_dot=first_dot, last_state_dot=last_dot, dm_last=dm_last
     )
     grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), di.astype(i.dtype), df.astype(f.dtype))
     if c0 is None:

@@ -2,8 +2,10 @@
 
 The denominator is differentiated as an extra value column of ones: the output cotangent is
 (dh / norm, dden) with norm = max(|den|, lower) + eps and dden from common.output_cotangents (BH, S) float32.
-Layouts as in fw_kernels; dC (BH, NC + 1, DHQK, DHHV) and dn (BH, NC + 1, DHQK) float32 hold the gradient w.r.t.
-each chunk-border state (index 0: the initial state). dq, dk, dv are written in float32.
+Layouts as in fw_kernels; dC (BH, NC + 1, DHQK, DHHV) in the compute dtype (only ever a matmul operand) and
+dn (BH, NC + 1, DHQK) float32 hold the gradient w.r.t. each chunk-border state (index 0: the initial state, also
+written in float32 to dC_0 (BH, DHQK, DHHV)). dq, dk, dv are written in their output buffers' dtype (the gradient
+dtype) together with the float32 row dot products q_t·dq_t and k_t·dk_t (BH, S) the gate gradients need.
 No `tl.trans` of dot results anywhere: transposed operands are loaded transposed from memory.
 """
 
@@ -14,12 +16,13 @@ import triton.language as tl
 @triton.jit
 def mlstm_bw_recurrent_kernel(
     Q, DH, VEC_B, M_OUT, NORM, DDEN, SCA_G, M_ALL, DC_LAST, DN_LAST,
-    DC_ALL, DN_ALL,
+    DC_ALL, DN_ALL, DC_FIRST,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     QK_SCALE: tl.constexpr, SAVE_EVERY: tl.constexpr = 1,
 ):
     """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the NC chunks of
-    length L; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states)."""
+    length L; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states).
+    dC is accumulated in float32 and stored in DC_ALL's dtype; the initial state's dC also in float32 to DC_FIRST."""
     bh = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
@@ -39,7 +42,8 @@ def mlstm_bw_recurrent_kernel(
     for j in range(NC):
         kc = NC - 1 - j
         save = (kc + 1) % SAVE_EVERY == 0
-        tl.store(DC_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK * DHHV + c_off, dc, mask=c_mask & save)
+        tl.store(DC_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty),
+                 mask=c_mask & save)
         tl.store(DN_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK + rk, dn, mask=n_mask & save)
         tok = kc * L + rt
         m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
@@ -54,18 +58,19 @@ def mlstm_bw_recurrent_kernel(
         decay = tl.exp(g + m_prev - m_next)
         dc = decay * dc + tl.dot(qbar_t.to(Q.dtype.element_ty), dh.to(Q.dtype.element_ty), input_precision="ieee")
         dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
-    tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc, mask=c_mask)
+    tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask)
+    tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask)
     tl.store(DN_ALL + bh * NSAVE * DHQK + rk, dn, mask=n_mask)
 
 
 @triton.jit
 def mlstm_bw_dq_kernel(
-    K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
-    DQ,
+    Q, K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
+    DQ, QDQ,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
-    """Grid (BH, NC): dq of one chunk, rows = query positions t."""
+    """Grid (BH, NC): dq of one chunk and q_t·dq_t, rows = query positions t."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     S: tl.constexpr = NC * L
@@ -92,6 +97,7 @@ def mlstm_bw_dq_kernel(
     ds = (dp + dden[:, None]) * tl.exp(log_d - m_t[:, None])
     inter = tl.exp(b + m_prev - m_t) * QK_SCALE
 
+    qdq = tl.zeros((L,), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
         rk = jk * BK + tl.arange(0, BK)
         mk = rk < DHQK
@@ -109,17 +115,21 @@ def mlstm_bw_dq_kernel(
             hc += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), c_t.to(dtype), input_precision="ieee")
         n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
         dq += inter[:, None] * (hc + dden[:, None] * n[None, :])
-        tl.store(DQ + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dq, mask=mk[None, :])
+        q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        qdq += tl.sum(q.to(tl.float32) * dq, axis=1)
+        tl.store(DQ + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=mk[None, :])
+    tl.store(QDQ + bh * S + tok, qdq)
 
 
 @triton.jit
 def mlstm_bw_dkdv_kernel(
     Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
-    DK, DV,
+    DK, DV, KDK,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
-    """Grid (BH, NC): dk and dv of one chunk, rows = key positions s (all L x L tiles built transposed)."""
+    """Grid (BH, NC): dk, dv and k_s·dk_s of one chunk, rows = key positions s (all L x L tiles built
+    transposed)."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     S: tl.constexpr = NC * L
@@ -154,6 +164,7 @@ def mlstm_bw_dkdv_kernel(
     ds_t = (dp_t + dden[None, :]) * d_t
     sd_t = s_t * QK_SCALE * d_t
 
+    kdk = tl.zeros((L,), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
         rk = jk * BK + tl.arange(0, BK)
         mk = rk < DHQK
@@ -171,7 +182,10 @@ def mlstm_bw_dkdv_kernel(
             vdc += tl.dot(v, dc_t.to(dtype), input_precision="ieee")
         dn = tl.load(DN_ALL + state * DHQK + rk, mask=mk, other=0.0)
         dk += abar[:, None] * (vdc + dn[None, :])
-        tl.store(DK + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dk, mask=mk[None, :])
+        k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        kdk += tl.sum(k.to(tl.float32) * dk, axis=1)
+        tl.store(DK + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dk.to(DK.dtype.element_ty), mask=mk[None, :])
+    tl.store(KDK + bh * S + tok, kdk)
 
     for jv in range(tl.cdiv(DHHV, BV)):
         rv = jv * BV + tl.arange(0, BV)
@@ -189,4 +203,4 @@ def mlstm_bw_dkdv_kernel(
             )
             kdc += tl.dot(k, dc.to(dtype), input_precision="ieee")
         dv += abar[:, None] * kdc
-        tl.store(DV + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], dv, mask=mv[None, :])
+        tl.store(DV + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], dv.to(DV.dtype.element_ty), mask=mv[None, :])
