@@ -5,6 +5,7 @@
 #       bench       the issue shapes (16-head and 7B-head, 65536 tokens) for every backend and chunk size, with peers
 #       presets     the four H100/H200 presets of docs/benchmarks.md (in-process; peers in subprocesses)
 #       tune        scripts/tune_launch.py for both families at the 16-head shape
+#       profile     scripts/profile_stages.py: each fw / bw stage of both families timed alone at the 16-head shape
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
 # Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
 set -uo pipefail
@@ -26,6 +27,8 @@ case "$step" in
     done ;;
   tune)
     python3 scripts/tune_launch.py --runs limit:64 xl:128 --out "$out/tune.json" 2>&1 | tee "$out/tune.log" ;;
+  profile)
+    python3 scripts/profile_stages.py --runs limit:64 xl:128 --out "$out/stages.json" 2>&1 | tee "$out/stages.log" ;;
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
   *)

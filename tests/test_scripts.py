@@ -1,6 +1,6 @@
 """The GPU-side scripts run end to end at tiny sizes (Triton interpreter on CPU): the launch tuner keeps only
-candidates whose gradients agree with the checked-in configuration, and the throughput script reports every
-backend."""
+candidates whose gradients agree with the checked-in configuration, the stage profiler times every stage, and the
+throughput script reports every backend."""
 
 import importlib.util
 import json
@@ -48,3 +48,12 @@ def test_train_throughput_reports_each_backend(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["backend"] for r in rows] == ["native_chunkwise", "native_recurrent"]
     assert all(r["tokens_per_s"] > 0 and r["params_M"] > 0 for r in rows)
+
+
+def test_stage_profiler_times_every_stage(tmp_path):
+    out = tmp_path / "stages.json"
+    _load("profile_stages").main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "xl:32", "--reps", "1",
+                                  "--out", str(out)])
+    ms = json.loads(out.read_text())["ms"]["xl:32"]
+    stages = {"fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.parallel", "bw.total", "fwbw"}
+    assert set(ms) == stages and all(t > 0 for t in ms.values())

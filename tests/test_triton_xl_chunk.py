@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import (
     assert_matches_reference,
+    assert_normalized_loss_grads_match,
     assert_rel_close,
     make_inputs,
     make_weights,
@@ -137,6 +138,18 @@ def test_gpu_parity_realistic_shapes(chunk_size, DHQK, DHHV):
     out, grads = outputs_and_grads(_xl(chunk_size=chunk_size), x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=1e-4, bw_tol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
+def test_gpu_parity_bfloat16_compute(DHQK, DHHV):
+    """bf16 inputs computed in bf16 (the benchmarked configuration): outputs against the float64 reference at
+    S=4096, gradients under the per-head-normalized loss at S=1024."""
+    x = make_inputs(0, 2, 4, 4096, DHQK, DHHV, dtype="bfloat16", with_state=True)
+    out, _ = outputs_and_grads(_xl(chunk_size=128), x)
+    assert_matches_reference(out, None, *reference_outputs_and_grads(x), fw_tol=1e-2, bw_tol=5e-2)
+    small = {k: v[:, :, :1024] if v.ndim >= 3 and v.shape[2] == 4096 else v for k, v in x.items()}
+    assert_normalized_loss_grads_match(_xl(chunk_size=128), small, make_weights(0, small)["h"], 5e-2)
 
 
 @pytest.mark.gpu

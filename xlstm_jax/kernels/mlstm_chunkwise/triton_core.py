@@ -165,6 +165,23 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     return h, den, m_out, states
 
 
+def _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_last, cfg: KernelConfig):
+    """Cotangents of the chunk-border states: dC (BH, NC+1, DHQK, DHHV) in the compute dtype, dn (BH, NC+1, DHQK)
+    float32 and the initial state's dC (BH, DHQK, DHHV) float32, from the last states' float32 cotangents."""
+    BH, S, DHQK = qf.shape
+    DHHV = dh.shape[-1]
+    Lr = cfg.recurrent_chunk
+    NC = S // cfg.chunk_size
+    vec_b_sub, _, sca_g_sub = _gates(i_f, f_f, Lr)
+    return launch(
+        mlstm_bw_recurrent_kernel,
+        [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_last, dn_last],
+        [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), qf.dtype), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
+         jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32)],
+        NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr, **_recurrent_launch(DHQK, DHHV),
+    )
+
+
 def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
                        cfg: KernelConfig, grad_dtypes):
     """dq, dk, dv (BH, S, ·) in `grad_dtypes` (three dtypes) from the per-chunk kernels of the family, and the
@@ -231,11 +248,10 @@ def _core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
 def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     q, k, v, i, f, c0, n0, m0, h, den, m_out, states = residuals
     dh, dc_last, dn_last, dm_last = cotangents
-    B, NH, S, DHQK = q.shape
-    DHHV = v.shape[-1]
+    B, NH, S, _ = q.shape
     dt = jnp.dtype(cfg.compute_dtype)
     qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
-    BH, S_pad = i_f.shape
+    S_pad = i_f.shape[1]
     dh = _flat(jnp.pad(dh, ((0, 0), (0, 0), (0, S_pad - S), (0, 0))))
     c0f, n0f, m0f = _flat(c0), _flat(n0), _flat(m0)
     if states is None:
@@ -245,17 +261,7 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     norm, dden = denominator_cotangent(dh, h, den, lower, cfg.eps)
     dc_lastf, dn_lastf = _flat(dc_last.astype(F32)), _flat(dn_last.astype(F32))
 
-    Lr = cfg.recurrent_chunk
-    vec_b_sub, _, sca_g_sub = _gates(i_f, f_f, Lr)
-    NC = S_pad // cfg.chunk_size
-    dc_all, dn_all, dc_first = launch(
-        mlstm_bw_recurrent_kernel,
-        [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_lastf, dn_lastf],
-        [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), dt), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
-         jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32)],
-        NC=S_pad // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr,
-        **_recurrent_launch(DHQK, DHHV),
-    )
+    dc_all, dn_all, dc_first = _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_lastf, dn_lastf, cfg)
     vec_b, vec_a, _ = _gates(i_f, f_f, cfg.chunk_size)
     dq, dk, dv, qdq, kdk = _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all,
                                               m_all, dc_all, dn_all, cfg, (q.dtype, k.dtype, v.dtype))
