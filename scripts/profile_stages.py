@@ -1,31 +1,33 @@
-"""Time each stage of a Triton chunkwise fw / bw on its own (GPU), to see where the milliseconds go:
+"""Time each stage of a Triton chunkwise fw / bw on its own (GPU), to see where the milliseconds go, and sweep
+launch parameters over single stages (a compile of one stage is seconds, of a whole fw·bw a minute):
 
     python scripts/profile_stages.py --shape 8,16,8192,128,256 --runs limit:64 xl:128 --out out/stages.json
+    python scripts/profile_stages.py --runs limit:64 --sweep recurrent_block=32,64 recurrent_stages=1,2,3 \
+        --stages fw.states bw.state_cotangents
 
 Stages (medians, ms): fw.states (state recurrence), fw.total (states + per-chunk outputs), bw.denominator (the
 denominator cotangent in XLA), bw.state_cotangents (reverse state recurrence), bw.parallel (dq, dk, dv kernels),
 bw.total (the whole custom_vjp backward including recomputed states and gate gradients) and fwbw (gradient of
-sum(h) through the public function). Inputs computed in their own dtype (bf16 by default).
+sum(h) through the public function). Inputs are computed in their own dtype (bf16 by default). A sweep point whose
+stage outputs deviate from the checked-in configuration's by more than SWEEP_TOL is marked WRONG (a miscompile).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats
 from xlstm_jax.kernels.mlstm_chunkwise import triton_core as core
 from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import xl_params
 
-
-def _ms(fn, *args, reps: int) -> float:
-    compiled = jax.jit(fn).lower(*args).compile()
-    seconds, _ = timed_runs(lambda: compiled(*args), jax.block_until_ready, reps)
-    return timing_stats(seconds)["ms_median"]
+SWEEP_TOL = 2e-2
 
 
 def config(family: str, chunk: int, dtype) -> core.KernelConfig:
@@ -36,7 +38,8 @@ def config(family: str, chunk: int, dtype) -> core.KernelConfig:
     return core.KernelConfig(chunk_size=chunk, eps=1e-6, compute_dtype=jnp.dtype(dtype).name, **extra)
 
 
-def profile(family: str, chunk: int, shape, dtype, reps: int) -> dict[str, float]:
+def stages(family: str, chunk: int, shape, dtype) -> dict[str, tuple]:
+    """name -> (function, arguments) of every stage; the bw stages' inputs come from the checked-in launch."""
     B, NH, S, DHQK, DHHV = shape
     cfg = config(family, chunk, dtype)
     q, k, v, i, f = mlstm_inputs(*shape, dtype)
@@ -44,34 +47,84 @@ def profile(family: str, chunk: int, shape, dtype, reps: int) -> dict[str, float
     n0, m0 = jnp.zeros((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)
     flat = [core._flat(x) for x in (q, k, v, i, f, c0, n0, m0)]
     qf, kf, vf, i_f, f_f, c0f, n0f, m0f = flat
-    times = {
-        "fw.states": _ms(lambda *a: core._chunk_states(*a, cfg), kf, vf, i_f, f_f, c0f, n0f, m0f, reps=reps),
-        "fw.total": _ms(lambda *a: core._forward(*a, cfg, q.dtype)[:3], *flat, reps=reps),
-    }
     out, residuals = jax.jit(lambda *a: core._core_fwd(*a, cfg))(q, k, v, i, f, c0, n0, m0)
     h, den, m_out = residuals[8:11]
     dh = jnp.ones_like(h)
     lower = jnp.exp(-m_out)
-    times["bw.denominator"] = _ms(lambda *a: denominator_cotangent(*a, cfg.eps), dh, h, den, lower, reps=reps)
     norm, dden = jax.jit(lambda *a: denominator_cotangent(*a, cfg.eps))(dh, h, den, lower)
     c_all, n_all, m_all, m_sub, _ = jax.jit(lambda *a: core._chunk_states(*a, cfg))(kf, vf, i_f, f_f, c0f, n0f, m0f)
     zeros_c, zeros_n = core._flat(jnp.zeros_like(c0)), core._flat(jnp.zeros_like(n0))
-    times["bw.state_cotangents"] = _ms(lambda *a: core._state_cotangents(*a, cfg), qf, dh, i_f, f_f, m_out, norm,
-                                       dden, m_sub, zeros_c, zeros_n, reps=reps)
-    dc_all, dn_all, _ = jax.jit(lambda *a: core._state_cotangents(*a, cfg))(qf, dh, i_f, f_f, m_out, norm, dden,
-                                                                         m_sub, zeros_c, zeros_n)
+    cot_args = (qf, dh, i_f, f_f, m_out, norm, dden, m_sub, zeros_c, zeros_n)
+    dc_all, dn_all, _ = jax.jit(lambda *a: core._state_cotangents(*a, cfg))(*cot_args)
     vec_b, vec_a, _ = core._gates(i_f, f_f, chunk)
     grad_dtypes = (q.dtype, k.dtype, v.dtype)
-    times["bw.parallel"] = _ms(lambda *a: core._backward_parallel(*a, cfg, grad_dtypes), qf, kf, vf, dh, vec_b,
-                               vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all, reps=reps)
     cotangents = (jnp.ones_like(out[0]), *(jnp.zeros_like(x) for x in out[1:]))
-    times["bw.total"] = _ms(lambda r, c: core._core_bwd(cfg, r, c), residuals, cotangents, reps=reps)
 
-    def loss(*a):
-        return jnp.sum(core.mlstm_triton_core(*a, c0, n0, m0, cfg)[0].astype(jnp.float32))
+    def fwbw(*a):
+        return jax.grad(lambda *x: jnp.sum(core.mlstm_triton_core(*x, c0, n0, m0, cfg)[0].astype(jnp.float32)),
+                        argnums=(0, 1, 2, 3, 4))(*a)
 
-    times["fwbw"] = _ms(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), q, k, v, i, f, reps=reps)
-    return times
+    return {
+        "fw.states": (lambda *a: core._chunk_states(*a, cfg), (kf, vf, i_f, f_f, c0f, n0f, m0f)),
+        "fw.total": (lambda *a: core._forward(*a, cfg, q.dtype)[:3], tuple(flat)),
+        "bw.denominator": (lambda *a: denominator_cotangent(*a, cfg.eps), (dh, h, den, lower)),
+        "bw.state_cotangents": (lambda *a: core._state_cotangents(*a, cfg), cot_args),
+        "bw.parallel": (lambda *a: core._backward_parallel(*a, cfg, grad_dtypes),
+                        (qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all)),
+        "bw.total": (lambda r, c: core._core_bwd(cfg, r, c), (residuals, cotangents)),
+        "fwbw": (fwbw, (q, k, v, i, f)),
+    }
+
+
+def run_stage(fn, args, reps: int):
+    """(median ms, outputs as float64 arrays) of one stage, compiled afresh (it reads LAUNCH at trace time)."""
+    compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    seconds, _ = timed_runs(lambda: compiled(*args), jax.block_until_ready, reps)
+    outs = [np.asarray(x, np.float64) for x in jax.tree.leaves(compiled(*args))]
+    return timing_stats(seconds)["ms_median"], outs
+
+
+def _deviation(outs, base) -> float:
+    return max(float(np.linalg.norm(o - b) / max(np.linalg.norm(b), 1e-30)) for o, b in zip(outs, base))
+
+
+def sweep(calls: dict, names: list[str], grid: dict[str, list[int]], reps: int) -> list[dict]:
+    """Time `names` at every point of the LAUNCH grid (restored afterwards); rows sorted by total time."""
+    base = {name: run_stage(*calls[name], reps)[1] for name in names}
+    saved = dict(core.LAUNCH)
+    rows = []
+    try:
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            core.LAUNCH.clear()
+            core.LAUNCH.update({**saved, **point})
+            row = {"launch": point, "ms": {}, "deviation": 0.0}
+            try:
+                for name in names:
+                    ms, outs = run_stage(*calls[name], reps)
+                    row["ms"][name] = ms
+                    row["deviation"] = max(row["deviation"], _deviation(outs, base[name]))
+            except Exception as err:  # a point that fails to compile or launch is reported, not fatal
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            row["wrong"] = row["deviation"] > SWEEP_TOL
+            print(point, row.get("error") or " ".join(f"{n} {t:.3f}" for n, t in row["ms"].items()),
+                  f"dev {row['deviation']:.1e}", "WRONG" if row["wrong"] else "", flush=True)
+            rows.append(row)
+    finally:
+        core.LAUNCH.clear()
+        core.LAUNCH.update(saved)
+    good = [r for r in rows if "error" not in r and not r["wrong"]]
+    return sorted(good, key=lambda r: sum(r["ms"].values())) + [r for r in rows if r not in good]
+
+
+def _grid(items: list[str]) -> dict[str, list[int]]:
+    grid = {}
+    for item in items:
+        name, values = item.split("=")
+        if name not in core.LAUNCH:
+            raise SystemExit(f"unknown launch parameter {name!r}; known: {sorted(core.LAUNCH)}")
+        grid[name] = [int(x) for x in values.split(",")]
+    return grid
 
 
 def main(argv=None) -> None:
@@ -79,6 +132,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", default="8,16,8192,128,256", help="B,NH,S,DHQK,DHHV")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--runs", nargs="+", default=["limit:64", "xl:128"], help="family:chunk pairs")
+    parser.add_argument("--stages", nargs="+", help="only these stages (default: all)")
+    parser.add_argument("--sweep", nargs="+", help="LAUNCH grid, e.g. recurrent_stages=1,2,3 recurrent_block=32,64")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args(argv)
@@ -86,12 +141,18 @@ def main(argv=None) -> None:
     results = {}
     for run in args.runs:
         family, chunk = run.split(":")
-        results[run] = profile(family, int(chunk), shape, jnp.dtype(args.dtype), args.reps)
-        print(run, " ".join(f"{name} {ms:.3f}" for name, ms in results[run].items()), flush=True)
+        calls = stages(family, int(chunk), shape, jnp.dtype(args.dtype))
+        names = args.stages or list(calls)
+        if args.sweep:
+            results[run] = sweep(calls, names, _grid(args.sweep), args.reps)
+            print(run, "best:", results[run][0]["launch"], results[run][0]["ms"], flush=True)
+        else:
+            results[run] = {name: run_stage(*calls[name], args.reps)[0] for name in names}
+            print(run, " ".join(f"{name} {ms:.3f}" for name, ms in results[run].items()), flush=True)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype,
-                       "launch": core.LAUNCH, "ms": results}, fh, indent=1)
+                       "launch": core.LAUNCH, "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

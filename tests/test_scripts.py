@@ -50,10 +50,20 @@ def test_train_throughput_reports_each_backend(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["params_M"] > 0 for r in rows)
 
 
-def test_stage_profiler_times_every_stage(tmp_path):
+def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
+    profiler = _load("profile_stages")
     out = tmp_path / "stages.json"
-    _load("profile_stages").main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "xl:32", "--reps", "1",
-                                  "--out", str(out)])
-    ms = json.loads(out.read_text())["ms"]["xl:32"]
+    profiler.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "xl:32", "--reps", "1",
+                   "--out", str(out)])
+    ms = json.loads(out.read_text())["results"]["xl:32"]
     stages = {"fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.parallel", "bw.total", "fwbw"}
     assert set(ms) == stages and all(t > 0 for t in ms.values())
+
+    checked_in = dict(triton_core.LAUNCH)
+    profiler.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--reps", "1",
+                   "--stages", "fw.states", "--sweep", "recurrent_block=16,32", "recurrent_warps=1,2",
+                   "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["limit:16"]
+    assert len(rows) == 4 and not any(r["wrong"] or "error" in r for r in rows)
+    assert sorted(tuple(r["launch"].values()) for r in rows) == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    assert triton_core.LAUNCH == checked_in
