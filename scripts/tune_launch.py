@@ -27,12 +27,13 @@ from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_c
 
 # Candidates per knob. Keys of LAUNCH are global (SHARED ones are tuned in the first run only); "tile_q",
 # "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
-SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (2, 4, 8), "recurrent_stages": (1, 2, 3),
-          "block": (32, 64, 128), "parallel_stages": (1, 2, 3)}
+SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (1, 2, 4), "recurrent_stages": (1, 2, 3),
+          "block": (32, 64, 128)}
 FAMILY = {
-    "limit": {"out_v_block": (64, 128, 256), "parallel_warps": (4, 8), "parallel_warps_l128": (4, 8)},
-    "xl": {"xl_warps": (4, 8), "xl_out_block": (64, 128, 256), "tile_q": (32, 64, 128), "tile_kv": (32, 64, 128),
-           "inter_chunk_size": (32, 64, 128)},
+    "limit": {"out_v_block": (64, 128, 256), "parallel_warps": (4, 8), "parallel_warps_l128": (4, 8),
+              "parallel_stages": (1, 2, 3)},
+    "xl": {"xl_warps": (4, 8), "xl_out_block": (64, 128, 256), "xl_stages": (1, 2, 3), "tile_q": (32, 64, 128),
+           "tile_kv": (32, 64, 128), "inter_chunk_size": (32, 64, 128)},
 }
 XL_ARGS = ("tile_q", "tile_kv", "inter_chunk_size")
 GRAD_TOL = 2e-2  # relative (norm-wise) deviation from the checked-in configuration's gradients

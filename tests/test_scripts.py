@@ -24,20 +24,20 @@ def test_tuner_rejects_a_candidate_with_wrong_gradients(tmp_path, capsys, monkey
     tuner = _load("tune_launch")
     right = tuner._fw
 
-    def fw_broken_with_8_warps(family, chunk, xl_args):  # stands in for a miscompiled kernel
+    def fw_broken_with_4_warps(family, chunk, xl_args):  # stands in for a miscompiled kernel
         fw = right(family, chunk, xl_args)
-        scale = 2.0 if triton_core.LAUNCH["recurrent_warps"] == 8 else 1.0
+        scale = 2.0 if triton_core.LAUNCH["recurrent_warps"] == 4 else 1.0
         return lambda *a: fw(*a) * jnp.asarray(scale, a[0].dtype)
 
-    monkeypatch.setattr(tuner, "_fw", fw_broken_with_8_warps)
+    monkeypatch.setattr(tuner, "_fw", fw_broken_with_4_warps)
     out = tmp_path / "tune.json"
     checked_in = dict(triton_core.LAUNCH)
     tuner.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--knobs", "recurrent_warps",
                 "--reps", "10", "--out", str(out)])
     wrong = [line for line in capsys.readouterr().out.splitlines() if "WRONG" in line]
-    assert len(wrong) == 1 and "recurrent_warps=8" in wrong[0]
+    assert len(wrong) == 1 and "recurrent_warps=4" in wrong[0]
     (result,) = json.loads(out.read_text())["results"]
-    assert result["setting"]["recurrent_warps"] in (2, 4) and result["fw_ms"] > 0 and result["fwbw_ms"] > 0
+    assert result["setting"]["recurrent_warps"] in (1, 2) and result["fw_ms"] > 0 and result["fwbw_ms"] > 0
     assert triton_core.LAUNCH == checked_in  # the tuner leaves the module's table as it found it
 
 

@@ -36,17 +36,21 @@ from xlstm_jax.mlstm.base import MLSTMShape, pad_to_multiple, qk_scale
 MAX_HEAD_DIM = 1024
 F32 = jnp.float32
 
-# Launch parameters: H100/H200 measurements and scripts/tune_launch.py (docs/benchmarks.md). recurrent_warps=2 came
-# from that tuner on the H200 (limit L=64 fw 2.93 -> 2.68 ms at B=8, NH=16, S=8192, 128/256, bf16). The limit-chunk
-# dq kernel always runs 8 warps: with 4, triton 3.6 on H100 miscompiles it for bf16 at L=64, DHQK=128, DHHV=256
-# (dq 80% off, silently; caught by test_gpu_parity_realistic_shape; the tuner rejects any candidate whose
-# gradients deviate).
+# Launch parameters: H100/H200 measurements, scripts/tune_launch.py and scripts/profile_stages.py sweeps
+# (docs/benchmarks.md). On the H200 at B=8, NH=16, S=8192, 128/256, bf16, limit L=64: the state recurrences with
+# 1 warp and 2 pipelining stages per 64 x 64 tile took 0.86 / 1.01 ms (fw / bw) against 1.37 / 1.66 with 2 warps
+# and 1 stage; 2 stages in the limit per-chunk kernels took the fw from 3.10 to 2.51 ms (xl-chunk: no gain, so
+# its kernels keep 1). The limit-chunk dq kernel always runs 8 warps: with 4, triton 3.6 on H100 miscompiles it
+# for bf16 at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape; the
+# tuner and the sweeps reject any candidate whose results deviate).
 LAUNCH = {
     # state recurrence (fw states, bw state cotangents): head-dim tile, warps, software-pipelining stages
-    "recurrent_block": 64, "recurrent_warps": 2, "recurrent_stages": 1,
-    # per-chunk kernels: head-dim tile, output (DHHV) tile, warps (limit L <= 64 / L = 128, dq, xl), stages
+    "recurrent_block": 64, "recurrent_warps": 1, "recurrent_stages": 2,
+    # limit per-chunk kernels: head-dim tile, output (DHHV) tile, warps (L <= 64 / L = 128, dq), stages
     "block": 64, "out_v_block": 128, "parallel_warps": 4, "parallel_warps_l128": 8, "dq_warps": 8,
-    "xl_warps": 4, "xl_out_block": 128, "parallel_stages": 1,
+    "parallel_stages": 2,
+    # xl per-chunk kernels: warps, output tile, stages (their head-dim tile is "block")
+    "xl_warps": 4, "xl_out_block": 128, "xl_stages": 1,
 }
 
 
@@ -103,9 +107,9 @@ def _recurrent_launch(DHQK: int, DHHV: int) -> dict:
 
 def _parallel_launch(cfg: KernelConfig, warps: int | None = None) -> dict:
     """num_warps / num_stages of a parallel (per-chunk) kernel; `warps` overrides the family's choice."""
-    if warps is None and cfg.family == "xl":
-        warps = cfg.num_warps or LAUNCH["xl_warps"]
-    elif warps is None:
+    if cfg.family == "xl":
+        return dict(num_warps=warps or cfg.num_warps or LAUNCH["xl_warps"], num_stages=LAUNCH["xl_stages"])
+    if warps is None:
         warps = LAUNCH["parallel_warps"] if cfg.chunk_size <= 64 else LAUNCH["parallel_warps_l128"]
     return dict(num_warps=warps, num_stages=LAUNCH["parallel_stages"])
 
