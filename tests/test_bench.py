@@ -202,8 +202,38 @@ def test_a_failing_backend_is_reported_and_sets_the_exit_status(tmp_path, monkey
     assert rows["native_recurrent"]["status"] == "failed" and "kernel exploded" in rows["native_recurrent"]["note"]
 
 
+def test_a_sweep_stopped_early_keeps_the_cases_it_measured(tmp_path, monkeypatch):
+    measure = runner.measure_case
+    calls = []
+
+    def stop_at_the_second_case(case, timeout):  # stands in for the time limit of a GPU session
+        calls.append(case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(case, timeout)
+
+    monkeypatch.setattr(runner, "measure_case", stop_at_the_second_case)
+    argv = ["bench", "--shape", "1,2,32,16,32", "--dtype", "float32", "--backends", "native_chunkwise",
+            "--mode", "both", "--no-peers", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    rows = [r for r in _csv_rows(tmp_path / "results.csv") if r["status"] == "ok"]
+    assert [(r["impl"], r["mode"]) for r in rows] == [("native_chunkwise", "fw")]
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["status"] == "ok"
+
+
 def test_fewer_than_ten_reps_is_rejected(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "--reps", "5"])
     assert info.value.code == 2
     assert "--reps must be an integer >= 10" in capsys.readouterr().err
+
+
+def test_plot_series_name_each_chunk_size_once():
+    from xlstm_jax.bench.report import _series
+
+    row = dict(status="ok", mode="fw", x=64, ms_median=1.0, source="xlstm_jax")
+    rows = [dict(row, impl="triton_xl_chunk L=64", chunk=64), dict(row, impl="triton_limit_chunk", chunk=64),
+            dict(row, impl="cudnn_attention", chunk=None)]
+    assert set(_series(rows, "fw", "ms_median")) == {"triton_xl_chunk L=64", "triton_limit_chunk L=64",
+                                                     "cudnn_attention"}

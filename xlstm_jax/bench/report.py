@@ -87,7 +87,8 @@ def _series(rows: list[dict[str, Any]], mode: str, key: str) -> dict[str, tuple[
     out: dict[str, tuple[list, list, str]] = {}
     for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["x"]):
         if r["mode"] == mode and r.get(key) is not None:
-            label = r["impl"] if r["chunk"] is None else f"{r['impl']} L={r['chunk']}"
+            named = r["chunk"] is None or r["impl"].endswith(f" L={r['chunk']}")  # impl names its chunk already
+            label = r["impl"] if named else f"{r['impl']} L={r['chunk']}"
             xs, ys, _ = out.setdefault(label, ([], [], r["source"]))
             xs.append(r["x"])
             ys.append(r[key])

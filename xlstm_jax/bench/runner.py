@@ -238,6 +238,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "upper bound unless the peak rose during the case (peak_exact); subprocess cases are exact.",
     }
     measured = []
+    args.out.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("bench", total=len(cases))
@@ -245,8 +246,10 @@ def run_bench(args: argparse.Namespace) -> int:
             progress.update(task, description=f"{case.impl} {case.mode} {case.run_shape}")
             measured.append(measure_case(case, args.timeout))
             progress.advance(task)
+            # the files grow case by case: a sweep stopped early (a time limit) keeps what it measured
+            report.write_csv(measured + rows, args.out / "results.csv")
+            report.write_json(measured + rows, meta, args.out / "results.json")
     rows = measured + rows
-    args.out.mkdir(parents=True, exist_ok=True)
     report.print_table(rows, meta, console)
     report.write_csv(rows, args.out / "results.csv")
     report.write_json(rows, meta, args.out / "results.json")
