@@ -77,7 +77,8 @@ def stages(family: str, chunk: int, shape, dtype) -> dict[str, tuple]:
 
 
 def run_stage(fn, args, reps: int):
-    """(median ms, outputs as float64 arrays) of one stage, compiled afresh (it reads LAUNCH at trace time)."""
+    """(median ms, outputs as float64 arrays) of one stage, compiled afresh (launch parameters are read at trace
+    time)."""
     compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
     seconds, _ = timed_runs(lambda: compiled(*args), jax.block_until_ready, reps)
     outs = [np.asarray(x, np.float64) for x in jax.tree.leaves(compiled(*args))]
@@ -89,7 +90,8 @@ def _deviation(outs, base) -> float:
 
 
 def sweep(calls: dict, names: list[str], grid: dict[str, list[int]], reps: int) -> list[dict]:
-    """Time `names` at every point of the LAUNCH grid (restored afterwards); rows sorted by total time."""
+    """Time `names` at every point of the grid of launch parameters (set as core.LAUNCH overrides, restored
+    afterwards); rows sorted by total time."""
     base = {name: run_stage(*calls[name], reps)[1] for name in names}
     saved = dict(core.LAUNCH)
     rows = []
@@ -117,12 +119,12 @@ def sweep(calls: dict, names: list[str], grid: dict[str, list[int]], reps: int) 
     return sorted(good, key=lambda r: sum(r["ms"].values())) + [r for r in rows if r not in good]
 
 
-def _grid(items: list[str]) -> dict[str, list[int]]:
+def _grid(items: list[str], known: dict[str, int]) -> dict[str, list[int]]:
     grid = {}
     for item in items:
         name, values = item.split("=")
-        if name not in core.LAUNCH:
-            raise SystemExit(f"unknown launch parameter {name!r}; known: {sorted(core.LAUNCH)}")
+        if name not in known:
+            raise SystemExit(f"unknown launch parameter {name!r}; known: {sorted(known)}")
         grid[name] = [int(x) for x in values.split(",")]
     return grid
 
@@ -144,7 +146,7 @@ def main(argv=None) -> None:
         calls = stages(family, int(chunk), shape, jnp.dtype(args.dtype))
         names = args.stages or list(calls)
         if args.sweep:
-            results[run] = sweep(calls, names, _grid(args.sweep), args.reps)
+            results[run] = sweep(calls, names, _grid(args.sweep, core.launch_params(*shape[3:])), args.reps)
             print(run, "best:", results[run][0]["launch"], results[run][0]["ms"], flush=True)
         else:
             results[run] = {name: run_stage(*calls[name], args.reps)[0] for name in names}
@@ -152,7 +154,7 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype,
-                       "launch": core.LAUNCH, "results": results}, fh, indent=1)
+                       "launch": core.launch_params(*shape[3:]), "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Offline tuning of the Triton launch parameters (`LAUNCH` in triton_core.py and the xl-chunk tiles) on a GPU.
+"""Offline tuning of the Triton launch parameters (launch_table.json, and the xl-chunk tiles) on a GPU.
 
 Coordinate descent from the checked-in values: one parameter at a time over its candidates, keeping a change only
 when it lowers fw + fw·bw median time. Every candidate's gradients are compared with the checked-in
-configuration's (a miscompiled kernel gives wrong numbers, not an error: see the dq_warps note in triton_core.py);
-a candidate that deviates is rejected. Prints each step and writes the winners as JSON:
+configuration's (a miscompiled kernel gives wrong numbers, not an error: see the dq_warps note in
+launch_table.py); a candidate that deviates is rejected. Prints each step and writes the winners as JSON; with
+--write-table also as the device's entry for the shape's bucket in launch_table.json (commit that file):
 
-    python scripts/tune_launch.py --shape 8,16,8192,128,256 --out out/tune.json
+    python scripts/tune_launch.py --shape 8,16,8192,128,256 --out out/tune.json --write-table
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats, with_mode
-from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
     mlstm_chunkwise_triton_xl_chunk,
 )
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
 
-# Candidates per knob. Keys of LAUNCH are global (SHARED ones are tuned in the first run only); "tile_q",
-# "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
+# Candidates per knob. Launch-table keys are shared by both families (SHARED ones are tuned in the first run only);
+# "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
 SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (1, 2, 4), "recurrent_stages": (1, 2, 3),
           "block": (32, 64, 128)}
 FAMILY = {
@@ -83,7 +84,8 @@ def tune(family, chunk, shape, dtype, reps, shared, only=None):
     knobs = {**(SHARED if shared else {}), **FAMILY[family]}
     if only:
         knobs = {k: v for k, v in knobs.items() if k in only}
-    setting = {k: triton_core.LAUNCH[k] for k in knobs if k in triton_core.LAUNCH}
+    params = triton_core.launch_params(shape[3], shape[4])
+    setting = {k: params[k] for k in knobs if k in params}
     if family == "xl":
         setting.update(zip(XL_ARGS, (min(64, chunk),) * 3))
     args = mlstm_inputs(*shape, dtype)
@@ -116,6 +118,9 @@ def main(argv=None) -> None:
     parser.add_argument("--knobs", nargs="+", help="tune only these knobs (default: all)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default="out/tune.json")
+    parser.add_argument("--write-table", action="store_true",
+                        help="store the winners as this device's entry for the shape's bucket in launch_table.json")
+    parser.add_argument("--table", default=str(launch_table.TABLE_PATH), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     start = time.time()
@@ -125,6 +130,15 @@ def main(argv=None) -> None:
         results.append(tune(family, int(chunk), shape, jnp.dtype(args.dtype), args.reps,
                             shared=index == 0, only=args.knobs))
     meta = {"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype, "seconds": time.time() - start}
+    if args.write_table:
+        params = triton_core.launch_params(shape[3], shape[4])
+        for result in results:
+            params.update({k: v for k, v in result["setting"].items() if k not in XL_ARGS})
+        runs = ", ".join(f"{r['family']} L={r['chunk']} {r['fw_ms']:.2f} / {r['fwbw_ms']:.2f} ms" for r in results)
+        source = (f"{meta['device']}, shape {args.shape}, {args.dtype}, {time.strftime('%Y-%m-%d')}: "
+                  f"scripts/tune_launch.py (fw / fw+bw: {runs})")
+        key = launch_table.write_entry(launch_table.device_arch(), shape[3], shape[4], params, source, args.table)
+        print(f"wrote {key} to {args.table}")
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)
     print(json.dumps(meta))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -32,13 +32,18 @@ def test_tuner_rejects_a_candidate_with_wrong_gradients(tmp_path, capsys, monkey
     monkeypatch.setattr(tuner, "_fw", fw_broken_with_4_warps)
     out = tmp_path / "tune.json"
     checked_in = dict(triton_core.LAUNCH)
+    table = tmp_path / "table.json"
+    table.write_text(launch_table.TABLE_PATH.read_text())
     tuner.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--knobs", "recurrent_warps",
-                "--reps", "10", "--out", str(out)])
+                "--reps", "10", "--out", str(out), "--write-table", "--table", str(table)])
     wrong = [line for line in capsys.readouterr().out.splitlines() if "WRONG" in line]
     assert len(wrong) == 1 and "recurrent_warps=4" in wrong[0]
     (result,) = json.loads(out.read_text())["results"]
     assert result["setting"]["recurrent_warps"] in (1, 2) and result["fw_ms"] > 0 and result["fwbw_ms"] > 0
-    assert triton_core.LAUNCH == checked_in  # the tuner leaves the module's table as it found it
+    assert triton_core.LAUNCH == checked_in  # the tuner leaves the module's overrides as it found them
+    written = json.loads(table.read_text())["entries"]["cpu/dh<=256"]  # no GPU here: the "cpu" architecture
+    assert written["params"]["recurrent_warps"] == result["setting"]["recurrent_warps"]
+    assert set(written["params"]) == set(launch_table.table_params(16, 16)) and "tune_launch.py" in written["source"]
 
 
 def test_train_throughput_reports_each_backend(tmp_path):

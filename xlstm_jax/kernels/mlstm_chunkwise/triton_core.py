@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, denominator_cotangent, gate_gradients
+from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
     mlstm_xl_bw_dk_kernel,
     mlstm_xl_bw_dq_kernel,
@@ -36,22 +37,14 @@ from xlstm_jax.mlstm.base import MLSTMShape, pad_to_multiple, qk_scale
 MAX_HEAD_DIM = 1024
 F32 = jnp.float32
 
-# Launch parameters: H100/H200 measurements, scripts/tune_launch.py and scripts/profile_stages.py sweeps
-# (docs/benchmarks.md). On the H200 at B=8, NH=16, S=8192, 128/256, bf16, limit L=64: the state recurrences with
-# 1 warp and 2 pipelining stages per 64 x 64 tile took 0.86 / 1.01 ms (fw / bw) against 1.37 / 1.66 with 2 warps
-# and 1 stage; 2 stages in the limit per-chunk kernels took the fw from 3.10 to 2.51 ms (xl-chunk: no gain, so
-# its kernels keep 1). The limit-chunk dq kernel always runs 8 warps: with 4, triton 3.6 on H100 miscompiles it
-# for bf16 at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape; the
-# tuner and the sweeps reject any candidate whose results deviate).
-LAUNCH = {
-    # state recurrence (fw states, bw state cotangents): head-dim tile, warps, software-pipelining stages
-    "recurrent_block": 64, "recurrent_warps": 1, "recurrent_stages": 2,
-    # limit per-chunk kernels: head-dim tile, output (DHHV) tile, warps (L <= 64 / L = 128, dq), stages
-    "block": 64, "out_v_block": 128, "parallel_warps": 4, "parallel_warps_l128": 8, "dq_warps": 8,
-    "parallel_stages": 2,
-    # xl per-chunk kernels: warps, output tile, stages (their head-dim tile is "block")
-    "xl_warps": 4, "xl_out_block": 128, "xl_stages": 1,
-}
+# Launch parameters come from the per-architecture table (launch_table.py). Tools that try candidates
+# (scripts/tune_launch.py, scripts/profile_stages.py) put them here, over the table's values; empty otherwise.
+LAUNCH: dict[str, int] = {}
+
+
+def launch_params(DHQK: int, DHHV: int) -> dict[str, int]:
+    """The launch parameters in effect for these head dims on the default device (table entry + LAUNCH)."""
+    return {**table_params(DHQK, DHHV), **LAUNCH}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +62,16 @@ class KernelConfig:
     inter_chunk_size: int | None = None  # recurrent granularity (divides chunk_size); None: chunk_size
     tile_q: int | None = None  # xl: query rows per tile (LQ)
     tile_kv: int | None = None  # xl: key rows per tile (LKV)
-    num_warps: int | None = None  # xl: warps of the parallel kernels; None: LAUNCH["xl_warps"]
+    num_warps: int | None = None  # xl: warps of the parallel kernels; None: the launch table's xl_warps
 
     @property
     def recurrent_chunk(self) -> int:
         return self.inter_chunk_size or self.chunk_size
 
 
-def block(dim: int, cap: int | None = None) -> int:
-    """Head-dim block: the next power of two >= dim (at least 16), capped at `cap` (default LAUNCH["block"], the
-    parallel kernels' block; the state-recurrence kernels use LAUNCH["recurrent_block"])."""
-    return min(cap or LAUNCH["block"], max(16, 1 << (dim - 1).bit_length()))
+def block(dim: int, cap: int) -> int:
+    """Head-dim block: the next power of two >= dim (at least 16), capped at `cap`."""
+    return min(cap, max(16, 1 << (dim - 1).bit_length()))
 
 
 def check_head_dims(shape: MLSTMShape) -> None:
@@ -100,18 +92,20 @@ def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, ja
 
 def _recurrent_launch(DHQK: int, DHHV: int) -> dict:
     """Grid, head-dim tiles and launch parameters of a state-recurrence kernel: one (BK, BV) tile of C a program."""
-    BK, BV = block(DHQK, LAUNCH["recurrent_block"]), block(DHHV, LAUNCH["recurrent_block"])
-    return dict(grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=LAUNCH["recurrent_warps"],
-                num_stages=LAUNCH["recurrent_stages"], DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV)
+    p = launch_params(DHQK, DHHV)
+    BK, BV = block(DHQK, p["recurrent_block"]), block(DHHV, p["recurrent_block"])
+    return dict(grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=p["recurrent_warps"],
+                num_stages=p["recurrent_stages"], DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV)
 
 
-def _parallel_launch(cfg: KernelConfig, warps: int | None = None) -> dict:
-    """num_warps / num_stages of a parallel (per-chunk) kernel; `warps` overrides the family's choice."""
+def _parallel_launch(cfg: KernelConfig, p: dict[str, int], warps: int | None = None) -> dict:
+    """num_warps / num_stages of a parallel (per-chunk) kernel from launch parameters `p`; `warps` overrides the
+    family's choice."""
     if cfg.family == "xl":
-        return dict(num_warps=warps or cfg.num_warps or LAUNCH["xl_warps"], num_stages=LAUNCH["xl_stages"])
+        return dict(num_warps=warps or cfg.num_warps or p["xl_warps"], num_stages=p["xl_stages"])
     if warps is None:
-        warps = LAUNCH["parallel_warps"] if cfg.chunk_size <= 64 else LAUNCH["parallel_warps_l128"]
-    return dict(num_warps=warps, num_stages=LAUNCH["parallel_stages"])
+        warps = p["parallel_warps"] if cfg.chunk_size <= 64 else p["parallel_warps_l128"]
+    return dict(num_warps=warps, num_stages=p["parallel_stages"])
 
 
 def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
@@ -153,19 +147,21 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     c_all, n_all, m_all = states[:3]
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
     vec_b, _, _ = _gates(i, f, L)
+    p = launch_params(DHQK, DHHV)
     outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
             jax.ShapeDtypeStruct((BH, S), F32)]
-    consts = dict(NC=NC, NS=c_in.shape[1], L=L, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK), QK_SCALE=qk_scale(DHQK),
-                  EPS=cfg.eps, NORM_VAL=cfg.norm_val, STABILIZE_CORRECTLY=cfg.stabilize_correctly)
+    consts = dict(NC=NC, NS=c_in.shape[1], L=L, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p["block"]),
+                  QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val,
+                  STABILIZE_CORRECTLY=cfg.stabilize_correctly)
     if cfg.family == "xl":
-        BV = block(DHHV, LAUNCH["xl_out_block"])
+        BV = block(DHHV, p["xl_out_block"])
         kernel, grid = mlstm_xl_fw_parallel_kernel, (NC * (L // cfg.tile_q), -(-DHHV // BV))
         consts.update(LQ=cfg.tile_q, LKV=cfg.tile_kv)
     else:
-        BV = block(DHHV, LAUNCH["out_v_block"])
+        BV = block(DHHV, p["out_v_block"])
         kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
     h, den, m_out = launch(kernel, [q, k, v, vec_b, i, c_in, n_in, m_all], outs, grid=grid,
-                           BV=BV, **_parallel_launch(cfg), **consts)
+                           BV=BV, **_parallel_launch(cfg, p), **consts)
     return h, den, m_out, states
 
 
@@ -195,7 +191,8 @@ def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_a
     L = cfg.chunk_size
     NC = S // L
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
-    BK, BV = block(DHQK), block(DHHV)
+    p = launch_params(DHQK, DHHV)
+    BK, BV = block(DHQK, p["block"]), block(DHHV, p["block"])
     consts = dict(NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK))
     dq_shape, dk_shape = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
     dv_shape = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
@@ -204,13 +201,13 @@ def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_a
     if cfg.family != "xl":
         row = jax.ShapeDtypeStruct((BH, S), F32)
         dq, qdq = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape, row], grid=(NC,), NS=c_in.shape[1],
-                         **_parallel_launch(cfg, LAUNCH["dq_warps"]), **consts)
+                         **_parallel_launch(cfg, p, p["dq_warps"]), **consts)
         dk, dv, kdk = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dk_shape, dv_shape, row], grid=(NC,),
-                             **_parallel_launch(cfg), **consts)
+                             **_parallel_launch(cfg, p), **consts)
         return dq, dk, dv, qdq, kdk
     LQ, LKV = cfg.tile_q, cfg.tile_kv
-    run = _parallel_launch(cfg)
-    BO = LAUNCH["xl_out_block"]
+    run = _parallel_launch(cfg, p)
+    BO = p["xl_out_block"]
     n_dq, n_dk = -(-DHQK // BK), -(-DHQK // block(DHQK, BO))
     dq, qdq = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape, jax.ShapeDtypeStruct((BH, n_dq, S), F32)],
                      grid=(NC * (L // LQ), n_dq), NS=c_in.shape[1], LQ=LQ, LKV=LKV, **run, **consts)
