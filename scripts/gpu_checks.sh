@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU-machine checks, one step per call so each fits a bounded session; logs and results go to OUT_DIR.
-#   bash scripts/gpu_checks.sh STEP OUT_DIR
+#   bash scripts/gpu_checks.sh STEP OUT_DIR [PRESET ...]
 # STEP: tests       GPU-marked tests (kernel parity at realistic shapes, extreme gates) and `xlstm-jax doctor`
 #       bench       the issue shapes (16-head and 7B-head, 65536 tokens) for every backend and chunk size, with peers
-#       presets     the four H100/H200 presets of docs/benchmarks.md (in-process; peers in subprocesses)
-#       tune        scripts/tune_launch.py for both families at the 16-head shape
+#       presets     the four H100/H200 presets of docs/benchmarks.md (in-process; peers in subprocesses), or the
+#                   ones named after OUT_DIR; results files grow case by case, so a cut run keeps what it measured
+#       tune        scripts/tune_launch.py for both families at the 16-head shape; the winners go into a copy of
+#                   launch_table.json in OUT_DIR (copy it back over xlstm_jax/kernels/mlstm_chunkwise/ and commit)
 #       profile     scripts/profile_stages.py: each fw / bw stage of both families timed alone at the 16-head shape
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
 # Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
 set -uo pipefail
 step=${1:?step}
 out=${2:?output folder}
+shift 2
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 case "$step" in
@@ -22,11 +25,15 @@ case "$step" in
       --backends native_chunkwise,triton_limit_chunk,triton_xl_chunk --reps 20 --out "$out/issue_shapes" 2>&1 \
       | tee "$out/bench.log" ;;
   presets)
-    for preset in tfla-const-tokens 7b head-dims decode; do
+    presets=("$@")
+    [ ${#presets[@]} -eq 0 ] && presets=(tfla-const-tokens 7b head-dims decode)
+    for preset in "${presets[@]}"; do
       python3 -m xlstm_jax.cli bench --preset "$preset" --reps 20 --out "$out/$preset" 2>&1 | tee "$out/$preset.log"
     done ;;
   tune)
-    python3 scripts/tune_launch.py --runs limit:64 xl:128 --out "$out/tune.json" 2>&1 | tee "$out/tune.log" ;;
+    cp xlstm_jax/kernels/mlstm_chunkwise/launch_table.json "$out/launch_table.json"
+    python3 scripts/tune_launch.py --runs limit:64 xl:128 --out "$out/tune.json" --write-table \
+      --table "$out/launch_table.json" 2>&1 | tee "$out/tune.log" ;;
   profile)
     python3 scripts/profile_stages.py --runs limit:64 xl:128 --out "$out/stages.json" 2>&1 | tee "$out/stages.log" ;;
   throughput)
