@@ -142,16 +142,20 @@ def mlstm_xl_bw_dq_kernel(
 @triton.jit
 def _xl_dkdv_tile(
     Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
-    bh, kc, jkv, ro,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
     WANT_DK: tl.constexpr, BO: tl.constexpr,
 ):
-    """The (LKV, BO) float32 tile of dk (WANT_DK) or dv at key rows kc * L + jkv * LKV + [0, LKV) and output
-    columns ro; loops over query tiles from the diagonal to the chunk end; every L x L tile is built transposed."""
+    """Grid (BH, NC * L / LKV, cdiv(D_out, BO)): the program's (LKV, BO) float32 tile of dk (WANT_DK) or dv, with
+    bh, its key rows rs and output columns ro; loops over query tiles from the diagonal to the chunk end; every
+    L x L tile is built transposed."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1) // (L // LKV)
+    jkv = tl.program_id(1) % (L // LKV)
     S: tl.constexpr = NC * L
     D_OUT: tl.constexpr = DHQK if WANT_DK else DHHV
     rs = kc * L + jkv * LKV + tl.arange(0, LKV)
+    ro = tl.program_id(2) * BO + tl.arange(0, BO)
     mo = ro < D_OUT
     b_s = tl.load(VEC_B + bh * S + rs)
     i_s = tl.load(I + bh * S + rs)
@@ -208,7 +212,7 @@ def _xl_dkdv_tile(
                          mask=mk[:, None] & mo[None, :], other=0.0)
             inter += tl.dot(k, dc.to(dtype), input_precision="ieee")
     abar = tl.exp(tl.load(VEC_A + bh * S + rs) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
-    return acc + abar[:, None] * inter
+    return acc + abar[:, None] * inter, bh, rs, ro
 
 
 @triton.jit
@@ -219,15 +223,10 @@ def mlstm_xl_bw_dk_kernel(
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
 ):
     """Grid (BH, NC * L / LKV, cdiv(DHQK, BO)): one (LKV, BO) tile of dk and its part of k_s·dk_s."""
-    bh = tl.program_id(0).to(tl.int64)
-    kc = tl.program_id(1) // (L // LKV)
-    jkv = tl.program_id(1) % (L // LKV)
+    dk, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+                                   NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, True, BO)
     S: tl.constexpr = NC * L
-    rs = kc * L + jkv * LKV + tl.arange(0, LKV)
-    ro = tl.program_id(2) * BO + tl.arange(0, BO)
     mo = ro < DHQK
-    dk = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL, bh, kc, jkv, ro,
-                       NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, True, BO)
     k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + ro[None, :], mask=mo[None, :], other=0.0)
     tl.store(DK + bh * S * DHQK + rs[:, None] * DHQK + ro[None, :], dk.to(DK.dtype.element_ty), mask=mo[None, :])
     tl.store(KDK + (bh * tl.num_programs(2) + tl.program_id(2)) * S + rs, tl.sum(k.to(tl.float32) * dk, axis=1))
@@ -241,13 +240,8 @@ def mlstm_xl_bw_dv_kernel(
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
 ):
     """Grid (BH, NC * L / LKV, cdiv(DHHV, BO)): one (LKV, BO) tile of dv."""
-    bh = tl.program_id(0).to(tl.int64)
-    kc = tl.program_id(1) // (L // LKV)
-    jkv = tl.program_id(1) % (L // LKV)
+    dv, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+                                   NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, False, BO)
     S: tl.constexpr = NC * L
-    rs = kc * L + jkv * LKV + tl.arange(0, LKV)
-    ro = tl.program_id(2) * BO + tl.arange(0, BO)
-    dv = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL, bh, kc, jkv, ro,
-                       NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, False, BO)
     tl.store(DV + bh * S * DHHV + rs[:, None] * DHHV + ro[None, :], dv.to(DV.dtype.element_ty),
              mask=(ro < DHHV)[None, :])

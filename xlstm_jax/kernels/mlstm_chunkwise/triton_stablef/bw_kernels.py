@@ -64,6 +64,41 @@ def mlstm_bw_recurrent_kernel(
 
 
 @triton.jit
+def _chunk_rows(VEC_B, I, M_OUT, NORM, DDEN, NC: tl.constexpr, L: tl.constexpr):
+    """Grid (BH, NC): the program's bh, chunk kc, in-chunk positions rt, token indices tok and their per-token
+    vectors (L,): vecB, i, m_t, norm, dden."""
+    bh = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1)
+    S: tl.constexpr = NC * L
+    rt = tl.arange(0, L)
+    tok = kc * L + rt
+    rows = bh * S + tok
+    return (bh, kc, rt, tok, tl.load(VEC_B + rows), tl.load(I + rows), tl.load(M_OUT + rows), tl.load(NORM + rows),
+            tl.load(DDEN + rows))
+
+
+@triton.jit
+def _rows_times_state_t(
+    X, norm, STATE, tok, rk, mk,
+    L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DIVIDE: tl.constexpr, dtype: tl.constexpr,
+):
+    """(L, BK) float32 = X[tok, :] @ STATE[rk, :]^T over the DHHV axis, for rows X (S, DHHV) (divided by norm (L,)
+    first if DIVIDE: the dh / norm of the numerator cotangent) and one state STATE (DHQK, DHHV) loaded
+    transposed; operands rounded to `dtype`."""
+    acc = tl.zeros((L, BK), dtype=tl.float32)
+    for jv in range(tl.cdiv(DHHV, BV)):
+        rv = jv * BV + tl.arange(0, BV)
+        mv = rv < DHHV
+        x = tl.load(X + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        if DIVIDE:
+            x = x.to(tl.float32) / norm[:, None]
+        s_t = tl.load(STATE + rk[None, :] * DHHV + rv[:, None], mask=mk[None, :] & mv[:, None], other=0.0)
+        acc += tl.dot(x.to(dtype), s_t.to(dtype), input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def mlstm_bw_dq_kernel(
     Q, K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
     DQ, QDQ,
@@ -71,16 +106,8 @@ def mlstm_bw_dq_kernel(
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
     """Grid (BH, NC): dq of one chunk and q_t·dq_t, rows = query positions t."""
-    bh = tl.program_id(0).to(tl.int64)
-    kc = tl.program_id(1)
+    bh, kc, rt, tok, b, ig, m_t, norm, dden = _chunk_rows(VEC_B, I, M_OUT, NORM, DDEN, NC, L)
     S: tl.constexpr = NC * L
-    rt = tl.arange(0, L)
-    tok = kc * L + rt
-    b = tl.load(VEC_B + bh * S + tok)
-    ig = tl.load(I + bh * S + tok)
-    m_t = tl.load(M_OUT + bh * S + tok)
-    norm = tl.load(NORM + bh * S + tok)
-    dden = tl.load(DDEN + bh * S + tok)
     m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
     state = bh * NS + kc
     dtype = K.dtype.element_ty
@@ -103,16 +130,8 @@ def mlstm_bw_dq_kernel(
         mk = rk < DHQK
         k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
         dq = tl.dot(ds.to(dtype), k, input_precision="ieee") * QK_SCALE
-        hc = tl.zeros((L, BK), dtype=tl.float32)
-        for jv in range(tl.cdiv(DHHV, BV)):
-            rv = jv * BV + tl.arange(0, BV)
-            mv = rv < DHHV
-            dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-            c_t = tl.load(
-                C_ALL + state * DHQK * DHHV + rk[None, :] * DHHV + rv[:, None],
-                mask=mk[None, :] & mv[:, None], other=0.0,
-            )
-            hc += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), c_t.to(dtype), input_precision="ieee")
+        hc = _rows_times_state_t(DH + bh * S * DHHV, norm, C_ALL + state * DHQK * DHHV, tok, rk, mk, L, DHQK, DHHV,
+                                 BK, BV, True, dtype)
         n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
         dq += inter[:, None] * (hc + dden[:, None] * n[None, :])
         q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
@@ -130,16 +149,8 @@ def mlstm_bw_dkdv_kernel(
 ):
     """Grid (BH, NC): dk, dv and k_s·dk_s of one chunk, rows = key positions s (all L x L tiles built
     transposed)."""
-    bh = tl.program_id(0).to(tl.int64)
-    kc = tl.program_id(1)
+    bh, kc, rt, tok, b, ig, m_t, norm, dden = _chunk_rows(VEC_B, I, M_OUT, NORM, DDEN, NC, L)
     S: tl.constexpr = NC * L
-    rt = tl.arange(0, L)
-    tok = kc * L + rt
-    b = tl.load(VEC_B + bh * S + tok)
-    ig = tl.load(I + bh * S + tok)
-    m_t = tl.load(M_OUT + bh * S + tok)
-    norm = tl.load(NORM + bh * S + tok)
-    dden = tl.load(DDEN + bh * S + tok)
     abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
     state = bh * (NC + 1) + kc + 1
     dtype = K.dtype.element_ty
@@ -170,16 +181,8 @@ def mlstm_bw_dkdv_kernel(
         mk = rk < DHQK
         q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
         dk = tl.dot(ds_t.to(dtype), q, input_precision="ieee") * QK_SCALE
-        vdc = tl.zeros((L, BK), dtype=tl.float32)
-        for jv in range(tl.cdiv(DHHV, BV)):
-            rv = jv * BV + tl.arange(0, BV)
-            mv = rv < DHHV
-            v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-            dc_t = tl.load(
-                DC_ALL + state * DHQK * DHHV + rk[None, :] * DHHV + rv[:, None],
-                mask=mk[None, :] & mv[:, None], other=0.0,
-            )
-            vdc += tl.dot(v, dc_t.to(dtype), input_precision="ieee")
+        vdc = _rows_times_state_t(V + bh * S * DHHV, norm, DC_ALL + state * DHQK * DHHV, tok, rk, mk, L, DHQK, DHHV,
+                                  BK, BV, False, dtype)
         dn = tl.load(DN_ALL + state * DHQK + rk, mask=mk, other=0.0)
         dk += abar[:, None] * (vdc + dn[None, :])
         k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
