@@ -48,13 +48,15 @@ def load_table(path: Path = TABLE_PATH) -> dict:
 
 
 def table_key(arch: str | None, DHQK: int, DHHV: int, table: dict | None = None) -> str:
-    """The entry a call uses: its own "<arch>/<bucket>", another entry of its architecture, or the fallback."""
-    entries = (table or load_table())["entries"]
+    """The entry a call uses: its own "<arch>/<bucket>" (arch None: "cpu", as `write_entry` names it), another
+    entry of its architecture, or the fallback."""
+    table = table or load_table()
+    arch = arch or "cpu"
     own = f"{arch}/{shape_bucket(DHQK, DHHV)}"
-    if own in entries:
+    if own in table["entries"]:
         return own
-    same_arch = sorted(k for k in entries if k.split("/")[0] == arch)
-    return same_arch[0] if same_arch else (table or load_table())["fallback"]
+    same_arch = sorted(k for k in table["entries"] if k.split("/")[0] == arch)
+    return same_arch[0] if same_arch else table["fallback"]
 
 
 def table_params(DHQK: int, DHHV: int, arch: str | None = None) -> dict[str, int]:
