@@ -14,7 +14,7 @@ from xlstm_jax import cli
 from xlstm_jax.bench import cost, measure, runner
 from xlstm_jax.bench.cases import PRESETS
 from xlstm_jax.bench.peers import PEERS, Peer
-from xlstm_jax.bench.worker import run_isolated
+from xlstm_jax.bench.worker import Worker, run_isolated
 from xlstm_jax.mlstm import IMPLEMENTATIONS
 
 NATIVE = ("native_parallel", "native_recurrent", "native_chunkwise")
@@ -158,6 +158,10 @@ def raise_error(spec):
 
 def hang(spec):
     time.sleep(600)
+
+def pid(spec):
+    print("a line that is not a result", flush=True)
+    return {"pid": os.getpid()}
 """
 
 
@@ -182,9 +186,55 @@ def test_crashing_peers_are_reported_failed_and_the_sweep_goes_on(crash_module, 
     assert (out / "runtime.png").exists()
 
 
+def test_a_peer_that_keeps_crashing_is_skipped_after_the_limit(crash_module, tmp_path, monkeypatch):
+    monkeypatch.setitem(PEERS, "aborter", Peer("sequence", f"{crash_module}:abort", "mlstm", "a", needs_gpu=False))
+    argv = ["bench", "--shape", "1,2,32,16,32", "--shape", "1,2,64,16,32", "--shape", "1,2,128,16,32",
+            "--dtype", "float32", "--backends", "native_chunkwise", "--mode", "fw", "--peers", "aborter",
+            "--timeout", "120", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = [r for r in _csv_rows(tmp_path / "results.csv") if r["impl"] == "aborter"]
+    assert [r["status"] for r in rows] == ["failed"] * runner.PEER_CRASH_LIMIT + ["skipped"]
+    assert "crashed in 2 earlier cases" in rows[-1]["note"] and "SIGABRT" in rows[-1]["note"]
+
+
+def test_resume_runs_only_the_cases_not_measured_yet(tmp_path, monkeypatch):
+    base = ["bench", "--shape", "1,2,32,16,32", "--dtype", "float32", "--mode", "fw", "--no-peers",
+            "--out", str(tmp_path)]
+    assert cli.main(base + ["--backends", "native_chunkwise"]) == 0
+    first = {r["impl"]: r for r in _csv_rows(tmp_path / "results.csv")}
+    measure, measured = runner.measure_case, []
+
+    def record(case, *rest):
+        measured.append(case.impl)
+        return measure(case, *rest)
+
+    monkeypatch.setattr(runner, "measure_case", record)
+    assert cli.main(base + ["--backends", "native_chunkwise,native_recurrent", "--resume"]) == 0
+    assert measured == ["native_recurrent"]
+    rows = {r["impl"]: r for r in _csv_rows(tmp_path / "results.csv")}
+    assert rows["native_chunkwise"]["ms_median"] == first["native_chunkwise"]["ms_median"]
+    assert rows["native_recurrent"]["status"] == "ok"
+    assert "1 cases kept" in json.loads((tmp_path / "results.json").read_text())["meta"]["resumed"]
+
+
 def test_a_hanging_case_times_out(crash_module):
     result = run_isolated({"target": f"{crash_module}:hang"}, timeout=3)
     assert result == {"status": "timeout", "note": "killed after 3 s"}
+
+
+def test_one_worker_serves_many_cases_and_is_replaced_after_a_crash_or_hang(crash_module):
+    with Worker() as worker:
+        first, second = (worker.measure({"target": f"{crash_module}:pid"}, timeout=60) for _ in range(2))
+        assert first["status"] == second["status"] == "ok" and first["pid"] == second["pid"]
+        assert worker.measure({"target": f"{crash_module}:raise_error"}, timeout=60)["status"] == "failed"
+        assert worker.measure({"target": f"{crash_module}:pid"}, timeout=60)["pid"] == first["pid"]
+        crashed = worker.measure({"target": f"{crash_module}:abort"}, timeout=60)
+        assert crashed["status"] == "failed" and "SIGABRT" in crashed["note"]
+        after_crash = worker.measure({"target": f"{crash_module}:pid"}, timeout=60)
+        assert after_crash["status"] == "ok" and after_crash["pid"] != first["pid"]
+        assert worker.measure({"target": f"{crash_module}:hang"}, timeout=3)["status"] == "timeout"
+        after_hang = worker.measure({"target": f"{crash_module}:pid"}, timeout=60)
+        assert after_hang["status"] == "ok" and after_hang["pid"] not in (first["pid"], after_crash["pid"])
 
 
 def _broken_backend(*args, **kwargs):
@@ -206,11 +256,11 @@ def test_a_sweep_stopped_early_keeps_the_cases_it_measured(tmp_path, monkeypatch
     measure = runner.measure_case
     calls = []
 
-    def stop_at_the_second_case(case, timeout):  # stands in for the time limit of a GPU session
+    def stop_at_the_second_case(case, timeout, *rest):  # stands in for the time limit of a GPU session
         calls.append(case)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return measure(case, timeout)
+        return measure(case, timeout, *rest)
 
     monkeypatch.setattr(runner, "measure_case", stop_at_the_second_case)
     argv = ["bench", "--shape", "1,2,32,16,32", "--dtype", "float32", "--backends", "native_chunkwise",

@@ -113,6 +113,7 @@ class Case:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     isolate: bool = False
     skip: str | None = None  # reason the case is not run
+    peer: str = ""  # the peer's name (source "peer"): its cases share one worker process
 
     def spec(self) -> dict[str, Any]:
         """The JSON-able description the measurement function receives."""

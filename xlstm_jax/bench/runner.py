@@ -1,14 +1,17 @@
 """`xlstm-jax bench`: build the cases of a preset, measure them with a progress bar, write the report.
 
-xlstm_jax's own cases run in this process (or each in a subprocess with --isolate, which also gives exact
-per-case peak memory); every peer case runs in its own subprocess with a timeout (`xlstm_jax.bench.worker`).
+xlstm_jax's own cases run first, in this process (or each in a fresh subprocess with --isolate, which also gives
+exact per-case peak memory); then each peer's cases run in one long-lived subprocess per peer, with a timeout per
+case, restarted after a crash (`xlstm_jax.bench.worker`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +25,11 @@ from xlstm_jax.bench.cases import (
 )
 from xlstm_jax.bench.measure import MIN_REPS, load
 from xlstm_jax.bench.peers import PEERS, Peer, peer_availability
+from xlstm_jax.bench.worker import Worker, run_isolated
 
 DECODE_IMPL = "recurrent_step_fw"
+PEER_CRASH_LIMIT = 2  # after this many crashed cases (e.g. a compiler abort) a peer's other cases are skipped
+_KEY = ("impl", "source", "mode", "dtype", "B", "NH", "S", "DHQK", "DHHV", "chunk")
 MEASURE = "xlstm_jax.bench.measure"
 
 
@@ -82,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser, backend_type: Callable[[str],
     parser.add_argument("--isolate", action="store_true",
                         help="run xlstm_jax's cases in subprocesses too (crash-safe, exact peak memory per case)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess case (default 900)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cases already measured in OUT/results.json (ok, failed or timed out) and run "
+                        "only the others: continues a sweep cut by a time limit")
 
 
 def default_backends() -> tuple[list[str], dict[str, str]]:
@@ -158,7 +167,9 @@ def build_cases(preset: Preset, backends: list[str], peers: dict[str, Peer], arg
                 if peer.model == "attention" else dims
             options = {} if peer.fn is None else {"fn": peer.fn}
             add(Case(name, "peer", peer.target, peer.model, shape, run_shape, dtype, "fw", None, 1, args.reps,
-                     options, True), peer.chunk, peer.chunk_range)
+                     options, True, peer=name), peer.chunk, peer.chunk_range)
+    # xlstm_jax's cases first, then each peer's together (one worker process per peer)
+    cases.sort(key=lambda c: (c.source == "peer", list(peers).index(c.peer) if c.source == "peer" else 0))
     return cases, list(not_run.values())
 
 
@@ -183,14 +194,34 @@ def _select_peers(preset: Preset, args: argparse.Namespace, dtype: str) -> tuple
     return run, rows
 
 
-def measure_case(case: Case, timeout: float) -> dict[str, Any]:
-    """The result row of one case: its identity, status, timings and the cost model's rates."""
+class PeerWorkers:
+    """One live worker subprocess, for the peer whose cases run now (the previous peer's is closed)."""
+
+    def __init__(self) -> None:
+        self._name: str | None = None
+        self._worker: Worker | None = None
+
+    def get(self, name: str) -> Worker:
+        if name != self._name:
+            self.close()
+            self._name, self._worker = name, Worker()
+        return self._worker
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        self._name = self._worker = None
+
+
+def measure_case(case: Case, timeout: float, workers: PeerWorkers | None = None) -> dict[str, Any]:
+    """The result row of one case: its identity, status, timings and the cost model's rates. Peer cases run in
+    `workers`' subprocess for their peer (a fresh one when `workers` is None), --isolate cases in a fresh one."""
     row = case.row()
     if case.skip:
         return {**row, "status": "skipped", "note": case.skip}
-    if case.isolate:
-        from xlstm_jax.bench.worker import run_isolated
-
+    if case.source == "peer" and workers is not None:
+        result = workers.get(case.peer).measure(case.spec(), timeout)
+    elif case.isolate:
         result = run_isolated(case.spec(), timeout)
     else:
         try:
@@ -204,6 +235,15 @@ def measure_case(case: Case, timeout: float) -> dict[str, Any]:
         peak = cost_model.device_peak(jax.devices()[0].device_kind)
         row.update(cost_model.roofline(cost, row["ms_median"] / 1e3, peak))
     return row
+
+
+def _previous_rows(path: Path) -> tuple[dict[tuple, dict[str, Any]], str | None]:
+    """The measured rows of an earlier run's results.json by case identity, and that run's time."""
+    if not path.exists():
+        return {}, None
+    data = json.loads(path.read_text())
+    done = {tuple(r.get(k) for k in _KEY): r for r in data["rows"] if r.get("status") in ("ok", "failed", "timeout")}
+    return done, data.get("meta", {}).get("time")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -239,12 +279,26 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     measured = []
     args.out.mkdir(parents=True, exist_ok=True)
+    previous, previous_time = _previous_rows(args.out / "results.json") if args.resume else ({}, None)
+    if previous_time:
+        meta["resumed"] = f"continues the run of {previous_time}; {len(previous)} cases kept from it"
+    crashes: dict[str, list[str]] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    workers = PeerWorkers()
+    with Progress(*columns, console=console, transient=True) as progress, contextlib.closing(workers):
         task = progress.add_task("bench", total=len(cases))
         for case in cases:
             progress.update(task, description=f"{case.impl} {case.mode} {case.run_shape}")
-            measured.append(measure_case(case, args.timeout))
+            row = previous.get(tuple(case.row()[k] for k in _KEY))
+            if row is None and len(crashes.get(case.peer, ())) >= PEER_CRASH_LIMIT:
+                seen = crashes[case.peer]
+                row = {**case.row(), "status": "skipped",
+                       "note": f"not run: crashed in {len(seen)} earlier cases ({seen[-1]})"}
+            if row is None:
+                row = measure_case(case, args.timeout, workers)
+                if case.peer and row["status"] == "failed" and row.get("note", "").startswith("crashed"):
+                    crashes.setdefault(case.peer, []).append(row["note"][:120])
+            measured.append(row)
             progress.advance(task)
             # the files grow case by case: a sweep stopped early (a time limit) keeps what it measured
             report.write_csv(measured + rows, args.out / "results.csv")
