@@ -287,3 +287,23 @@ def test_plot_series_name_each_chunk_size_once():
             dict(row, impl="cudnn_attention", chunk=None)]
     assert set(_series(rows, "fw", "ms_median")) == {"triton_xl_chunk L=64", "triton_limit_chunk L=64",
                                                      "cudnn_attention"}
+
+
+def test_markdown_tables_pivot_the_ok_rows_and_list_what_failed(tmp_path, capsys):
+    from xlstm_jax.bench import report
+
+    row = dict(status="ok", source="xlstm_jax", chunk=64, impl="triton_limit_chunk", roofline_frac=0.5)
+    rows = [dict(row, mode="fw", x=512, ms_median=1.234), dict(row, mode="fwbw", x=512, ms_median=5.0),
+            dict(row, mode="fw", x=1024, ms_median=2.0),
+            dict(status="failed", source="peer", chunk=128, impl="mk_jax_xl_chunk", mode="fw", x=512,
+                 note="crashed (signal SIGABRT)")]
+    meta = {"preset": "custom", "dtype": "bfloat16", "device_kind": "cpu", "x_name": "S", "device_peak": None}
+    text = report.markdown_tables(rows, meta)
+    assert "| implementation | S=512 | S=1024 |" in text
+    assert "| triton_limit_chunk L=64 | 1.23 / 5.00 | 2.00 / - |" in text
+    assert "| triton_limit_chunk L=64 | 50% / 50% | 50% / - |" in text
+    assert "`mk_jax_xl_chunk` failed: crashed (signal SIGABRT)" in text
+    report.write_json(rows, meta, tmp_path / "results.json")
+    assert report.main([str(tmp_path)]) == 0
+    assert "#### custom" in capsys.readouterr().out
+    assert (tmp_path / "runtime.png").read_bytes().startswith(PNG_MAGIC)

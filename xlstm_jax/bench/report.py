@@ -137,3 +137,59 @@ def write_plots(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> 
     _panels(rows, modes, "roofline_frac", 100.0, "share of the roofline bound [%]", meta["x_name"], title, roof,
             note)
     return [runtime, roof]
+
+
+def _cell(by_mode: dict[str, dict[str, Any]], modes: list[str], fmt) -> str:
+    return " / ".join(fmt(by_mode[m]) if m in by_mode else "-" for m in modes)
+
+
+def markdown_tables(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Two markdown tables of the ok rows, one line per implementation (chunk size in its name) and one column per
+    x value: medians in ms (fw / fw+bw) and the share of the roofline bound; then the implementations that have no
+    ok row, with why."""
+    modes = [m for m in ("fw", "fwbw") if any(r.get("mode") == m for r in rows)]
+    grid: dict[str, dict[Any, dict[str, dict[str, Any]]]] = {}
+    sources = {}
+    for r in rows:
+        if r["status"] == "ok":
+            named = r["chunk"] is None or r["impl"].endswith(f" L={r['chunk']}")
+            label = r["impl"] if named else f"{r['impl']} L={r['chunk']}"
+            grid.setdefault(label, {}).setdefault(r["x"], {})[r["mode"]] = r
+            sources[label] = r["source"]
+    xs = sorted({x for cells in grid.values() for x in cells})
+    labels = sorted(grid, key=lambda n: (sources[n] != "xlstm_jax", n))
+    head = "| implementation | " + " | ".join(f"{meta['x_name']}={x}" for x in xs) + " |\n"
+    rule = "| --- " * (len(xs) + 1) + "|\n"
+    out = []
+    for what, fmt in (("median ms", lambda r: f"{r['ms_median']:.2f}"),
+                      ("share of the roofline bound", lambda r: _num(r.get("roofline_frac"), ".0%"))):
+        body = "".join(f"| {label} | " + " | ".join(_cell(grid[label].get(x, {}), modes, fmt) for x in xs) + " |\n"
+                       for label in labels)
+        out.append(f"{what}, {' / '.join(modes)}:\n\n{head}{rule}{body}")
+    missing = {}
+    for r in rows:
+        name = r["impl"].split(" L=")[0]
+        if r["status"] != "ok" and not any(label.split(" L=")[0] == name for label in grid):
+            missing.setdefault(name, f"{r['status']}: {r.get('note') or ''}".strip())
+    if missing:
+        out.append("not measured: " + "; ".join(f"`{n}` {why}" for n, why in missing.items()) + "\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m xlstm_jax.bench.report DIR ...`: redraw the plots of each results folder and print its
+    markdown tables (for docs/benchmarks.md)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="folders holding a results.json")
+    args = parser.parse_args(argv)
+    for folder in args.dirs:
+        data = json.loads((folder / "results.json").read_text())
+        write_plots(data["rows"], data["meta"], folder)
+        print(f"#### {data['meta']['preset']} ({folder})\n\n{markdown_tables(data['rows'], data['meta'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
