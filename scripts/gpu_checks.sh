@@ -3,8 +3,9 @@
 #   bash scripts/gpu_checks.sh STEP OUT_DIR [PRESET ...]
 # STEP: tests       GPU-marked tests (kernel parity at realistic shapes, extreme gates) and `xlstm-jax doctor`
 #       bench       the issue shapes (16-head and 7B-head, 65536 tokens) for every backend and chunk size, with peers
-#       presets     the four H100/H200 presets of docs/benchmarks.md (in-process; peers in subprocesses), or the
-#                   ones named after OUT_DIR; results files grow case by case, so a cut run keeps what it measured
+#       presets     the four H100/H200 presets of docs/benchmarks.md (in-process; one subprocess per peer), or the
+#                   ones named after OUT_DIR; results files grow case by case, and running the step again with the
+#                   same OUT_DIR continues a cut sweep (--resume). PEERS (comma-separated) picks the peers
 #       tune        scripts/tune_launch.py for both families at the 16-head shape; the winners go into a copy of
 #                   launch_table.json in OUT_DIR (copy it back over xlstm_jax/kernels/mlstm_chunkwise/ and commit)
 #       profile     scripts/profile_stages.py: each fw / bw stage of both families timed alone at the 16-head shape
@@ -16,6 +17,10 @@ out=${2:?output folder}
 shift 2
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+BACKENDS=${BACKENDS:-triton_limit_chunk,triton_xl_chunk,native_chunkwise}
+# upstream's JAX limit-chunk backward is pathological (354 ms at the 7B heads) and its PyTorch xl-chunk aborts in
+# the compiler: left out by default (name them in PEERS to include them)
+PEERS=${PEERS:-cudnn_attention,mk_jax_xl_chunk,mk_jax_native,mk_torch_limit_chunk,mk_jax_native_step,mk_jax_triton_step}
 case "$step" in
   tests)
     python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
@@ -28,7 +33,8 @@ case "$step" in
     presets=("$@")
     [ ${#presets[@]} -eq 0 ] && presets=(tfla-const-tokens 7b head-dims decode)
     for preset in "${presets[@]}"; do
-      python3 -m xlstm_jax.cli bench --preset "$preset" --reps 20 --out "$out/$preset" 2>&1 | tee "$out/$preset.log"
+      python3 -m xlstm_jax.cli bench --preset "$preset" --backends "$BACKENDS" --peers "$PEERS" --timeout 120 \
+        --reps 20 --resume --out "$out/$preset" 2>&1 | tee -a "$out/$preset.log"
     done ;;
   tune)
     cp xlstm_jax/kernels/mlstm_chunkwise/launch_table.json "$out/launch_table.json"
