@@ -30,18 +30,19 @@ from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw
 SWEEP_TOL = 2e-2
 
 
-def config(family: str, chunk: int, dtype) -> core.KernelConfig:
+def config(family: str, chunk: int, dtype, tiles: tuple[int | None, ...] = (None, None, None)) -> core.KernelConfig:
+    """The kernel configuration of a run; xl `tiles` = (tile_q, tile_kv, inter_chunk_size), None: default."""
     extra = {}
     if family == "xl":
-        Lr, LQ, LKV = xl_params(chunk, None, None, None)
+        Lr, LQ, LKV = xl_params(chunk, tiles[2], tiles[0], tiles[1])
         extra = dict(family="xl", inter_chunk_size=Lr, tile_q=LQ, tile_kv=LKV)
     return core.KernelConfig(chunk_size=chunk, eps=1e-6, compute_dtype=jnp.dtype(dtype).name, **extra)
 
 
-def stages(family: str, chunk: int, shape, dtype) -> dict[str, tuple]:
+def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None)) -> dict[str, tuple]:
     """name -> (function, arguments) of every stage; the bw stages' inputs come from the checked-in launch."""
     B, NH, S, DHQK, DHHV = shape
-    cfg = config(family, chunk, dtype)
+    cfg = config(family, chunk, dtype, tiles)
     q, k, v, i, f = mlstm_inputs(*shape, dtype)
     c0 = jnp.zeros((B, NH, DHQK, DHHV), jnp.float32)
     n0, m0 = jnp.zeros((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)
@@ -133,7 +134,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="8,16,8192,128,256", help="B,NH,S,DHQK,DHHV")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--runs", nargs="+", default=["limit:64", "xl:128"], help="family:chunk pairs")
+    parser.add_argument("--runs", nargs="+", default=["limit:64", "xl:128"],
+                        help="family:chunk, for xl optionally :tile_q:tile_kv[:inter_chunk_size]")
     parser.add_argument("--stages", nargs="+", help="only these stages (default: all)")
     parser.add_argument("--sweep", nargs="+", help="LAUNCH grid, e.g. recurrent_stages=1,2,3 recurrent_block=32,64")
     parser.add_argument("--reps", type=int, default=10)
@@ -142,8 +144,9 @@ def main(argv=None) -> None:
     shape = tuple(int(x) for x in args.shape.split(","))
     results = {}
     for run in args.runs:
-        family, chunk = run.split(":")
-        calls = stages(family, int(chunk), shape, jnp.dtype(args.dtype))
+        family, chunk, *tiles = run.split(":")
+        tiles = tuple(int(t) for t in tiles) + (None,) * (3 - len(tiles))
+        calls = stages(family, int(chunk), shape, jnp.dtype(args.dtype), tiles)
         names = args.stages or list(calls)
         if args.sweep:
             results[run] = sweep(calls, names, _grid(args.sweep, core.launch_params(*shape[3:])), args.reps)

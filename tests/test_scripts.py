@@ -63,6 +63,10 @@ def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
     ms = json.loads(out.read_text())["results"]["xl:32"]
     stages = {"fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.parallel", "bw.total", "fwbw"}
     assert set(ms) == stages and all(t > 0 for t in ms.values())
+    profiler.main(["--shape", "1,1,64,16,16", "--dtype", "float32", "--runs", "xl:64:32:16:16", "--reps", "1",
+                   "--stages", "fw.total", "--out", str(out)])
+    assert set(json.loads(out.read_text())["results"]["xl:64:32:16:16"]) == {"fw.total"}
+    assert profiler.config("xl", 64, "float32", (32, 16, 16)).tile_q == 32
 
     checked_in = dict(triton_core.LAUNCH)
     profiler.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--reps", "1",
