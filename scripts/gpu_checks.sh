@@ -9,6 +9,8 @@
 #       tune        scripts/tune_launch.py for both families at the 16-head shape; the winners go into a copy of
 #                   launch_table.json in OUT_DIR (copy it back over xlstm_jax/kernels/mlstm_chunkwise/ and commit)
 #       profile     scripts/profile_stages.py: each fw / bw stage of both families timed alone at the 16-head shape
+#       xltiles     the same for xl-chunk tilings (chunk:tile_q:tile_kv[:inter_chunk_size]) next to limit L=64: is
+#                   a larger tile or chunk than the default (64 x 64 tiles) faster? (issue 5)
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
 # Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
 set -uo pipefail
@@ -42,6 +44,10 @@ case "$step" in
       --table "$out/launch_table.json" 2>&1 | tee "$out/tune.log" ;;
   profile)
     python3 scripts/profile_stages.py --runs limit:64 xl:128 --out "$out/stages.json" 2>&1 | tee "$out/stages.log" ;;
+  xltiles)
+    python3 scripts/profile_stages.py --runs limit:64 xl:64 xl:128 xl:128:128:64 xl:128:64:128 xl:128:128:128 \
+      xl:128:128:128:128 xl:256:128:128 --stages fw.total bw.parallel --out "$out/xltiles.json" 2>&1 \
+      | tee "$out/xltiles.log" ;;
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
   *)
