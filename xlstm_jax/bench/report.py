@@ -82,14 +82,18 @@ def write_json(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> 
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
 
+def _label(r: dict[str, Any]) -> str:
+    """An implementation's name with its chunk size, named once (the impl of a multi-chunk run names it already)."""
+    named = r["chunk"] is None or r["impl"].endswith(f" L={r['chunk']}")
+    return r["impl"] if named else f"{r['impl']} L={r['chunk']}"
+
+
 def _series(rows: list[dict[str, Any]], mode: str, key: str) -> dict[str, tuple[list, list, str]]:
     """impl -> (x values, y values, source) for the ok rows of one mode that have `key`."""
     out: dict[str, tuple[list, list, str]] = {}
     for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["x"]):
         if r["mode"] == mode and r.get(key) is not None:
-            named = r["chunk"] is None or r["impl"].endswith(f" L={r['chunk']}")  # impl names its chunk already
-            label = r["impl"] if named else f"{r['impl']} L={r['chunk']}"
-            xs, ys, _ = out.setdefault(label, ([], [], r["source"]))
+            xs, ys, _ = out.setdefault(_label(r), ([], [], r["source"]))
             xs.append(r["x"])
             ys.append(r[key])
     return out
@@ -152,8 +156,7 @@ def markdown_tables(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     sources = {}
     for r in rows:
         if r["status"] == "ok":
-            named = r["chunk"] is None or r["impl"].endswith(f" L={r['chunk']}")
-            label = r["impl"] if named else f"{r['impl']} L={r['chunk']}"
+            label = _label(r)
             grid.setdefault(label, {}).setdefault(r["x"], {})[r["mode"]] = r
             sources[label] = r["source"]
     xs = sorted({x for cells in grid.values() for x in cells})
