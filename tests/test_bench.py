@@ -230,6 +230,7 @@ def test_one_worker_serves_many_cases_and_is_replaced_after_a_crash_or_hang(cras
         assert worker.measure({"target": f"{crash_module}:pid"}, timeout=60)["pid"] == first["pid"]
         crashed = worker.measure({"target": f"{crash_module}:abort"}, timeout=60)
         assert crashed["status"] == "failed" and "SIGABRT" in crashed["note"]
+        assert worker.crashes == [crashed["note"]]
         after_crash = worker.measure({"target": f"{crash_module}:pid"}, timeout=60)
         assert after_crash["status"] == "ok" and after_crash["pid"] != first["pid"]
         assert worker.measure({"target": f"{crash_module}:hang"}, timeout=3)["status"] == "timeout"

@@ -195,17 +195,23 @@ def _select_peers(preset: Preset, args: argparse.Namespace, dtype: str) -> tuple
 
 
 class PeerWorkers:
-    """One live worker subprocess, for the peer whose cases run now (the previous peer's is closed)."""
+    """One live worker subprocess, for the peer whose cases run now (the previous peer's is closed); a peer whose
+    cases crashed PEER_CRASH_LIMIT times gets its other cases skipped."""
 
     def __init__(self) -> None:
         self._name: str | None = None
         self._worker: Worker | None = None
 
-    def get(self, name: str) -> Worker:
+    def measure(self, name: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """`Worker.measure` in peer `name`'s worker, or a "skipped" result past the crash limit."""
         if name != self._name:
             self.close()
             self._name, self._worker = name, Worker()
-        return self._worker
+        crashes = self._worker.crashes
+        if len(crashes) >= PEER_CRASH_LIMIT:
+            return {"status": "skipped", "note": f"not run: crashed in {len(crashes)} earlier cases "
+                    f"({crashes[-1][:120]})"}
+        return self._worker.measure(spec, timeout)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -220,7 +226,9 @@ def measure_case(case: Case, timeout: float, workers: PeerWorkers | None = None)
     if case.skip:
         return {**row, "status": "skipped", "note": case.skip}
     if case.source == "peer" and workers is not None:
-        result = workers.get(case.peer).measure(case.spec(), timeout)
+        result = workers.measure(case.peer, case.spec(), timeout)
+        if result["status"] == "skipped":
+            return {**row, **result}
     elif case.isolate:
         result = run_isolated(case.spec(), timeout)
     else:
@@ -282,7 +290,6 @@ def run_bench(args: argparse.Namespace) -> int:
     previous, previous_time = _previous_rows(args.out / "results.json") if args.resume else ({}, None)
     if previous_time:
         meta["resumed"] = f"continues the run of {previous_time}; {len(previous)} cases kept from it"
-    crashes: dict[str, list[str]] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     workers = PeerWorkers()
     with Progress(*columns, console=console, transient=True) as progress, contextlib.closing(workers):
@@ -290,15 +297,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for case in cases:
             progress.update(task, description=f"{case.impl} {case.mode} {case.run_shape}")
             row = previous.get(tuple(case.row()[k] for k in _KEY))
-            if row is None and len(crashes.get(case.peer, ())) >= PEER_CRASH_LIMIT:
-                seen = crashes[case.peer]
-                row = {**case.row(), "status": "skipped",
-                       "note": f"not run: crashed in {len(seen)} earlier cases ({seen[-1]})"}
-            if row is None:
-                row = measure_case(case, args.timeout, workers)
-                if case.peer and row["status"] == "failed" and row.get("note", "").startswith("crashed"):
-                    crashes.setdefault(case.peer, []).append(row["note"][:120])
-            measured.append(row)
+            measured.append(row or measure_case(case, args.timeout, workers))
             progress.advance(task)
             # the files grow case by case: a sweep stopped early (a time limit) keeps what it measured
             report.write_csv(measured + rows, args.out / "results.csv")

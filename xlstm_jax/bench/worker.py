@@ -31,9 +31,11 @@ def _last_line(text: str) -> str:
 
 
 class Worker:
-    """A child process that measures specs one at a time; restarted after a crash or a timeout."""
+    """A child process that measures specs one at a time; restarted after a crash or a timeout. `crashes` holds
+    the notes of the cases whose child crashed."""
 
     def __init__(self) -> None:
+        self.crashes: list[str] = []
         self._proc: subprocess.Popen | None = None
         self._stderr: Any = None
         self._buffer = b""
@@ -93,6 +95,7 @@ class Worker:
             result = None
         if result is None:
             note = self._crash_note(proc)
+            self.crashes.append(note)
             self.close()
             return {"status": "failed", "note": note}
         if "error" in result:
