@@ -195,6 +195,13 @@ def test_a_peer_that_keeps_crashing_is_skipped_after_the_limit(crash_module, tmp
     rows = [r for r in _csv_rows(tmp_path / "results.csv") if r["impl"] == "aborter"]
     assert [r["status"] for r in rows] == ["failed"] * runner.PEER_CRASH_LIMIT + ["skipped"]
     assert "crashed in 2 earlier cases" in rows[-1]["note"] and "SIGABRT" in rows[-1]["note"]
+    # a resumed sweep keeps the failed and skipped cases instead of crashing the peer again
+    measured = []
+    monkeypatch.setattr(runner, "measure_case", lambda case, *rest: measured.append(case.impl))
+    assert cli.main(argv + ["--resume"]) == 0
+    assert measured == []
+    resumed = [r for r in _csv_rows(tmp_path / "results.csv") if r["impl"] == "aborter"]
+    assert [r["status"] for r in resumed] == [r["status"] for r in rows]
 
 
 def test_resume_runs_only_the_cases_not_measured_yet(tmp_path, monkeypatch):

@@ -246,11 +246,13 @@ def measure_case(case: Case, timeout: float, workers: PeerWorkers | None = None)
 
 
 def _previous_rows(path: Path) -> tuple[dict[tuple, dict[str, Any]], str | None]:
-    """The measured rows of an earlier run's results.json by case identity, and that run's time."""
+    """The decided rows of an earlier run's results.json by case identity (measured, failed, timed out, or skipped
+    past a peer's crash limit: a resumed sweep does not crash that peer again), and that run's time."""
     if not path.exists():
         return {}, None
     data = json.loads(path.read_text())
-    done = {tuple(r.get(k) for k in _KEY): r for r in data["rows"] if r.get("status") in ("ok", "failed", "timeout")}
+    kept = ("ok", "failed", "timeout", "skipped")
+    done = {tuple(r.get(k) for k in _KEY): r for r in data["rows"] if r.get("status") in kept}
     return done, data.get("meta", {}).get("time")
 
 

@@ -17,6 +17,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _xl_fw_tile(
+    S_QK, num, den, m_run, b_q, rq, rs, V, VEC_B, I, bh, rv, mv,
+    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr,
+):
+    """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max."""
+    causal = rq[:, None] >= rs[None, :]
+    log_d = tl.where(causal, b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
+                     + tl.load(I + bh * S + rs)[None, :], float("-inf"))
+    m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
+    alpha = tl.exp(m_run - m_new)
+    s_bar = S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None])
+    v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+    num = num * alpha[:, None] + tl.dot(s_bar.to(v.dtype), v, input_precision="ieee")
+    den = den * alpha + tl.sum(s_bar, axis=1)
+    return num, den, m_new
+
+
+@triton.jit
 def mlstm_xl_fw_parallel_kernel(
     Q, K, V, VEC_B, I, C_ALL, N_ALL, M_ALL,
     H, DEN, M_OUT,
@@ -24,7 +42,8 @@ def mlstm_xl_fw_parallel_kernel(
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr,
 ):
-    """Grid (BH, NC * L / LQ, cdiv(DHHV, BV)): one (LQ, BV) output tile; loops over key tiles up to the diagonal."""
+    """Grid (BH, NC * L / LQ, cdiv(DHHV, BV)): one (LQ, BV) output tile; loops over key tiles up to the diagonal.
+    The first key tile shares its q loads with the inter-chunk part q·C, q·n."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1) // (L // LQ)
     jq = tl.program_id(1) % (L // LQ)
@@ -34,11 +53,12 @@ def mlstm_xl_fw_parallel_kernel(
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < DHHV
     b_q = tl.load(VEC_B + bh * S + rq)
-    m_run = b_q + tl.load(M_ALL + bh * (NC + 1) + kc)
     state = bh * NS + kc
 
     num = tl.zeros((LQ, BV), dtype=tl.float32)
     den = tl.zeros((LQ,), dtype=tl.float32)
+    rs = kc * L + tl.arange(0, LKV)
+    s_qk = tl.zeros((LQ, LKV), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
         rk = jk * BK + tl.arange(0, BK)
         mk = rk < DHQK
@@ -46,12 +66,16 @@ def mlstm_xl_fw_parallel_kernel(
         c = tl.load(
             C_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0
         )
+        k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
         num += tl.dot(q, c.to(q.dtype), input_precision="ieee")
         den += tl.sum(q.to(tl.float32) * tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)[None, :], axis=1)
+        s_qk += tl.dot(q, k_t, input_precision="ieee")
     num = num * QK_SCALE
     den = den * QK_SCALE
+    m_run = b_q + tl.load(M_ALL + bh * (NC + 1) + kc)
+    num, den, m_run = _xl_fw_tile(s_qk, num, den, m_run, b_q, rq, rs, V, VEC_B, I, bh, rv, mv, S, DHHV, QK_SCALE)
 
-    for jkv in range(((jq + 1) * LQ + LKV - 1) // LKV):
+    for jkv in range(1, ((jq + 1) * LQ + LKV - 1) // LKV):
         rs = kc * L + jkv * LKV + tl.arange(0, LKV)
         s_qk = tl.zeros((LQ, LKV), dtype=tl.float32)
         for jk in range(tl.cdiv(DHQK, BK)):
@@ -60,16 +84,8 @@ def mlstm_xl_fw_parallel_kernel(
             q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
             k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
             s_qk += tl.dot(q, k_t, input_precision="ieee")
-        causal = rq[:, None] >= rs[None, :]
-        log_d = tl.where(causal, b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
-                         + tl.load(I + bh * S + rs)[None, :], float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
-        alpha = tl.exp(m_run - m_new)
-        s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_new[:, None])
-        v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-        num = num * alpha[:, None] + tl.dot(s_bar.to(v.dtype), v, input_precision="ieee")
-        den = den * alpha + tl.sum(s_bar, axis=1)
-        m_run = m_new
+        num, den, m_run = _xl_fw_tile(s_qk, num, den, m_run, b_q, rq, rs, V, VEC_B, I, bh, rv, mv, S, DHHV,
+                                      QK_SCALE)
 
     if STABILIZE_CORRECTLY:
         lower = NORM_VAL * tl.exp(-m_run)
