@@ -246,8 +246,9 @@ def measure_case(case: Case, timeout: float, workers: PeerWorkers | None = None)
 
 
 def _previous_rows(path: Path) -> tuple[dict[tuple, dict[str, Any]], str | None]:
-    """The decided rows of an earlier run's results.json by case identity (measured, failed, timed out, or skipped
-    past a peer's crash limit: a resumed sweep does not crash that peer again), and that run's time."""
+    """The decided rows of an earlier run's results.json by case identity (measured, failed, timed out, or skipped:
+    past a peer's crash limit, so a resumed sweep does not crash that peer again, or too large for the device's
+    memory), and that run's time."""
     if not path.exists():
         return {}, None
     data = json.loads(path.read_text())
