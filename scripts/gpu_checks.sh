@@ -11,6 +11,8 @@
 #       profile     scripts/profile_stages.py: each fw / bw stage of both families timed alone at the 16-head shape
 #       xltiles     the same for xl-chunk tilings (chunk:tile_q:tile_kv[:inter_chunk_size]) next to limit L=64: is
 #                   a larger tile or chunk than the default (64 x 64 tiles) faster? (issue 5)
+#       xlblocks    sweeps of the xl launch parameters at both head shapes (xl L=128): the bw kernels' output column
+#                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
 # Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
 set -uo pipefail
@@ -48,6 +50,16 @@ case "$step" in
     python3 scripts/profile_stages.py --runs limit:64 xl:64 xl:128 xl:128:128:64 xl:128:64:128 xl:128:128:128 \
       xl:128:128:128:128 xl:256:128:128 --stages fw.total bw.parallel --out "$out/xltiles.json" 2>&1 \
       | tee "$out/xltiles.log" ;;
+  xlblocks)
+    sweep() { python3 scripts/profile_stages.py --runs xl:128 "$@" 2>&1 | tee -a "$out/xlblocks.log"; }
+    sweep --shape 8,16,8192,128,256 --stages bw.parallel --out "$out/xlblocks_bw_dh256.json" \
+      --sweep xl_dq_block=64,128 xl_dv_block=128,256 xl_bw_warps=4,8
+    sweep --shape 8,8,8192,256,512 --stages bw.parallel --out "$out/xlblocks_bw_dh512.json" \
+      --sweep xl_dq_block=128,256 xl_dk_block=128,256 xl_dv_block=128,256 xl_bw_warps=4,8
+    sweep --shape 8,16,8192,128,256 --stages fw.total --out "$out/xlblocks_fw_dh256.json" \
+      --sweep xl_out_block=128,256 xl_warps=4,8
+    sweep --shape 8,8,8192,256,512 --stages fw.total --out "$out/xlblocks_fw_dh512.json" \
+      --sweep xl_out_block=128,256 xl_warps=4,8 ;;
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
   *)

@@ -33,8 +33,9 @@ SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (1, 2, 4), "recur
 FAMILY = {
     "limit": {"out_v_block": (64, 128, 256), "parallel_warps": (4, 8), "parallel_warps_l128": (4, 8),
               "parallel_stages": (1, 2, 3)},
-    "xl": {"xl_warps": (4, 8), "xl_out_block": (64, 128, 256), "xl_stages": (1, 2, 3), "tile_q": (32, 64, 128),
-           "tile_kv": (32, 64, 128), "inter_chunk_size": (32, 64, 128)},
+    "xl": {"xl_warps": (4, 8), "xl_out_block": (64, 128, 256), "xl_stages": (1, 2, 3), "xl_bw_warps": (4, 8),
+           "xl_dq_block": (64, 128, 256), "xl_dk_block": (64, 128, 256), "xl_dv_block": (64, 128, 256),
+           "tile_q": (32, 64, 128), "tile_kv": (32, 64, 128), "inter_chunk_size": (32, 64, 128)},
 }
 XL_ARGS = ("tile_q", "tile_kv", "inter_chunk_size")
 GRAD_TOL = 2e-2  # relative (norm-wise) deviation from the checked-in configuration's gradients

@@ -18,6 +18,7 @@ from helpers import (
     reference_outputs_and_grads,
 )
 
+from xlstm_jax.kernels.mlstm_chunkwise import triton_core
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_fw import (
     mlstm_chunkwise__parallel_fw_Hintra,
 )
@@ -55,6 +56,17 @@ def test_bfloat16_compute():
     assert output_and_grad_dtypes(fn, x) == (jnp.bfloat16,) * 4
     out, grads = outputs_and_grads(fn, x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-2, bw_tol=2e-2)
+
+
+def test_backward_column_blocks_of_every_width(monkeypatch):
+    """dq, dk, dv split into different numbers of output column blocks, the last ones partly masked."""
+    monkeypatch.setitem(triton_core.LAUNCH, "xl_dq_block", 16)
+    monkeypatch.setitem(triton_core.LAUNCH, "xl_dk_block", 32)
+    monkeypatch.setitem(triton_core.LAUNCH, "xl_dv_block", 16)
+    x = make_inputs(3, 1, 2, 40, 48, 40, with_state=True)
+    w = make_weights(3, x)
+    out, grads = outputs_and_grads(_xl(chunk_size=32, tile_q=16, tile_kv=16), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
 
 
 @pytest.mark.parametrize("DHQK, DHHV", [(1024, 48), (48, 1024)])

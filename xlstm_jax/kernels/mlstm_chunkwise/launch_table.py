@@ -14,7 +14,11 @@ Parameters (all ints):
 - dq_warps: the limit dq kernel. Keep it at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16 at
   L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and the
   stage sweeps reject any candidate whose results deviate);
-- xl_warps / xl_out_block / xl_stages: the xl-chunk per-chunk kernels (their head-dim tile is `block`).
+- xl_warps / xl_stages: the xl-chunk per-chunk kernels (their reduction head-dim tile is `block`); xl_out_block:
+  the output (DHHV) tile of the xl forward;
+- xl_bw_warps / xl_dq_block / xl_dk_block / xl_dv_block: warps and output column tiles of the xl dq, dk and dv
+  kernels. Each column block rebuilds its score tiles over the whole other head dim, so a wider block recomputes
+  less and holds more registers.
 """
 
 from __future__ import annotations

@@ -100,9 +100,9 @@ def _recurrent_launch(DHQK: int, DHHV: int) -> dict:
 
 def _parallel_launch(cfg: KernelConfig, p: dict[str, int], warps: int | None = None) -> dict:
     """num_warps / num_stages of a parallel (per-chunk) kernel from launch parameters `p`; `warps` overrides the
-    family's choice."""
+    family's choice, and an xl call's own num_warps overrides both."""
     if cfg.family == "xl":
-        return dict(num_warps=warps or cfg.num_warps or p["xl_warps"], num_stages=p["xl_stages"])
+        return dict(num_warps=cfg.num_warps or warps or p["xl_warps"], num_stages=p["xl_stages"])
     if warps is None:
         warps = p["parallel_warps"] if cfg.chunk_size <= 64 else p["parallel_warps_l128"]
     return dict(num_warps=warps, num_stages=p["parallel_stages"])
@@ -205,17 +205,17 @@ def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_a
         dk, dv, kdk = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dk_shape, dv_shape, row], grid=(NC,),
                              **_parallel_launch(cfg, p), **consts)
         return dq, dk, dv, qdq, kdk
-    LQ, LKV = cfg.tile_q, cfg.tile_kv
-    run = _parallel_launch(cfg, p)
-    BO = p["xl_out_block"]
-    n_dq, n_dk = -(-DHQK // BK), -(-DHQK // block(DHQK, BO))
+    # each output column block rebuilds its score tiles over the full other head dim: wide blocks recompute less
+    run = _parallel_launch(cfg, p, p["xl_bw_warps"])
+    tiles = dict(LQ=cfg.tile_q, LKV=cfg.tile_kv)
+    b_dq, b_dk, b_dv = block(DHQK, p["xl_dq_block"]), block(DHQK, p["xl_dk_block"]), block(DHHV, p["xl_dv_block"])
+    n_dq, n_dk = -(-DHQK // b_dq), -(-DHQK // b_dk)
     dq, qdq = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape, jax.ShapeDtypeStruct((BH, n_dq, S), F32)],
-                     grid=(NC * (L // LQ), n_dq), NS=c_in.shape[1], LQ=LQ, LKV=LKV, **run, **consts)
-    tiles = dict(LQ=LQ, LKV=LKV)
+                     grid=(NC * (L // cfg.tile_q), n_dq), NS=c_in.shape[1], **tiles, **run, **{**consts, "BK": b_dq})
     dk, kdk = launch(mlstm_xl_bw_dk_kernel, dkdv_in, [dk_shape, jax.ShapeDtypeStruct((BH, n_dk, S), F32)],
-                     grid=(NC * (L // LKV), n_dk), BO=block(DHQK, BO), **tiles, **run, **consts)
-    (dv,) = launch(mlstm_xl_bw_dv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // LKV), -(-DHHV // block(DHHV, BO))),
-                   BO=block(DHHV, BO), **tiles, **run, **consts)
+                     grid=(NC * (L // cfg.tile_kv), n_dk), BO=b_dk, **tiles, **run, **consts)
+    (dv,) = launch(mlstm_xl_bw_dv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // cfg.tile_kv), -(-DHHV // b_dv)),
+                   BO=b_dv, **tiles, **run, **consts)
     return dq, dk, dv, qdq.sum(axis=1), kdk.sum(axis=1)
 
 
