@@ -18,7 +18,7 @@ from helpers import (
     reference_outputs_and_grads,
 )
 
-from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_fw import (
     mlstm_chunkwise__parallel_fw_Hintra,
 )
@@ -69,9 +69,12 @@ def test_backward_column_blocks_of_every_width(monkeypatch):
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
 
 
+@pytest.mark.parametrize("entry", ["sm90/dh<=256", "sm90/dh>256"])
 @pytest.mark.parametrize("DHQK, DHHV", [(1024, 48), (48, 1024)])
-def test_head_dims_up_to_1024(DHQK, DHHV):
-    """Head dims up to 1024 (the key and the value axis each tiled in 64-wide blocks)."""
+def test_head_dims_up_to_1024(DHQK, DHHV, entry, monkeypatch):
+    """Head dims up to 1024 (the key and the value axis tiled in blocks), with the launch parameters of each
+    checked-in table entry (their output column tiles differ)."""
+    monkeypatch.setattr(triton_core, "LAUNCH", dict(launch_table.load_table()["entries"][entry]["params"]))
     x = make_inputs(4, 1, 1, 20, DHQK, DHHV, with_state=True)
     w = make_weights(4, x)
     out, grads = outputs_and_grads(_xl(chunk_size=16), x, w)
