@@ -5,7 +5,9 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 import jax
 import pytest
@@ -57,6 +59,9 @@ def test_smoke_preset_on_cpu_writes_csv_json_png(tmp_path, capsys):
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["preset"] == "smoke" and data["meta"]["device_peak"] is None
+    fingerprint = runner.kernels_fingerprint()
+    assert data["meta"]["kernels"] == fingerprint and len(fingerprint) == 12
+    assert all(r["kernels"] == fingerprint and r["measured"] for r in measured.values())
     assert len(data["rows"]) == len(rows)
     for name in ("runtime.png", "roofline.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
@@ -297,6 +302,17 @@ def test_plot_series_name_each_chunk_size_once():
                                                      "cudnn_attention"}
 
 
+def test_the_kernels_fingerprint_follows_kernel_code_and_launch_table(tmp_path):
+    kernels = Path(runner.__file__).resolve().parents[1] / "kernels"
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    for copy in (same, changed):
+        shutil.copytree(kernels, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    table = next(changed.rglob("launch_table.json"))
+    table.write_text(table.read_text().replace('"xl_bw_warps": 4', '"xl_bw_warps": 8', 1))
+    assert runner.kernels_fingerprint(same) == runner.kernels_fingerprint()
+    assert runner.kernels_fingerprint(changed) != runner.kernels_fingerprint()
+
+
 def test_markdown_tables_pivot_the_ok_rows_and_list_what_failed(tmp_path, capsys):
     from xlstm_jax.bench import report
 
@@ -311,6 +327,11 @@ def test_markdown_tables_pivot_the_ok_rows_and_list_what_failed(tmp_path, capsys
     assert "| triton_limit_chunk L=64 | 1.23 / 5.00 | 2.00 / - |" in text
     assert "| triton_limit_chunk L=64 | 50% / 50% | 50% / - |" in text
     assert "`mk_jax_xl_chunk` failed: crashed (signal SIGABRT)" in text
+    assert "other kernel code" not in text  # rows without fingerprints (older files) are not flagged
+
+    fresh = dict(row, impl="triton_xl_chunk", mode="fw", x=512, ms_median=1.0, kernels="new")
+    text = report.markdown_tables([*(dict(r, kernels="old") for r in rows[:3]), fresh], {**meta, "kernels": "new"})
+    assert "than the run's last call (kernels new): triton_limit_chunk L=64\n" in text
     report.write_json(rows, meta, tmp_path / "results.json")
     assert report.main([str(tmp_path)]) == 0
     assert "#### custom" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from rich.table import Table
 COLUMNS = (
     "impl", "source", "mode", "dtype", "B", "NH", "S", "DHQK", "DHHV", "chunk", "x", "reps", "status", "note",
     "ms_median", "ms_min", "ms_max", "ms_iqr", "calls_per_run", "compile_s", "peak_mb", "peak_exact", "xla_mb",
-    "flops", "bytes", "ai", "tflops", "tbs", "frac_peak", "frac_bw", "roofline_frac",
+    "flops", "bytes", "ai", "tflops", "tbs", "frac_peak", "frac_bw", "roofline_frac", "measured", "kernels",
 )
 
 
@@ -150,7 +150,7 @@ def _cell(by_mode: dict[str, dict[str, Any]], modes: list[str], fmt) -> str:
 def markdown_tables(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Two markdown tables of the ok rows, one line per implementation (chunk size in its name) and one column per
     x value: medians in ms (fw / fw+bw) and the share of the roofline bound; then the implementations that have no
-    ok row, with why."""
+    ok row, with why, and the ones measured with other kernels than the run's last call (a resumed sweep)."""
     modes = [m for m in ("fw", "fwbw") if any(r.get("mode") == m for r in rows)]
     grid: dict[str, dict[Any, dict[str, dict[str, Any]]]] = {}
     sources = {}
@@ -176,6 +176,11 @@ def markdown_tables(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             missing.setdefault(name, f"{r['status']}: {r.get('note') or ''}".strip())
     if missing:
         out.append("not measured: " + "; ".join(f"`{n}` {why}" for n, why in missing.items()) + "\n")
+    newest = meta.get("kernels")
+    stale = sorted({_label(r) for r in rows if r["status"] == "ok" and r.get("kernels") not in (None, newest)})
+    if stale:
+        out.append("measured with other kernel code or launch parameters than the run's last call (kernels "
+                   f"{newest}): " + ", ".join(stale) + "\n")
     return "\n".join(out)
 
 

@@ -11,6 +11,8 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -31,6 +33,17 @@ DECODE_IMPL = "recurrent_step_fw"
 PEER_CRASH_LIMIT = 2  # after this many crashed cases (e.g. a compiler abort) a peer's other cases are skipped
 _KEY = ("impl", "source", "mode", "dtype", "B", "NH", "S", "DHQK", "DHHV", "chunk")
 MEASURE = "xlstm_jax.bench.measure"
+
+
+@functools.cache
+def kernels_fingerprint(root: Path = Path(__file__).resolve().parents[1] / "kernels") -> str:
+    """12 hex digits of a SHA-256 over xlstm_jax's kernel sources and launch table (xlstm_jax/kernels/**/*.py,
+    *.json): rows measured by different kernel code or launch parameters carry different fingerprints, so a
+    resumed sweep shows which of its rows predate a change."""
+    digest = hashlib.sha256()
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _shape_arg(text: str) -> tuple[int, int, int, int, int]:
@@ -236,7 +249,9 @@ def measure_case(case: Case, timeout: float, workers: PeerWorkers | None = None)
             result = {"status": "ok", **load(case.target)(case.spec())}
         except Exception as exc:  # a failing backend must not stop the sweep
             result = {"status": "failed", "note": f"{type(exc).__name__}: {exc}"[:300]}
-    row.update(result)
+    row.update(result, measured=datetime.datetime.now().isoformat(timespec="seconds"))
+    if case.source == "xlstm_jax":
+        row["kernels"] = kernels_fingerprint()
     cost = case.cost()
     row.update(flops=cost.flops, bytes=cost.bytes)
     if row["status"] == "ok":
@@ -284,7 +299,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "preset": preset.name, "description": preset.description, "x_name": preset.x_name, "dtype": dtype,
         "device_kind": device.device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
         "device_peak": None if peak is None else vars(peak), "command": sys.argv,
-        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"), "kernels": kernels_fingerprint(),
         "memory_note": "peak_mb: device.memory_stats() peak; JAX cannot reset it, so in-process cases report an "
         "upper bound unless the peak rose during the case (peak_exact); subprocess cases are exact.",
     }
