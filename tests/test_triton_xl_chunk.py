@@ -169,8 +169,8 @@ def test_gpu_parity_bfloat16_compute(DHQK, DHHV):
 
 @pytest.mark.gpu
 def test_gpu_parity_largest_head_dims():
-    """1024 x 1024 heads, 4 chunks (the float64 reference stores a 1024 x 1024 state per step: S=1024 asked for a
-    64 GiB buffer and ran out of memory after other GPU tests in the same process)."""
+    """1024 x 1024 heads, 4 chunks (the float64 reference keeps a 1024 x 1024 state per step for its gradient; at
+    S=1024, before the reference rematerialized its steps, it ran out of memory after other GPU tests)."""
     x = make_inputs(1, 1, 2, 512, 1024, 1024, with_state=True)
     w = make_weights(1, x)
     out, grads = outputs_and_grads(_xl(chunk_size=128), x, w)
