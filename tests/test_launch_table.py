@@ -56,3 +56,36 @@ def test_write_entry_stores_complete_params(tmp_path):
     stored = json.loads(path.read_text())["entries"][key]
     assert key == "sm90/dh>256" and stored == {"source": "a test run", "params": dict(sorted(params.items()))}
     assert "sm90/dh<=256" in json.loads(path.read_text())["entries"]  # other entries untouched
+
+
+@pytest.mark.parametrize("num_warps", [None, 2])
+def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(monkeypatch, num_warps):
+    """Each xl backward kernel gets its table column tile (capped at the head dim) and xl_bw_warps; an explicit
+    num_warps overrides the table for every xl kernel."""
+    import jax
+
+    from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
+        mlstm_chunkwise_triton_xl_chunk,
+    )
+
+    monkeypatch.setattr(triton_core, "LAUNCH", {"xl_dq_block": 16, "xl_dk_block": 64, "xl_dv_block": 32,
+                                                "xl_bw_warps": 8, "xl_warps": 1})
+    seen, real = {}, triton_core.launch
+
+    def recording(kernel, *args, **kwargs):
+        seen[kernel.__name__] = kwargs
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(triton_core, "launch", recording)
+    B, NH, S, DHQK, DHHV = 1, 1, 32, 32, 48
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, k = (jax.random.normal(keys[j], (B, NH, S, DHQK)) for j in range(2))
+    v = jax.random.normal(keys[2], (B, NH, S, DHHV))
+    i, f = (jax.random.normal(keys[j], (B, NH, S)) for j in (3, 4))
+    jax.grad(lambda q: mlstm_chunkwise_triton_xl_chunk(q, k, v, i, f, chunk_size=32, tile_q=16, tile_kv=16,
+                                                       num_warps=num_warps).sum())(q)
+    bw = num_warps or 8
+    assert seen["mlstm_xl_fw_parallel_kernel"]["num_warps"] == (num_warps or 1)
+    assert seen["mlstm_xl_bw_dq_kernel"]["BK"] == 16 and seen["mlstm_xl_bw_dq_kernel"]["num_warps"] == bw
+    assert seen["mlstm_xl_bw_dk_kernel"]["BO"] == 32 and seen["mlstm_xl_bw_dk_kernel"]["num_warps"] == bw
+    assert seen["mlstm_xl_bw_dv_kernel"]["BO"] == 32 and seen["mlstm_xl_bw_dv_kernel"]["num_warps"] == bw
