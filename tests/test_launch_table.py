@@ -63,6 +63,8 @@ def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(mo
     """Each xl backward kernel gets its table column tile (capped at the head dim) and xl_bw_warps; an explicit
     num_warps overrides the table for every xl kernel."""
     import jax
+    import jax.numpy as jnp
+    from helpers import make_inputs
 
     from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
         mlstm_chunkwise_triton_xl_chunk,
@@ -77,11 +79,7 @@ def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(mo
         return real(kernel, *args, **kwargs)
 
     monkeypatch.setattr(triton_core, "launch", recording)
-    B, NH, S, DHQK, DHHV = 1, 1, 32, 32, 48
-    keys = jax.random.split(jax.random.key(0), 5)
-    q, k = (jax.random.normal(keys[j], (B, NH, S, DHQK)) for j in range(2))
-    v = jax.random.normal(keys[2], (B, NH, S, DHHV))
-    i, f = (jax.random.normal(keys[j], (B, NH, S)) for j in (3, 4))
+    q, k, v, i, f = (jnp.asarray(x) for x in make_inputs(0, 1, 1, 32, 32, 48).values())
     jax.grad(lambda q: mlstm_chunkwise_triton_xl_chunk(q, k, v, i, f, chunk_size=32, tile_q=16, tile_kv=16,
                                                        num_warps=num_warps).sum())(q)
     bw = num_warps or 8
