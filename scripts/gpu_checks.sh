@@ -13,8 +13,6 @@
 #                   a larger tile or chunk than the default (64 x 64 tiles) faster? (issue 5)
 #       xlblocks    sweeps of the xl launch parameters at both head shapes (xl L=128): the bw kernels' output column
 #                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
-#       fused       the fused forward (states on chip) against the two-kernel forward for both families, then sweeps
-#                   of its launch parameters at both head shapes (fw.total)
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
 # Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
 set -uo pipefail
@@ -62,13 +60,6 @@ case "$step" in
       --sweep xl_out_block=128,256 xl_warps=4,8
     sweep --shape 8,8,8192,256,512 --stages fw.total --out "$out/xlblocks_fw_dh512.json" \
       --sweep xl_out_block=128,256 xl_warps=4,8 ;;
-  fused)
-    sweep() { timeout 240 python3 scripts/profile_stages.py --stages fw.total "$@" 2>&1 | tee -a "$out/fused.log"; }
-    sweep --runs limit:64 xl:64 xl:128 --out "$out/fused_on_off.json" --sweep fused_max_dhqk=0,256
-    sweep --runs xl:64 --out "$out/fused_dh256.json" \
-      --sweep fused_step=32,64 fused_v_block=32,64,128 fused_warps=4,8 fused_stages=1,2
-    sweep --runs xl:64 --shape 8,8,8192,256,512 --out "$out/fused_dh512.json" --sweep fused_max_dhqk=0,256 \
-      fused_step=32,64 fused_v_block=32,64 fused_warps=4,8 ;;
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
   *)

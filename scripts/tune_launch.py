@@ -29,8 +29,7 @@ from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_c
 # Candidates per knob. Launch-table keys are shared by both families (SHARED ones are tuned in the first run only);
 # "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
 SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (1, 2, 4), "recurrent_stages": (1, 2, 3),
-          "block": (32, 64, 128), "fused_step": (32, 64, 128), "fused_v_block": (32, 64, 128),
-          "fused_warps": (4, 8), "fused_stages": (1, 2, 3)}
+          "block": (32, 64, 128)}
 FAMILY = {
     "limit": {"out_v_block": (64, 128, 256), "parallel_warps": (4, 8), "parallel_warps_l128": (4, 8),
               "parallel_stages": (1, 2, 3)},

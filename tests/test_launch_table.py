@@ -10,8 +10,7 @@ from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
 READ_BY_THE_KERNELS = {
     "recurrent_block", "recurrent_warps", "recurrent_stages", "block", "out_v_block", "parallel_warps",
     "parallel_warps_l128", "dq_warps", "parallel_stages", "xl_warps", "xl_out_block", "xl_stages", "xl_bw_warps",
-    "xl_dq_block", "xl_dk_block", "xl_dv_block", "fused_max_dhqk", "fused_step", "fused_v_block", "fused_warps",
-    "fused_stages",
+    "xl_dq_block", "xl_dk_block", "xl_dv_block",
 }
 
 

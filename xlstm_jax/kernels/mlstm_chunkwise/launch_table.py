@@ -18,10 +18,7 @@ Parameters (all ints):
   the output (DHHV) tile of the xl forward;
 - xl_bw_warps / xl_dq_block / xl_dk_block / xl_dv_block: warps and output column tiles of the xl dq, dk and dv
   kernels. Each column block rebuilds its score tiles over the whole other head dim, so a wider block recomputes
-  less and holds more registers;
-- fused_max_dhqk / fused_step / fused_v_block / fused_warps / fused_stages: the fused forward
-  (triton_fused_fw.py), used for DHQK up to fused_max_dhqk (0: never) when the backward recomputes its states;
-  its step length (capped at the state recurrence's chunk), output (DHHV) tile, warps and pipelining stages.
+  less and holds more registers.
 """
 
 from __future__ import annotations

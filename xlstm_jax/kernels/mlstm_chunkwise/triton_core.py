@@ -26,7 +26,6 @@ from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_k
     mlstm_xl_bw_dv_kernel,
     mlstm_xl_fw_parallel_kernel,
 )
-from xlstm_jax.kernels.mlstm_chunkwise.triton_fused_fw import mlstm_fused_fw_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import (
     mlstm_bw_dkdv_kernel,
     mlstm_bw_dq_kernel,
@@ -137,49 +136,11 @@ def _kernel_states(c_all, n_all, cfg: KernelConfig):
     return (c_all, n_all) if cfg.reduce_slicing else (c_all[:, :-1], n_all[:, :-1])
 
 
-def fused_step(cfg: KernelConfig, DHQK: int, DHHV: int) -> int | None:
-    """Step length of the fused forward (`triton_fused_fw.py`) for this call, or None when it does not apply: it
-    stores no states, so it needs `recompute_states_in_bw`, and DHQK at most the launch table's `fused_max_dhqk`
-    (its state slice lives in registers). The step is the table's `fused_step`, at most the state recurrence's
-    chunk (both powers of two, so it divides every chunk)."""
-    p = launch_params(DHQK, DHHV)
-    if not cfg.recompute_states_in_bw or DHQK > p["fused_max_dhqk"]:
-        return None
-    return min(p["fused_step"], cfg.recurrent_chunk)
-
-
-def _output_consts(cfg: KernelConfig, DHQK: int) -> dict:
-    return dict(QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val, STABILIZE_CORRECTLY=cfg.stabilize_correctly)
-
-
-def _fused_forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype, LS: int):
-    """`_forward` in one fused kernel at step LS: no stored states."""
-    BH, S, DHQK = q.shape
-    DHHV = v.shape[-1]
-    p = launch_params(DHQK, DHHV)
-    vec_b, vec_a, sca_g = _gates(i, f, LS)
-    BV = block(DHHV, p["fused_v_block"])
-    h, den, m_out, c_last, n_last, m_last = launch(
-        mlstm_fused_fw_kernel,
-        [q, k, v, vec_b, vec_a, sca_g, i, c0, n0, m0],
-        [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
-         jax.ShapeDtypeStruct((BH, S), F32), jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
-         jax.ShapeDtypeStruct((BH, DHQK), F32), jax.ShapeDtypeStruct((BH,), F32)],
-        grid=(-(-DHHV // BV),), num_warps=cfg.num_warps or p["fused_warps"], num_stages=p["fused_stages"],
-        NS=S // LS, LS=LS, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, MAX_HEAD_DIM), BV=BV, **_output_consts(cfg, DHQK),
-    )
-    return h, den, m_out, (c_last, n_last, m_last), None
-
-
 def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     """Flattened, padded inputs (q, k, v in the compute dtype). Returns h (BH, S, DHHV) in `out_dtype`, the signed
-    denominator and m_t (BH, S) float32, the last states (C, n, m) float32 and the stored states (None from the
-    fused forward)."""
+    denominator and m_t (BH, S) float32, and the states."""
     BH, S, DHQK = q.shape
     DHHV = v.shape[-1]
-    LS = fused_step(cfg, DHQK, DHHV)
-    if LS is not None:
-        return _fused_forward(q, k, v, i, f, c0, n0, m0, cfg, out_dtype, LS)
     L = cfg.chunk_size
     NC = S // L
     states = _chunk_states(k, v, i, f, c0, n0, m0, cfg)
@@ -190,7 +151,8 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
             jax.ShapeDtypeStruct((BH, S), F32)]
     consts = dict(NC=NC, NS=c_in.shape[1], L=L, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p["block"]),
-                  **_output_consts(cfg, DHQK))
+                  QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val,
+                  STABILIZE_CORRECTLY=cfg.stabilize_correctly)
     if cfg.family == "xl":
         BV = block(DHHV, p["xl_out_block"])
         kernel, grid = mlstm_xl_fw_parallel_kernel, (NC * (L // cfg.tile_q), -(-DHHV // BV))
@@ -200,7 +162,7 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
         kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
     h, den, m_out = launch(kernel, [q, k, v, vec_b, i, c_in, n_in, m_all], outs, grid=grid,
                            BV=BV, **_parallel_launch(cfg, p), **consts)
-    return h, den, m_out, (states[4], n_all[:, -1], m_all[:, -1]), states
+    return h, den, m_out, states
 
 
 def _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_last, cfg: KernelConfig):
@@ -272,8 +234,14 @@ def _core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
     B, NH, S, _ = q.shape
     dt = jnp.dtype(cfg.compute_dtype)
     qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
-    h, den, m_out, last, states = _forward(qf, kf, vf, i_f, f_f, _flat(c0), _flat(n0), _flat(m0), cfg, q.dtype)
-    out = (h.reshape(B, NH, -1, h.shape[-1])[:, :, :S], *(x.reshape(s.shape) for x, s in zip(last, (c0, n0, m0))))
+    h, den, m_out, states = _forward(qf, kf, vf, i_f, f_f, _flat(c0), _flat(n0), _flat(m0), cfg, q.dtype)
+    _, n_all, m_all, _, c_last = states
+    out = (
+        h.reshape(B, NH, -1, h.shape[-1])[:, :, :S],
+        c_last.reshape(c0.shape),
+        n_all[:, -1].reshape(n0.shape),
+        m_all[:, -1].reshape(m0.shape),
+    )
     states = None if cfg.recompute_states_in_bw else states
     return out, (q, k, v, i, f, c0, n0, m0, h, den, m_out, states)
 
