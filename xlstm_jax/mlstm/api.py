@@ -51,7 +51,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     ),
     "triton_xl_chunk": Implementation(
         "xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw:mlstm_triton_xl_chunk",
-        True, (16, 2048), 128, "Triton TFLA xl-chunk kernels (tiled chunks of any size), exact backward",
+        True, (16, 2048), 64, "Triton TFLA xl-chunk kernels (tiled chunks of any size), exact backward",
     ),
 }
 
