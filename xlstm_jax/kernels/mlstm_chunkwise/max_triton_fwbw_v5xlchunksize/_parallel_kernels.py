@@ -17,14 +17,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _log_decay(rq, rs, b_q, VEC_B, I, bh, S: tl.constexpr):
+    """(LQ, LKV) log weights b_t - b_s + i_s of key rows rs in query rows rq of one chunk; -inf above the diagonal."""
+    return tl.where(rq[:, None] >= rs[None, :], b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
+                    + tl.load(I + bh * S + rs)[None, :], float("-inf"))
+
+
+@triton.jit
 def _xl_fw_tile(
     S_QK, num, den, m_run, b_q, rq, rs, V, VEC_B, I, bh, rv, mv,
     S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
     """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max."""
-    causal = rq[:, None] >= rs[None, :]
-    log_d = tl.where(causal, b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
-                     + tl.load(I + bh * S + rs)[None, :], float("-inf"))
+    log_d = _log_decay(rq, rs, b_q, VEC_B, I, bh, S)
     m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
     alpha = tl.exp(m_run - m_new)
     s_bar = S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None])
@@ -131,9 +136,7 @@ def mlstm_xl_bw_dq_kernel(
             dh = tl.load(DH + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
             v_t = tl.load(V + bh * S * DHHV + rs[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
             dp += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), v_t, input_precision="ieee")
-        causal = rq[:, None] >= rs[None, :]
-        log_d = tl.where(causal, b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
-                         + tl.load(I + bh * S + rs)[None, :], float("-inf"))
+        log_d = _log_decay(rq, rs, b_q, VEC_B, I, bh, S)
         ds = (dp + dden[:, None]) * tl.exp(log_d - m_q[:, None])
         k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
         dq += tl.dot(ds.to(dtype), k, input_precision="ieee")
