@@ -69,14 +69,15 @@ def test_denominator_variants(norm_val, stabilize_correctly):
         assert_rel_close(grads[name], ref_grads[name], 1e-4, f"d{name}")
 
 
-@pytest.mark.parametrize("compute", ["float32", None])
-def test_bfloat16_inputs(compute):
-    """bf16 q/k/v with the seed's default float32 kernel compute and with bf16 compute (autocast_kernel_dtype=None:
-    bf16 matmul operands, chunk states and state cotangents): h and the q/k/v gradients come back in bf16."""
-    x = make_inputs(2, 1, 2, 48, 32, 32, dtype="bfloat16", with_state=True)
+@pytest.mark.parametrize("dtype, compute", [("bfloat16", "float32"), ("bfloat16", None), ("float16", None)])
+def test_half_precision_inputs(dtype, compute):
+    """bf16 / fp16 q/k/v with the seed's default float32 kernel compute and with compute in their own dtype
+    (autocast_kernel_dtype=None: half-precision matmul operands, chunk states and state cotangents): h and the
+    q/k/v gradients come back in the input dtype."""
+    x = make_inputs(2, 1, 2, 48, 32, 32, dtype=dtype, with_state=True)
     w = make_weights(2, x)
     fn = _stablef(chunk_size=16, autocast_kernel_dtype=compute)
-    assert output_and_grad_dtypes(fn, x) == (jnp.bfloat16,) * 4
+    assert output_and_grad_dtypes(fn, x) == (jnp.dtype(dtype),) * 4
     out, grads = outputs_and_grads(fn, x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=1e-2, bw_tol=2e-2)

@@ -48,12 +48,14 @@ def test_matches_float64_reference(S, DHQK, DHHV, tiling, with_state):
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
 
 
-def test_bfloat16_compute():
-    """bf16 q/k/v computed in bf16 (matmul operands, chunk states, state cotangents, gradients written in bf16)."""
-    x = make_inputs(2, 1, 2, 48, 32, 32, dtype="bfloat16", with_state=True)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_compute(dtype):
+    """bf16 / fp16 q/k/v computed in their own dtype (matmul operands, chunk states, state cotangents, gradients
+    written in that dtype)."""
+    x = make_inputs(2, 1, 2, 48, 32, 32, dtype=dtype, with_state=True)
     w = make_weights(2, x)
     fn = _xl(chunk_size=32, inter_chunk_size=16, tile_q=16, tile_kv=16)
-    assert output_and_grad_dtypes(fn, x) == (jnp.bfloat16,) * 4
+    assert output_and_grad_dtypes(fn, x) == (jnp.dtype(dtype),) * 4
     out, grads = outputs_and_grads(fn, x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-2, bw_tol=2e-2)
 
@@ -156,11 +158,12 @@ def test_gpu_parity_realistic_shapes(chunk_size, DHQK, DHHV):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
-def test_gpu_parity_bfloat16_compute(DHQK, DHHV):
-    """bf16 inputs computed in bf16 (the benchmarked configuration): outputs against the float64 reference at
-    S=4096, gradients under the per-head-normalized loss at S=1024."""
-    x = make_inputs(0, 2, 4, 4096, DHQK, DHHV, dtype="bfloat16", with_state=True)
+def test_gpu_parity_half_precision_compute(DHQK, DHHV, dtype):
+    """bf16 / fp16 inputs computed in their dtype (bf16 is the benchmarked configuration): outputs against the
+    float64 reference at S=4096, gradients under the per-head-normalized loss at S=1024."""
+    x = make_inputs(0, 2, 4, 4096, DHQK, DHHV, dtype=dtype, with_state=True)
     out, _ = outputs_and_grads(_xl(chunk_size=128), x)
     assert_matches_reference(out, None, *reference_outputs_and_grads(x), fw_tol=1e-2, bw_tol=5e-2)
     small = {k: v[:, :, :1024] if v.ndim >= 3 and v.shape[2] == 4096 else v for k, v in x.items()}
