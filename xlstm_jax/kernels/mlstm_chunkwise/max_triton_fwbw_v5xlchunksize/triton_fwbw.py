@@ -59,9 +59,9 @@ def mlstm_chunkwise_triton_xl_chunk(
     """Chunkwise mLSTM with the xl-chunk Triton kernels; differentiable (exact custom backward), vmappable.
 
     chunk_size: power of two in 16..2048 (honoured as given; the default 64 was the fastest in fw and fw+bw at
-    the 16-head issue shape on the H200, and within 2% of 128 at the 7B heads). inter_chunk_size: granularity of the state
-    recurrence (states are still stored only every chunk). tile_q / tile_kv: query / key rows per tile. None
-    picks min(64, chunk_size). autocast_kernel_dtype: matmul operand dtype (None: q's dtype). Returns h
+    the 16-head issue shape on the H200, and within 2% of 128 at the 7B heads). inter_chunk_size: granularity of
+    the state recurrence (states are still stored only every chunk). tile_q / tile_kv: query / key rows per tile.
+    None picks min(64, chunk_size). autocast_kernel_dtype: matmul operand dtype (None: q's dtype). Returns h
     (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m)) float32 with return_last_states.
     """
     i, f, shape = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
