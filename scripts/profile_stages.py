@@ -57,7 +57,7 @@ def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None)) -> d
     zeros_c, zeros_n = core._flat(jnp.zeros_like(c0)), core._flat(jnp.zeros_like(n0))
     cot_args = (qf, dh, i_f, f_f, m_out, norm, dden, m_sub, zeros_c, zeros_n)
     dc_all, dn_all, _ = jax.jit(lambda *a: core._state_cotangents(*a, cfg))(*cot_args)
-    vec_b, vec_a, _ = core._gates(i_f, f_f, chunk)
+    gates = core._gates(i_f, f_f, chunk)
     grad_dtypes = (q.dtype, k.dtype, v.dtype)
     cotangents = (jnp.ones_like(out[0]), *(jnp.zeros_like(x) for x in out[1:]))
 
@@ -71,7 +71,7 @@ def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None)) -> d
         "bw.denominator": (lambda *a: denominator_cotangent(*a, cfg.eps), (dh, h, den, lower)),
         "bw.state_cotangents": (lambda *a: core._state_cotangents(*a, cfg), cot_args),
         "bw.parallel": (lambda *a: core._backward_parallel(*a, cfg, grad_dtypes),
-                        (qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all)),
+                        (qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all)),
         "bw.total": (lambda r, c: core._core_bwd(cfg, r, c), (residuals, cotangents)),
         "fwbw": (fwbw, (q, k, v, i, f)),
     }

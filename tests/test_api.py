@@ -3,19 +3,30 @@ names the argument; backend names and chunk sizes are checked; `auto` resolves; 
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
-from backend_cases import BACKENDS, CHUNKED_BACKENDS, FW_TOL, skip_unless_runnable
+from backend_cases import BACKENDS, CHUNKED_BACKENDS, FW_TOL, default_chunk, skip_unless_runnable
 from helpers import assert_rel_close, make_inputs, reference_outputs_and_grads
 
+from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
+    mlstm_chunkwise_triton_xl_chunk,
+)
+from xlstm_jax.kernels.mlstm_chunkwise.native import mlstm_chunkwise_native
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
 from xlstm_jax.mlstm import IMPLEMENTATIONS, api, mlstm, resolve_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import (
     create_mlstm_backend,
     mLSTMBackendNameAndKwargs,
     registered_backends,
 )
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_sequence_fw
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.simple import parallel_stabilized_simple
 
 B, NH, S, DHQK, DHHV = 2, 2, 8, 16, 24
 
@@ -54,6 +65,9 @@ BAD_INPUTS = [
     ("m_extra_axis", _set("m_initial", lambda a: a[..., None]), ValueError, ["m_initial", "(2, 2, 1)"]),
     ("c_int", _set("c_initial", lambda a: a.astype(np.int32)), TypeError, ["c_initial", "int32"]),
     ("empty_seq", lambda x: {**x, **{n: x[n][:, :, :0] for n in "qkvif"}}, ValueError, [">= 1", "(2, 2, 0, 16)"]),
+    ("q_list", _set("q", lambda a: a.tolist()), TypeError, ["q must be an array", "list"]),
+    ("f_list", _set("f", lambda a: a.tolist()), TypeError, ["f must be an array", "list"]),
+    ("m_tuple", _set("m_initial", lambda a: tuple(a.tolist())), TypeError, ["m_initial must be an array", "tuple"]),
 ]
 
 
@@ -79,7 +93,8 @@ def test_bad_input_is_refused_before_the_backend(case, backend, no_backend_reach
         assert needle in message, f"{needle!r} not in {message!r}"
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS[:4] + BAD_INPUTS[9:10] + BAD_INPUTS[13:14], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", BAD_INPUTS[:4] + BAD_INPUTS[9:10] + BAD_INPUTS[13:14] + BAD_INPUTS[-3:],
+                         ids=lambda c: c[0])
 def test_bad_input_is_refused_by_registry_backends(case):
     _, mutate, exc_type, needles = case
     x = mutate(_inputs())
@@ -88,6 +103,94 @@ def test_bad_input_is_refused_by_registry_backends(case):
         with pytest.raises(exc_type) as info:
             backend(x["q"], x["k"], x["v"], x["i"], x["f"], x.get("c_initial"), x.get("n_initial"), x.get("m_initial"))
         assert needles[0] in str(info.value), (name, str(info.value))
+
+
+def test_a_list_gets_a_short_message(no_backend_reached):
+    x = _inputs()
+    with pytest.raises(TypeError) as info:
+        mlstm(x["q"].tolist(), x["k"], x["v"], x["i"], x["f"])
+    assert len(str(info.value)) < 120, str(info.value)
+
+
+BAD_EPS = [0.0, -1e-6, float("nan"), float("inf"), True, "1e-6", None]
+
+
+@pytest.mark.parametrize("eps", BAD_EPS, ids=repr)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_must_be_a_positive_finite_float(backend, eps, no_backend_reached):
+    with pytest.raises((TypeError, ValueError), match="eps must be a positive finite float"):
+        mlstm(**_inputs(), backend=backend, eps=eps)
+
+
+@pytest.mark.parametrize("eps", BAD_EPS, ids=repr)
+def test_eps_is_checked_by_the_seed_functions_and_backends(eps):
+    x = _inputs()
+    qkvif = [x[n] for n in "qkvif"]
+    gates = [x["q"], x["k"], x["v"], x["i"][..., None], x["f"][..., None]]
+    calls = [
+        lambda: parallel_stabilized_simple(*gates, eps=eps),
+        lambda: recurrent_sequence_fw(*qkvif, eps=eps),
+        lambda: mlstm_chunkwise_native(*qkvif, eps=eps),
+        lambda: mlstm_chunkwise_triton_stablef(*qkvif, eps=eps, chunk_size=16),
+        lambda: mlstm_chunkwise_triton_xl_chunk(*qkvif, eps=eps, chunk_size=16),
+        lambda: create_mlstm_backend("recurrent", eps=eps)(*qkvif),
+        lambda: create_mlstm_backend("triton_kernels", eps=eps, chunk_size=16)(*qkvif),
+    ]
+    for call in calls:
+        with pytest.raises((TypeError, ValueError), match="eps must be a positive finite float"):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_inputs_compute_as_float32_while_64_bit_jax_is_off(backend):
+    """Under 32-bit JAX a float64 numpy array is a float32 array (JAX's rule), on every backend alike."""
+    skip_unless_runnable(backend)
+    x = _inputs()
+    run = functools.partial(mlstm, backend=backend, chunk_size=default_chunk(backend), return_last_states=True)
+    h, states = run(**{n: a.astype(np.float64) for n, a in x.items()})
+    h32, states32 = run(**x)
+    assert h.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h32))
+    for s, s32 in zip(states, states32):
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(s32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_inputs_under_64_bit_jax_name_q_and_what_to_pass(backend):
+    """Under 64-bit JAX float64 q, k, v are refused before any backend runs, on every backend alike, unless the
+    caller asks for a compute dtype; then they are computed in it under the precision contract (h in q's dtype)."""
+    skip_unless_runnable(backend)
+    x = _inputs()
+    h32 = mlstm(**x, backend=backend, chunk_size=default_chunk(backend))
+    with jax.enable_x64(True):
+        x64 = {n: jax.numpy.asarray(a, np.float64) for n, a in x.items()}
+        with pytest.raises(TypeError, match=r"q has dtype float64.*float32.*autocast_dtype='float32'"):
+            mlstm(**x64, backend=backend, chunk_size=default_chunk(backend))
+        h = mlstm(**x64, backend=backend, chunk_size=default_chunk(backend), autocast_dtype="float32")
+        assert h.dtype == np.float64
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h32), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_interpreter_whatever_was_imported_first():
+    """triton.language imported before xlstm_jax, and the interpreter switched on only after xlstm_jax was
+    imported: the Triton backends still run in the interpreter."""
+    script = textwrap.dedent("""
+        import triton.language
+        import numpy as np
+        import xlstm_jax
+        import os
+        os.environ["XLSTM_JAX_TRITON_INTERPRET"] = "1"
+        x = np.random.default_rng(0).standard_normal((1, 1, 16, 16)).astype(np.float32)
+        g = np.zeros((1, 1, 16), np.float32)
+        for backend in ("triton_limit_chunk", "triton_xl_chunk"):
+            h = xlstm_jax.mlstm(x, x, x, g, g + 3, backend=backend, chunk_size=16)
+            ref = xlstm_jax.mlstm(x, x, x, g, g + 3, backend="native_recurrent")
+            assert np.allclose(h, ref, rtol=1e-4, atol=1e-5), backend
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLSTM_JAX_TRITON_INTERPRET", "TRITON_INTERPRET")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,6 +12,7 @@ from helpers import (
     BF16_FW_TOL,
     BW_TOL,
     FW_TOL,
+    TINY_EPS,
     assert_matches_reference,
     assert_rel_close,
     make_inputs,
@@ -182,9 +183,9 @@ def test_sequence_loop_gradients_match_reference():
 
 
 def test_backend_factory_config_and_call():
-    backend = create_mlstm_backend("recurrent", use_scan=True, eps=0.0, state_dtype="float32")
+    backend = create_mlstm_backend("recurrent", use_scan=True, eps=TINY_EPS, state_dtype="float32")
     assert isinstance(backend, mLSTMBackendRecurrent)
-    assert (backend.config.use_scan, backend.config.eps, backend.config.state_dtype) == (True, 0.0, "float32")
+    assert (backend.config.use_scan, backend.config.eps, backend.config.state_dtype) == (True, TINY_EPS, "float32")
     built = create_mlstm_backend("recurrent", model_config=types.SimpleNamespace(context_length=64))
     assert built.config.context_length == 64
     with pytest.raises(ValueError, match="chunk_size"):

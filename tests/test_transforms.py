@@ -116,3 +116,47 @@ def test_scan_over_layers(backend):
     assert_trees_close(
         _value_and_grad(scanned)(args), _value_and_grad(unrolled)(args), rtol=1e-4, what="scan value_and_grad"
     )
+
+
+SHARD_MAP_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from backend_cases import BACKENDS, assert_trees_close, backend_fn
+from helpers import _loss, make_inputs, make_weights
+
+mesh = jax.make_mesh((2, 2), ("data", "heads"))
+spec = {{"q": P("data", "heads"), "k": P("data", "heads"), "v": P("data", "heads"), "i": P("data", "heads"),
+         "f": P("data", "heads"), "c_initial": P("data", "heads"), "n_initial": P("data", "heads"),
+         "m_initial": P("data", "heads")}}
+for with_state in (False, True):
+    x = make_inputs(3, 2, 4, 20, 16, 16, with_state=with_state)
+    w = make_weights(3, {{**make_inputs(3, 2, 4, 20, 16, 16, with_state=True), **x}})
+    args = {{n: jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec[n])) for n, a in x.items()}}
+    for backend in BACKENDS:
+        fn = backend_fn(backend)
+        def loss(a, run):
+            h, states = run(a)
+            return _loss(h, states, w), (h, states)
+        sharded = jax.shard_map(lambda a: fn(**a), mesh=mesh, in_specs=({{n: spec[n] for n in args}},),
+                                out_specs=(P("data", "heads"), (P("data", "heads"),) * 3))
+        got = jax.jit(jax.value_and_grad(lambda a: loss(a, sharded), has_aux=True))(args)
+        want = jax.jit(jax.value_and_grad(lambda a: loss(a, lambda b: fn(**b)), has_aux=True))(args)
+        assert_trees_close(got, want, rtol=1e-5, what=f"{{backend}} with_state={{with_state}}")
+print("ok")
+"""
+
+
+def test_shard_map_over_batch_and_heads_with_and_without_initial_states():
+    """Every backend under `shard_map` on a 2 x 2 mesh (batch x heads), with and without initial states: outputs,
+    last states and gradients equal the unsharded call (zero states vary over the mesh axes like the inputs)."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT.format(tests=tests)], capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:]

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlstm_jax.mlstm.base import vary_like
+
 INTERPRET_ENV = "XLSTM_JAX_TRITON_INTERPRET"
 
 
@@ -31,9 +33,6 @@ def interpret_mode() -> bool:
     """True when Triton kernels should run in Triton's CPU interpreter."""
     return os.environ.get(INTERPRET_ENV, "0") not in ("", "0", "false", "False")
 
-
-if interpret_mode():  # must be set before any @triton.jit kernel module is imported
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _version(dist: str) -> str | None:
@@ -101,7 +100,7 @@ class _HostTensor:
     # operands turning into float32 at random).
     _DTYPES = {
         name: type("dtype", (), {"__str__": lambda _, name=name: f"torch.{name}"})()
-        for name in ("float32", "float16", "bfloat16", "int32", "int64")
+        for name in ("float64", "float32", "float16", "bfloat16", "int32", "int64")
     }
 
     def __init__(self, array: np.ndarray):
@@ -136,9 +135,29 @@ class _HostTensor:
         return tuple(s // self.array.itemsize for s in self.array.strides)
 
 
+_INTERPRETED: dict[Callable[..., Any], Any] = {}
+
+
+def _interpreted(kernel: Any) -> Any:
+    """The kernel as Triton's interpreter runs it, however `@triton.jit` built it: without TRITON_INTERPRET set
+    when a kernel module (or triton.language) was imported, it is a compiling JITFunction. Cached by its Python
+    function (a JITFunction's own hash compiles a dependency key, which fails inside the interpreter)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    if kernel.fn not in _INTERPRETED:
+        _INTERPRETED[kernel.fn] = InterpretedFunction(kernel.fn)
+    return _INTERPRETED[kernel.fn]
+
+
 @functools.cache
 def _fix_interpreter() -> None:
-    """Three fixes to Triton's interpreter (3.6 to 3.9) so it runs our kernels as the GPU does:
+    """Fixes to Triton's interpreter (3.6 to 3.9) so it runs our kernels as the GPU does, whatever was imported
+    first:
+    - a `@triton.jit` function built as a compiling JITFunction (ours, or triton.language's own helpers such as
+      tl.cdiv when triton was imported before the interpreter was asked for) refuses to be called from an
+      interpreted kernel: such calls run interpreted;
     - it keeps bf16 as raw uint16 bits and feeds them to np.matmul as integers: widen bf16 dot operands to float32
       (exact) first;
     - it converts a scalar tensor to an index with int() of a 1-element 1-D array, which numpy 2 refuses: loops
@@ -147,7 +166,9 @@ def _fix_interpreter() -> None:
       the masked load/store as int32, which they refuse: masks are cast to bool."""
     import triton.language as tl
     from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
 
+    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
     create_dot = interpreter.InterpreterBuilder.create_dot
 
     def widen(x):
@@ -195,7 +216,7 @@ def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
         ins = [np.ascontiguousarray(a) for a in arrays]
         outs = [np.zeros(o.shape, o.dtype) for o in out_shapes]
         with _INTERPRETER_LOCK:
-            kernel[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
+            _interpreted(kernel)[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
         return tuple(outs)
 
     return jax.pure_callback(host, tuple(out_shapes), *inputs, vmap_method="sequential")
@@ -233,7 +254,8 @@ def launch(
     """Launch `kernel` over grid (BH, *grid) where BH = inputs[0].shape[0] = every array's leading axis.
 
     All scalars are compile-time constants (`constexprs`). Returns the outputs (uninitialised memory on CUDA:
-    kernels write every element they own). Supports `jax.vmap`: mapped axes are folded into BH.
+    kernels write every element they own). Supports `jax.vmap` (mapped axes are folded into BH) and `shard_map`
+    (outputs vary over the mesh axes the inputs vary over).
     """
     out_shapes = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_shapes)
     bh = inputs[0].shape[0]
@@ -259,4 +281,5 @@ def launch(
         )
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), tuple(True for _ in outs)
 
-    return run(*inputs)
+    # under shard_map the outputs of a custom call do not carry the inputs' manual mesh axes: give them those
+    return tuple(vary_like(out, *inputs) for out in run(*inputs))

@@ -13,8 +13,9 @@ import importlib
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-from xlstm_jax.mlstm.base import check_chunk_size, check_inputs
+from xlstm_jax.mlstm.base import check_chunk_size, check_eps, check_inputs, resolve_compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,12 @@ def mlstm(
     Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (C, n, m))` float32 with `return_last_states=True`.
     """
     i3, f3, _ = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    eps = check_eps(eps)
+    # as JAX sees them: numpy float64 arrays are float32 while 64-bit JAX is off
+    q, k, v, i3, f3, c_initial, n_initial, m_initial = (
+        None if x is None else jnp.asarray(x) for x in (q, k, v, i3, f3, c_initial, n_initial, m_initial)
+    )
+    resolve_compute_dtype(autocast_dtype, q.dtype)  # a float64 q under 64-bit JAX is refused here, naming q
     name = resolve_backend(backend, chunk_size)
     impl = IMPLEMENTATIONS[name]
     if impl.chunk_sizes is None:

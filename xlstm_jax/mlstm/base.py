@@ -8,17 +8,21 @@ units. Every check runs on static shapes and dtypes, so it fires before anything
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Neutral padding (DESIGN.md §2): a padded step must leave C, n and m exactly unchanged. An input-gate
+# Neutral padding (docs/precision.md): a padded step must leave C, n and m exactly unchanged. An input-gate
 # pre-activation of -1e30 makes exp(i - m) exactly 0 for any reachable m; a forget pre-activation of +1e30 gives
 # log(sigmoid(f)) == 0 exactly in float32, i.e. no decay.
 NEUTRAL_IGATE = -1e30
 NEUTRAL_FGATE = 1e30
+# Log forget gates are floored here: exp(-1e30 + x) is exactly 0 for every |x| < 1e29, so a gate at the floor is the
+# same full reset as log(sigmoid(-inf)) = -inf, but sums and differences of log gates stay finite (no -inf - -inf).
+LOG_FORGET_FLOOR = -1e30
 
 _COMPUTE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -38,10 +42,13 @@ def _shape_str(x: Any) -> str:
     return str(tuple(np.shape(x)))
 
 
-def _check_float(x: Any, name: str) -> None:
+def check_float_array(x: Any, name: str) -> None:
+    """x must be an array (jax or numpy, not a list) of a floating dtype: TypeError naming `name` otherwise."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{name} must be an array (jax.Array or numpy.ndarray), got {type(x).__name__}.")
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16, float64), got {dtype}.")
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16), got {dtype}.")
 
 
 def _gate_to_3d(x: Any, name: str, expected: tuple[int, int, int]) -> jax.Array:
@@ -68,10 +75,10 @@ def check_inputs(
     Raises ValueError for shapes (naming the argument, its shape and what was expected) and TypeError for dtypes.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float_array(x, name)
         if np.ndim(x) != 4:
             axes = "(B, NH, S, DHHV)" if name == "v" else "(B, NH, S, DHQK)"
             raise ValueError(f"{name} must be 4-D {axes}, got shape {_shape_str(x)}.")
-        _check_float(x, name)
     B, NH, S, DHQK = np.shape(q)
     DHHV = np.shape(v)[-1]
     if np.shape(k) != (B, NH, S, DHQK):
@@ -87,7 +94,7 @@ def check_inputs(
             f"q {jnp.result_type(q)}, k {jnp.result_type(k)}, v {jnp.result_type(v)}."
         )
     for name, x in (("i", i), ("f", f)):
-        _check_float(x, name)
+        check_float_array(x, name)
     i3 = _gate_to_3d(i, "i", (B, NH, S))
     f3 = _gate_to_3d(f, "f", (B, NH, S))
 
@@ -101,9 +108,9 @@ def check_inputs(
             ("n_initial", n_initial, (B, NH, DHQK)),
             ("m_initial", m_initial, (B, NH)),
         ):
+            check_float_array(x, name)
             if tuple(np.shape(x)) != expected:
                 raise ValueError(f"{name} must have shape {expected}, got shape {_shape_str(x)}.")
-            _check_float(x, name)
     return i3, f3, MLSTMShape(B, NH, S, DHQK, DHHV)
 
 
@@ -120,10 +127,27 @@ def check_chunk_size(chunk_size: Any, *, minimum: int = 16, maximum: int | None 
     return chunk_size
 
 
+def check_eps(eps: Any) -> float:
+    """The denominator epsilon: a positive finite number."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eps must be a positive finite float, got {type(eps).__name__} {eps!r}.")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}.")
+    return float(eps)
+
+
 def resolve_compute_dtype(dtype: Any, default: Any, name: str = "autocast_dtype") -> jnp.dtype:
-    """Matmul operand dtype: None -> `default`; accepts "float32" | "bfloat16" | "float16" or the jnp types."""
+    """Matmul operand dtype: "float32" | "bfloat16" | "float16" or the jnp types; None -> `default`, q's dtype as JAX
+    sees it (float64 arrays are float32 while 64-bit JAX is off). float64 q under 64-bit JAX is refused."""
     if dtype is None:
-        dtype = default
+        default = jax.dtypes.canonicalize_dtype(default)
+        if default.name not in _COMPUTE_DTYPES:
+            raise TypeError(
+                f"q has dtype {default}, which the mLSTM kernels do not compute in: pass q, k and v as float32, "
+                f"bfloat16 or float16 (e.g. q.astype(jnp.float32)), or set {name}='float32'. The float64 "
+                "recurrence is xlstm_jax.mlstm.reference.mlstm_recurrent_reference."
+            )
+        return jnp.dtype(default)
     key = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if key not in _COMPUTE_DTYPES:
         raise ValueError(f"{name} must be one of {sorted(_COMPUTE_DTYPES)} (or None), got {dtype!r}.")
@@ -134,6 +158,33 @@ def matmul_precision(dtype: Any) -> jax.lax.Precision:
     """XLA precision of a matmul with `dtype` operands: HIGHEST for float32 and wider, so GPUs do not round the
     operands to TF32; DEFAULT (the native 16-bit product) otherwise."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else jax.lax.Precision.DEFAULT
+
+
+# float16 matmul operands that are computed, not given (scores, states, cotangents), are first divided by a power
+# of two that brings their largest finite magnitude to at most this, so the cast cannot overflow.
+FP16_OPERAND_MAX = 2.0**14
+
+
+def fit_float16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x / s, s): s is the power of two >= 1 (a float32 scalar) with max finite |x| / s <= FP16_OPERAND_MAX.
+    Non-finite entries do not set the scale, so they poison only the products they take part in."""
+    magnitude = jnp.abs(x.astype(jnp.float32))
+    amax = jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0.0))
+    scale = jnp.exp2(jnp.maximum(jnp.ceil(jnp.log2(amax / FP16_OPERAND_MAX)), 0.0))
+    return x / scale.astype(x.dtype), scale
+
+
+def einsum_in(spec: str, a: jax.Array, b: jax.Array, dt: Any, precision: Any = None) -> jax.Array:
+    """einsum with both operands cast to the compute dtype `dt`, accumulated and returned in float32 or wider
+    (`precision` None: `matmul_precision(dt)`). For float16 each operand is scaled into its range first
+    (`fit_float16`) and the product scaled back."""
+    dt = jnp.dtype(dt)
+    kw = dict(preferred_element_type=jnp.promote_types(dt, jnp.float32),
+              precision=matmul_precision(dt) if precision is None else precision)
+    if dt != jnp.float16:
+        return jnp.einsum(spec, a.astype(dt), b.astype(dt), **kw)
+    (a, sa), (b, sb) = fit_float16(a), fit_float16(b)
+    return jnp.einsum(spec, a.astype(dt), b.astype(dt), **kw) * (sa * sb)
 
 
 def exp_neg(m: jax.Array) -> jax.Array:
@@ -153,17 +204,57 @@ def log_sigmoid(x: jax.Array) -> jax.Array:
     return -jax.nn.softplus(-x)
 
 
+def log_forget(f: jax.Array) -> jax.Array:
+    """The log forget gate of every backend: log(sigmoid(f)) floored at LOG_FORGET_FLOOR (or, for dtypes with a
+    smaller range, a quarter of the most negative finite value), so f = -inf is the full reset it means and never a
+    -inf that meets another -inf or a 0 in later sums and products. The floor's derivative is 0."""
+    floor = max(LOG_FORGET_FLOOR, -float(jnp.finfo(f.dtype).max) / 4)
+    logf = log_sigmoid(f)
+    return jnp.where(logf < floor, floor, logf)  # NaN stays NaN
+
+
+def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """x, varying over every manual mesh axis any of `refs` varies over (inside `shard_map`): states built from
+    constants must have the type of the states a scan makes from the inputs. Adds a zero; outside shard_map a
+    no-op."""
+    for ref in refs:
+        x = x + jnp.zeros_like(ref, shape=(), dtype=x.dtype)
+    return x
+
+
+def zero_nonfinite_rows(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(v with every row (last axis) that holds a NaN or inf set to zero, bad (...) True for those rows).
+
+    A weighted sum over value rows would carry 0 * NaN = NaN into outputs whose weight for the row is exactly 0, the
+    earlier positions among them; callers sum over the zeroed rows and `poison_from` the positions that do see it.
+    """
+    bad = ~jnp.all(jnp.isfinite(v), axis=-1)
+    return jnp.where(bad[..., None], jnp.zeros_like(v), v), bad
+
+
+def poison_from(h: jax.Array, bad: jax.Array) -> jax.Array:
+    """h (..., S, DHHV) set to NaN at every position from the first one where `bad` (..., S) is True."""
+    return jnp.where((jnp.cumsum(bad, axis=-1) > 0)[..., None], jnp.asarray(jnp.nan, h.dtype), h)
+
+
 def initial_states_or_zeros(
-    c_initial: jax.Array | None, n_initial: jax.Array | None, m_initial: jax.Array | None, shape: MLSTMShape
+    c_initial: jax.Array | None,
+    n_initial: jax.Array | None,
+    m_initial: jax.Array | None,
+    shape: MLSTMShape,
+    like: tuple[jax.Array, ...] = (),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The float32 initial states (C, n, m); zeros (m_0 = 0) when none are given."""
+    """The float32 initial states (C, n, m); zeros (m_0 = 0) when none are given. Under `shard_map` they vary over
+    the mesh axes of the inputs `like` (q, k, v, i, f), so a scan may carry them."""
     if c_initial is None:
-        return (
+        states = (
             jnp.zeros((shape.B, shape.NH, shape.DHQK, shape.DHHV), jnp.float32),
             jnp.zeros((shape.B, shape.NH, shape.DHQK), jnp.float32),
             jnp.zeros((shape.B, shape.NH), jnp.float32),
         )
-    return c_initial.astype(jnp.float32), n_initial.astype(jnp.float32), m_initial.astype(jnp.float32)
+    else:
+        states = tuple(jnp.asarray(x).astype(jnp.float32) for x in (c_initial, n_initial, m_initial))
+    return tuple(vary_like(x, *like) for x in states)
 
 
 def pad_to_multiple(

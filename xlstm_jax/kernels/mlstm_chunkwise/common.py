@@ -9,10 +9,12 @@ is added here exactly (m_S is a max over a chain of sums, so its derivative foll
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.mlstm.base import log_sigmoid
+from xlstm_jax.mlstm.base import log_forget
 
 
 def reverse_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -20,22 +22,40 @@ def reverse_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
 
 
-def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-chunk gate quantities (mlstm_math.md §4.1), float32.
+class ChunkGates(NamedTuple):
+    """Per-chunk gate quantities (mlstm_math.md §4.1), float32, (B, NH, NC, L) unless said otherwise."""
 
-    i, f: (B, NH, S) pre-activations with S % chunk_size == 0. Returns
-    vecB (B, NH, NC, L): inclusive within-chunk cumsum of log forget gates,
-    vecA (B, NH, NC, L): log weight of each token in its end-of-chunk state, sum_{r>t} logf_r + i_t (stable form),
-    scaG (B, NH, NC): total log decay over each chunk.
+    b: jax.Array  # inclusive within-chunk cumsum of the log forget gates
+    b_lo: jax.Array  # what float32 rounding left out of b: b + b_lo is the cumsum to about twice float32 precision
+    a: jax.Array  # log weight of each token in its end-of-chunk state, sum_{r>t} logf_r + i_t (stable form)
+    g: jax.Array  # (B, NH, NC): total log decay over each chunk
+
+
+def split_cumsum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inclusive cumsum along the last axis as a two-float sum (hi, lo), hi = the float32 cumsum.
+
+    Differences hi_t - hi_s of nearby positions are exact, and lo carries what each addition rounded away, so
+    (hi_t - hi_s) + (lo_t - lo_s) is the sum of x over (s, t] even after a huge term (a forget gate at the floor)
+    swallowed the small ones in hi. Every term of x has one sign (log forget gates are <= 0), so hi never cancels.
     """
+    hi = jnp.cumsum(x, axis=-1)
+    prev = jnp.concatenate([jnp.zeros_like(hi[..., :1]), hi[..., :-1]], axis=-1)
+    total = prev + x  # two-sum: total + err == prev + x exactly
+    back = total - prev
+    err = (prev - (total - back)) + (x - back)
+    return hi, jnp.cumsum((total - hi) + err, axis=-1)
+
+
+def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> ChunkGates:
+    """The per-chunk gate quantities of i, f (B, NH, S) pre-activations with S % chunk_size == 0."""
     B, NH, S = i.shape
     L = chunk_size
-    logf = log_sigmoid(f.astype(jnp.float32)).reshape(B, NH, S // L, L)
-    vecB = jnp.cumsum(logf, axis=-1)
+    logf = log_forget(f.astype(jnp.float32)).reshape(B, NH, S // L, L)
+    b, b_lo = split_cumsum(logf)
     suffix = reverse_cumsum(logf)
-    vecA = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
-    vecA = vecA + i.astype(jnp.float32).reshape(B, NH, S // L, L)
-    return vecB, vecA, suffix[..., 0]
+    a = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
+    a = a + i.astype(jnp.float32).reshape(B, NH, S // L, L)
+    return ChunkGates(b, b_lo, a, suffix[..., 0])
 
 
 def denominator_cotangent(
@@ -93,7 +113,7 @@ def gate_gradients(
     # m_S = max(m_0 + sum_r logf_r, max_t (i_t + sum_{r>t} logf_r)): its derivative follows the argmax. The
     # returned C̃_S = C_S e^{-m_S} depends on m_S too, hence -last_state_dot.
     tau = -last_state_dot if dm_last is None else dm_last.astype(f32) - last_state_dot
-    logf = log_sigmoid(f.astype(f32))
+    logf, logf_vjp = jax.vjp(log_forget, f.astype(f32))
     suffix = reverse_cumsum(logf)
     after_t = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
     candidates = jnp.concatenate([(m_initial + suffix[..., 0])[..., None], i.astype(f32) + after_t], axis=-1)
@@ -102,5 +122,5 @@ def gate_gradients(
     dlogf = dlogf + tau[..., None] * jnp.cumsum(source, axis=-1)[..., :-1]
     dm_initial = dm_initial + tau * source[..., 0]
 
-    df = dlogf * jax.nn.sigmoid(-f.astype(f32))
+    (df,) = logf_vjp(dlogf)
     return di, df, dm_initial

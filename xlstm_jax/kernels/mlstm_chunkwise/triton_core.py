@@ -84,10 +84,16 @@ def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """vecB, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) gates, for chunks of length L."""
-    vec_b, vec_a, sca_g = chunk_gates(i[None], f[None], L)
-    return vec_b[0].reshape(i.shape), vec_a[0].reshape(i.shape), sca_g[0]
+def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """vecB, vecB_lo, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) gates, for chunks of length L."""
+    g = chunk_gates(i[None], f[None], L)
+    return g.b[0].reshape(i.shape), g.b_lo[0].reshape(i.shape), g.a[0].reshape(i.shape), g.g[0]
+
+
+def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
+    """dtype of the stored chunk-border states and their cotangents: the compute dtype (they are only matmul
+    operands), float32 for float16, whose range sums of k·v products overflow."""
+    return F32 if compute_dtype == jnp.float16 else compute_dtype
 
 
 def _recurrent_launch(DHQK: int, DHHV: int) -> dict:
@@ -109,19 +115,19 @@ def _parallel_launch(cfg: KernelConfig, p: dict[str, int], warps: int | None = N
 
 
 def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
-    """States at chunk borders C (BH, NC+1, DHQK, DHHV) in the compute dtype (only ever a matmul operand),
+    """States at chunk borders C (BH, NC+1, DHQK, DHHV) in the state-buffer dtype (only ever a matmul operand),
     n (BH, NC+1, DHQK), m (BH, NC+1), m at every recurrent sub-chunk border (BH, S // recurrent_chunk + 1), and the
     last C (BH, DHQK, DHHV); float32 unless said otherwise."""
     BH, S, DHQK = k.shape
     DHHV = v.shape[-1]
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
-    _, vec_a, sca_g = _gates(i, f, Lr)
+    _, _, vec_a, sca_g = _gates(i, f, Lr)
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
         [k, v, vec_a, sca_g, c0, n0, m0],
         [
-            jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK, DHHV), k.dtype),
+            jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK, DHHV), _state_buffer_dtype(k.dtype)),
             jax.ShapeDtypeStruct((BH, S // cfg.chunk_size + 1, DHQK), F32),
             jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
             jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
@@ -146,7 +152,7 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     states = _chunk_states(k, v, i, f, c0, n0, m0, cfg)
     c_all, n_all, m_all = states[:3]
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
-    vec_b, _, _ = _gates(i, f, L)
+    vec_b, vec_bl, _, _ = _gates(i, f, L)
     p = launch_params(DHQK, DHHV)
     outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
             jax.ShapeDtypeStruct((BH, S), F32)]
@@ -160,32 +166,33 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     else:
         BV = block(DHHV, p["out_v_block"])
         kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
-    h, den, m_out = launch(kernel, [q, k, v, vec_b, i, c_in, n_in, m_all], outs, grid=grid,
+    h, den, m_out = launch(kernel, [q, k, v, vec_b, vec_bl, i, c_in, n_in, m_all], outs, grid=grid,
                            BV=BV, **_parallel_launch(cfg, p), **consts)
     return h, den, m_out, states
 
 
 def _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_last, cfg: KernelConfig):
-    """Cotangents of the chunk-border states: dC (BH, NC+1, DHQK, DHHV) in the compute dtype, dn (BH, NC+1, DHQK)
+    """Cotangents of the chunk-border states: dC (BH, NC+1, DHQK, DHHV) in the state-buffer dtype, dn (BH, NC+1, DHQK)
     float32 and the initial state's dC (BH, DHQK, DHHV) float32, from the last states' float32 cotangents."""
     BH, S, DHQK = qf.shape
     DHHV = dh.shape[-1]
     Lr = cfg.recurrent_chunk
     NC = S // cfg.chunk_size
-    vec_b_sub, _, sca_g_sub = _gates(i_f, f_f, Lr)
+    vec_b_sub, _, _, sca_g_sub = _gates(i_f, f_f, Lr)
     return launch(
         mlstm_bw_recurrent_kernel,
         [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_last, dn_last],
-        [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), qf.dtype), jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
+        [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), _state_buffer_dtype(qf.dtype)),
+         jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
          jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32)],
         NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr, **_recurrent_launch(DHQK, DHHV),
     )
 
 
-def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
+def _backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
                        cfg: KernelConfig, grad_dtypes):
     """dq, dk, dv (BH, S, ·) in `grad_dtypes` (three dtypes) from the per-chunk kernels of the family, and the
-    float32 row dot products q_t·dq_t, k_t·dk_t (BH, S)."""
+    float32 row dot products q_t·dq_t, k_t·dk_t (BH, S). `gates`: `_gates(i_f, f_f, chunk_size)`."""
     BH, S, DHQK = qf.shape
     DHHV = vf.shape[-1]
     L = cfg.chunk_size
@@ -196,8 +203,9 @@ def _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_a
     consts = dict(NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK))
     dq_shape, dk_shape = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
     dv_shape = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
-    dq_in = [qf, kf, vf, dh, vec_b, i_f, m_out, norm, dden, c_in, n_in, m_all]
-    dkdv_in = [qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all]
+    vec_b, vec_bl, vec_a, _ = gates
+    dq_in = [qf, kf, vf, dh, vec_b, vec_bl, i_f, m_out, norm, dden, c_in, n_in, m_all]
+    dkdv_in = [qf, kf, vf, dh, vec_b, vec_bl, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all]
     if cfg.family != "xl":
         row = jax.ShapeDtypeStruct((BH, S), F32)
         dq, qdq = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape, row], grid=(NC,), NS=c_in.shape[1],
@@ -263,9 +271,8 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     dc_lastf, dn_lastf = _flat(dc_last.astype(F32)), _flat(dn_last.astype(F32))
 
     dc_all, dn_all, dc_first = _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_lastf, dn_lastf, cfg)
-    vec_b, vec_a, _ = _gates(i_f, f_f, cfg.chunk_size)
-    dq, dk, dv, qdq, kdk = _backward_parallel(qf, kf, vf, dh, vec_b, vec_a, i_f, m_out, norm, dden, c_all, n_all,
-                                              m_all, dc_all, dn_all, cfg, (q.dtype, k.dtype, v.dtype))
+    dq, dk, dv, qdq, kdk = _backward_parallel(qf, kf, vf, dh, _gates(i_f, f_f, cfg.chunk_size), i_f, m_out, norm, dden,
+                                              c_all, n_all, m_all, dc_all, dn_all, cfg, (q.dtype, k.dtype, v.dtype))
     first_dot = jnp.sum(c0f * dc_first, axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
     last_dot = jnp.sum(c_last * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
     di, df, dm0 = gate_gradients(

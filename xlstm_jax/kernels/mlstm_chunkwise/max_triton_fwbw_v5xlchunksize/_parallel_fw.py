@@ -75,11 +75,12 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     BV = _pow2_block("siz_b_DHHV", siz_b_DHHV) if siz_b_DHHV is not None else min(128, max(16, 1 << (DHHV - 1).bit_length()))
     warps = num_warps if num_warps is not None else (4 if BK >= 64 else 2)
     i = vecI.reshape(B, NH, S).astype(jnp.float32)
-    vec_b, _, _ = chunk_gates(i, vecF.astype(jnp.float32), L)
+    gates = chunk_gates(i, vecF.astype(jnp.float32), L)
     flat = lambda x: x.reshape(B * NH, *x.shape[2:])  # noqa: E731
     h, den, m = launch(
         mlstm_xl_fw_parallel_kernel,
-        [flat(matQ), flat(matK), flat(matV.astype(matQ.dtype)), vec_b.reshape(B * NH, S), flat(i),
+        [flat(matQ), flat(matK), flat(matV.astype(matQ.dtype)), gates.b.reshape(B * NH, S),
+         gates.b_lo.reshape(B * NH, S), flat(i),
          matC_all.reshape(B * NH, NC + 1, DHQK, DHHV).astype(jnp.float32),
          vecN_all.reshape(B * NH, NC + 1, DHQK).astype(jnp.float32), flat(scaM_all).astype(jnp.float32)],
         [jax.ShapeDtypeStruct((B * NH, S, DHHV), matQ.dtype), jax.ShapeDtypeStruct((B * NH, S), jnp.float32),

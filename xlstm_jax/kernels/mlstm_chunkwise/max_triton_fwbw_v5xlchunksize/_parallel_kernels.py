@@ -1,12 +1,13 @@
 """Tiled (TFLA "xl-chunk") Triton kernels for the parallel parts of the chunkwise mLSTM: chunks of any size, tiled
 into (LQ, LKV) blocks of queries and keys.
 
-Layouts (BH = B·NH flattened, S = NC·L padded, contiguous): q, k (BH, S, DHQK), v, dh (BH, S, DHHV); vecB (BH, S)
-within-chunk cumsum of log forget gates, vecA (BH, S) log weight of each token in its chunk's end state, i, m_t,
-den, norm, dden (BH, S) float32; chunk-border states C (BH, NS, DHQK, DHHV) in the compute dtype, n (BH, NS, DHQK)
-and m (BH, NC + 1) float32, and their gradients dC (BH, NC + 1, DHQK, DHHV) in the compute dtype, dn (BH, NC + 1,
-DHQK) float32. dq, dk, dv are written in their output buffers' dtype (the gradient dtype); the dq and dk kernels
-also write the float32 row dot products q_t·dq_t, k_s·dk_s of their head-dim block, (BH, n_blocks, S).
+Layouts (BH = B·NH flattened, S = NC·L padded, contiguous): q, k (BH, S, DHQK), v, dh (BH, S, DHHV); vecB, vecB_lo
+(BH, S) the two-float within-chunk cumsum of log forget gates, vecA (BH, S) log weight of each token in its chunk's
+end state, i, m_t, den, norm, dden (BH, S) float32; chunk-border states C (BH, NS, DHQK, DHHV) in the state-buffer
+dtype (the compute dtype, float32 for float16), n (BH, NS, DHQK) and m (BH, NC + 1) float32, and their gradients
+dC (BH, NC + 1, DHQK, DHHV) in the state-buffer dtype, dn (BH, NC + 1, DHQK) float32. dq, dk, dv are written in
+their output buffers' dtype (the gradient dtype); the dq and dk kernels also write the float32 row dot products
+q_t·dq_t, k_s·dk_s of their head-dim block, (BH, n_blocks, S).
 A program id over (chunk, row block) is `kc * NB + jb`.
 The forward keeps a running max (starting from the inter-chunk log weight b_t + m_{k-1}, always finite, so a
 fully masked tile row cannot produce NaN); the backward uses the stored per-token stabilizer m_t.
@@ -15,33 +16,40 @@ fully masked tile row cannot produce NaN); the backward uses the stored per-toke
 import triton
 import triton.language as tl
 
+from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, finite_values, log_decay
+
 
 @triton.jit
-def _log_decay(rq, rs, b_q, VEC_B, I, bh, S: tl.constexpr):
-    """(LQ, LKV) log weights b_t - b_s + i_s of key rows rs in query rows rq of one chunk; -inf above the diagonal."""
-    return tl.where(rq[:, None] >= rs[None, :], b_q[:, None] - tl.load(VEC_B + bh * S + rs)[None, :]
-                    + tl.load(I + bh * S + rs)[None, :], float("-inf"))
+def _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S: tl.constexpr):
+    """(LQ, LKV) log weights F_{t,s} + i_s of key rows rs in query rows rq of one chunk; -inf above the diagonal."""
+    rows = bh * S + rs
+    return log_decay(b_q[:, None], bl_q[:, None], tl.load(VEC_B + rows)[None, :], tl.load(VEC_BL + rows)[None, :],
+                     tl.load(I + rows)[None, :], rq[:, None] >= rs[None, :])
 
 
 @triton.jit
 def _xl_fw_tile(
-    S_QK, num, den, m_run, b_q, rq, rs, V, VEC_B, I, bh, rv, mv,
-    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr,
+    S_QK, num, den, m_run, hit, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
+    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr, LQ: tl.constexpr,
 ):
-    """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max."""
-    log_d = _log_decay(rq, rs, b_q, VEC_B, I, bh, S)
+    """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max, and mark
+    in `hit` the query rows that see a value row holding a NaN or inf. Acausal entries are selected away, so a NaN
+    or inf in any input at token s reaches no earlier token."""
+    log_d = _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S)
     m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
     alpha = tl.exp(m_run - m_new)
-    s_bar = S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None])
+    causal = rq[:, None] >= rs[None, :]
+    s_bar = tl.where(causal, S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None]), 0.0)
     v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-    num = num * alpha[:, None] + tl.dot(s_bar.to(v.dtype), v, input_precision="ieee")
+    v, tile_hit = finite_values(v, causal, LQ)
+    num = num * alpha[:, None] + dot_in(s_bar, v, v.dtype)
     den = den * alpha + tl.sum(s_bar, axis=1)
-    return num, den, m_new
+    return num, den, m_new, tl.maximum(hit, tile_hit)
 
 
 @triton.jit
 def mlstm_xl_fw_parallel_kernel(
-    Q, K, V, VEC_B, I, C_ALL, N_ALL, M_ALL,
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL,
     H, DEN, M_OUT,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -58,10 +66,12 @@ def mlstm_xl_fw_parallel_kernel(
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < DHHV
     b_q = tl.load(VEC_B + bh * S + rq)
+    bl_q = tl.load(VEC_BL + bh * S + rq)
     state = bh * NS + kc
 
     num = tl.zeros((LQ, BV), dtype=tl.float32)
     den = tl.zeros((LQ,), dtype=tl.float32)
+    hit = tl.zeros((LQ,), dtype=tl.int32)
     rs = kc * L + tl.arange(0, LKV)
     s_qk = tl.zeros((LQ, LKV), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
@@ -72,13 +82,14 @@ def mlstm_xl_fw_parallel_kernel(
             C_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0
         )
         k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
-        num += tl.dot(q, c.to(q.dtype), input_precision="ieee")
+        num += dot_in(q, c, q.dtype)
         den += tl.sum(q.to(tl.float32) * tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)[None, :], axis=1)
         s_qk += tl.dot(q, k_t, input_precision="ieee")
     num = num * QK_SCALE
     den = den * QK_SCALE
     m_run = b_q + tl.load(M_ALL + bh * (NC + 1) + kc)
-    num, den, m_run = _xl_fw_tile(s_qk, num, den, m_run, b_q, rq, rs, V, VEC_B, I, bh, rv, mv, S, DHHV, QK_SCALE)
+    num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
+                                       S, DHHV, QK_SCALE, LQ)
 
     for jkv in range(1, ((jq + 1) * LQ + LKV - 1) // LKV):
         rs = kc * L + jkv * LKV + tl.arange(0, LKV)
@@ -89,14 +100,14 @@ def mlstm_xl_fw_parallel_kernel(
             q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
             k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
             s_qk += tl.dot(q, k_t, input_precision="ieee")
-        num, den, m_run = _xl_fw_tile(s_qk, num, den, m_run, b_q, rq, rs, V, VEC_B, I, bh, rv, mv, S, DHHV,
-                                      QK_SCALE)
+        num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh,
+                                           rv, mv, S, DHHV, QK_SCALE, LQ)
 
     if STABILIZE_CORRECTLY:
         lower = NORM_VAL * tl.exp(-m_run)
     else:
         lower = tl.full((LQ,), NORM_VAL, tl.float32)
-    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    h = tl.where(hit[:, None] > 0, float("nan"), num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None])
     tl.store(H + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + rq, den, mask=iv == 0)
     tl.store(M_OUT + bh * S + rq, m_run, mask=iv == 0)
@@ -104,7 +115,7 @@ def mlstm_xl_fw_parallel_kernel(
 
 @triton.jit
 def mlstm_xl_bw_dq_kernel(
-    Q, K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
+    Q, K, V, DH, VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
     DQ, QDQ,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
@@ -119,6 +130,7 @@ def mlstm_xl_bw_dq_kernel(
     rk = tl.program_id(2) * BK + tl.arange(0, BK)
     mk = rk < DHQK
     b_q = tl.load(VEC_B + bh * S + rq)
+    bl_q = tl.load(VEC_BL + bh * S + rq)
     m_q = tl.load(M_OUT + bh * S + rq)
     norm = tl.load(NORM + bh * S + rq)
     dden = tl.load(DDEN + bh * S + rq)
@@ -135,11 +147,11 @@ def mlstm_xl_bw_dq_kernel(
             mv = rv < DHHV
             dh = tl.load(DH + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
             v_t = tl.load(V + bh * S * DHHV + rs[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
-            dp += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), v_t, input_precision="ieee")
-        log_d = _log_decay(rq, rs, b_q, VEC_B, I, bh, S)
+            dp += dot_in(dh.to(tl.float32) / norm[:, None], v_t, dtype)
+        log_d = _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S)
         ds = (dp + dden[:, None]) * tl.exp(log_d - m_q[:, None])
         k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        dq += tl.dot(ds.to(dtype), k, input_precision="ieee")
+        dq += dot_in(ds, k, dtype)
 
     hc = tl.zeros((LQ, BK), dtype=tl.float32)
     for jv in range(tl.cdiv(DHHV, BV)):
@@ -149,7 +161,7 @@ def mlstm_xl_bw_dq_kernel(
         c_t = tl.load(
             C_ALL + state * DHQK * DHHV + rk[None, :] * DHHV + rv[:, None], mask=mk[None, :] & mv[:, None], other=0.0
         )
-        hc += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), c_t.to(dtype), input_precision="ieee")
+        hc += dot_in(dh.to(tl.float32) / norm[:, None], c_t, dtype)
     n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
     inter = tl.exp(b_q + m_prev - m_q)
     dq = (dq + inter[:, None] * (hc + dden[:, None] * n[None, :])) * QK_SCALE
@@ -160,7 +172,7 @@ def mlstm_xl_bw_dq_kernel(
 
 @triton.jit
 def _xl_dkdv_tile(
-    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
     WANT_DK: tl.constexpr, BO: tl.constexpr,
@@ -177,6 +189,7 @@ def _xl_dkdv_tile(
     ro = tl.program_id(2) * BO + tl.arange(0, BO)
     mo = ro < D_OUT
     b_s = tl.load(VEC_B + bh * S + rs)
+    bl_s = tl.load(VEC_BL + bh * S + rs)
     i_s = tl.load(I + bh * S + rs)
     state = bh * (NC + 1) + kc + 1
     dtype = K.dtype.element_ty
@@ -187,8 +200,8 @@ def _xl_dkdv_tile(
         m_q = tl.load(M_OUT + bh * S + rq)
         norm = tl.load(NORM + bh * S + rq)
         causal_t = rq[None, :] >= rs[:, None]
-        d_t = tl.exp(tl.where(causal_t, tl.load(VEC_B + bh * S + rq)[None, :] - b_s[:, None] + i_s[:, None],
-                              float("-inf")) - m_q[None, :])
+        d_t = tl.exp(log_decay(tl.load(VEC_B + bh * S + rq)[None, :], tl.load(VEC_BL + bh * S + rq)[None, :],
+                               b_s[:, None], bl_s[:, None], i_s[:, None], causal_t) - m_q[None, :])
         w_t = tl.zeros((LKV, LQ), dtype=tl.float32)
         if WANT_DK:  # dS^T = (V dH^T / norm + dden) * D^T, then dS^T @ Q
             for jv in range(tl.cdiv(DHHV, BV)):
@@ -196,7 +209,7 @@ def _xl_dkdv_tile(
                 mv = rv < DHHV
                 v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
                 dh_t = tl.load(DH + bh * S * DHHV + rq[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
-                w_t += tl.dot(v, (dh_t.to(tl.float32) / norm[None, :]).to(dtype), input_precision="ieee")
+                w_t += dot_in(v, dh_t.to(tl.float32) / norm[None, :], dtype)
             w_t = (w_t + tl.load(DDEN + bh * S + rq)[None, :]) * d_t
             x = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + ro[None, :], mask=mo[None, :], other=0.0)
         else:  # (S * D)^T @ dH / norm
@@ -209,7 +222,7 @@ def _xl_dkdv_tile(
             w_t = w_t * d_t
             x = tl.load(DH + bh * S * DHHV + rq[:, None] * DHHV + ro[None, :], mask=mo[None, :], other=0.0)
             x = x.to(tl.float32) / norm[:, None]
-        acc += tl.dot(w_t.to(dtype), x.to(dtype), input_precision="ieee")
+        acc += dot_in(w_t, x, dtype)
     acc = acc * QK_SCALE
 
     inter = tl.zeros((LKV, BO), dtype=tl.float32)
@@ -220,7 +233,7 @@ def _xl_dkdv_tile(
             v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
             dc_t = tl.load(DC_ALL + state * DHQK * DHHV + ro[None, :] * DHHV + rv[:, None],
                            mask=mo[None, :] & mv[:, None], other=0.0)
-            inter += tl.dot(v, dc_t.to(dtype), input_precision="ieee")
+            inter += dot_in(v, dc_t, dtype)
         inter += tl.load(DN_ALL + state * DHQK + ro, mask=mo, other=0.0)[None, :]
     else:  # e^{a_s - m_k} K dC
         for jk in range(tl.cdiv(DHQK, BK)):
@@ -229,20 +242,20 @@ def _xl_dkdv_tile(
             k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
             dc = tl.load(DC_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + ro[None, :],
                          mask=mk[:, None] & mo[None, :], other=0.0)
-            inter += tl.dot(k, dc.to(dtype), input_precision="ieee")
+            inter += dot_in(k, dc, dtype)
     abar = tl.exp(tl.load(VEC_A + bh * S + rs) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
     return acc + abar[:, None] * inter, bh, rs, ro
 
 
 @triton.jit
 def mlstm_xl_bw_dk_kernel(
-    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
     DK, KDK,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
 ):
     """Grid (BH, NC * L / LKV, cdiv(DHQK, BO)): one (LKV, BO) tile of dk and its part of k_s·dk_s."""
-    dk, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    dk, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
                                    NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, True, BO)
     S: tl.constexpr = NC * L
     mo = ro < DHQK
@@ -253,13 +266,13 @@ def mlstm_xl_bw_dk_kernel(
 
 @triton.jit
 def mlstm_xl_bw_dv_kernel(
-    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
     DV,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
 ):
     """Grid (BH, NC * L / LKV, cdiv(DHHV, BO)): one (LKV, BO) tile of dv."""
-    dv, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    dv, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
                                    NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, False, BO)
     S: tl.constexpr = NC * L
     tl.store(DV + bh * S * DHHV + rs[:, None] * DHHV + ro[None, :], dv.to(DV.dtype.element_ty),

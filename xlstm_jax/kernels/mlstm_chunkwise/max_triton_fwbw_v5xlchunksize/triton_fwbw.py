@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, check_head_dims, mlstm_triton_core
-from xlstm_jax.mlstm.base import check_chunk_size, check_inputs, initial_states_or_zeros, resolve_compute_dtype
+from xlstm_jax.mlstm.base import (
+    check_chunk_size,
+    check_eps,
+    check_inputs,
+    initial_states_or_zeros,
+    resolve_compute_dtype,
+)
 
 CHUNK_SIZES = (16, 2048)
 
@@ -71,12 +77,12 @@ def mlstm_chunkwise_triton_xl_chunk(
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}.")
     cfg = KernelConfig(
-        chunk_size=L, eps=float(eps), norm_val=float(norm_val), stabilize_correctly=bool(stabilize_correctly),
+        chunk_size=L, eps=check_eps(eps), norm_val=float(norm_val), stabilize_correctly=bool(stabilize_correctly),
         compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, q.dtype, "autocast_kernel_dtype").name,
         recompute_states_in_bw=bool(recompute_states_in_bw), family="xl", inter_chunk_size=inter, tile_q=lq,
         tile_kv=lkv, num_warps=num_warps,
     )
-    c0, n0, m0 = initial_states_or_zeros(c_initial, n_initial, m_initial, shape)
+    c0, n0, m0 = initial_states_or_zeros(c_initial, n_initial, m_initial, shape, (q, k, v, i, f))
     h, c, n, m = mlstm_triton_core(q, k, v, i.astype(jnp.float32), f.astype(jnp.float32), c0, n0, m0, cfg)
     return (h, (c, n, m)) if return_last_states else h
 

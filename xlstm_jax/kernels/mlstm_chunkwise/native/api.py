@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from xlstm_jax.kernels.mlstm_chunkwise.native.bw import backward
 from xlstm_jax.kernels.mlstm_chunkwise.native.fw import F32, forward
-from xlstm_jax.mlstm.base import check_chunk_size, check_inputs, pad_to_multiple, resolve_compute_dtype
+from xlstm_jax.mlstm.base import check_chunk_size, check_eps, check_inputs, pad_to_multiple, resolve_compute_dtype
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
@@ -70,7 +70,9 @@ def mlstm_chunkwise_native(
     if c_initial is not None:
         c_initial, n_initial, m_initial = (jnp.asarray(x).astype(F32) for x in (c_initial, n_initial, m_initial))
     qp, kp, vp, ip, fp = pad_to_multiple(q, k, v, i.astype(F32), f.astype(F32), L)
-    out = _chunkwise(qp, kp, vp, ip, fp, c_initial, n_initial, m_initial, L, float(eps), dt, bool(return_last_states))
+    out = _chunkwise(
+        qp, kp, vp, ip, fp, c_initial, n_initial, m_initial, L, check_eps(eps), dt, bool(return_last_states)
+    )
     if return_last_states:
         h, states = out
         return h[:, :, : shape.S], states

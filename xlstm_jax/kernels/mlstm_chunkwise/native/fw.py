@@ -15,7 +15,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates
-from xlstm_jax.mlstm.base import MLSTMShape, exp_neg, initial_states_or_zeros, log_sigmoid, qk_scale
+from xlstm_jax.mlstm.base import (
+    MLSTMShape,
+    einsum_in,
+    exp_neg,
+    initial_states_or_zeros,
+    log_forget,
+    poison_from,
+    qk_scale,
+    zero_nonfinite_rows,
+)
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
@@ -37,8 +46,9 @@ def chunk_major(x: jax.Array) -> jax.Array:
 
 
 def mm(spec: str, a: jax.Array, b: jax.Array, dt: jnp.dtype) -> jax.Array:
-    """einsum with both operands cast to the compute dtype `dt`, accumulated and returned in float32."""
-    return jnp.einsum(spec, a.astype(dt), b.astype(dt), preferred_element_type=F32, precision=HIGHEST)
+    """einsum with both operands cast to the compute dtype `dt` (float16: scaled into range first), accumulated and
+    returned in float32."""
+    return einsum_in(spec, a, b, dt, HIGHEST)
 
 
 def vec(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -95,17 +105,22 @@ def border_states(
     return c_prev, n_prev, c_last, n_last
 
 
+def causal_mask(L: int) -> jax.Array:
+    """(L, L) bool: key position s <= query position t."""
+    return jnp.tril(jnp.ones((L, L), bool))
+
+
 def intra_log_weights(i: jax.Array, f: jax.Array, L: int) -> jax.Array:
     """log D̃_{t,s} = sum_{r=s+1..t} logsigmoid(f_r) + i_s for s <= t and -inf above the diagonal, per chunk.
 
     i, f (B, NH, S) float32. Returns (B, NH, NC, L, L) float32. The decay is a column-wise cumsum of the masked
     log forget gates, so each entry sums only its own terms (no cancellation between long cumsums).
     """
-    logf = to_chunks(log_sigmoid(f.astype(F32)), L)
+    logf = to_chunks(log_forget(f.astype(F32)), L)
     t = jnp.arange(L)[:, None]
     s = jnp.arange(L)[None, :]
     decay = jnp.cumsum(jnp.where(t > s, logf[..., :, None], 0.0), axis=-2)
-    return jnp.where(t >= s, decay + to_chunks(i.astype(F32), L)[..., None, :], -jnp.inf)
+    return jnp.where(causal_mask(L), decay + to_chunks(i.astype(F32), L)[..., None, :], -jnp.inf)
 
 
 def forward(
@@ -131,19 +146,23 @@ def forward(
     """
     L = chunk_size
     B, NH, S, DHQK = q.shape
-    c0, n0, m0 = initial_states_or_zeros(c0, n0, m0, MLSTMShape(B, NH, S, DHQK, v.shape[-1]))
+    c0, n0, m0 = initial_states_or_zeros(c0, n0, m0, MLSTMShape(B, NH, S, DHQK, v.shape[-1]), (q, k, v, i, f))
     scale = qk_scale(DHQK)
     qc, kc, vc = to_chunks(q, L), to_chunks(k, L), to_chunks(v, L)
-    vec_b, vec_a, sca_g = chunk_gates(i, f, L)
+    vec_b, _, vec_a, sca_g = chunk_gates(i, f, L)
     m_border = border_stabilizers(vec_a, sca_g, m0)
     c_prev, n_prev, c_last, n_last = border_states(kc, vc, vec_a, sca_g, m_border, c0, n0, dt)
 
     log_d = intra_log_weights(i, f, L)
     m_inter = vec_b + m_border[..., :-1, None]  # log weight of the entering state at token t
     m_tok = jnp.maximum(m_inter, jnp.max(log_d, axis=-1))
-    s_bar = mm("bhctd,bhcsd->bhcts", qc, kc, dt) * scale * jnp.exp(log_d - m_tok[..., None])
+    # acausal entries are selected away, not multiplied by 0: a NaN at token s must not reach the tokens before it
+    s_bar = jnp.where(causal_mask(L), mm("bhctd,bhcsd->bhcts", qc, kc, dt) * scale * jnp.exp(log_d - m_tok[..., None]),
+                      0.0)
     coef = jnp.exp(m_inter - m_tok) * scale  # q̄_t = coef_t * q_t
-    num = coef[..., None] * mm("bhctd,cbhde->bhcte", qc, c_prev, dt) + mm("bhcts,bhcse->bhcte", s_bar, vc, dt)
+    v_finite, v_bad = zero_nonfinite_rows(vc)
+    num = coef[..., None] * mm("bhctd,cbhde->bhcte", qc, c_prev, dt) + mm("bhcts,bhcse->bhcte", s_bar, v_finite, dt)
     den = coef * vec("bhctd,cbhd->bhct", qc.astype(dt), n_prev) + jnp.sum(s_bar, axis=-1)
-    h = num / (jnp.maximum(jnp.abs(den), exp_neg(m_tok)) + eps)[..., None]
-    return from_chunks(h).astype(q.dtype), from_chunks(den), from_chunks(m_tok), m_border, (c_last, n_last)
+    h = from_chunks(num / (jnp.maximum(jnp.abs(den), exp_neg(m_tok)) + eps)[..., None])
+    h = poison_from(h, from_chunks(v_bad))
+    return h.astype(q.dtype), from_chunks(den), from_chunks(m_tok), m_border, (c_last, n_last)

@@ -2,7 +2,7 @@
 
 The denominator is differentiated as an extra value column of ones: the output cotangent is
 (dh / norm, dden) with norm = max(|den|, lower) + eps and dden from common.output_cotangents (BH, S) float32.
-Layouts as in fw_kernels; dC (BH, NC + 1, DHQK, DHHV) in the compute dtype (only ever a matmul operand) and
+Layouts as in fw_kernels; dC (BH, NC + 1, DHQK, DHHV) in the state-buffer dtype (only ever a matmul operand) and
 dn (BH, NC + 1, DHQK) float32 hold the gradient w.r.t. each chunk-border state (index 0: the initial state, also
 written in float32 to dC_0 (BH, DHQK, DHHV)). dq, dk, dv are written in their output buffers' dtype (the gradient
 dtype) together with the float32 row dot products q_t·dq_t and k_t·dk_t (BH, S) the gate gradients need.
@@ -11,6 +11,8 @@ No `tl.trans` of dot results anywhere: transposed operands are loaded transposed
 
 import triton
 import triton.language as tl
+
+from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, log_decay
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def mlstm_bw_recurrent_kernel(
         dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
         dh = dh.to(tl.float32) / norm[:, None]
         decay = tl.exp(g + m_prev - m_next)
-        dc = decay * dc + tl.dot(qbar_t.to(Q.dtype.element_ty), dh.to(Q.dtype.element_ty), input_precision="ieee")
+        dc = decay * dc + dot_in(qbar_t, dh, Q.dtype.element_ty)
         dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
     tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask)
     tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask)
@@ -64,17 +66,17 @@ def mlstm_bw_recurrent_kernel(
 
 
 @triton.jit
-def _chunk_rows(VEC_B, I, M_OUT, NORM, DDEN, NC: tl.constexpr, L: tl.constexpr):
+def _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC: tl.constexpr, L: tl.constexpr):
     """Grid (BH, NC): the program's bh, chunk kc, in-chunk positions rt, token indices tok and their per-token
-    vectors (L,): vecB, i, m_t, norm, dden."""
+    vectors (L,): vecB, vecB_lo, i, m_t, norm, dden."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     S: tl.constexpr = NC * L
     rt = tl.arange(0, L)
     tok = kc * L + rt
     rows = bh * S + tok
-    return (bh, kc, rt, tok, tl.load(VEC_B + rows), tl.load(I + rows), tl.load(M_OUT + rows), tl.load(NORM + rows),
-            tl.load(DDEN + rows))
+    return (bh, kc, rt, tok, tl.load(VEC_B + rows), tl.load(VEC_BL + rows), tl.load(I + rows), tl.load(M_OUT + rows),
+            tl.load(NORM + rows), tl.load(DDEN + rows))
 
 
 @triton.jit
@@ -94,19 +96,19 @@ def _rows_times_state_t(
         if DIVIDE:
             x = x.to(tl.float32) / norm[:, None]
         s_t = tl.load(STATE + rk[None, :] * DHHV + rv[:, None], mask=mk[None, :] & mv[:, None], other=0.0)
-        acc += tl.dot(x.to(dtype), s_t.to(dtype), input_precision="ieee")
+        acc += dot_in(x, s_t, dtype)
     return acc
 
 
 @triton.jit
 def mlstm_bw_dq_kernel(
-    Q, K, V, DH, VEC_B, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
+    Q, K, V, DH, VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
     DQ, QDQ,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
     """Grid (BH, NC): dq of one chunk and q_t·dq_t, rows = query positions t."""
-    bh, kc, rt, tok, b, ig, m_t, norm, dden = _chunk_rows(VEC_B, I, M_OUT, NORM, DDEN, NC, L)
+    bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
     S: tl.constexpr = NC * L
     m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
     state = bh * NS + kc
@@ -118,9 +120,9 @@ def mlstm_bw_dq_kernel(
         mv = rv < DHHV
         dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
         v_t = tl.load(V + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
-        dp += tl.dot((dh.to(tl.float32) / norm[:, None]).to(dtype), v_t, input_precision="ieee")
+        dp += dot_in(dh.to(tl.float32) / norm[:, None], v_t, dtype)
     causal = rt[:, None] >= rt[None, :]
-    log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
+    log_d = log_decay(b[:, None], bl[:, None], b[None, :], bl[None, :], ig[None, :], causal)
     ds = (dp + dden[:, None]) * tl.exp(log_d - m_t[:, None])
     inter = tl.exp(b + m_prev - m_t) * QK_SCALE
 
@@ -129,7 +131,7 @@ def mlstm_bw_dq_kernel(
         rk = jk * BK + tl.arange(0, BK)
         mk = rk < DHQK
         k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        dq = tl.dot(ds.to(dtype), k, input_precision="ieee") * QK_SCALE
+        dq = dot_in(ds, k, dtype) * QK_SCALE
         hc = _rows_times_state_t(DH + bh * S * DHHV, norm, C_ALL + state * DHQK * DHHV, tok, rk, mk, L, DHQK, DHHV,
                                  BK, BV, True, dtype)
         n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
@@ -142,14 +144,14 @@ def mlstm_bw_dq_kernel(
 
 @triton.jit
 def mlstm_bw_dkdv_kernel(
-    Q, K, V, DH, VEC_B, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
+    Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
     DK, DV, KDK,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
     """Grid (BH, NC): dk, dv and k_s·dk_s of one chunk, rows = key positions s (all L x L tiles built
     transposed)."""
-    bh, kc, rt, tok, b, ig, m_t, norm, dden = _chunk_rows(VEC_B, I, M_OUT, NORM, DDEN, NC, L)
+    bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
     S: tl.constexpr = NC * L
     abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
     state = bh * (NC + 1) + kc + 1
@@ -168,9 +170,9 @@ def mlstm_bw_dkdv_kernel(
         mv = rv < DHHV
         v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
         dh_t = tl.load(DH + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
-        dp_t += tl.dot(v, (dh_t.to(tl.float32) / norm[None, :]).to(dtype), input_precision="ieee")
+        dp_t += dot_in(v, dh_t.to(tl.float32) / norm[None, :], dtype)
     causal_t = rt[None, :] >= rt[:, None]
-    log_d_t = tl.where(causal_t, b[None, :] - b[:, None] + ig[:, None], float("-inf"))
+    log_d_t = log_decay(b[None, :], bl[None, :], b[:, None], bl[:, None], ig[:, None], causal_t)
     d_t = tl.exp(log_d_t - m_t[None, :])
     ds_t = (dp_t + dden[None, :]) * d_t
     sd_t = s_t * QK_SCALE * d_t
@@ -180,7 +182,7 @@ def mlstm_bw_dkdv_kernel(
         rk = jk * BK + tl.arange(0, BK)
         mk = rk < DHQK
         q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        dk = tl.dot(ds_t.to(dtype), q, input_precision="ieee") * QK_SCALE
+        dk = dot_in(ds_t, q, dtype) * QK_SCALE
         vdc = _rows_times_state_t(V + bh * S * DHHV, norm, DC_ALL + state * DHQK * DHHV, tok, rk, mk, L, DHQK, DHHV,
                                   BK, BV, False, dtype)
         dn = tl.load(DN_ALL + state * DHQK + rk, mask=mk, other=0.0)
@@ -194,7 +196,7 @@ def mlstm_bw_dkdv_kernel(
         rv = jv * BV + tl.arange(0, BV)
         mv = rv < DHHV
         dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-        dv = tl.dot(sd_t.to(dtype), (dh.to(tl.float32) / norm[:, None]).to(dtype), input_precision="ieee")
+        dv = dot_in(sd_t, dh.to(tl.float32) / norm[:, None], dtype)
         kdc = tl.zeros((L, BV), dtype=tl.float32)
         for jk in range(tl.cdiv(DHQK, BK)):
             rk = jk * BK + tl.arange(0, BK)
@@ -204,6 +206,6 @@ def mlstm_bw_dkdv_kernel(
                 DC_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :],
                 mask=mk[:, None] & mv[None, :], other=0.0,
             )
-            kdc += tl.dot(k, dc.to(dtype), input_precision="ieee")
+            kdc += dot_in(k, dc, dtype)
         dv += abar[:, None] * kdc
         tl.store(DV + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], dv.to(DV.dtype.element_ty), mask=mv[None, :])

@@ -1,15 +1,18 @@
 """Forward Triton kernels of the limit-chunk family: chunk-border states (recurrent) and outputs (parallel).
 
 Layouts (BH = B·NH flattened, S = NC·L padded, all contiguous):
-q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB (BH, S) and scaG (BH, NC) float32 gate
-cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV) in the compute dtype, n (BH, NS, DHQK) float32 where NS = NC + 1 (index k:
-state before chunk k, index NC: last state) or NS = NC (last state sliced off); m (BH, NC + 1) float32.
+q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB, vecB_lo (BH, S) and scaG (BH, NC) float32
+gate cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV) in the state-buffer dtype (the compute dtype, float32
+for float16), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k: state before chunk k, index NC: last state) or
+NS = NC (last state sliced off); m (BH, NC + 1) float32.
 The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
 Addressing: every per-(b, h) base offset is int64.
 """
 
 import triton
 import triton.language as tl
+
+from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, finite_values, log_decay
 
 
 @triton.jit
@@ -23,8 +26,8 @@ def mlstm_fw_recurrent_kernel(
 
     C and n are stored before every SAVE_EVERY-th chunk and at the end (NC // SAVE_EVERY + 1 states), m at every
     chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks. C is accumulated in
-    float32 and stored in C_ALL's dtype (the compute dtype: the parallel kernels only use C as a matmul operand);
-    the last C is also written in float32 to C_LAST (BH, DHQK, DHHV).
+    float32 and stored in C_ALL's dtype (the parallel kernels only use C as a matmul operand); the last C is also
+    written in float32 to C_LAST (BH, DHQK, DHHV).
     """
     bh = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
@@ -57,7 +60,7 @@ def mlstm_fw_recurrent_kernel(
         v_c = tl.load(v_base + (kc * L + rt)[:, None] * DHHV + rv[None, :], mask=(rv < DHHV)[None, :], other=0.0)
         kbar_t = k_t.to(tl.float32) * tl.exp(a - m_new)[None, :]
         decay = tl.exp(g + m - m_new)
-        c = decay * c + tl.dot(kbar_t.to(v_c.dtype), v_c, input_precision="ieee")
+        c = decay * c + dot_in(kbar_t, v_c, v_c.dtype)
         n = decay * n + tl.sum(kbar_t, axis=1)
         m = m_new
     tl.store(C_ALL + (bh * NSAVE + NSAVE - 1) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty), mask=c_mask)
@@ -68,13 +71,14 @@ def mlstm_fw_recurrent_kernel(
 
 @triton.jit
 def mlstm_fw_parallel_kernel(
-    Q, K, V, VEC_B, I, C_ALL, N_ALL, M_ALL,
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL,
     H, DEN, M_OUT,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
     STABILIZE_CORRECTLY: tl.constexpr,
 ):
-    """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers."""
+    """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers.
+    Acausal entries are selected away, so a NaN or inf in any input at token s reaches no earlier token."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     iv = tl.program_id(2)
@@ -84,9 +88,11 @@ def mlstm_fw_parallel_kernel(
     mv = rv < DHHV
     tok = kc * L + rt
     b = tl.load(VEC_B + bh * S + tok)
+    bl = tl.load(VEC_BL + bh * S + tok)
     ig = tl.load(I + bh * S + tok)
     m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
     state = bh * NS + kc
+    dtype = Q.dtype.element_ty
 
     s_qk = tl.zeros((L, L), dtype=tl.float32)
     qc = tl.zeros((L, BV), dtype=tl.float32)
@@ -101,22 +107,23 @@ def mlstm_fw_parallel_kernel(
         )
         n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
         s_qk += tl.dot(q, k_t, input_precision="ieee")
-        qc += tl.dot(q, c.to(q.dtype), input_precision="ieee")
+        qc += dot_in(q, c, dtype)
         qn += tl.sum(q.to(tl.float32) * n[None, :], axis=1)
 
     causal = rt[:, None] >= rt[None, :]
-    log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
+    log_d = log_decay(b[:, None], bl[:, None], b[None, :], bl[None, :], ig[None, :], causal)
     m_t = tl.maximum(b + m_prev, tl.max(log_d, axis=1))
-    s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_t[:, None])
+    s_bar = tl.where(causal, s_qk * QK_SCALE * tl.exp(log_d - m_t[:, None]), 0.0)
     inter = tl.exp(b + m_prev - m_t) * QK_SCALE
     v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-    num = inter[:, None] * qc + tl.dot(s_bar.to(v.dtype), v, input_precision="ieee")
+    v, hit = finite_values(v, causal, L)
+    num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
     if STABILIZE_CORRECTLY:
         lower = NORM_VAL * tl.exp(-m_t)
     else:
         lower = tl.full((L,), NORM_VAL, tl.float32)
-    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    h = tl.where(hit[:, None] > 0, float("nan"), num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None])
     tl.store(H + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + tok, den, mask=(rt < L) & (iv == 0))
     tl.store(M_OUT + bh * S + tok, m_t, mask=(rt < L) & (iv == 0))

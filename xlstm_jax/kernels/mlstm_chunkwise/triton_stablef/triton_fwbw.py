@@ -19,7 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, check_head_dims, mlstm_triton_core
-from xlstm_jax.mlstm.base import check_chunk_size, check_inputs, initial_states_or_zeros, resolve_compute_dtype
+from xlstm_jax.mlstm.base import (
+    check_chunk_size,
+    check_eps,
+    check_inputs,
+    initial_states_or_zeros,
+    resolve_compute_dtype,
+)
 
 CHUNK_SIZES = (16, 128)
 
@@ -52,12 +58,14 @@ def _mlstm_chunkwise_fwbw_generator(
         vecI, vecF, shape = check_inputs(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial)
         check_head_dims(shape)
         cfg = KernelConfig(
-            chunk_size=chunk_size, eps=float(eps), norm_val=float(norm_val),
+            chunk_size=chunk_size, eps=check_eps(eps), norm_val=float(norm_val),
             stabilize_correctly=bool(stabilize_correctly),
             compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, matQ.dtype, "autocast_kernel_dtype").name,
             recompute_states_in_bw=bool(recompute_states_in_bw), reduce_slicing=bool(reduce_slicing),
         )
-        c0, n0, m0 = initial_states_or_zeros(matC_initial, vecN_initial, scaM_initial, shape)
+        c0, n0, m0 = initial_states_or_zeros(
+            matC_initial, vecN_initial, scaM_initial, shape, (matQ, matK, matV, vecI, vecF)
+        )
         h, c, n, m = mlstm_triton_core(
             matQ, matK, matV, vecI.astype(jnp.float32), vecF.astype(jnp.float32), c0, n0, m0, cfg
         )

@@ -14,7 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.mlstm.base import check_inputs, exp_neg, log_sigmoid, matmul_precision, qk_scale, resolve_compute_dtype
+from xlstm_jax.mlstm.base import (
+    check_eps,
+    check_inputs,
+    einsum_in,
+    exp_neg,
+    log_forget,
+    matmul_precision,
+    qk_scale,
+    resolve_compute_dtype,
+    vary_like,
+)
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 F32 = jnp.float32
@@ -60,9 +70,10 @@ def recurrent_step_fw(
     (C_new, n_new, m_new (B, NH, 1))), each new state in the dtype of the state passed in.
     """
     _check_step(matC_state, vecN_state, scaM_state, vecQ, vecK, vecV, scaI, scaF)
+    eps = check_eps(eps)
     sdt, qdt = matC_state.dtype, vecQ.dtype
     acc = jnp.promote_types(qdt, F32)
-    log_f = log_sigmoid(scaF.astype(sdt))
+    log_f = log_forget(scaF.astype(sdt))
     m_new = jnp.maximum(log_f + scaM_state, scaI.astype(sdt))
     f_bar = jnp.exp(log_f + scaM_state - m_new)
     i_bar = jnp.exp(scaI.astype(sdt) - m_new)
@@ -71,8 +82,7 @@ def recurrent_step_fw(
     n_new = f_bar * vecN_state + i_bar * k
     pdt = m_new.dtype
     scale = qk_scale(vecQ.shape[-1])
-    num = jnp.einsum("bhd,bhdv->bhv", vecQ, c_new.astype(qdt), preferred_element_type=acc,
-                     precision=matmul_precision(qdt)) * scale
+    num = einsum_in("bhd,bhdv->bhv", vecQ, c_new, qdt) * scale
     # q·n in float32 (or wider): with n rounded to a 16-bit q dtype the cancellation in this dot product would
     # dominate the error of the denominator and of its gradient.
     ndt = jnp.promote_types(acc, n_new.dtype)
@@ -121,6 +131,7 @@ def recurrent_sequence_fw(
     initial state's dtype when initial states were given.
     """
     i3, f3, shape = check_inputs(queries, keys, values, igate_preact, fgate_preact, c_initial, n_initial, m_initial)
+    eps = check_eps(eps)
     sdt = _as_state_dtype(state_dtype)
     if c_initial is None:
         zeros_dtype = sdt or jnp.result_type(fgate_preact)
@@ -133,6 +144,8 @@ def recurrent_sequence_fw(
         states = (jnp.asarray(c_initial), jnp.asarray(n_initial), jnp.asarray(m_initial)[..., None])
         if sdt is not None:
             states = tuple(s.astype(sdt) for s in states)
+    # under shard_map the carry must vary over the inputs' mesh axes from the first step on
+    states = tuple(vary_like(x, queries, keys, values, i3, f3) for x in states)
 
     def step(carry, xs):
         c, n, m = carry

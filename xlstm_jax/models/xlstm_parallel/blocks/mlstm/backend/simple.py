@@ -16,13 +16,18 @@ import numpy as np
 
 from xlstm_jax.mlstm.base import (
     MLSTMShape,
+    check_eps,
+    check_float_array,
     check_inputs,
+    einsum_in,
     exp_neg,
     initial_states_or_zeros,
-    log_sigmoid,
+    log_forget,
     matmul_precision,
+    poison_from,
     qk_scale,
     resolve_compute_dtype,
+    zero_nonfinite_rows,
 )
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
@@ -59,6 +64,9 @@ def _resolve_dtype(dtype: Any, arrays: dict[str, Any], what: str) -> jnp.dtype:
 
 
 def _check_simple_inputs(queries, keys, values, igate_preact, fgate_preact) -> None:
+    for name, x in (("queries", queries), ("keys", keys), ("values", values), ("igate_preact", igate_preact),
+                    ("fgate_preact", fgate_preact)):
+        check_float_array(x, name)
     if np.ndim(queries) < 2:
         raise ValueError(f"queries must be (..., S, DHQK), got shape {np.shape(queries)}.")
     lead = np.shape(queries)[:-1]
@@ -69,10 +77,6 @@ def _check_simple_inputs(queries, keys, values, igate_preact, fgate_preact) -> N
     for name, g in (("igate_preact", igate_preact), ("fgate_preact", fgate_preact)):
         if np.shape(g) != (*lead, 1):
             raise ValueError(f"{name} must have shape (..., S, 1) = {(*lead, 1)}, got {np.shape(g)}.")
-    for name, x in (("queries", queries), ("keys", keys), ("values", values), ("igate_preact", igate_preact),
-                    ("fgate_preact", fgate_preact)):
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise TypeError(f"{name} must have a floating dtype, got {jnp.result_type(x)}.")
 
 
 def _leading_mask(mask: Any, S: int) -> jax.Array | None:
@@ -110,6 +114,7 @@ def parallel_stabilized_simple(
     products take qkv_dtype operands with float32 accumulation. Returns h (..., S, DHV) in qkv_dtype.
     """
     _check_simple_inputs(queries, keys, values, igate_preact, fgate_preact)
+    eps = check_eps(eps)
     S, DHQK = np.shape(queries)[-2:]
     mask = _leading_mask(lower_triangular_matrix, S)
     qkv_dtype = _resolve_dtype(qkv_dtype, {"queries": queries, "keys": keys, "values": values}, "qkv_dtype")
@@ -119,17 +124,17 @@ def parallel_stabilized_simple(
     q, k, v = (jnp.asarray(x).astype(qkv_dtype) for x in (queries, keys, values))
     i, f = (jnp.asarray(g).astype(gate_dtype).astype(gate_math)[..., 0] for g in (igate_preact, fgate_preact))
 
-    log_d = log_forget_matrix(log_sigmoid(f)) + i[..., None, :]
-    if mask is not None:
-        log_d = jnp.where(mask, log_d, -jnp.inf)
+    allowed = jnp.tril(jnp.ones((S, S), bool)) if mask is None else jnp.tril(mask)
+    log_d = jnp.where(allowed, log_forget_matrix(log_forget(f)) + i[..., None, :], -jnp.inf)
     max_log_d = jnp.max(log_d, axis=(-1,) if stabilize_rowwise else (-2, -1), keepdims=True)
-    precision = matmul_precision(qkv_dtype)
-    scores = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=acc, precision=precision) * qk_scale(DHQK)
-    c = scores * jnp.exp(log_d - max_log_d)
+    scores = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=acc,
+                        precision=matmul_precision(qkv_dtype)) * qk_scale(DHQK)
+    # masked entries are selected away, not multiplied by 0: a NaN at position s must not reach earlier positions
+    c = jnp.where(allowed, scores * jnp.exp(log_d - max_log_d), 0.0)
     normalizer = jnp.maximum(jnp.abs(jnp.sum(c, axis=-1, keepdims=True)), exp_neg(max_log_d))
-    weights = (c / (normalizer + eps)).astype(qkv_dtype)
-    h = jnp.einsum("...ts,...sv->...tv", weights, v, preferred_element_type=acc, precision=precision)
-    return h.astype(qkv_dtype)
+    v_finite, v_bad = zero_nonfinite_rows(v)
+    h = einsum_in("...ts,...sv->...tv", c / (normalizer + eps), v_finite, qkv_dtype)
+    return poison_from(h, v_bad).astype(qkv_dtype)
 
 
 def mlstm_parallel(
@@ -160,19 +165,24 @@ def mlstm_parallel(
     scale = qk_scale(DHQK)
 
     def dot(spec, a, b):
-        return jnp.einsum(spec, a.astype(dt), b.astype(dt), preferred_element_type=F32, precision=matmul_precision(dt))
+        return einsum_in(spec, a, b, dt)
 
-    c0, n0, m0 = initial_states_or_zeros(c_initial, n_initial, m_initial, MLSTMShape(B, NH, S, DHQK, v.shape[-1]))
-    logf = log_sigmoid(f.astype(F32))
-    log_d = log_forget_matrix(logf) + i.astype(F32)[..., None, :]  # (B, NH, S, S)
+    c0, n0, m0 = initial_states_or_zeros(
+        c_initial, n_initial, m_initial, MLSTMShape(B, NH, S, DHQK, v.shape[-1]), (q, k, v, i, f)
+    )
+    logf = log_forget(f.astype(F32))
+    causal = jnp.tril(jnp.ones((S, S), bool))
+    log_d = jnp.where(causal, log_forget_matrix(logf) + i.astype(F32)[..., None, :], -jnp.inf)  # (B, NH, S, S)
     log_w0 = jnp.cumsum(logf, axis=-1) + m0[..., None]  # F_{t,0} + m_0, (B, NH, S)
     m_t = jnp.maximum(jnp.max(log_d, axis=-1), log_w0)
-    s_bar = dot("bhtd,bhsd->bhts", q, k) * scale * jnp.exp(log_d - m_t[..., None])
+    # acausal entries are selected away, not multiplied by 0: a NaN at position s must not reach earlier positions
+    s_bar = jnp.where(causal, dot("bhtd,bhsd->bhts", q, k) * scale * jnp.exp(log_d - m_t[..., None]), 0.0)
     w0 = jnp.exp(log_w0 - m_t) * scale
-    num = w0[..., None] * dot("bhtd,bhde->bhte", q, c0) + dot("bhts,bhse->bhte", s_bar, v)
-    q_n0 = jnp.einsum("bhtd,bhd->bht", q.astype(F32), n0, precision=matmul_precision(F32))
+    v_finite, v_bad = zero_nonfinite_rows(v)
+    num = w0[..., None] * dot("bhtd,bhde->bhte", q, c0) + dot("bhts,bhse->bhte", s_bar, v_finite)
+    q_n0 = jnp.einsum("bhtd,bhd->bht", q.astype(F32), n0, precision=jax.lax.Precision.HIGHEST)
     den = w0 * q_n0 + jnp.sum(s_bar, axis=-1)
-    h = (num / (jnp.maximum(jnp.abs(den), exp_neg(m_t)) + eps)[..., None]).astype(q.dtype)
+    h = poison_from(num / (jnp.maximum(jnp.abs(den), exp_neg(m_t)) + eps)[..., None], v_bad).astype(q.dtype)
     if not return_last_states:
         return h
     m_last = m_t[..., -1]

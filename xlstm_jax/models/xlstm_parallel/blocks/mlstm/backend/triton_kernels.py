@@ -81,8 +81,6 @@ class mLSTMBackendTriton(mLSTMBackend):
         """
         cfg = self.config
         name = _ALIASES.get(cfg.backend_name, cfg.backend_name)
-        if i.ndim == q.ndim:
-            i, f = i[..., 0], f[..., 0]
         common = dict(
             c_initial=c_initial, n_initial=n_initial, m_initial=m_initial, return_last_states=return_last_states,
             eps=cfg.eps, chunk_size=cfg.chunk_size, autocast_kernel_dtype=cfg.autocast_dtype,

@@ -1,0 +1,139 @@
+"""Inputs at the edges of the domain, on every backend: infinite and huge gate pre-activations (a full reset,
+nothing written, no decay) match the float64 reference in outputs, last states and every gradient; a NaN at one
+position never reaches earlier positions; float16 inputs whose float32 result is finite give finite outputs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from backend_cases import BACKENDS, as_numpy, assert_grads_close, jitted_forward, jitted_outputs_and_grads
+from helpers import BW_TOL, FW_TOL, assert_rel_close, make_inputs, make_weights, reference_outputs_and_grads
+
+INF = np.inf
+# (batch, head) -> [(gate, position, value)]: chunk size 16, S = 40 (three chunks, the last one padded). Positions
+# sit inside a chunk, at its first and last token, back to back, and at t = 0.
+EXTREME_GATES = {
+    (0, 0): [("f", 3, -INF), ("f", 16, -INF), ("i", 20, -INF)],
+    (0, 1): [("f", 21, -1e30), ("f", 22, -1e30), ("f", 0, -INF)],
+    (1, 0): [("f", 5, 1e30), ("f", 30, 1e30), ("i", 7, -INF), ("i", 8, -INF), ("i", 31, -INF)],
+    (1, 1): [("f", 31, -INF), ("i", 0, -INF), ("f", 10, -3e38), ("f", 15, -INF), ("i", 33, -1e30)],
+}
+
+
+def _extreme_inputs(seed=11):
+    x = make_inputs(seed, 2, 2, 40, 16, 16, with_state=True)
+    for (b, h), entries in EXTREME_GATES.items():
+        for gate, t, value in entries:
+            x[gate][b, h, t] = value
+    return x
+
+
+def _run(backend, x, weights):
+    out, grads = jitted_outputs_and_grads(backend)({n: jnp.asarray(a) for n, a in x.items()}, weights)
+    return as_numpy(out), as_numpy(grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_and_huge_gates_match_the_reference(backend):
+    """Forget gates of -inf, -1e30, -3e38 (full resets) and +1e30 (no decay), input gates of -inf and -1e30
+    (nothing written), anywhere in a chunk: outputs, last states and every gradient as the float64 recurrence."""
+    x = _extreme_inputs()
+    weights = make_weights(11, x)
+    (h, states), grads = _run(backend, x, weights)
+    (rh, rstates), ref_grads = reference_outputs_and_grads(x, weights)
+    assert_rel_close(h, rh, FW_TOL, "h")
+    for name, value, ref in zip("Cnm", states, rstates):
+        assert_rel_close(value, ref, FW_TOL, name)
+    assert_grads_close(grads, ref_grads, BW_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_with_nothing_written_is_the_zero_state(backend):
+    """f = -inf and i = -inf at the same step: the memory is exactly empty there (the literal recurrence), so h is 0
+    at that step and the next steps see only what comes after. (The stabilized reference has no m for an empty
+    state; it is compared with i = -1e30 at that step, which is the same memory.)"""
+    x = make_inputs(12, 1, 2, 40, 16, 16, with_state=True)
+    x["f"][:, :, 18] = -INF
+    x["i"][:, :, 18] = -INF
+    h, _ = as_numpy(jitted_forward(backend)({n: jnp.asarray(a) for n, a in x.items()}))
+    x["i"][:, :, 18] = -1e30
+    (rh, _), _ = reference_outputs_and_grads(x)
+    assert_rel_close(h, rh, FW_TOL, "h")
+    np.testing.assert_array_equal(h[:, :, 18], 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_input_gate_gives_nan_from_its_position_on(backend):
+    """i = +inf asks for an infinite write: the reference is NaN from that position on, and so is every backend;
+    positions before it are untouched."""
+    x = make_inputs(13, 1, 2, 40, 16, 16)
+    x["i"][:, 1, 21] = INF
+    h, _ = as_numpy(jitted_forward(backend)({n: jnp.asarray(a) for n, a in x.items()}))
+    (rh, _), _ = reference_outputs_and_grads(x)
+    assert np.all(np.isnan(rh[:, 1, 21:])) and np.all(np.isnan(h[:, 1, 21:]))
+    assert_rel_close(h[:, 1, :21], rh[:, 1, :21], FW_TOL, "h before the infinite gate")
+    assert_rel_close(h[:, 0], rh[:, 0], FW_TOL, "h of the other head")
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "i", "f"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_never_reaches_earlier_positions(backend, name):
+    """A NaN in one input at t = 30 (in the middle of the second chunk) leaves h at t < 30 as it was."""
+    x = make_inputs(14, 1, 2, 40, 16, 16, with_state=True)
+    clean, _ = as_numpy(jitted_forward(backend)({n: jnp.asarray(a) for n, a in x.items()}))
+    x[name][:, :, 30] = np.nan
+    h, _ = as_numpy(jitted_forward(backend)({n: jnp.asarray(a) for n, a in x.items()}))
+    np.testing.assert_array_equal(h[:, :, :30], clean[:, :, :30])
+    assert np.isnan(h[:, :, 30:]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_inputs_with_large_scores_stay_finite(backend):
+    """float16 q, k of magnitude ~1e3 give q·k products (~1e7) and states far beyond float16's range, while h is
+    moderate: outputs and gradients are finite and close to the float64 reference."""
+    x = make_inputs(15, 1, 2, 40, 16, 16, with_state=True)
+    x["q"], x["k"] = (np.float16(1e3) * x[n].astype(np.float16) for n in ("q", "k"))
+    x["v"] = x["v"].astype(np.float16)
+    weights = make_weights(15, x)
+    (h, states), grads = _run(backend, x, weights)
+    for name, value in [("h", h), *zip("Cnm", states), *grads.items()]:
+        assert np.all(np.isfinite(value)), f"non-finite {name}"
+    (rh, rstates), ref_grads = reference_outputs_and_grads(x, weights)
+    assert_rel_close(h, rh, 1e-2, "h")
+    assert_rel_close(states[0], rstates[0], 1e-3, "C")
+    assert_grads_close({n: grads[n] for n in ("v", "c_initial")}, {n: ref_grads[n] for n in ("v", "c_initial")},
+                       3e-2)
+
+
+def _sprinkle_extreme_gates(x):
+    """Resets (f = -inf, -1e30), no-decay steps (f = +1e30) and empty writes (i = -inf) every few hundred tokens,
+    at positions that fall anywhere within a chunk."""
+    S = x["f"].shape[-1]
+    t = np.arange(S)
+    x["f"][..., t % 997 == 13] = -INF
+    x["f"][..., t % 1009 == 600] = -1e30
+    x["f"][..., t % 503 == 100] = 1e30
+    x["i"][..., t % 211 == 7] = -INF
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton_limit_chunk", "triton_xl_chunk"])
+def test_gpu_extreme_gates_at_the_issue_shape(backend):
+    """B=8, S=8192, NH=16, DHQK=128, DHHV=256 with resets, no-decay steps and empty writes sprinkled in: both Triton
+    families (float32 compute) against native_chunkwise (float32, the stable intra-chunk form), outputs, last
+    states and every gradient; the errors are those of the same call without the extreme gates."""
+    from backend_cases import backend_fn
+    from helpers import outputs_and_grads, rel_err
+
+    x = make_inputs(16, 8, 16, 8192, 128, 256, with_state=True)
+    weights = make_weights(16, x)
+    errors = {}
+    for case, inputs in (("clean", x), ("extreme", _sprinkle_extreme_gates({n: a.copy() for n, a in x.items()}))):
+        (h, states), grads = outputs_and_grads(backend_fn(backend, chunk_size=64), inputs, weights)
+        (rh, rstates), ref_grads = outputs_and_grads(backend_fn("native_chunkwise", chunk_size=64), inputs, weights)
+        errors[case] = {"h": rel_err(h, rh), **{n: rel_err(a, b) for n, a, b in zip("Cnm", states, rstates)},
+                        **{f"d{n}": rel_err(grads[n], ref_grads[n]) for n in grads}}
+        print(f"{backend} {case}: " + " ".join(f"{k}={v:.1e}" for k, v in errors[case].items()))
+        assert np.all(np.isfinite(h)) and all(np.all(np.isfinite(g)) for g in grads.values())
+    for name, err in errors["extreme"].items():
+        assert err <= max(3 * errors["clean"][name], 1e-5), (name, err, errors["clean"][name])

@@ -1,0 +1,56 @@
+"""Triton device functions both chunkwise families use inside their kernels: the intra-chunk log weights, matmuls
+whose operands stay inside float16's range, and value rows that hold a NaN or inf.
+
+Tiles are 2-D blocks of query rows t by key columns s (or transposed, as the caller broadcasts them).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def log_decay(b_t, bl_t, b_s, bl_s, i_s, causal):
+    """Log weights F_{t,s} + i_s of key positions s at query positions t of one chunk, -inf where not `causal`.
+
+    All operands broadcast to the tile. b, bl: the two-float within-chunk cumsum of the log forget gates
+    (common.split_cumsum): b_t - b_s is exact for nearby positions and bl_t - bl_s adds what b rounded away, so a
+    forget gate at the floor (a full reset) neither swallows the gates after it nor meets -inf - -inf.
+    """
+    return tl.where(causal, (b_t - b_s) + (bl_t - bl_s) + i_s, float("-inf"))
+
+
+@triton.jit
+def _fit_float16(x):
+    """(x / s) in float16 and s: the power of two >= 1 that brings the largest finite magnitude of the (R, C) tile
+    x to at most 2^14 (non-finite entries do not set it)."""
+    mag = tl.abs(x.to(tl.float32))
+    amax = tl.max(tl.max(tl.where(mag < float("inf"), mag, 0.0), axis=1), axis=0)
+    s = tl.exp2(tl.maximum(tl.ceil(tl.log2(amax * (1.0 / 16384.0))), 0.0))
+    return (x.to(tl.float32) / s).to(tl.float16), s
+
+
+@triton.jit
+def dot_in(a, b, dtype: tl.constexpr):
+    """a @ b in float32 with both operands cast to `dtype`. float16: each operand is first divided by a power of two
+    that keeps it inside float16's range (scores, states and cotangents are computed in float32 and can exceed it),
+    and the product is multiplied back."""
+    if dtype == tl.float16:
+        a, sa = _fit_float16(a)
+        b, sb = _fit_float16(b)
+        return tl.dot(a, b, input_precision="ieee") * (sa * sb)
+    else:
+        return tl.dot(a.to(dtype), b.to(dtype), input_precision="ieee")
+
+
+@triton.jit
+def finite_values(v, causal, ROWS: tl.constexpr):
+    """v (LKV, BV) with every row that holds a NaN or inf zeroed, and hit (ROWS,) int32: 1 for the query rows of
+    `causal` (ROWS, LKV) that see such a row. A product of masked weights with a NaN row would be NaN in every
+    query row, the earlier ones too; callers use the zeroed rows and set the hit rows to NaN. The all-finite case
+    costs one reduction."""
+    finite = tl.sum(v.to(tl.float32) * 0.0, axis=1) == 0.0
+    hit = tl.zeros((ROWS,), dtype=tl.int32)
+    if tl.min(finite.to(tl.int32), axis=0) == 0:
+        v = tl.where(finite[:, None], v, tl.zeros_like(v))
+        hit = tl.max(tl.where(causal & (finite == 0)[None, :], 1, 0), axis=1)
+    return v, hit
