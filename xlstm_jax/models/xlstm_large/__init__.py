@@ -1,7 +1,8 @@
 """The xLSTM-7B ("xlstm_large" / mLSTMv1) language model in Flax NNX on the `xlstm_jax.mlstm` backends.
 
 `xLSTMLargeConfig` (config), `xLSTMLarge` (model), `from_pretrained` / `save_pretrained` / `state_dict`
-(safetensors checkpoints in the HF and plain layouts), `generate` (batched prefill + recurrent decoding).
+(safetensors checkpoints in the HF and plain layouts; `CheckpointError`, a ValueError, for checkpoints that
+cannot be loaded exactly), `generate` (batched prefill + recurrent decoding).
 Attributes load lazily: importing the package does not import flax.
 """
 
@@ -14,6 +15,7 @@ _EXPORTS = {
     "xLSTMLargeConfig": "xlstm_jax.models.xlstm_large.config",
     "xLSTMLarge": "xlstm_jax.models.xlstm_large.model",
     "zero_states": "xlstm_jax.models.xlstm_large.model",
+    "CheckpointError": "xlstm_jax.models.xlstm_large.checkpoint_files",
     "save_pretrained": "xlstm_jax.models.xlstm_large.checkpoint",
     "state_dict": "xlstm_jax.models.xlstm_large.checkpoint",
     "load_state_dict": "xlstm_jax.models.xlstm_large.checkpoint",
@@ -26,9 +28,11 @@ __all__ = sorted([*_EXPORTS, "from_pretrained"])
 def from_pretrained(path: str, dtype: Any = None, **overrides: Any) -> Any:
     """Load an xLSTM-7B checkpoint directory (HF `xLSTM-7b` or plain `xlstm_large` safetensors layout).
 
-    dtype: the matmul compute dtype (None: the checkpoint's dtype, e.g. float32 for the hub checkpoint). Keyword overrides: param_dtype,
-    weight_mode, backend, chunk_size (see `xlstm_jax.models.xlstm_large.checkpoint.from_pretrained`). Returns an
-    `xLSTMLarge` whose call on int tokens (B, S) gives float32 logits (B, S, V).
+    dtype: the matmul compute dtype (None: the checkpoint's dtype, e.g. float32 for the hub checkpoint). Keyword
+    overrides: param_dtype, weight_mode, backend, chunk_size, allow_nonfinite (see
+    `xlstm_jax.models.xlstm_large.checkpoint.from_pretrained`). Returns an `xLSTMLarge` whose call on int tokens
+    (B, S) gives float32 logits (B, S, V). A checkpoint that cannot be loaded exactly as saved raises
+    `CheckpointError` (a ValueError); path problems raise OSErrors.
     """
     from xlstm_jax.models.xlstm_large.checkpoint import from_pretrained as load
 

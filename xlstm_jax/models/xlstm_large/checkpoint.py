@@ -9,22 +9,37 @@ Two layouts, both torch state dicts (Linear weights (out, in), transposed into D
 Either may use "fused" weight keys (`qkv_opreact`, `ifgate_preact`, `proj_up_gate_z`); they are split or fused to
 match the model's `weight_mode`. Loading then saving in the same layout and weight mode reproduces every tensor
 bit for bit.
+
+Loading yields exactly what was saved or raises: `checkpoint_files` refuses directories with more than one layout
+and files outside the directory; the config file, the tensor names, shapes and dtypes are checked before any weight
+is read, and NaN/inf weights are refused. Errors are `CheckpointError` (a ValueError) or an OSError for paths.
 """
 
 from __future__ import annotations
 
-import glob
+import functools
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from xlstm_jax.models.xlstm_large.checkpoint_files import (
+    FLOAT_DTYPES,
+    INDEX_FILE,
+    CheckpointError,
+    TensorInfo,
+    check_directory,
+    config_file,
+    read_headers,
+    read_mapping,
+    read_tensors,
+    write_checkpoint,
+)
 from xlstm_jax.models.xlstm_large.config import (
     config_from_checkpoint_dict,
     config_to_checkpoint_dict,
@@ -33,7 +48,6 @@ from xlstm_jax.models.xlstm_large.config import (
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 
 LAYOUTS = ("hf", "plain")
-INDEX_FILE = "model.safetensors.index.json"
 _EMBEDDING_KEY = {"hf": "backbone.embeddings.weight", "plain": "embedding.weight"}
 # fused key -> the single keys concatenated along the output axis, in this order (spec §3.3).
 _FUSED = {
@@ -43,43 +57,19 @@ _FUSED = {
 }
 
 
-def _checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory, in order."""
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
-        return [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    shards = glob.glob(os.path.join(path, "model_*.safetensors"))
-    if shards:
-        return sorted(shards, key=lambda p: int(os.path.basename(p)[6:-12]))
-    found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not found:
-        raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path!r}.")
-    return found
-
-
-def _iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    for file in _checkpoint_files(path):
-        with safe_open(file, framework="np") as fh:
-            for key in fh.keys():
-                yield key, fh.get_tensor(key)
-
-
-def _parse_flat_yaml(text: str) -> dict[str, Any]:
-    """A flat `key: value` YAML file (what the torch `xlstm_large` config is)."""
+def _parse_flat_yaml(text: str) -> Any:
+    """A flat `key: value` YAML file (what the torch `xlstm_large` config is); ValueError if it cannot be parsed."""
     try:
         import yaml
     except ImportError:
         out: dict[str, Any] = {}
         literals = {"true": True, "false": False, "null": None, "~": None, "": None}
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.split(" #")[0].rstrip()
-            if not line or line.lstrip().startswith("#") or ":" not in line:
+            if not line or line.lstrip().startswith("#"):
                 continue
+            if ":" not in line:
+                raise ValueError(f"line {number} ({line.strip()!r}) is not a `key: value` pair")
             key, raw = (s.strip() for s in line.split(":", 1))
             if raw.lower() in literals:
                 out[key] = literals[raw.lower()]
@@ -89,31 +79,37 @@ def _parse_flat_yaml(text: str) -> dict[str, Any]:
             except json.JSONDecodeError:
                 out[key] = raw.strip("'\"")
         return out
-    return yaml.safe_load(text) or {}
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(str(err)) from err
 
 
 def read_checkpoint_config(path: str, layout: str) -> xLSTMLargeConfig:
-    """The model config of a checkpoint directory (`config.json`, or `config.yaml` for the plain layout)."""
-    json_path, yaml_path = os.path.join(path, "config.json"), os.path.join(path, "config.yaml")
-    if os.path.exists(json_path):
-        with open(json_path) as fh:
-            data = json.load(fh)
-        hf = data.get("model_type") == "xlstm" or (layout == "hf" and "model_type" not in data)
-    elif os.path.exists(yaml_path):
-        with open(yaml_path) as fh:
-            data, hf = _parse_flat_yaml(fh.read()), False
-    else:
-        raise FileNotFoundError(f"checkpoint directory {path!r} has neither config.json nor config.yaml.")
-    return config_from_checkpoint_dict(data, hf=hf)
+    """The validated model config of checkpoint directory `path` whose weights are in `layout`: `config.json`
+    (model_type "xlstm") for the HF layout, `config.yaml` for the plain one. Errors name the file and the key."""
+    file = config_file(path)
+    want = "config.json" if layout == "hf" else "config.yaml"
+    if os.path.basename(file) != want:
+        raise CheckpointError(f"{file}: the weights are in the {layout} layout ({_EMBEDDING_KEY[layout]}), whose "
+                              f"config is {want}.")
+    data = read_mapping(file, json.loads if layout == "hf" else _parse_flat_yaml)
+    if layout == "hf" and data.get("model_type") != "xlstm":
+        raise CheckpointError(f"{file}: model_type = {data.get('model_type')!r}, expected 'xlstm'.")
+    try:
+        return config_from_checkpoint_dict(data, hf=layout == "hf")
+    except ValueError as err:
+        raise CheckpointError(f"{file}: {err}") from err
 
 
-def detect_layout(keys: Any) -> str:
+def detect_layout(keys: Any, source: str = "the state dict") -> str:
     """"hf" or "plain" from the embedding key of a state dict."""
     keys = set(keys)
     for layout, key in _EMBEDDING_KEY.items():
         if key in keys:
             return layout
-    raise ValueError(f"not an xLSTM-7B state dict: neither of {sorted(_EMBEDDING_KEY.values())} is among its keys.")
+    raise CheckpointError(f"{source}: not an xLSTM-7B state dict; neither of {sorted(_EMBEDDING_KEY.values())} is "
+                          f"among its keys.")
 
 
 def _split_sizes(config: xLSTMLargeConfig, fused: str) -> list[int]:
@@ -185,35 +181,63 @@ def _module_order(config: xLSTMLargeConfig, layout: str) -> list[str]:
     return keys + ["backbone.out_norm", "lm_head"]
 
 
-def load_state_dict(config: xLSTMLargeConfig, tensors: dict[str, Any], layout: str) -> xLSTMLarge:
-    """A model built from a torch state dict in `layout`; every key must be used and every shape must match."""
-    tensors = convert_weight_mode(tensors, config, config.weight_mode)
+def _stored_weight_mode(keys: Any) -> str:
+    return "fused" if any(".qkv_opreact." in key for key in keys) else "single"
+
+
+def _check_tensors(found: dict[str, TensorInfo], config: xLSTMLargeConfig, layout: str, source: str) -> None:
+    """Refuse missing, unexpected, non-float or wrongly shaped tensors for a model with `config` (its weight mode
+    being the stored one), from their metadata only; messages name the key, the file and the shapes."""
     abstract = nnx.eval_shape(lambda: xLSTMLarge(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    flat = []
-    used = set()
-    for path, variable in nnx.to_flat_state(abstract_state):
-        if not isinstance(variable, nnx.Param):
-            flat.append((path, variable))
-            continue
+    expected = {}
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         key, transpose = _model_key(path, layout)
-        if key not in tensors:
-            raise ValueError(f"checkpoint is missing {key!r} (expected shape "
-                             f"{tuple(reversed(variable.shape)) if transpose else variable.shape}).")
-        value = np.asarray(tensors[key])
-        value = value.T if transpose else value
-        if value.shape != variable.shape:
-            stored = value.T.shape if transpose else value.shape
-            raise ValueError(f"checkpoint tensor {key!r} has shape {stored}, the config "
-                             f"(D={config.embedding_dim}, NH={config.num_heads}, qk_dim={config.qk_dim}, "
-                             f"v_dim={config.v_dim}, F={config.ffn_dim}) needs "
-                             f"{tuple(reversed(variable.shape)) if transpose else variable.shape}.")
-        used.add(key)
-        flat.append((path, variable.replace(jnp.asarray(value, dtype=variable.dtype))))
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise ValueError(f"checkpoint has {len(unused)} tensors the model does not use, e.g. {unused[:4]}.")
+        expected[key] = tuple(reversed(variable.shape)) if transpose else tuple(variable.shape)
+    tie = f"tie_word_embeddings is {str(config.tie_word_embeddings).lower()}"
+    missing = [key for key in expected if key not in found]
+    if missing:
+        more = f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""
+        hint = f" ({tie} in the config)" if missing[0] == "lm_head.weight" else ""
+        raise CheckpointError(f"{source} is missing {missing[0]!r} (expected shape {expected[missing[0]]}){more}"
+                              f"{hint}.")
+    unexpected = [key for key in found if key not in expected]
+    if unexpected:
+        hint = f" ({tie} in the config)" if "lm_head.weight" in unexpected else ""
+        raise CheckpointError(f"{source} has {len(unexpected)} tensors the model does not use, e.g. "
+                              f"{unexpected[:4]} in {found[unexpected[0]].file}{hint}.")
+    for key, info in found.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {info.file} has dtype {info.dtype}, expected one of "
+                                  f"{', '.join(FLOAT_DTYPES)}.")
+        if info.shape != expected[key]:
+            raise CheckpointError(
+                f"tensor {key!r} in {info.file} has shape {info.shape}, expected {expected[key]} for the config "
+                f"(D={config.embedding_dim}, NH={config.num_heads}, qk_dim={config.qk_dim}, v_dim={config.v_dim}, "
+                f"F={config.ffn_dim}, vocab={config.vocab_size}).")
+
+
+def _build(config: xLSTMLargeConfig, tensors: dict[str, Any], layout: str) -> xLSTMLarge:
+    """The model with `config` holding `tensors` (checked, in the config's weight mode)."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: xLSTMLarge(config, rngs=nnx.Rngs(0))))
+    flat = []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        if isinstance(variable, nnx.Param):
+            key, transpose = _model_key(path, layout)
+            value = np.asarray(tensors[key])
+            variable = variable.replace(jnp.asarray(value.T if transpose else value, dtype=variable.dtype))
+        flat.append((path, variable))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_state_dict(config: xLSTMLargeConfig, tensors: dict[str, Any], layout: str) -> xLSTMLarge:
+    """A model built from a torch state dict in `layout` (either weight mode; converted to the config's): every
+    tensor must be used, float and of the right shape, and none may be missing (else CheckpointError)."""
+    found = {}
+    for key, value in tensors.items():
+        value = np.asarray(value)
+        found[key] = TensorInfo("the state dict", tuple(value.shape), value.dtype.name)
+    _check_tensors(found, config.replace(weight_mode=_stored_weight_mode(tensors)), layout, "the state dict")
+    return _build(config, convert_weight_mode(tensors, config, config.weight_mode), layout)
 
 
 def from_pretrained(
@@ -224,29 +248,48 @@ def from_pretrained(
     weight_mode: str | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> xLSTMLarge:
     """Load an xLSTM-7B checkpoint directory in the HF or plain layout (detected from the keys).
 
     dtype: the compute dtype of the matmuls ("bfloat16" / "float32" / "float16"; None: the checkpoint's dtype,
-    float32 for the hub checkpoint). param_dtype: the parameter dtype (None: the checkpoint's, float32 for the hub). weight_mode:
-    "single" or "fused" (None: whatever the checkpoint stores). backend / chunk_size: the mLSTM backend (None: "auto").
+    float32 for the hub checkpoint). param_dtype: the parameter dtype (None: the checkpoint's, float32 for the
+    hub). weight_mode: "single" or "fused" (None: whatever the checkpoint stores). backend / chunk_size: the mLSTM
+    backend (None: "auto"). allow_nonfinite: load NaN/inf weights instead of refusing them.
+
+    Loads exactly what was saved or raises: the directory must hold one layout (`checkpoint_files`); the config
+    file is validated (types, ranges, model_type); the LM head is needed unless the config ties the embeddings;
+    missing, unexpected, non-float or wrongly shaped tensors raise CheckpointError before any weight is read.
+    Paths raise FileNotFoundError / NotADirectoryError / IsADirectoryError.
     """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist.")
-    tensors = dict(_iter_tensors(path))
-    layout = detect_layout(tensors)
+    path = os.fspath(path)
+    check_directory(path)
+    headers = read_headers(path)
+    layout = detect_layout(headers, path)
     config = read_checkpoint_config(path, layout)
-    fused_keys = any(".qkv_opreact." in key for key in tensors)
-    changes: dict[str, Any] = {"weight_mode": weight_mode or ("fused" if fused_keys else "single")}
-    stored = np.asarray(tensors[_EMBEDDING_KEY[layout]]).dtype
-    changes["param_dtype"] = jnp.dtype(param_dtype).name if param_dtype is not None else jnp.dtype(stored).name
-    changes["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    changes["compute_dtype"] = jnp.dtype(stored if dtype is None else dtype).name
+    stored_mode = _stored_weight_mode(headers)
+    _check_tensors(headers, config.replace(weight_mode=stored_mode), layout, path)
+    stored = headers[_EMBEDDING_KEY[layout]].dtype
+    changes: dict[str, Any] = {
+        "weight_mode": weight_mode or stored_mode,
+        "param_dtype": jnp.dtype(stored if param_dtype is None else param_dtype).name,
+        "compute_dtype": jnp.dtype(stored if dtype is None else dtype).name,
+    }
     if backend is not None:
         changes["backend"] = backend
     if chunk_size is not None:
         changes["chunk_size"] = chunk_size
-    return load_state_dict(config.replace(**changes), tensors, layout)
+    config = config.replace(**changes)
+    tensors = read_tensors(headers, allow_nonfinite=allow_nonfinite)
+    return _build(config, convert_weight_mode(tensors, config, config.weight_mode), layout)
+
+
+def _text_writer(text: str) -> Callable[[str], None]:
+    def write(file: str) -> None:
+        with open(file, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return write
 
 
 def save_pretrained(
@@ -258,9 +301,12 @@ def save_pretrained(
 ) -> list[str]:
     """Write the model as a checkpoint directory in `layout` (weights in the model's weight mode and parameter
     dtype). Shards hold at most `max_shard_size` bytes (one tensor may exceed it); HF shards get an index file.
-    Returns the written file names."""
+
+    The directory then holds this checkpoint only: checkpoint files of an earlier save that this one does not
+    write (`*.safetensors`, the index, the other layout's config) are removed, other files are kept; files are
+    written under temporary names and renamed, the config last, so an interrupted save never leaves a mix that
+    loads (`checkpoint_files.write_checkpoint`). Returns the written file names."""
     tensors = state_dict(model, layout)
-    os.makedirs(path, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key, value in tensors.items():
@@ -275,24 +321,18 @@ def save_pretrained(
         names = [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))]
     else:
         names = [f"model_{n}.safetensors" for n in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-    written = list(names)
+    writers = {name: functools.partial(save_file, shard, metadata={"format": "pt"})
+               for name, shard in zip(names, shards)}
     if layout == "hf" and len(shards) > 1:
         index = {
             "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
         }
-        with open(os.path.join(path, INDEX_FILE), "w") as fh:
-            json.dump(index, fh, indent=2)
-        written.append(INDEX_FILE)
+        writers[INDEX_FILE] = _text_writer(json.dumps(index, indent=2))
     data = config_to_checkpoint_dict(model.config, hf=layout == "hf")
     if layout == "hf":
-        with open(os.path.join(path, "config.json"), "w") as fh:
-            json.dump(data, fh, indent=2)
-        written.append("config.json")
+        writers["config.json"] = _text_writer(json.dumps(data, indent=2))
     else:
-        with open(os.path.join(path, "config.yaml"), "w") as fh:
-            fh.writelines(f"{key}: {json.dumps(value)}\n" for key, value in data.items())
-        written.append("config.yaml")
-    return written
+        writers["config.yaml"] = _text_writer("".join(f"{key}: {json.dumps(value)}\n" for key, value in data.items()))
+    write_checkpoint(os.fspath(path), writers)
+    return list(writers)

@@ -185,27 +185,67 @@ _ALIASES = {
 }
 
 
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(xLSTMLargeConfig)}  # "int", "float | None", …
+_NON_NEGATIVE = ("bos_token_id", "pad_token_id", "eos_token_id")
+
+
+def _number(value: Any, base: str) -> int | float | None:
+    """`value` as a finite int (`base` "int"; exactly integral floats too) or float, or None if it is not one."""
+    if isinstance(value, str) and base == "float":
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if base == "int":
+        return int(value) if value == int(value) else None
+    return float(value)
+
+
+def _checkpoint_value(field: str, key: str, value: Any) -> Any:
+    """`value` of checkpoint config key `key` as the type of `field`, or a ValueError naming key, value and type.
+
+    Bools are not numbers; an int field takes an exactly integral float (4.0 -> 4, not 4.5); a float field takes a
+    numeric string (YAML 1.1 reads "1e-06" as one). Numbers are finite and positive (token ids: >= 0); null is
+    accepted for the optional fields only (the soft caps and chunk_size)."""
+    kind = _FIELD_TYPES[field]
+    base = kind.removesuffix(" | None")
+    if value is None and base != kind:
+        return None
+    if base in ("bool", "str"):
+        if type(value) is not {"bool": bool, "str": str}[base]:
+            raise ValueError(f"{key} = {value!r}: expected {'true or false' if base == 'bool' else 'a string'}.")
+        return value
+    number = _number(value, base)
+    non_negative = field in _NON_NEGATIVE
+    if number is None or number < 0 or (number == 0 and not non_negative):
+        noun = "integer" if base == "int" else "finite number"
+        or_null = " or null" if base != kind else ""
+        raise ValueError(f"{key} = {value!r}: expected a {'non-negative' if non_negative else 'positive'} "
+                         f"{noun}{or_null}.")
+    return number
+
+
 def config_from_checkpoint_dict(data: dict[str, Any], *, hf: bool) -> xLSTMLargeConfig:
     """Our config from a checkpoint's config dict (HF `config.json` if `hf`, else the plain `xlstm_large` one).
 
     Kernel names, modes and dtypes in the file are ignored (the backend is ours to choose); HF rounds the q/k and v
-    widths up to a multiple of 64, the plain format does not. Missing fields keep the xLSTM-7B defaults.
+    widths up to a multiple of 64, the plain format does not. Missing fields (and null ones, except the optional
+    soft caps and chunk_size) keep the xLSTM-7B defaults. Values are checked (`_checkpoint_value`); two spellings
+    of one field must agree. Errors are ValueErrors naming the key, the value and what was expected.
     """
     kwargs: dict[str, Any] = {"mlstm_round_up_to_multiple_of": 64 if hf else 1}
     for field, keys in _ALIASES.items():
-        for key in keys:
-            if key in data and data[key] is not None:
-                kwargs[field] = data[key]
-                break
-    # YAML 1.1 reads "1e-06" as a string; coerce every number to its field's type.
-    for name in ("embedding_dim", "num_blocks", "num_heads", "vocab_size", "ffn_round_up_to_multiple_of",
-                 "mlstm_round_up_to_multiple_of", "chunk_size", "bos_token_id", "pad_token_id", "eos_token_id"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = int(kwargs[name])
-    for name in ("norm_eps", "qk_dim_factor", "v_dim_factor", "ffn_proj_factor", "gate_soft_cap",
-                 "output_logit_soft_cap", "eps"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = float(kwargs[name])
+        optional = _FIELD_TYPES[field].endswith(" | None")
+        given = {key: _checkpoint_value(field, key, data[key]) for key in keys
+                 if key in data and (optional or data[key] is not None)}
+        if len(set(given.values())) > 1:
+            raise ValueError(" and ".join(f"{key} = {data[key]!r}" for key in given) + " disagree.")
+        if given:
+            kwargs[field] = next(iter(given.values()))
     return xLSTMLargeConfig(**kwargs)
 
 
