@@ -66,9 +66,9 @@ def test_resume_from_an_orbax_checkpoint_continues_the_run_exactly(tmp_path):
     assert os.path.exists(os.path.join(straight_dir, "model", "config.json"))
     shutil.copytree(straight_dir, resumed_dir)
     shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "6"))
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="already holds a run"):
         train(TrainConfig(**TINY, steps=6, warmup_steps=1, eval_every=3, output_dir=resumed_dir))
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="differs from the run"):
         train(TrainConfig(**{**TINY, "seed": 1}, steps=6, warmup_steps=1, eval_every=3, output_dir=resumed_dir,
                           resume=True))
     resumed = train(TrainConfig(**TINY, steps=6, warmup_steps=1, eval_every=3, output_dir=resumed_dir, resume=True))

@@ -2,7 +2,7 @@
 
 `train(TrainConfig(...))` runs a job; `add_train_arguments` / `run_train` and `add_generate_arguments` /
 `run_generate` wire `xlstm-jax train` and `xlstm-jax generate`. Attributes load lazily, so importing the package
-(or its CLI helpers) does not import flax, optax or orbax.
+(or its CLI helpers) does not import jax, flax, optax or orbax.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "TrainConfig": "xlstm_jax.train.config",
-    "MQARConfig": "xlstm_jax.train.mqar",
+    "MQARConfig": "xlstm_jax.train.config",
     "mqar_batch": "xlstm_jax.train.mqar",
     "train": "xlstm_jax.train.loop",
     "TrainResult": "xlstm_jax.train.loop",

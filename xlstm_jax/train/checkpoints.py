@@ -1,33 +1,39 @@
 """Orbax checkpoints of a training run: parameters, optimizer state and step, plus the run's configs as JSON.
 
-Directory layout under `output_dir`: `train_config.json`, `checkpoints/<step>/…` (orbax CheckpointManager) and,
-after a finished run, `model/` (an HF-layout safetensors export that `xlstm_jax.from_pretrained` loads).
+Directory layout under `output_dir`: `train_config.json`, `checkpoints/<step>/…` (orbax CheckpointManager),
+`damaged-checkpoints/<step>-<time>/` (checkpoints that did not read back on resume, kept aside) and, after a
+finished run, `model/` (an HF-layout safetensors export that `xlstm_jax.from_pretrained` loads).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "train_config.json"
+RUN_ENTRIES = (CONFIG_FILE, "checkpoints", "model")  # any of these marks a directory that holds a run
+DAMAGED_DIR = "damaged-checkpoints"
 
 
 class RunCheckpointer:
     """Save and restore {params, opt_state, step} of a run with an orbax CheckpointManager."""
 
     def __init__(self, output_dir: str, *, max_to_keep: int = 2):
-        self.directory = os.path.join(os.path.abspath(output_dir), "checkpoints")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.output_dir = os.path.abspath(output_dir)
+        self.directory = os.path.join(self.output_dir, "checkpoints")
+        self.options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                    enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
-    def latest_step(self) -> int | None:
-        """The newest saved step, or None."""
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, params: Any, opt_state: Any) -> None:
         """Write a checkpoint for `step` (blocks until it is on disk)."""
@@ -42,8 +48,37 @@ class RunCheckpointer:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return restored["params"], restored["opt_state"], int(restored["step"])
 
+    def restore_newest_intact(self, params: Any, opt_state: Any,
+                              report: Callable[[str], None]) -> tuple[Any, Any, int] | None:
+        """Restore the newest checkpoint that reads back; None when none does.
+
+        Each newer one that does not (truncated files, a missing item folder, …) is reported and moved to
+        `output_dir/damaged-checkpoints/<step>-<time>`: kept for inspection, never deleted.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, params, opt_state)
+            except Exception as err:  # orbax and TensorStore raise plain Exception for unreadable data
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                report(f"checkpoint {step} is damaged ({reason}); moved it to {self._put_aside(step)}")
+        return None
+
+    def _put_aside(self, step: int) -> str:
+        aside = os.path.join(self.output_dir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), aside)
+        # A fresh manager: a failed restore can leave the old one with a wrong idea of the checkpoints' items.
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+        return aside
+
     def close(self) -> None:
         self.manager.close()
+
+
+def holds_run(output_dir: str) -> bool:
+    """Whether `output_dir` already holds a run (its config, checkpoints or exported model)."""
+    return any(os.path.exists(os.path.join(output_dir, name)) for name in RUN_ENTRIES)
 
 
 def write_run_config(output_dir: str, data: dict[str, Any]) -> None:
@@ -54,9 +89,12 @@ def write_run_config(output_dir: str, data: dict[str, Any]) -> None:
 
 
 def read_run_config(output_dir: str) -> dict[str, Any] | None:
-    """The stored run configuration, or None when the directory has none."""
+    """The stored run configuration, or None when the directory has none; ValueError when it is not JSON."""
     path = os.path.join(output_dir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as fh:
-        return json.load(fh)
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is damaged: {err}") from None

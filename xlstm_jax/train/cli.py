@@ -1,7 +1,9 @@
 """argparse wiring for `xlstm-jax train` and `xlstm-jax generate`.
 
-`add_train_arguments(parser)` / `run_train(args)` and `add_generate_arguments(parser)` / `run_generate(args)`;
-`run_*` return the process exit status. Building the parsers imports neither flax, optax nor orbax.
+`add_train_arguments(parser)` / `run_train(args)` and `add_generate_arguments(parser)` / `run_generate(args)`.
+`run_*` return the exit status: 0, or 2 after printing one `error: FLAG: reason` line to stderr for a setting or
+input that cannot work (`TrainConfig` checks the training flags, argparse types the generation flags).
+Building the parsers imports neither jax, flax, optax nor orbax.
 """
 
 from __future__ import annotations
@@ -10,17 +12,21 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
+import time
 
-from xlstm_jax.train.config import TrainConfig
+from xlstm_jax.train.config import ConfigError, TrainConfig, check_backend
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_FLAGS = {"learning_rate": "--lr", "compute_dtype": "--dtype", "progress": "--no-progress"}
 
 TRAIN_DESCRIPTION = (
     "Train an xLSTM-7B-architecture language model (any size) on multi-query associative recall (MQAR) generated "
     "on the fly: AdamW with weight decay on kernels, gradient clipping, linear warmup + cosine decay, a progress "
-    "bar with loss / accuracy / tokens per second, periodic evaluation on a fixed held-out set, orbax checkpoints "
-    "and --resume. With --output-dir the finished model is also exported to OUTPUT_DIR/model in the HF "
-    "safetensors layout (load it with xlstm_jax.from_pretrained or `xlstm-jax generate OUTPUT_DIR`). "
+    "bar with loss / accuracy / tokens per second (a progress line every --progress-seconds when the output is not "
+    "a terminal), periodic evaluation on a fixed held-out set, orbax checkpoints and --resume. Checkpoints, the run "
+    "config and the finished model (HF safetensors layout; load it with xlstm_jax.from_pretrained or `xlstm-jax "
+    "generate OUTPUT_DIR`) go to --output-dir, by default a new runs/mqar-<timestamp>. "
     "The defaults (D=64, 2 blocks, 2 heads; vocab 17 = filler + 8 keys + 8 values, 4 key-value pairs, 32 tokens; "
     "12000 steps of 32 sequences) took 244 s on a 2-core CPU (about 51k tokens/s) and reached held-out recall "
     "accuracy 1.000 (chance 0.125). Until about step 8000 the accuracy sits near 0.4 (the model only knows the "
@@ -35,132 +41,188 @@ GENERATE_DESCRIPTION = (
 )
 
 
+def flag(field: str) -> str:
+    """The `xlstm-jax train` option that sets a `TrainConfig` field."""
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def fail(name: str, reason: str) -> int:
+    """Print `error: NAME: reason` as one line to stderr; returns the exit status 2."""
+    print(f"error: {name}: {' '.join(reason.split())}", file=sys.stderr)
+    return 2
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `xlstm-jax train` (defaults from `xlstm_jax.train.TrainConfig`)."""
-    d = _DEFAULTS
+    """Options of `xlstm-jax train` (defaults from `xlstm_jax.train.TrainConfig`; those that follow --steps, and
+    switches, are left out of the namespace unless given, so that TrainConfig derives them)."""
+    d, derived = _DEFAULTS, argparse.SUPPRESS
     task = parser.add_argument_group("task (MQAR)")
     task.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="tokens: filler, keys, values")
     task.add_argument("--seq-len", type=int, default=d["seq_len"], help="sequence length S")
     task.add_argument("--num-kv-pairs", type=int, default=d["num_kv_pairs"], help="key-value pairs per sequence")
-    task.add_argument("--num-queries", type=int, default=d["num_queries"],
+    task.add_argument("--num-queries", type=int, default=derived,
                       help="recall queries per sequence (default: as many as fit)")
     model = parser.add_argument_group("model")
-    model.add_argument("--embedding-dim", type=int, default=d["embedding_dim"])
-    model.add_argument("--num-heads", type=int, default=d["num_heads"])
-    model.add_argument("--num-blocks", type=int, default=d["num_blocks"])
+    model.add_argument("--embedding-dim", type=int, default=d["embedding_dim"], help="model width D")
+    model.add_argument("--num-heads", type=int, default=d["num_heads"], help="mLSTM heads per block")
+    model.add_argument("--num-blocks", type=int, default=d["num_blocks"], help="mLSTM blocks")
     model.add_argument("--igate-bias-init", type=float, default=d["igate_bias_init"],
                        help="input-gate bias at initialisation (xLSTM-7B: -10)")
-    from xlstm_jax.mlstm.api import BACKEND_NAMES
-
-    model.add_argument("--backend", choices=BACKEND_NAMES, default=d["backend"],
-                       help="mLSTM backend; auto: the Triton kernel on a CUDA GPU, native_chunkwise elsewhere")
-    model.add_argument("--chunk-size", type=int, default=d["chunk_size"], help="chunk size of chunkwise backends")
+    model.add_argument("--backend", default=d["backend"], metavar="NAME",
+                       help="mLSTM backend (names: README or `xlstm-jax doctor`); auto: the Triton kernel on a CUDA "
+                            "GPU, native_chunkwise elsewhere")
+    model.add_argument("--chunk-size", type=int, default=derived,
+                       help="chunk size of chunkwise backends, a power of two (default: the backend's, 64)")
     model.add_argument("--dtype", dest="compute_dtype", choices=("auto", "float32", "bfloat16", "float16"),
                        default=d["compute_dtype"], help="matmul dtype (auto: bfloat16 on GPU, float32 on CPU)")
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--steps", type=int, default=d["steps"], help="total optimizer steps")
-    opt.add_argument("--batch-size", type=int, default=d["batch_size"])
+    opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step")
     opt.add_argument("--lr", dest="learning_rate", type=float, default=d["learning_rate"], help="peak learning rate")
-    opt.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    opt.add_argument("--warmup-steps", type=int, default=derived,
+                     help="linear warmup steps, below --steps (default: min(100, steps // 10))")
     opt.add_argument("--min-lr-ratio", type=float, default=d["min_lr_ratio"], help="final lr / peak lr")
-    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay on kernels")
     opt.add_argument("--clip-norm", type=float, default=d["clip_norm"], help="global gradient-norm clip")
-    opt.add_argument("--seed", type=int, default=d["seed"])
+    opt.add_argument("--seed", type=int, default=d["seed"], help="seed of the initialisation and the data")
     run = parser.add_argument_group("evaluation, checkpoints, output")
-    run.add_argument("--eval-every", type=int, default=d["eval_every"])
-    run.add_argument("--eval-batches", type=int, default=d["eval_batches"])
-    run.add_argument("--output-dir", default=d["output_dir"], help="checkpoints, run config and the exported model")
-    run.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
+    run.add_argument("--eval-every", type=int, default=derived,
+                     help="steps between evaluations (default: min(1000, steps))")
+    run.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="held-out batches per evaluation")
+    run.add_argument("--output-dir", default=derived,
+                     help="checkpoints, run config and the exported model; must not hold a run unless --resume "
+                          "(default: a new runs/mqar-<timestamp>)")
+    run.add_argument("--checkpoint-every", type=int, default=derived,
                      help="steps between checkpoints (default: --eval-every)")
-    run.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])
-    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    run.add_argument("--json", dest="json_out", action="store_true", help="print the final result as JSON")
+    run.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="newest checkpoints kept")
+    run.add_argument("--resume", action="store_true", default=derived,
+                     help="continue the run in --output-dir from its newest intact checkpoint (damaged ones are "
+                          "moved to OUTPUT_DIR/damaged-checkpoints)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=derived,
+                     help="no progress bar or progress lines")
+    run.add_argument("--progress-seconds", type=float, default=d["progress_seconds"],
+                     help="seconds between progress lines when the output is not a terminal")
+    run.add_argument("--json", dest="json_out", action="store_true", default=derived,
+                     help="print the final result as JSON")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Run `xlstm-jax train`; returns 0, or 2 for an invalid configuration."""
-    from xlstm_jax.train.loop import train
-
-    fields = {name: getattr(args, name) for name in _DEFAULTS if hasattr(args, name)}
+    """Run `xlstm-jax train`; returns 0, or 2 for a setting that cannot work (checked before any compilation)."""
+    fields = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
+    if "output_dir" not in fields and not fields.get("resume"):
+        fields["output_dir"] = os.path.join("runs", time.strftime("mqar-%Y%m%d-%H%M%S"))
     try:
         config = TrainConfig(**fields)
-    except ValueError as err:
-        print(f"error: {err}")
-        return 2
-    result = train(config)
+        from xlstm_jax.train.loop import train
+
+        result = train(config)
+    except ConfigError as err:
+        return fail(flag(err.field), err.reason)
     summary = {
         "step": result.step, "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
         "chance_accuracy": result.chance_accuracy, "tokens_per_second": result.tokens_per_second,
-        "wall_seconds": result.wall_seconds,
+        "wall_seconds": result.wall_seconds, "output_dir": config.output_dir,
     }
     if getattr(args, "json_out", False):
         print(json.dumps(summary))
-    else:
-        print(f"done: step {result.step}, eval accuracy {result.eval_accuracy:.4f} (chance "
-              f"{result.chance_accuracy:.4f}), eval loss {result.eval_loss:.4f}, "
-              f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_seconds:.1f} s")
+        return 0
+    print(f"done: step {result.step}, eval accuracy {result.eval_accuracy:.4f} (chance "
+          f"{result.chance_accuracy:.4f}), eval loss {result.eval_loss:.4f}, "
+          f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_seconds:.1f} s")
+    out = config.output_dir
+    print(f"checkpoints: {os.path.join(out, 'checkpoints')}\nmodel: {os.path.join(out, 'model')}\n"
+          f"sample from it: xlstm-jax generate {out}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids must be ints, space- or comma-separated, got {text!r}") from None
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `xlstm-jax generate`."""
     parser.add_argument("model", help="checkpoint directory (HF or plain xlstm_large safetensors layout), or the "
                                       "--output-dir of `xlstm-jax train` (its model/ export is used)")
-    parser.add_argument("--prompt-ids", action="append", metavar="IDS",
+    parser.add_argument("--prompt-ids", action="append", type=_ids, metavar="IDS",
                         help="prompt token ids, space- or comma-separated; repeat for a batch. Without it, a "
                              "training directory runs an MQAR recall demo")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--stop-ids", default="", help="stop token ids, space- or comma-separated")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="matmul dtype (default: the config's, bfloat16)")
-    from xlstm_jax.mlstm.api import BACKEND_NAMES
-
-    parser.add_argument("--backend", choices=BACKEND_NAMES, default=None, help="prefill backend")
-    parser.add_argument("--step-backend", choices=BACKEND_NAMES, default=None,
-                        help="backend of the one-token steps (default native_recurrent)")
-    parser.add_argument("--num-examples", type=int, default=4, help="MQAR demo: examples to show")
-
-
-def _ids(text: str) -> list[int]:
-    return [int(t) for t in text.replace(",", " ").split()]
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=_positive_int, default=argparse.SUPPRESS,
+                        help="sample from the k most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=_probability, default=argparse.SUPPRESS,
+                        help="sample from the smallest set with this probability mass (default: 1, all)")
+    parser.add_argument("--stop-ids", type=_ids, default=[], help="stop token ids, space- or comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "bfloat16", "float16"),
+                        help="matmul dtype (default: the checkpoint's)")
+    parser.add_argument("--backend", default=argparse.SUPPRESS, metavar="NAME",
+                        help="prefill backend (default: the checkpoint config's, auto)")
+    parser.add_argument("--step-backend", default=argparse.SUPPRESS, metavar="NAME",
+                        help="backend of the one-token steps (default: native_recurrent)")
+    parser.add_argument("--num-examples", type=_positive_int, default=4, help="MQAR demo: examples to show")
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Run `xlstm-jax generate`; returns 0, or 2 for bad input."""
+    """Run `xlstm-jax generate`; returns 0, or 2 for bad input (a backend that cannot run here, a damaged or
+    missing checkpoint, prompts the model cannot take)."""
+    backend, step_backend = getattr(args, "backend", None), getattr(args, "step_backend", None)
+    try:
+        for field, name in (("backend", backend), ("step_backend", step_backend)):
+            if name is not None:
+                check_backend(name, field=field)
+    except ConfigError as err:
+        return fail(flag(err.field), err.reason)
+
     from xlstm_jax.models.xlstm_large.checkpoint import from_pretrained
     from xlstm_jax.models.xlstm_large.generate import generate
     from xlstm_jax.train.checkpoints import read_run_config
 
     path = args.model
-    run_config = read_run_config(path) if os.path.isdir(path) else None
-    if run_config is not None:
-        path = os.path.join(path, "model")
     try:
-        model = from_pretrained(path, args.dtype, backend=args.backend)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}")
-        return 2
-    stop = _ids(args.stop_ids)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=stop,
-                    seed=args.seed, step_backend=args.step_backend)
+        run_config = read_run_config(path) if os.path.isdir(path) else None
+        if run_config is not None:
+            path = os.path.join(path, "model")
+        model = from_pretrained(path, getattr(args, "dtype", None), backend=backend)
+    except (ValueError, OSError) as err:  # a missing or damaged checkpoint
+        return fail("MODEL", f"cannot load {args.model!r}: {err}")
+    sampling = dict(temperature=args.temperature, top_k=getattr(args, "top_k", None),
+                    top_p=getattr(args, "top_p", None), stop_tokens=args.stop_ids, seed=args.seed,
+                    step_backend=step_backend)
     if args.prompt_ids:
-        prompts = [_ids(text) for text in args.prompt_ids]
         try:
-            out = generate(model, prompts, max_new_tokens=args.max_new_tokens, **sampling)
-        except ValueError as err:
-            print(f"error: {err}")
-            return 2
-        for prompt, tokens, length in zip(prompts, out.tokens, out.lengths):
+            out = generate(model, args.prompt_ids, max_new_tokens=args.max_new_tokens, **sampling)
+        except ValueError as err:  # the flags are checked by argparse; what is left is the prompts
+            return fail("--prompt-ids", str(err))
+        for prompt, tokens, length in zip(args.prompt_ids, out.tokens, out.lengths):
             print(f"prompt {prompt} -> {tokens[:length].tolist()}")
         return 0
     if run_config is None:
-        print("error: --prompt-ids is required unless MODEL is an `xlstm-jax train` output directory.")
-        return 2
+        return fail("--prompt-ids", "is required unless MODEL is an `xlstm-jax train` output directory.")
     return _mqar_demo(model, run_config, args.num_examples, sampling)
 
 

@@ -1,21 +1,107 @@
-"""Configuration of an MQAR training run (importing this module does not import flax, optax or orbax)."""
+"""Configuration of an MQAR training run: the task (`MQARConfig`) and the run (`TrainConfig`).
+
+Importing this module imports neither jax, flax, optax nor orbax (so that `xlstm-jax train --help` answers at
+once); building a `TrainConfig` imports jax to check the backend. Every bad setting raises `ConfigError`, a
+`ValueError` that names the field, which `xlstm-jax train` reports as its flag.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-import jax
-
-from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
-from xlstm_jax.train.mqar import MQARConfig
-
 # Fields that must match between a run and the run it resumes: everything that shapes the model, the data or the
-# optimizer trajectory, except the total step count (a resumed run may go further; the cosine schedule then
-# follows the new total) and the logging / evaluation / checkpoint cadence.
+# optimizer state, except the schedule's length (steps, warmup_steps: a resumed run may go further, and the
+# warmup + cosine schedule then follows the new values) and the cadence of logging, evaluation and checkpoints.
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
-                 "igate_bias_init", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
-                 "clip_norm", "seed")
+                 "igate_bias_init", "batch_size", "learning_rate", "min_lr_ratio", "weight_decay", "clip_norm",
+                 "seed")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work: `field` is the config field (the CLI names its flag), `reason` says why."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(name, f"must be a positive int, got {value!r}.")
+
+
+def check_backend(backend: str, chunk_size: int | None = None, field: str = "backend") -> None:
+    """Raise ConfigError unless `backend` is a known mLSTM backend, can run on this machine and takes
+    `chunk_size` (None: the backend's default)."""
+    from xlstm_jax.mlstm.api import BACKEND_NAMES, IMPLEMENTATIONS, resolve_backend
+    from xlstm_jax.mlstm.base import check_chunk_size
+
+    if backend not in BACKEND_NAMES:
+        raise ConfigError(field, f"unknown backend {backend!r}; choose from {list(BACKEND_NAMES)}.")
+    try:
+        name = resolve_backend(backend, chunk_size)
+    except RuntimeError as err:
+        raise ConfigError(field, str(err)) from None
+    sizes = IMPLEMENTATIONS[name].chunk_sizes
+    if chunk_size is None:
+        return
+    if sizes is None:
+        raise ConfigError("chunk_size", f"backend {name} does not take a chunk size, got {chunk_size}.")
+    try:
+        check_chunk_size(chunk_size, minimum=sizes[0], maximum=sizes[1])
+    except ValueError:
+        raise ConfigError("chunk_size", f"backend {name} takes a power of two in {sizes[0]}..{sizes[1]}, got "
+                                        f"{chunk_size}.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MQARConfig:
+    """vocab_size V (>= 5), seq_len S, num_kv_pairs N (<= K keys), num_queries Q (None: (S - 2N) // 2 slots);
+    the task is described in `xlstm_jax.train.mqar`."""
+
+    vocab_size: int = 17
+    seq_len: int = 32
+    num_kv_pairs: int = 4
+    num_queries: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_ints(self, ("vocab_size", "seq_len", "num_kv_pairs"))
+        if self.vocab_size < 5:
+            raise ConfigError("vocab_size", f"must be >= 5 (filler, keys and values), got {self.vocab_size}.")
+        if self.num_kv_pairs > self.num_keys:
+            raise ConfigError("num_kv_pairs", f"{self.num_kv_pairs} needs at least that many keys, but vocab_size "
+                                              f"{self.vocab_size} gives {self.num_keys} keys.")
+        if self.num_slots < 1:
+            raise ConfigError("seq_len", f"{self.seq_len} leaves no room for queries after num_kv_pairs = "
+                                         f"{self.num_kv_pairs} pairs: needs seq_len >= 2 * num_kv_pairs + 2.")
+        if self.num_queries is not None and not 1 <= self.num_queries <= self.num_slots:
+            raise ConfigError("num_queries", f"must be in [1, {self.num_slots}] ((seq_len - 2 * num_kv_pairs) // 2) "
+                                             f"or None, got {self.num_queries!r}.")
+
+    @property
+    def num_slots(self) -> int:
+        """Two-token query slots after the context."""
+        return (self.seq_len - 2 * self.num_kv_pairs) // 2
+
+    @property
+    def queries(self) -> int:
+        """Queries per sequence (None: every slot)."""
+        return self.num_slots if self.num_queries is None else self.num_queries
+
+    @property
+    def num_keys(self) -> int:
+        return (self.vocab_size - 1) // 2
+
+    @property
+    def num_values(self) -> int:
+        return self.vocab_size - 1 - self.num_keys
+
+    @property
+    def chance_accuracy(self) -> float:
+        return 1.0 / self.num_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +111,11 @@ class TrainConfig:
     The defaults (8 keys / 8 values, 4 pairs, 32 tokens; D 64, 2 blocks, 2 heads; 12000 steps of 32 sequences) took
     244 s on a 2-core CPU and reached held-out accuracy 1.000 (chance 0.125): the model sits at ~0.37-0.48 (it
     knows the answer is one of the 4 values in the context) until the recall circuit forms around step 8000.
+
+    Cadences left None follow `steps`: warmup_steps = min(100, steps // 10), eval_every = min(1000, steps),
+    checkpoint_every = eval_every. Checkpoints and the exported model go to `output_dir` (None: none are written);
+    `resume` continues the run there. With `progress`, a terminal shows a progress bar and other outputs get a
+    progress line every `progress_seconds`.
     """
 
     vocab_size: int = 17
@@ -41,11 +132,11 @@ class TrainConfig:
     steps: int = 12000
     batch_size: int = 32
     learning_rate: float = 3e-3
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     clip_norm: float = 1.0
-    eval_every: int = 1000
+    eval_every: int | None = None
     eval_batches: int = 8
     seed: int = 0
     output_dir: str | None = None
@@ -53,35 +144,52 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
+    progress_seconds: float = 15.0
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_batches", "keep_checkpoints", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be a positive int or None, got {self.checkpoint_every!r}.")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps = {self.steps}), got {self.warmup_steps}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
-        if not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}.")
+        _check_positive_ints(self, ("steps",))
+        for name, default in (("warmup_steps", min(100, self.steps // 10)), ("eval_every", min(1000, self.steps))):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.checkpoint_every is None:
+            object.__setattr__(self, "checkpoint_every", self.eval_every)
+        _check_positive_ints(self, ("batch_size", "eval_every", "eval_batches", "checkpoint_every",
+                                    "keep_checkpoints", "log_every", "embedding_dim", "num_heads", "num_blocks"))
+        warmup = self.warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < self.steps:
+            raise ConfigError("warmup_steps", f"must be an int in [0, steps = {self.steps}), got {warmup!r}.")
+        for name, ok, rule in (("learning_rate", self.learning_rate > 0, "> 0"),
+                               ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("clip_norm", self.clip_norm > 0, "> 0"),
+                               ("progress_seconds", self.progress_seconds >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(name, f"must be {rule}, got {getattr(self, name)}.")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}.")
+            raise ConfigError("compute_dtype", f"must be auto, float32, bfloat16 or float16, got "
+                                               f"{self.compute_dtype!r}.")
+        if self.resume and self.output_dir is None:
+            raise ConfigError("resume", "needs the output directory of the run to continue (--output-dir).")
         self.task_config()
-        self.model_config()
+        check_backend(self.backend, self.chunk_size)
+        try:
+            self.model_config()
+        except ValueError as err:
+            # The fields it reads are checked above, except how the q/k and v widths split into heads.
+            raise ConfigError("num_heads", str(err)) from None
 
     def task_config(self) -> MQARConfig:
         return MQARConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs,
                           num_queries=self.num_queries)
 
-    def model_config(self) -> xLSTMLargeConfig:
-        """The model: the xLSTM-7B architecture and initialisation at this size. compute_dtype "auto": bfloat16
-        on a GPU, float32 elsewhere (bfloat16 matmuls are slow on CPUs)."""
+    def model_config(self) -> Any:
+        """The model (an `xLSTMLargeConfig`): the xLSTM-7B architecture and initialisation at this size.
+        compute_dtype "auto": bfloat16 on a GPU, float32 elsewhere (bfloat16 matmuls are slow on CPUs)."""
+        import jax
+
+        from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
+
         dtype = self.compute_dtype
         if dtype == "auto":
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"

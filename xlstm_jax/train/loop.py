@@ -1,13 +1,15 @@
 """Training loop: an xLSTM-7B-architecture model (any size) on MQAR generated on the fly.
 
 AdamW (weight decay on Dense kernels only), global-norm gradient clipping, linear warmup + cosine decay, a rich
-progress bar (loss / accuracy / tokens per second), periodic evaluation on a fixed held-out set, orbax checkpoints
-and resume. The batch of step t is a pure function of (seed, t), so a resumed run sees the data it would have seen.
+progress bar (loss / accuracy / tokens per second; without a terminal a progress line every few seconds), periodic
+evaluation on a fixed held-out set, orbax checkpoints and resume from the newest intact one. The batch of step t
+is a pure function of (seed, t), so a resumed run sees the data it would have seen.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
@@ -19,8 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
-from xlstm_jax.train.checkpoints import RunCheckpointer, read_run_config, write_run_config
-from xlstm_jax.train.config import RESUME_FIELDS, TrainConfig
+from xlstm_jax.train.checkpoints import RunCheckpointer, holds_run, read_run_config, write_run_config
+from xlstm_jax.train.config import RESUME_FIELDS, ConfigError, TrainConfig
 from xlstm_jax.train.mqar import mqar_batch
 
 
@@ -93,49 +95,82 @@ def _build_steps(graphdef: Any, tx: optax.GradientTransformation, config: TrainC
     return train_step, evaluate
 
 
-def _check_resume(output_dir: str, config: TrainConfig) -> None:
-    stored = read_run_config(output_dir)
-    if stored is None:
-        return
-    diff = {name: (stored.get(name), getattr(config, name)) for name in RESUME_FIELDS
-            if stored.get(name) != getattr(config, name)}
-    if diff:
-        raise ValueError(f"cannot resume from {output_dir!r}: the run was started with different settings "
-                         f"(stored, requested): {diff}.")
+def _say(console: Console, text: str) -> None:
+    """One plain line (no markup, no wrapping)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _open_output_dir(config: TrainConfig, console: Console) -> RunCheckpointer | None:
+    """Check `output_dir` against `resume` (no jax work yet) and open its checkpoints; None without one."""
+    if config.output_dir is None:
+        return None
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise ConfigError("output_dir", f"{config.output_dir!r} is not a directory.")
+    if holds_run(config.output_dir):
+        if not config.resume:
+            raise ConfigError("output_dir", f"{config.output_dir!r} already holds a run; pass --resume to continue "
+                                            "it, or choose another --output-dir.")
+        try:
+            stored = read_run_config(config.output_dir) or {}
+        except ValueError as err:
+            raise ConfigError("output_dir", str(err)) from None
+        changed = [name for name in RESUME_FIELDS if name in stored and stored[name] != getattr(config, name)]
+        if changed:
+            diffs = "; ".join(f"{name} {stored[name]!r} there, {getattr(config, name)!r} now" for name in changed)
+            raise ConfigError(changed[0], f"differs from the run in {config.output_dir!r} ({diffs}); resume with "
+                                          "the run's settings, or choose another --output-dir.")
+    elif config.resume:
+        _say(console, f"nothing to resume in {config.output_dir}: starting at step 0")
+    return RunCheckpointer(config.output_dir, max_to_keep=config.keep_checkpoints)
+
+
+def _resume(checkpointer: RunCheckpointer, config: TrainConfig, params: Any, opt_state: Any,
+            console: Console) -> tuple[Any, Any, int]:
+    """(params, opt_state, step) of the newest intact checkpoint (damaged newer ones are moved aside), or the
+    given ones at step 0 when there is none."""
+    restored = checkpointer.restore_newest_intact(
+        params, opt_state, report=lambda text: _say(console, f"warning: {text}"))
+    if restored is None:
+        _say(console, f"no intact checkpoint in {checkpointer.directory}: starting at step 0")
+        return params, opt_state, 0
+    params, opt_state, start = restored
+    if config.steps < start:
+        raise ConfigError("steps", f"{config.steps} is below step {start} of the checkpoint it resumes from "
+                                   f"({checkpointer.directory}); pass --steps {start} or more.")
+    _say(console, f"resumed from step {start} in {checkpointer.directory}")
+    return params, opt_state, start
 
 
 def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult:
-    """Run (or resume) MQAR training; returns the final evaluation and throughput."""
+    """Run (or resume) MQAR training; returns the final evaluation and throughput.
+
+    Raises ConfigError before compiling anything when `output_dir` holds a run and `resume` is off, when the run
+    to resume had other settings (`RESUME_FIELDS`), or when `steps` is below the step it resumes from.
+    """
     console = console or Console()
     task = config.task_config()
+    checkpointer = _open_output_dir(config, console)
     model = xLSTMLarge(config.model_config(), rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model)
     tx = make_optimizer(config)
     opt_state = tx.init(params)
     start = 0
-    checkpointer = None
-    if config.output_dir is not None:
-        checkpointer = RunCheckpointer(config.output_dir, max_to_keep=config.keep_checkpoints)
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            if not config.resume:
-                raise ValueError(f"{config.output_dir!r} already holds checkpoints (latest step {latest}); pass "
-                                 "resume=True (--resume) to continue, or choose a new output directory.")
-            _check_resume(config.output_dir, config)
-            params, opt_state, start = checkpointer.restore(latest, params, opt_state)
-            console.print(f"resumed from step {start} in {checkpointer.directory}")
+    if checkpointer is not None:
+        if config.resume:
+            params, opt_state, start = _resume(checkpointer, config, params, opt_state, console)
         write_run_config(config.output_dir, {**config.to_dict(), "model": config.model_config().to_dict()})
     train_step, evaluate = _build_steps(graphdef, tx, config)
-    every_ckpt = config.checkpoint_every or config.eval_every
     tokens_per_step = config.batch_size * config.seq_len
     history: list[dict[str, float]] = []
     eval_loss = eval_acc = float("nan")
     t_start = time.perf_counter()
     t_after_compile, step_after_compile = None, start
+    t_line = t_start
     tps = 0.0
+    lines = config.progress and not console.is_terminal  # no terminal: a progress line every progress_seconds
     progress = Progress(
         TextColumn("[bold]MQAR"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"), console=console, disable=not config.progress,
+        TextColumn("{task.fields[stats]}"), console=console, disable=not config.progress or lines,
     )
     with progress:
         bar = progress.add_task("train", total=config.steps, completed=start, stats="compiling…")
@@ -146,18 +181,23 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             if t_after_compile is None:
                 jax.block_until_ready(loss)
                 t_after_compile, step_after_compile = time.perf_counter(), step
-            if step % config.log_every == 0 or step == config.steps:
+            line_due = lines and time.perf_counter() - t_line >= config.progress_seconds
+            if line_due or step % config.log_every == 0 or step == config.steps:
                 loss_v, acc_v = float(loss), float(acc)
-                elapsed = time.perf_counter() - t_after_compile
+                now = time.perf_counter()
+                elapsed = now - t_after_compile
                 tps = (step - step_after_compile) * tokens_per_step / elapsed if elapsed > 0 else 0.0
-                progress.update(bar, completed=step,
-                                stats=f"loss {loss_v:.3f}  acc {acc_v:.3f}  {tps:,.0f} tok/s")
+                stats = f"loss {loss_v:.3f}  acc {acc_v:.3f}  {tps:,.0f} tok/s"
+                progress.update(bar, completed=step, stats=stats)
+                if line_due:
+                    _say(console, f"step {step:>6}/{config.steps}  {stats}  {now - t_start:.0f} s elapsed")
+                    t_line = now
             if step % config.eval_every == 0 or step == config.steps:
                 eval_loss, eval_acc = (float(x) for x in evaluate(params))
                 history.append({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_acc})
                 progress.console.print(f"step {step:>6}  eval loss {eval_loss:.4f}  eval accuracy {eval_acc:.4f}"
                                        f"  (chance {task.chance_accuracy:.4f})")
-            if checkpointer is not None and (step % every_ckpt == 0 or step == config.steps):
+            if checkpointer is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 checkpointer.save(step, params, opt_state)
     if not history or history[-1]["step"] != step:
         eval_loss, eval_acc = (float(x) for x in evaluate(params))

@@ -8,64 +8,17 @@ The first 2N tokens bind N distinct random keys to random values. The rest (S - 
 slots) holds Q queries (default: every slot) in random slots; each repeats a random one of the N pairs (drawn with
 replacement, so ruling out values already asked does not help). The model is scored on predicting the value after
 each queried key. Chance accuracy is 1 / (V - 1 - K); a model that only knows "one of the N values in the context"
-gets about 1 / N.
+gets about 1 / N. `MQARConfig` (defined in `xlstm_jax.train.config`, importable from here) holds V, S, N and Q.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.train.config import MQARConfig
 
-@dataclasses.dataclass(frozen=True)
-class MQARConfig:
-    """vocab_size V (>= 5), seq_len S, num_kv_pairs N (<= K keys), num_queries Q (None: (S - 2N) // 2 slots)."""
-
-    vocab_size: int = 17
-    seq_len: int = 32
-    num_kv_pairs: int = 4
-    num_queries: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "num_kv_pairs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if self.vocab_size < 5:
-            raise ValueError(f"vocab_size must be >= 5 (filler, keys and values), got {self.vocab_size}.")
-        if self.num_kv_pairs > self.num_keys:
-            raise ValueError(f"num_kv_pairs = {self.num_kv_pairs} needs at least that many keys, but vocab_size "
-                             f"{self.vocab_size} gives {self.num_keys} keys.")
-        if self.num_slots < 1:
-            raise ValueError(f"seq_len = {self.seq_len} leaves no room for queries after num_kv_pairs = "
-                             f"{self.num_kv_pairs} pairs: needs seq_len >= 2 * num_kv_pairs + 2.")
-        if self.num_queries is not None and not 1 <= self.num_queries <= self.num_slots:
-            raise ValueError(f"num_queries must be in [1, {self.num_slots}] ((seq_len - 2 * num_kv_pairs) // 2) "
-                             f"or None, got {self.num_queries!r}.")
-
-    @property
-    def num_slots(self) -> int:
-        """Two-token query slots after the context."""
-        return (self.seq_len - 2 * self.num_kv_pairs) // 2
-
-    @property
-    def queries(self) -> int:
-        """Queries per sequence (None: every slot)."""
-        return self.num_slots if self.num_queries is None else self.num_queries
-
-    @property
-    def num_keys(self) -> int:
-        return (self.vocab_size - 1) // 2
-
-    @property
-    def num_values(self) -> int:
-        return self.vocab_size - 1 - self.num_keys
-
-    @property
-    def chance_accuracy(self) -> float:
-        return 1.0 / self.num_values
+__all__ = ["MQARConfig", "mqar_batch"]
 
 
 def mqar_batch(key: jax.Array, config: MQARConfig, batch_size: int) -> dict[str, jax.Array]:
