@@ -58,6 +58,14 @@ def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> ChunkGates:
     return ChunkGates(b, b_lo, a, suffix[..., 0])
 
 
+def nonfinite_chunks(c_all: jax.Array, n_all: jax.Array) -> jax.Array:
+    """(BH, NC) int32: 1 for the chunks whose end state holds a NaN or inf, i.e. whose k or v do (or an earlier
+    chunk's). c_all (BH, NC + 1, DHQK, DHHV) and n_all (BH, NC + 1, DHQK) are the chunk-border states. A
+    non-finite k_s makes n non-finite, a non-finite v_s[j] the whole column j of C, so row 0 of C and n suffice."""
+    finite = jnp.isfinite(c_all[:, 1:, 0, :]).all(axis=-1) & jnp.isfinite(n_all[:, 1:]).all(axis=-1)
+    return (~finite).astype(jnp.int32)
+
+
 def denominator_cotangent(
     dh: jax.Array, h: jax.Array, den: jax.Array, lower: jax.Array, eps: float
 ) -> tuple[jax.Array, jax.Array]:

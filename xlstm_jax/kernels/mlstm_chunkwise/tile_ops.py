@@ -1,7 +1,10 @@
 """Triton device functions both chunkwise families use inside their kernels: the intra-chunk log weights, matmuls
 whose operands stay inside float16's range, and value rows that hold a NaN or inf.
 
-Tiles are 2-D blocks of query rows t by key columns s (or transposed, as the caller broadcasts them).
+Tiles are 2-D blocks of query rows t by key columns s (or transposed, as the caller broadcasts them). Chunks whose
+k or v hold a NaN or inf (common.nonfinite_chunks) take a careful path in the output kernels: acausal entries are
+selected away and non-finite value rows zeroed (`finite_values`), so nothing non-finite reaches an earlier token;
+all other chunks take the plain path, which multiplies masked entries by 0.
 """
 
 import triton
@@ -43,14 +46,10 @@ def dot_in(a, b, dtype: tl.constexpr):
 
 
 @triton.jit
-def finite_values(v, causal, ROWS: tl.constexpr):
-    """v (LKV, BV) with every row that holds a NaN or inf zeroed, and hit (ROWS,) int32: 1 for the query rows of
-    `causal` (ROWS, LKV) that see such a row. A product of masked weights with a NaN row would be NaN in every
-    query row, the earlier ones too; callers use the zeroed rows and set the hit rows to NaN. The all-finite case
-    costs one reduction."""
+def finite_values(v, causal):
+    """v (LKV, BV) with every row that holds a NaN or inf zeroed, and hit (LQ,) int32: 1 for the query rows of
+    `causal` (LQ, LKV) that see such a row. A product of masked weights with a NaN row would be NaN in every query
+    row, the earlier ones too; callers use the zeroed rows and set the hit rows to NaN."""
     finite = tl.sum(v.to(tl.float32) * 0.0, axis=1) == 0.0
-    hit = tl.zeros((ROWS,), dtype=tl.int32)
-    if tl.min(finite.to(tl.int32), axis=0) == 0:
-        v = tl.where(finite[:, None], v, tl.zeros_like(v))
-        hit = tl.max(tl.where(causal & (finite == 0)[None, :], 1, 0), axis=1)
-    return v, hit
+    hit = tl.max(tl.where(causal & (finite == 0)[None, :], 1, 0), axis=1)
+    return tl.where(finite[:, None], v, tl.zeros_like(v)), hit

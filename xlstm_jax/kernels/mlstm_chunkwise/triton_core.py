@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, denominator_cotangent, gate_gradients
+from xlstm_jax.kernels.mlstm_chunkwise.common import (
+    chunk_gates,
+    denominator_cotangent,
+    gate_gradients,
+    nonfinite_chunks,
+)
+from xlstm_jax.kernels.mlstm_chunkwise.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
     mlstm_xl_bw_dk_kernel,
@@ -32,7 +38,7 @@ from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import (
     mlstm_bw_recurrent_kernel,
 )
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.fw_kernels import mlstm_fw_parallel_kernel, mlstm_fw_recurrent_kernel
-from xlstm_jax.mlstm.base import MLSTMShape, pad_to_multiple, qk_scale
+from xlstm_jax.mlstm.base import MLSTMShape, log_forget, pad_to_multiple, qk_scale
 
 MAX_HEAD_DIM = 1024
 F32 = jnp.float32
@@ -85,9 +91,16 @@ def _flat(x: jax.Array) -> jax.Array:
 
 
 def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """vecB, vecB_lo, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) gates, for chunks of length L."""
-    g = chunk_gates(i[None], f[None], L)
-    return g.b[0].reshape(i.shape), g.b_lo[0].reshape(i.shape), g.a[0].reshape(i.shape), g.g[0]
+    """vecB, vecB_lo, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) float32 gates, for chunks of length
+    L (the quantities of common.chunk_gates, in one Triton launch)."""
+    import os
+    if os.environ.get("XLSTM_GATES") == "xla":
+        g = chunk_gates(i[None], f[None], L)
+        return g.b[0].reshape(i.shape), g.b_lo[0].reshape(i.shape), g.a[0].reshape(i.shape), g.g[0]
+    BH, S = i.shape
+    seq = jax.ShapeDtypeStruct((BH, S), F32)
+    return launch(mlstm_chunk_gates_kernel, [log_forget(f), i], [seq, seq, seq, jax.ShapeDtypeStruct((BH, S // L), F32)],
+                  grid=(S // L,), num_warps=1 if L <= 128 else 4, NC=S // L, L=L)
 
 
 def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
@@ -166,7 +179,8 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     else:
         BV = block(DHHV, p["out_v_block"])
         kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
-    h, den, m_out = launch(kernel, [q, k, v, vec_b, vec_bl, i, c_in, n_in, m_all], outs, grid=grid,
+    careful = nonfinite_chunks(c_all, n_all)
+    h, den, m_out = launch(kernel, [q, k, v, vec_b, vec_bl, i, c_in, n_in, m_all, careful], outs, grid=grid,
                            BV=BV, **_parallel_launch(cfg, p), **consts)
     return h, den, m_out, states
 

@@ -8,7 +8,8 @@ dtype (the compute dtype, float32 for float16), n (BH, NS, DHQK) and m (BH, NC +
 dC (BH, NC + 1, DHQK, DHHV) in the state-buffer dtype, dn (BH, NC + 1, DHQK) float32. dq, dk, dv are written in
 their output buffers' dtype (the gradient dtype); the dq and dk kernels also write the float32 row dot products
 q_t·dq_t, k_s·dk_s of their head-dim block, (BH, n_blocks, S).
-A program id over (chunk, row block) is `kc * NB + jb`.
+A program id over (chunk, row block) is `kc * NB + jb`. CAREFUL (BH, NC) int32 marks the chunks whose k or v hold a
+NaN or inf (common.nonfinite_chunks; see tile_ops).
 The forward keeps a running max (starting from the inter-chunk log weight b_t + m_{k-1}, always finite, so a
 fully masked tile row cannot produce NaN); the backward uses the stored per-token stabilizer m_t.
 """
@@ -29,27 +30,29 @@ def _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S: tl.constexpr):
 
 @triton.jit
 def _xl_fw_tile(
-    S_QK, num, den, m_run, hit, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
-    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr, LQ: tl.constexpr,
+    S_QK, num, den, m_run, hit, careful, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
+    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr,
 ):
-    """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max, and mark
-    in `hit` the query rows that see a value row holding a NaN or inf. Acausal entries are selected away, so a NaN
-    or inf in any input at token s reaches no earlier token."""
+    """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max; in a
+    careful chunk (see tile_ops) mark in `hit` the query rows that see a value row holding a NaN or inf."""
     log_d = _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S)
     m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
     alpha = tl.exp(m_run - m_new)
-    causal = rq[:, None] >= rs[None, :]
-    s_bar = tl.where(causal, S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None]), 0.0)
+    s_bar = S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None])
     v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-    v, tile_hit = finite_values(v, causal, LQ)
+    if careful:
+        causal = rq[:, None] >= rs[None, :]
+        s_bar = tl.where(causal, s_bar, 0.0)
+        v, tile_hit = finite_values(v, causal)
+        hit = tl.maximum(hit, tile_hit)
     num = num * alpha[:, None] + dot_in(s_bar, v, v.dtype)
     den = den * alpha + tl.sum(s_bar, axis=1)
-    return num, den, m_new, tl.maximum(hit, tile_hit)
+    return num, den, m_new, hit
 
 
 @triton.jit
 def mlstm_xl_fw_parallel_kernel(
-    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL,
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, CAREFUL,
     H, DEN, M_OUT,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -72,6 +75,7 @@ def mlstm_xl_fw_parallel_kernel(
     num = tl.zeros((LQ, BV), dtype=tl.float32)
     den = tl.zeros((LQ,), dtype=tl.float32)
     hit = tl.zeros((LQ,), dtype=tl.int32)
+    careful = tl.load(CAREFUL + bh * NC + kc) != 0
     rs = kc * L + tl.arange(0, LKV)
     s_qk = tl.zeros((LQ, LKV), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
@@ -88,8 +92,8 @@ def mlstm_xl_fw_parallel_kernel(
     num = num * QK_SCALE
     den = den * QK_SCALE
     m_run = b_q + tl.load(M_ALL + bh * (NC + 1) + kc)
-    num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
-                                       S, DHHV, QK_SCALE, LQ)
+    num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, careful, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I,
+                                       bh, rv, mv, S, DHHV, QK_SCALE)
 
     for jkv in range(1, ((jq + 1) * LQ + LKV - 1) // LKV):
         rs = kc * L + jkv * LKV + tl.arange(0, LKV)
@@ -100,14 +104,16 @@ def mlstm_xl_fw_parallel_kernel(
             q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
             k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
             s_qk += tl.dot(q, k_t, input_precision="ieee")
-        num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh,
-                                           rv, mv, S, DHHV, QK_SCALE, LQ)
+        num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, careful, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL,
+                                           I, bh, rv, mv, S, DHHV, QK_SCALE)
 
     if STABILIZE_CORRECTLY:
         lower = NORM_VAL * tl.exp(-m_run)
     else:
         lower = tl.full((LQ,), NORM_VAL, tl.float32)
-    h = tl.where(hit[:, None] > 0, float("nan"), num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None])
+    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    if careful:
+        h = tl.where(hit[:, None] > 0, float("nan"), h)
     tl.store(H + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + rq, den, mask=iv == 0)
     tl.store(M_OUT + bh * S + rq, m_run, mask=iv == 0)

@@ -5,7 +5,8 @@ q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB, vecB_lo (B
 gate cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV) in the state-buffer dtype (the compute dtype, float32
 for float16), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k: state before chunk k, index NC: last state) or
 NS = NC (last state sliced off); m (BH, NC + 1) float32.
-The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
+The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32;
+CAREFUL (BH, NC) int32 marks the chunks whose k or v hold a NaN or inf (common.nonfinite_chunks).
 Addressing: every per-(b, h) base offset is int64.
 """
 
@@ -71,14 +72,14 @@ def mlstm_fw_recurrent_kernel(
 
 @triton.jit
 def mlstm_fw_parallel_kernel(
-    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL,
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, CAREFUL,
     H, DEN, M_OUT,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
     STABILIZE_CORRECTLY: tl.constexpr,
 ):
     """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers.
-    Acausal entries are selected away, so a NaN or inf in any input at token s reaches no earlier token."""
+    A NaN or inf in any input at token s reaches no earlier token (careful chunks, see tile_ops)."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     iv = tl.program_id(2)
@@ -113,17 +114,23 @@ def mlstm_fw_parallel_kernel(
     causal = rt[:, None] >= rt[None, :]
     log_d = log_decay(b[:, None], bl[:, None], b[None, :], bl[None, :], ig[None, :], causal)
     m_t = tl.maximum(b + m_prev, tl.max(log_d, axis=1))
-    s_bar = tl.where(causal, s_qk * QK_SCALE * tl.exp(log_d - m_t[:, None]), 0.0)
+    s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_t[:, None])
     inter = tl.exp(b + m_prev - m_t) * QK_SCALE
     v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-    v, hit = finite_values(v, causal, L)
+    careful = tl.load(CAREFUL + bh * NC + kc) != 0
+    hit = tl.zeros((L,), dtype=tl.int32)
+    if careful:
+        s_bar = tl.where(causal, s_bar, 0.0)
+        v, hit = finite_values(v, causal)
     num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
     if STABILIZE_CORRECTLY:
         lower = NORM_VAL * tl.exp(-m_t)
     else:
         lower = tl.full((L,), NORM_VAL, tl.float32)
-    h = tl.where(hit[:, None] > 0, float("nan"), num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None])
+    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    if careful:
+        h = tl.where(hit[:, None] > 0, float("nan"), h)
     tl.store(H + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + tok, den, mask=(rt < L) & (iv == 0))
     tl.store(M_OUT + bh * S + tok, m_t, mask=(rt < L) & (iv == 0))
