@@ -137,3 +137,32 @@ def test_gpu_extreme_gates_at_the_issue_shape(backend):
         assert np.all(np.isfinite(h)) and all(np.all(np.isfinite(g)) for g in grads.values())
     for name, err in errors["extreme"].items():
         assert err <= max(3 * errors["clean"][name], 1e-5), (name, err, errors["clean"][name])
+
+
+@pytest.mark.parametrize("L", [16, 64])
+def test_chunk_gates_kernel_matches_the_float64_sums(L):
+    """The Triton gates kernel (two-float within-chunk cumsum b + b_lo, suffix log weights a, chunk totals g)
+    against float64 sums of the same floored log forget gates, with resets (-inf, -1e30) inside chunks: the
+    two-float differences keep the gates after a reset to float32 precision, where b alone has lost them."""
+    from backend_cases import skip_unless_runnable
+
+    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+    from xlstm_jax.mlstm.base import log_forget
+
+    skip_unless_runnable("triton_limit_chunk")
+    rng = np.random.default_rng(17)
+    BH, S = 3, 4 * L
+    i = rng.uniform(-3, 3, (BH, S)).astype(np.float32)
+    f = rng.uniform(-1, 6, (BH, S)).astype(np.float32)
+    f[0, 5], f[1, L + 3], f[1, L + 4], f[2, 2 * L - 1] = -INF, -1e30, -1e30, -INF
+    b, b_lo, a, g = (np.asarray(x, np.float64) for x in triton_core._gates(jnp.asarray(i), jnp.asarray(f), L))
+    logf = np.asarray(log_forget(jnp.asarray(f)), np.float64).reshape(BH, S // L, L)
+    suffix = np.cumsum(logf[..., ::-1], axis=-1)[..., ::-1]
+    ref_a = (np.concatenate([suffix[..., 1:], np.zeros_like(suffix[..., :1])], axis=-1)).reshape(BH, S) + i
+    np.testing.assert_allclose(g, suffix[..., 0], rtol=1e-6)
+    np.testing.assert_allclose(a, ref_a, rtol=1e-6, atol=1e-5)
+    # differences within a chunk after a reset: (b_t - b_s) + (lo_t - lo_s) against the float64 difference
+    t, s = L + 9, L + 6  # both after the two -1e30 gates of row 1
+    exact = logf.reshape(BH, S)[1, s + 1:t + 1].sum()
+    assert abs((b[1, t] - b[1, s]) + (b_lo[1, t] - b_lo[1, s]) - exact) <= 1e-5 * max(1.0, abs(exact))
+    assert abs((b[1, t] - b[1, s]) - exact) > 0.1  # the high part alone has swallowed them

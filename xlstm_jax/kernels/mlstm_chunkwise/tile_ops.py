@@ -12,14 +12,17 @@ import triton.language as tl
 
 
 @triton.jit
-def log_decay(b_t, bl_t, b_s, bl_s, i_s, causal):
-    """Log weights F_{t,s} + i_s of key positions s at query positions t of one chunk, -inf where not `causal`.
+def log_decay(b_t, b_s, ic_s, causal):
+    """Log weights F_{t,s} + i_s of key positions s at query positions t of one chunk, less the row's bl_t (the
+    caller shifts the row's stabilizer by bl_t instead): (b_t - b_s) + ic_s where `causal`, else -inf, with
+    ic_s = i_s - bl_s.
 
     All operands broadcast to the tile. b, bl: the two-float within-chunk cumsum of the log forget gates
-    (common.split_cumsum): b_t - b_s is exact for nearby positions and bl_t - bl_s adds what b rounded away, so a
-    forget gate at the floor (a full reset) neither swallows the gates after it nor meets -inf - -inf.
+    (common.split_cumsum): b_t - b_s is exact for nearby positions and bl adds what b rounded away, so a forget gate
+    at the floor (a full reset) neither swallows the gates after it nor meets -inf - -inf, at the per-element cost
+    of the plain b_t - b_s + i_s.
     """
-    return tl.where(causal, (b_t - b_s) + (bl_t - bl_s) + i_s, float("-inf"))
+    return tl.where(causal, (b_t - b_s) + ic_s, float("-inf"))
 
 
 @triton.jit

@@ -18,12 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise.common import (
-    chunk_gates,
-    denominator_cotangent,
-    gate_gradients,
-    nonfinite_chunks,
-)
+from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent, gate_gradients, nonfinite_chunks
 from xlstm_jax.kernels.mlstm_chunkwise.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
@@ -93,14 +88,11 @@ def _flat(x: jax.Array) -> jax.Array:
 def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """vecB, vecB_lo, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) float32 gates, for chunks of length
     L (the quantities of common.chunk_gates, in one Triton launch)."""
-    import os
-    if os.environ.get("XLSTM_GATES") == "xla":
-        g = chunk_gates(i[None], f[None], L)
-        return g.b[0].reshape(i.shape), g.b_lo[0].reshape(i.shape), g.a[0].reshape(i.shape), g.g[0]
     BH, S = i.shape
     seq = jax.ShapeDtypeStruct((BH, S), F32)
-    return launch(mlstm_chunk_gates_kernel, [log_forget(f), i], [seq, seq, seq, jax.ShapeDtypeStruct((BH, S // L), F32)],
-                  grid=(S // L,), num_warps=1 if L <= 128 else 4, NC=S // L, L=L)
+    outs = [seq, seq, seq, jax.ShapeDtypeStruct((BH, S // L), F32)]
+    return launch(mlstm_chunk_gates_kernel, [log_forget(f), i], outs, grid=(S // L,), num_warps=1 if L <= 128 else 4,
+                  NC=S // L, L=L)
 
 
 def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:

@@ -11,7 +11,8 @@ q_t·dq_t, k_s·dk_s of their head-dim block, (BH, n_blocks, S).
 A program id over (chunk, row block) is `kc * NB + jb`. CAREFUL (BH, NC) int32 marks the chunks whose k or v hold a
 NaN or inf (common.nonfinite_chunks; see tile_ops).
 The forward keeps a running max (starting from the inter-chunk log weight b_t + m_{k-1}, always finite, so a
-fully masked tile row cannot produce NaN); the backward uses the stored per-token stabilizer m_t.
+fully masked tile row cannot produce NaN) less the row's vecB_lo (tile_ops.log_decay); the backward uses the stored
+per-token stabilizer m_t, shifted the same way for the intra-chunk weights.
 """
 
 import triton
@@ -21,26 +22,28 @@ from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, finite_values, lo
 
 
 @triton.jit
-def _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S: tl.constexpr):
-    """(LQ, LKV) log weights F_{t,s} + i_s of key rows rs in query rows rq of one chunk; -inf above the diagonal."""
+def _log_decay(rq, rs, b_q, VEC_B, VEC_BL, I, bh, S: tl.constexpr):
+    """(LQ, LKV) log weights F_{t,s} + i_s of key rows rs in query rows rq of one chunk less the rows' vecB_lo
+    (tile_ops.log_decay); -inf above the diagonal."""
     rows = bh * S + rs
-    return log_decay(b_q[:, None], bl_q[:, None], tl.load(VEC_B + rows)[None, :], tl.load(VEC_BL + rows)[None, :],
-                     tl.load(I + rows)[None, :], rq[:, None] >= rs[None, :])
+    ic = tl.load(I + rows) - tl.load(VEC_BL + rows)
+    return log_decay(b_q[:, None], tl.load(VEC_B + rows)[None, :], ic[None, :], rq[:, None] >= rs[None, :])
 
 
 @triton.jit
 def _xl_fw_tile(
-    S_QK, num, den, m_run, hit, careful, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
-    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr,
+    S_QK, num, den, m_run, hit, b_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
+    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr, CAREFUL: tl.constexpr,
 ):
-    """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max; in a
-    careful chunk (see tile_ops) mark in `hit` the query rows that see a value row holding a NaN or inf."""
-    log_d = _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S)
+    """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max (m_run:
+    the running max less the rows' vecB_lo); CAREFUL (see tile_ops): select acausal entries away and mark in `hit`
+    the query rows that see a value row holding a NaN or inf."""
+    log_d = _log_decay(rq, rs, b_q, VEC_B, VEC_BL, I, bh, S)
     m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
     alpha = tl.exp(m_run - m_new)
     s_bar = S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None])
     v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-    if careful:
+    if CAREFUL:
         causal = rq[:, None] >= rs[None, :]
         s_bar = tl.where(causal, s_bar, 0.0)
         v, tile_hit = finite_values(v, causal)
@@ -59,7 +62,26 @@ def mlstm_xl_fw_parallel_kernel(
     QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr,
 ):
     """Grid (BH, NC * L / LQ, cdiv(DHHV, BV)): one (LQ, BV) output tile; loops over key tiles up to the diagonal.
-    The first key tile shares its q loads with the inter-chunk part q·C, q·n."""
+    Chunks marked in CAREFUL run the careful variant of the body (see tile_ops), the others the plain one; each is
+    compiled on its own."""
+    if tl.load(CAREFUL + tl.program_id(0).to(tl.int64) * NC + tl.program_id(1) // (L // LQ)) != 0:
+        _xl_fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, LQ,
+                           LKV, BK, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, True)
+    else:
+        _xl_fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, LQ,
+                           LKV, BK, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, False)
+
+
+@triton.jit
+def _xl_fw_output_tile(
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr,
+    CAREFUL: tl.constexpr,
+):
+    """The body of mlstm_xl_fw_parallel_kernel. The first key tile shares its q loads with the inter-chunk part q·C,
+    q·n."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1) // (L // LQ)
     jq = tl.program_id(1) % (L // LQ)
@@ -68,14 +90,11 @@ def mlstm_xl_fw_parallel_kernel(
     rq = kc * L + jq * LQ + tl.arange(0, LQ)
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < DHHV
-    b_q = tl.load(VEC_B + bh * S + rq)
-    bl_q = tl.load(VEC_BL + bh * S + rq)
     state = bh * NS + kc
 
     num = tl.zeros((LQ, BV), dtype=tl.float32)
     den = tl.zeros((LQ,), dtype=tl.float32)
     hit = tl.zeros((LQ,), dtype=tl.int32)
-    careful = tl.load(CAREFUL + bh * NC + kc) != 0
     rs = kc * L + tl.arange(0, LKV)
     s_qk = tl.zeros((LQ, LKV), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
@@ -91,9 +110,10 @@ def mlstm_xl_fw_parallel_kernel(
         s_qk += tl.dot(q, k_t, input_precision="ieee")
     num = num * QK_SCALE
     den = den * QK_SCALE
+    b_q = tl.load(VEC_B + bh * S + rq)  # loaded after the loop: live across it, it would spill
     m_run = b_q + tl.load(M_ALL + bh * (NC + 1) + kc)
-    num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, careful, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL, I,
-                                       bh, rv, mv, S, DHHV, QK_SCALE)
+    num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
+                                       S, DHHV, QK_SCALE, CAREFUL)
 
     for jkv in range(1, ((jq + 1) * LQ + LKV - 1) // LKV):
         rs = kc * L + jkv * LKV + tl.arange(0, LKV)
@@ -104,19 +124,20 @@ def mlstm_xl_fw_parallel_kernel(
             q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
             k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
             s_qk += tl.dot(q, k_t, input_precision="ieee")
-        num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, careful, b_q, bl_q, rq, rs, V, VEC_B, VEC_BL,
-                                           I, bh, rv, mv, S, DHHV, QK_SCALE)
+        num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
+                                           S, DHHV, QK_SCALE, CAREFUL)
 
+    m_t = m_run + tl.load(VEC_BL + bh * S + rq)
     if STABILIZE_CORRECTLY:
-        lower = NORM_VAL * tl.exp(-m_run)
+        lower = NORM_VAL * tl.exp(-m_t)
     else:
         lower = tl.full((LQ,), NORM_VAL, tl.float32)
     h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
-    if careful:
+    if CAREFUL:
         h = tl.where(hit[:, None] > 0, float("nan"), h)
     tl.store(H + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + rq, den, mask=iv == 0)
-    tl.store(M_OUT + bh * S + rq, m_run, mask=iv == 0)
+    tl.store(M_OUT + bh * S + rq, m_t, mask=iv == 0)
 
 
 @triton.jit
@@ -136,8 +157,8 @@ def mlstm_xl_bw_dq_kernel(
     rk = tl.program_id(2) * BK + tl.arange(0, BK)
     mk = rk < DHQK
     b_q = tl.load(VEC_B + bh * S + rq)
-    bl_q = tl.load(VEC_BL + bh * S + rq)
     m_q = tl.load(M_OUT + bh * S + rq)
+    m_shift = m_q - tl.load(VEC_BL + bh * S + rq)
     norm = tl.load(NORM + bh * S + rq)
     dden = tl.load(DDEN + bh * S + rq)
     m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
@@ -154,8 +175,8 @@ def mlstm_xl_bw_dq_kernel(
             dh = tl.load(DH + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
             v_t = tl.load(V + bh * S * DHHV + rs[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
             dp += dot_in(dh.to(tl.float32) / norm[:, None], v_t, dtype)
-        log_d = _log_decay(rq, rs, b_q, bl_q, VEC_B, VEC_BL, I, bh, S)
-        ds = (dp + dden[:, None]) * tl.exp(log_d - m_q[:, None])
+        log_d = _log_decay(rq, rs, b_q, VEC_B, VEC_BL, I, bh, S)
+        ds = (dp + dden[:, None]) * tl.exp(log_d - m_shift[:, None])
         k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
         dq += dot_in(ds, k, dtype)
 
@@ -195,8 +216,7 @@ def _xl_dkdv_tile(
     ro = tl.program_id(2) * BO + tl.arange(0, BO)
     mo = ro < D_OUT
     b_s = tl.load(VEC_B + bh * S + rs)
-    bl_s = tl.load(VEC_BL + bh * S + rs)
-    i_s = tl.load(I + bh * S + rs)
+    ic_s = tl.load(I + bh * S + rs) - tl.load(VEC_BL + bh * S + rs)
     state = bh * (NC + 1) + kc + 1
     dtype = K.dtype.element_ty
 
@@ -206,8 +226,9 @@ def _xl_dkdv_tile(
         m_q = tl.load(M_OUT + bh * S + rq)
         norm = tl.load(NORM + bh * S + rq)
         causal_t = rq[None, :] >= rs[:, None]
-        d_t = tl.exp(log_decay(tl.load(VEC_B + bh * S + rq)[None, :], tl.load(VEC_BL + bh * S + rq)[None, :],
-                               b_s[:, None], bl_s[:, None], i_s[:, None], causal_t) - m_q[None, :])
+        m_shift = m_q - tl.load(VEC_BL + bh * S + rq)
+        d_t = tl.exp(log_decay(tl.load(VEC_B + bh * S + rq)[None, :], b_s[:, None], ic_s[:, None], causal_t)
+                     - m_shift[None, :])
         w_t = tl.zeros((LKV, LQ), dtype=tl.float32)
         if WANT_DK:  # dS^T = (V dH^T / norm + dden) * D^T, then dS^T @ Q
             for jv in range(tl.cdiv(DHHV, BV)):

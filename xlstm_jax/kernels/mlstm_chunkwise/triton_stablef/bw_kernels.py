@@ -122,8 +122,8 @@ def mlstm_bw_dq_kernel(
         v_t = tl.load(V + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
         dp += dot_in(dh.to(tl.float32) / norm[:, None], v_t, dtype)
     causal = rt[:, None] >= rt[None, :]
-    log_d = log_decay(b[:, None], bl[:, None], b[None, :], bl[None, :], ig[None, :], causal)
-    ds = (dp + dden[:, None]) * tl.exp(log_d - m_t[:, None])
+    log_d = log_decay(b[:, None], b[None, :], (ig - bl)[None, :], causal)
+    ds = (dp + dden[:, None]) * tl.exp(log_d - (m_t - bl)[:, None])
     inter = tl.exp(b + m_prev - m_t) * QK_SCALE
 
     qdq = tl.zeros((L,), dtype=tl.float32)
@@ -172,8 +172,8 @@ def mlstm_bw_dkdv_kernel(
         dh_t = tl.load(DH + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
         dp_t += dot_in(v, dh_t.to(tl.float32) / norm[None, :], dtype)
     causal_t = rt[None, :] >= rt[:, None]
-    log_d_t = log_decay(b[None, :], bl[None, :], b[:, None], bl[:, None], ig[:, None], causal_t)
-    d_t = tl.exp(log_d_t - m_t[None, :])
+    log_d_t = log_decay(b[None, :], b[:, None], (ig - bl)[:, None], causal_t)
+    d_t = tl.exp(log_d_t - (m_t - bl)[None, :])
     ds_t = (dp_t + dden[None, :]) * d_t
     sd_t = s_t * QK_SCALE * d_t
 

@@ -79,7 +79,25 @@ def mlstm_fw_parallel_kernel(
     STABILIZE_CORRECTLY: tl.constexpr,
 ):
     """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers.
-    A NaN or inf in any input at token s reaches no earlier token (careful chunks, see tile_ops)."""
+    A NaN or inf in any input at token s reaches no earlier token: chunks marked in CAREFUL run the careful
+    variant of the body (see tile_ops), the others the plain one; each is compiled on its own."""
+    if tl.load(CAREFUL + tl.program_id(0).to(tl.int64) * NC + tl.program_id(1)) != 0:
+        _fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, BK, BV,
+                        QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, True)
+    else:
+        _fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, BK, BV,
+                        QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, False)
+
+
+@triton.jit
+def _fw_output_tile(
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
+    STABILIZE_CORRECTLY: tl.constexpr, CAREFUL: tl.constexpr,
+):
+    """The body of mlstm_fw_parallel_kernel; CAREFUL: select acausal entries away and keep non-finite value rows
+    from the tokens before them."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     iv = tl.program_id(2)
@@ -88,10 +106,6 @@ def mlstm_fw_parallel_kernel(
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < DHHV
     tok = kc * L + rt
-    b = tl.load(VEC_B + bh * S + tok)
-    bl = tl.load(VEC_BL + bh * S + tok)
-    ig = tl.load(I + bh * S + tok)
-    m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
     state = bh * NS + kc
     dtype = Q.dtype.element_ty
 
@@ -111,25 +125,29 @@ def mlstm_fw_parallel_kernel(
         qc += dot_in(q, c, dtype)
         qn += tl.sum(q.to(tl.float32) * n[None, :], axis=1)
 
+    # the per-token gate vectors are loaded after the loop: live across it they would spill
+    b = tl.load(VEC_B + bh * S + tok)
+    ic = tl.load(I + bh * S + tok) - tl.load(VEC_BL + bh * S + tok)
+    m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
     causal = rt[:, None] >= rt[None, :]
-    log_d = log_decay(b[:, None], bl[:, None], b[None, :], bl[None, :], ig[None, :], causal)
-    m_t = tl.maximum(b + m_prev, tl.max(log_d, axis=1))
-    s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_t[:, None])
-    inter = tl.exp(b + m_prev - m_t) * QK_SCALE
+    # log weights and the stabilizer less bl_t (tile_ops.log_decay); m_t = m_s + bl_t
+    log_d = log_decay(b[:, None], b[None, :], ic[None, :], causal)
+    m_s = tl.maximum(b + m_prev, tl.max(log_d, axis=1))
+    s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_s[:, None])
+    inter = tl.exp(b + m_prev - m_s) * QK_SCALE
     v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-    careful = tl.load(CAREFUL + bh * NC + kc) != 0
-    hit = tl.zeros((L,), dtype=tl.int32)
-    if careful:
+    if CAREFUL:
         s_bar = tl.where(causal, s_bar, 0.0)
         v, hit = finite_values(v, causal)
     num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
+    m_t = m_s + tl.load(VEC_BL + bh * S + tok)
     if STABILIZE_CORRECTLY:
         lower = NORM_VAL * tl.exp(-m_t)
     else:
         lower = tl.full((L,), NORM_VAL, tl.float32)
     h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
-    if careful:
+    if CAREFUL:
         h = tl.where(hit[:, None] > 0, float("nan"), h)
     tl.store(H + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + tok, den, mask=(rt < L) & (iv == 0))
