@@ -119,18 +119,20 @@ def _sprinkle_extreme_gates(x):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton_limit_chunk", "triton_xl_chunk"])
 def test_gpu_extreme_gates_at_the_issue_shape(backend):
-    """B=8, S=8192, NH=16, DHQK=128, DHHV=256 with resets, no-decay steps and empty writes sprinkled in: both Triton
-    families (float32 compute) against native_chunkwise (float32, the stable intra-chunk form), outputs, last
-    states and every gradient; the errors are those of the same call without the extreme gates."""
+    """B=8, S=8192, NH=16, DHQK=128, DHHV=256, bf16 inputs computed in bf16, with resets, no-decay steps and empty
+    writes sprinkled in: both Triton families against native_chunkwise computing the same inputs in float32 (the
+    stable intra-chunk form), outputs, last states and every gradient; the errors are those of the same call
+    without the extreme gates (bf16 rounding), and nothing is NaN."""
     from backend_cases import backend_fn
     from helpers import outputs_and_grads, rel_err
 
-    x = make_inputs(16, 8, 16, 8192, 128, 256, with_state=True)
+    x = make_inputs(16, 8, 16, 8192, 128, 256, dtype="bfloat16", with_state=True)
     weights = make_weights(16, x)
     errors = {}
     for case, inputs in (("clean", x), ("extreme", _sprinkle_extreme_gates({n: a.copy() for n, a in x.items()}))):
         (h, states), grads = outputs_and_grads(backend_fn(backend, chunk_size=64), inputs, weights)
-        (rh, rstates), ref_grads = outputs_and_grads(backend_fn("native_chunkwise", chunk_size=64), inputs, weights)
+        reference = backend_fn("native_chunkwise", chunk_size=64, autocast_dtype="float32")
+        (rh, rstates), ref_grads = outputs_and_grads(reference, inputs, weights)
         errors[case] = {"h": rel_err(h, rh), **{n: rel_err(a, b) for n, a, b in zip("Cnm", states, rstates)},
                         **{f"d{n}": rel_err(grads[n], ref_grads[n]) for n in grads}}
         print(f"{backend} {case}: " + " ".join(f"{k}={v:.1e}" for k, v in errors[case].items()))

@@ -170,7 +170,7 @@ def fit_float16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     Non-finite entries do not set the scale, so they poison only the products they take part in."""
     magnitude = jnp.abs(x.astype(jnp.float32))
     amax = jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0.0))
-    scale = jnp.exp2(jnp.maximum(jnp.ceil(jnp.log2(amax / FP16_OPERAND_MAX)), 0.0))
+    scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax / FP16_OPERAND_MAX, 1.0))))
     return x / scale.astype(x.dtype), scale
 
 

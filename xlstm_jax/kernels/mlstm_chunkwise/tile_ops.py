@@ -31,7 +31,7 @@ def _fit_float16(x):
     x to at most 2^14 (non-finite entries do not set it)."""
     mag = tl.abs(x.to(tl.float32))
     amax = tl.max(tl.max(tl.where(mag < float("inf"), mag, 0.0), axis=1), axis=0)
-    s = tl.exp2(tl.maximum(tl.ceil(tl.log2(amax * (1.0 / 16384.0))), 0.0))
+    s = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax * (1.0 / 16384.0), 1.0))))
     return (x.to(tl.float32) / s).to(tl.float16), s
 
 
