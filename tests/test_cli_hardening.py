@@ -169,3 +169,10 @@ def test_generate_on_a_damaged_or_missing_checkpoint_is_one_error_line(finished_
     _assert_one_error_line(capsys.readouterr().err, "MODEL", "train_config.json")
     assert cli.main(["generate", str(tmp_path / "missing"), "--prompt-ids", "1 2"]) == 2
     _assert_one_error_line(capsys.readouterr().err, "MODEL", "missing")
+    # truncated weights of the exported model: a CheckpointError from the checkpoint loader, one line here too
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(os.path.join(finished_run[0], "model"), model_dir)
+    weights = [name for name in os.listdir(model_dir) if name.endswith(".safetensors")]
+    os.truncate(os.path.join(model_dir, weights[0]), 100)
+    assert cli.main(["generate", model_dir, "--prompt-ids", "1 2"]) == 2
+    _assert_one_error_line(capsys.readouterr().err, "MODEL", weights[0])
