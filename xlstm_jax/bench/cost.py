@@ -1,6 +1,6 @@
 """FLOP and memory-traffic model of the benchmarked operations, and the bf16 peak / HBM bandwidth of known devices.
 
-The mLSTM model is the one of /work/shared/docs/mlstm_math.md §8 (per chunk per (b, h), then times
+The mLSTM model is the one of the clean-room spec mlstm_math.md §8 (per chunk per (b, h), then times
 NC·B·NH with NC = ⌈S/L⌉; every per-op factor F_exp, F_log, F_sig, F_max, F_abs = 1):
 
 Forward FLOPs (§8.1, upstream's chunkwise-parallel count, causal factor F_c = 1/2):
