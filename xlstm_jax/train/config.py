@@ -109,7 +109,7 @@ class TrainConfig:
     """One MQAR training run.
 
     The defaults (8 keys / 8 values, 4 pairs, 32 tokens; D 64, 2 blocks, 2 heads; 12000 steps of 32 sequences) took
-    244 s on a 2-core CPU and reached held-out accuracy 1.000 (chance 0.125): the model sits at ~0.37-0.48 (it
+    244-285 s on a 2-core CPU and reached held-out accuracy 0.99-1.00 (chance 0.125): the model sits at ~0.37-0.48 (it
     knows the answer is one of the 4 values in the context) until the recall circuit forms around step 8000.
 
     Cadences left None follow `steps`: warmup_steps = min(100, steps // 10), eval_every = min(1000, steps),
