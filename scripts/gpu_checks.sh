@@ -14,6 +14,10 @@
 #       xlblocks    sweeps of the xl launch parameters at both head shapes (xl L=128): the bw kernels' output column
 #                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
+#       ab          both Triton families at the 16-head issue shape (fw and fw+bw, 30 runs), the package in BASE_DIR
+#                   and the working tree alternating, two rounds each, every run in its own process: a before/after
+#                   table within one machine. BASE_DIR holds an older xlstm_jax package, e.g.
+#                   `mkdir -p .ab_base && git archive REV xlstm_jax | tar -x -C .ab_base` (name .ab_base in carry)
 # Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
 set -uo pipefail
 step=${1:?step}
@@ -62,6 +66,16 @@ case "$step" in
       --sweep xl_out_block=128,256 xl_warps=4,8 ;;
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
+  ab)
+    base=$(cd "${1:?BASE_DIR with an older xlstm_jax package}" && pwd); root=$PWD
+    for round in 1 2; do
+      for side in base new; do
+        tree=$root; [ "$side" = base ] && tree=$base
+        (cd "$tree" && python3 -m xlstm_jax.cli bench --shape 8,16,8192,128,256 \
+          --backends triton_limit_chunk,triton_xl_chunk --mode both --chunk-sizes 64 --reps 30 --no-peers \
+          --out "$out/$side$round" 2>&1 | tail -8 | tee -a "$out/ab.log")
+      done
+    done ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;
 esac
