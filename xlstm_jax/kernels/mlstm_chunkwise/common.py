@@ -9,8 +9,6 @@ is added here exactly (m_S is a max over a chain of sums, so its derivative foll
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
@@ -20,15 +18,6 @@ from xlstm_jax.mlstm.base import log_forget
 def reverse_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
     """Inclusive cumulative sum from the end: out[t] = sum_{r >= t} x[r]."""
     return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
-
-
-class ChunkGates(NamedTuple):
-    """Per-chunk gate quantities (mlstm_math.md §4.1), float32, (B, NH, NC, L) unless said otherwise."""
-
-    b: jax.Array  # inclusive within-chunk cumsum of the log forget gates
-    b_lo: jax.Array  # what float32 rounding left out of b: b + b_lo is the cumsum to about twice float32 precision
-    a: jax.Array  # log weight of each token in its end-of-chunk state, sum_{r>t} logf_r + i_t (stable form)
-    g: jax.Array  # (B, NH, NC): total log decay over each chunk
 
 
 def split_cumsum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -46,16 +35,24 @@ def split_cumsum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi, jnp.cumsum((total - hi) + err, axis=-1)
 
 
-def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> ChunkGates:
-    """The per-chunk gate quantities of i, f (B, NH, S) pre-activations with S % chunk_size == 0."""
-    B, NH, S = i.shape
-    L = chunk_size
-    logf = log_forget(f.astype(jnp.float32)).reshape(B, NH, S // L, L)
-    b, b_lo = split_cumsum(logf)
+def chunk_log_forget(f: jax.Array, chunk_size: int) -> jax.Array:
+    """The floored log forget gates (base.log_forget) of f (B, NH, S) as (B, NH, NC, L) float32."""
+    B, NH, S = f.shape
+    return log_forget(f.astype(jnp.float32)).reshape(B, NH, S // chunk_size, chunk_size)
+
+
+def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-chunk gate quantities (mlstm_math.md §4.1), float32.
+
+    i, f: (B, NH, S) pre-activations with S % chunk_size == 0. Returns
+    vecB (B, NH, NC, L): inclusive within-chunk cumsum of log forget gates (the high part of `split_cumsum`),
+    vecA (B, NH, NC, L): log weight of each token in its end-of-chunk state, sum_{r>t} logf_r + i_t (stable form),
+    scaG (B, NH, NC): total log decay over each chunk.
+    """
+    logf = chunk_log_forget(f, chunk_size)
     suffix = reverse_cumsum(logf)
-    a = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
-    a = a + i.astype(jnp.float32).reshape(B, NH, S // L, L)
-    return ChunkGates(b, b_lo, a, suffix[..., 0])
+    vec_a = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
+    return jnp.cumsum(logf, axis=-1), vec_a + i.astype(jnp.float32).reshape(logf.shape), suffix[..., 0]
 
 
 def nonfinite_chunks(c_all: jax.Array, n_all: jax.Array) -> jax.Array:

@@ -1,5 +1,5 @@
-"""Triton kernel of the per-chunk gate quantities both Triton families read (the quantities of
-common.chunk_gates): one launch instead of XLA's cumulative sums.
+"""Triton kernel of the per-chunk gate quantities both Triton families read (those of common.chunk_gates, with
+the two-float low part of vecB of common.split_cumsum): one launch instead of XLA's cumulative sums.
 
 Layouts (BH = B·NH flattened, S = NC·L padded): LOGF (the floored log forget gates, base.log_forget) and I (BH, S)
 float32 in; B, B_LO, A (BH, S) and G (BH, NC) float32 out.

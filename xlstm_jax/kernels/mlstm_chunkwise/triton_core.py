@@ -87,7 +87,7 @@ def _flat(x: jax.Array) -> jax.Array:
 
 def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """vecB, vecB_lo, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) float32 gates, for chunks of length
-    L (the quantities of common.chunk_gates, in one Triton launch)."""
+    L (common.chunk_gates and the low part of common.split_cumsum, in one Triton launch)."""
     BH, S = i.shape
     seq = jax.ShapeDtypeStruct((BH, S), F32)
     outs = [seq, seq, seq, jax.ShapeDtypeStruct((BH, S // L), F32)]
@@ -119,15 +119,20 @@ def _parallel_launch(cfg: KernelConfig, p: dict[str, int], warps: int | None = N
     return dict(num_warps=warps, num_stages=p["parallel_stages"])
 
 
-def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig):
+def _recurrent_gates(i, f, cfg: KernelConfig, gates):
+    """`_gates` at the state recurrence's granularity: `gates` (those of chunk_size) when it is chunk_size."""
+    return gates if gates is not None and cfg.recurrent_chunk == cfg.chunk_size else _gates(i, f, cfg.recurrent_chunk)
+
+
+def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     """States at chunk borders C (BH, NC+1, DHQK, DHHV) in the state-buffer dtype (only ever a matmul operand),
     n (BH, NC+1, DHQK), m (BH, NC+1), m at every recurrent sub-chunk border (BH, S // recurrent_chunk + 1), and the
-    last C (BH, DHQK, DHHV); float32 unless said otherwise."""
+    last C (BH, DHQK, DHHV); float32 unless said otherwise. `gates`: `_gates(i, f, chunk_size)` if already made."""
     BH, S, DHQK = k.shape
     DHHV = v.shape[-1]
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
-    _, _, vec_a, sca_g = _gates(i, f, Lr)
+    _, _, vec_a, sca_g = _recurrent_gates(i, f, cfg, gates)
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
         [k, v, vec_a, sca_g, c0, n0, m0],
@@ -154,10 +159,11 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     DHHV = v.shape[-1]
     L = cfg.chunk_size
     NC = S // L
-    states = _chunk_states(k, v, i, f, c0, n0, m0, cfg)
+    gates = _gates(i, f, L)
+    states = _chunk_states(k, v, i, f, c0, n0, m0, cfg, gates)
     c_all, n_all, m_all = states[:3]
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
-    vec_b, vec_bl, _, _ = _gates(i, f, L)
+    vec_b, vec_bl, _, _ = gates
     p = launch_params(DHQK, DHHV)
     outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
             jax.ShapeDtypeStruct((BH, S), F32)]
@@ -177,14 +183,15 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     return h, den, m_out, states
 
 
-def _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_last, cfg: KernelConfig):
+def _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_last, cfg: KernelConfig, gates=None):
     """Cotangents of the chunk-border states: dC (BH, NC+1, DHQK, DHHV) in the state-buffer dtype, dn (BH, NC+1, DHQK)
-    float32 and the initial state's dC (BH, DHQK, DHHV) float32, from the last states' float32 cotangents."""
+    float32 and the initial state's dC (BH, DHQK, DHHV) float32, from the last states' float32 cotangents.
+    `gates`: `_gates(i_f, f_f, chunk_size)` if already made."""
     BH, S, DHQK = qf.shape
     DHHV = dh.shape[-1]
     Lr = cfg.recurrent_chunk
     NC = S // cfg.chunk_size
-    vec_b_sub, _, _, sca_g_sub = _gates(i_f, f_f, Lr)
+    vec_b_sub, _, _, sca_g_sub = _recurrent_gates(i_f, f_f, cfg, gates)
     return launch(
         mlstm_bw_recurrent_kernel,
         [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_last, dn_last],
@@ -269,16 +276,18 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     S_pad = i_f.shape[1]
     dh = _flat(jnp.pad(dh, ((0, 0), (0, 0), (0, S_pad - S), (0, 0))))
     c0f, n0f, m0f = _flat(c0), _flat(n0), _flat(m0)
+    gates = _gates(i_f, f_f, cfg.chunk_size)
     if states is None:
-        states = _chunk_states(kf, vf, i_f, f_f, c0f, n0f, m0f, cfg)
+        states = _chunk_states(kf, vf, i_f, f_f, c0f, n0f, m0f, cfg, gates)
     c_all, n_all, m_all, m_sub, c_last = states
     lower = cfg.norm_val * jnp.exp(-m_out) if cfg.stabilize_correctly else jnp.full_like(m_out, cfg.norm_val)
     norm, dden = denominator_cotangent(dh, h, den, lower, cfg.eps)
     dc_lastf, dn_lastf = _flat(dc_last.astype(F32)), _flat(dn_last.astype(F32))
 
-    dc_all, dn_all, dc_first = _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_lastf, dn_lastf, cfg)
-    dq, dk, dv, qdq, kdk = _backward_parallel(qf, kf, vf, dh, _gates(i_f, f_f, cfg.chunk_size), i_f, m_out, norm, dden,
-                                              c_all, n_all, m_all, dc_all, dn_all, cfg, (q.dtype, k.dtype, v.dtype))
+    dc_all, dn_all, dc_first = _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_lastf, dn_lastf, cfg,
+                                                 gates)
+    dq, dk, dv, qdq, kdk = _backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all,
+                                              dc_all, dn_all, cfg, (q.dtype, k.dtype, v.dtype))
     first_dot = jnp.sum(c0f * dc_first, axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
     last_dot = jnp.sum(c_last * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
     di, df, dm0 = gate_gradients(

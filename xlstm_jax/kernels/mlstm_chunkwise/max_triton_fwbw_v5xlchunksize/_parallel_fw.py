@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, nonfinite_chunks
+from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_log_forget, nonfinite_chunks, split_cumsum
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
     mlstm_xl_fw_parallel_kernel,
 )
@@ -75,15 +75,14 @@ def mlstm_chunkwise__parallel_fw_Hintra(
     BV = _pow2_block("siz_b_DHHV", siz_b_DHHV) if siz_b_DHHV is not None else min(128, max(16, 1 << (DHHV - 1).bit_length()))
     warps = num_warps if num_warps is not None else (4 if BK >= 64 else 2)
     i = vecI.reshape(B, NH, S).astype(jnp.float32)
-    gates = chunk_gates(i, vecF.astype(jnp.float32), L)
+    vec_b, vec_bl = split_cumsum(chunk_log_forget(vecF, L))
     flat = lambda x: x.reshape(B * NH, *x.shape[2:])  # noqa: E731
     c_all = matC_all.reshape(B * NH, NC + 1, DHQK, DHHV).astype(jnp.float32)
     n_all = vecN_all.reshape(B * NH, NC + 1, DHQK).astype(jnp.float32)
     h, den, m = launch(
         mlstm_xl_fw_parallel_kernel,
-        [flat(matQ), flat(matK), flat(matV.astype(matQ.dtype)), gates.b.reshape(B * NH, S),
-         gates.b_lo.reshape(B * NH, S), flat(i), c_all, n_all, flat(scaM_all).astype(jnp.float32),
-         nonfinite_chunks(c_all, n_all)],
+        [flat(matQ), flat(matK), flat(matV.astype(matQ.dtype)), vec_b.reshape(B * NH, S), vec_bl.reshape(B * NH, S),
+         flat(i), c_all, n_all, flat(scaM_all).astype(jnp.float32), nonfinite_chunks(c_all, n_all)],
         [jax.ShapeDtypeStruct((B * NH, S, DHHV), matQ.dtype), jax.ShapeDtypeStruct((B * NH, S), jnp.float32),
          jax.ShapeDtypeStruct((B * NH, S), jnp.float32)],
         grid=(NC * (L // LQ), -(-DHHV // BV)), num_warps=warps, num_stages=num_stages or 1,

@@ -70,7 +70,7 @@ def backward(residuals, cotangents, *, chunk_size: int, eps: float, dt: jnp.dtyp
         dc_last, dn_last = jnp.zeros_like(c0z), jnp.zeros_like(n0z)
 
     qc, kc, vc = to_chunks(q, L), to_chunks(k, L), to_chunks(v, L)
-    vec_b, _, vec_a, sca_g = chunk_gates(i, f, L)
+    vec_b, vec_a, sca_g = chunk_gates(i, f, L)
     c_prev, n_prev, c_last, n_last = border_states(kc, vc, vec_a, sca_g, m_border, c0z, n0z, dt)
     delta_h, dden = output_cotangents(dh, h, den, exp_neg(m_tok), eps)
     delta_h, dden, m_tok = to_chunks(delta_h, L), to_chunks(dden, L), to_chunks(m_tok, L)

@@ -149,7 +149,7 @@ def forward(
     c0, n0, m0 = initial_states_or_zeros(c0, n0, m0, MLSTMShape(B, NH, S, DHQK, v.shape[-1]), (q, k, v, i, f))
     scale = qk_scale(DHQK)
     qc, kc, vc = to_chunks(q, L), to_chunks(k, L), to_chunks(v, L)
-    vec_b, _, vec_a, sca_g = chunk_gates(i, f, L)
+    vec_b, vec_a, sca_g = chunk_gates(i, f, L)
     m_border = border_stabilizers(vec_a, sca_g, m0)
     c_prev, n_prev, c_last, n_last = border_states(kc, vc, vec_a, sca_g, m_border, c0, n0, dt)
 
