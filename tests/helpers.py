@@ -111,15 +111,15 @@ def outputs_and_grads(fn, inputs, weights=None):
     names = [n for n in INPUT_NAMES if n in inputs]
     args = {n: jnp.asarray(inputs[n]) for n in names}
 
-    def loss(a):
+    def loss(a, w):
         h, states = fn(**a)
-        return _loss(h.astype(jnp.float32), states, weights), (h, states)
+        return _loss(h.astype(jnp.float32), states, w), (h, states)
 
     if weights is None:
         h, states = jax.jit(lambda a: fn(**a))(args)
         grads = None
-    else:
-        (_, (h, states)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    else:  # the weights are arguments, not constants: a large h weight would be folded into the program
+        (_, (h, states)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args, weights)
     out = (np.asarray(h, np.float64), tuple(np.asarray(s, np.float64) for s in states))
     return out, None if grads is None else {n: np.asarray(g, np.float64) for n, g in grads.items()}
 

@@ -209,12 +209,20 @@ def _fix_interpreter() -> None:
 _INTERPRETER_LOCK = threading.Lock()
 
 
+def _unwritten(out: jax.ShapeDtypeStruct) -> np.ndarray:
+    """A host output buffer as a kernel finds it: NaN (the smallest integer), so an element a kernel fails to
+    write shows up in its results, as uninitialised CUDA memory would, rather than passing as a zero."""
+    dtype = np.dtype(out.dtype)
+    fill = np.nan if jnp.issubdtype(dtype, jnp.floating) else np.iinfo(dtype).min
+    return np.full(out.shape, fill, dtype)
+
+
 def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
     _fix_interpreter()
 
     def host(*arrays):
         ins = [np.ascontiguousarray(a) for a in arrays]
-        outs = [np.zeros(o.shape, o.dtype) for o in out_shapes]
+        outs = [_unwritten(o) for o in out_shapes]
         with _INTERPRETER_LOCK:
             _interpreted(kernel)[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
         return tuple(outs)
