@@ -174,11 +174,12 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
         BV = block(DHHV, p["xl_out_block"])
         kernel, grid = mlstm_xl_fw_parallel_kernel, (NC * (L // cfg.tile_q), -(-DHHV // BV))
         consts.update(LQ=cfg.tile_q, LKV=cfg.tile_kv)
+        careful = [nonfinite_chunks(c_all, n_all)]  # its careful body is taken per chunk
     else:
         BV = block(DHHV, p["out_v_block"])
         kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
-    careful = nonfinite_chunks(c_all, n_all)
-    h, den, m_out = launch(kernel, [q, k, v, vec_b, vec_bl, i, c_in, n_in, m_all, careful], outs, grid=grid,
+        careful = []  # its one body is the careful one (see the kernel)
+    h, den, m_out = launch(kernel, [q, k, v, vec_b, vec_bl, i, c_in, n_in, m_all, *careful], outs, grid=grid,
                            BV=BV, **_parallel_launch(cfg, p), **consts)
     return h, den, m_out, states
 

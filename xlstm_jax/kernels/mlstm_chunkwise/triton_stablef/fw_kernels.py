@@ -5,8 +5,7 @@ q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB, vecB_lo (B
 gate cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV) in the state-buffer dtype (the compute dtype, float32
 for float16), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k: state before chunk k, index NC: last state) or
 NS = NC (last state sliced off); m (BH, NC + 1) float32.
-The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32;
-CAREFUL (BH, NC) int32 marks the chunks whose k or v hold a NaN or inf (common.nonfinite_chunks).
+The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
 Addressing: every per-(b, h) base offset is int64.
 """
 
@@ -72,32 +71,18 @@ def mlstm_fw_recurrent_kernel(
 
 @triton.jit
 def mlstm_fw_parallel_kernel(
-    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, CAREFUL,
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL,
     H, DEN, M_OUT,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
     STABILIZE_CORRECTLY: tl.constexpr,
 ):
     """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers.
-    A NaN or inf in any input at token s reaches no earlier token: chunks marked in CAREFUL run the careful
-    variant of the body (see tile_ops), the others the plain one; each is compiled on its own."""
-    if tl.load(CAREFUL + tl.program_id(0).to(tl.int64) * NC + tl.program_id(1)) != 0:
-        _fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, BK, BV,
-                        QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, True)
-    else:
-        _fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, BK, BV,
-                        QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, False)
-
-
-@triton.jit
-def _fw_output_tile(
-    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT,
-    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
-    STABILIZE_CORRECTLY: tl.constexpr, CAREFUL: tl.constexpr,
-):
-    """The body of mlstm_fw_parallel_kernel; CAREFUL: select acausal entries away and keep non-finite value rows
-    from the tokens before them."""
+    A NaN or inf in any input at token s reaches no earlier token: every chunk takes the careful path of tile_ops
+    (acausal entries selected away, non-finite value rows zeroed and their query rows set to NaN). Unlike the xl
+    kernels this one has no per-chunk branch between a plain and a careful body: with that branch around its
+    pipelined loop (num_stages 2, triton 3.6) the H200 gave an h whose first call differed from later calls of the
+    same executable by 13% (den and m_t identical); the xl kernels' branch (num_stages 1) did not."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     iv = tl.program_id(2)
@@ -136,9 +121,8 @@ def _fw_output_tile(
     s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_s[:, None])
     inter = tl.exp(b + m_prev - m_s) * QK_SCALE
     v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-    if CAREFUL:
-        s_bar = tl.where(causal, s_bar, 0.0)
-        v, hit = finite_values(v, causal)
+    s_bar = tl.where(causal, s_bar, 0.0)
+    v, hit = finite_values(v, causal)
     num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
     m_t = m_s + tl.load(VEC_BL + bh * S + tok)
@@ -147,8 +131,7 @@ def _fw_output_tile(
     else:
         lower = tl.full((L,), NORM_VAL, tl.float32)
     h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
-    if CAREFUL:
-        h = tl.where(hit[:, None] > 0, float("nan"), h)
+    h = tl.where(hit[:, None] > 0, float("nan"), h)
     tl.store(H + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + tok, den, mask=(rt < L) & (iv == 0))
     tl.store(M_OUT + bh * S + tok, m_t, mask=(rt < L) & (iv == 0))
