@@ -27,12 +27,9 @@ from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_k
     mlstm_xl_bw_dv_kernel,
     mlstm_xl_fw_parallel_kernel,
 )
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import (
-    mlstm_bw_dkdv_kernel,
-    mlstm_bw_dq_kernel,
-    mlstm_bw_recurrent_kernel,
-)
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.fw_kernels import mlstm_fw_parallel_kernel, mlstm_fw_recurrent_kernel
+from xlstm_jax.kernels.mlstm_chunkwise.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.fw_kernels import mlstm_fw_parallel_kernel
 from xlstm_jax.mlstm.base import MLSTMShape, log_forget, pad_to_multiple, qk_scale
 
 MAX_HEAD_DIM = 1024

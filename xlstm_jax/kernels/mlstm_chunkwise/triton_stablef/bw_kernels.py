@@ -1,4 +1,5 @@
-"""Backward Triton kernels of the limit-chunk family (mlstm_math.md §4.9, true-derivative form of DESIGN.md §2).
+"""Backward per-chunk Triton kernels of the limit-chunk family, dq and dk/dv (the exact gradient of docs/math.md;
+the state cotangents: ../recurrence_kernels.py).
 
 The denominator is differentiated as an extra value column of ones: the output cotangent is
 (dh / norm, dden) with norm = max(|den|, lower) + eps and dden from common.output_cotangents (BH, S) float32.
@@ -13,56 +14,6 @@ import triton
 import triton.language as tl
 
 from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, log_decay
-
-
-@triton.jit
-def mlstm_bw_recurrent_kernel(
-    Q, DH, VEC_B, M_OUT, NORM, DDEN, SCA_G, M_ALL, DC_LAST, DN_LAST,
-    DC_ALL, DN_ALL, DC_FIRST,
-    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    QK_SCALE: tl.constexpr, SAVE_EVERY: tl.constexpr = 1,
-):
-    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the NC chunks of
-    length L; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states).
-    dC is accumulated in float32 and stored in DC_ALL's dtype; the initial state's dC also in float32 to DC_FIRST."""
-    bh = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    NBV: tl.constexpr = (DHHV + BV - 1) // BV
-    S: tl.constexpr = NC * L
-    rk = (pid // NBV) * BK + tl.arange(0, BK)
-    rv = (pid % NBV) * BV + tl.arange(0, BV)
-    rt = tl.arange(0, L)
-    mk = rk < DHQK
-    mv = rv < DHHV
-    c_off = rk[:, None] * DHHV + rv[None, :]
-    c_mask = mk[:, None] & mv[None, :]
-    n_mask = mk & (pid % NBV == 0)
-
-    dc = tl.load(DC_LAST + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
-    dn = tl.load(DN_LAST + bh * DHQK + rk, mask=mk, other=0.0)
-    NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
-    for j in range(NC):
-        kc = NC - 1 - j
-        save = (kc + 1) % SAVE_EVERY == 0
-        tl.store(DC_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty),
-                 mask=c_mask & save)
-        tl.store(DN_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK + rk, dn, mask=n_mask & save)
-        tok = kc * L + rt
-        m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
-        m_next = tl.load(M_ALL + bh * (NC + 1) + kc + 1)
-        g = tl.load(SCA_G + bh * NC + kc)
-        w = tl.exp(tl.load(VEC_B + bh * S + tok) + m_prev - tl.load(M_OUT + bh * S + tok)) * QK_SCALE
-        q_t = tl.load(Q + bh * S * DHQK + tok[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
-        qbar_t = q_t.to(tl.float32) * w[None, :]
-        norm = tl.load(NORM + bh * S + tok)
-        dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-        dh = dh.to(tl.float32) / norm[:, None]
-        decay = tl.exp(g + m_prev - m_next)
-        dc = decay * dc + dot_in(qbar_t, dh, Q.dtype.element_ty)
-        dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
-    tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask)
-    tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask)
-    tl.store(DN_ALL + bh * NSAVE * DHQK + rk, dn, mask=n_mask)
 
 
 @triton.jit

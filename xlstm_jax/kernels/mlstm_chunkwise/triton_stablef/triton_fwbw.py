@@ -1,7 +1,7 @@
 """Triton limit-chunk mLSTM ("stablef" family, seed 001): forward and a fused, true-derivative backward.
 
 Notation: B batch, NH heads, S sequence length, DHQK q/k head dim, DHHV v/h head dim, NC number of chunks,
-L chunk size. Kernels: fw_kernels.py (chunk-border states, outputs), bw_kernels.py (dC recurrence, dq, dk/dv); the
+L chunk size. Kernels: fw_kernels.py (outputs), bw_kernels.py (dq, dk/dv), ../recurrence_kernels.py (states, dC); the
 differentiable core (padding, launches, custom_vjp, gate gradients in XLA) is shared with the xl-chunk family in
 xlstm_jax/kernels/mlstm_chunkwise/triton_core.py.
 

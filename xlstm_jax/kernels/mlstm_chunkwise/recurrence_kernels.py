@@ -1,0 +1,117 @@
+"""The state recurrences both Triton chunkwise families run (kernels of no family): the chunk-border states of
+the forward and their cotangents in the backward, one (BK, BV) tile of C per program, looping over the chunks.
+
+Layouts (BH = B·NH flattened, S = NC·L padded, all contiguous): k, q (BH, S, DHQK), v, dh (BH, S, DHHV) in the
+compute dtype; the gate vectors (BH, S) and chunk totals (BH, NC) float32 (common.chunk_gates at the recurrence's
+granularity L); states and their cotangents C (BH, NS, DHQK, DHHV) in the state-buffer dtype, n (BH, NS, DHQK) and
+m float32. Addressing: every per-(b, h) base offset is int64.
+"""
+
+import triton
+import triton.language as tl
+
+from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in
+
+
+@triton.jit
+def mlstm_fw_recurrent_kernel(
+    K, V, VEC_A, SCA_G, C0, N0, M0,
+    C_ALL, N_ALL, M_ALL, C_LAST,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SAVE_EVERY: tl.constexpr = 1,
+):
+    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC chunks of length L.
+
+    C and n are stored before every SAVE_EVERY-th chunk and at the end (NC // SAVE_EVERY + 1 states), m at every
+    chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks. C is accumulated in
+    float32 and stored in C_ALL's dtype (the parallel kernels only use C as a matmul operand); the last C is also
+    written in float32 to C_LAST (BH, DHQK, DHHV).
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    NBV: tl.constexpr = (DHHV + BV - 1) // BV
+    S: tl.constexpr = NC * L
+    rk = (pid // NBV) * BK + tl.arange(0, BK)
+    rv = (pid % NBV) * BV + tl.arange(0, BV)
+    rt = tl.arange(0, L)
+    mk = rk < DHQK
+    c_off = rk[:, None] * DHHV + rv[None, :]
+    c_mask = mk[:, None] & (rv < DHHV)[None, :]
+    n_mask = mk & (pid % NBV == 0)
+
+    c = tl.load(C0 + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
+    n = tl.load(N0 + bh * DHQK + rk, mask=mk, other=0.0)
+    m = tl.load(M0 + bh)
+    k_base = K + bh * S * DHQK
+    v_base = V + bh * S * DHHV
+    NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
+    for kc in range(NC):
+        save = kc % SAVE_EVERY == 0
+        tl.store(C_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty),
+                 mask=c_mask & save)
+        tl.store(N_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK + rk, n, mask=n_mask & save)
+        tl.store(M_ALL + bh * (NC + 1) + kc, m, mask=pid == 0)
+        a = tl.load(VEC_A + bh * S + kc * L + rt)
+        g = tl.load(SCA_G + bh * NC + kc)
+        m_new = tl.maximum(g + m, tl.max(a, axis=0))
+        k_t = tl.load(k_base + (kc * L + rt)[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        v_c = tl.load(v_base + (kc * L + rt)[:, None] * DHHV + rv[None, :], mask=(rv < DHHV)[None, :], other=0.0)
+        kbar_t = k_t.to(tl.float32) * tl.exp(a - m_new)[None, :]
+        decay = tl.exp(g + m - m_new)
+        c = decay * c + dot_in(kbar_t, v_c, v_c.dtype)
+        n = decay * n + tl.sum(kbar_t, axis=1)
+        m = m_new
+    tl.store(C_ALL + (bh * NSAVE + NSAVE - 1) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty), mask=c_mask)
+    tl.store(C_LAST + bh * DHQK * DHHV + c_off, c, mask=c_mask)
+    tl.store(N_ALL + (bh * NSAVE + NSAVE - 1) * DHQK + rk, n, mask=n_mask)
+    tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=pid == 0)
+
+
+@triton.jit
+def mlstm_bw_recurrent_kernel(
+    Q, DH, VEC_B, M_OUT, NORM, DDEN, SCA_G, M_ALL, DC_LAST, DN_LAST,
+    DC_ALL, DN_ALL, DC_FIRST,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QK_SCALE: tl.constexpr, SAVE_EVERY: tl.constexpr = 1,
+):
+    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the NC chunks of
+    length L; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states).
+    dC is accumulated in float32 and stored in DC_ALL's dtype; the initial state's dC also in float32 to DC_FIRST."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    NBV: tl.constexpr = (DHHV + BV - 1) // BV
+    S: tl.constexpr = NC * L
+    rk = (pid // NBV) * BK + tl.arange(0, BK)
+    rv = (pid % NBV) * BV + tl.arange(0, BV)
+    rt = tl.arange(0, L)
+    mk = rk < DHQK
+    mv = rv < DHHV
+    c_off = rk[:, None] * DHHV + rv[None, :]
+    c_mask = mk[:, None] & mv[None, :]
+    n_mask = mk & (pid % NBV == 0)
+
+    dc = tl.load(DC_LAST + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
+    dn = tl.load(DN_LAST + bh * DHQK + rk, mask=mk, other=0.0)
+    NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
+    for j in range(NC):
+        kc = NC - 1 - j
+        save = (kc + 1) % SAVE_EVERY == 0
+        tl.store(DC_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty),
+                 mask=c_mask & save)
+        tl.store(DN_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK + rk, dn, mask=n_mask & save)
+        tok = kc * L + rt
+        m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
+        m_next = tl.load(M_ALL + bh * (NC + 1) + kc + 1)
+        g = tl.load(SCA_G + bh * NC + kc)
+        w = tl.exp(tl.load(VEC_B + bh * S + tok) + m_prev - tl.load(M_OUT + bh * S + tok)) * QK_SCALE
+        q_t = tl.load(Q + bh * S * DHQK + tok[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        qbar_t = q_t.to(tl.float32) * w[None, :]
+        norm = tl.load(NORM + bh * S + tok)
+        dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        dh = dh.to(tl.float32) / norm[:, None]
+        decay = tl.exp(g + m_prev - m_next)
+        dc = decay * dc + dot_in(qbar_t, dh, Q.dtype.element_ty)
+        dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
+    tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask)
+    tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask)
+    tl.store(DN_ALL + bh * NSAVE * DHQK + rk, dn, mask=n_mask)
