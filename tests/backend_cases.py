@@ -22,10 +22,13 @@ NATIVE_BACKENDS = tuple(n for n, impl in IMPLEMENTATIONS.items() if not impl.nee
 CHUNKED_BACKENDS = tuple(n for n, impl in IMPLEMENTATIONS.items() if impl.chunk_sizes is not None)
 
 
+TRITON_MAX_HEAD_DIM = 1024  # triton_core.MAX_HEAD_DIM (not imported: that module imports triton)
+
+
 def head_dims_ok(name: str, DHQK: int, DHHV: int) -> bool:
-    """Triton kernels take head dims that are multiples of 16; native backends take any."""
+    """Triton kernels take any head dims up to 1024 (`triton_core.check_head_dims`); native backends take any."""
     if IMPLEMENTATIONS[name].needs_triton:
-        return DHQK % 16 == 0 and DHHV % 16 == 0
+        return max(DHQK, DHHV) <= TRITON_MAX_HEAD_DIM
     return True
 
 

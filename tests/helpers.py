@@ -2,7 +2,7 @@
 relative-error assertions.
 
 Loss convention for gradient tests: L = sum(W_h * h) + sum(W_C * C_S) + sum(W_n * n_S) + sum(W_m * m_S) with random
-weights, so every output and every last state carries a cotangent (DESIGN.md §2: true derivatives).
+weights, so every output and every last state carries a cotangent (true derivatives: docs/math.md §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`xlstm-jax bench`: the smoke sweep on CPU, the §8 cost model against mlstm_math.md's worked example, the
+"""`xlstm-jax bench`: the smoke sweep on CPU, the cost model against its worked example (docs/benchmarks.md), the
 presets, and isolation (a crashing, raising or hanging peer is reported without stopping the sweep)."""
 
 import csv
@@ -76,7 +76,7 @@ def test_smoke_preset_on_cpu_writes_csv_json_png(tmp_path, capsys):
     ],
 )
 def test_cost_model_matches_the_worked_example(L, fw_flops, fw_bytes, bw_flops, bw_bytes):
-    """mlstm_math.md §8.3: B=8, S=8192, NH=16, DHQK=128, DHV=256, bf16 q/k/v/h (table values have 3 digits)."""
+    """docs/benchmarks.md, "Cost model": B=8, S=8192, NH=16, DHQK=128, DHHV=256, bf16 q/k/v/h (3-digit values)."""
     shape = (8, 16, 8192, 128, 256, L)
     rel = 6e-3
     assert cost.mlstm_fw_flops(*shape, F_c=0.5) == pytest.approx(fw_flops[0], rel=rel)
@@ -107,7 +107,7 @@ def test_roofline_fractions_and_device_table():
     assert cost.device_peak("NVIDIA H200").hbm_bytes == 4.8e12
     assert cost.device_peak("NVIDIA A100-SXM4-80GB").bf16_flops == 312e12
     assert cost.device_peak("NVIDIA GH200 480GB") is None and cost.device_peak("cpu") is None
-    # §8.3, L=64: the forward is memory bound; at t = bytes / bandwidth (2.02 ms) it sits on the roofline
+    # worked example, L=64: the forward is memory bound; at t = bytes / bandwidth (2.02 ms) it sits on the roofline
     fw = cost.mlstm_cost(8, 16, 8192, 128, 256, 64, 2, "fw")
     t_mem = fw.bytes / h100.hbm_bytes
     assert t_mem * 1e3 == pytest.approx(2.02, abs=0.005)

@@ -24,7 +24,7 @@ def test_7b_defaults_give_the_released_dimensions():
     c = xLSTMLargeConfig()
     assert (c.qk_dim, c.v_dim, c.qk_head_dim, c.v_head_dim, c.ffn_dim) == (2048, 4096, 256, 512, 10944)
     assert c.num_params() == 6_865_424_896
-    # HF rounds the q/k and v widths up to a multiple of 64, the plain torch format does not (spec §1.2).
+    # HF rounds the q/k and v widths up to a multiple of 64, the plain torch format does not.
     hf = config_from_checkpoint_dict({"hidden_size": 96, "num_hidden_layers": 1, "num_heads": 2}, hf=True)
     plain = config_from_checkpoint_dict({"embedding_dim": 96, "num_blocks": 1, "num_heads": 2}, hf=False)
     assert (hf.qk_dim, hf.v_dim, plain.qk_dim, plain.v_dim) == (64, 128, 48, 96)

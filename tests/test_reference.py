@@ -1,5 +1,5 @@
 """The float64 reference itself (xlstm_jax/mlstm/reference.py), checked against an independent numpy float64 loop
-of the *unstabilized* true form (mlstm_math.md §1.1) with eps = 0, and for chunk-split state passing."""
+of the *unstabilized* true form (docs/math.md §1.1) with eps = 0, and for chunk-split state passing."""
 
 import jax
 import numpy as np

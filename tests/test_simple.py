@@ -198,7 +198,8 @@ def test_backend_context_length():
 
 
 def test_backend_vmapped_over_heads_with_and_without_states():
-    """The layer's way (mlstm_math.md §7.6): (B, S, NH, ·) tensors vmapped over axis 2, states over axis 1."""
+    """The layer's way (the xlstm-jax model layer's `run_backend`): (B, S, NH, ·) tensors vmapped over axis 2, states
+    over axis 1."""
     x = make_inputs(9, 2, 3, 14, 16, 8, with_state=True)
     backend = create_mlstm_backend("parallel_stabilized", context_length=32)
     bsnd = {n: np.moveaxis(x[n], 1, 2) for n in "qkv"}

@@ -1,6 +1,6 @@
-"""States are interchangeable between backends (DESIGN.md §2): backend a runs the first part of a sequence and
-returns its last states, backend b continues from them; h and the last states equal one unsplit run, and the
-gradients through the split equal the gradients of the unsplit float64 run.
+"""States are interchangeable between backends (README.md, "What this is"; docs/math.md §5.5): backend a runs the
+first part of a sequence and returns its last states, backend b continues from them; h and the last states equal
+one unsplit run, and the gradients through the split equal the gradients of the unsplit float64 run.
 
 Gradients through the split are chained exactly as autodiff of the composition does it: b's backward gives the
 cotangents of its initial states, which enter a's backward as cotangents of a's last states. Every backend's

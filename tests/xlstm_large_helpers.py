@@ -1,5 +1,5 @@
 """Helpers for the xLSTM-7B model tests: tiny configs, randomised parameters, and an independent float64 numpy
-forward pass of the architecture that reads torch-layout (HF-key) tensors (xlstm_model_spec.md §2)."""
+forward pass of the architecture that reads torch-layout (HF-key) tensors."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `version_problems` is a pure function of version strings: the Triton launch layer calls it before the first
 CUDA launch and `xlstm-jax doctor` prints its findings. Severity "error" means the Triton kernels must not run
 with that combination; "warning" means they run, with a caveat. A package given as None (not installed) is not
-checked. Sources: jax-triton's per-tag requirements and issues (docs: user_asks.md §2.1, §3.1).
+checked. Sources: jax-triton's per-tag requirements and its issue tracker.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`xlstm-jax bench`: runtime, peak memory and roofline fractions of every mLSTM backend, side by side with peers.
 
-Modules: `cases` (presets and cases), `cost` (FLOP/byte model of mlstm_math.md §8 and device peaks), `measure`
+Modules: `cases` (presets and cases), `cost` (FLOP/byte model of docs/benchmarks.md and device peaks), `measure`
 (in-process timing), `worker` (one case in an isolated subprocess), `peers` (cuDNN attention, mlstm_kernels),
 `torch_peer` (PyTorch peers), `report` (table, CSV, JSON, plots) and `runner` (the sweep and its CLI options).
 """

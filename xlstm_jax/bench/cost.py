@@ -1,9 +1,9 @@
 """FLOP and memory-traffic model of the benchmarked operations, and the bf16 peak / HBM bandwidth of known devices.
 
-The mLSTM model is the one of the clean-room spec mlstm_math.md §8 (per chunk per (b, h), then times
-NC·B·NH with NC = ⌈S/L⌉; every per-op factor F_exp, F_log, F_sig, F_max, F_abs = 1):
+The mLSTM model (also in docs/benchmarks.md, "Cost model") counts per chunk per (b, h), then times
+NC·B·NH with NC = ⌈S/L⌉; every per-op factor F_exp, F_log, F_sig, F_max, F_abs = 1:
 
-Forward FLOPs (§8.1, upstream's chunkwise-parallel count, causal factor F_c = 1/2):
+Forward FLOPs (upstream mlstm_kernels' roofline count of the chunkwise-parallel form, causal factor F_c = 1/2):
     gates (recurrent)      2L + L(L+1)/2 + 4L + 5
     state numerator        2·d·dv + 2L·d·dv + L·d
     state denominator      2d + 2L·d
@@ -12,13 +12,14 @@ Forward FLOPs (§8.1, upstream's chunkwise-parallel count, causal factor F_c = 1
     intra outputs          F_c·(2L²(d + dv) + 3L²)
     inter outputs          2L·d·dv + 3L·d
     output combination     2L·dv + 4L
-Forward bytes (§8.1): recurrent kernel loads L(d + dv)·b + 2L·g and stores (d·dv + d + 1)·g; parallel kernel
-loads L(2d + dv)·b + 2L·g + (d·dv + d + 1)·g and stores L·dv·b + 2L·g, with b the q/k/v/h element size and
-g = 4 (float32 gates and states).
+Forward bytes (upstream's count): recurrent kernel loads L(d + dv)·b + 2L·g and stores (d·dv + d + 1)·g;
+parallel kernel loads L(2d + dv)·b + 2L·g + (d·dv + d + 1)·g and stores L·dv·b + 2L·g, with b the q/k/v/h element
+size and g = 4 (float32 gates and states).
 
-Backward FLOPs (§8.2, xl-chunk as implemented, states recomputed): 10·L·d·dv (recompute states, dC recurrence,
-inter parts of dQ, dK, dV) + 6·F_c·L²(d + dv) (three kernels that each rebuild one L×L product).
-Backward bytes (§8.2, per chunk): recompute reads K, V, i, f and writes C, n, m; the dC pass reads Q, dH, N, M,
+Backward FLOPs (upstream has no count; xl-chunk as implemented, states recomputed): 10·L·d·dv (recompute
+states, dC recurrence, inter parts of dQ, dK, dV) + 6·F_c·L²(d + dv) (three kernels that each rebuild one L×L
+product).
+Backward bytes (per chunk): recompute reads K, V, i, f and writes C, n, m; the dC pass reads Q, dH, N, M,
 f and writes dC; the dV, dK and dQ passes each read two of Q/K/V, dH, one d×dv state, i, f, N, M and write
 their gradient; the gate-gradient pass reads Q, K, dQ, dK and writes di, df. fw+bw = forward + backward.
 
@@ -61,7 +62,7 @@ def _chunking(S: int, L: int) -> tuple[int, int]:
 
 
 def mlstm_fw_flops(B: int, NH: int, S: int, d: int, dv: int, L: int, F_c: float = F_C) -> float:
-    """§8.1 forward FLOPs of the chunkwise mLSTM with chunk size L."""
+    """Forward FLOPs of the chunkwise mLSTM with chunk size L (module docstring)."""
     L, NC = _chunking(S, L)
     per_chunk = (
         2 * L + L * (L + 1) / 2 + 4 * L + 5  # gates (recurrent part)
@@ -77,7 +78,7 @@ def mlstm_fw_flops(B: int, NH: int, S: int, d: int, dv: int, L: int, F_c: float 
 
 
 def mlstm_fw_bytes(B: int, NH: int, S: int, d: int, dv: int, L: int, qkv_bytes: int) -> float:
-    """§8.1 forward bytes (recurrent kernel + parallel kernel)."""
+    """Forward bytes (recurrent kernel + parallel kernel)."""
     L, NC = _chunking(S, L)
     b, g = qkv_bytes, STATE_BYTES
     state = (d * dv + d + 1) * g
@@ -87,13 +88,13 @@ def mlstm_fw_bytes(B: int, NH: int, S: int, d: int, dv: int, L: int, qkv_bytes: 
 
 
 def mlstm_bw_flops(B: int, NH: int, S: int, d: int, dv: int, L: int, F_c: float = F_C) -> float:
-    """§8.2 backward FLOPs (xl-chunk as implemented, states recomputed)."""
+    """Backward FLOPs (xl-chunk as implemented, states recomputed)."""
     L, NC = _chunking(S, L)
     return B * NH * NC * (10 * L * d * dv + 6 * F_c * L * L * (d + dv))
 
 
 def mlstm_bw_bytes(B: int, NH: int, S: int, d: int, dv: int, L: int, qkv_bytes: int) -> float:
-    """§8.2 backward bytes (recompute, dC, dV, dK, dQ and gate-gradient passes)."""
+    """Backward bytes (recompute, dC, dV, dK, dQ and gate-gradient passes)."""
     L, NC = _chunking(S, L)
     b, g = qkv_bytes, STATE_BYTES
     c_state = d * dv * g

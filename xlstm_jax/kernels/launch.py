@@ -1,4 +1,5 @@
-"""The one launch layer through which every Triton kernel of xlstm_jax is called (DESIGN.md §3).
+"""The one launch layer through which every Triton kernel of xlstm_jax is called (docs/kernels.md, "Triton launch
+layer").
 
 - CUDA: `jax_triton.triton_call` (imported lazily: it refuses to import without a CUDA jaxlib). jax-triton 0.3.1
   clobbers TRITON_CACHE_DIR on import; the previous value is restored. Works with 0.3.1 (`out_shape`) and 0.4.x

@@ -1,4 +1,4 @@
-"""`xlstm_jax.mlstm`: one signature for every mLSTM implementation (DESIGN.md §1); picks and runs a backend.
+"""`xlstm_jax.mlstm`: one signature for every mLSTM implementation (README.md, "Usage"); picks and runs a backend.
 
 Every implementation registered here is called as
 `impl(q, k, v, i, f, c_initial, n_initial, m_initial, *, return_last_states, eps, chunk_size, autocast_dtype)`

@@ -1,6 +1,6 @@
 """The contract every mLSTM implementation shares: input checks, dtype rules, gate math and neutral padding.
 
-Shapes (DESIGN.md §1): q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1);
+Shapes (README.md, "Usage"; docs/math.md): q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1);
 c_initial (B, NH, DHQK, DHHV), n_initial (B, NH, DHQK), m_initial (B, NH). States are float32, m in natural-log
 units. Every check runs on static shapes and dtypes, so it fires before anything is traced or launched.
 """

@@ -1,4 +1,4 @@
-"""Float64 reference: the literal max-stabilized mLSTM recurrence (mlstm_math.md §1.2), one time step at a time.
+"""Float64 reference: the literal max-stabilized mLSTM recurrence (docs/math.md §1.2), one time step at a time.
 
 Every backend is tested against this function, and `xlstm-jax doctor` runs it too. Gradients are plain
 autodiff through the recurrence (the max, the stabilizer and the denominator included): the true derivative.

@@ -43,7 +43,7 @@ class TrainResult:
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """clip_by_global_norm then AdamW(b1 0.9, b2 0.95, eps 1e-8) on a warmup + cosine schedule; weight decay only on
-    Dense kernels (spec §5)."""
+    Dense kernels."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
         decay_steps=config.steps, end_value=config.learning_rate * config.min_lr_ratio,

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints of the xLSTM-7B model, without torch (xlstm_model_spec.md §3).
+"""Safetensors checkpoints of the xLSTM-7B model, without torch.
 
 Two layouts, both torch state dicts (Linear weights (out, in), transposed into Dense kernels (in, out)):
 - "hf": the HF hub `NX-AI/xLSTM-7b` layout: `backbone.embeddings.weight`, `backbone.blocks.{i}.…`,
@@ -49,7 +49,7 @@ from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 
 LAYOUTS = ("hf", "plain")
 _EMBEDDING_KEY = {"hf": "backbone.embeddings.weight", "plain": "embedding.weight"}
-# fused key -> the single keys concatenated along the output axis, in this order (spec §3.3).
+# fused key -> the single keys concatenated along the output axis, in this order (upstream's fused weight mode).
 _FUSED = {
     "mlstm_layer.qkv_opreact": ("mlstm_layer.q", "mlstm_layer.k", "mlstm_layer.v", "mlstm_layer.ogate_preact"),
     "mlstm_layer.ifgate_preact": ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact"),

@@ -1,4 +1,4 @@
-"""Configuration of the xLSTM-7B ("xlstm_large" / mLSTMv1) language model (xlstm_model_spec.md §1).
+"""Configuration of the xLSTM-7B ("xlstm_large" / mLSTMv1) language model.
 
 The defaults are the released xLSTM-7B: D 4096, 32 blocks, 8 heads, vocab 50304, DHQK 256, DHV 512, FFN 10944.
 Any size works; the derived dimensions are properties. Conversion to and from the two checkpoint config files
@@ -159,7 +159,7 @@ class xLSTMLargeConfig:
 
 
 # Checkpoint config keys (HF `config.json` and the plain `xlstm_large` config) -> our field names. Several
-# spellings exist across upstream revisions (spec §1.2, §1.3).
+# spellings exist across upstream revisions.
 _ALIASES = {
     "embedding_dim": ("embedding_dim", "hidden_size"),
     "num_blocks": ("num_blocks", "num_hidden_layers"),

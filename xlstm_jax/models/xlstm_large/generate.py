@@ -1,5 +1,5 @@
 """Batched generation: one chunkwise prefill that returns the mLSTM states, then single-token recurrent steps
-carrying them, inside one jitted `lax.while_loop` (no per-token recompilation) (xlstm_model_spec.md §4).
+carrying them, inside one jitted `lax.while_loop` (no per-token recompilation).
 
 Prompts of different lengths are left-padded; padded steps get neutral gates, so they leave the states exactly
 unchanged and every row continues from its own last prompt token. Sampling: greedy (temperature 0), temperature,

@@ -1,4 +1,4 @@
-"""The xLSTM-7B language model in Flax NNX on the `xlstm_jax.mlstm` backends (xlstm_model_spec.md §2, §5).
+"""The xLSTM-7B language model in Flax NNX on the `xlstm_jax.mlstm` backends.
 
 Module and parameter names mirror the torch/HF state dict (`backbone.blocks.3.mlstm_layer.q.kernel` <->
 `backbone.blocks.3.mlstm_layer.q.weight`), so checkpoint conversion is a rename plus a transpose of Dense kernels.
@@ -91,7 +91,7 @@ class MultiHeadLayerNorm(nnx.Module):
 
 class mLSTMLayer(nnx.Module):
     """q/k/v/o projections, per-head soft-capped input and forget gates, the mLSTM cell on a backend, per-head norm,
-    sigmoid output gate and out projection (spec §2.3). weight_mode "fused" concatenates q|k|v|o, i|f and
+    sigmoid output gate and out projection. weight_mode "fused" concatenates q|k|v|o, i|f and
     (in the FFN) gate|up into one Dense each; the math is identical."""
 
     def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
@@ -159,7 +159,7 @@ class mLSTMLayer(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down (spec §2.5)."""
+    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down."""
 
     def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
         c = config
@@ -184,7 +184,7 @@ class FeedForward(nnx.Module):
 
 
 class mLSTMBlock(nnx.Module):
-    """x + mLSTM(RMSNorm(x)), then x + FFN(RMSNorm(x)) (spec §2.2)."""
+    """x + mLSTM(RMSNorm(x)), then x + FFN(RMSNorm(x)) (pre-norm, two residual branches)."""
 
     def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
         c = config

@@ -1,4 +1,4 @@
-"""The mLSTM backend layer: base class, name registry and factory (mlstm_math.md §7.1).
+"""The mLSTM backend layer: base class, name registry and factory (README.md, "Seed modules").
 
 A backend is a small callable object holding a config dataclass. Every backend takes
 `(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False)` with q, k

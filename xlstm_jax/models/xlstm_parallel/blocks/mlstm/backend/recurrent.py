@@ -1,5 +1,5 @@
 """Recurrent mLSTM: the seed-004 step and sequence functions and backend, and the `native_recurrent`
-implementation of `xlstm_jax.mlstm` (mlstm_math.md §1.2, §3, §7.4).
+implementation of `xlstm_jax.mlstm` (docs/math.md §1.2).
 
 Gradients are plain autodiff through the recurrence (true derivatives, the denominator included).
 """

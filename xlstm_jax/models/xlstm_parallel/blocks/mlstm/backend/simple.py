@@ -1,5 +1,5 @@
 """Parallel (quadratic) mLSTM: the seed-002 function and backend, and the `native_parallel` implementation of
-`xlstm_jax.mlstm` (mlstm_math.md §2, §7.3).
+`xlstm_jax.mlstm` (docs/math.md §2).
 
 The log forget-gate matrix is built in the stable form (a masked cumsum, so every entry is a sum of its own terms
 only, never a difference of long cumsums). Gradients are plain autodiff, i.e. true derivatives. Memory is O(S^2).
