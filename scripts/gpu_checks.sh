@@ -18,7 +18,7 @@
 #                   and the working tree alternating, two rounds each, every run in its own process: a before/after
 #                   table within one machine. BASE_DIR holds an older xlstm_jax package, e.g.
 #                   `mkdir -p .ab_base && git archive REV xlstm_jax | tar -x -C .ab_base` (name .ab_base in carry)
-# Needs jax with CUDA, triton and jax-triton importable (see ../shared/gpu/README.md for the wheels).
+# Needs jax with CUDA, triton and jax-triton importable (without network, jax-triton from a wheel downloaded beforehand into .whl/: docs/benchmarks.md).
 set -uo pipefail
 step=${1:?step}
 out=${2:?output folder}

@@ -1,7 +1,7 @@
 """XLA pieces every chunkwise implementation (native and Triton) shares: gate cumsums, the output cotangents of the
 normalized output, and the gate / stabilizer gradient epilogue.
 
-Backward convention (DESIGN.md §2, mlstm_math.md §4.9): the kernels differentiate with every stabilizer m held
+Backward convention (docs/math.md §5): the kernels differentiate with every stabilizer m held
 constant, but *through* the denominator N_t = max(|q̂·ñ_t|, e^{-m_t}): the denominator behaves like an extra value
 column of ones, whose output cotangent is `dden`. The dependence of the returned last stabilizer m_S on the gates
 is added here exactly (m_S is a max over a chain of sums, so its derivative follows the argmax).
@@ -42,7 +42,7 @@ def chunk_log_forget(f: jax.Array, chunk_size: int) -> jax.Array:
 
 
 def chunk_gates(i: jax.Array, f: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-chunk gate quantities (mlstm_math.md §4.1), float32.
+    """Per-chunk gate quantities (docs/math.md §3.1), float32.
 
     i, f: (B, NH, S) pre-activations with S % chunk_size == 0. Returns
     vecB (B, NH, NC, L): inclusive within-chunk cumsum of log forget gates (the high part of `split_cumsum`),
@@ -102,7 +102,7 @@ def gate_gradients(
     last_state_dot: jax.Array,
     dm_last: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients of i, f and m_initial from the complete dq, dk (mlstm_math.md §4.9.2-4.9.3, plus the m_S path).
+    """Gradients of i, f and m_initial from the complete dq, dk (docs/math.md §5.5, the m_S path included).
 
     qdq, kdk: row_dot(q, dq), row_dot(k, dk) (B, NH, S) float32; i, f: (B, NH, S); m_initial: (B, NH) (zeros if
     none was given).

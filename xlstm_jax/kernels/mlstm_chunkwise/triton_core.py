@@ -6,7 +6,7 @@ custom_vjp wiring. The family decides only which parallel kernels run:
   chunk-border states computed at a finer inter-chunk granularity (states stored only at chunk borders).
 
 Shapes: B, NH, S, DHQK, DHHV; NC chunks of length L; BH = B·NH. Kernel operands are flattened to (BH, ...).
-Backward convention: DESIGN.md §2 (common.py).
+Backward convention: docs/math.md §5 (common.py).
 """
 
 from __future__ import annotations

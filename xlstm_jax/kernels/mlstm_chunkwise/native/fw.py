@@ -1,4 +1,4 @@
-"""Forward of the native chunkwise mLSTM (mlstm_math.md §4.1-4.3) on chunk-aligned inputs, plus the pieces the
+"""Forward of the native chunkwise mLSTM (docs/math.md §3) on chunk-aligned inputs, plus the pieces the
 backward recomputes (border states, intra-chunk log weights).
 
 Layout: q, k (B, NH, S, DHQK), v (B, NH, S, DHHV) are viewed as (B, NH, NC, L, ·); gates (B, NH, S) as
@@ -84,7 +84,7 @@ def border_states(
     n0: jax.Array,
     dt: jnp.dtype,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Stabilized states at the chunk borders for given border stabilizers (mlstm_math.md §4.2).
+    """Stabilized states at the chunk borders for given border stabilizers (docs/math.md §3.2).
 
     k (B, NH, NC, L, DHQK), v (B, NH, NC, L, DHHV); vec_a (B, NH, NC, L), sca_g (B, NH, NC), m_border
     (B, NH, NC + 1), c0 (B, NH, DHQK, DHHV), n0 (B, NH, DHQK) float32. Returns the states entering each chunk,

@@ -7,7 +7,7 @@ xlstm_jax/kernels/mlstm_chunkwise/triton_core.py.
 
 Differences from the upstream port, on purpose: states and m are in natural-log units (interchangeable with every
 other backend); any S (neutral padding); the denominator, initial states (C, n, m) and the last-state cotangents
-are differentiated exactly (DESIGN.md §2); h is returned in q's dtype; every argument below is honoured.
+are differentiated exactly (docs/math.md §5); h is returned in q's dtype; every argument below is honoured.
 """
 
 from __future__ import annotations
