@@ -25,39 +25,37 @@ import numpy as np
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats
 from xlstm_jax.kernels.mlstm_chunkwise import triton_core as core
 from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import xl_params
 
 SWEEP_TOL = 2e-2
+STAGES = ("fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.parallel", "bw.total", "fwbw")
 
 
-def config(family: str, chunk: int, dtype, tiles: tuple[int | None, ...] = (None, None, None)) -> core.KernelConfig:
-    """The kernel configuration of a run; xl `tiles` = (tile_q, tile_kv, inter_chunk_size), None: default."""
-    extra = {}
-    if family == "xl":
-        Lr, LQ, LKV = xl_params(chunk, tiles[2], tiles[0], tiles[1])
-        extra = dict(family="xl", inter_chunk_size=Lr, tile_q=LQ, tile_kv=LKV)
-    return core.KernelConfig(chunk_size=chunk, eps=1e-6, compute_dtype=jnp.dtype(dtype).name, **extra)
+def config(family: str, chunk: int, dtype, tiles: tuple[int | None, ...] = (None, None, None),
+           launch: dict[str, int] | None = None) -> core.KernelConfig:
+    """The kernel configuration of a run; xl `tiles` = (tile_q, tile_kv, inter_chunk_size), None: default;
+    `launch`: launch parameters over the table's."""
+    return core.KernelConfig.of(family, chunk, dtype, tiles).with_launch(**(launch or {}))
 
 
-def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None)) -> dict[str, tuple]:
-    """name -> (function, arguments) of every stage; the bw stages' inputs come from the checked-in launch."""
+def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None), launch=None) -> dict[str, tuple]:
+    """name -> (function, arguments) of every stage with `launch` over the table's launch parameters."""
     B, NH, S, DHQK, DHHV = shape
-    cfg = config(family, chunk, dtype, tiles)
+    cfg = config(family, chunk, dtype, tiles, launch)
     q, k, v, i, f = mlstm_inputs(*shape, dtype)
     c0 = jnp.zeros((B, NH, DHQK, DHHV), jnp.float32)
     n0, m0 = jnp.zeros((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)
-    flat = [core._flat(x) for x in (q, k, v, i, f, c0, n0, m0)]
+    flat = [core.flat(x) for x in (q, k, v, i, f, c0, n0, m0)]
     qf, kf, vf, i_f, f_f, c0f, n0f, m0f = flat
-    out, residuals = jax.jit(lambda *a: core._core_fwd(*a, cfg))(q, k, v, i, f, c0, n0, m0)
+    out, residuals = jax.jit(lambda *a: core.core_fwd(*a, cfg))(q, k, v, i, f, c0, n0, m0)
     h, den, m_out = residuals[8:11]
     dh = jnp.ones_like(h)
     lower = jnp.exp(-m_out)
     norm, dden = jax.jit(lambda *a: denominator_cotangent(*a, cfg.eps))(dh, h, den, lower)
-    c_all, n_all, m_all, m_sub, _ = jax.jit(lambda *a: core._chunk_states(*a, cfg))(kf, vf, i_f, f_f, c0f, n0f, m0f)
-    zeros_c, zeros_n = core._flat(jnp.zeros_like(c0)), core._flat(jnp.zeros_like(n0))
+    c_all, n_all, m_all, m_sub, _ = jax.jit(lambda *a: core.chunk_states(*a, cfg))(kf, vf, i_f, f_f, c0f, n0f, m0f)
+    zeros_c, zeros_n = core.flat(jnp.zeros_like(c0)), core.flat(jnp.zeros_like(n0))
     cot_args = (qf, dh, i_f, f_f, m_out, norm, dden, m_sub, zeros_c, zeros_n)
-    dc_all, dn_all, _ = jax.jit(lambda *a: core._state_cotangents(*a, cfg))(*cot_args)
-    gates = core._gates(i_f, f_f, chunk)
+    dc_all, dn_all, _ = jax.jit(lambda *a: core.state_cotangents(*a, cfg))(*cot_args)
+    gates = core.gate_vectors(i_f, f_f, chunk)
     grad_dtypes = (q.dtype, k.dtype, v.dtype)
     cotangents = (jnp.ones_like(out[0]), *(jnp.zeros_like(x) for x in out[1:]))
 
@@ -66,13 +64,13 @@ def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None)) -> d
                         argnums=(0, 1, 2, 3, 4))(*a)
 
     return {
-        "fw.states": (lambda *a: core._chunk_states(*a, cfg), (kf, vf, i_f, f_f, c0f, n0f, m0f)),
-        "fw.total": (lambda *a: core._forward(*a, cfg, q.dtype)[:3], tuple(flat)),
+        "fw.states": (lambda *a: core.chunk_states(*a, cfg), (kf, vf, i_f, f_f, c0f, n0f, m0f)),
+        "fw.total": (lambda *a: core.forward(*a, cfg, q.dtype)[:3], tuple(flat)),
         "bw.denominator": (lambda *a: denominator_cotangent(*a, cfg.eps), (dh, h, den, lower)),
-        "bw.state_cotangents": (lambda *a: core._state_cotangents(*a, cfg), cot_args),
-        "bw.parallel": (lambda *a: core._backward_parallel(*a, cfg, grad_dtypes),
+        "bw.state_cotangents": (lambda *a: core.state_cotangents(*a, cfg), cot_args),
+        "bw.parallel": (lambda *a: core.backward_parallel(*a, cfg, grad_dtypes),
                         (qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all)),
-        "bw.total": (lambda r, c: core._core_bwd(cfg, r, c), (residuals, cotangents)),
+        "bw.total": (lambda r, c: core.core_bwd(cfg, r, c), (residuals, cotangents)),
         "fwbw": (fwbw, (q, k, v, i, f)),
     }
 
@@ -90,32 +88,27 @@ def _deviation(outs, base) -> float:
     return max(float(np.linalg.norm(o - b) / max(np.linalg.norm(b), 1e-30)) for o, b in zip(outs, base))
 
 
-def sweep(calls: dict, names: list[str], grid: dict[str, list[int]], reps: int) -> list[dict]:
-    """Time `names` at every point of the grid of launch parameters (set as core.LAUNCH overrides, restored
-    afterwards); rows sorted by total time."""
-    base = {name: run_stage(*calls[name], reps)[1] for name in names}
-    saved = dict(core.LAUNCH)
+def sweep(make_calls, names: list[str], grid: dict[str, list[int]], reps: int) -> list[dict]:
+    """Time `names` at every point of the grid of launch parameters (`make_calls(launch)`: the stages with those
+    over the table's); rows sorted by total time. Each point's outputs are compared with the table's."""
+    base_calls = make_calls({})
+    base = {name: run_stage(*base_calls[name], reps)[1] for name in names}
     rows = []
-    try:
-        for values in itertools.product(*grid.values()):
-            point = dict(zip(grid, values))
-            core.LAUNCH.clear()
-            core.LAUNCH.update({**saved, **point})
-            row = {"launch": point, "ms": {}, "deviation": 0.0}
-            try:
-                for name in names:
-                    ms, outs = run_stage(*calls[name], reps)
-                    row["ms"][name] = ms
-                    row["deviation"] = max(row["deviation"], _deviation(outs, base[name]))
-            except Exception as err:  # a point that fails to compile or launch is reported, not fatal
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            row["wrong"] = row["deviation"] > SWEEP_TOL
-            print(point, row.get("error") or " ".join(f"{n} {t:.3f}" for n, t in row["ms"].items()),
-                  f"dev {row['deviation']:.1e}", "WRONG" if row["wrong"] else "", flush=True)
-            rows.append(row)
-    finally:
-        core.LAUNCH.clear()
-        core.LAUNCH.update(saved)
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        row = {"launch": point, "ms": {}, "deviation": 0.0}
+        try:
+            calls = make_calls(point)
+            for name in names:
+                ms, outs = run_stage(*calls[name], reps)
+                row["ms"][name] = ms
+                row["deviation"] = max(row["deviation"], _deviation(outs, base[name]))
+        except Exception as err:  # a point that fails to compile or launch is reported, not fatal
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        row["wrong"] = row["deviation"] > SWEEP_TOL
+        print(point, row.get("error") or " ".join(f"{n} {t:.3f}" for n, t in row["ms"].items()),
+              f"dev {row['deviation']:.1e}", "WRONG" if row["wrong"] else "", flush=True)
+        rows.append(row)
     good = [r for r in rows if "error" not in r and not r["wrong"]]
     return sorted(good, key=lambda r: sum(r["ms"].values())) + [r for r in rows if r not in good]
 
@@ -137,7 +130,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", nargs="+", default=["limit:64", "xl:128"],
                         help="family:chunk, for xl optionally :tile_q:tile_kv[:inter_chunk_size]")
     parser.add_argument("--stages", nargs="+", help="only these stages (default: all)")
-    parser.add_argument("--sweep", nargs="+", help="LAUNCH grid, e.g. recurrent_stages=1,2,3 recurrent_block=32,64")
+    parser.add_argument("--sweep", nargs="+",
+                        help="a grid of launch parameters, e.g. recurrent_stages=1,2,3 recurrent_block=32,64")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args(argv)
@@ -146,12 +140,15 @@ def main(argv=None) -> None:
     for run in args.runs:
         family, chunk, *tiles = run.split(":")
         tiles = tuple(int(t) for t in tiles) + (None,) * (3 - len(tiles))
-        calls = stages(family, int(chunk), shape, jnp.dtype(args.dtype), tiles)
-        names = args.stages or list(calls)
+        def make_calls(launch, family=family, chunk=int(chunk), tiles=tiles):
+            return stages(family, chunk, shape, jnp.dtype(args.dtype), tiles, launch)
+
+        names = args.stages or list(STAGES)
         if args.sweep:
-            results[run] = sweep(calls, names, _grid(args.sweep, core.launch_params(*shape[3:])), args.reps)
+            results[run] = sweep(make_calls, names, _grid(args.sweep, core.launch_params(*shape[3:])), args.reps)
             print(run, "best:", results[run][0]["launch"], results[run][0]["ms"], flush=True)
         else:
+            calls = make_calls({})
             results[run] = {name: run_stage(*calls[name], args.reps)[0] for name in names}
             print(run, " ".join(f"{name} {ms:.3f}" for name, ms in results[run].items()), flush=True)
     if args.out:

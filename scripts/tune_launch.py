@@ -21,10 +21,6 @@ import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats, with_mode
 from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
-    mlstm_chunkwise_triton_xl_chunk,
-)
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
 
 # Candidates per knob. Launch-table keys are shared by both families (SHARED ones are tuned in the first run only);
 # "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
@@ -41,13 +37,19 @@ XL_ARGS = ("tile_q", "tile_kv", "inter_chunk_size")
 GRAD_TOL = 2e-2  # relative (norm-wise) deviation from the checked-in configuration's gradients
 
 
-def _fw(family: str, chunk: int, xl_args: dict):
-    """The family's forward at chunk size `chunk`, computing in the inputs' dtype (the seed default is float32)."""
-    if family == "limit":
-        return lambda q, k, v, i, f: mlstm_chunkwise_triton_stablef(
-            q, k, v, i, f, chunk_size=chunk, autocast_kernel_dtype=None)
-    return lambda q, k, v, i, f: mlstm_chunkwise_triton_xl_chunk(
-        q, k, v, i, f, chunk_size=chunk, autocast_kernel_dtype=None, **xl_args)
+def _fw(family: str, chunk: int, xl_args: dict, launch: dict):
+    """The family's forward at chunk size `chunk` with `launch` over the table's launch parameters, computing in
+    the inputs' dtype from zero initial states."""
+
+    def fw(q, k, v, i, f):
+        tiles = tuple(xl_args.get(name) for name in XL_ARGS)
+        cfg = triton_core.KernelConfig.of(family, chunk, q.dtype, tiles).with_launch(**launch)
+        B, NH, _, DHQK = q.shape
+        c0 = jnp.zeros((B, NH, DHQK, v.shape[-1]), jnp.float32)
+        n0, m0 = jnp.zeros((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)
+        return triton_core.mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg)[0]
+
+    return fw
 
 
 def _rel(a, b) -> float:
@@ -64,10 +66,8 @@ def evaluate(family, chunk, setting, args, reps, baseline):
     compile or run. The gradients are those of sum(h) with respect to q, k, v, i, f (the timed fw·bw call)."""
     launch = {k: v for k, v in setting.items() if k not in XL_ARGS}
     xl_args = {k: v for k, v in setting.items() if k in XL_ARGS and family == "xl"}
-    saved = dict(triton_core.LAUNCH)
-    triton_core.LAUNCH.update(launch)
     try:
-        fw = _fw(family, chunk, xl_args)
+        fw = _fw(family, chunk, xl_args, launch)
         fw_call = jax.jit(fw).lower(*args).compile()
         bw_call = jax.jit(with_mode(fw, "fwbw", 5)).lower(*args).compile()
         grads = [np.asarray(g, np.float64) for g in bw_call(*args)]
@@ -76,9 +76,6 @@ def evaluate(family, chunk, setting, args, reps, baseline):
     except Exception as err:  # a candidate that fails to compile or launch is just not chosen
         print(f"    {setting}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})", flush=True)
         return None
-    finally:
-        triton_core.LAUNCH.clear()
-        triton_core.LAUNCH.update(saved)
 
 
 def tune(family, chunk, shape, dtype, reps, shared, only=None):

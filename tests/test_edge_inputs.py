@@ -158,7 +158,7 @@ def test_chunk_gates_kernel_matches_the_float64_sums(L):
     i = rng.uniform(-3, 3, (BH, S)).astype(np.float32)
     f = rng.uniform(-1, 6, (BH, S)).astype(np.float32)
     f[0, 5], f[1, L + 3], f[1, L + 4], f[2, 2 * L - 1] = -INF, -1e30, -1e30, -INF
-    b, b_lo, a, g = (np.asarray(x, np.float64) for x in triton_core._gates(jnp.asarray(i), jnp.asarray(f), L))
+    b, b_lo, a, g = (np.asarray(x, np.float64) for x in triton_core.gate_vectors(jnp.asarray(i), jnp.asarray(f), L))
     logf = np.asarray(log_forget(jnp.asarray(f)), np.float64).reshape(BH, S // L, L)
     suffix = np.cumsum(logf[..., ::-1], axis=-1)[..., ::-1]
     ref_a = (np.concatenate([suffix[..., 1:], np.zeros_like(suffix[..., :1])], axis=-1)).reshape(BH, S) + i

@@ -41,11 +41,14 @@ def test_lookup_prefers_the_device_then_its_architecture_then_the_fallback(arch,
     assert launch_table.table_key(arch, *dims, table) == expected
 
 
-def test_overrides_win_over_the_table(monkeypatch):
-    monkeypatch.setitem(triton_core.LAUNCH, "recurrent_warps", 4)
-    params = triton_core.launch_params(128, 256)
+def test_a_calls_overrides_win_over_the_table_and_are_part_of_its_configuration():
+    cfg = triton_core.KernelConfig.of("limit", 64, "float32").with_launch(recurrent_warps=4)
+    params = triton_core.launch_params(128, 256, cfg.launch)
     assert params["recurrent_warps"] == 4
     assert params["block"] == launch_table.table_params(128, 256)["block"]
+    assert cfg != triton_core.KernelConfig.of("limit", 64, "float32") and hash(cfg) == hash(cfg.with_launch())
+    with pytest.raises(ValueError, match=r"unknown launch parameters \['recurent_warps'\]"):
+        triton_core.launch_params(128, 256, (("recurent_warps", 4),))
 
 
 def test_write_entry_stores_complete_params(tmp_path):
@@ -70,8 +73,7 @@ def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(mo
         mlstm_chunkwise_triton_xl_chunk,
     )
 
-    monkeypatch.setattr(triton_core, "LAUNCH", {"xl_dq_block": 16, "xl_dk_block": 64, "xl_dv_block": 32,
-                                                "xl_bw_warps": 8, "xl_warps": 1})
+    launch = {"xl_dq_block": 16, "xl_dk_block": 64, "xl_dv_block": 32, "xl_bw_warps": 8, "xl_warps": 1}
     seen, real = {}, triton_core.launch
 
     def recording(kernel, *args, **kwargs):
@@ -80,10 +82,21 @@ def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(mo
 
     monkeypatch.setattr(triton_core, "launch", recording)
     q, k, v, i, f = (jnp.asarray(x) for x in make_inputs(0, 1, 1, 32, 32, 48).values())
-    jax.grad(lambda q: mlstm_chunkwise_triton_xl_chunk(q, k, v, i, f, chunk_size=32, tile_q=16, tile_kv=16,
-                                                       num_warps=num_warps).sum())(q)
+    cfg = triton_core.KernelConfig.of("xl", 32, "float32", (16, 16, None)).with_launch(**launch)
+    if num_warps is None:  # the launch parameters of the call's configuration
+        c0, n0, m0 = jnp.zeros((1, 1, 32, 48)), jnp.zeros((1, 1, 32)), jnp.zeros((1, 1))
+        jax.grad(lambda q: triton_core.mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg)[0].sum())(q)
+    else:  # the public function's num_warps: every xl kernel
+        jax.grad(lambda q: mlstm_chunkwise_triton_xl_chunk(q, k, v, i, f, chunk_size=32, tile_q=16, tile_kv=16,
+                                                           num_warps=num_warps).sum())(q)
+        launch_table_blocks = triton_core.launch_params(32, 48)
+        launch = {name: launch_table_blocks[name] for name in ("xl_dq_block", "xl_dk_block", "xl_dv_block")}
     bw = num_warps or 8
     assert seen["mlstm_xl_fw_parallel_kernel"]["num_warps"] == (num_warps or 1)
-    assert seen["mlstm_xl_bw_dq_kernel"]["BK"] == 16 and seen["mlstm_xl_bw_dq_kernel"]["num_warps"] == bw
-    assert seen["mlstm_xl_bw_dk_kernel"]["BO"] == 32 and seen["mlstm_xl_bw_dk_kernel"]["num_warps"] == bw
-    assert seen["mlstm_xl_bw_dv_kernel"]["BO"] == 32 and seen["mlstm_xl_bw_dv_kernel"]["num_warps"] == bw
+    block = triton_core.block  # the column tile: the head dim's power of two, capped by the launch parameter
+    assert seen["mlstm_xl_bw_dq_kernel"]["BK"] == block(32, launch["xl_dq_block"])
+    assert seen["mlstm_xl_bw_dk_kernel"]["BO"] == block(32, launch["xl_dk_block"])
+    assert seen["mlstm_xl_bw_dv_kernel"]["BO"] == block(48, launch["xl_dv_block"])
+    assert all(seen[f"mlstm_xl_bw_{n}_kernel"]["num_warps"] == bw for n in ("dq", "dk", "dv"))
+    if num_warps is None:
+        assert (seen["mlstm_xl_bw_dq_kernel"]["BK"], seen["mlstm_xl_bw_dk_kernel"]["BO"]) == (16, 32)

@@ -71,26 +71,36 @@ def test_half_precision_compute(dtype):
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-2, bw_tol=2e-2)
 
 
-def test_backward_column_blocks_of_every_width(monkeypatch):
+def _xl_core(cfg):
+    """The xl core with the launch parameters of `cfg` (the public function uses the table's)."""
+
+    def fn(q, k, v, i, f, c_initial, n_initial, m_initial):
+        h, c, n, m = triton_core.mlstm_triton_core(q, k, v, i, f, c_initial, n_initial, m_initial, cfg)
+        return h, (c, n, m)
+
+    return fn
+
+
+def test_backward_column_blocks_of_every_width():
     """dq, dk, dv split into different numbers of output column blocks, the last ones partly masked."""
-    monkeypatch.setitem(triton_core.LAUNCH, "xl_dq_block", 16)
-    monkeypatch.setitem(triton_core.LAUNCH, "xl_dk_block", 32)
-    monkeypatch.setitem(triton_core.LAUNCH, "xl_dv_block", 16)
+    cfg = triton_core.KernelConfig.of("xl", 32, "float32", (16, 16, None)).with_launch(
+        xl_dq_block=16, xl_dk_block=32, xl_dv_block=16)
     x = make_inputs(3, 1, 2, 40, 48, 40, with_state=True)
     w = make_weights(3, x)
-    out, grads = outputs_and_grads(_xl(chunk_size=32, tile_q=16, tile_kv=16), x, w)
+    out, grads = outputs_and_grads(_xl_core(cfg), x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
 
 
 @pytest.mark.parametrize("entry", ["sm90/dh<=256", "sm90/dh>256"])
 @pytest.mark.parametrize("DHQK, DHHV", [(1024, 48), (48, 1024)])
-def test_head_dims_up_to_1024(DHQK, DHHV, entry, monkeypatch):
+def test_head_dims_up_to_1024(DHQK, DHHV, entry):
     """Head dims up to 1024 (the key and the value axis tiled in blocks), with the launch parameters of each
     checked-in table entry (their output column tiles differ)."""
-    monkeypatch.setattr(triton_core, "LAUNCH", dict(launch_table.load_table()["entries"][entry]["params"]))
+    params = launch_table.load_table()["entries"][entry]["params"]
+    cfg = triton_core.KernelConfig.of("xl", 16, "float32").with_launch(**params)
     x = make_inputs(4, 1, 1, 20, DHQK, DHHV, with_state=True)
     w = make_weights(4, x)
-    out, grads = outputs_and_grads(_xl(chunk_size=16), x, w)
+    out, grads = outputs_and_grads(_xl_core(cfg), x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-4, bw_tol=1e-3)
 
 

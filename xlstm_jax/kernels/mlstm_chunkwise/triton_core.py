@@ -35,14 +35,28 @@ from xlstm_jax.mlstm.base import MLSTMShape, log_forget, pad_to_multiple, qk_sca
 MAX_HEAD_DIM = 1024
 F32 = jnp.float32
 
-# Launch parameters come from the per-architecture table (launch_table.py). Tools that try candidates
-# (scripts/tune_launch.py, scripts/profile_stages.py) put them here, over the table's values; empty otherwise.
-LAUNCH: dict[str, int] = {}
+def launch_params(DHQK: int, DHHV: int, overrides: tuple[tuple[str, int], ...] = ()) -> dict[str, int]:
+    """The launch parameters of a call with these head dims on the default device: the launch table's entry
+    (launch_table.py) with the call's `overrides` ((name, value) pairs, KernelConfig.launch) over it."""
+    params = table_params(DHQK, DHHV)
+    unknown = sorted({name for name, _ in overrides} - set(params))
+    if unknown:
+        raise ValueError(f"unknown launch parameters {unknown}; known: {sorted(params)}.")
+    return {**params, **dict(overrides)}
 
 
-def launch_params(DHQK: int, DHHV: int) -> dict[str, int]:
-    """The launch parameters in effect for these head dims on the default device (table entry + LAUNCH)."""
-    return {**table_params(DHQK, DHHV), **LAUNCH}
+def tile_params(chunk_size: int, inter_chunk_size: int | None, tile_q: int | None, tile_kv: int | None):
+    """Resolve and check (inter_chunk_size, tile_q, tile_kv) of a tiled family for a chunk size: each a power of
+    two >= 16 dividing chunk_size; None picks min(64, chunk_size)."""
+    resolved = []
+    for name, value in (("inter_chunk_size", inter_chunk_size), ("tile_q", tile_q), ("tile_kv", tile_kv)):
+        value = min(64, chunk_size) if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value!r}.")
+        if value > chunk_size:
+            raise ValueError(f"{name}={value} must not exceed chunk_size={chunk_size}.")
+        resolved.append(value)
+    return tuple(resolved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +74,28 @@ class KernelConfig:
     inter_chunk_size: int | None = None  # recurrent granularity (divides chunk_size); None: chunk_size
     tile_q: int | None = None  # xl: query rows per tile (LQ)
     tile_kv: int | None = None  # xl: key rows per tile (LKV)
-    num_warps: int | None = None  # xl: warps of the parallel kernels; None: the launch table's xl_warps
+    # (name, value) pairs over the launch table's parameters for this call (launch_params); part of the jit key
+    launch: tuple[tuple[str, int], ...] = ()
 
     @property
     def recurrent_chunk(self) -> int:
         return self.inter_chunk_size or self.chunk_size
+
+    @classmethod
+    def of(cls, family: str, chunk_size: int, compute_dtype: str, tiles=(None, None, None), **fields) -> KernelConfig:
+        """The configuration of a `family` ("limit" | "xl") call; xl `tiles` = (tile_q, tile_kv, inter_chunk_size),
+        None: tile_params' default. `fields`: the other KernelConfig fields (eps defaults to 1e-6)."""
+        if family == "xl":
+            inter, LQ, LKV = tile_params(chunk_size, tiles[2], tiles[0], tiles[1])
+            fields.update(inter_chunk_size=inter, tile_q=LQ, tile_kv=LKV)
+        elif family != "limit":
+            raise ValueError(f"family must be 'limit' or 'xl', got {family!r}.")
+        return cls(chunk_size=chunk_size, eps=fields.pop("eps", 1e-6), compute_dtype=jnp.dtype(compute_dtype).name,
+                   family=family, **fields)
+
+    def with_launch(self, **params: int) -> KernelConfig:
+        """This configuration with `params` over its launch parameters."""
+        return dataclasses.replace(self, launch=tuple(sorted({**dict(self.launch), **params}.items())))
 
 
 def block(dim: int, cap: int) -> int:
@@ -78,11 +109,11 @@ def check_head_dims(shape: MLSTMShape) -> None:
             raise ValueError(f"{name} must be <= {MAX_HEAD_DIM} for the Triton kernels, got {dim}.")
 
 
-def _flat(x: jax.Array) -> jax.Array:
+def flat(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _gates(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def gate_vectors(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """vecB, vecB_lo, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) float32 gates, for chunks of length
     L (common.chunk_gates and the low part of common.split_cumsum, in one Triton launch)."""
     BH, S = i.shape
@@ -98,9 +129,9 @@ def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
     return F32 if compute_dtype == jnp.float16 else compute_dtype
 
 
-def _recurrent_launch(DHQK: int, DHHV: int) -> dict:
+def _recurrent_launch(DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
     """Grid, head-dim tiles and launch parameters of a state-recurrence kernel: one (BK, BV) tile of C a program."""
-    p = launch_params(DHQK, DHHV)
+    p = launch_params(DHQK, DHHV, cfg.launch)
     BK, BV = block(DHQK, p["recurrent_block"]), block(DHHV, p["recurrent_block"])
     return dict(grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=p["recurrent_warps"],
                 num_stages=p["recurrent_stages"], DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV)
@@ -108,23 +139,25 @@ def _recurrent_launch(DHQK: int, DHHV: int) -> dict:
 
 def _parallel_launch(cfg: KernelConfig, p: dict[str, int], warps: int | None = None) -> dict:
     """num_warps / num_stages of a parallel (per-chunk) kernel from launch parameters `p`; `warps` overrides the
-    family's choice, and an xl call's own num_warps overrides both."""
+    family's choice."""
     if cfg.family == "xl":
-        return dict(num_warps=cfg.num_warps or warps or p["xl_warps"], num_stages=p["xl_stages"])
+        return dict(num_warps=warps or p["xl_warps"], num_stages=p["xl_stages"])
     if warps is None:
         warps = p["parallel_warps"] if cfg.chunk_size <= 64 else p["parallel_warps_l128"]
     return dict(num_warps=warps, num_stages=p["parallel_stages"])
 
 
 def _recurrent_gates(i, f, cfg: KernelConfig, gates):
-    """`_gates` at the state recurrence's granularity: `gates` (those of chunk_size) when it is chunk_size."""
-    return gates if gates is not None and cfg.recurrent_chunk == cfg.chunk_size else _gates(i, f, cfg.recurrent_chunk)
+    """`gate_vectors` at the state recurrence's granularity: `gates` (those of chunk_size) when it is chunk_size."""
+    if gates is not None and cfg.recurrent_chunk == cfg.chunk_size:
+        return gates
+    return gate_vectors(i, f, cfg.recurrent_chunk)
 
 
-def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
+def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     """States at chunk borders C (BH, NC+1, DHQK, DHHV) in the state-buffer dtype (only ever a matmul operand),
     n (BH, NC+1, DHQK), m (BH, NC+1), m at every recurrent sub-chunk border (BH, S // recurrent_chunk + 1), and the
-    last C (BH, DHQK, DHHV); float32 unless said otherwise. `gates`: `_gates(i, f, chunk_size)` if already made."""
+    last C (BH, DHQK, DHHV); float32 unless said otherwise. `gates`: `gate_vectors(i, f, chunk_size)` if already made."""
     BH, S, DHQK = k.shape
     DHHV = v.shape[-1]
     Lr = cfg.recurrent_chunk
@@ -139,7 +172,7 @@ def _chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
             jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
             jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
         ],
-        NC=S // Lr, L=Lr, SAVE_EVERY=every, **_recurrent_launch(DHQK, DHHV),
+        NC=S // Lr, L=Lr, SAVE_EVERY=every, **_recurrent_launch(DHQK, DHHV, cfg),
     )
     return c_all, n_all, m_sub[:, ::every], m_sub, c_last
 
@@ -149,19 +182,19 @@ def _kernel_states(c_all, n_all, cfg: KernelConfig):
     return (c_all, n_all) if cfg.reduce_slicing else (c_all[:, :-1], n_all[:, :-1])
 
 
-def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
+def forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     """Flattened, padded inputs (q, k, v in the compute dtype). Returns h (BH, S, DHHV) in `out_dtype`, the signed
     denominator and m_t (BH, S) float32, and the states."""
     BH, S, DHQK = q.shape
     DHHV = v.shape[-1]
     L = cfg.chunk_size
     NC = S // L
-    gates = _gates(i, f, L)
-    states = _chunk_states(k, v, i, f, c0, n0, m0, cfg, gates)
+    gates = gate_vectors(i, f, L)
+    states = chunk_states(k, v, i, f, c0, n0, m0, cfg, gates)
     c_all, n_all, m_all = states[:3]
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
     vec_b, vec_bl, _, _ = gates
-    p = launch_params(DHQK, DHHV)
+    p = launch_params(DHQK, DHHV, cfg.launch)
     outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
             jax.ShapeDtypeStruct((BH, S), F32)]
     consts = dict(NC=NC, NS=c_in.shape[1], L=L, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p["block"]),
@@ -181,10 +214,10 @@ def _forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     return h, den, m_out, states
 
 
-def _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_last, cfg: KernelConfig, gates=None):
+def state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_last, cfg: KernelConfig, gates=None):
     """Cotangents of the chunk-border states: dC (BH, NC+1, DHQK, DHHV) in the state-buffer dtype, dn (BH, NC+1, DHQK)
     float32 and the initial state's dC (BH, DHQK, DHHV) float32, from the last states' float32 cotangents.
-    `gates`: `_gates(i_f, f_f, chunk_size)` if already made."""
+    `gates`: `gate_vectors(i_f, f_f, chunk_size)` if already made."""
     BH, S, DHQK = qf.shape
     DHHV = dh.shape[-1]
     Lr = cfg.recurrent_chunk
@@ -196,20 +229,20 @@ def _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_la
         [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), _state_buffer_dtype(qf.dtype)),
          jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
          jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32)],
-        NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr, **_recurrent_launch(DHQK, DHHV),
+        NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr, **_recurrent_launch(DHQK, DHHV, cfg),
     )
 
 
-def _backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
+def backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all,
                        cfg: KernelConfig, grad_dtypes):
     """dq, dk, dv (BH, S, ·) in `grad_dtypes` (three dtypes) from the per-chunk kernels of the family, and the
-    float32 row dot products q_t·dq_t, k_t·dk_t (BH, S). `gates`: `_gates(i_f, f_f, chunk_size)`."""
+    float32 row dot products q_t·dq_t, k_t·dk_t (BH, S). `gates`: `gate_vectors(i_f, f_f, chunk_size)`."""
     BH, S, DHQK = qf.shape
     DHHV = vf.shape[-1]
     L = cfg.chunk_size
     NC = S // L
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
-    p = launch_params(DHQK, DHHV)
+    p = launch_params(DHQK, DHHV, cfg.launch)
     BK, BV = block(DHQK, p["block"]), block(DHHV, p["block"])
     consts = dict(NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK))
     dq_shape, dk_shape = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
@@ -240,20 +273,20 @@ def _backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_a
 
 def _pad_flat(q, k, v, i, f, L):
     q, k, v, i, f = pad_to_multiple(q, k, v, i, f, L)
-    return tuple(_flat(x) for x in (q, k, v, i, f))
+    return tuple(flat(x) for x in (q, k, v, i, f))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
     """(B, NH, S, ·) inputs, float32 gates (B, NH, S) and states -> (h in q's dtype, C_last, n_last, m_last)."""
-    return _core_fwd(q, k, v, i, f, c0, n0, m0, cfg)[0]
+    return core_fwd(q, k, v, i, f, c0, n0, m0, cfg)[0]
 
 
-def _core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
+def core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
     B, NH, S, _ = q.shape
     dt = jnp.dtype(cfg.compute_dtype)
     qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
-    h, den, m_out, states = _forward(qf, kf, vf, i_f, f_f, _flat(c0), _flat(n0), _flat(m0), cfg, q.dtype)
+    h, den, m_out, states = forward(qf, kf, vf, i_f, f_f, flat(c0), flat(n0), flat(m0), cfg, q.dtype)
     _, n_all, m_all, _, c_last = states
     out = (
         h.reshape(B, NH, -1, h.shape[-1])[:, :, :S],
@@ -265,32 +298,32 @@ def _core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
     return out, (q, k, v, i, f, c0, n0, m0, h, den, m_out, states)
 
 
-def _core_bwd(cfg: KernelConfig, residuals, cotangents):
+def core_bwd(cfg: KernelConfig, residuals, cotangents):
     q, k, v, i, f, c0, n0, m0, h, den, m_out, states = residuals
     dh, dc_last, dn_last, dm_last = cotangents
     B, NH, S, _ = q.shape
     dt = jnp.dtype(cfg.compute_dtype)
     qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
     S_pad = i_f.shape[1]
-    dh = _flat(jnp.pad(dh, ((0, 0), (0, 0), (0, S_pad - S), (0, 0))))
-    c0f, n0f, m0f = _flat(c0), _flat(n0), _flat(m0)
-    gates = _gates(i_f, f_f, cfg.chunk_size)
+    dh = flat(jnp.pad(dh, ((0, 0), (0, 0), (0, S_pad - S), (0, 0))))
+    c0f, n0f, m0f = flat(c0), flat(n0), flat(m0)
+    gates = gate_vectors(i_f, f_f, cfg.chunk_size)
     if states is None:
-        states = _chunk_states(kf, vf, i_f, f_f, c0f, n0f, m0f, cfg, gates)
+        states = chunk_states(kf, vf, i_f, f_f, c0f, n0f, m0f, cfg, gates)
     c_all, n_all, m_all, m_sub, c_last = states
     lower = cfg.norm_val * jnp.exp(-m_out) if cfg.stabilize_correctly else jnp.full_like(m_out, cfg.norm_val)
     norm, dden = denominator_cotangent(dh, h, den, lower, cfg.eps)
-    dc_lastf, dn_lastf = _flat(dc_last.astype(F32)), _flat(dn_last.astype(F32))
+    dc_lastf, dn_lastf = flat(dc_last.astype(F32)), flat(dn_last.astype(F32))
 
-    dc_all, dn_all, dc_first = _state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_lastf, dn_lastf, cfg,
+    dc_all, dn_all, dc_first = state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_lastf, dn_lastf, cfg,
                                                  gates)
-    dq, dk, dv, qdq, kdk = _backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all,
+    dq, dk, dv, qdq, kdk = backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all,
                                               dc_all, dn_all, cfg, (q.dtype, k.dtype, v.dtype))
     first_dot = jnp.sum(c0f * dc_first, axis=(-2, -1)) + jnp.sum(n0f * dn_all[:, 0], axis=-1)
     last_dot = jnp.sum(c_last * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
     di, df, dm0 = gate_gradients(
         qdq, kdk, i_f, f_f, m0f, first_state_dot=first_dot, last_state_dot=last_dot,
-        dm_last=_flat(dm_last.astype(F32)),
+        dm_last=flat(dm_last.astype(F32)),
     )
 
     def unflat(x, like):
@@ -304,4 +337,4 @@ def _core_bwd(cfg: KernelConfig, residuals, cotangents):
     )
 
 
-mlstm_triton_core.defvjp(_core_fwd, _core_bwd)
+mlstm_triton_core.defvjp(core_fwd, core_bwd)

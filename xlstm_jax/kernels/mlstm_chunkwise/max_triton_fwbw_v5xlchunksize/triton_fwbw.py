@@ -13,7 +13,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, check_head_dims, mlstm_triton_core
+from xlstm_jax.kernels.mlstm_chunkwise.triton_core import (
+    KernelConfig,
+    check_head_dims,
+    mlstm_triton_core,
+    tile_params,
+)
 from xlstm_jax.mlstm.base import (
     check_chunk_size,
     check_eps,
@@ -23,22 +28,6 @@ from xlstm_jax.mlstm.base import (
 )
 
 CHUNK_SIZES = (16, 2048)
-
-
-def xl_params(chunk_size: int, inter_chunk_size: int | None, tile_q: int | None, tile_kv: int | None):
-    """Resolve and check (inter_chunk_size, tile_q, tile_kv) for a chunk size: defaults min(64, chunk) each.
-
-    Every value must be a power of two >= 16 dividing chunk_size.
-    """
-    resolved = []
-    for name, value in (("inter_chunk_size", inter_chunk_size), ("tile_q", tile_q), ("tile_kv", tile_kv)):
-        value = min(64, chunk_size) if value is None else value
-        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {value!r}.")
-        if value > chunk_size:
-            raise ValueError(f"{name}={value} must not exceed chunk_size={chunk_size}.")
-        resolved.append(value)
-    return tuple(resolved)
 
 
 def mlstm_chunkwise_triton_xl_chunk(
@@ -73,15 +62,17 @@ def mlstm_chunkwise_triton_xl_chunk(
     i, f, shape = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     check_head_dims(shape)
     L = check_chunk_size(chunk_size, minimum=CHUNK_SIZES[0], maximum=CHUNK_SIZES[1])
-    inter, lq, lkv = xl_params(L, inter_chunk_size, tile_q, tile_kv)
+    inter, lq, lkv = tile_params(L, inter_chunk_size, tile_q, tile_kv)
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}.")
     cfg = KernelConfig(
         chunk_size=L, eps=check_eps(eps), norm_val=float(norm_val), stabilize_correctly=bool(stabilize_correctly),
         compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, q.dtype, "autocast_kernel_dtype").name,
         recompute_states_in_bw=bool(recompute_states_in_bw), family="xl", inter_chunk_size=inter, tile_q=lq,
-        tile_kv=lkv, num_warps=num_warps,
+        tile_kv=lkv,
     )
+    if num_warps is not None:  # the warps of every xl per-chunk kernel, forward and backward
+        cfg = cfg.with_launch(xl_warps=num_warps, xl_bw_warps=num_warps)
     c0, n0, m0 = initial_states_or_zeros(c_initial, n_initial, m_initial, shape, (q, k, v, i, f))
     h, c, n, m = mlstm_triton_core(q, k, v, i.astype(jnp.float32), f.astype(jnp.float32), c0, n0, m0, cfg)
     return (h, (c, n, m)) if return_last_states else h
