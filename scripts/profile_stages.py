@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats
-from xlstm_jax.kernels.mlstm_chunkwise import triton_core as core
+from xlstm_jax.kernels.mlstm_chunkwise import triton_core, triton_families
 from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent
 
 SWEEP_TOL = 2e-2
@@ -31,10 +31,10 @@ STAGES = ("fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.
 
 
 def config(family: str, chunk: int, dtype, tiles: tuple[int | None, ...] = (None, None, None),
-           launch: dict[str, int] | None = None) -> core.KernelConfig:
+           launch: dict[str, int] | None = None) -> triton_core.KernelConfig:
     """The kernel configuration of a run; xl `tiles` = (tile_q, tile_kv, inter_chunk_size), None: default;
     `launch`: launch parameters over the table's."""
-    return core.KernelConfig.of(family, chunk, dtype, tiles).with_launch(**(launch or {}))
+    return triton_families.config(family, chunk, dtype, tiles).with_launch(**(launch or {}))
 
 
 def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None), launch=None) -> dict[str, tuple]:
@@ -44,33 +44,34 @@ def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None), laun
     q, k, v, i, f = mlstm_inputs(*shape, dtype)
     c0 = jnp.zeros((B, NH, DHQK, DHHV), jnp.float32)
     n0, m0 = jnp.zeros((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)
-    flat = [core.flat(x) for x in (q, k, v, i, f, c0, n0, m0)]
+    flat = [triton_core.flat(x) for x in (q, k, v, i, f, c0, n0, m0)]
     qf, kf, vf, i_f, f_f, c0f, n0f, m0f = flat
-    out, residuals = jax.jit(lambda *a: core.core_fwd(*a, cfg))(q, k, v, i, f, c0, n0, m0)
+    out, residuals = jax.jit(lambda *a: triton_core.core_fwd(*a, cfg))(q, k, v, i, f, c0, n0, m0)
     h, den, m_out = residuals[8:11]
     dh = jnp.ones_like(h)
     lower = jnp.exp(-m_out)
     norm, dden = jax.jit(lambda *a: denominator_cotangent(*a, cfg.eps))(dh, h, den, lower)
-    c_all, n_all, m_all, m_sub, _ = jax.jit(lambda *a: core.chunk_states(*a, cfg))(kf, vf, i_f, f_f, c0f, n0f, m0f)
-    zeros_c, zeros_n = core.flat(jnp.zeros_like(c0)), core.flat(jnp.zeros_like(n0))
+    states = jax.jit(lambda *a: triton_core.chunk_states(*a, cfg))(kf, vf, i_f, f_f, c0f, n0f, m0f)
+    c_all, n_all, m_all, m_sub, _ = states
+    zeros_c, zeros_n = triton_core.flat(jnp.zeros_like(c0)), triton_core.flat(jnp.zeros_like(n0))
     cot_args = (qf, dh, i_f, f_f, m_out, norm, dden, m_sub, zeros_c, zeros_n)
-    dc_all, dn_all, _ = jax.jit(lambda *a: core.state_cotangents(*a, cfg))(*cot_args)
-    gates = core.gate_vectors(i_f, f_f, chunk)
+    dc_all, dn_all, _ = jax.jit(lambda *a: triton_core.state_cotangents(*a, cfg))(*cot_args)
+    gates = triton_core.gate_vectors(i_f, f_f, chunk)
     grad_dtypes = (q.dtype, k.dtype, v.dtype)
     cotangents = (jnp.ones_like(out[0]), *(jnp.zeros_like(x) for x in out[1:]))
 
     def fwbw(*a):
-        return jax.grad(lambda *x: jnp.sum(core.mlstm_triton_core(*x, c0, n0, m0, cfg)[0].astype(jnp.float32)),
+        return jax.grad(lambda *x: jnp.sum(triton_core.mlstm_triton_core(*x, c0, n0, m0, cfg)[0].astype(jnp.float32)),
                         argnums=(0, 1, 2, 3, 4))(*a)
 
     return {
-        "fw.states": (lambda *a: core.chunk_states(*a, cfg), (kf, vf, i_f, f_f, c0f, n0f, m0f)),
-        "fw.total": (lambda *a: core.forward(*a, cfg, q.dtype)[:3], tuple(flat)),
+        "fw.states": (lambda *a: triton_core.chunk_states(*a, cfg), (kf, vf, i_f, f_f, c0f, n0f, m0f)),
+        "fw.total": (lambda *a: triton_core.forward(*a, cfg, q.dtype)[:3], tuple(flat)),
         "bw.denominator": (lambda *a: denominator_cotangent(*a, cfg.eps), (dh, h, den, lower)),
-        "bw.state_cotangents": (lambda *a: core.state_cotangents(*a, cfg), cot_args),
-        "bw.parallel": (lambda *a: core.backward_parallel(*a, cfg, grad_dtypes),
+        "bw.state_cotangents": (lambda *a: triton_core.state_cotangents(*a, cfg), cot_args),
+        "bw.parallel": (lambda *a: triton_core.backward_parallel(*a, cfg, grad_dtypes),
                         (qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_all, m_all, dc_all, dn_all)),
-        "bw.total": (lambda r, c: core.core_bwd(cfg, r, c), (residuals, cotangents)),
+        "bw.total": (lambda r, c: triton_core.core_bwd(cfg, r, c), (residuals, cotangents)),
         "fwbw": (fwbw, (q, k, v, i, f)),
     }
 
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
 
         names = args.stages or list(STAGES)
         if args.sweep:
-            results[run] = sweep(make_calls, names, _grid(args.sweep, core.launch_params(*shape[3:])), args.reps)
+            results[run] = sweep(make_calls, names, _grid(args.sweep, triton_core.launch_params(*shape[3:])), args.reps)
             print(run, "best:", results[run][0]["launch"], results[run][0]["ms"], flush=True)
         else:
             calls = make_calls({})
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype,
-                       "launch": core.launch_params(*shape[3:]), "results": results}, fh, indent=1)
+                       "launch": triton_core.launch_params(*shape[3:]), "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

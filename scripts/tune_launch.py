@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats, with_mode
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
+from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_families
 
 # Candidates per knob. Launch-table keys are shared by both families (SHARED ones are tuned in the first run only);
 # "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
@@ -43,7 +43,7 @@ def _fw(family: str, chunk: int, xl_args: dict, launch: dict):
 
     def fw(q, k, v, i, f):
         tiles = tuple(xl_args.get(name) for name in XL_ARGS)
-        cfg = triton_core.KernelConfig.of(family, chunk, q.dtype, tiles).with_launch(**launch)
+        cfg = triton_families.config(family, chunk, q.dtype, tiles).with_launch(**launch)
         B, NH, _, DHQK = q.shape
         c0 = jnp.zeros((B, NH, DHQK, v.shape[-1]), jnp.float32)
         n0, m0 = jnp.zeros((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)

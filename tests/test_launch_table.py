@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
+from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_families
 
 READ_BY_THE_KERNELS = {
     "recurrent_block", "recurrent_warps", "recurrent_stages", "block", "out_v_block", "parallel_warps",
@@ -42,11 +42,11 @@ def test_lookup_prefers_the_device_then_its_architecture_then_the_fallback(arch,
 
 
 def test_a_calls_overrides_win_over_the_table_and_are_part_of_its_configuration():
-    cfg = triton_core.KernelConfig.of("limit", 64, "float32").with_launch(recurrent_warps=4)
+    cfg = triton_families.config("limit", 64, "float32").with_launch(recurrent_warps=4)
     params = triton_core.launch_params(128, 256, cfg.launch)
     assert params["recurrent_warps"] == 4
     assert params["block"] == launch_table.table_params(128, 256)["block"]
-    assert cfg != triton_core.KernelConfig.of("limit", 64, "float32") and hash(cfg) == hash(cfg.with_launch())
+    assert cfg != triton_families.config("limit", 64, "float32") and hash(cfg) == hash(cfg.with_launch())
     with pytest.raises(ValueError, match=r"unknown launch parameters \['recurent_warps'\]"):
         triton_core.launch_params(128, 256, (("recurent_warps", 4),))
 
@@ -74,15 +74,17 @@ def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(mo
     )
 
     launch = {"xl_dq_block": 16, "xl_dk_block": 64, "xl_dv_block": 32, "xl_bw_warps": 8, "xl_warps": 1}
-    seen, real = {}, triton_core.launch
+    from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize import family as xl_family
+
+    seen, real = {}, xl_family.launch
 
     def recording(kernel, *args, **kwargs):
         seen[kernel.__name__] = kwargs
         return real(kernel, *args, **kwargs)
 
-    monkeypatch.setattr(triton_core, "launch", recording)
+    monkeypatch.setattr(xl_family, "launch", recording)
     q, k, v, i, f = (jnp.asarray(x) for x in make_inputs(0, 1, 1, 32, 32, 48).values())
-    cfg = triton_core.KernelConfig.of("xl", 32, "float32", (16, 16, None)).with_launch(**launch)
+    cfg = triton_families.config("xl", 32, "float32", (16, 16, None)).with_launch(**launch)
     if num_warps is None:  # the launch parameters of the call's configuration
         c0, n0, m0 = jnp.zeros((1, 1, 32, 48)), jnp.zeros((1, 1, 32)), jnp.zeros((1, 1))
         jax.grad(lambda q: triton_core.mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg)[0].sum())(q)

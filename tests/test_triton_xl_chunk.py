@@ -18,7 +18,7 @@ from helpers import (
     reference_outputs_and_grads,
 )
 
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core
+from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_families
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_fw import (
     mlstm_chunkwise__parallel_fw_Hintra,
@@ -83,7 +83,7 @@ def _xl_core(cfg):
 
 def test_backward_column_blocks_of_every_width():
     """dq, dk, dv split into different numbers of output column blocks, the last ones partly masked."""
-    cfg = triton_core.KernelConfig.of("xl", 32, "float32", (16, 16, None)).with_launch(
+    cfg = triton_families.config("xl", 32, "float32", (16, 16, None)).with_launch(
         xl_dq_block=16, xl_dk_block=32, xl_dv_block=16)
     x = make_inputs(3, 1, 2, 40, 48, 40, with_state=True)
     w = make_weights(3, x)
@@ -97,7 +97,7 @@ def test_head_dims_up_to_1024(DHQK, DHHV, entry):
     """Head dims up to 1024 (the key and the value axis tiled in blocks), with the launch parameters of each
     checked-in table entry (their output column tiles differ)."""
     params = launch_table.load_table()["entries"][entry]["params"]
-    cfg = triton_core.KernelConfig.of("xl", 16, "float32").with_launch(**params)
+    cfg = triton_families.config("xl", 16, "float32").with_launch(**params)
     x = make_inputs(4, 1, 1, 20, DHQK, DHHV, with_state=True)
     w = make_weights(4, x)
     out, grads = outputs_and_grads(_xl_core(cfg), x, w)

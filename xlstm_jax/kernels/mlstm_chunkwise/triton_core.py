@@ -1,9 +1,7 @@
-"""The differentiable core shared by both Triton chunkwise families: padding, gates, kernel launches and the
-custom_vjp wiring. The family decides only which parallel kernels run:
-
-- "limit" (triton_stablef/): one L x L tile per chunk in registers, chunk sizes 16..128;
-- "xl" (max_triton_fwbw_v5xlchunksize/): chunks tiled into (LQ, LKV) blocks, chunk sizes up to 2048, and the
-  chunk-border states computed at a finer inter-chunk granularity (states stored only at chunk borders).
+"""The differentiable core of the Triton chunkwise families: padding, gate vectors, the state recurrences, the
+custom_vjp wiring and the gate gradients. It imports no family: a family (triton_core.TritonFamily, e.g.
+triton_stablef/family.py, max_triton_fwbw_v5xlchunksize/family.py; by name in triton_families.py) is an object in
+the call's KernelConfig that launches its own per-chunk kernels, the outputs and the q, k, v gradients.
 
 Shapes: B, NH, S, DHQK, DHHV; NC chunks of length L; BH = B·NH. Kernel operands are flattened to (BH, ...).
 Backward convention: docs/math.md §5 (common.py).
@@ -13,23 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent, gate_gradients, nonfinite_chunks
+from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent, gate_gradients
 from xlstm_jax.kernels.mlstm_chunkwise.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
-    mlstm_xl_bw_dk_kernel,
-    mlstm_xl_bw_dq_kernel,
-    mlstm_xl_bw_dv_kernel,
-    mlstm_xl_fw_parallel_kernel,
-)
 from xlstm_jax.kernels.mlstm_chunkwise.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.fw_kernels import mlstm_fw_parallel_kernel
 from xlstm_jax.mlstm.base import MLSTMShape, log_forget, pad_to_multiple, qk_scale
 
 MAX_HEAD_DIM = 1024
@@ -70,28 +61,16 @@ class KernelConfig:
     stabilize_correctly: bool = True
     recompute_states_in_bw: bool = True
     reduce_slicing: bool = True
-    family: str = "limit"
+    family: TritonFamily | None = None  # the per-chunk kernels (a family object, e.g. triton_families.FAMILIES)
     inter_chunk_size: int | None = None  # recurrent granularity (divides chunk_size); None: chunk_size
-    tile_q: int | None = None  # xl: query rows per tile (LQ)
-    tile_kv: int | None = None  # xl: key rows per tile (LKV)
+    tile_q: int | None = None  # tiled families: query rows per tile (LQ)
+    tile_kv: int | None = None  # tiled families: key rows per tile (LKV)
     # (name, value) pairs over the launch table's parameters for this call (launch_params); part of the jit key
     launch: tuple[tuple[str, int], ...] = ()
 
     @property
     def recurrent_chunk(self) -> int:
         return self.inter_chunk_size or self.chunk_size
-
-    @classmethod
-    def of(cls, family: str, chunk_size: int, compute_dtype: str, tiles=(None, None, None), **fields) -> KernelConfig:
-        """The configuration of a `family` ("limit" | "xl") call; xl `tiles` = (tile_q, tile_kv, inter_chunk_size),
-        None: tile_params' default. `fields`: the other KernelConfig fields (eps defaults to 1e-6)."""
-        if family == "xl":
-            inter, LQ, LKV = tile_params(chunk_size, tiles[2], tiles[0], tiles[1])
-            fields.update(inter_chunk_size=inter, tile_q=LQ, tile_kv=LKV)
-        elif family != "limit":
-            raise ValueError(f"family must be 'limit' or 'xl', got {family!r}.")
-        return cls(chunk_size=chunk_size, eps=fields.pop("eps", 1e-6), compute_dtype=jnp.dtype(compute_dtype).name,
-                   family=family, **fields)
 
     def with_launch(self, **params: int) -> KernelConfig:
         """This configuration with `params` over its launch parameters."""
@@ -111,6 +90,81 @@ def check_head_dims(shape: MLSTMShape) -> None:
 
 def flat(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+class Operands(NamedTuple):
+    """What a family's per-chunk kernels read (flattened, padded; see `forward` and `backward_parallel`): q, k
+    (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; i (BH, S) float32; gates = gate_vectors(...); the
+    chunk-border states c_all, n_all, m_all and the buffers the kernels read c_in, n_in (_kernel_states); for the
+    backward also dh, m_out, norm, dden and the state cotangents dc_all, dn_all."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    i: jax.Array
+    gates: tuple[jax.Array, ...]
+    c_all: jax.Array
+    n_all: jax.Array
+    m_all: jax.Array
+    c_in: jax.Array
+    n_in: jax.Array
+    dh: jax.Array | None = None
+    m_out: jax.Array | None = None
+    norm: jax.Array | None = None
+    dden: jax.Array | None = None
+    dc_all: jax.Array | None = None
+    dn_all: jax.Array | None = None
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        """(BH, S, DHQK, DHHV)."""
+        return (*self.q.shape, self.v.shape[-1])
+
+    def output_inputs(self) -> list[jax.Array]:
+        """The inputs of an output kernel, in kernel order (Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL)."""
+        vec_b, vec_bl, _, _ = self.gates
+        return [self.q, self.k, self.v, vec_b, vec_bl, self.i, self.c_in, self.n_in, self.m_all]
+
+    def dq_inputs(self) -> list[jax.Array]:
+        vec_b, vec_bl, _, _ = self.gates
+        return [self.q, self.k, self.v, self.dh, vec_b, vec_bl, self.i, self.m_out, self.norm, self.dden, self.c_in,
+                self.n_in, self.m_all]
+
+    def dkdv_inputs(self) -> list[jax.Array]:
+        vec_b, vec_bl, vec_a, _ = self.gates
+        return [self.q, self.k, self.v, self.dh, vec_b, vec_bl, vec_a, self.i, self.m_out, self.norm, self.dden,
+                self.m_all, self.dc_all, self.dn_all]
+
+
+class TritonFamily(Protocol):
+    """The per-chunk kernels of a Triton chunkwise family; everything else (padding, gates, state recurrences,
+    custom_vjp, gate gradients) is this module's. A family is a frozen dataclass (hashable: part of the config)."""
+
+    name: str
+
+    def configure(self, chunk_size: int, tiles: tuple[int | None, ...]) -> dict[str, Any]:
+        """KernelConfig fields of a call with these tiles (tile_q, tile_kv, inter_chunk_size), checked."""
+
+    def outputs(self, x: Operands, cfg: KernelConfig, p: dict[str, int], out_dtype) -> tuple[jax.Array, ...]:
+        """h (BH, S, DHHV) in out_dtype, the signed denominator and m_t (BH, S) float32."""
+
+    def input_gradients(self, x: Operands, cfg: KernelConfig, p: dict[str, int], grad_dtypes) -> tuple:
+        """dq, dk, dv in grad_dtypes and the float32 row dot products q_t·dq_t, k_t·dk_t (BH, S)."""
+
+
+def output_consts(x: Operands, cfg: KernelConfig, p: dict[str, int]) -> dict[str, Any]:
+    """The compile-time constants every output kernel takes."""
+    BH, S, DHQK, DHHV = x.dims
+    return dict(NC=S // cfg.chunk_size, NS=x.c_in.shape[1], L=cfg.chunk_size, DHQK=DHQK, DHHV=DHHV,
+                BK=block(DHQK, p["block"]), QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val,
+                STABILIZE_CORRECTLY=cfg.stabilize_correctly)
+
+
+def gradient_consts(x: Operands, cfg: KernelConfig, p: dict[str, int]) -> dict[str, Any]:
+    """The compile-time constants every input-gradient kernel takes."""
+    BH, S, DHQK, DHHV = x.dims
+    return dict(NC=S // cfg.chunk_size, L=cfg.chunk_size, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p["block"]),
+                BV=block(DHHV, p["block"]), QK_SCALE=qk_scale(DHQK))
 
 
 def gate_vectors(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -137,16 +191,6 @@ def _recurrent_launch(DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
                 num_stages=p["recurrent_stages"], DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV)
 
 
-def _parallel_launch(cfg: KernelConfig, p: dict[str, int], warps: int | None = None) -> dict:
-    """num_warps / num_stages of a parallel (per-chunk) kernel from launch parameters `p`; `warps` overrides the
-    family's choice."""
-    if cfg.family == "xl":
-        return dict(num_warps=warps or p["xl_warps"], num_stages=p["xl_stages"])
-    if warps is None:
-        warps = p["parallel_warps"] if cfg.chunk_size <= 64 else p["parallel_warps_l128"]
-    return dict(num_warps=warps, num_stages=p["parallel_stages"])
-
-
 def _recurrent_gates(i, f, cfg: KernelConfig, gates):
     """`gate_vectors` at the state recurrence's granularity: `gates` (those of chunk_size) when it is chunk_size."""
     if gates is not None and cfg.recurrent_chunk == cfg.chunk_size:
@@ -157,7 +201,7 @@ def _recurrent_gates(i, f, cfg: KernelConfig, gates):
 def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     """States at chunk borders C (BH, NC+1, DHQK, DHHV) in the state-buffer dtype (only ever a matmul operand),
     n (BH, NC+1, DHQK), m (BH, NC+1), m at every recurrent sub-chunk border (BH, S // recurrent_chunk + 1), and the
-    last C (BH, DHQK, DHHV); float32 unless said otherwise. `gates`: `gate_vectors(i, f, chunk_size)` if already made."""
+    last C (BH, DHQK, DHHV); float32 unless said otherwise. `gates`: `gate_vectors(i, f, chunk_size)` if made."""
     BH, S, DHQK = k.shape
     DHHV = v.shape[-1]
     Lr = cfg.recurrent_chunk
@@ -185,32 +229,13 @@ def _kernel_states(c_all, n_all, cfg: KernelConfig):
 def forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     """Flattened, padded inputs (q, k, v in the compute dtype). Returns h (BH, S, DHHV) in `out_dtype`, the signed
     denominator and m_t (BH, S) float32, and the states."""
-    BH, S, DHQK = q.shape
-    DHHV = v.shape[-1]
-    L = cfg.chunk_size
-    NC = S // L
-    gates = gate_vectors(i, f, L)
+    DHQK, DHHV = q.shape[-1], v.shape[-1]
+    gates = gate_vectors(i, f, cfg.chunk_size)
     states = chunk_states(k, v, i, f, c0, n0, m0, cfg, gates)
     c_all, n_all, m_all = states[:3]
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
-    vec_b, vec_bl, _, _ = gates
-    p = launch_params(DHQK, DHHV, cfg.launch)
-    outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), F32),
-            jax.ShapeDtypeStruct((BH, S), F32)]
-    consts = dict(NC=NC, NS=c_in.shape[1], L=L, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p["block"]),
-                  QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val,
-                  STABILIZE_CORRECTLY=cfg.stabilize_correctly)
-    if cfg.family == "xl":
-        BV = block(DHHV, p["xl_out_block"])
-        kernel, grid = mlstm_xl_fw_parallel_kernel, (NC * (L // cfg.tile_q), -(-DHHV // BV))
-        consts.update(LQ=cfg.tile_q, LKV=cfg.tile_kv)
-        careful = [nonfinite_chunks(c_all, n_all)]  # its careful body is taken per chunk
-    else:
-        BV = block(DHHV, p["out_v_block"])
-        kernel, grid = mlstm_fw_parallel_kernel, (NC, -(-DHHV // BV))
-        careful = []  # its one body is the careful one (see the kernel)
-    h, den, m_out = launch(kernel, [q, k, v, vec_b, vec_bl, i, c_in, n_in, m_all, *careful], outs, grid=grid,
-                           BV=BV, **_parallel_launch(cfg, p), **consts)
+    x = Operands(q, k, v, i, gates, c_all, n_all, m_all, c_in, n_in)
+    h, den, m_out = cfg.family.outputs(x, cfg, launch_params(DHQK, DHHV, cfg.launch), out_dtype)
     return h, den, m_out, states
 
 
@@ -229,7 +254,8 @@ def state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_las
         [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), _state_buffer_dtype(qf.dtype)),
          jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
          jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32)],
-        NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr, **_recurrent_launch(DHQK, DHHV, cfg),
+        NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr,
+        **_recurrent_launch(DHQK, DHHV, cfg),
     )
 
 
@@ -237,38 +263,10 @@ def backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_al
                        cfg: KernelConfig, grad_dtypes):
     """dq, dk, dv (BH, S, ·) in `grad_dtypes` (three dtypes) from the per-chunk kernels of the family, and the
     float32 row dot products q_t·dq_t, k_t·dk_t (BH, S). `gates`: `gate_vectors(i_f, f_f, chunk_size)`."""
-    BH, S, DHQK = qf.shape
-    DHHV = vf.shape[-1]
-    L = cfg.chunk_size
-    NC = S // L
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
-    p = launch_params(DHQK, DHHV, cfg.launch)
-    BK, BV = block(DHQK, p["block"]), block(DHHV, p["block"])
-    consts = dict(NC=NC, L=L, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV, QK_SCALE=qk_scale(DHQK))
-    dq_shape, dk_shape = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
-    dv_shape = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
-    vec_b, vec_bl, vec_a, _ = gates
-    dq_in = [qf, kf, vf, dh, vec_b, vec_bl, i_f, m_out, norm, dden, c_in, n_in, m_all]
-    dkdv_in = [qf, kf, vf, dh, vec_b, vec_bl, vec_a, i_f, m_out, norm, dden, m_all, dc_all, dn_all]
-    if cfg.family != "xl":
-        row = jax.ShapeDtypeStruct((BH, S), F32)
-        dq, qdq = launch(mlstm_bw_dq_kernel, dq_in, [dq_shape, row], grid=(NC,), NS=c_in.shape[1],
-                         **_parallel_launch(cfg, p, p["dq_warps"]), **consts)
-        dk, dv, kdk = launch(mlstm_bw_dkdv_kernel, dkdv_in, [dk_shape, dv_shape, row], grid=(NC,),
-                             **_parallel_launch(cfg, p), **consts)
-        return dq, dk, dv, qdq, kdk
-    # each output column block rebuilds its score tiles over the full other head dim: wide blocks recompute less
-    run = _parallel_launch(cfg, p, p["xl_bw_warps"])
-    tiles = dict(LQ=cfg.tile_q, LKV=cfg.tile_kv)
-    b_dq, b_dk, b_dv = block(DHQK, p["xl_dq_block"]), block(DHQK, p["xl_dk_block"]), block(DHHV, p["xl_dv_block"])
-    n_dq, n_dk = -(-DHQK // b_dq), -(-DHQK // b_dk)
-    dq, qdq = launch(mlstm_xl_bw_dq_kernel, dq_in, [dq_shape, jax.ShapeDtypeStruct((BH, n_dq, S), F32)],
-                     grid=(NC * (L // cfg.tile_q), n_dq), NS=c_in.shape[1], **tiles, **run, **{**consts, "BK": b_dq})
-    dk, kdk = launch(mlstm_xl_bw_dk_kernel, dkdv_in, [dk_shape, jax.ShapeDtypeStruct((BH, n_dk, S), F32)],
-                     grid=(NC * (L // cfg.tile_kv), n_dk), BO=b_dk, **tiles, **run, **consts)
-    (dv,) = launch(mlstm_xl_bw_dv_kernel, dkdv_in, [dv_shape], grid=(NC * (L // cfg.tile_kv), -(-DHHV // b_dv)),
-                   BO=b_dv, **tiles, **run, **consts)
-    return dq, dk, dv, qdq.sum(axis=1), kdk.sum(axis=1)
+    x = Operands(qf, kf, vf, i_f, gates, c_all, n_all, m_all, c_in, n_in, dh, m_out, norm, dden, dc_all, dn_all)
+    p = launch_params(qf.shape[-1], vf.shape[-1], cfg.launch)
+    return cfg.family.input_gradients(x, cfg, p, grad_dtypes)
 
 
 def _pad_flat(q, k, v, i, f, L):

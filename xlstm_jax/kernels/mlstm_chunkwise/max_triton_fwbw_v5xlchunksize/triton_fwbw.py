@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.family import XL
 from xlstm_jax.kernels.mlstm_chunkwise.triton_core import (
     KernelConfig,
     check_head_dims,
@@ -68,7 +69,7 @@ def mlstm_chunkwise_triton_xl_chunk(
     cfg = KernelConfig(
         chunk_size=L, eps=check_eps(eps), norm_val=float(norm_val), stabilize_correctly=bool(stabilize_correctly),
         compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, q.dtype, "autocast_kernel_dtype").name,
-        recompute_states_in_bw=bool(recompute_states_in_bw), family="xl", inter_chunk_size=inter, tile_q=lq,
+        recompute_states_in_bw=bool(recompute_states_in_bw), family=XL, inter_chunk_size=inter, tile_q=lq,
         tile_kv=lkv,
     )
     if num_warps is not None:  # the warps of every xl per-chunk kernel, forward and backward

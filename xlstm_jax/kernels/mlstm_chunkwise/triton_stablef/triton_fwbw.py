@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, check_head_dims, mlstm_triton_core
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.family import LIMIT
 from xlstm_jax.mlstm.base import (
     check_chunk_size,
     check_eps,
@@ -58,7 +59,7 @@ def _mlstm_chunkwise_fwbw_generator(
         vecI, vecF, shape = check_inputs(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial)
         check_head_dims(shape)
         cfg = KernelConfig(
-            chunk_size=chunk_size, eps=check_eps(eps), norm_val=float(norm_val),
+            family=LIMIT, chunk_size=chunk_size, eps=check_eps(eps), norm_val=float(norm_val),
             stabilize_correctly=bool(stabilize_correctly),
             compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, matQ.dtype, "autocast_kernel_dtype").name,
             recompute_states_in_bw=bool(recompute_states_in_bw), reduce_slicing=bool(reduce_slicing),
