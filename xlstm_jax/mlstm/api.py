@@ -69,9 +69,9 @@ def triton_status() -> tuple[bool, str]:
 def resolve_backend(backend: str, chunk_size: int | None = None) -> str:
     """Map a backend name (or "auto") to a runnable implementation name; raise with the alternatives if it can't run.
 
-    "auto" on a CUDA GPU with Triton: triton_xl_chunk, every chunk size (triton_limit_chunk is faster at the 7B
-    heads, but its forward kernel changed after the GPU found it non-deterministic and is not yet verified there:
-    docs/benchmarks.md, "Issue 15"); elsewhere native_chunkwise.
+    "auto" on a CUDA GPU with Triton: triton_limit_chunk, the faster family at the 7B heads and on par at 16 heads
+    (docs/benchmarks.md, "Issue 15"), or triton_xl_chunk for a chunk_size beyond limit-chunk's range; elsewhere
+    native_chunkwise.
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown mLSTM backend {backend!r}; expected one of {list(BACKEND_NAMES)}.")
@@ -79,7 +79,8 @@ def resolve_backend(backend: str, chunk_size: int | None = None) -> str:
         ok, _ = triton_status()
         if not (ok and jax.default_backend() == "gpu"):
             return "native_chunkwise"
-        return "triton_xl_chunk"
+        limit_max = IMPLEMENTATIONS["triton_limit_chunk"].chunk_sizes[1]
+        return "triton_xl_chunk" if chunk_size is not None and chunk_size > limit_max else "triton_limit_chunk"
     if IMPLEMENTATIONS[backend].needs_triton:
         ok, why = triton_status()
         if not ok:
