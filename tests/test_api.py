@@ -75,10 +75,11 @@ BAD_INPUTS = [
 def no_backend_reached(monkeypatch):
     """Make reaching any backend implementation a test failure: input checks must fire first."""
 
-    def load(self):
-        raise AssertionError(f"backend {self.target} was reached with bad input")
+    def reached(self, x, o, chunk_size):
+        raise AssertionError(f"{type(self).__name__} was reached with bad input")
 
-    monkeypatch.setattr(api.Implementation, "load", load)
+    for impl in api.IMPLEMENTATIONS.values():
+        monkeypatch.setattr(type(impl), "run", reached)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

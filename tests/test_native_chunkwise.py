@@ -185,12 +185,6 @@ def test_defaults_and_argument_checks():
         mlstm_chunkwise_native(**x, c_initial=jnp.zeros((1, 2, 16, 8)))
 
 
-def test_unified_api_uses_this_implementation():
-    from xlstm_jax.mlstm.api import IMPLEMENTATIONS
-
-    assert IMPLEMENTATIONS["native_chunkwise"].load() is mlstm_chunkwise_native
-
-
 def test_chunkwise_backend():
     from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import (
         create_mlstm_backend,

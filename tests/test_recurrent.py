@@ -1,4 +1,4 @@
-"""Seed 004: `recurrent_step_fw`, `recurrent_sequence_fw`, the recurrent backend, and
+"""The documented recurrent module: `recurrent_step_fw`, `recurrent_sequence_fw`, the recurrent backend, and
 `xlstm_jax.mlstm(backend="native_recurrent")`, all against the float64 reference."""
 
 import inspect

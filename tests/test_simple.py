@@ -1,4 +1,4 @@
-"""Seed 002: `parallel_stabilized_simple`, the parallel backend, and `xlstm_jax.mlstm(backend="native_parallel")`,
+"""The documented parallel module: `parallel_stabilized_simple`, the parallel backend, and `xlstm_jax.mlstm(backend="native_parallel")`,
 all against the float64 reference."""
 
 import inspect

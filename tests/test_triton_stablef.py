@@ -1,4 +1,4 @@
-"""Triton limit-chunk kernels (seed 001) and the Triton backend (seed 000).
+"""Triton limit-chunk kernels (the documented triton_fwbw module) and the documented Triton backend.
 
 On CPU the real kernels run through Triton's interpreter at small shapes; `gpu` tests run them at realistic shapes
 on CUDA. Everything is compared with the float64 reference: outputs, last states and the gradients of all eight

@@ -1,4 +1,4 @@
-"""TFLA xl-chunk Triton kernels (seed 003 and the `triton_xl_chunk` backend).
+"""TFLA xl-chunk Triton kernels (the documented _parallel_fw module and the `triton_xl_chunk` backend).
 
 CPU: the real kernels through Triton's interpreter at small shapes and several tilings; `gpu`: realistic shapes.
 Compared with the float64 reference on outputs, last states and the gradients of all eight inputs.

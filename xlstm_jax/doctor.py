@@ -69,14 +69,7 @@ def backend_availability(name: str) -> tuple[bool, str]:
             ok, why = api.triton_status()
         except ImportError as exc:
             return False, f"launch layer missing ({exc})"
-        if not ok:
-            return False, why
-    try:
-        impl.load()
-    except (ImportError, AttributeError) as exc:
-        return False, f"cannot import {impl.target}: {exc}"
-    if impl.needs_triton:
-        return True, why
+        return ok, why
     return True, f"XLA on {jax.default_backend()}"
 
 

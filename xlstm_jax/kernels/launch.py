@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.mlstm.base import vary_like
+from xlstm_jax.kernels.base import vary_like
 
 INTERPRET_ENV = "XLSTM_JAX_TRITON_INTERPRET"
 

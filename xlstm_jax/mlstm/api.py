@@ -1,58 +1,89 @@
 """`xlstm_jax.mlstm`: one signature for every mLSTM implementation (README.md, "Usage"); picks and runs a backend.
 
-Every implementation registered here is called as
-`impl(q, k, v, i, f, c_initial, n_initial, m_initial, *, return_last_states, eps, chunk_size, autocast_dtype)`
-with validated inputs and gates already shaped (B, NH, S); it returns h (B, NH, S, DHHV) in q's dtype, or
+`mlstm` checks its inputs once (kernels/base.py) and runs the chosen implementation as `run(x, o, chunk_size)`: x
+the checked `MLSTMInputs` (gates shaped (B, NH, S)), o the `MLSTMOptions` (return_last_states, eps, autocast_dtype),
+chunk_size checked against the implementation's range. Each returns h (B, NH, S, DHHV) in q's dtype, or
 `(h, (C, n, m))` with float32 states.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from xlstm_jax.mlstm.base import check_chunk_size, check_eps, check_inputs, resolve_compute_dtype
+from xlstm_jax.kernels.base import (
+    MLSTMInputs,
+    MLSTMOptions,
+    check_chunk_size,
+    check_eps,
+    checked_inputs,
+    resolve_compute_dtype,
+)
+from xlstm_jax.kernels.launch import triton_availability
+from xlstm_jax.kernels.mlstm_chunkwise.native.api import chunkwise_native
+from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel
+from xlstm_jax.kernels.mlstm_recurrent import mlstm_recurrent
+from xlstm_jax.mlstm import context_parallel
 
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-    """Where an implementation lives and what it accepts."""
+    """One implementation of the op: what it accepts, and `run(x, o, chunk_size)` on checked inputs (chunk_size
+    checked against `chunk_sizes`, None for the unchunked forms)."""
 
-    target: str  # "module:function"
     needs_triton: bool
     chunk_sizes: tuple[int, int] | None  # (min, max) power-of-two chunk sizes; None: no chunking
     default_chunk_size: int | None
     description: str
+    context_parallel: bool = False  # takes sequence_axis_name (context_parallel.py)
 
-    def load(self) -> Callable[..., Any]:
-        module, name = self.target.split(":")
-        return getattr(importlib.import_module(module), name)
+    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
+        raise NotImplementedError
+
+
+class NativeParallel(Implementation):
+    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
+        return mlstm_parallel(x, o, chunk_size)
+
+
+class NativeRecurrent(Implementation):
+    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
+        return mlstm_recurrent(x, o, chunk_size)
+
+
+class NativeChunkwise(Implementation):
+    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
+        return chunkwise_native(x, o, chunk_size)
+
+
+class TritonLimitChunk(Implementation):
+    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
+        # Triton is optional: the family's modules are imported on the first call
+        from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_triton_limit_chunk
+
+        return mlstm_triton_limit_chunk(x, o, chunk_size)
+
+
+class TritonXlChunk(Implementation):
+    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
+        from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import mlstm_triton_xl_chunk
+
+        return mlstm_triton_xl_chunk(x, o, chunk_size)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    "native_parallel": Implementation(
-        "xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.simple:mlstm_parallel",
-        False, None, None, "quadratic parallel form in XLA (O(S^2) memory), autodiff",
+    "native_parallel": NativeParallel(False, None, None, "quadratic parallel form in XLA (O(S^2) memory), autodiff"),
+    "native_recurrent": NativeRecurrent(False, None, None, "step-by-step recurrence under lax.scan in XLA, autodiff"),
+    "native_chunkwise": NativeChunkwise(
+        False, (16, 512), 64, "chunkwise form in XLA with a hand-written backward, O(S) memory", True
     ),
-    "native_recurrent": Implementation(
-        "xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent:mlstm_recurrent",
-        False, None, None, "step-by-step recurrence under lax.scan in XLA, autodiff",
+    "triton_limit_chunk": TritonLimitChunk(
+        True, (16, 128), 64, "Triton limit-chunk kernels (one L x L tile per chunk), fused backward", True
     ),
-    "native_chunkwise": Implementation(
-        "xlstm_jax.kernels.mlstm_chunkwise.native.api:mlstm_chunkwise_native",
-        False, (16, 512), 64, "chunkwise form in XLA with a hand-written backward, O(S) memory",
-    ),
-    "triton_limit_chunk": Implementation(
-        "xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw:mlstm_triton_limit_chunk",
-        True, (16, 128), 64, "Triton limit-chunk kernels (one L x L tile per chunk), fused backward",
-    ),
-    "triton_xl_chunk": Implementation(
-        "xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw:mlstm_triton_xl_chunk",
-        True, (16, 2048), 64, "Triton TFLA xl-chunk kernels (tiled chunks of any size), exact backward",
+    "triton_xl_chunk": TritonXlChunk(
+        True, (16, 2048), 64, "Triton TFLA xl-chunk kernels (tiled chunks of any size), exact backward", True
     ),
 }
 
@@ -61,8 +92,6 @@ BACKEND_NAMES = ("auto", *IMPLEMENTATIONS)
 
 def triton_status() -> tuple[bool, str]:
     """Whether Triton kernels can run here, and why not."""
-    from xlstm_jax.kernels.launch import triton_availability
-
     return triton_availability()
 
 
@@ -104,6 +133,8 @@ def mlstm(
     return_last_states: bool = False,
     eps: float = 1e-6,
     autocast_dtype: Any = None,
+    sequence_axis_name: Any = None,
+    sequence_combine: str = "auto",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM cell over a whole sequence.
 
@@ -111,16 +142,18 @@ def mlstm(
     initial states c (B, NH, DHQK, DHHV), n (B, NH, DHQK), m (B, NH), all three or none. q is scaled by DHQK**-0.5
     inside. `autocast_dtype` is the matmul operand dtype (None: q's dtype); gate math and states are float32.
     Returns h (B, NH, S, DHHV) in q's dtype, or `(h, (C, n, m))` float32 with `return_last_states=True`.
+
+    Context parallelism: inside `jax.shard_map`, with q, k, v, i, f split along S over the mesh axis
+    `sequence_axis_name` (device d holds the d-th shard; initial states replicated), the call computes the whole
+    sequence's mLSTM; h is the local shard's, the last states are those after the whole sequence on every device.
+    `sequence_combine`: "all_gather" or "ppermute" (a log-step scan) for the shards' incoming states; "auto" takes
+    the all-gather up to 8 devices (context_parallel.py). native_chunkwise and the Triton backends only.
     """
-    i3, f3, _ = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     eps = check_eps(eps)
-    # as JAX sees them: numpy float64 arrays are float32 while 64-bit JAX is off
-    q, k, v, i3, f3, c_initial, n_initial, m_initial = (
-        None if x is None else jnp.asarray(x) for x in (q, k, v, i3, f3, c_initial, n_initial, m_initial)
-    )
-    resolve_compute_dtype(autocast_dtype, q.dtype)  # a float64 q under 64-bit JAX is refused here, naming q
+    resolve_compute_dtype(autocast_dtype, x.q.dtype)  # a float64 q under 64-bit JAX is refused here, naming q
     name = resolve_backend(backend, chunk_size)
-    impl = IMPLEMENTATIONS[name]
+    impl: Implementation = IMPLEMENTATIONS[name]
     if impl.chunk_sizes is None:
         if chunk_size is not None:
             raise ValueError(f"backend {name!r} does not take a chunk_size, got chunk_size={chunk_size}.")
@@ -128,7 +161,13 @@ def mlstm(
         chunk_size = impl.default_chunk_size
     else:
         chunk_size = check_chunk_size(chunk_size, minimum=impl.chunk_sizes[0], maximum=impl.chunk_sizes[1])
-    return impl.load()(
-        q, k, v, i3, f3, c_initial, n_initial, m_initial,
-        return_last_states=return_last_states, eps=eps, chunk_size=chunk_size, autocast_dtype=autocast_dtype,
-    )
+    options = MLSTMOptions(bool(return_last_states), eps, autocast_dtype)
+    if sequence_axis_name is None:
+        return impl.run(x, options, chunk_size)
+    if not impl.context_parallel:
+        able = [n for n, other in IMPLEMENTATIONS.items() if other.context_parallel]
+        raise ValueError(f"backend {name!r} cannot split a sequence over devices (sequence_axis_name="
+                         f"{sequence_axis_name!r}); use one of {able}.")
+    combine = context_parallel.check_combine(sequence_combine)
+    context_parallel.axis_size(sequence_axis_name)
+    return context_parallel.run(impl, x, options, chunk_size, sequence_axis_name, combine)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.mlstm.base import log_sigmoid
+from xlstm_jax.kernels.base import log_sigmoid
 
 
 def mlstm_recurrent_reference(

@@ -37,7 +37,7 @@ def check_backend(backend: str, chunk_size: int | None = None, field: str = "bac
     """Raise ConfigError unless `backend` is a known mLSTM backend, can run on this machine and takes
     `chunk_size` (None: the backend's default)."""
     from xlstm_jax.mlstm.api import BACKEND_NAMES, IMPLEMENTATIONS, resolve_backend
-    from xlstm_jax.mlstm.base import check_chunk_size
+    from xlstm_jax.kernels.base import check_chunk_size
 
     if backend not in BACKEND_NAMES:
         raise ConfigError(field, f"unknown backend {backend!r}; choose from {list(BACKEND_NAMES)}.")

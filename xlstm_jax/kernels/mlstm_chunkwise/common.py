@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.mlstm.base import log_forget
+from xlstm_jax.kernels.base import log_forget
 
 
 def reverse_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:

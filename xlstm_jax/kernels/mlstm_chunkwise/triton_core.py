@@ -16,12 +16,19 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.kernels.base import (
+    MLSTMInputs,
+    MLSTMShape,
+    initial_states_or_zeros,
+    log_forget,
+    pad_to_multiple,
+    qk_scale,
+)
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent, gate_gradients
 from xlstm_jax.kernels.mlstm_chunkwise.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
 from xlstm_jax.kernels.mlstm_chunkwise.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
-from xlstm_jax.mlstm.base import MLSTMShape, log_forget, pad_to_multiple, qk_scale
 
 MAX_HEAD_DIM = 1024
 F32 = jnp.float32
@@ -267,6 +274,16 @@ def backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_al
     x = Operands(qf, kf, vf, i_f, gates, c_all, n_all, m_all, c_in, n_in, dh, m_out, norm, dden, dc_all, dn_all)
     p = launch_params(qf.shape[-1], vf.shape[-1], cfg.launch)
     return cfg.family.input_gradients(x, cfg, p, grad_dtypes)
+
+
+def run(x: MLSTMInputs, cfg: KernelConfig, return_last_states: bool):
+    """Checked inputs (base.checked_inputs) -> h, or (h, (C, n, m)) with float32 states: zero initial states where
+    none are given, gates in float32, head dims checked against the kernels' limit."""
+    shape = MLSTMShape(*x.q.shape, x.v.shape[-1])
+    check_head_dims(shape)
+    c0, n0, m0 = initial_states_or_zeros(*x[5:], shape, x[:5])
+    h, c, n, m = mlstm_triton_core(x.q, x.k, x.v, x.i.astype(F32), x.f.astype(F32), c0, n0, m0, cfg)
+    return (h, (c, n, m)) if return_last_states else h
 
 
 def _pad_flat(q, k, v, i, f, L):

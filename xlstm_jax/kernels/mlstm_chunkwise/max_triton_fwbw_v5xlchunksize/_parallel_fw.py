@@ -1,4 +1,4 @@
-"""Seed 003: the xl-chunk parallel forward kernel (H intra + inter) as a standalone function."""
+"""A documented module: the xl-chunk parallel forward kernel (H intra + inter) as a standalone function."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlstm_jax.kernels.base import check_chunk_size
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_log_forget, nonfinite_chunks, split_cumsum
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
     mlstm_xl_fw_parallel_kernel,
 )
-from xlstm_jax.mlstm.base import check_chunk_size
 
 
 def _pow2_block(name: str, value: int, limit: int | None = None) -> int:

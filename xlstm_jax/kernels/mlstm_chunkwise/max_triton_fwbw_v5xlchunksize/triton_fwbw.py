@@ -11,46 +11,26 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.family import XL
-from xlstm_jax.kernels.mlstm_chunkwise.triton_core import (
-    KernelConfig,
-    check_head_dims,
-    mlstm_triton_core,
-    tile_params,
-)
-from xlstm_jax.mlstm.base import (
+from xlstm_jax.kernels.base import (
+    MLSTMInputs,
+    MLSTMOptions,
     check_chunk_size,
     check_eps,
-    check_inputs,
-    initial_states_or_zeros,
+    checked_inputs,
     resolve_compute_dtype,
 )
+from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.family import XL
+from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, run, tile_params
 
 CHUNK_SIZES = (16, 2048)
 
 
 def mlstm_chunkwise_triton_xl_chunk(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    i: jax.Array,
-    f: jax.Array,
-    c_initial: jax.Array | None = None,
-    n_initial: jax.Array | None = None,
-    m_initial: jax.Array | None = None,
-    return_last_states: bool = False,
-    eps: float = 1e-6,
-    chunk_size: int = 64,
-    autocast_kernel_dtype: Any = None,
-    inter_chunk_size: int | None = None,
-    tile_q: int | None = None,
-    tile_kv: int | None = None,
-    num_warps: int | None = None,
-    recompute_states_in_bw: bool = True,
-    stabilize_correctly: bool = True,
-    norm_val: float = 1.0,
+    q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states: bool = False,
+    eps: float = 1e-6, chunk_size: int = 64, autocast_kernel_dtype: Any = None, inter_chunk_size: int | None = None,
+    tile_q: int | None = None, tile_kv: int | None = None, num_warps: int | None = None,
+    recompute_states_in_bw: bool = True, stabilize_correctly: bool = True, norm_val: float = 1.0,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """Chunkwise mLSTM with the xl-chunk Triton kernels; differentiable (exact custom backward), vmappable.
 
@@ -60,31 +40,25 @@ def mlstm_chunkwise_triton_xl_chunk(
     None picks min(64, chunk_size). autocast_kernel_dtype: matmul operand dtype (None: q's dtype). Returns h
     (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m)) float32 with return_last_states.
     """
-    i, f, shape = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
-    check_head_dims(shape)
+    x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     L = check_chunk_size(chunk_size, minimum=CHUNK_SIZES[0], maximum=CHUNK_SIZES[1])
     inter, lq, lkv = tile_params(L, inter_chunk_size, tile_q, tile_kv)
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}.")
     cfg = KernelConfig(
         chunk_size=L, eps=check_eps(eps), norm_val=float(norm_val), stabilize_correctly=bool(stabilize_correctly),
-        compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, q.dtype, "autocast_kernel_dtype").name,
+        compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, x.q.dtype, "autocast_kernel_dtype").name,
         recompute_states_in_bw=bool(recompute_states_in_bw), family=XL, inter_chunk_size=inter, tile_q=lq,
         tile_kv=lkv,
     )
     if num_warps is not None:  # the warps of every xl per-chunk kernel, forward and backward
         cfg = cfg.with_launch(xl_warps=num_warps, xl_bw_warps=num_warps)
-    c0, n0, m0 = initial_states_or_zeros(c_initial, n_initial, m_initial, shape, (q, k, v, i, f))
-    h, c, n, m = mlstm_triton_core(q, k, v, i.astype(jnp.float32), f.astype(jnp.float32), c0, n0, m0, cfg)
-    return (h, (c, n, m)) if return_last_states else h
+    return run(x, cfg, bool(return_last_states))
 
 
-def mlstm_triton_xl_chunk(
-    q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *,
-    return_last_states=False, eps=1e-6, chunk_size=64, autocast_dtype=None,
-):
-    """`xlstm_jax.mlstm(backend="triton_xl_chunk")`: the standard denominator, default tiles."""
-    return mlstm_chunkwise_triton_xl_chunk(
-        q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=eps,
-        chunk_size=chunk_size, autocast_kernel_dtype=autocast_dtype,
-    )
+def mlstm_triton_xl_chunk(x: MLSTMInputs, o: MLSTMOptions, chunk_size: int):
+    """`xlstm_jax.mlstm(backend="triton_xl_chunk")` on checked inputs: the standard denominator, default tiles."""
+    inter, lq, lkv = tile_params(chunk_size, None, None, None)
+    cfg = KernelConfig(chunk_size=chunk_size, eps=o.eps, family=XL, inter_chunk_size=inter, tile_q=lq, tile_kv=lkv,
+                       compute_dtype=resolve_compute_dtype(o.autocast_dtype, x.q.dtype).name)
+    return run(x, cfg, o.return_last_states)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from xlstm_jax.kernels.base import MLSTMShape, exp_neg, initial_states_or_zeros, qk_scale
 from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, gate_gradients, output_cotangents, row_dot
 from xlstm_jax.kernels.mlstm_chunkwise.native.fw import (
     F32,
@@ -25,7 +26,6 @@ from xlstm_jax.kernels.mlstm_chunkwise.native.fw import (
     to_chunks,
     vec,
 )
-from xlstm_jax.mlstm.base import MLSTMShape, exp_neg, initial_states_or_zeros, qk_scale
 
 
 def _state_cotangents(qc, coef, delta_h, dden, decay, dc_last, dn_last, dt):

@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates
-from xlstm_jax.mlstm.base import (
+from xlstm_jax.kernels.base import (
     MLSTMShape,
     einsum_in,
     exp_neg,
@@ -25,6 +24,7 @@ from xlstm_jax.mlstm.base import (
     qk_scale,
     zero_nonfinite_rows,
 )
+from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST

@@ -1,4 +1,4 @@
-"""Triton limit-chunk mLSTM ("stablef" family, seed 001): forward and a fused, true-derivative backward.
+"""Triton limit-chunk mLSTM (a documented module; upstream calls the family "stablef"): forward and a fused, true-derivative backward.
 
 Notation: B batch, NH heads, S sequence length, DHQK q/k head dim, DHHV v/h head dim, NC number of chunks,
 L chunk size. Kernels: fw_kernels.py (outputs), bw_kernels.py (dq, dk/dv), ../recurrence_kernels.py (states, dC); the
@@ -18,15 +18,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, check_head_dims, mlstm_triton_core
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.family import LIMIT
-from xlstm_jax.mlstm.base import (
+from xlstm_jax.kernels.base import (
+    MLSTMInputs,
+    MLSTMOptions,
     check_chunk_size,
     check_eps,
-    check_inputs,
-    initial_states_or_zeros,
+    checked_inputs,
     resolve_compute_dtype,
 )
+from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, run
+from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.family import LIMIT
 
 CHUNK_SIZES = (16, 128)
 
@@ -56,23 +57,15 @@ def _mlstm_chunkwise_fwbw_generator(
     chunk_size = check_chunk_size(chunk_size, minimum=CHUNK_SIZES[0], maximum=CHUNK_SIZES[1])
 
     def forward(matQ, matK, matV, vecI, vecF, matC_initial=None, vecN_initial=None, scaM_initial=None):
-        vecI, vecF, shape = check_inputs(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial)
-        check_head_dims(shape)
+        x, _ = checked_inputs(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial)
         cfg = KernelConfig(
             family=LIMIT, chunk_size=chunk_size, eps=check_eps(eps), norm_val=float(norm_val),
             stabilize_correctly=bool(stabilize_correctly),
-            compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, matQ.dtype, "autocast_kernel_dtype").name,
+            compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, x.q.dtype, "autocast_kernel_dtype").name,
             recompute_states_in_bw=bool(recompute_states_in_bw), reduce_slicing=bool(reduce_slicing),
         )
-        c0, n0, m0 = initial_states_or_zeros(
-            matC_initial, vecN_initial, scaM_initial, shape, (matQ, matK, matV, vecI, vecF)
-        )
-        h, c, n, m = mlstm_triton_core(
-            matQ, matK, matV, vecI.astype(jnp.float32), vecF.astype(jnp.float32), c0, n0, m0, cfg
-        )
-        if not return_last_states:
-            return h, None, None, None
-        return h, c, n, m
+        h, (c, n, m) = run(x, cfg, return_last_states=True)
+        return (h, c, n, m) if return_last_states else (h, None, None, None)
 
     return forward
 
@@ -89,21 +82,9 @@ def _get_chunkwise_fwbw_kernel(autocast_kernel_dtype: Any, **kwargs: Any):
 
 
 def mlstm_chunkwise_triton_stablef(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    i: jax.Array,
-    f: jax.Array,
-    c_initial: jax.Array | None = None,
-    n_initial: jax.Array | None = None,
-    m_initial: jax.Array | None = None,
-    return_last_states: bool = False,
-    eps: float = 1e-6,
-    chunk_size: int = 64,
-    autocast_kernel_dtype: Any = jnp.float32,
-    stabilize_correctly: bool = True,
-    norm_val: float = 1.0,
-    reduce_slicing: bool = True,
+    q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states: bool = False,
+    eps: float = 1e-6, chunk_size: int = 64, autocast_kernel_dtype: Any = jnp.float32, stabilize_correctly: bool = True,
+    norm_val: float = 1.0, reduce_slicing: bool = True,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """Chunkwise mLSTM with the Triton limit-chunk kernels; differentiable (custom fused backward), vmappable.
 
@@ -120,12 +101,9 @@ def mlstm_chunkwise_triton_stablef(
     return (h, (c, n, m)) if return_last_states else h
 
 
-def mlstm_triton_limit_chunk(
-    q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *,
-    return_last_states=False, eps=1e-6, chunk_size=64, autocast_dtype=None,
-):
-    """`xlstm_jax.mlstm(backend="triton_limit_chunk")`: the standard denominator, compute dtype = q's unless set."""
-    return mlstm_chunkwise_triton_stablef(
-        q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=eps,
-        chunk_size=chunk_size, autocast_kernel_dtype=autocast_dtype,
-    )
+def mlstm_triton_limit_chunk(x: MLSTMInputs, o: MLSTMOptions, chunk_size: int):
+    """`xlstm_jax.mlstm(backend="triton_limit_chunk")` on checked inputs: the standard denominator, compute dtype =
+    q's unless set."""
+    compute = resolve_compute_dtype(o.autocast_dtype, x.q.dtype).name
+    return run(x, KernelConfig(family=LIMIT, chunk_size=chunk_size, eps=o.eps, compute_dtype=compute),
+               o.return_last_states)

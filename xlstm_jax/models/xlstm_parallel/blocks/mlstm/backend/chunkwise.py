@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
-from xlstm_jax.mlstm.base import check_inputs
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 
@@ -35,7 +34,6 @@ class mLSTMBackendChunkwise(mLSTMBackend):
         """q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1); optional initial states
         (B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH). Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m))
         with float32 states."""
-        i, f, _ = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
         cfg = self.config
         return mlstm_chunkwise_native(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=cfg.eps,

@@ -12,7 +12,6 @@ import abc
 import dataclasses
 from typing import Any, ClassVar
 
-import jax
 
 
 class mLSTMBackend(abc.ABC):
@@ -33,19 +32,9 @@ class mLSTMBackend(abc.ABC):
         return f"{type(self).__name__}({self.config!r})"
 
     @abc.abstractmethod
-    def __call__(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        i: jax.Array,
-        f: jax.Array,
-        c_initial: jax.Array | None = None,
-        n_initial: jax.Array | None = None,
-        m_initial: jax.Array | None = None,
-        return_last_states: bool = False,
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-        """Run the mLSTM cell on a whole sequence."""
+    def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
+        """Run the mLSTM cell on a whole sequence: h, or (h, (C, n, m)) with `return_last_states` (module docstring
+        for the shapes)."""
 
     @property
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""Triton chunkwise backend (seed 000): runs the Triton kernel family named by `backend_name`.
+"""The documented Triton chunkwise backend: runs the Triton kernel family named by `backend_name`.
 
 `max_triton`, `max_triton_noslice` and `triton_stablef` run the limit-chunk kernels (triton_stablef/),
 `max_triton_xlchunksize` the TFLA xl-chunk kernels (max_triton_fwbw_v5xlchunksize/). Every config field is honoured
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-import jax
 
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
@@ -63,18 +62,7 @@ class mLSTMBackendTriton(mLSTMBackend):
 
     config_class = mLSTMBackendTritonConfig
 
-    def __call__(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        i: jax.Array,
-        f: jax.Array,
-        c_initial: jax.Array | None = None,
-        n_initial: jax.Array | None = None,
-        m_initial: jax.Array | None = None,
-        return_last_states: bool = False,
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
         """q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1).
 
         Returns h (B, NH, S, DHHV), or `(h, (C, n, m))` with float32 states when `return_last_states`.

@@ -1,4 +1,5 @@
-"""The contract every mLSTM implementation shares: input checks, dtype rules, gate math and neutral padding.
+"""The contract every mLSTM implementation shares: the one signature (`MLSTMInputs`, `MLSTMOptions`), input
+checks, dtype rules, gate math and neutral padding.
 
 Shapes (README.md, "Usage"; docs/math.md): q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) or (B, NH, S, 1);
 c_initial (B, NH, DHQK, DHHV), n_initial (B, NH, DHQK), m_initial (B, NH). States are float32, m in natural-log
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,38 @@ class MLSTMShape:
     S: int
     DHQK: int
     DHHV: int
+
+
+class MLSTMInputs(NamedTuple):
+    """The arrays of one call, checked by `checked_inputs`: q, k (B, NH, S, DHQK), v (B, NH, S, DHHV) sharing one
+    dtype; gates i, f (B, NH, S); initial states C (B, NH, DHQK, DHHV), n (B, NH, DHQK), m (B, NH), all or none."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    i: jax.Array
+    f: jax.Array
+    c_initial: jax.Array | None = None
+    n_initial: jax.Array | None = None
+    m_initial: jax.Array | None = None
+
+    @property
+    def states(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        return None if self.c_initial is None else (self.c_initial, self.n_initial, self.m_initial)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLSTMOptions:
+    """What every implementation takes besides the arrays (and its own chunk_size): return_last_states; eps
+    (checked, > 0); autocast_dtype, the matmul operand dtype (None: q's dtype)."""
+
+    return_last_states: bool = False
+    eps: float = 1e-6
+    autocast_dtype: Any = None
+
+    def result(self, h: jax.Array, states: tuple[jax.Array, jax.Array, jax.Array]):
+        """h, or (h, (C, n, m)) with `return_last_states`."""
+        return (h, tuple(states)) if self.return_last_states else h
 
 
 def _shape_str(x: Any) -> str:
@@ -114,6 +147,13 @@ def check_inputs(
     return i3, f3, MLSTMShape(B, NH, S, DHQK, DHHV)
 
 
+def checked_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None) -> tuple[MLSTMInputs, MLSTMShape]:
+    """`check_inputs`, then the arrays as JAX sees them (numpy float64 is float32 while 64-bit JAX is off)."""
+    i3, f3, shape = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    arrays = (None if x is None else jnp.asarray(x) for x in (q, k, v, i3, f3, c_initial, n_initial, m_initial))
+    return MLSTMInputs(*arrays), shape
+
+
 def check_chunk_size(chunk_size: Any, *, minimum: int = 16, maximum: int | None = None) -> int:
     """A chunk size must be an int, a power of two and within [minimum, maximum]."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
@@ -134,6 +174,17 @@ def check_eps(eps: Any) -> float:
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}.")
     return float(eps)
+
+
+def floating_dtype(dtype: Any, name: str) -> jnp.dtype:
+    """`dtype` (a floating dtype or its name) as a jnp dtype; TypeError naming `name` otherwise."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"{name} must be a floating dtype or its name, got {dtype!r}.") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype, got {dtype}.")
+    return dtype
 
 
 def resolve_compute_dtype(dtype: Any, default: Any, name: str = "autocast_dtype") -> jnp.dtype:

@@ -1,0 +1,125 @@
+"""Context parallelism: one sequence split along a mesh axis, run inside `shard_map` (docs/design.md, "Context
+parallelism").
+
+Device d of the axis holds the d-th contiguous shard of the sequence. Over one shard, with G its total log forget
+decay and M = max_s (i_s + sum_{r>s} log f_r) its largest input weight, the state after the shard is an affine map
+of the state (C, n, m) before it:
+
+    m' = max(G + m, M),   C' = e^{G + m - m'} C + e^{M - m'} C_b,   n' = e^{G + m - m'} n + e^{M - m'} n_b,
+
+where (C_b, n_b) is what the shard writes, scaled by e^{-M} (the "summary"; it is computed by the implementation
+itself, from C = n = 0 and m_0 = M - G, so that its last m is M). m' is the recurrence's own stabilizer, so every
+device then runs its shard from the exact incoming state and h, the last states and the gradients equal those of
+the one-device call up to rounding. Two such maps compose into one, so the incoming states are an exclusive scan of
+the summaries along the axis: by an all-gather (P summaries per device, P = the axis size) or by a log-step
+`ppermute` scan (memory independent of P). Gradients are JAX's: the collectives and the implementations are
+differentiable, and the state cotangents flow from later shards to earlier ones by transposition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, log_forget, vary_like
+
+F32 = jnp.float32
+COMBINES = ("auto", "all_gather", "ppermute")
+ALL_GATHER_MAX_DEVICES = 8  # "auto": all-gather the summaries up to this axis size, a ppermute scan beyond it
+_NO_INPUT = -1e30  # M of a shard whose every input gate is -inf: it writes nothing
+
+
+def axis_size(axis_name: Any) -> int:
+    """The size of mesh axis `axis_name`; ValueError naming sequence_axis_name outside a shard_map over it."""
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError as err:
+        raise ValueError(
+            f"sequence_axis_name={axis_name!r} is not a mesh axis of the enclosing shard_map ({err}); call "
+            "xlstm_jax.mlstm inside jax.shard_map over a mesh with that axis, with q, k, v, i, f split along S."
+        ) from err
+
+
+def check_combine(combine: Any) -> str:
+    if combine not in COMBINES:
+        raise ValueError(f"sequence_combine must be one of {list(COMBINES)}, got {combine!r}.")
+    return combine
+
+
+def _gate_summary(i: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """G (B, NH): the shard's total log forget decay; M (B, NH): max_s (i_s + sum_{r>s} log f_r)."""
+    logf = log_forget(f.astype(F32))
+    after = jnp.flip(jnp.cumsum(jnp.flip(logf, -1), -1), -1) - logf  # sum over r > s, without a long difference
+    M = jnp.max(i.astype(F32) + after, axis=-1)
+    return jnp.sum(logf, axis=-1), jnp.where(M > _NO_INPUT, M, _NO_INPUT)
+
+
+def _apply(summary, state):
+    """The state after a shard with `summary` (G, C_b, n_b, M) from `state` (C, n, m)."""
+    G, C_b, n_b, M = summary
+    C, n, m = state
+    m_new = jnp.maximum(G + m, M)
+    a, b = jnp.exp(G + m - m_new), jnp.exp(M - m_new)
+    return a[..., None, None] * C + b[..., None, None] * C_b, a[..., None] * n + b[..., None] * n_b, m_new
+
+
+def _compose(first, second):
+    """The summary of `first` followed by `second`."""
+    return (first[0] + second[0], *_apply(second, first[1:]))
+
+
+def _identity_like(summary):
+    G, C_b, n_b, _ = summary
+    return jnp.zeros_like(G), jnp.zeros_like(C_b), jnp.zeros_like(n_b), jnp.full_like(G, _NO_INPUT)
+
+
+def _exclusive_all_gather(summary, axis_name, P: int):
+    """The composition of the summaries of devices 0..d-1 on device d, from all P summaries."""
+    every = jax.lax.all_gather(summary, axis_name)
+    d = jax.lax.axis_index(axis_name)
+    prefix = _identity_like(summary)
+    for j in range(P - 1):
+        take = j < d
+        composed = _compose(prefix, tuple(x[j] for x in every))
+        prefix = tuple(jnp.where(take, new, old) for new, old in zip(composed, prefix))
+    return prefix
+
+
+def _exclusive_ppermute(summary, axis_name, P: int):
+    """The same by a log-step scan (Hillis-Steele): ceil(log2 P) ppermutes of one summary each, and one shift."""
+    d = jax.lax.axis_index(axis_name)
+    inclusive, step = summary, 1
+    while step < P:
+        earlier = jax.lax.ppermute(inclusive, axis_name, [(j, j + step) for j in range(P - step)])
+        composed = _compose(earlier, inclusive)
+        inclusive = tuple(jnp.where(d >= step, new, old) for new, old in zip(composed, inclusive))
+        step *= 2
+    shifted = jax.lax.ppermute(inclusive, axis_name, [(j, j + 1) for j in range(P - 1)])
+    return tuple(jnp.where(d >= 1, s, e) for s, e in zip(shifted, _identity_like(summary)))
+
+
+def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: str):
+    """`impl.run` on the local shard of a sequence split along `axis_name` (inside shard_map): h of the shard, or
+    (h, (C, n, m)) with the states after the whole sequence (the same on every device of the axis)."""
+    P = axis_size(axis_name)
+    B, NH, _, DHQK = x.q.shape
+    DHHV = x.v.shape[-1]
+    G, M = _gate_summary(x.i, x.f)
+    zeros = tuple(vary_like(jnp.zeros(shape, F32), *x[:5]) for shape in ((B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH)))
+    m0 = jnp.where(M > _NO_INPUT, M - G, 0.0)  # the summary's last m is then M
+    keep = MLSTMOptions(True, o.eps, o.autocast_dtype)
+    _, (C_b, n_b, _) = impl.run(x._replace(c_initial=zeros[0], n_initial=zeros[1], m_initial=m0), keep, chunk_size)
+    summary = (G, C_b, n_b, M)
+    if combine == "auto":
+        combine = "all_gather" if P <= ALL_GATHER_MAX_DEVICES else "ppermute"
+    scan = _exclusive_all_gather if combine == "all_gather" else _exclusive_ppermute
+    prefix = scan(summary, axis_name, P)
+    start = x.states or zeros
+    c_in, n_in, m_in = _apply(prefix, tuple(s.astype(F32) for s in start))
+    h, last = impl.run(x._replace(c_initial=c_in, n_initial=n_in, m_initial=m_in), keep, chunk_size)
+    if not o.return_last_states:
+        return h
+    is_last = jax.lax.axis_index(axis_name) == P - 1
+    return h, tuple(jax.lax.psum(jnp.where(is_last, s, 0.0), axis_name) for s in last)
