@@ -108,6 +108,6 @@ def test_a_one_device_axis_is_the_plain_call():
         mesh=mesh, in_specs=({n: spec for n in x},), out_specs=(spec, (jax.sharding.PartitionSpec(),) * 3),
     )
     got = jax.jit(split)(x)
-    want = xlstm_jax.mlstm(**x, backend="native_chunkwise", return_last_states=True)
+    want = xlstm_jax.mlstm(**_inputs(), backend="native_chunkwise", return_last_states=True)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
