@@ -104,6 +104,8 @@ def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: s
     """`impl.run` on the local shard of a sequence split along `axis_name` (inside shard_map): h of the shard, or
     (h, (C, n, m)) with the states after the whole sequence (the same on every device of the axis)."""
     P = axis_size(axis_name)
+    if P == 1:  # nothing to split: the plain call
+        return impl.run(x, o, chunk_size)
     B, NH, _, DHQK = x.q.shape
     DHHV = x.v.shape[-1]
     G, M = _gate_summary(x.i, x.f)

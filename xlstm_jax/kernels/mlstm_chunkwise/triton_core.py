@@ -29,6 +29,7 @@ from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent, gate
 from xlstm_jax.kernels.mlstm_chunkwise.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
 from xlstm_jax.kernels.mlstm_chunkwise.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
+from xlstm_jax.kernels.sharding import per_batch_head
 
 MAX_HEAD_DIM = 1024
 F32 = jnp.float32
@@ -293,11 +294,14 @@ def _pad_flat(q, k, v, i, f, L):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
-    """(B, NH, S, ·) inputs, float32 gates (B, NH, S) and states -> (h in q's dtype, C_last, n_last, m_last)."""
-    return core_fwd(q, k, v, i, f, c0, n0, m0, cfg)[0]
+    """(B, NH, S, ·) inputs, float32 gates (B, NH, S) and states -> (h in q's dtype, C_last, n_last, m_last). Under
+    jit, inputs sharded over B and/or NH run where they are (kernels/sharding.py)."""
+    return _forward(cfg, False, q, k, v, i, f, c0, n0, m0)
 
 
-def core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
+def _forward_arrays(cfg: KernelConfig, residuals: bool, q, k, v, i, f, c0, n0, m0):
+    """(h, C_last, n_last, m_last) and, with `residuals`, what the backward needs: h, den, m_out (and the chunk
+    states unless they are recomputed), as (B, NH, ...) arrays."""
     B, NH, S, _ = q.shape
     dt = jnp.dtype(cfg.compute_dtype)
     qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
@@ -309,13 +313,29 @@ def core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
         n_all[:, -1].reshape(n0.shape),
         m_all[:, -1].reshape(m0.shape),
     )
-    states = None if cfg.recompute_states_in_bw else states
-    return out, (q, k, v, i, f, c0, n0, m0, h, den, m_out, states)
+    if not residuals:
+        return out
+    kept = (h, den, m_out) + (() if cfg.recompute_states_in_bw else states)
+    return out + tuple(x.reshape(B, NH, *x.shape[1:]) for x in kept)
+
+
+_forward = per_batch_head(_forward_arrays, n_static=2)
+
+
+def core_fwd(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig):
+    outs = _forward(cfg, True, q, k, v, i, f, c0, n0, m0)
+    return outs[:4], (q, k, v, i, f, c0, n0, m0, *outs[4:])
 
 
 def core_bwd(cfg: KernelConfig, residuals, cotangents):
-    q, k, v, i, f, c0, n0, m0, h, den, m_out, states = residuals
-    dh, dc_last, dn_last, dm_last = cotangents
+    return _backward(cfg, *residuals[:8], *cotangents, *residuals[8:])
+
+
+def _backward_arrays(cfg: KernelConfig, q, k, v, i, f, c0, n0, m0, dh, dc_last, dn_last, dm_last, h, den, m_out,
+                     *states):
+    """The cotangents of (q, k, v, i, f, c0, n0, m0) from those of the outputs and the forward's residuals."""
+    h, den, m_out = flat(h), flat(den), flat(m_out)
+    states = tuple(flat(x) for x in states) or None
     B, NH, S, _ = q.shape
     dt = jnp.dtype(cfg.compute_dtype)
     qf, kf, vf, i_f, f_f = _pad_flat(q.astype(dt), k.astype(dt), v.astype(dt), i, f, cfg.chunk_size)
@@ -352,4 +372,5 @@ def core_bwd(cfg: KernelConfig, residuals, cotangents):
     )
 
 
+_backward = per_batch_head(_backward_arrays, n_static=1)
 mlstm_triton_core.defvjp(core_fwd, core_bwd)
