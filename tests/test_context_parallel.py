@@ -111,3 +111,36 @@ def test_a_one_device_axis_is_the_plain_call():
     want = xlstm_jax.mlstm(**_inputs(), backend="native_chunkwise", return_last_states=True)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+
+
+BACKEND_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from backend_cases import assert_trees_close
+from helpers import make_inputs
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
+
+mesh = jax.make_mesh((2,), ("sp",), devices=jax.devices()[:2])
+x = make_inputs(9, 1, 2, 40, 16, 16, with_state=True)
+spec = {{n: P() if n.endswith("_initial") else P(None, None, "sp") for n in x}}
+args = {{n: jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec[n])) for n, a in x.items()}}
+plain = {{n: jnp.asarray(a) for n, a in x.items()}}
+for name, extra in (("chunkwise", {{}}), ("triton_kernels", {{"backend_name": "max_triton_xlchunksize"}})):
+    split = create_mlstm_backend(name, chunk_size=16, sequence_axis_name="sp", **extra)
+    whole = create_mlstm_backend(name, chunk_size=16, **extra)
+    run = jax.shard_map(lambda a: split(**a, return_last_states=True), mesh=mesh, in_specs=(spec,),
+                        out_specs=(P(None, None, "sp"), (P(), P(), P())))
+    assert_trees_close(jax.jit(run)(args), whole(**plain, return_last_states=True), rtol=2e-5, what=name)
+    print("ok", name, flush=True)
+"""
+
+
+def test_the_backend_classes_take_the_sequence_axis_from_their_config():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT.format(tests=tests)], capture_output=True,
+                            text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("ok") == 2, result.stdout

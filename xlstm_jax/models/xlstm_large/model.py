@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xlstm_jax.mlstm.api import IMPLEMENTATIONS, mlstm, resolve_backend
 from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
+from xlstm_jax.mlstm.api import IMPLEMENTATIONS, mlstm, resolve_backend
 from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
 
 F32 = jnp.float32

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
+from xlstm_jax.mlstm.api import mlstm
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 
@@ -19,6 +20,10 @@ class mLSTMBackendChunkwiseConfig:
     """Denominator epsilon, added after max(|q·n|, e^{-m})."""
     autocast_dtype: str | None = None
     """Matmul operand dtype ("float32" | "bfloat16" | "float16"); None uses q's dtype."""
+    sequence_axis_name: str | None = None
+    """Mesh axis the sequence is split over, inside shard_map (context parallelism, as in `xlstm_jax.mlstm`)."""
+    sequence_combine: str = "auto"
+    """How the shards' incoming states are combined: "auto", "all_gather" or "ppermute"."""
 
     def assign_model_config_params(self, model_config) -> None:
         """Nothing to take from the model config: any sequence length works."""
@@ -35,6 +40,13 @@ class mLSTMBackendChunkwise(mLSTMBackend):
         (B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH). Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m))
         with float32 states."""
         cfg = self.config
+        if cfg.sequence_axis_name is not None:
+            return mlstm(
+                q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
+                return_last_states=return_last_states, eps=cfg.eps, chunk_size=cfg.chunk_size,
+                autocast_dtype=cfg.autocast_dtype, backend="native_chunkwise",
+                sequence_axis_name=cfg.sequence_axis_name, sequence_combine=cfg.sequence_combine,
+            )
         return mlstm_chunkwise_native(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=cfg.eps,
             chunk_size=cfg.chunk_size, autocast_dtype=cfg.autocast_dtype,

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 
-
 class mLSTMBackend(abc.ABC):
     """Base of every mLSTM backend: holds `config`, an instance of the class attribute `config_class`."""
 

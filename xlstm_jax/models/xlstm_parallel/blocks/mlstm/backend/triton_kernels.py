@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-
+from xlstm_jax.mlstm.api import mlstm
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 BackendNameType = Literal["max_triton_xlchunksize", "max_triton_noslice", "max_triton", "triton_stablef"]
@@ -43,6 +43,11 @@ class mLSTMBackendTritonConfig:
     """Lower bound of the normalizer: max(norm_val e^-m, |n q|)."""
     stabilize_correctly: bool = True
     """Whether to stabilize correctly, i.e. scale norm_val with the maximizer state - see above."""
+    sequence_axis_name: str | None = None
+    """Mesh axis the sequence is split over, inside shard_map (context parallelism, as in `xlstm_jax.mlstm`; with
+    the standard denominator: norm_val 1.0, stabilize_correctly True)."""
+    sequence_combine: str = "auto"
+    """How the shards' incoming states are combined: "auto", "all_gather" or "ppermute"."""
 
     def __post_init__(self):
         name = _ALIASES.get(self.backend_name, self.backend_name)
@@ -69,6 +74,17 @@ class mLSTMBackendTriton(mLSTMBackend):
         """
         cfg = self.config
         name = _ALIASES.get(cfg.backend_name, cfg.backend_name)
+        if cfg.sequence_axis_name is not None:
+            if cfg.norm_val != 1.0 or not cfg.stabilize_correctly:
+                raise ValueError("sequence_axis_name runs the standard denominator: norm_val must be 1.0 and "
+                                 f"stabilize_correctly True, got {cfg.norm_val} and {cfg.stabilize_correctly}.")
+            return mlstm(
+                q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
+                return_last_states=return_last_states, eps=cfg.eps, chunk_size=cfg.chunk_size,
+                autocast_dtype=cfg.autocast_dtype, sequence_axis_name=cfg.sequence_axis_name,
+                sequence_combine=cfg.sequence_combine,
+                backend="triton_xl_chunk" if name == "max_triton_xlchunksize" else "triton_limit_chunk",
+            )
         common = dict(
             c_initial=c_initial, n_initial=n_initial, m_initial=m_initial, return_last_states=return_last_states,
             eps=cfg.eps, chunk_size=cfg.chunk_size, autocast_kernel_dtype=cfg.autocast_dtype,
