@@ -33,7 +33,7 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.triton_kernels import 
 )
 
 
-def _stablef(**kw):
+def _limit_chunk(**kw):
     return lambda **a: mlstm_chunkwise_triton_stablef(**a, return_last_states=True, **kw)
 
 
@@ -50,7 +50,7 @@ def _stablef(**kw):
 def test_matches_float64_reference(B, NH, S, DHQK, DHHV, L, with_state):
     x = make_inputs(0, B, NH, S, DHQK, DHHV, with_state=with_state)
     w = make_weights(0, x)
-    out, grads = outputs_and_grads(_stablef(chunk_size=L), x, w)
+    out, grads = outputs_and_grads(_limit_chunk(chunk_size=L), x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
 
@@ -60,7 +60,7 @@ def test_denominator_variants(norm_val, stabilize_correctly):
     x = make_inputs(1, 1, 2, 24, 16, 16, with_state=True)
     w = make_weights(1, x)
     variant = dict(norm_val=norm_val, stabilize_correctly=stabilize_correctly)
-    out, grads = outputs_and_grads(_stablef(chunk_size=16, **variant), x, w)
+    out, grads = outputs_and_grads(_limit_chunk(chunk_size=16, **variant), x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w, **variant)
     assert_rel_close(out[0], ref_out[0], 2e-5, "h")
     # The m-dependent variant's gradient holds m constant (as documented); the standard one is exact.
@@ -76,7 +76,7 @@ def test_half_precision_inputs(dtype, compute):
     q/k/v gradients come back in the input dtype."""
     x = make_inputs(2, 1, 2, 48, 32, 32, dtype=dtype, with_state=True)
     w = make_weights(2, x)
-    fn = _stablef(chunk_size=16, autocast_kernel_dtype=compute)
+    fn = _limit_chunk(chunk_size=16, autocast_kernel_dtype=compute)
     assert output_and_grad_dtypes(fn, x) == (jnp.dtype(dtype),) * 4
     out, grads = outputs_and_grads(fn, x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
@@ -174,16 +174,16 @@ def test_backend_runs_every_limit_chunk_name_and_honours_fields(name):
 @pytest.mark.parametrize("dtype, fw_tol, bw_tol", [("float32", 1e-4, 1e-3), ("bfloat16", 1e-2, 5e-2)])
 def test_gpu_parity_realistic_shape(dtype, fw_tol, bw_tol):
     x = make_inputs(0, 2, 4, 4096, 128, 256, dtype=dtype, with_state=True)
-    out, _ = outputs_and_grads(_stablef(chunk_size=64, autocast_kernel_dtype=None), x)
+    out, _ = outputs_and_grads(_limit_chunk(chunk_size=64, autocast_kernel_dtype=None), x)
     ref_out, _ = reference_outputs_and_grads(x)
     assert_matches_reference(out, None, ref_out, None, fw_tol=fw_tol, bw_tol=bw_tol)
     small = {k: v[:, :, :1024] if v.ndim >= 3 and v.shape[2] == 4096 else v for k, v in x.items()}
     w = make_weights(0, small)
     if dtype == "float32":  # generic loss: exact true derivatives, every input
-        out, grads = outputs_and_grads(_stablef(chunk_size=64, autocast_kernel_dtype=None), small, w)
+        out, grads = outputs_and_grads(_limit_chunk(chunk_size=64, autocast_kernel_dtype=None), small, w)
         ref_out, ref_grads = reference_outputs_and_grads(small, w)
         assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=fw_tol, bw_tol=bw_tol)
-    assert_normalized_loss_grads_match(_stablef(chunk_size=64, autocast_kernel_dtype=None), small, w["h"], bw_tol)
+    assert_normalized_loss_grads_match(_limit_chunk(chunk_size=64, autocast_kernel_dtype=None), small, w["h"], bw_tol)
 
 
 @pytest.mark.gpu
@@ -191,6 +191,6 @@ def test_gpu_parity_realistic_shape(dtype, fw_tol, bw_tol):
 def test_gpu_extreme_gates_stay_finite(chunk_size):
     x = make_inputs(1, 2, 4, 1000, 64, 128, dtype="bfloat16", igate=(-1e4, 1e4), fgate=(-1e4, 1e4), with_state=True)
     w = make_weights(1, x)
-    out, grads = outputs_and_grads(_stablef(chunk_size=chunk_size, autocast_kernel_dtype=None), x, w)
+    out, grads = outputs_and_grads(_limit_chunk(chunk_size=chunk_size, autocast_kernel_dtype=None), x, w)
     assert np.all(np.isfinite(out[0])) and all(np.all(np.isfinite(s)) for s in out[1])
     assert all(np.all(np.isfinite(g)) for g in grads.values())
