@@ -100,18 +100,13 @@ def _exclusive_ppermute(summary, axis_name, P: int):
     return tuple(jnp.where(d >= 1, s, e) for s, e in zip(shifted, _identity_like(summary)))
 
 
-def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: str):
-    """`impl.run` on the local shard of a sequence split along `axis_name` (inside shard_map): h of the shard, or
-    (h, (C, n, m)) with the states after the whole sequence (the same on every device of the axis)."""
-    P = axis_size(axis_name)
-    if P == 1:  # nothing to split: the plain call
-        return impl.run(x, o, chunk_size)
+def _from_incoming_state(impl, x: MLSTMInputs, keep: MLSTMOptions, chunk_size, axis_name, combine: str, P: int):
+    """x with the exact state before this device's shard as its initial states."""
     B, NH, _, DHQK = x.q.shape
     DHHV = x.v.shape[-1]
     G, M = _gate_summary(x.i, x.f)
     zeros = tuple(vary_like(jnp.zeros(shape, F32), *x[:5]) for shape in ((B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH)))
     m0 = jnp.where(M > _NO_INPUT, M - G, 0.0)  # the summary's last m is then M
-    keep = MLSTMOptions(True, o.eps, o.autocast_dtype)
     _, (C_b, n_b, _) = impl.run(x._replace(c_initial=zeros[0], n_initial=zeros[1], m_initial=m0), keep, chunk_size)
     summary = (G, C_b, n_b, M)
     if combine == "auto":
@@ -120,7 +115,18 @@ def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: s
     prefix = scan(summary, axis_name, P)
     start = x.states or zeros
     c_in, n_in, m_in = _apply(prefix, tuple(s.astype(F32) for s in start))
-    h, last = impl.run(x._replace(c_initial=c_in, n_initial=n_in, m_initial=m_in), keep, chunk_size)
+    return x._replace(c_initial=c_in, n_initial=n_in, m_initial=m_in)
+
+
+def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: str):
+    """`impl.run` on the local shard of a sequence split along `axis_name` (inside shard_map): h of the shard, or
+    (h, (C, n, m)) with the states after the whole sequence (the same on every device of the axis)."""
+    P = axis_size(axis_name)
+    keep = MLSTMOptions(True, o.eps, o.autocast_dtype)
+    if P == 1:  # nothing to split: the plain call
+        h, last = impl.run(x, keep, chunk_size)
+    else:
+        h, last = impl.run(_from_incoming_state(impl, x, keep, chunk_size, axis_name, combine, P), keep, chunk_size)
     if not o.return_last_states:
         return h
     is_last = jax.lax.axis_index(axis_name) == P - 1
