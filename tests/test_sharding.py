@@ -1,7 +1,9 @@
-"""Batch and head sharding under jit (4 fake CPU devices, a 2 x 2 data x heads mesh): every backend gives the values
-and gradients of the unsharded call; the native backends and the custom_partitioning wrapper of the Triton core
+"""Sharded inputs under jit. Auto mesh axes (4 fake CPU devices, data x heads): every backend gives the values and
+gradients of the unsharded call; the native backends and the custom_partitioning wrapper of the Triton core
 (kernels/sharding.py, checked here on XLA functions: on the CPU the Triton kernels run in host callbacks, which a
-partitioned body cannot hold) keep the sharding and compile without an all-gather."""
+partitioned body cannot hold) keep the sharding and compile without an all-gather. Explicit mesh axes (8 devices,
+data x heads x sp, the sequence split too): every backend gives the unsharded values and gradients, B and NH stay
+sharded, and the chunkwise backends keep S split (context parallelism)."""
 
 import os
 import subprocess
@@ -71,3 +73,49 @@ def test_batch_and_head_sharding_under_jit():
                             env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.count("ok") == 6, result.stdout
+
+
+EXPLICIT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import functools
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from backend_cases import BACKENDS, assert_trees_close, default_chunk
+from helpers import _loss, make_inputs, make_weights
+import xlstm_jax
+from xlstm_jax.mlstm.api import IMPLEMENTATIONS
+
+mesh = jax.make_mesh((2, 2, 2), ("data", "heads", "sp"), axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+x = make_inputs(7, 2, 4, 40, 16, 16, with_state=True)
+w = make_weights(7, x)
+plain = {{n: jnp.asarray(a) for n, a in x.items()}}
+specs = {{n: P("data", "heads") if n.endswith("_initial") else P("data", "heads", "sp") for n in x}}
+sharded = {{n: jax.device_put(a, NamedSharding(mesh, specs[n])) for n, a in plain.items()}}
+for backend in BACKENDS:
+    fn = functools.partial(xlstm_jax.mlstm, backend=backend, chunk_size=default_chunk(backend),
+                           return_last_states=True)
+
+    def loss(a):
+        h, states = fn(**a)
+        return _loss(h, states, w), (h, states)
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    got, want = step(sharded), step(plain)
+    assert_trees_close(got, want, rtol=2e-5, what=backend)
+    (_, (h, states)), grads = got
+    seq = "sp" if IMPLEMENTATIONS[backend].context_parallel else None
+    assert h.sharding.spec[:3] == ("data", "heads", seq), (backend, h.sharding)
+    for state in states:
+        assert state.sharding.spec[:2] == ("data", "heads"), (backend, state.sharding)
+    print("ok", backend, flush=True)
+"""
+
+
+def test_explicit_mesh_axes_with_the_sequence_split():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", EXPLICIT_SCRIPT.format(tests=tests)], capture_output=True,
+                            text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("ok") == 5, result.stdout

@@ -25,7 +25,7 @@ from xlstm_jax.kernels.launch import triton_availability
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import chunkwise_native
 from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel
 from xlstm_jax.kernels.mlstm_recurrent import mlstm_recurrent
-from xlstm_jax.mlstm import context_parallel
+from xlstm_jax.mlstm import context_parallel, explicit_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +148,8 @@ def mlstm(
     sequence's mLSTM; h is the local shard's, the last states are those after the whole sequence on every device.
     `sequence_combine`: "all_gather" or "ppermute" (a log-step scan) for the shards' incoming states; "auto" takes
     the all-gather up to 8 devices (context_parallel.py). native_chunkwise and the Triton backends only.
+    Under jit, inputs whose types carry a sharding (explicit mesh axes) run per device the same way, a sharded S
+    axis as context parallelism (explicit_sharding.py).
     """
     x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     eps = check_eps(eps)
@@ -162,12 +164,15 @@ def mlstm(
     else:
         chunk_size = check_chunk_size(chunk_size, minimum=impl.chunk_sizes[0], maximum=impl.chunk_sizes[1])
     options = MLSTMOptions(bool(return_last_states), eps, autocast_dtype)
+    combine = context_parallel.check_combine(sequence_combine)
     if sequence_axis_name is None:
+        sharded = explicit_sharding.layout(x)
+        if sharded is not None:
+            return explicit_sharding.run(impl, x, options, chunk_size, *sharded, combine)
         return impl.run(x, options, chunk_size)
     if not impl.context_parallel:
         able = [n for n, other in IMPLEMENTATIONS.items() if other.context_parallel]
         raise ValueError(f"backend {name!r} cannot split a sequence over devices (sequence_axis_name="
                          f"{sequence_axis_name!r}); use one of {able}.")
-    combine = context_parallel.check_combine(sequence_combine)
     context_parallel.axis_size(sequence_axis_name)
     return context_parallel.run(impl, x, options, chunk_size, sequence_axis_name, combine)
