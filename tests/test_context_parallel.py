@@ -144,3 +144,51 @@ def test_the_backend_classes_take_the_sequence_axis_from_their_config():
                             text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.count("ok") == 2, result.stdout
+
+
+MODEL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from backend_cases import assert_trees_close
+from xlstm_large_helpers import random_model, tiny_config
+
+mesh = jax.make_mesh((4,), ("sp",), devices=jax.devices()[:4])
+model = random_model(tiny_config(), seed=3)
+graphdef, params = nnx.split(model)
+rng = np.random.default_rng(0)
+tokens = jnp.asarray(rng.integers(0, 40, (2, 4 * 24)), jnp.int32)
+segments = jnp.asarray(np.repeat([[0, 0, 1, 1, 1, 2, 2, 3], [5, 5, 5, 5, 6, 6, 7, 7]], 12, axis=1), jnp.int32)
+weights = jnp.asarray(rng.standard_normal((2, 4 * 24, 40)), jnp.float32)
+
+def loss(params, tokens, segments, weights, axis):
+    logits, states = nnx.merge(graphdef, params)(tokens, segment_ids=segments, return_states=True,
+                                                 sequence_axis_name=axis)
+    total = jnp.sum(weights * logits)
+    if axis is not None:
+        total = jax.lax.psum(total, axis)
+    return total + sum(jnp.sum(s) for state in states for s in state), logits
+
+seq = P(None, "sp")
+split = jax.shard_map(lambda p, t, s, w: jax.value_and_grad(loss, has_aux=True)(p, t, s, w, "sp"), mesh=mesh,
+                      in_specs=(P(), seq, seq, seq), out_specs=((P(), seq), P()))
+put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+got = jax.jit(split)(params, put(tokens, seq), put(segments, seq), put(weights, seq))
+want = jax.jit(lambda *a: jax.value_and_grad(loss, has_aux=True)(*a, None))(params, tokens, segments, weights)
+assert_trees_close(got, want, rtol=1e-4, what="model")  # float32: the sums run in another order (3e-5 seen)
+print("ok model", flush=True)
+"""
+
+
+def test_the_model_runs_a_sequence_split_over_devices():
+    """The xLSTM model inside shard_map with the sequence split over 4 devices: logits, the loss on logits and last
+    states, and the gradients of every parameter equal the one-device call; documents (segment ids) cross shard
+    borders."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", MODEL_SCRIPT.format(tests=tests)], capture_output=True,
+                            text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "ok model" in result.stdout, result.stdout

@@ -36,8 +36,8 @@ def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
 def check_backend(backend: str, chunk_size: int | None = None, field: str = "backend") -> None:
     """Raise ConfigError unless `backend` is a known mLSTM backend, can run on this machine and takes
     `chunk_size` (None: the backend's default)."""
-    from xlstm_jax.mlstm.api import BACKEND_NAMES, IMPLEMENTATIONS, resolve_backend
     from xlstm_jax.kernels.base import check_chunk_size
+    from xlstm_jax.mlstm.api import BACKEND_NAMES, IMPLEMENTATIONS, resolve_backend
 
     if backend not in BACKEND_NAMES:
         raise ConfigError(field, f"unknown backend {backend!r}; choose from {list(BACKEND_NAMES)}.")

@@ -127,7 +127,7 @@ class mLSTMLayer(nnx.Module):
         self.out_proj = Dense(c.v_dim, D, use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
-                 backend: str, chunk_size: int | None) -> tuple[jax.Array, State]:
+                 backend: str, chunk_size: int | None, sequence_axis_name: Any = None) -> tuple[jax.Array, State]:
         """x (B, S, D) float32 (normed) -> (y (B, S, D) float32, last state)."""
         c = self.config
         B, S, _ = x.shape
@@ -152,6 +152,7 @@ class mLSTMLayer(nnx.Module):
         h, new_state = mlstm(
             heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1), f.transpose(0, 2, 1),
             backend=backend, chunk_size=chunk_size, return_last_states=True, eps=c.eps, **initial,
+            sequence_axis_name=sequence_axis_name,
         )
         h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
         y = jax.nn.sigmoid(o) * h_norm
@@ -224,9 +225,15 @@ class xLSTMBackbone(nnx.Module):
         )
 
 
-def document_starts(segment_ids: jax.Array) -> jax.Array:
-    """(B, S) bool: True where a document begins (position 0, or a segment id different from the previous one)."""
+def document_starts(segment_ids: jax.Array, sequence_axis_name: Any = None) -> jax.Array:
+    """(B, S) bool: True where a document begins (position 0, or a segment id different from the previous one).
+    With `sequence_axis_name` (inside shard_map, S split along that axis) position 0 of a later shard compares with
+    the last id of the shard before it."""
     first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
+    if sequence_axis_name is not None:
+        P = jax.lax.axis_size(sequence_axis_name)
+        before = jax.lax.ppermute(segment_ids[:, -1:], sequence_axis_name, [(d, d + 1) for d in range(P - 1)])
+        first = (jax.lax.axis_index(sequence_axis_name) == 0) | (segment_ids[:, :1] != before)
     return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 
@@ -264,6 +271,7 @@ class xLSTMLarge(nnx.Module):
         return_states: bool = False,
         backend: str | None = None,
         chunk_size: int | None = None,
+        sequence_axis_name: Any = None,
     ) -> jax.Array | tuple[jax.Array, list[State]]:
         """Logits of every position.
 
@@ -272,8 +280,10 @@ class xLSTMLarge(nnx.Module):
         document start (position 0 included), which wipes the memory carried in from the previous document.
         token_mask (B, S) bool: False marks padding steps, given neutral gates so they leave the states exactly
         unchanged (left padding of batched prompts); their logits are meaningless.
-        backend / chunk_size override the config's. Returns logits (B, S, V) float32, and with `return_states`
-        also the last states (one (C, n, m) per block).
+        backend / chunk_size override the config's. sequence_axis_name: inside shard_map with the sequence split
+        along that mesh axis, the mLSTM layers run context-parallel (`xlstm_jax.mlstm`) and document starts look
+        across shard borders; the last states are those after the whole sequence. Returns logits (B, S, V) float32,
+        and with `return_states` also the last states (one (C, n, m) per block).
         """
         c = self.config
         if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -283,7 +293,7 @@ class xLSTMLarge(nnx.Module):
         reset = None
         if segment_ids is not None:
             _check_2d(segment_ids, "segment_ids", shape)
-            reset = document_starts(jnp.asarray(segment_ids))
+            reset = document_starts(jnp.asarray(segment_ids), sequence_axis_name)
         if token_mask is not None:
             _check_2d(token_mask, "token_mask", shape)
             token_mask = jnp.asarray(token_mask, bool)
@@ -297,7 +307,8 @@ class xLSTMLarge(nnx.Module):
         new_states = []
         for index, block in enumerate(self.backbone.blocks):
             x, state = block(x, state=None if states is None else states[index], reset=reset,
-                             token_mask=token_mask, backend=name, chunk_size=chunk_size)
+                             token_mask=token_mask, backend=name, chunk_size=chunk_size,
+                             sequence_axis_name=sequence_axis_name)
             new_states.append(state)
         if self.backbone.out_norm is not None:
             x = self.backbone.out_norm(x)

@@ -3,7 +3,7 @@
 Stabilizers m are held constant (the output depends on them only through eps); the denominator
 max(|den|, e^{-m}) is differentiated. `output_cotangents` turns dh into the numerator cotangent δH and the signed
 denominator cotangent dden; since den is the numerator of an extra value column of ones, the backward of
-the backward of docs/math.md §5.3-5.4 runs on the augmented value V' = [V, 1] with δH' = [δH, dden]: next to dC̃ (DHQK x DHHV) a
+docs/math.md §5.3-5.4 runs on the augmented value V' = [V, 1] with δH' = [δH, dden]: next to dC̃ (DHQK x DHHV) a
 vector dñ (DHQK) follows the same recurrence over chunk borders, driven by dden. Border states C̃, ñ are recomputed
 from the saved border stabilizers; `gate_gradients` finishes di, df and dm_initial (including the exact m_S path).
 """

@@ -1,4 +1,5 @@
-"""Triton limit-chunk mLSTM (a documented module; upstream calls the family "stablef"): forward and a fused, true-derivative backward.
+"""Triton limit-chunk mLSTM (a documented module; upstream calls the family "stablef"): forward and a fused,
+true-derivative backward.
 
 Notation: B batch, NH heads, S sequence length, DHQK q/k head dim, DHHV v/h head dim, NC number of chunks,
 L chunk size. Kernels: fw_kernels.py (outputs), bw_kernels.py (dq, dk/dv), ../recurrence_kernels.py (states, dC); the
