@@ -85,6 +85,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay on kernels")
     opt.add_argument("--clip-norm", type=float, default=d["clip_norm"], help="global gradient-norm clip")
     opt.add_argument("--seed", type=int, default=d["seed"], help="seed of the initialisation and the data")
+    opt.add_argument("--mesh", default=d["mesh"], metavar="AXES",
+                     help="device mesh, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the device count; "
+                          "default: one device)")
     run = parser.add_argument_group("evaluation, checkpoints, output")
     run.add_argument("--eval-every", type=int, default=derived,
                      help="steps between evaluations (default: min(1000, steps))")

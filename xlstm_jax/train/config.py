@@ -115,7 +115,8 @@ class TrainConfig:
     Cadences left None follow `steps`: warmup_steps = min(100, steps // 10), eval_every = min(1000, steps),
     checkpoint_every = eval_every. Checkpoints and the exported model go to `output_dir` (None: none are written);
     `resume` continues the run there. With `progress`, a terminal shows a progress bar and other outputs get a
-    progress line every `progress_seconds`.
+    progress line every `progress_seconds`. `mesh` ("data=2,fsdp=2,tensor=2"; None: one device) places the run on
+    a device mesh (`xlstm_jax.train.mesh`).
     """
 
     vocab_size: int = 17
@@ -146,6 +147,7 @@ class TrainConfig:
     progress: bool = True
     progress_seconds: float = 15.0
     log_every: int = 10
+    mesh: str | None = None
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("steps",))
@@ -173,6 +175,13 @@ class TrainConfig:
             raise ConfigError("resume", "needs the output directory of the run to continue (--output-dir).")
         self.task_config()
         check_backend(self.backend, self.chunk_size)
+        if self.mesh is not None:
+            import jax
+
+            from xlstm_jax.train.mesh import check_mesh, parse_mesh
+
+            check_mesh(parse_mesh(self.mesh), devices=jax.device_count(), num_heads=self.num_heads,
+                       batch_size=self.batch_size)
         try:
             self.model_config()
         except ValueError as err:

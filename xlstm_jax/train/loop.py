@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 from xlstm_jax.train.checkpoints import RunCheckpointer, holds_run, read_run_config, write_run_config
 from xlstm_jax.train.config import RESUME_FIELDS, ConfigError, TrainConfig
+from xlstm_jax.train.mesh import batch_sharding, build_mesh, param_shardings, parse_mesh
 from xlstm_jax.train.mqar import mqar_batch
 
 
@@ -67,8 +69,10 @@ def masked_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tu
     return jnp.sum(ce * mask) / total, jnp.sum(correct * mask) / total
 
 
-def _build_steps(graphdef: Any, tx: optax.GradientTransformation, config: TrainConfig
+def _build_steps(graphdef: Any, tx: optax.GradientTransformation, config: TrainConfig, placement: Any = None
                  ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The jitted train step and evaluation. `placement` (param shardings, opt-state shardings, batch sharding):
+    the step keeps parameters and optimizer states where they are and splits each batch."""
     task = config.task_config()
     data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
@@ -77,22 +81,41 @@ def _build_steps(graphdef: Any, tx: optax.GradientTransformation, config: TrainC
         logits = nnx.merge(graphdef, params)(batch["inputs"])
         return masked_metrics(logits, batch["targets"], batch["mask"])
 
+    def place(tree, which):
+        return tree if placement is None else jax.lax.with_sharding_constraint(tree, placement[which])
+
+    def batch_at(key):
+        batch = mqar_batch(key, task, config.batch_size)
+        return batch if placement is None else jax.tree.map(lambda x: place(x, 2), batch)
+
     @jax.jit
     def train_step(params, opt_state, step):
-        batch = mqar_batch(jax.random.fold_in(data_key, step), task, config.batch_size)
+        batch = batch_at(jax.random.fold_in(data_key, step))
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
+        return place(optax.apply_updates(params, updates), 0), place(opt_state, 1), loss, acc
 
     @jax.jit
     def evaluate(params):
         def one(index):
-            return loss_fn(params, mqar_batch(jax.random.fold_in(eval_key, index), task, config.batch_size))
+            return loss_fn(params, batch_at(jax.random.fold_in(eval_key, index)))
 
         losses, accs = jax.lax.map(one, jnp.arange(config.eval_batches))
         return jnp.mean(losses), jnp.mean(accs)
 
     return train_step, evaluate
+
+
+def _place_on_mesh(params: Any, tx: optax.GradientTransformation, mesh_text: str) -> tuple[Any, tuple]:
+    """Parameters moved onto the mesh, and (param shardings, opt-state shardings, batch sharding): the optimizer's
+    per-parameter states follow their parameter, its scalars are replicated."""
+    sizes = parse_mesh(mesh_text)
+    mesh = build_mesh(sizes)
+    shardings = param_shardings(params, mesh, sizes)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
+                                          transform_non_params=lambda _: replicated)
+    return jax.device_put(params, shardings), (shardings, opt_shardings, batch_sharding(mesh))
 
 
 def _say(console: Console, text: str) -> None:
@@ -153,13 +176,16 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     model = xLSTMLarge(config.model_config(), rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model)
     tx = make_optimizer(config)
-    opt_state = tx.init(params)
+    placement = None
+    if config.mesh is not None:
+        params, placement = _place_on_mesh(params, tx, config.mesh)
+    opt_state = tx.init(params) if placement is None else jax.jit(tx.init, out_shardings=placement[1])(params)
     start = 0
     if checkpointer is not None:
         if config.resume:
             params, opt_state, start = _resume(checkpointer, config, params, opt_state, console)
         write_run_config(config.output_dir, {**config.to_dict(), "model": config.model_config().to_dict()})
-    train_step, evaluate = _build_steps(graphdef, tx, config)
+    train_step, evaluate = _build_steps(graphdef, tx, config, placement)
     tokens_per_step = config.batch_size * config.seq_len
     history: list[dict[str, float]] = []
     eval_loss = eval_acc = float("nan")

@@ -1,0 +1,51 @@
+"""`xlstm-jax train --mesh`: a run on a data x fsdp x tensor mesh of 8 fake CPU devices follows the one-device run
+(parameters after 10 steps, evaluation loss), with large parameters really split; bad meshes get one error line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xlstm_jax import cli
+
+SCRIPT = """
+import jax, numpy as np
+from xlstm_jax.train import TrainConfig, train
+
+base = dict(steps=10, batch_size=8, eval_batches=2, progress=False, compute_dtype="float32", backend="native_chunkwise")
+one = train(TrainConfig(**base))
+mesh = train(TrainConfig(**base, mesh="data=2,fsdp=2,tensor=2"))
+assert abs(mesh.eval_loss - one.eval_loss) <= 1e-4 * abs(one.eval_loss), (mesh.eval_loss, one.eval_loss)
+from flax import nnx
+a, b = nnx.state(mesh.model), nnx.state(one.model)
+worst = 0.0
+for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    worst = max(worst, np.linalg.norm(x64 - y64) / max(np.linalg.norm(y64), 1e-6))
+assert worst <= 1e-4, worst
+up = mesh.model.backbone.blocks[0].ffn.proj_up.kernel[...]
+shard = up.addressable_shards[0].data
+assert shard.size * 4 == up.size, (up.shape, shard.shape, up.sharding)  # split over fsdp (2) x tensor (2)
+print("ok", worst, flush=True)
+"""
+
+
+def test_a_mesh_run_follows_the_one_device_run():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "ok" in result.stdout
+
+
+@pytest.mark.parametrize("mesh, needle", [
+    ("data=2", "multiply to 2, but there are 1 devices"),
+    ("data=1,pipeline=1", "unknown axis 'pipeline'"),
+    ("data=0", "positive size"),
+    ("data=1,data=1", "given twice"),
+    ("sequence=1,tensor=1,data=1,fsdp=1,data", "given twice"),
+])
+def test_a_bad_mesh_is_one_error_line(mesh, needle, capsys):
+    assert cli.main(["train", "--mesh", mesh, "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --mesh:") and needle in err[0], err
