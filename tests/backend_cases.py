@@ -127,3 +127,19 @@ def jitted_outputs_and_grads(name: str, chunk_size: int | None = None):
 def as_numpy(tree):
     """A pytree of arrays as float64 numpy arrays (for the helpers' comparisons)."""
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def sharded_matches_plain(backend: str, sharded: dict, plain: dict, weights: dict, rtol: float = 2e-5):
+    """jit(value_and_grad) of a loss on h and the last states (helpers._loss) on sharded and on plain copies of the
+    same inputs: asserts the two agree; returns (the jitted step, its result on the sharded inputs)."""
+    fn = functools.partial(mlstm, backend=backend, chunk_size=default_chunk(backend),
+                           return_last_states=True)
+
+    def loss(a):
+        h, states = fn(**a)
+        return _loss(h, states, weights), (h, states)
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    got = step(sharded)
+    assert_trees_close(got, step(plain), rtol=rtol, what=backend)
+    return step, got

@@ -2,21 +2,16 @@
 2, 4 and 8 (fake CPU) devices gives the outputs, last states and every gradient of the one-device call, for the
 chunkwise backends and both combines; bad axis names and backends are refused before any kernel runs."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import run_on_devices
 from helpers import make_inputs
 
 import xlstm_jax
 
 SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
 import functools
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -62,12 +57,7 @@ CASES = [
 
 
 def _run(cases):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests, cases=cases)], capture_output=True,
-                            text=True, env=env, timeout=1200)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("ok") == len(cases), result.stdout
+    run_on_devices(SCRIPT.format(cases=cases), 8, oks=len(cases))
 
 
 @pytest.mark.parametrize("backend", ["native_chunkwise", "triton_limit_chunk", "triton_xl_chunk"])
@@ -114,11 +104,10 @@ def test_a_one_device_axis_is_the_plain_call():
 
 
 BACKEND_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from backend_cases import assert_trees_close
+from devices import run_on_devices
 from helpers import make_inputs
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 
@@ -138,17 +127,10 @@ for name, extra in (("chunkwise", {{}}), ("triton_kernels", {{"backend_name": "m
 
 
 def test_the_backend_classes_take_the_sequence_axis_from_their_config():
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT.format(tests=tests)], capture_output=True,
-                            text=True, env=env, timeout=1200)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("ok") == 2, result.stdout
+    run_on_devices(BACKEND_SCRIPT.format(), 8, oks=2)
 
 
 MODEL_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -186,9 +168,4 @@ def test_the_model_runs_a_sequence_split_over_devices():
     """The xLSTM model inside shard_map with the sequence split over 4 devices: logits, the loss on logits and last
     states, and the gradients of every parameter equal the one-device call; documents (segment ids) cross shard
     borders."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", MODEL_SCRIPT.format(tests=tests)], capture_output=True,
-                            text=True, env=env, timeout=1200)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "ok model" in result.stdout, result.stdout
+    run_on_devices(MODEL_SCRIPT.format(), 8)

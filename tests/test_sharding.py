@@ -5,19 +5,14 @@ partitioned body cannot hold) keep the sharding and compile without an all-gathe
 data x heads x sp, the sequence split too): every backend gives the unsharded values and gradients, B and NH stay
 sharded, and the chunkwise backends keep S split (context parallelism)."""
 
-import os
-import subprocess
-import sys
+from devices import run_on_devices
 
 SCRIPT = """
-import os, sys
-sys.path.insert(0, {tests!r})
-import functools
+import os
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from backend_cases import BACKENDS, assert_trees_close, default_chunk
-from helpers import _loss, make_inputs, make_weights
-import xlstm_jax
+from backend_cases import BACKENDS, sharded_matches_plain
+from helpers import make_inputs, make_weights
 
 auto = (jax.sharding.AxisType.Auto,) * 2
 mesh = jax.make_mesh((2, 2), ("data", "heads"), axis_types=auto)
@@ -26,18 +21,8 @@ w = make_weights(5, x)
 plain = {{n: jnp.asarray(a) for n, a in x.items()}}
 sharded = {{n: jax.device_put(a, NamedSharding(mesh, P("data", "heads"))) for n, a in plain.items()}}
 for backend in BACKENDS:
-    fn = functools.partial(xlstm_jax.mlstm, backend=backend, chunk_size=default_chunk(backend),
-                           return_last_states=True)
-
-    def loss(a):
-        h, states = fn(**a)
-        return _loss(h, states, w), (h, states)
-
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    got, want = step(sharded), step(plain)
-    assert_trees_close(got, want, rtol=2e-5, what=backend)
+    step, ((_, (h, states)), grads) = sharded_matches_plain(backend, sharded, plain, w)
     if backend.startswith("native"):
-        (_, (h, states)), grads = got
         for leaf in (h, *states, *grads.values()):
             assert leaf.sharding.spec[:2] == ("data", "heads"), (backend, leaf.sharding)
         assert "all-gather" not in step.lower(sharded).compile().as_text(), backend
@@ -67,23 +52,14 @@ print("ok wrapper", flush=True)
 
 
 def test_batch_and_head_sharding_under_jit():
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests)], capture_output=True, text=True,
-                            env=env, timeout=1200)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("ok") == 6, result.stdout
+    run_on_devices(SCRIPT.format(), 4, oks=6)
 
 
 EXPLICIT_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-import functools
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from backend_cases import BACKENDS, assert_trees_close, default_chunk
-from helpers import _loss, make_inputs, make_weights
-import xlstm_jax
+from backend_cases import BACKENDS, sharded_matches_plain
+from helpers import make_inputs, make_weights
 from xlstm_jax.mlstm.api import IMPLEMENTATIONS
 
 mesh = jax.make_mesh((2, 2, 2), ("data", "heads", "sp"), axis_types=(jax.sharding.AxisType.Explicit,) * 3)
@@ -93,17 +69,7 @@ plain = {{n: jnp.asarray(a) for n, a in x.items()}}
 specs = {{n: P("data", "heads") if n.endswith("_initial") else P("data", "heads", "sp") for n in x}}
 sharded = {{n: jax.device_put(a, NamedSharding(mesh, specs[n])) for n, a in plain.items()}}
 for backend in BACKENDS:
-    fn = functools.partial(xlstm_jax.mlstm, backend=backend, chunk_size=default_chunk(backend),
-                           return_last_states=True)
-
-    def loss(a):
-        h, states = fn(**a)
-        return _loss(h, states, w), (h, states)
-
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    got, want = step(sharded), step(plain)
-    assert_trees_close(got, want, rtol=2e-5, what=backend)
-    (_, (h, states)), grads = got
+    _, ((_, (h, states)), grads) = sharded_matches_plain(backend, sharded, plain, w)
     seq = "sp" if IMPLEMENTATIONS[backend].context_parallel else None
     assert h.sharding.spec[:3] == ("data", "heads", seq), (backend, h.sharding)
     for state in states:
@@ -113,9 +79,4 @@ for backend in BACKENDS:
 
 
 def test_explicit_mesh_axes_with_the_sequence_split():
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", EXPLICIT_SCRIPT.format(tests=tests)], capture_output=True,
-                            text=True, env=env, timeout=1200)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("ok") == 5, result.stdout
+    run_on_devices(EXPLICIT_SCRIPT.format(), 8, oks=5)

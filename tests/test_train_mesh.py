@@ -1,11 +1,8 @@
 """`xlstm-jax train --mesh`: a run on a data x fsdp x tensor mesh of 8 fake CPU devices follows the one-device run
 (parameters after 10 steps, evaluation loss), with large parameters really split; bad meshes get one error line."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from devices import run_on_devices
 
 from xlstm_jax import cli
 
@@ -32,10 +29,7 @@ print("ok", worst, flush=True)
 
 
 def test_a_mesh_run_follows_the_one_device_run():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "ok" in result.stdout
+    run_on_devices(SCRIPT, 8)
 
 
 @pytest.mark.parametrize("mesh, needle", [
