@@ -178,10 +178,16 @@ class TrainConfig:
         if self.mesh is not None:
             import jax
 
-            from xlstm_jax.train.mesh import check_mesh, parse_mesh
+            from xlstm_jax.train.mesh import BATCH, check_mesh, parse_mesh
 
-            check_mesh(parse_mesh(self.mesh), devices=jax.device_count(), num_heads=self.num_heads,
-                       batch_size=self.batch_size)
+            try:
+                sizes = parse_mesh(self.mesh)
+                check_mesh(sizes, devices=jax.device_count(), num_heads=self.num_heads)
+            except ValueError as err:
+                raise ConfigError("mesh", str(err)) from None
+            replicas = sizes[BATCH[0]] * sizes[BATCH[1]]
+            if self.batch_size % replicas:
+                raise ConfigError("batch_size", f"{self.batch_size} is not divisible by data x fsdp = {replicas}.")
         try:
             self.model_config()
         except ValueError as err:

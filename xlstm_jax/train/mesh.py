@@ -22,8 +22,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from xlstm_jax.train.config import ConfigError
-
 AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH = ("data", "fsdp")
 _ROW_SPLIT = {"out_proj", "proj_down"}  # kernels (heads or FFN hidden, D): split rows over tensor
@@ -36,30 +34,27 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in str(text).split(","):
         name, _, value = part.strip().partition("=")
         if name not in AXES:
-            raise ConfigError("mesh", f"unknown axis {name!r} in {text!r}; axes are {', '.join(AXES)} (e.g. "
-                                      "data=2,fsdp=2,tensor=2).")
+            raise ValueError(f"unknown axis {name!r} in {text!r}; axes are {', '.join(AXES)} (e.g. "
+                             "data=2,fsdp=2,tensor=2).")
         if name in seen:
-            raise ConfigError("mesh", f"axis {name!r} is given twice in {text!r}.")
+            raise ValueError(f"axis {name!r} is given twice in {text!r}.")
         if not value.isdigit() or int(value) < 1:
-            raise ConfigError("mesh", f"axis {name!r} needs a positive size, got {value!r} in {text!r}.")
+            raise ValueError(f"axis {name!r} needs a positive size, got {value!r} in {text!r}.")
         seen.add(name)
         sizes[name] = int(value)
     return sizes
 
 
-def check_mesh(sizes: dict[str, int], *, devices: int, num_heads: int, batch_size: int) -> None:
-    """ConfigError unless the sizes fit the devices, the heads and the batch."""
+def check_mesh(sizes: dict[str, int], *, devices: int, num_heads: int) -> None:
+    """ValueError unless the sizes fit the devices and the heads."""
     total = math.prod(sizes.values())
     if total != devices:
-        raise ConfigError("mesh", f"the axis sizes multiply to {total}, but there are {devices} devices.")
+        raise ValueError(f"the axis sizes multiply to {total}, but there are {devices} devices.")
     if sizes["sequence"] > 1:
-        raise ConfigError("mesh", "the sequence axis is not run by train yet; use data, fsdp and tensor (the "
-                                  "model takes sequence_axis_name inside shard_map).")
+        raise ValueError("the sequence axis is not run by train yet; use data, fsdp and tensor (the model takes "
+                         "sequence_axis_name inside shard_map).")
     if num_heads % sizes["tensor"]:
-        raise ConfigError("mesh", f"tensor={sizes['tensor']} must divide num_heads={num_heads}.")
-    replicas = sizes["data"] * sizes["fsdp"]
-    if batch_size % replicas:
-        raise ConfigError("batch_size", f"{batch_size} is not divisible by data x fsdp = {replicas}.")
+        raise ValueError(f"tensor={sizes['tensor']} must divide num_heads={num_heads}.")
 
 
 def build_mesh(sizes: dict[str, int]) -> Mesh:
