@@ -52,10 +52,6 @@ class MLSTMInputs(NamedTuple):
     n_initial: jax.Array | None = None
     m_initial: jax.Array | None = None
 
-    @property
-    def states(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        return None if self.c_initial is None else (self.c_initial, self.n_initial, self.m_initial)
-
 
 @dataclasses.dataclass(frozen=True)
 class MLSTMOptions:

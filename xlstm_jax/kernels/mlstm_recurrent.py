@@ -179,7 +179,6 @@ def mlstm_recurrent(x: MLSTMInputs, o: MLSTMOptions, chunk_size: None = None):
     gate math float32, matmul operands in the autocast dtype (None: q's dtype). Returns h (B, NH, S, DHHV) in q's
     dtype, or (h, (C, n, m)) with float32 states."""
     dt = resolve_compute_dtype(o.autocast_dtype, x.q.dtype)
-    states = x[5:] if x.c_initial is None else tuple(s.astype(F32) for s in x[5:])
-    cast = MLSTMInputs(*(a.astype(dt) for a in x[:3]), x.i.astype(F32), x.f.astype(F32), *states)
-    h, last = _scan(cast, o.eps, F32, True, recurrent_step_fw)
+    cast = MLSTMInputs(*(a.astype(dt) for a in x[:3]), x.i.astype(F32), x.f.astype(F32), *x[5:])
+    h, last = _scan(cast, o.eps, F32, True, recurrent_step_fw)  # _scan casts the states to F32
     return o.result(h.astype(x.q.dtype), last)

@@ -174,5 +174,4 @@ def mlstm(
         able = [n for n, other in IMPLEMENTATIONS.items() if other.context_parallel]
         raise ValueError(f"backend {name!r} cannot split a sequence over devices (sequence_axis_name="
                          f"{sequence_axis_name!r}); use one of {able}.")
-    context_parallel.axis_size(sequence_axis_name)
     return context_parallel.run(impl, x, options, chunk_size, sequence_axis_name, combine)

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, log_forget, vary_like
+from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, MLSTMShape, initial_states_or_zeros, log_forget
 
 F32 = jnp.float32
 COMBINES = ("auto", "all_gather", "ppermute")
@@ -102,10 +102,9 @@ def _exclusive_ppermute(summary, axis_name, P: int):
 
 def _from_incoming_state(impl, x: MLSTMInputs, keep: MLSTMOptions, chunk_size, axis_name, combine: str, P: int):
     """x with the exact state before this device's shard as its initial states."""
-    B, NH, _, DHQK = x.q.shape
-    DHHV = x.v.shape[-1]
+    shape = MLSTMShape(*x.q.shape, x.v.shape[-1])
     G, M = _gate_summary(x.i, x.f)
-    zeros = tuple(vary_like(jnp.zeros(shape, F32), *x[:5]) for shape in ((B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH)))
+    zeros = initial_states_or_zeros(None, None, None, shape, x[:5])
     m0 = jnp.where(M > _NO_INPUT, M - G, 0.0)  # the summary's last m is then M
     _, (C_b, n_b, _) = impl.run(x._replace(c_initial=zeros[0], n_initial=zeros[1], m_initial=m0), keep, chunk_size)
     summary = (G, C_b, n_b, M)
@@ -113,8 +112,7 @@ def _from_incoming_state(impl, x: MLSTMInputs, keep: MLSTMOptions, chunk_size, a
         combine = "all_gather" if P <= ALL_GATHER_MAX_DEVICES else "ppermute"
     scan = _exclusive_all_gather if combine == "all_gather" else _exclusive_ppermute
     prefix = scan(summary, axis_name, P)
-    start = x.states or zeros
-    c_in, n_in, m_in = _apply(prefix, tuple(s.astype(F32) for s in start))
+    c_in, n_in, m_in = _apply(prefix, initial_states_or_zeros(*x[5:], shape, x[:5]))
     return x._replace(c_initial=c_in, n_initial=n_in, m_initial=m_in)
 
 
