@@ -25,7 +25,7 @@ from xlstm_jax.kernels.launch import triton_availability
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import chunkwise_native
 from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel
 from xlstm_jax.kernels.mlstm_recurrent import mlstm_recurrent
-from xlstm_jax.mlstm import context_parallel, explicit_sharding
+from xlstm_jax.mlstm import context_parallel, on_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,7 @@ def mlstm(
     autocast_dtype: Any = None,
     sequence_axis_name: Any = None,
     sequence_combine: str = "auto",
+    mesh_axes: Any = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM cell over a whole sequence.
 
@@ -149,7 +150,8 @@ def mlstm(
     `sequence_combine`: "all_gather" or "ppermute" (a log-step scan) for the shards' incoming states; "auto" takes
     the all-gather up to 8 devices (context_parallel.py). native_chunkwise and the Triton backends only.
     Under jit, inputs whose types carry a sharding (explicit mesh axes) run per device the same way, a sharded S
-    axis as context parallelism (explicit_sharding.py).
+    axis as context parallelism; on meshes with Auto axes, `mesh_axes=(B axes, NH axes, S axes)` (mesh axis names,
+    a tuple of names or None each) under `jax.set_mesh(mesh)` splits the inputs as named (on_mesh.py).
     """
     x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     eps = check_eps(eps)
@@ -165,10 +167,15 @@ def mlstm(
         chunk_size = check_chunk_size(chunk_size, minimum=impl.chunk_sizes[0], maximum=impl.chunk_sizes[1])
     options = MLSTMOptions(bool(return_last_states), eps, autocast_dtype)
     combine = context_parallel.check_combine(sequence_combine)
+    if mesh_axes is not None:
+        if sequence_axis_name is not None:
+            raise ValueError("pass mesh_axes (the op splits its inputs) or sequence_axis_name (inside shard_map), "
+                             "not both.")
+        return on_mesh.run(impl, x, options, chunk_size, *on_mesh.named_layout(x, mesh_axes), combine)
     if sequence_axis_name is None:
-        sharded = explicit_sharding.layout(x)
+        sharded = on_mesh.layout(x)
         if sharded is not None:
-            return explicit_sharding.run(impl, x, options, chunk_size, *sharded, combine)
+            return on_mesh.run(impl, x, options, chunk_size, *sharded, combine)
         return impl.run(x, options, chunk_size)
     if not impl.context_parallel:
         able = [n for n, other in IMPLEMENTATIONS.items() if other.context_parallel]

@@ -22,7 +22,8 @@ _FLAGS = {"learning_rate": "--lr", "compute_dtype": "--dtype", "progress": "--no
 
 TRAIN_DESCRIPTION = (
     "Train an xLSTM-7B-architecture language model (any size) on multi-query associative recall (MQAR) generated "
-    "on the fly: AdamW with weight decay on kernels, gradient clipping, linear warmup + cosine decay, a progress "
+    "on the fly, or on your own token or text files (--data), on one device, a device mesh (--mesh) or several "
+    "hosts (--coordinator, or SLURM / Open MPI): AdamW with weight decay on kernels, gradient clipping, linear warmup + cosine decay, a progress "
     "bar with loss / accuracy / tokens per second (a progress line every --progress-seconds when the output is not "
     "a terminal), periodic evaluation on a fixed held-out set, orbax checkpoints and --resume. Checkpoints, the run "
     "config and the finished model (HF safetensors layout; load it with xlstm_jax.from_pretrained or `xlstm-jax "
@@ -56,8 +57,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `xlstm-jax train` (defaults from `xlstm_jax.train.TrainConfig`; those that follow --steps, and
     switches, are left out of the namespace unless given, so that TrainConfig derives them)."""
     d, derived = _DEFAULTS, argparse.SUPPRESS
+    data = parser.add_argument_group("data (default: MQAR generated on the fly)")
+    data.add_argument("--data", nargs="+", default=derived, metavar="PATH",
+                      help="train a language model on these files, all of one kind: token files (.npy, or raw .bin "
+                           "of --token-dtype; memory-mapped) or text (.txt: documents separated by blank lines; "
+                           ".jsonl: one {\"text\": ...} per line) with --tokenizer; packed into --seq-len rows "
+                           "with document boundaries as segment ids")
+    data.add_argument("--tokenizer", default=derived, metavar="JSON",
+                      help="a tokenizers tokenizer.json for text data")
+    data.add_argument("--token-dtype", choices=("uint16", "uint32"), default=d["token_dtype"],
+                      help="item type of .bin token files")
+    data.add_argument("--eos-id", type=int, default=derived,
+                      help="end-of-document token: it ends a document in token files, and is appended to each "
+                           "text document")
+    data.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
+                      help="share of the packed rows held out for evaluation (the last ones)")
     task = parser.add_argument_group("task (MQAR)")
-    task.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="tokens: filler, keys, values")
+    task.add_argument("--vocab-size", type=int, default=derived,
+                      help="tokens (default: 17 for MQAR = filler, keys, values; with --data the tokenizer's, or "
+                           "the token files' largest id + 1)")
     task.add_argument("--seq-len", type=int, default=d["seq_len"], help="sequence length S")
     task.add_argument("--num-kv-pairs", type=int, default=d["num_kv_pairs"], help="key-value pairs per sequence")
     task.add_argument("--num-queries", type=int, default=derived,
@@ -85,9 +103,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay on kernels")
     opt.add_argument("--clip-norm", type=float, default=d["clip_norm"], help="global gradient-norm clip")
     opt.add_argument("--seed", type=int, default=d["seed"], help="seed of the initialisation and the data")
-    opt.add_argument("--mesh", default=d["mesh"], metavar="AXES",
-                     help="device mesh, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the device count; "
-                          "default: one device)")
+    dist = parser.add_argument_group("devices and hosts (docs/distributed.md)")
+    dist.add_argument("--mesh", default=d["mesh"], metavar="AXES",
+                      help="device mesh over data, fsdp, tensor and sequence, e.g. data=2,fsdp=2,tensor=2 (sizes "
+                           "multiply to the device count; default: one device)")
+    dist.add_argument("--coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
+                      help="several processes: process 0's address (with --num-processes and --process-id; "
+                           "default: from SLURM / Open MPI when the job has several processes)")
+    dist.add_argument("--num-processes", type=int, default=argparse.SUPPRESS, help="processes in the job")
+    dist.add_argument("--process-id", type=int, default=argparse.SUPPRESS, help="this process, 0-based")
     run = parser.add_argument_group("evaluation, checkpoints, output")
     run.add_argument("--eval-every", type=int, default=derived,
                      help="steps between evaluations (default: min(1000, steps))")
@@ -111,27 +135,44 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run `xlstm-jax train`; returns 0, or 2 for a setting that cannot work (checked before any compilation)."""
+    from xlstm_jax.train import distributed
+
     fields = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
     if "output_dir" not in fields and not fields.get("resume"):
-        fields["output_dir"] = os.path.join("runs", time.strftime("mqar-%Y%m%d-%H%M%S"))
+        kind = "mqar" if fields.get("data") is None else "lm"
+        fields["output_dir"] = os.path.join("runs", time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
     try:
+        distributed.initialize(*(getattr(args, name, None) for name in ("coordinator", "num_processes",
+                                                                           "process_id")))
+    except ValueError as err:
+        field, _, reason = str(err).partition(": ")
+        return fail(flag(field), reason)
+    try:
+        if fields.get("data") is not None:
+            fields["data"] = tuple(fields["data"])
         config = TrainConfig(**fields)
         from xlstm_jax.train.loop import train
 
         result = train(config)
     except ConfigError as err:
         return fail(flag(err.field), err.reason)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for the job
+        return 0
     summary = {
-        "step": result.step, "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
-        "chance_accuracy": result.chance_accuracy, "tokens_per_second": result.tokens_per_second,
-        "wall_seconds": result.wall_seconds, "output_dir": config.output_dir,
+        "step": result.step, "eval_loss": result.eval_loss, "eval_perplexity": result.eval_perplexity,
+        "eval_accuracy": result.eval_accuracy, "chance_accuracy": result.chance_accuracy,
+        "tokens_per_second": result.tokens_per_second, "mfu": result.mfu, "wall_seconds": result.wall_seconds,
+        "output_dir": config.output_dir,
     }
     if getattr(args, "json_out", False):
         print(json.dumps(summary))
         return 0
-    print(f"done: step {result.step}, eval accuracy {result.eval_accuracy:.4f} (chance "
-          f"{result.chance_accuracy:.4f}), eval loss {result.eval_loss:.4f}, "
-          f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_seconds:.1f} s")
+    chance = "" if result.chance_accuracy is None else f" (chance {result.chance_accuracy:.4f})"
+    print(f"done: step {result.step}, eval accuracy {result.eval_accuracy:.4f}{chance}, eval loss "
+          f"{result.eval_loss:.4f} (perplexity {result.eval_perplexity:.3f}), {result.tokens_per_second:,.0f} "
+          f"tokens/s, {result.wall_seconds:.1f} s")
     out = config.output_dir
     print(f"checkpoints: {os.path.join(out, 'checkpoints')}\nmodel: {os.path.join(out, 'model')}\n"
           f"sample from it: xlstm-jax generate {out}")

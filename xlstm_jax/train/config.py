@@ -1,4 +1,4 @@
-"""Configuration of an MQAR training run: the task (`MQARConfig`) and the run (`TrainConfig`).
+"""Configuration of a training run: the MQAR task (`MQARConfig`) and the run (`TrainConfig`).
 
 Importing this module imports neither jax, flax, optax nor orbax (so that `xlstm-jax train --help` answers at
 once); building a `TrainConfig` imports jax to check the backend. Every bad setting raises `ConfigError`, a
@@ -15,7 +15,8 @@ from typing import Any
 # warmup + cosine schedule then follows the new values) and the cadence of logging, evaluation and checkpoints.
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
                  "igate_bias_init", "batch_size", "learning_rate", "min_lr_ratio", "weight_decay", "clip_norm",
-                 "seed")
+                 "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction")
+TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 class ConfigError(ValueError):
@@ -106,7 +107,7 @@ class MQARConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One MQAR training run.
+    """One training run: MQAR generated on the fly, or next-token prediction on `data`.
 
     The defaults (8 keys / 8 values, 4 pairs, 32 tokens; D 64, 2 blocks, 2 heads; 12000 steps of 32 sequences) took
     244-285 s on a 2-core CPU and reached held-out accuracy 0.99-1.00 (chance 0.125): the model sits at ~0.37-0.48 (it
@@ -117,9 +118,13 @@ class TrainConfig:
     `resume` continues the run there. With `progress`, a terminal shows a progress bar and other outputs get a
     progress line every `progress_seconds`. `mesh` ("data=2,fsdp=2,tensor=2"; None: one device) places the run on
     a device mesh (`xlstm_jax.train.mesh`).
+
+    `data` (paths, all of one kind: token files .npy/.bin, or text .txt/.jsonl with `tokenizer`) trains a language
+    model on them instead of MQAR (`xlstm_jax.train.data`: packing with segment ids, a held-out `eval_fraction`).
+    vocab_size None: 17 for MQAR; the tokenizer's, or the token files' largest id + 1, for `data`.
     """
 
-    vocab_size: int = 17
+    vocab_size: int | None = None
     seq_len: int = 32
     num_kv_pairs: int = 4
     num_queries: int | None = None
@@ -148,9 +153,18 @@ class TrainConfig:
     progress_seconds: float = 15.0
     log_every: int = 10
     mesh: str | None = None
+    data: tuple[str, ...] | None = None
+    tokenizer: str | None = None
+    token_dtype: str = "uint16"
+    eos_id: int | None = None
+    eval_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("steps",))
+        if self.data is None and self.vocab_size is None:
+            object.__setattr__(self, "vocab_size", 17)
+        if self.data is not None:
+            self._check_data()
         for name, default in (("warmup_steps", min(100, self.steps // 10)), ("eval_every", min(1000, self.steps))):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
@@ -173,7 +187,8 @@ class TrainConfig:
                                                f"{self.compute_dtype!r}.")
         if self.resume and self.output_dir is None:
             raise ConfigError("resume", "needs the output directory of the run to continue (--output-dir).")
-        self.task_config()
+        if self.data is None:
+            self.task_config()
         check_backend(self.backend, self.chunk_size)
         if self.mesh is not None:
             import jax
@@ -182,24 +197,49 @@ class TrainConfig:
 
             try:
                 sizes = parse_mesh(self.mesh)
-                check_mesh(sizes, devices=jax.device_count(), num_heads=self.num_heads)
+                check_mesh(sizes, devices=jax.device_count(), num_heads=self.num_heads, seq_len=self.seq_len)
             except ValueError as err:
                 raise ConfigError("mesh", str(err)) from None
             replicas = sizes[BATCH[0]] * sizes[BATCH[1]]
             if self.batch_size % replicas:
                 raise ConfigError("batch_size", f"{self.batch_size} is not divisible by data x fsdp = {replicas}.")
         try:
-            self.model_config()
+            self.model_config(vocab_size=self.vocab_size or 17)
         except ValueError as err:
             # The fields it reads are checked above, except how the q/k and v widths split into heads.
             raise ConfigError("num_heads", str(err)) from None
 
+    def _check_data(self) -> None:
+        paths = (self.data,) if isinstance(self.data, str) else tuple(self.data)
+        object.__setattr__(self, "data", paths)
+        if not paths:
+            raise ConfigError("data", "needs at least one file.")
+        if any(str(p).endswith(TEXT_SUFFIXES) for p in paths) and self.tokenizer is None:
+            raise ConfigError("tokenizer", "text data (.txt, .jsonl) needs a tokenizer: --tokenizer tokenizer.json.")
+        if self.token_dtype not in ("uint16", "uint32"):
+            raise ConfigError("token_dtype", f"must be uint16 or uint32, got {self.token_dtype!r}.")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}.")
+        if self.eos_id is not None and (isinstance(self.eos_id, bool) or self.eos_id < 0):
+            raise ConfigError("eos_id", f"must be a token id >= 0, got {self.eos_id!r}.")
+        if self.vocab_size is not None:
+            _check_positive_ints(self, ("vocab_size",))
+
+    def data_spec(self) -> Any:
+        """The `xlstm_jax.train.data.DataSpec` of `data`."""
+        from xlstm_jax.train.data import DataSpec
+
+        return DataSpec(paths=tuple(self.data), tokenizer=self.tokenizer, token_dtype=self.token_dtype,
+                        eos_id=self.eos_id, eval_fraction=self.eval_fraction)
+
     def task_config(self) -> MQARConfig:
+        """The MQAR task (MQAR runs only)."""
         return MQARConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs,
                           num_queries=self.num_queries)
 
-    def model_config(self) -> Any:
-        """The model (an `xLSTMLargeConfig`): the xLSTM-7B architecture and initialisation at this size.
+    def model_config(self, vocab_size: int | None = None) -> Any:
+        """The model (an `xLSTMLargeConfig`): the xLSTM-7B architecture and initialisation at this size, for
+        `vocab_size` tokens (None: the config's).
         compute_dtype "auto": bfloat16 on a GPU, float32 elsewhere (bfloat16 matmuls are slow on CPUs)."""
         import jax
 
@@ -210,7 +250,7 @@ class TrainConfig:
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
         return xLSTMLargeConfig(
             embedding_dim=self.embedding_dim, num_heads=self.num_heads, num_blocks=self.num_blocks,
-            vocab_size=self.vocab_size, backend=self.backend, chunk_size=self.chunk_size, compute_dtype=dtype,
+            vocab_size=vocab_size or self.vocab_size, backend=self.backend, chunk_size=self.chunk_size, compute_dtype=dtype,
             igate_bias_init=self.igate_bias_init,
         )
 

@@ -1,13 +1,16 @@
-"""Training on a device mesh: `--mesh data=2,fsdp=2,tensor=2` names the axis sizes, and the rules below place
-parameters, optimizer states and batches on it (XLA partitions the step; docs/distributed.md).
+"""Training on a device mesh: `--mesh data=2,fsdp=2,tensor=2,sequence=1` names the axis sizes, and the rules below
+place parameters, optimizer states and batches on it (XLA partitions the step; docs/distributed.md).
 
+The model's parameters carry logical axis names (Flax NNX sharding metadata; `xlstm_jax.models.xlstm_large.model`);
+`LOGICAL_RULES` maps them to mesh axes:
 - data: the batch is split;
-- fsdp: the batch is split, and every large parameter (with its gradient and optimizer state) is split along its
-  embedding dimension D;
-- tensor: the heads and the FFN hidden dimension are split: q, k, v, the gates and the FFN up-projections by output
-  column, the mLSTM and FFN output projections by input row (Megatron-style), the vocabulary of the embedding and
-  the LM head;
-- sequence: reserved for the context-parallel mLSTM (not yet run by `train`).
+- fsdp: the batch is split, and every matrix (with its gradient and optimizer state) is split along its embedding
+  dimension D ("embed");
+- tensor: the heads ("heads": q, k, v, gate and output-gate columns, the mLSTM output projection's rows), the FFN
+  hidden dimension ("ffn": up-projection columns, down-projection rows; Megatron-style) and the vocabulary of the
+  embedding and the LM head ("vocab");
+- sequence: the sequence of every batch is split; the mLSTM cells run context-parallel (`MLSTM_AXES`), everything
+  else in a block is per token.
 
 Norm weights and biases stay replicated. A dimension is split only when the axis size divides it.
 """
@@ -24,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH = ("data", "fsdp")
-_ROW_SPLIT = {"out_proj", "proj_down"}  # kernels (heads or FFN hidden, D): split rows over tensor
+LOGICAL_RULES = {"embed": "fsdp", "heads": "tensor", "ffn": "tensor", "vocab": "tensor"}
+MLSTM_AXES = (BATCH, "tensor", "sequence")  # how the mLSTM cells split (B, NH, S): `mlstm(..., mesh_axes=)`
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -45,16 +49,15 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def check_mesh(sizes: dict[str, int], *, devices: int, num_heads: int) -> None:
-    """ValueError unless the sizes fit the devices and the heads."""
+def check_mesh(sizes: dict[str, int], *, devices: int, num_heads: int, seq_len: int) -> None:
+    """ValueError unless the sizes fit the devices, the heads and the sequence length."""
     total = math.prod(sizes.values())
     if total != devices:
         raise ValueError(f"the axis sizes multiply to {total}, but there are {devices} devices.")
-    if sizes["sequence"] > 1:
-        raise ValueError("the sequence axis is not run by train yet; use data, fsdp and tensor (the model takes "
-                         "sequence_axis_name inside shard_map).")
     if num_heads % sizes["tensor"]:
         raise ValueError(f"tensor={sizes['tensor']} must divide num_heads={num_heads}.")
+    if seq_len % sizes["sequence"]:
+        raise ValueError(f"sequence={sizes['sequence']} must divide the sequence length {seq_len}.")
 
 
 def build_mesh(sizes: dict[str, int]) -> Mesh:
@@ -63,26 +66,21 @@ def build_mesh(sizes: dict[str, int]) -> Mesh:
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
-def param_spec(path: tuple[Any, ...], shape: tuple[int, ...], sizes: dict[str, int]) -> P:
-    """The PartitionSpec of the parameter at `path` (its keys) with `shape`."""
-    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    names = [n for n in names if n not in (".value", "value")]
-    module, leaf = (names[-2], names[-1]) if len(names) >= 2 else ("", names[-1])
-    if leaf == "kernel" and len(shape) == 2:
-        axes = ("tensor", "fsdp") if module in _ROW_SPLIT else ("fsdp", "tensor")
-    elif module == "embeddings" and leaf == "weight" and len(shape) == 2:
-        axes = ("tensor", "fsdp")  # (V, D)
-    else:
-        return P()
-    return P(*(a if sizes[a] > 1 and n % sizes[a] == 0 else None for a, n in zip(axes, shape)))
+def mesh_spec(logical: P, shape: tuple[int, ...], sizes: dict[str, int]) -> P:
+    """The mesh PartitionSpec for an array of `shape` with logical axis names `logical` (`LOGICAL_RULES`)."""
+    names = tuple(logical) + (None,) * (len(shape) - len(tuple(logical)))
+    axes = (LOGICAL_RULES.get(n) if n is not None else None for n in names)
+    return P(*(a if a is not None and sizes[a] > 1 and n % sizes[a] == 0 else None for a, n in zip(axes, shape)))
 
 
 def param_shardings(params: Any, mesh: Mesh, sizes: dict[str, int]) -> Any:
-    """NamedShardings for a tree of parameters."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), sizes)), params)
+    """NamedShardings for an `nnx.State` of parameters, from their logical axis names."""
+    from flax import nnx
+
+    return jax.tree.map(lambda logical, x: NamedSharding(mesh, mesh_spec(logical, np.shape(x), sizes)),
+                        nnx.get_partition_spec(params), params)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches split over data and fsdp along their first axis."""
-    return NamedSharding(mesh, P(BATCH))
+    """(B, S) batch arrays: B split over data and fsdp, S over sequence."""
+    return NamedSharding(mesh, P(BATCH, "sequence"))

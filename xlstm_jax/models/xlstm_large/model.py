@@ -4,6 +4,11 @@ Module and parameter names mirror the torch/HF state dict (`backbone.blocks.3.ml
 `backbone.blocks.3.mlstm_layer.q.weight`), so checkpoint conversion is a rename plus a transpose of Dense kernels.
 Shapes: B batch, S sequence, D embedding_dim, NH heads, DHQK / DHV head dims, F FFN width, V vocab.
 
+Sharding: every matrix carries logical axis names (Flax NNX sharding metadata, `nnx.get_partition_spec`): "embed"
+(D), "heads" (the q/k/v/gate and output-gate columns, the mLSTM output projection's rows), "ffn" (F), "vocab" (V);
+fused weights (weight_mode "fused") name only "embed", since their columns mix q, k, v and o. `xlstm_jax.train.mesh`
+maps the names to mesh axes.
+
 Precision: parameters in `param_dtype` (float32); matmul operands in `compute_dtype` with float32 accumulation;
 the residual stream, norm statistics, gate pre-activations, mLSTM states and logits are float32.
 """
@@ -39,12 +44,13 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel (in, out) in the parameter dtype, operands cast to the compute dtype,
+    """y = x @ kernel (+ bias); kernel (in, out) with logical axis names `axes`, in the parameter dtype, operands cast to the compute dtype,
     float32 accumulation and float32 result."""
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, kernel_init, bias_init=None,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None], use_bias: bool,
+                 kernel_init, bias_init=None, param_dtype: Any, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+                                sharding_names=axes, eager_sharding=False)
         init = bias_init or _constant(0.0)
         self.bias = nnx.Param(init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
 
@@ -102,14 +108,15 @@ class mLSTMLayer(nnx.Module):
         wang = _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
         zeros = _constant(0.0)
         f_bias = np.linspace(*c.fgate_bias_init_range, NH)
+        cols, fused = ("embed", "heads"), ("embed", None)
         if c.weight_mode == "single":
-            self.q = Dense(D, c.qk_dim, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
-            self.k = Dense(D, c.qk_dim, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
-            self.v = Dense(D, c.v_dim, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
-            self.ogate_preact = Dense(D, c.v_dim, use_bias=bias, kernel_init=zeros, param_dtype=pdt, rngs=rngs)
-            self.igate_preact = Dense(D, NH, use_bias=True, kernel_init=zeros,
+            self.q = Dense(D, c.qk_dim, axes=cols, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.k = Dense(D, c.qk_dim, axes=cols, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.v = Dense(D, c.v_dim, axes=cols, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.ogate_preact = Dense(D, c.v_dim, axes=cols, use_bias=bias, kernel_init=zeros, param_dtype=pdt, rngs=rngs)
+            self.igate_preact = Dense(D, NH, axes=cols, use_bias=True, kernel_init=zeros,
                                       bias_init=_constant(c.igate_bias_init), param_dtype=pdt, rngs=rngs)
-            self.fgate_preact = Dense(D, NH, use_bias=True, kernel_init=zeros, bias_init=_constant(f_bias),
+            self.fgate_preact = Dense(D, NH, axes=cols, use_bias=True, kernel_init=zeros, bias_init=_constant(f_bias),
                                       param_dtype=pdt, rngs=rngs)
         else:
             def qkvo_init(key, shape, dtype):
@@ -119,15 +126,16 @@ class mLSTMLayer(nnx.Module):
                 return jnp.concatenate(parts, axis=1)
 
             if_bias = np.concatenate([np.full(NH, c.igate_bias_init), f_bias])
-            self.qkv_opreact = Dense(D, 2 * c.qk_dim + 2 * c.v_dim, use_bias=bias, kernel_init=qkvo_init,
+            self.qkv_opreact = Dense(D, 2 * c.qk_dim + 2 * c.v_dim, axes=fused, use_bias=bias, kernel_init=qkvo_init,
                                      param_dtype=pdt, rngs=rngs)
-            self.ifgate_preact = Dense(D, 2 * NH, use_bias=True, kernel_init=zeros, bias_init=_constant(if_bias),
+            self.ifgate_preact = Dense(D, 2 * NH, axes=fused, use_bias=True, kernel_init=zeros, bias_init=_constant(if_bias),
                                        param_dtype=pdt, rngs=rngs)
         self.multihead_norm = MultiHeadLayerNorm(NH, c.v_head_dim, eps=c.norm_eps, use_bias=bias, param_dtype=pdt)
-        self.out_proj = Dense(c.v_dim, D, use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
+        self.out_proj = Dense(c.v_dim, D, axes=("heads", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
-                 backend: str, chunk_size: int | None, sequence_axis_name: Any = None) -> tuple[jax.Array, State]:
+                 backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
+                 ) -> tuple[jax.Array, State]:
         """x (B, S, D) float32 (normed) -> (y (B, S, D) float32, last state)."""
         c = self.config
         B, S, _ = x.shape
@@ -152,7 +160,7 @@ class mLSTMLayer(nnx.Module):
         h, new_state = mlstm(
             heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1), f.transpose(0, 2, 1),
             backend=backend, chunk_size=chunk_size, return_last_states=True, eps=c.eps, **initial,
-            sequence_axis_name=sequence_axis_name,
+            sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes,
         )
         h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
         y = jax.nn.sigmoid(o) * h_norm
@@ -169,11 +177,11 @@ class FeedForward(nnx.Module):
         small = _normal(float(np.sqrt(2.0 / (5.0 * D))))
         wang = _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
         if c.weight_mode == "single":
-            self.proj_up_gate = Dense(D, F, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
-            self.proj_up = Dense(D, F, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.proj_up_gate = Dense(D, F, axes=("embed", "ffn"), use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.proj_up = Dense(D, F, axes=("embed", "ffn"), use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
         else:
-            self.proj_up_gate_z = Dense(D, 2 * F, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
-        self.proj_down = Dense(F, D, use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
+            self.proj_up_gate_z = Dense(D, 2 * F, axes=("embed", None), use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+        self.proj_down = Dense(F, D, axes=("ffn", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.config.compute_jnp_dtype
@@ -206,7 +214,8 @@ class Embedding(nnx.Module):
 
     def __init__(self, vocab_size: int, dim: int, *, param_dtype: Any, rngs: nnx.Rngs):
         std = float(np.sqrt(2.0 / (5.0 * dim)))
-        self.weight = nnx.Param(_normal(std)(rngs.params(), (vocab_size, dim), param_dtype))
+        self.weight = nnx.Param(_normal(std)(rngs.params(), (vocab_size, dim), param_dtype),
+                                sharding_names=("vocab", "embed"), eager_sharding=False)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], tokens, axis=0).astype(F32)
@@ -256,7 +265,7 @@ class xLSTMLarge(nnx.Module):
         self.backbone = xLSTMBackbone(config, rngs=rngs)
         std = float(np.sqrt(2.0 / (5.0 * config.embedding_dim)))
         self.lm_head = (
-            Dense(config.embedding_dim, config.vocab_size, use_bias=False, kernel_init=_normal(std),
+            Dense(config.embedding_dim, config.vocab_size, axes=("embed", "vocab"), use_bias=False, kernel_init=_normal(std),
                   param_dtype=config.param_jnp_dtype, rngs=rngs)
             if not config.tie_word_embeddings else None
         )
@@ -272,6 +281,7 @@ class xLSTMLarge(nnx.Module):
         backend: str | None = None,
         chunk_size: int | None = None,
         sequence_axis_name: Any = None,
+        mesh_axes: Any = None,
     ) -> jax.Array | tuple[jax.Array, list[State]]:
         """Logits of every position.
 
@@ -282,7 +292,9 @@ class xLSTMLarge(nnx.Module):
         unchanged (left padding of batched prompts); their logits are meaningless.
         backend / chunk_size override the config's. sequence_axis_name: inside shard_map with the sequence split
         along that mesh axis, the mLSTM layers run context-parallel (`xlstm_jax.mlstm`) and document starts look
-        across shard borders; the last states are those after the whole sequence. Returns logits (B, S, V) float32,
+        across shard borders; the last states are those after the whole sequence. mesh_axes: under `jax.set_mesh`
+        on a mesh with Auto axes, the mesh axes (B, NH, S) the mLSTM cells split their inputs over (a split S runs
+        context-parallel; `xlstm_jax.mlstm`); the rest of the model is left to XLA's sharding propagation. Returns logits (B, S, V) float32,
         and with `return_states` also the last states (one (C, n, m) per block).
         """
         c = self.config
@@ -308,7 +320,7 @@ class xLSTMLarge(nnx.Module):
         for index, block in enumerate(self.backbone.blocks):
             x, state = block(x, state=None if states is None else states[index], reset=reset,
                              token_mask=token_mask, backend=name, chunk_size=chunk_size,
-                             sequence_axis_name=sequence_axis_name)
+                             sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
             new_states.append(state)
         if self.backbone.out_norm is not None:
             x = self.backbone.out_norm(x)

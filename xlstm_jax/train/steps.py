@@ -1,0 +1,109 @@
+"""One training step's math: the optimizer, the masked loss, the jitted train and evaluation steps, and the model's
+parameters initialised on a device mesh (`xlstm_jax.train.mesh`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+from xlstm_jax.train.config import TrainConfig
+from xlstm_jax.train.mesh import MLSTM_AXES, param_shardings
+
+
+def lr_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=config.steps, end_value=config.learning_rate * config.min_lr_ratio,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm then AdamW(b1 0.9, b2 0.95, eps 1e-8) on `lr_schedule`; weight decay only on Dense
+    kernels."""
+
+    def decay_mask(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(lr_schedule(config), b1=0.9, b2=0.95, eps=1e-8, weight_decay=config.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """[sum of cross-entropy, correct predictions, scored positions] over the positions where mask == 1."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.stack([jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)])
+
+
+def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None
+                 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The jitted train step (mean loss and accuracy of the batch) and the evaluation sums of one batch.
+    `placement` (param shardings, opt-state shardings): the step keeps parameters and optimizer states where they
+    are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`)."""
+    mesh_axes = None if placement is None else MLSTM_AXES
+
+    def sums(params, batch):
+        logits = nnx.merge(graphdef, params)(batch["inputs"], segment_ids=batch.get("segment_ids"),
+                                             mesh_axes=mesh_axes)
+        return masked_sums(logits, batch["targets"], batch["mask"])
+
+    def loss_fn(params, batch):
+        ce, correct, count = sums(params, batch)
+        count = jnp.maximum(count, 1.0)
+        return ce / count, correct / count
+
+    def place(tree, which):
+        return tree if placement is None else jax.lax.with_sharding_constraint(tree, placement[which])
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return place(optax.apply_updates(params, updates), 0), place(opt_state, 1), loss, acc
+
+    return train_step, jax.jit(sums)
+
+
+def evaluate(eval_sums: Callable[..., Any], params: Any, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """eval_loss (mean over scored tokens), eval_perplexity and eval_accuracy over the evaluation batches."""
+    total = np.sum([np.asarray(eval_sums(params, batch)) for batch in batches], axis=0)
+    count = max(float(total[2]), 1.0)
+    loss = float(total[0]) / count
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 80.0))),
+            "eval_accuracy": float(total[1]) / count}
+
+
+def init_params(model_config: Any, seed: int, tx: optax.GradientTransformation, mesh: Any = None,
+                sizes: dict[str, int] | None = None) -> tuple[Any, Any, Any, tuple | None]:
+    """(graphdef, params, opt_state, placement) of a fresh model. With a mesh, parameters and optimizer states are
+    created in place by a jitted initialisation (no device holds the whole model unless the rules say so), and
+    placement is (param shardings, opt-state shardings): per-parameter optimizer states follow their parameter,
+    its scalars are replicated. Without one, placement is None."""
+    def build():
+        return nnx.split(xLSTMLarge(model_config, rngs=nnx.Rngs(seed)))
+
+    if mesh is None:
+        graphdef, params = build()
+        return graphdef, params, tx.init(params), None
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: xLSTMLarge(model_config, rngs=nnx.Rngs(seed))))
+    shardings = param_shardings(abstract, mesh, sizes)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract), shardings,
+                                          transform_non_params=lambda _: replicated)
+    params = jax.jit(lambda: build()[1], out_shardings=shardings)()
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return graphdef, params, opt_state, (shardings, opt_shardings)
+
+
