@@ -299,7 +299,7 @@ def bad_input_cases(tmp_path, tokenizer_path):
         (DataSpec((tokens,)), 4, 19, r"tokens\.npy: token id 19 is outside the vocabulary \(vocab_size 19\)"),
         (DataSpec((npy("negative.npy", np.array([3, 1, -4, 2] * 5)),)), 4, None, r"negative\.npy: negative id -4"),
         (DataSpec((text,), tokenizer=tokenizer_path), 2, 3, r"doc\.txt: tokenizer .* gives token id \d+, outside"),
-        (DataSpec((tokens,)), 20, None, r"holds 20 tokens .*seq_len \+ 1 = 21 tokens needs at least 21"),
+        (DataSpec((tokens,)), 20, None, r"holds 20 tokens .*one row needs seq_len \+ 1 = 21"),
         (DataSpec((text,), tokenizer=tokenizer_path), 8, None, r"holds 6 tokens"),
         (DataSpec((tokens,)), 10, None, r"only 1 row\(s\).*leaving none for training"),
         (DataSpec((tokens,), eos_id=20), 4, None, r"eos_id 20 is outside the vocabulary \(vocab_size 20\)"),

@@ -125,6 +125,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true", default=derived,
                      help="continue the run in --output-dir from its newest intact checkpoint (damaged ones are "
                           "moved to OUTPUT_DIR/damaged-checkpoints)")
+    run.add_argument("--log-every", type=int, default=d["log_every"],
+                     help="steps between metrics.jsonl records (and progress-bar updates)")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=derived,
                      help="no progress bar or progress lines")
     run.add_argument("--progress-seconds", type=float, default=d["progress_seconds"],

@@ -131,8 +131,8 @@ def load_corpus(spec: DataSpec, seq_len: int, vocab_size: int | None = None) -> 
         doc_index = None
     num_tokens = sum(map(len, arrays))
     if num_tokens < seq_len + 1:
-        raise ValueError(f"the data holds {num_tokens} tokens in all ({len(spec.paths)} file(s)); one row of "
-                         f"seq_len + 1 = {seq_len + 1} tokens needs at least {seq_len + 1}")
+        raise ValueError(f"the data holds {num_tokens} tokens in all ({len(spec.paths)} file(s)); one row needs "
+                         f"seq_len + 1 = {seq_len + 1}")
     _check_eos(spec.eos_id, vocab)
     corpus = Corpus(arrays, seq_len=seq_len, vocab_size=vocab, eos_id=spec.eos_id, doc_index=doc_index,
                     eval_fraction=spec.eval_fraction)
@@ -162,7 +162,7 @@ def _load_token_files(spec: DataSpec, vocab_size: int | None) -> tuple[list[np.n
         array = _open_token_file(path, spec.token_dtype)
         if len(array):
             low, high = _id_range(array)
-            if False:
+            if low < 0:
                 raise ValueError(f"{path}: negative id {low}: token ids must be >= 0")
             if high >= limit:
                 raise ValueError(f"{path}: token id {high} is outside the vocabulary (vocab_size {limit})")

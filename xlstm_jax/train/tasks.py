@@ -53,13 +53,17 @@ class CorpusTask:
         self.vocab_size = corpus.vocab_size
         self.shape = (config.batch_size, config.seq_len)
         self._rows = _rows_held_here(sharding, self.shape)
-        self._batches = train_batches(corpus, config.batch_size, seed=config.seed, positions=self._rows)
+        block = len(self._rows)
+        part = dict(process_index=self._rows[0] // block, process_count=config.batch_size // block)
+        self._batches = train_batches(corpus, config.batch_size, seed=config.seed, **part)
         self._iterator, self._next = None, None
         self._eval = [self._global(batch) for batch in
-                      eval_batches(corpus, config.batch_size, config.eval_batches, positions=self._rows)]
+                      eval_batches(corpus, config.batch_size, config.eval_batches, **part).batches]
 
     def start(self, step: int) -> None:
         """Position the prefetching iterator at `step`."""
+        if self._iterator is not None:
+            self._iterator.close()
         self._iterator, self._next = self._batches.iterator(step), step
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
@@ -89,13 +93,18 @@ class CorpusTask:
 
 
 def _rows_held_here(sharding: Any, shape: tuple[int, int]) -> list[int]:
-    """The batch rows this process's devices hold (all rows without a sharding), ascending."""
+    """The batch rows this process's devices hold (all rows without a sharding): a contiguous block, ascending (a
+    process's devices are neighbours on the mesh), which the data pipeline reads as its process slice."""
     if sharding is None:
         return list(range(shape[0]))
-    rows = set()
+    rows: set[int] = set()
     for index in sharding.addressable_devices_indices_map(shape).values():
         rows.update(range(*index[0].indices(shape[0])))
-    return sorted(rows)
+    held = sorted(rows)
+    if held != list(range(held[0], held[0] + len(held))) or shape[0] % len(held) or held[0] % len(held):
+        raise ValueError(f"this process's devices hold batch rows {held}, not one block of the batch; put the "
+                         "process boundary on the data or fsdp axis.")
+    return held
 
 
 def make_task(config: TrainConfig, sharding: Any) -> MQARTask | CorpusTask:

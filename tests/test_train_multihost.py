@@ -1,0 +1,55 @@
+"""`xlstm-jax train` in two processes on one machine (jax.distributed on the loopback address, gloo collectives on
+CPU, two fake devices each): the job follows the one-process run on the same four-device mesh step for step, only
+process 0 reports, and the checkpoint and model export land once."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from devices import ROOT, TESTS
+
+from xlstm_jax.train.metrics import read_metrics
+
+MAIN = "import sys; from xlstm_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+COMMON = ["train", "--steps", "6", "--batch-size", "8", "--eval-batches", "2", "--log-every", "1", "--dtype",
+          "float32", "--backend", "native_chunkwise", "--chunk-size", "16", "--mesh", "data=2,fsdp=2",
+          "--no-progress", "--json"]
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_follow_the_one_process_run(tmp_path):
+    single = subprocess.run([sys.executable, "-c", MAIN, *COMMON, "--output-dir", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=_env(4), timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", MAIN, *COMMON, "--output-dir", str(tmp_path / "two"),
+                               "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(index)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(2))
+             for index in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    ours = [[line for line in out.splitlines() if line.strip() and not line.startswith("[Gloo]")]
+            for out, _ in outputs]
+    assert ours[1] == [], ours[1]  # process 1 prints nothing (gloo's connection lines are not ours)
+    two_summary = json.loads(ours[0][-1])
+    one_summary = json.loads(single.stdout.strip().splitlines()[-1])
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("one", "two")]
+    assert len(losses[1]) == 6
+    for a, b in zip(*losses):
+        assert abs(a - b) <= 1e-5 * abs(a), losses
+    assert abs(two_summary["eval_loss"] - one_summary["eval_loss"]) <= 1e-5 * one_summary["eval_loss"]
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["6"]
+    assert os.path.exists(tmp_path / "two" / "model" / "config.json")
