@@ -22,13 +22,15 @@ DAMAGED_DIR = "damaged-checkpoints"
 
 
 class RunCheckpointer:
-    """Save and restore {params, opt_state, step} of a run with an orbax CheckpointManager."""
+    """Save and restore {params, opt_state, step} of a run with an orbax CheckpointManager: sharded arrays are
+    written by the processes that hold them, asynchronously (training goes on while a checkpoint is written; the
+    next save, a restore and `close` wait for it)."""
 
     def __init__(self, output_dir: str, *, max_to_keep: int = 2):
         self.output_dir = os.path.abspath(output_dir)
         self.directory = os.path.join(self.output_dir, "checkpoints")
         self.options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                    enable_async_checkpointing=False)
+                                                    enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
     def steps(self) -> list[int]:
@@ -36,13 +38,13 @@ class RunCheckpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, params: Any, opt_state: Any) -> None:
-        """Write a checkpoint for `step` (blocks until it is on disk)."""
+        """Start writing a checkpoint for `step` (returns once the arrays are copied off the devices)."""
         state = {"params": params, "opt_state": opt_state, "step": step}
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        self.manager.wait_until_finished()
 
     def restore(self, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, int]:
         """Restore (params, opt_state, step) into the structure of the given templates."""
+        self.manager.wait_until_finished()
         target = {"params": params, "opt_state": opt_state, "step": 0}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -73,6 +75,8 @@ class RunCheckpointer:
         return aside
 
     def close(self) -> None:
+        """Wait for the last checkpoint, then release the manager."""
+        self.manager.wait_until_finished()
         self.manager.close()
 
 

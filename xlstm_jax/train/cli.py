@@ -62,14 +62,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="train a language model on these files, all of one kind: token files (.npy, or raw .bin "
                            "of --token-dtype; memory-mapped) or text (.txt: documents separated by blank lines; "
                            ".jsonl: one {\"text\": ...} per line) with --tokenizer; packed into --seq-len rows "
-                           "with document boundaries as segment ids")
+                           "with document boundaries as segment ids (default: MQAR)")
     data.add_argument("--tokenizer", default=derived, metavar="JSON",
-                      help="a tokenizers tokenizer.json for text data")
+                      help="a tokenizers tokenizer.json for text data (default: none)")
     data.add_argument("--token-dtype", choices=("uint16", "uint32"), default=d["token_dtype"],
                       help="item type of .bin token files")
     data.add_argument("--eos-id", type=int, default=derived,
                       help="end-of-document token: it ends a document in token files, and is appended to each "
-                           "text document")
+                           "text document (default: none; a token file is then one document)")
     data.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
                       help="share of the packed rows held out for evaluation (the last ones)")
     task = parser.add_argument_group("task (MQAR)")
@@ -108,10 +108,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="device mesh over data, fsdp, tensor and sequence, e.g. data=2,fsdp=2,tensor=2 (sizes "
                            "multiply to the device count; default: one device)")
     dist.add_argument("--coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
-                      help="several processes: process 0's address (with --num-processes and --process-id; "
-                           "default: from SLURM / Open MPI when the job has several processes)")
-    dist.add_argument("--num-processes", type=int, default=argparse.SUPPRESS, help="processes in the job")
-    dist.add_argument("--process-id", type=int, default=argparse.SUPPRESS, help="this process, 0-based")
+                      help="several processes: process 0's address, with --num-processes and --process-id "
+                           "(default: from SLURM / Open MPI when the job has several processes, else one process)")
+    dist.add_argument("--num-processes", type=int, default=argparse.SUPPRESS,
+                      help="processes in the job (default: as --coordinator)")
+    dist.add_argument("--process-id", type=int, default=argparse.SUPPRESS,
+                      help="this process, 0-based (default: as --coordinator)")
     run = parser.add_argument_group("evaluation, checkpoints, output")
     run.add_argument("--eval-every", type=int, default=derived,
                      help="steps between evaluations (default: min(1000, steps))")

@@ -54,11 +54,10 @@ def _say(console: Console, text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _open_output_dir(config: TrainConfig, console: Console) -> RunCheckpointer | None:
-    """Check `output_dir` against `resume` (no jax work yet) and open its checkpoints; None without one. With
-    several processes, every process checks before any writes (a barrier)."""
+def _check_output_dir(config: TrainConfig, console: Console) -> None:
+    """Check `output_dir` against `resume` (nothing is written)."""
     if config.output_dir is None:
-        return None
+        return
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ConfigError("output_dir", f"{config.output_dir!r} is not a directory.")
     if holds_run(config.output_dir):
@@ -77,6 +76,13 @@ def _open_output_dir(config: TrainConfig, console: Console) -> RunCheckpointer |
                                           "the run's settings, or choose another --output-dir.")
     elif config.resume:
         _say(console, f"nothing to resume in {config.output_dir}: starting at step 0")
+
+
+def _open_checkpoints(config: TrainConfig) -> RunCheckpointer | None:
+    """The run's checkpoints (None without an output directory). With several processes, every process has
+    checked the directory before any writes (a barrier)."""
+    if config.output_dir is None:
+        return None
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -110,7 +116,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     """
     main = jax.process_index() == 0
     console = console or Console(quiet=not main)
-    checkpointer = _open_output_dir(config, console)
+    _check_output_dir(config, console)
     mesh, sizes = None, None
     if config.mesh is not None:
         sizes = parse_mesh(config.mesh)
@@ -119,6 +125,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         task = make_task(config, None if mesh is None else batch_sharding(mesh))
     except ValueError as err:
         raise ConfigError("data", str(err)) from None
+    checkpointer = _open_checkpoints(config)
     model_config = config.model_config(vocab_size=task.vocab_size)
     tx = make_optimizer(config)
     graphdef, params, opt_state, placement = init_params(model_config, config.seed, tx, mesh, sizes)
