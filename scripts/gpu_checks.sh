@@ -14,6 +14,9 @@
 #       xlblocks    sweeps of the xl launch parameters at both head shapes (xl L=128): the bw kernels' output column
 #                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
+#       train       the training job on one GPU: the step on the plain path against --mesh data=1 (125M and 1.3B,
+#                   two alternating rounds), a 60-step `xlstm-jax train --data` run on random tokens (tokens/s and
+#                   MFU with the host data pipeline), and a mesh run equal to the plain one with the Triton backend
 #       ab          both Triton families at the 16-head issue shape (fw and fw+bw, 30 runs), the package in BASE_DIR
 #                   and the working tree alternating, two rounds each, every run in its own process: a before/after
 #                   table within one machine. BASE_DIR holds an older xlstm_jax package, e.g.
@@ -66,6 +69,22 @@ case "$step" in
       --sweep xl_out_block=128,256 xl_warps=4,8 ;;
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
+  train)
+    python3 scripts/train_throughput.py --sizes 125m 1.3b --backends triton_limit_chunk --meshes none data=1 \
+      --rounds 2 --json "$out/mesh_overhead.json" 2>&1 | tee "$out/mesh_overhead.log"
+    python3 scripts/train_throughput.py --sizes 125m --backends triton_xl_chunk native_chunkwise \
+      --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log"
+    python3 -c "import numpy as np; np.save('/tmp/tokens.npy', np.random.default_rng(0).integers(0, 50304, 20_000_000, dtype=np.int32))"
+    python3 -m xlstm_jax.cli train --data /tmp/tokens.npy --vocab-size 50304 --seq-len 2048 --batch-size 8 \
+      --embedding-dim 768 --num-heads 4 --num-blocks 12 --steps 60 --log-every 10 --eval-every 60 --eval-batches 2 \
+      --output-dir "$out/job" --no-progress --json 2>&1 | tee "$out/job.log"
+    python3 -c "
+from xlstm_jax.train import TrainConfig, train
+base = dict(steps=10, batch_size=8, eval_batches=2, progress=False, compute_dtype='bfloat16', seq_len=256,
+            backend='triton_limit_chunk', embedding_dim=256, num_heads=4, num_blocks=2)
+one, mesh = train(TrainConfig(**base)), train(TrainConfig(**base, mesh='data=1'))
+print('plain', one.eval_loss, 'mesh data=1', mesh.eval_loss, 'rel', abs(one.eval_loss - mesh.eval_loss) / one.eval_loss)
+" 2>&1 | tee "$out/mesh_parity.log" ;;
   ab)
     base=$(cd "${1:?BASE_DIR with an older xlstm_jax package}" && pwd); root=$PWD
     for round in 1 2; do
