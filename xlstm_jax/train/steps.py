@@ -87,22 +87,19 @@ def evaluate(eval_sums: Callable[..., Any], params: Any, batches: list[dict[str,
 
 def init_params(model_config: Any, seed: int, tx: optax.GradientTransformation, mesh: Any = None,
                 sizes: dict[str, int] | None = None) -> tuple[Any, Any, Any, tuple | None]:
-    """(graphdef, params, opt_state, placement) of a fresh model. With a mesh, parameters and optimizer states are
-    created in place by a jitted initialisation (no device holds the whole model unless the rules say so), and
-    placement is (param shardings, opt-state shardings): per-parameter optimizer states follow their parameter,
-    its scalars are replicated. Without one, placement is None."""
-    def build():
-        return nnx.split(xLSTMLarge(model_config, rngs=nnx.Rngs(seed)))
-
+    """(graphdef, params, opt_state, placement) of a fresh model. With a mesh, the parameters (initialised eagerly,
+    as on one device: one jitted initialisation of a 1.3B model compiled for 2.5 minutes on an H200) are moved to
+    their shardings, the optimizer states are created in place, and placement is (param shardings, opt-state
+    shardings): per-parameter optimizer states follow their parameter, its scalars are replicated. Without a mesh,
+    placement is None."""
+    graphdef, params = nnx.split(xLSTMLarge(model_config, rngs=nnx.Rngs(seed)))
     if mesh is None:
-        graphdef, params = build()
         return graphdef, params, tx.init(params), None
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: xLSTMLarge(model_config, rngs=nnx.Rngs(seed))))
-    shardings = param_shardings(abstract, mesh, sizes)
+    shardings = param_shardings(params, mesh, sizes)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract), shardings,
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
                                           transform_non_params=lambda _: replicated)
-    params = jax.jit(lambda: build()[1], out_shardings=shardings)()
+    params = jax.device_put(params, shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return graphdef, params, opt_state, (shardings, opt_shardings)
 
