@@ -89,6 +89,51 @@ def test_fused_weight_mode_equals_single():
     assert _rel(fused(tokens), model(tokens)) < 1e-5
 
 
+def test_layers_build_their_cells_through_the_backend_layer(monkeypatch):
+    """Each layer's cell comes from `create_mlstm_backend` with the model config (so `assign_model_config_params`
+    runs), the model's eps, the chunk size and the mesh axes."""
+    from xlstm_jax.models.xlstm_large import model as model_module
+    from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import config as backend_config
+
+    built = []
+    original = backend_config.create_mlstm_backend
+
+    def spy(name, model_config=None, **kwargs):
+        backend = original(name, model_config=model_config, **kwargs)
+        built.append((name, model_config, backend))
+        return backend
+
+    monkeypatch.setattr(model_module, "create_mlstm_backend", spy)
+    c = tiny_config(eps=1e-5)
+    model = random_model(c, seed=1)
+    model(jnp.asarray(random_tokens(1, (1, 5), c.vocab_size)), backend="native_parallel")
+    assert [name for name, _, _ in built] == ["parallel_stabilized"] * c.num_blocks
+    assert all(cfg is c and backend.config.eps == 1e-5 for _, cfg, backend in built)
+    cell = model_module.mlstm_cell(c, "triton_xl_chunk", 128, mesh_axes=(None, "tensor", None))
+    assert (cell.config.backend_name, cell.config.chunk_size, cell.config.eps, cell.config.mesh_axes) == (
+        "max_triton_xlchunksize", 128, 1e-5, (None, "tensor", None))
+
+
+def test_remat_recomputes_blocks_with_the_same_logits_and_gradients():
+    c = tiny_config()
+    graphdef, params = nnx.split(random_model(c, seed=4))
+    tokens = jnp.asarray(random_tokens(4, (2, 20), c.vocab_size))
+    segment_ids = jnp.asarray(np.repeat([[0] * 7 + [1] * 13], 2, axis=0))
+
+    def loss(params, remat):
+        logits = nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids, remat=remat)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+    (plain, plain_logits), plain_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params,
+                                                                                                          False)
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (again, logits), grads = grad_fn(params, True)
+    assert "remat" in str(jax.make_jaxpr(grad_fn, static_argnums=1)(params, True))
+    assert _rel(logits, plain_logits) < 1e-6 and abs(float(again - plain)) < 1e-6
+    for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+        assert _rel(g, want) < 1e-5
+
+
 def test_states_continue_a_sequence_across_calls_and_backends():
     c = tiny_config()
     model = jitted(random_model(c, seed=4))

@@ -107,6 +107,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--mesh", default=d["mesh"], metavar="AXES",
                       help="device mesh over data, fsdp, tensor and sequence, e.g. data=2,fsdp=2,tensor=2 (sizes "
                            "multiply to the device count; default: one device)")
+    dist.add_argument("--remat", action="store_true", default=argparse.SUPPRESS,
+                      help="recompute each block in the backward instead of keeping its activations (memory of one "
+                           "block's activations, about one more forward pass of compute)")
     dist.add_argument("--coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
                       help="several processes: process 0's address, with --num-processes and --process-id "
                            "(default: from SLURM / Open MPI when the job has several processes, else one process)")

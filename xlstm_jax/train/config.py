@@ -117,7 +117,7 @@ class TrainConfig:
     checkpoint_every = eval_every. Checkpoints and the exported model go to `output_dir` (None: none are written);
     `resume` continues the run there. With `progress`, a terminal shows a progress bar and other outputs get a
     progress line every `progress_seconds`. `mesh` ("data=2,fsdp=2,tensor=2"; None: one device) places the run on
-    a device mesh (`xlstm_jax.train.mesh`).
+    a device mesh (`xlstm_jax.train.mesh`); `remat` recomputes each block in the backward (less activation memory).
 
     `data` (paths, all of one kind: token files .npy/.bin, or text .txt/.jsonl with `tokenizer`) trains a language
     model on them instead of MQAR (`xlstm_jax.train.data`: packing with segment ids, a held-out `eval_fraction`).
@@ -153,6 +153,7 @@ class TrainConfig:
     progress_seconds: float = 15.0
     log_every: int = 10
     mesh: str | None = None
+    remat: bool = False
     data: tuple[str, ...] | None = None
     tokenizer: str | None = None
     token_dtype: str = "uint16"

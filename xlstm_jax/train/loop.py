@@ -138,7 +138,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         if main:
             write_run_config(config.output_dir, {**config.to_dict(), "model": model_config.to_dict()})
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        train_step, eval_sums = build_steps(graphdef, tx, placement)
+        train_step, eval_sums = build_steps(graphdef, tx, placement, config.remat)
         result = _run(config, task, model_config, train_step, eval_sums, params, opt_state, start, metrics,
                       checkpointer, console)
     metrics.close()

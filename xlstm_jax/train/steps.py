@@ -47,20 +47,21 @@ def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.A
     return jnp.stack([jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)])
 
 
-def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None
+def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None, remat: bool = False
                  ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The jitted train step (mean loss and accuracy of the batch) and the evaluation sums of one batch.
     `placement` (param shardings, opt-state shardings): the step keeps parameters and optimizer states where they
-    are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`)."""
+    are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`). `remat`: the model recomputes each
+    block in the backward."""
     mesh_axes = None if placement is None else MLSTM_AXES
 
-    def sums(params, batch):
+    def sums(params, batch, remat=False):
         logits = nnx.merge(graphdef, params)(batch["inputs"], segment_ids=batch.get("segment_ids"),
-                                             mesh_axes=mesh_axes)
+                                             mesh_axes=mesh_axes, remat=remat)
         return masked_sums(logits, batch["targets"], batch["mask"])
 
     def loss_fn(params, batch):
-        ce, correct, count = sums(params, batch)
+        ce, correct, count = sums(params, batch, remat)
         count = jnp.maximum(count, 1.0)
         return ce / count, correct / count
 

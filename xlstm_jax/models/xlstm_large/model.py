@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
-from xlstm_jax.mlstm.api import IMPLEMENTATIONS, mlstm, resolve_backend
+from xlstm_jax.mlstm.api import IMPLEMENTATIONS, resolve_backend
 from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend, mLSTMBackend
 
 F32 = jnp.float32
 State = tuple[jax.Array, jax.Array, jax.Array]  # C (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH); float32
@@ -157,14 +158,33 @@ class mLSTMLayer(nnx.Module):
             return a.astype(dt).reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
 
         initial = {} if state is None else dict(zip(("c_initial", "n_initial", "m_initial"), state))
-        h, new_state = mlstm(
-            heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1), f.transpose(0, 2, 1),
-            backend=backend, chunk_size=chunk_size, return_last_states=True, eps=c.eps, **initial,
-            sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes,
-        )
+        cell = mlstm_cell(c, backend, chunk_size, sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
+        h, new_state = cell(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
+                            f.transpose(0, 2, 1), **initial, return_last_states=True)
         h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
         y = jax.nn.sigmoid(o) * h_norm
         return self.out_proj(y, dt), new_state
+
+
+# Each implementation of the op as a backend of the documented backend layer: registry name and fixed config keywords.
+SEED_BACKENDS = {
+    "native_parallel": ("parallel_stabilized", {}),
+    "native_recurrent": ("recurrent", {"use_scan": True, "state_dtype": "float32"}),
+    "native_chunkwise": ("chunkwise", {}),
+    "triton_limit_chunk": ("triton_kernels", {"backend_name": "max_triton_noslice"}),
+    "triton_xl_chunk": ("triton_kernels", {"backend_name": "max_triton_xlchunksize"}),
+}
+
+
+def mlstm_cell(config: xLSTMLargeConfig, backend: str, chunk_size: int | None, *, sequence_axis_name: Any = None,
+               mesh_axes: Any = None) -> mLSTMBackend:
+    """The mLSTM cell of a layer: the implementation `backend` (resolved, not "auto") built through
+    `create_mlstm_backend` with the model config (its `assign_model_config_params` runs), the model's eps, the chunk
+    size, and the mesh axes it splits over."""
+    registry, fixed = SEED_BACKENDS[backend]
+    wanted = dict(eps=config.eps, chunk_size=chunk_size, sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
+    return create_mlstm_backend(registry, model_config=config, **fixed,
+                                **{name: value for name, value in wanted.items() if value is not None})
 
 
 class FeedForward(nnx.Module):
@@ -282,6 +302,7 @@ class xLSTMLarge(nnx.Module):
         chunk_size: int | None = None,
         sequence_axis_name: Any = None,
         mesh_axes: Any = None,
+        remat: bool = False,
     ) -> jax.Array | tuple[jax.Array, list[State]]:
         """Logits of every position.
 
@@ -294,7 +315,9 @@ class xLSTMLarge(nnx.Module):
         along that mesh axis, the mLSTM layers run context-parallel (`xlstm_jax.mlstm`) and document starts look
         across shard borders; the last states are those after the whole sequence. mesh_axes: under `jax.set_mesh`
         on a mesh with Auto axes, the mesh axes (B, NH, S) the mLSTM cells split their inputs over (a split S runs
-        context-parallel; `xlstm_jax.mlstm`); the rest of the model is left to XLA's sharding propagation. Returns logits (B, S, V) float32,
+        context-parallel; `xlstm_jax.mlstm`); the rest of the model is left to XLA's sharding propagation. remat:
+        keep only each block's input for the backward and recompute the block there (activation memory of one
+        block instead of all, for about one more forward pass). Returns logits (B, S, V) float32,
         and with `return_states` also the last states (one (C, n, m) per block).
         """
         c = self.config
@@ -315,12 +338,16 @@ class xLSTMLarge(nnx.Module):
         name = resolve_backend(backend or c.backend, chunk_size)
         if IMPLEMENTATIONS[name].chunk_sizes is None:
             chunk_size = None
+        def run_block(block: mLSTMBlock, x: jax.Array, state: State | None) -> tuple[jax.Array, State]:
+            return block(x, state=state, reset=reset, token_mask=token_mask, backend=name, chunk_size=chunk_size,
+                         sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
+
+        if remat:
+            run_block = nnx.remat(run_block)
         x = self.backbone.embeddings(jnp.asarray(tokens))
         new_states = []
         for index, block in enumerate(self.backbone.blocks):
-            x, state = block(x, state=None if states is None else states[index], reset=reset,
-                             token_mask=token_mask, backend=name, chunk_size=chunk_size,
-                             sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
+            x, state = run_block(block, x, None if states is None else states[index])
             new_states.append(state)
         if self.backbone.out_norm is not None:
             x = self.backbone.out_norm(x)

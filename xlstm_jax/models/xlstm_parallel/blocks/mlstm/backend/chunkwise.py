@@ -4,6 +4,7 @@ Runs on every platform, any sequence length, O(S) memory, exact hand-written bac
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 from xlstm_jax.mlstm.api import mlstm
@@ -24,6 +25,8 @@ class mLSTMBackendChunkwiseConfig:
     """Mesh axis the sequence is split over, inside shard_map (context parallelism, as in `xlstm_jax.mlstm`)."""
     sequence_combine: str = "auto"
     """How the shards' incoming states are combined: "auto", "all_gather" or "ppermute"."""
+    mesh_axes: Any = None
+    """Under `jax.set_mesh`, the mesh axes (B, NH, S) to split the cell's inputs over (as in `xlstm_jax.mlstm`)."""
 
     def assign_model_config_params(self, model_config) -> None:
         """Nothing to take from the model config: any sequence length works."""
@@ -40,12 +43,13 @@ class mLSTMBackendChunkwise(mLSTMBackend):
         (B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH). Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m))
         with float32 states."""
         cfg = self.config
-        if cfg.sequence_axis_name is not None:
+        if cfg.sequence_axis_name is not None or cfg.mesh_axes is not None:
             return mlstm(
                 q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
                 return_last_states=return_last_states, eps=cfg.eps, chunk_size=cfg.chunk_size,
                 autocast_dtype=cfg.autocast_dtype, backend="native_chunkwise",
                 sequence_axis_name=cfg.sequence_axis_name, sequence_combine=cfg.sequence_combine,
+                mesh_axes=cfg.mesh_axes,
             )
         return mlstm_chunkwise_native(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=cfg.eps,

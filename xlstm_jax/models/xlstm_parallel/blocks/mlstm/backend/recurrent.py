@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from xlstm_jax.kernels.mlstm_recurrent import recurrent_sequence_fw, recurrent_step_fw
+from xlstm_jax.mlstm.api import mlstm
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 __all__ = ["mLSTMBackendRecurrent", "mLSTMBackendRecurrentConfig", "recurrent_sequence_fw", "recurrent_step_fw"]
@@ -24,6 +25,8 @@ class mLSTMBackendRecurrentConfig:
     """dtype of the states (name); None: see `recurrent_sequence_fw`."""
     use_scan: bool = False
     """lax.scan over time instead of an unrolled Python loop."""
+    mesh_axes: Any = None
+    """Under `jax.set_mesh`, the mesh axes (B, NH, S) to split the cell's inputs over (as in `xlstm_jax.mlstm`)."""
 
     def assign_model_config_params(self, model_config: Any) -> None:
         """Take `context_length` from the model config when it has one."""
@@ -39,6 +42,10 @@ class mLSTMBackendRecurrent(mLSTMBackend):
     def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
         """See `recurrent_sequence_fw`; eps, state_dtype and use_scan come from the config."""
         cfg = self.config
+        if cfg.mesh_axes is not None:
+            return mlstm(q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
+                         return_last_states=return_last_states, eps=cfg.eps, backend="native_recurrent",
+                         mesh_axes=cfg.mesh_axes)
         return recurrent_sequence_fw(
             q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
             return_last_states=return_last_states, eps=cfg.eps, state_dtype=cfg.state_dtype, use_scan=cfg.use_scan,

@@ -12,6 +12,7 @@ import numpy as np
 
 from xlstm_jax.kernels.base import MLSTMOptions, checked_inputs
 from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel, parallel_stabilized_simple
+from xlstm_jax.mlstm.api import mlstm
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 __all__ = ["mLSTMBackendParallel", "mLSTMBackendParallelConfig", "parallel_stabilized_simple"]
@@ -23,6 +24,10 @@ class mLSTMBackendParallelConfig:
 
     context_length: int = -1
     """Longest sequence the backend accepts; -1: any length."""
+    eps: float = 1e-6
+    """Denominator epsilon, added after max(|q·n|, e^{-m})."""
+    mesh_axes: Any = None
+    """Under `jax.set_mesh`, the mesh axes (B, NH, S) to split the cell's inputs over (as in `xlstm_jax.mlstm`)."""
 
     def assign_model_config_params(self, model_config: Any) -> None:
         """Take `context_length` from the model config when it has one."""
@@ -47,13 +52,18 @@ class mLSTMBackendParallel(mLSTMBackend):
         S, ctx = np.shape(q)[-2], self.config.context_length
         if ctx != -1 and S > ctx:
             raise ValueError(f"sequence length S={S} exceeds the backend's context_length={ctx}.")
+        cfg = self.config
+        if cfg.mesh_axes is not None:
+            return mlstm(q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
+                         return_last_states=return_last_states, eps=cfg.eps, backend="native_parallel",
+                         mesh_axes=cfg.mesh_axes)
         if return_last_states or any(x is not None for x in (c_initial, n_initial, m_initial)):
-            return self._with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states)
+            return self._with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, cfg.eps)
         i, f = (g[..., None] if np.ndim(g) == np.ndim(q) - 1 else g for g in (i, f))
-        return parallel_stabilized_simple(q, k, v, i, f)
+        return parallel_stabilized_simple(q, k, v, i, f, eps=cfg.eps)
 
     @staticmethod
-    def _with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states):
+    def _with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps):
         per_head = np.ndim(q) == 3
         args = (q, k, v, i, f, c_initial, n_initial, m_initial)
         if per_head:  # give per-head inputs a head axis of 1
@@ -63,7 +73,7 @@ class mLSTMBackendParallel(mLSTMBackend):
                                      f"per-head (B, S, ·) too, got shape {np.shape(x)}.")
             args = tuple(None if x is None else jnp.expand_dims(x, 1) for x in args)
         x, _ = checked_inputs(*args)
-        out = mlstm_parallel(x, MLSTMOptions(return_last_states=bool(return_last_states)))
+        out = mlstm_parallel(x, MLSTMOptions(return_last_states=bool(return_last_states), eps=eps))
         if not per_head:
             return out
         return jax.tree.map(lambda x: jnp.squeeze(x, 1), out)

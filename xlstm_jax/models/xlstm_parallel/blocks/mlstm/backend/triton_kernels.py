@@ -11,7 +11,7 @@ buffers are passed whole to the output and backward kernels (True) or with the l
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from xlstm_jax.mlstm.api import mlstm
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
@@ -48,6 +48,8 @@ class mLSTMBackendTritonConfig:
     the standard denominator: norm_val 1.0, stabilize_correctly True)."""
     sequence_combine: str = "auto"
     """How the shards' incoming states are combined: "auto", "all_gather" or "ppermute"."""
+    mesh_axes: Any = None
+    """Under `jax.set_mesh`, the mesh axes (B, NH, S) to split the cell's inputs over (as in `xlstm_jax.mlstm`)."""
 
     def __post_init__(self):
         name = _ALIASES.get(self.backend_name, self.backend_name)
@@ -74,15 +76,15 @@ class mLSTMBackendTriton(mLSTMBackend):
         """
         cfg = self.config
         name = _ALIASES.get(cfg.backend_name, cfg.backend_name)
-        if cfg.sequence_axis_name is not None:
+        if cfg.sequence_axis_name is not None or cfg.mesh_axes is not None:
             if cfg.norm_val != 1.0 or not cfg.stabilize_correctly:
-                raise ValueError("sequence_axis_name runs the standard denominator: norm_val must be 1.0 and "
+                raise ValueError("sequence_axis_name and mesh_axes run the standard denominator: norm_val must be 1.0 and "
                                  f"stabilize_correctly True, got {cfg.norm_val} and {cfg.stabilize_correctly}.")
             return mlstm(
                 q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
                 return_last_states=return_last_states, eps=cfg.eps, chunk_size=cfg.chunk_size,
                 autocast_dtype=cfg.autocast_dtype, sequence_axis_name=cfg.sequence_axis_name,
-                sequence_combine=cfg.sequence_combine,
+                sequence_combine=cfg.sequence_combine, mesh_axes=cfg.mesh_axes,
                 backend="triton_xl_chunk" if name == "max_triton_xlchunksize" else "triton_limit_chunk",
             )
         common = dict(
