@@ -51,6 +51,7 @@ def test_a_text_corpus_trains_and_resumes_mid_epoch_on_the_same_batches(corpus, 
     assert [r["step"] for r in evals] == [4, 8]
     assert np.isclose(evals[-1]["eval_perplexity"], np.exp(evals[-1]["eval_loss"]))
     assert whole["eval_loss"] == evals[-1]["eval_loss"] and whole["chance_accuracy"] is None
+    assert list((tmp_path / "whole" / "tensorboard").glob("events.out.tfevents.*"))  # tensorboardX: test extra
     config = json.loads((tmp_path / "whole" / "train_config.json").read_text())
     assert config["model"]["vocab_size"] == 19  # 17 words + [UNK] + [EOS], from the tokenizer
 
