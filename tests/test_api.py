@@ -242,6 +242,9 @@ def test_auto_is_native_chunkwise_on_cpu():
     if jax.default_backend() == "gpu":
         pytest.skip("auto picks a Triton family on a GPU")
     assert resolve_backend("auto") == "native_chunkwise"
+    # short sequences run step by step, unless a chunk size is asked for
+    assert resolve_backend("auto", seq_len=16) == "native_recurrent" and resolve_backend("auto", 64, 16) != \
+        "native_recurrent"
     x = make_inputs(2, 1, 2, 20, 16, 16, with_state=True)
     auto = jax.jit(functools.partial(mlstm, return_last_states=True))(**x)
     chunkwise = jax.jit(functools.partial(mlstm, backend="native_chunkwise", return_last_states=True))(**x)

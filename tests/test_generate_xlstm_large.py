@@ -21,10 +21,13 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
-def test_prefill_plus_steps_equal_the_full_forward(model):
+@pytest.mark.parametrize("step_backend", ["native_recurrent", "mlstm_step"])
+def test_prefill_plus_steps_equal_the_full_forward(model, step_backend):
+    """Steps through the recurrent backend or `xlstm_jax.mlstm_step` (the decode path; Triton's interpreter is not
+    used here: on a CPU mlstm_step runs XLA) give the logits and tokens of one full forward pass."""
     prompt = random_tokens(0, (2, 21), model.config.vocab_size)
     out = generate(model, prompt, max_new_tokens=10, return_logits=True, prefill_backend="native_chunkwise",
-                   step_backend="native_recurrent")
+                   step_backend=step_backend)
     assert out.tokens.shape == (2, 10) and out.logits.shape == (2, 10, model.config.vocab_size)
     assert out.tokens.dtype == np.int32 and out.lengths.tolist() == [10, 10]
     full = jitted(model)(np.concatenate([prompt, out.tokens], axis=1), backend="native_recurrent")

@@ -10,7 +10,7 @@ import types
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND_NAMES", "from_pretrained", "mlstm", "__version__"]
+__all__ = ["BACKEND_NAMES", "from_pretrained", "mlstm", "mlstm_step", "__version__"]
 
 
 class _Package(types.ModuleType):
@@ -33,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from xlstm_jax.mlstm.api import BACKEND_NAMES
 
         return BACKEND_NAMES
+    if name == "mlstm_step":
+        from xlstm_jax.mlstm.step import mlstm_step
+
+        return mlstm_step
     if name == "from_pretrained":
         from xlstm_jax.models.xlstm_large import from_pretrained
 

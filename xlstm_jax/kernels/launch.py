@@ -231,7 +231,7 @@ def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
     return jax.pure_callback(host, tuple(out_shapes), *inputs, vmap_method="sequential")
 
 
-def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, constexprs, *inputs):
+def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, aliases, constexprs, *inputs):
     bh = inputs[0].shape[0]
     grid = (bh, *grid_rest)
     if interpret_mode():
@@ -245,7 +245,7 @@ def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, cons
     jt, out_kw = _jax_triton()
     outs = jt.triton_call(
         *inputs, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-        **{out_kw: tuple(out_shapes)}, **constexprs,
+        input_output_aliases=dict(aliases), **{out_kw: tuple(out_shapes)}, **constexprs,
     )
     return tuple(outs)
 
@@ -258,11 +258,13 @@ def launch(
     grid: tuple[int, ...],
     num_warps: int = 4,
     num_stages: int = 1,
+    aliases: dict[int, int] | None = None,
     **constexprs: Any,
 ) -> tuple[jax.Array, ...]:
     """Launch `kernel` over grid (BH, *grid) where BH = inputs[0].shape[0] = every array's leading axis.
 
-    All scalars are compile-time constants (`constexprs`). Returns the outputs (uninitialised memory on CUDA:
+    All scalars are compile-time constants (`constexprs`). `aliases` {input index: output index}: the output may
+    take the input's buffer (CUDA; XLA copies the input first when it is still needed). Returns the outputs (uninitialised memory on CUDA:
     kernels write every element they own). Supports `jax.vmap` (mapped axes are folded into BH) and `shard_map`
     (outputs vary over the mesh axes the inputs vary over).
     """
@@ -271,7 +273,9 @@ def launch(
     for x in (*inputs, *out_shapes):
         if x.shape[0] != bh:
             raise ValueError(f"every kernel operand must lead with the BH axis {bh}, got shape {x.shape}.")
-    call = functools.partial(_launch_unbatched, kernel, tuple(grid), out_shapes, num_warps, num_stages, constexprs)
+    aliases = tuple(sorted((aliases or {}).items()))
+    call = functools.partial(_launch_unbatched, kernel, tuple(grid), out_shapes, num_warps, num_stages, aliases,
+                             constexprs)
 
     @jax.custom_batching.custom_vmap
     def run(*args):
@@ -286,7 +290,7 @@ def launch(
         outs = launch(
             kernel, folded,
             [jax.ShapeDtypeStruct((axis_size * o.shape[0], *o.shape[1:]), o.dtype) for o in out_shapes],
-            grid=grid, num_warps=num_warps, num_stages=num_stages, **constexprs,
+            grid=grid, num_warps=num_warps, num_stages=num_stages, aliases=dict(aliases), **constexprs,
         )
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), tuple(True for _ in outs)
 

@@ -88,6 +88,9 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 BACKEND_NAMES = ("auto", *IMPLEMENTATIONS)
+# "auto" runs sequences of at most this many steps (without a chunk size) step by step (native_recurrent): a chunkwise
+# kernel would pad them to a whole chunk (docs/benchmarks.md, "Short sequences").
+SHORT_SEQUENCE = 16
 
 
 def triton_status() -> tuple[bool, str]:
@@ -95,16 +98,19 @@ def triton_status() -> tuple[bool, str]:
     return triton_availability()
 
 
-def resolve_backend(backend: str, chunk_size: int | None = None) -> str:
+def resolve_backend(backend: str, chunk_size: int | None = None, seq_len: int | None = None) -> str:
     """Map a backend name (or "auto") to a runnable implementation name; raise with the alternatives if it can't run.
 
-    "auto" on a CUDA GPU with Triton: triton_limit_chunk, the faster family at the 7B heads and on par at 16 heads
+    "auto" for a sequence of at most SHORT_SEQUENCE steps and no chunk size: native_recurrent. Otherwise, on a CUDA
+    GPU with Triton: triton_limit_chunk, the faster family at the 7B heads and on par at 16 heads
     (docs/benchmarks.md, "Issue 15"), or triton_xl_chunk for a chunk_size beyond limit-chunk's range; elsewhere
     native_chunkwise.
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown mLSTM backend {backend!r}; expected one of {list(BACKEND_NAMES)}.")
     if backend == "auto":
+        if seq_len is not None and seq_len <= SHORT_SEQUENCE and chunk_size is None:
+            return "native_recurrent"
         ok, _ = triton_status()
         if not (ok and jax.default_backend() == "gpu"):
             return "native_chunkwise"
@@ -156,7 +162,7 @@ def mlstm(
     x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     eps = check_eps(eps)
     resolve_compute_dtype(autocast_dtype, x.q.dtype)  # a float64 q under 64-bit JAX is refused here, naming q
-    name = resolve_backend(backend, chunk_size)
+    name = resolve_backend(backend, chunk_size, None if sequence_axis_name is not None else x.q.shape[2])
     impl: Implementation = IMPLEMENTATIONS[name]
     if impl.chunk_sizes is None:
         if chunk_size is not None:

@@ -234,7 +234,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=argparse.SUPPRESS, metavar="NAME",
                         help="prefill backend (default: the checkpoint config's, auto)")
     parser.add_argument("--step-backend", default=argparse.SUPPRESS, metavar="NAME",
-                        help="backend of the one-token steps (default: native_recurrent)")
+                        help="the one-token steps: mlstm_step (the fused Triton step kernel on a CUDA GPU, XLA "
+                             "elsewhere) or any backend name (default: mlstm_step)")
     parser.add_argument("--num-examples", type=_positive_int, default=4, help="MQAR demo: examples to show")
 
 
@@ -243,9 +244,10 @@ def run_generate(args: argparse.Namespace) -> int:
     missing checkpoint, prompts the model cannot take)."""
     backend, step_backend = getattr(args, "backend", None), getattr(args, "step_backend", None)
     try:
-        for field, name in (("backend", backend), ("step_backend", step_backend)):
-            if name is not None:
-                check_backend(name, field=field)
+        if backend is not None:
+            check_backend(backend, field="backend")
+        if step_backend not in (None, "mlstm_step"):
+            check_backend(step_backend, field="step_backend")
     except ConfigError as err:
         return fail(flag(err.field), err.reason)
 

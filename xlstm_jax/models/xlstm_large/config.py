@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _WEIGHT_MODES = ("single", "fused")
+STEP_BACKEND = "mlstm_step"  # decoding steps through `xlstm_jax.mlstm_step` (the fused Triton step on a GPU)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -28,7 +29,8 @@ class xLSTMLargeConfig:
     Dimensions: qk_dim = round_up(int(D * qk_dim_factor), mlstm_round_up_to_multiple_of) (1: the torch
     `xlstm_large` rule, 64: the HF rule), v_dim likewise, FFN width = ceil(D * ffn_proj_factor / 64) * 64.
     `backend` is any of `xlstm_jax.BACKEND_NAMES` ("auto": a Triton kernel on a CUDA GPU, native_chunkwise
-    elsewhere); `step_backend` runs single-token decoding steps. Parameters are stored in `param_dtype`, matmuls
+    elsewhere); `step_backend` runs single-token decoding steps: "mlstm_step" (`xlstm_jax.mlstm_step`, the fused
+    Triton step kernel on a CUDA GPU) or any backend name. Parameters are stored in `param_dtype`, matmuls
     run in `compute_dtype` with float32 accumulation; gates, norm statistics, mLSTM states and logits are float32.
     """
 
@@ -51,7 +53,7 @@ class xLSTMLargeConfig:
     eps: float = 1e-6
     backend: str = "auto"
     chunk_size: int | None = None
-    step_backend: str = "native_recurrent"
+    step_backend: str = "mlstm_step"
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     reset_fgate_value: float = -25.0
@@ -74,9 +76,9 @@ class xLSTMLargeConfig:
                 raise ValueError(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}.")
         from xlstm_jax.mlstm.api import BACKEND_NAMES
 
-        for name in ("backend", "step_backend"):
-            if getattr(self, name) not in BACKEND_NAMES:
-                raise ValueError(f"{name} must be one of {list(BACKEND_NAMES)}, got {getattr(self, name)!r}.")
+        for name, names in (("backend", BACKEND_NAMES), ("step_backend", (*BACKEND_NAMES, STEP_BACKEND))):
+            if getattr(self, name) not in names:
+                raise ValueError(f"{name} must be one of {list(names)}, got {getattr(self, name)!r}.")
         for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
             if dim < self.num_heads or dim % self.num_heads:
                 raise ValueError(

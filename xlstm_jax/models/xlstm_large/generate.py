@@ -134,7 +134,8 @@ def generate(
 
     prompts: int array (B, P) (all rows full length) or a list of token lists of any lengths (left-padded).
     prefill_backend: the chunkwise backend of the prompt pass (None: the config's `backend`); step_backend: the
-    backend of the one-token steps (None: the config's `step_backend`, native_recurrent). Returns a
+    backend of the one-token steps (None: the config's `step_backend`, "mlstm_step": the fused Triton step on a
+    GPU). Returns a
     `GenerationOutput`.
     """
     config = model.config

@@ -24,7 +24,8 @@ from flax import nnx
 
 from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
 from xlstm_jax.mlstm.api import IMPLEMENTATIONS, resolve_backend
-from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
+from xlstm_jax.mlstm.step import mlstm_step
+from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend, mLSTMBackend
 
 F32 = jnp.float32
@@ -157,10 +158,16 @@ class mLSTMLayer(nnx.Module):
         def heads(a: jax.Array, dh: int) -> jax.Array:
             return a.astype(dt).reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
 
-        initial = {} if state is None else dict(zip(("c_initial", "n_initial", "m_initial"), state))
-        cell = mlstm_cell(c, backend, chunk_size, sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
-        h, new_state = cell(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
-                            f.transpose(0, 2, 1), **initial, return_last_states=True)
+        if backend == STEP_BACKEND:
+            state = state if state is not None else zero_states(c, B)[0]
+            h, new_state = mlstm_step(heads(q, DHQK)[:, :, 0], heads(k, DHQK)[:, :, 0], heads(v, DHV)[:, :, 0],
+                                      i[:, 0], f[:, 0], *state, eps=c.eps)
+            h = h[:, :, None]
+        else:
+            initial = {} if state is None else dict(zip(("c_initial", "n_initial", "m_initial"), state))
+            cell = mlstm_cell(c, backend, chunk_size, sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
+            h, new_state = cell(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
+                                f.transpose(0, 2, 1), **initial, return_last_states=True)
         h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
         y = jax.nn.sigmoid(o) * h_norm
         return self.out_proj(y, dt), new_state
@@ -311,7 +318,8 @@ class xLSTMLarge(nnx.Module):
         document start (position 0 included), which wipes the memory carried in from the previous document.
         token_mask (B, S) bool: False marks padding steps, given neutral gates so they leave the states exactly
         unchanged (left padding of batched prompts); their logits are meaningless.
-        backend / chunk_size override the config's. sequence_axis_name: inside shard_map with the sequence split
+        backend / chunk_size override the config's; backend "mlstm_step" runs one token (S = 1) through
+        `xlstm_jax.mlstm_step`. sequence_axis_name: inside shard_map with the sequence split
         along that mesh axis, the mLSTM layers run context-parallel (`xlstm_jax.mlstm`) and document starts look
         across shard borders; the last states are those after the whole sequence. mesh_axes: under `jax.set_mesh`
         on a mesh with Auto axes, the mesh axes (B, NH, S) the mLSTM cells split their inputs over (a split S runs
@@ -335,9 +343,14 @@ class xLSTMLarge(nnx.Module):
         if states is not None and len(states) != c.num_blocks:
             raise ValueError(f"states must hold one (C, n, m) per block ({c.num_blocks}), got {len(states)}.")
         chunk_size = chunk_size or c.chunk_size
-        name = resolve_backend(backend or c.backend, chunk_size)
-        if IMPLEMENTATIONS[name].chunk_sizes is None:
-            chunk_size = None
+        if backend == STEP_BACKEND:
+            if shape[1] != 1:
+                raise ValueError(f"backend {STEP_BACKEND!r} runs one token per call (S = 1), got S = {shape[1]}.")
+            name, chunk_size = backend, None
+        else:
+            name = resolve_backend(backend or c.backend, chunk_size, None if sequence_axis_name else shape[1])
+            if IMPLEMENTATIONS[name].chunk_sizes is None:
+                chunk_size = None
         def run_block(block: mLSTMBlock, x: jax.Array, state: State | None) -> tuple[jax.Array, State]:
             return block(x, state=state, reset=reset, token_mask=token_mask, backend=name, chunk_size=chunk_size,
                          sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)

@@ -1,0 +1,114 @@
+"""Decoding on one GPU, measured in one run: the mLSTM step, short sequences, and the xLSTM-7B decode step.
+
+1. `xlstm_jax.mlstm_step` (native, triton; float32 and bfloat16 states) and the seed's `recurrent_step_fw` at
+   B=16, NH=8, DHQK=256, DHHV=512, bf16 inputs;
+2. `mlstm` forward for short S (1..64) with native_recurrent (what "auto" picks up to SHORT_SEQUENCE) and the
+   limit-chunk kernel, same shape;
+3. one token of the xLSTM-7B architecture (bf16 weights, random) at batch 1 and 16, `model(token, states)` under
+   jit with each step backend: ms per token and tokens/s.
+Medians of >= 10 timed calls after warm-up (`xlstm_jax.bench.measure.time_jax`).
+
+    python scripts/decode_bench.py --json decode.json        # --tiny: small shapes, e.g. on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xlstm_jax import mlstm, mlstm_step
+from xlstm_jax.bench.measure import time_jax
+from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.model import zero_states
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_step_fw
+
+
+def step_rows(B, NH, DHQK, DHHV, backends, reps):
+    keys = jax.random.split(jax.random.key(0), 8)
+    q, k = (jax.random.normal(x, (B, NH, DHQK), jnp.bfloat16) for x in keys[:2])
+    v = jax.random.normal(keys[2], (B, NH, DHHV), jnp.bfloat16)
+    i, f = (jax.random.normal(x, (B, NH)) for x in keys[3:5])
+    c = jax.random.normal(keys[5], (B, NH, DHQK, DHHV))
+    n, m = jax.random.normal(keys[6], (B, NH, DHQK)), jnp.zeros((B, NH))
+    rows = []
+    for backend in backends:
+        for state_dtype in (jnp.float32, jnp.bfloat16):
+            args = (q, k, v, i, f, c.astype(state_dtype), n.astype(state_dtype), m)
+            t = time_jax(lambda *a, b=backend: mlstm_step(*a, backend=b), lambda a=args: a, reps)
+            rows.append({"what": f"mlstm_step {backend}", "states": jnp.dtype(state_dtype).name,
+                         "us": 1e3 * t["ms_median"]})
+    seed_args = (c, n, m[..., None], q, k, v, i[..., None], f[..., None])
+    t = time_jax(recurrent_step_fw, lambda: seed_args, reps)
+    rows.append({"what": "recurrent_step_fw (seed)", "states": "float32", "us": 1e3 * t["ms_median"]})
+    return rows
+
+
+def short_rows(B, NH, DHQK, DHHV, lengths, backends, reps):
+    rows = []
+    for S in lengths:
+        keys = jax.random.split(jax.random.key(S), 5)
+        q, k = (jax.random.normal(x, (B, NH, S, DHQK), jnp.bfloat16) for x in keys[:2])
+        v = jax.random.normal(keys[2], (B, NH, S, DHHV), jnp.bfloat16)
+        i, f = (jax.random.normal(x, (B, NH, S)) for x in keys[3:])
+        for backend in backends:
+            t = time_jax(lambda *a, b=backend: mlstm(*a, backend=b, return_last_states=True),
+                         lambda a=(q, k, v, i, f): a, reps)
+            rows.append({"S": S, "backend": backend, "us": 1e3 * t["ms_median"]})
+    return rows
+
+
+def model_rows(config, batches, step_backends, reps):
+    graphdef, params = nnx.split(xLSTMLarge(config, rngs=nnx.Rngs(0)))
+
+    def one_token(params, token, states, backend):
+        return nnx.merge(graphdef, params)(token[:, None], states=states, return_states=True, backend=backend)
+
+    rows = []
+    for B in batches:
+        token, states = jnp.zeros((B,), jnp.int32), zero_states(config, B)
+        for backend in step_backends:
+            t = time_jax(lambda p, tok, st, b=backend: one_token(p, tok, st, b), lambda: (params, token, states),
+                         reps)
+            rows.append({"B": B, "step_backend": backend, "ms_per_token": t["ms_median"],
+                         "tokens_per_s": B / (t["ms_median"] / 1e3)})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes and a tiny model")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--parts", nargs="+", default=["step", "short", "model"], choices=["step", "short", "model"])
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    gpu = jax.default_backend() == "gpu"
+    heads = (2, 2, 16, 32) if args.tiny else (16, 8, 256, 512)
+    step_backends = ["native", "triton"] if gpu else ["native"]
+    chunked = ["native_recurrent", "triton_limit_chunk" if gpu else "native_chunkwise"]
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    if "step" in args.parts:
+        results["step"] = step_rows(*heads, step_backends, args.reps)
+        for row in results["step"]:
+            print(f"step  {row['what']:26s} states {row['states']:9s} {row['us']:8.1f} us", flush=True)
+    if "short" in args.parts:
+        results["short"] = short_rows(*heads, (1, 4, 8, 16, 32, 64), chunked, args.reps)
+        for row in results["short"]:
+            print(f"short S={row['S']:<3d} {row['backend']:20s} {row['us']:8.1f} us", flush=True)
+    if "model" in args.parts:
+        size = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=256) if args.tiny else {}
+        config = xLSTMLargeConfig(**size, param_dtype="bfloat16", compute_dtype="bfloat16")
+        results["model"] = model_rows(config, (1, 16), ["mlstm_step", "native_recurrent"], args.reps)
+        for row in results["model"]:
+            print(f"model B={row['B']:<3d} {row['step_backend']:17s} {row['ms_per_token']:7.3f} ms/token "
+                  f"{row['tokens_per_s']:9,.0f} tok/s", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
