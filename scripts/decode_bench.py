@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,25 @@ from flax import nnx
 from xlstm_jax import mlstm, mlstm_step
 from xlstm_jax.bench.measure import time_jax
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.generate import generate
 from xlstm_jax.models.xlstm_large.model import zero_states
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_step_fw
 
 
-def step_rows(B, NH, DHQK, DHHV, backends, reps):
+STEPS = 16  # steps per timed call: a fori_loop carries the states, as a decode loop does (no copy of C per step)
+
+
+def _steps(step_fn):
+    """STEPS steps of `step_fn(q, k, v, i, f, c, n, m)` carrying (c, n, m); returns the last h and states."""
+    def run(q, k, v, i, f, c, n, m):
+        def body(_, carry):
+            return step_fn(q, k, v, i, f, *carry[1])
+        h0 = jnp.zeros(v.shape, v.dtype)
+        return jax.lax.fori_loop(0, STEPS, body, (h0, (c, n, m)))
+    return run
+
+
+def step_rows(B, NH, DHQK, DHHV, backends, reps, sweep):
     keys = jax.random.split(jax.random.key(0), 8)
     q, k = (jax.random.normal(x, (B, NH, DHQK), jnp.bfloat16) for x in keys[:2])
     v = jax.random.normal(keys[2], (B, NH, DHHV), jnp.bfloat16)
@@ -35,15 +50,28 @@ def step_rows(B, NH, DHQK, DHHV, backends, reps):
     c = jax.random.normal(keys[5], (B, NH, DHQK, DHHV))
     n, m = jax.random.normal(keys[6], (B, NH, DHQK)), jnp.zeros((B, NH))
     rows = []
+
+    def add(what, fn, state_dtype):
+        args = (q, k, v, i, f, c.astype(state_dtype), n.astype(state_dtype), m)
+        t = time_jax(_steps(fn), lambda: args, reps)
+        rows.append({"what": what, "states": jnp.dtype(state_dtype).name, "us": 1e3 * t["ms_median"] / STEPS})
+
     for backend in backends:
         for state_dtype in (jnp.float32, jnp.bfloat16):
-            args = (q, k, v, i, f, c.astype(state_dtype), n.astype(state_dtype), m)
-            t = time_jax(lambda *a, b=backend: mlstm_step(*a, backend=b), lambda a=args: a, reps)
-            rows.append({"what": f"mlstm_step {backend}", "states": jnp.dtype(state_dtype).name,
-                         "us": 1e3 * t["ms_median"]})
-    seed_args = (c, n, m[..., None], q, k, v, i[..., None], f[..., None])
-    t = time_jax(recurrent_step_fw, lambda: seed_args, reps)
-    rows.append({"what": "recurrent_step_fw (seed)", "states": "float32", "us": 1e3 * t["ms_median"]})
+            add(f"mlstm_step {backend}", lambda *a, b=backend: mlstm_step(*a, backend=b), state_dtype)
+    for bv, bk, warps in sweep:
+        from xlstm_jax.kernels.mlstm_step.triton_step import step_triton
+
+        add(f"triton BV{bv} BK{bk} w{warps}",
+            lambda q, k, v, i, f, c, n, m, s=(bv, bk, warps): step_triton(q, k, v, c, n, m, i, f, 1e-6, block_v=s[0],
+                                                                            block_k=s[1], num_warps=s[2]),
+            jnp.float32)
+
+    def seed(q, k, v, i, f, c, n, m):
+        h, (c, n, m) = recurrent_step_fw(c, n, m[..., None], q, k, v, i[..., None], f[..., None])
+        return h, (c, n, m[..., 0])
+
+    add("recurrent_step_fw (seed)", seed, jnp.float32)
     return rows
 
 
@@ -61,8 +89,16 @@ def short_rows(B, NH, DHQK, DHHV, lengths, backends, reps):
     return rows
 
 
-def model_rows(config, batches, step_backends, reps):
-    graphdef, params = nnx.split(xLSTMLarge(config, rngs=nnx.Rngs(0)))
+def _kernels(compiled_text: str) -> int:
+    """Kernel launches of a compiled program, roughly: fusions, custom calls and library matmuls of its entry."""
+    entry = compiled_text[compiled_text.index("ENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    return sum(any(op in line for op in (" fusion(", "custom-call(", " dot(")) for line in entry.splitlines())
+
+
+def model_rows(config, batches, step_backends, reps, prompt_len, new_tokens):
+    model = xLSTMLarge(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
 
     def one_token(params, token, states, backend):
         return nnx.merge(graphdef, params)(token[:, None], states=states, return_states=True, backend=backend)
@@ -71,10 +107,26 @@ def model_rows(config, batches, step_backends, reps):
     for B in batches:
         token, states = jnp.zeros((B,), jnp.int32), zero_states(config, B)
         for backend in step_backends:
-            t = time_jax(lambda p, tok, st, b=backend: one_token(p, tok, st, b), lambda: (params, token, states),
-                         reps)
-            rows.append({"B": B, "step_backend": backend, "ms_per_token": t["ms_median"],
-                         "tokens_per_s": B / (t["ms_median"] / 1e3)})
+            fn = lambda p, tok, st, b=backend: one_token(p, tok, st, b)  # noqa: E731
+            t = time_jax(fn, lambda: (params, token, states), reps)
+            kernels = _kernels(jax.jit(fn).lower(params, token, states).compile().as_text())
+            rows.append({"B": B, "what": "one jitted step", "step_backend": backend, "ms_per_token": t["ms_median"],
+                         "tokens_per_s": B / (t["ms_median"] / 1e3), "kernels": kernels})
+    for B in batches:  # the generation loop: (time of 2 + new_tokens tokens - time of 2) / new_tokens
+        prompts = [[1] * prompt_len] * B
+        seconds = {}
+        for n in (2, 2 + new_tokens):
+            generate(model, prompts, max_new_tokens=n, step_backend="mlstm_step")  # compile
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                generate(model, prompts, max_new_tokens=n, step_backend="mlstm_step")
+                runs.append(time.perf_counter() - start)
+            seconds[n] = sorted(runs)[1]
+        per_token = (seconds[2 + new_tokens] - seconds[2]) / new_tokens
+        rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "step_backend": "mlstm_step",
+                     "ms_per_token": 1e3 * per_token, "tokens_per_s": B / per_token,
+                     "first_token_ms": 1e3 * seconds[2]})
     return rows
 
 
@@ -91,7 +143,8 @@ def main(argv=None) -> None:
     chunked = ["native_recurrent", "triton_limit_chunk" if gpu else "native_chunkwise"]
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if "step" in args.parts:
-        results["step"] = step_rows(*heads, step_backends, args.reps)
+        sweep = [(bv, bk, w) for bv in (32, 64, 128) for bk in (32, 64) for w in (4, 8)] if gpu else []
+        results["step"] = step_rows(*heads, step_backends, args.reps, sweep)
         for row in results["step"]:
             print(f"step  {row['what']:26s} states {row['states']:9s} {row['us']:8.1f} us", flush=True)
     if "short" in args.parts:
@@ -101,10 +154,12 @@ def main(argv=None) -> None:
     if "model" in args.parts:
         size = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=256) if args.tiny else {}
         config = xLSTMLargeConfig(**size, param_dtype="bfloat16", compute_dtype="bfloat16")
-        results["model"] = model_rows(config, (1, 16), ["mlstm_step", "native_recurrent"], args.reps)
+        results["model"] = model_rows(config, (1, 16), ["mlstm_step", "native_recurrent"], args.reps,
+                                      8 if args.tiny else 128, 4 if args.tiny else 32)
         for row in results["model"]:
-            print(f"model B={row['B']:<3d} {row['step_backend']:17s} {row['ms_per_token']:7.3f} ms/token "
-                  f"{row['tokens_per_s']:9,.0f} tok/s", flush=True)
+            extra = f"  {row['kernels']} kernels" if "kernels" in row else f"  2 tokens {row['first_token_ms']:.1f} ms"
+            print(f"model B={row['B']:<3d} {row['what']:26s} {row['step_backend']:17s} {row['ms_per_token']:7.3f} "
+                  f"ms/token {row['tokens_per_s']:9,.0f} tok/s{extra}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

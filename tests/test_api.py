@@ -243,8 +243,8 @@ def test_auto_is_native_chunkwise_on_cpu():
         pytest.skip("auto picks a Triton family on a GPU")
     assert resolve_backend("auto") == "native_chunkwise"
     # short sequences run step by step, unless a chunk size is asked for
-    assert resolve_backend("auto", seq_len=16) == "native_recurrent" and resolve_backend("auto", 64, 16) != \
-        "native_recurrent"
+    assert resolve_backend("auto", seq_len=1) == "native_recurrent" and resolve_backend("auto", 64, 1) != \
+        "native_recurrent" and resolve_backend("auto", seq_len=2) == "native_chunkwise"
     x = make_inputs(2, 1, 2, 20, 16, 16, with_state=True)
     auto = jax.jit(functools.partial(mlstm, return_last_states=True))(**x)
     chunkwise = jax.jit(functools.partial(mlstm, backend="native_chunkwise", return_last_states=True))(**x)

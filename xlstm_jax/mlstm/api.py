@@ -88,9 +88,10 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 BACKEND_NAMES = ("auto", *IMPLEMENTATIONS)
-# "auto" runs sequences of at most this many steps (without a chunk size) step by step (native_recurrent): a chunkwise
-# kernel would pad them to a whole chunk (docs/benchmarks.md, "Short sequences").
-SHORT_SEQUENCE = 16
+# "auto" runs sequences of at most this many steps (without a chunk size) step by step (native_recurrent), not in a
+# chunkwise kernel padded to a whole chunk. H200, B=16, NH=8, 256/512, bf16 forward (docs/benchmarks.md, "Decoding"):
+# S=1 108 us against the limit-chunk kernel's 281 us, but S=4 328 against 270 us (each scan step copies C).
+SHORT_SEQUENCE = 1
 
 
 def triton_status() -> tuple[bool, str]:

@@ -51,19 +51,20 @@ def _block(dim: int, most: int) -> int:
     return max(16, min(most, triton.next_power_of_2(dim)))
 
 
-def step_triton(q, k, v, c, n, m, i, f, eps: float):
-    """The fused step (one launch after the gate factors); same contract as `step_native`."""
+def step_triton(q, k, v, c, n, m, i, f, eps: float, *, block_v: int = 64, block_k: int = 64, num_warps: int = 4):
+    """The fused step (one launch after the gate factors); same contract as `step_native`. block_v / block_k: the
+    tile of C a program updates per iteration (columns, rows; capped at the head dims)."""
     B, NH, DHQK = q.shape
     DHHV = v.shape[-1]
     BH = B * NH
     f_bar, i_bar, m_new = step_gates(i, f, m)
-    BV, BK = _block(DHHV, 64), _block(DHQK, 64)
+    BV, BK = _block(DHHV, block_v), _block(DHQK, block_k)
     flat = [a.reshape(BH, *a.shape[2:]) for a in (q, k, v, c, n, f_bar, i_bar, m_new)]
     h, c_new, n_new = launch(
         _step_kernel, flat,
         [jax.ShapeDtypeStruct((BH, DHHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHHV), c.dtype),
          jax.ShapeDtypeStruct((BH, DHQK), n.dtype)],
-        grid=(triton.cdiv(DHHV, BV),), num_warps=4, aliases={3: 1},
+        grid=(triton.cdiv(DHHV, BV),), num_warps=num_warps, aliases={3: 1},
         SCALE=qk_scale(DHQK), EPS=float(eps), DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
     )
     return h.reshape(B, NH, DHHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.astype(m.dtype))
