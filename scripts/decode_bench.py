@@ -96,8 +96,9 @@ def _kernels(compiled_text: str) -> int:
     return sum(any(op in line for op in (" fusion(", "custom-call(", " dot(")) for line in entry.splitlines())
 
 
-def model_rows(config, batches, step_backends, reps, prompt_len, new_tokens):
-    model = xLSTMLarge(config, rngs=nnx.Rngs(0))
+def model_rows(model, batches, step_backends, reps):
+    """One jitted token step per batch size and step backend: ms per token and the kernels it launches."""
+    config = model.config
     graphdef, params = nnx.split(model)
 
     def one_token(params, token, states, backend):
@@ -112,21 +113,33 @@ def model_rows(config, batches, step_backends, reps, prompt_len, new_tokens):
             kernels = _kernels(jax.jit(fn).lower(params, token, states).compile().as_text())
             rows.append({"B": B, "what": "one jitted step", "step_backend": backend, "ms_per_token": t["ms_median"],
                          "tokens_per_s": B / (t["ms_median"] / 1e3), "kernels": kernels})
-    for B in batches:  # the generation loop: (time of 2 + new_tokens tokens - time of 2) / new_tokens
-        prompts = [[1] * prompt_len] * B
-        seconds = {}
-        for n in (2, 2 + new_tokens):
-            generate(model, prompts, max_new_tokens=n, step_backend="mlstm_step")  # compile
-            runs = []
-            for _ in range(3):
-                start = time.perf_counter()
-                generate(model, prompts, max_new_tokens=n, step_backend="mlstm_step")
-                runs.append(time.perf_counter() - start)
-            seconds[n] = sorted(runs)[1]
-        per_token = (seconds[2 + new_tokens] - seconds[2]) / new_tokens
-        rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "step_backend": "mlstm_step",
-                     "ms_per_token": 1e3 * per_token, "tokens_per_s": B / per_token,
-                     "first_token_ms": 1e3 * seconds[2]})
+    return rows
+
+
+def _generate_seconds(model, batch, prompt_len, new_tokens):
+    """Median of 3 timed `generate` calls (after one that compiles), seconds."""
+    prompts = [[1] * prompt_len] * batch
+    generate(model, prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        generate(model, prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
+        runs.append(time.perf_counter() - start)
+    return sorted(runs)[1]
+
+
+def generate_rows(model, batches, prompt_len, new_tokens, first_token_lengths):
+    """The generation loop (128-token prompt): per token = (time of 2 + new_tokens - time of 2) / new_tokens; and
+    the time to the first token (prefill + one sampled token, batch 1) for each prompt length."""
+    rows = []
+    for B in batches:
+        short, long = (_generate_seconds(model, B, prompt_len, n) for n in (2, 2 + new_tokens))
+        per_token = (long - short) / new_tokens
+        rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "ms_per_token": 1e3 * per_token,
+                     "tokens_per_s": B / per_token})
+    for length in first_token_lengths:
+        rows.append({"B": 1, "what": "time to first token", "prompt": length,
+                     "ms": 1e3 * _generate_seconds(model, 1, length, 1)})
     return rows
 
 
@@ -134,7 +147,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes and a tiny model")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--parts", nargs="+", default=["step", "short", "model"], choices=["step", "short", "model"])
+    parser.add_argument("--parts", nargs="+", default=["step", "short", "model", "generate"],
+                        choices=["step", "short", "model", "generate"])
+    parser.add_argument("--weight-mode", default="fused", choices=["single", "fused"],
+                        help="the model's weight layout (fused: q|k|v|o, i|f and the FFN's gate|up in one matrix)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
@@ -151,15 +167,26 @@ def main(argv=None) -> None:
         results["short"] = short_rows(*heads, (1, 4, 8, 16, 32, 64), chunked, args.reps)
         for row in results["short"]:
             print(f"short S={row['S']:<3d} {row['backend']:20s} {row['us']:8.1f} us", flush=True)
-    if "model" in args.parts:
+    if "model" in args.parts or "generate" in args.parts:
         size = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=256) if args.tiny else {}
-        config = xLSTMLargeConfig(**size, param_dtype="bfloat16", compute_dtype="bfloat16")
-        results["model"] = model_rows(config, (1, 16), ["mlstm_step", "native_recurrent"], args.reps,
-                                      8 if args.tiny else 128, 4 if args.tiny else 32)
+        config = xLSTMLargeConfig(**size, param_dtype="bfloat16", compute_dtype="bfloat16",
+                                  weight_mode=args.weight_mode)
+        model = xLSTMLarge(config, rngs=nnx.Rngs(0))
+        results["weight_mode"] = args.weight_mode
+    if "model" in args.parts:
+        results["model"] = model_rows(model, (1, 16), ["mlstm_step", "native_recurrent"], args.reps)
         for row in results["model"]:
-            extra = f"  {row['kernels']} kernels" if "kernels" in row else f"  2 tokens {row['first_token_ms']:.1f} ms"
-            print(f"model B={row['B']:<3d} {row['what']:26s} {row['step_backend']:17s} {row['ms_per_token']:7.3f} "
-                  f"ms/token {row['tokens_per_s']:9,.0f} tok/s{extra}", flush=True)
+            print(f"model B={row['B']:<3d} {row['step_backend']:17s} {row['ms_per_token']:7.3f} ms/token "
+                  f"{row['tokens_per_s']:9,.0f} tok/s  {row['kernels']} kernels", flush=True)
+    if "generate" in args.parts:
+        lengths = (8, 32) if args.tiny else (128, 2048, 8192)
+        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 32, lengths)
+        for row in results["generate"]:
+            if "prompt" in row:
+                print(f"generate first token, {row['prompt']:5d}-token prompt: {row['ms']:.1f} ms", flush=True)
+            else:
+                print(f"generate B={row['B']:<3d} {row['what']}: {row['ms_per_token']:.3f} ms/token "
+                      f"{row['tokens_per_s']:,.0f} tok/s", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
