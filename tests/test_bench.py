@@ -143,13 +143,14 @@ def test_presets_and_the_memory_guard(monkeypatch):
 def test_decode_preset_cases_and_one_tiny_step():
     args = cli.build_parser().parse_args(["bench", "--preset", "decode", "--mode", "both", "--reps", "10"])
     cases, _ = runner.build_cases(PRESETS["decode"], [], {}, args, "bfloat16")
-    assert [c.run_shape for c in cases] == [(2**p, 8, 1, 256, 512) for p in range(9)]
-    assert {c.mode for c in cases} == {"fw"} and {c.impl for c in cases} == {runner.DECODE_IMPL}
-    tiny = dataclasses.replace(cases[0], run_shape=(2, 2, 1, 16, 32))
-    row = runner.measure_case(tiny, timeout=60)
-    assert row["status"] == "ok", row
-    assert row["ms_median"] > 0
-    assert row["bytes"] == pytest.approx(cost.decode_step_cost(2, 2, 16, 32, 2).bytes)
+    assert [c.run_shape for c in cases] == [(2**p, 8, 1, 256, 512) for p in range(9) for _ in range(2)]
+    assert {c.mode for c in cases} == {"fw"} and {c.impl for c in cases} == {runner.DECODE_IMPL, "mlstm_step"}
+    for case in cases[:2]:  # the seed step and mlstm_step (called in the seed step's argument order)
+        tiny = dataclasses.replace(case, run_shape=(2, 2, 1, 16, 32))
+        row = runner.measure_case(tiny, timeout=60)
+        assert row["status"] == "ok", row
+        assert row["ms_median"] > 0
+        assert row["bytes"] == pytest.approx(cost.decode_step_cost(2, 2, 16, 32, 2).bytes)
 
 
 CRASH_MODULE = """

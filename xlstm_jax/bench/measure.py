@@ -177,6 +177,15 @@ def measure_attention(spec: dict[str, Any]) -> dict[str, Any]:
     return time_jax(with_mode(fw, spec["mode"], 3), make_args, spec["reps"])
 
 
+def seed_order_mlstm_step(c, n, m, q, k, v, i, f):
+    """`xlstm_jax.mlstm_step` (backend "auto": the fused Triton step on a GPU) called with the seed step's
+    arguments and shapes (m, i, f (B, NH, 1)), for the decode preset."""
+    from xlstm_jax.mlstm.step import mlstm_step
+
+    h, (c, n, m) = mlstm_step(q, k, v, i[..., 0], f[..., 0], c, n, m[..., 0])
+    return h, (c, n, m[..., None])
+
+
 def measure_decode(spec: dict[str, Any]) -> dict[str, Any]:
     """One recurrent step: `spec["options"]["fn"]` (default xlstm_jax's `recurrent_step_fw`) with float32 states
     C (B, NH, DHQK, DHHV), n (B, NH, DHQK), m (B, NH, 1); q, k, v in the input dtype; i, f (B, NH, 1) float32.

@@ -166,8 +166,9 @@ def build_cases(preset: Preset, backends: list[str], peers: dict[str, Peer], arg
     for shape in preset.shapes:
         dims = (shape.B, shape.NH, shape.S, shape.DHQK, shape.DHHV)
         if preset.kind == "decode":
-            add(Case(DECODE_IMPL, "xlstm_jax", f"{MEASURE}:measure_decode", "decode", shape, dims, dtype, "fw",
-                     None, 1, args.reps, {}, args.isolate), None, None)
+            for impl, options in ((DECODE_IMPL, {}), ("mlstm_step", {"fn": f"{MEASURE}:seed_order_mlstm_step"})):
+                add(Case(impl, "xlstm_jax", f"{MEASURE}:measure_decode", "decode", shape, dims, dtype, "fw",
+                         None, 1, args.reps, options, args.isolate), None, None)
         for name in backends if preset.kind == "sequence" else []:
             impl = IMPLEMENTATIONS[name]
             # cost-model chunk of the chunkless backends: the whole sequence (parallel), one step (recurrent)
