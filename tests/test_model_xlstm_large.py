@@ -161,6 +161,11 @@ def test_segment_ids_reset_the_memory_at_document_starts():
     assert _rel(reset, alone) < 1e-4
     assert _rel(leaked, alone) > 1e-2  # without the reset the first document leaks into the second
     assert _rel(model(packed, segment_ids=segments)[:, :14], model(jnp.asarray(doc_a))) < 1e-5
+    # the upstream approximation (forget gate -25 at each start), kept for checkpoints trained with it
+    approx = jitted(random_model(c.replace(document_reset="forget_gate"), seed=5, scale=0.2))
+    assert _rel(approx(packed, segment_ids=segments)[:, 14:], alone) < 1e-4
+    with pytest.raises(ValueError, match="document_reset must be 'exact' or 'forget_gate'"):
+        c.replace(document_reset="soft")
 
 
 def test_masked_padding_steps_leave_the_states_unchanged():

@@ -25,7 +25,7 @@ from xlstm_jax.kernels.launch import triton_availability
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import chunkwise_native
 from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel
 from xlstm_jax.kernels.mlstm_recurrent import mlstm_recurrent
-from xlstm_jax.mlstm import context_parallel, on_mesh
+from xlstm_jax.mlstm import context_parallel, on_mesh, segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +143,7 @@ def mlstm(
     sequence_axis_name: Any = None,
     sequence_combine: str = "auto",
     mesh_axes: Any = None,
+    segment_ids: Any = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM cell over a whole sequence.
 
@@ -159,8 +160,15 @@ def mlstm(
     Under jit, inputs whose types carry a sharding (explicit mesh axes) run per device the same way, a sharded S
     axis as context parallelism; on meshes with Auto axes, `mesh_axes=(B axes, NH axes, S axes)` (mesh axis names,
     a tuple of names or None each) under `jax.set_mesh(mesh)` splits the inputs as named (on_mesh.py).
+
+    Packed documents: `segment_ids` (B, S) int (the local shard's with `sequence_axis_name`) starts a new document
+    wherever the id changes; each document runs as if alone from a zero state, the first one from the initial
+    states, and the last states are those after the last document (segments.py: an exact reset, every backend).
     """
     x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    if segment_ids is not None:
+        ids = segments.check_segment_ids(segment_ids, (x.q.shape[0], x.q.shape[2]))
+        x = x._replace(f=segments.cut_forget_gates(x.f, segments.document_starts(ids, sequence_axis_name)))
     eps = check_eps(eps)
     resolve_compute_dtype(autocast_dtype, x.q.dtype)  # a float64 q under 64-bit JAX is refused here, naming q
     name = resolve_backend(backend, chunk_size, None if sequence_axis_name is not None else x.q.shape[2])

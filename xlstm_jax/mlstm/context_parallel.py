@@ -8,7 +8,7 @@ of the state (C, n, m) before it:
     m' = max(G + m, M),   C' = e^{G + m - m'} C + e^{M - m'} C_b,   n' = e^{G + m - m'} n + e^{M - m'} n_b,
 
 where (C_b, n_b) is what the shard writes, scaled by e^{-M} (the "summary"; it is computed by the implementation
-itself, from C = n = 0 and m_0 = M - G, so that its last m is M). m' is the recurrence's own stabilizer, so every
+itself, from C = n = 0 and m_0 = min(M - G, 0), so that its last m is M). m' is the recurrence's own stabilizer, so every
 device then runs its shard from the exact incoming state and h, the last states and the gradients equal those of
 the one-device call up to rounding. Two such maps compose into one, so the incoming states are an exclusive scan of
 the summaries along the axis: by an all-gather (P summaries per device, P = the axis size) or by a log-step
@@ -51,7 +51,10 @@ def check_combine(combine: Any) -> str:
 def _gate_summary(i: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:
     """G (B, NH): the shard's total log forget decay; M (B, NH): max_s (i_s + sum_{r>s} log f_r)."""
     logf = log_forget(f.astype(F32))
-    after = jnp.flip(jnp.cumsum(jnp.flip(logf, -1), -1), -1) - logf  # sum over r > s, without a long difference
+    # sum over r > s as the reverse cumsum shifted by one: no difference, which a -1e30 (a document start's floored
+    # log forget gate) at s itself would wipe out
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(logf, -1), -1), -1)
+    after = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
     M = jnp.max(i.astype(F32) + after, axis=-1)
     return jnp.sum(logf, axis=-1), jnp.where(M > _NO_INPUT, M, _NO_INPUT)
 
@@ -105,7 +108,9 @@ def _from_incoming_state(impl, x: MLSTMInputs, keep: MLSTMOptions, chunk_size, a
     shape = MLSTMShape(*x.q.shape, x.v.shape[-1])
     G, M = _gate_summary(x.i, x.f)
     zeros = initial_states_or_zeros(None, None, None, shape, x[:5])
-    m0 = jnp.where(M > _NO_INPUT, M - G, 0.0)  # the summary's last m is then M
+    # the summary's last m is max(G + m0, M) = M for any m0 <= M - G; the smallest such |m0| keeps the sums exact
+    # when G is very negative (a long shard, or a document start's -inf forget gate: G ~ -1e30)
+    m0 = jnp.where(M > _NO_INPUT, jnp.minimum(M - G, 0.0), 0.0)
     _, (C_b, n_b, _) = impl.run(x._replace(c_initial=zeros[0], n_initial=zeros[1], m_initial=m0), keep, chunk_size)
     summary = (G, C_b, n_b, M)
     if combine == "auto":

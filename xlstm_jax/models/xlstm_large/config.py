@@ -32,6 +32,9 @@ class xLSTMLargeConfig:
     elsewhere); `step_backend` runs single-token decoding steps: "mlstm_step" (`xlstm_jax.mlstm_step`, the fused
     Triton step kernel on a CUDA GPU) or any backend name. Parameters are stored in `param_dtype`, matmuls
     run in `compute_dtype` with float32 accumulation; gates, norm statistics, mLSTM states and logits are float32.
+    `document_reset` is how packed documents (`segment_ids`) are separated: "exact" (each runs as if alone) or
+    "forget_gate" (the forget gate set to `reset_fgate_value` at each start: the upstream approximation, for
+    checkpoints trained with it). Saved configs record it.
     """
 
     embedding_dim: int = 4096
@@ -56,6 +59,7 @@ class xLSTMLargeConfig:
     step_backend: str = "mlstm_step"
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    document_reset: str = "exact"
     reset_fgate_value: float = -25.0
     igate_bias_init: float = -10.0
     fgate_bias_init_range: tuple[float, float] = (3.0, 6.0)
@@ -69,6 +73,8 @@ class xLSTMLargeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.document_reset not in ("exact", "forget_gate"):
+            raise ValueError(f"document_reset must be 'exact' or 'forget_gate', got {self.document_reset!r}.")
         if self.weight_mode not in _WEIGHT_MODES:
             raise ValueError(f"weight_mode must be one of {_WEIGHT_MODES}, got {self.weight_mode!r}.")
         for name in ("compute_dtype", "param_dtype"):

@@ -24,6 +24,7 @@ from flax import nnx
 
 from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
 from xlstm_jax.mlstm.api import IMPLEMENTATIONS, resolve_backend
+from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
 from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend, mLSTMBackend
@@ -149,8 +150,9 @@ class mLSTMLayer(nnx.Module):
         else:
             q, k, v, o = jnp.split(self.qkv_opreact(x, dt), np.cumsum([c.qk_dim, c.qk_dim, c.v_dim]), axis=-1)
             i, f = jnp.split(soft_cap(self.ifgate_preact(x, F32), c.gate_soft_cap), 2, axis=-1)
-        if reset is not None:
-            f = jnp.where(reset[..., None], jnp.asarray(c.reset_fgate_value, F32), f)
+        if reset is not None:  # (B, S) document starts: -inf is the exact reset (xlstm_jax.mlstm.segments)
+            value = -jnp.inf if c.document_reset == "exact" else c.reset_fgate_value
+            f = jnp.where(reset[..., None], jnp.asarray(value, F32), f)
         if token_mask is not None:
             i = jnp.where(token_mask[..., None], i, NEUTRAL_IGATE)
             f = jnp.where(token_mask[..., None], f, NEUTRAL_FGATE)
@@ -261,18 +263,6 @@ class xLSTMBackbone(nnx.Module):
         )
 
 
-def document_starts(segment_ids: jax.Array, sequence_axis_name: Any = None) -> jax.Array:
-    """(B, S) bool: True where a document begins (position 0, or a segment id different from the previous one).
-    With `sequence_axis_name` (inside shard_map, S split along that axis) position 0 of a later shard compares with
-    the last id of the shard before it."""
-    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
-    if sequence_axis_name is not None:
-        P = jax.lax.axis_size(sequence_axis_name)
-        before = jax.lax.ppermute(segment_ids[:, -1:], sequence_axis_name, [(d, d + 1) for d in range(P - 1)])
-        first = (jax.lax.axis_index(sequence_axis_name) == 0) | (segment_ids[:, :1] != before)
-    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-
-
 def _check_2d(x: Any, name: str, shape: tuple[int, ...] | None = None) -> None:
     if np.ndim(x) != 2:
         raise ValueError(f"{name} must be 2-D (B, S), got shape {tuple(np.shape(x))}.")
@@ -314,8 +304,10 @@ class xLSTMLarge(nnx.Module):
         """Logits of every position.
 
         tokens (B, S) int. states: one (C, n, m) float32 per block to continue from (None: zeros).
-        segment_ids (B, S) int: packed documents; the forget gate is set to `config.reset_fgate_value` at each
-        document start (position 0 included), which wipes the memory carried in from the previous document.
+        segment_ids (B, S) int: packed documents, a new one wherever the id changes. `config.document_reset`
+        "exact": each document runs as if alone (the first from `states`; `xlstm_jax.mlstm.segments`);
+        "forget_gate": the forget gate is set to `config.reset_fgate_value` at each document start, position 0
+        included (the upstream approximation, for checkpoints trained with it).
         token_mask (B, S) bool: False marks padding steps, given neutral gates so they leave the states exactly
         unchanged (left padding of batched prompts); their logits are meaningless.
         backend / chunk_size override the config's; backend "mlstm_step" runs one token (S = 1) through
@@ -336,7 +328,8 @@ class xLSTMLarge(nnx.Module):
         reset = None
         if segment_ids is not None:
             _check_2d(segment_ids, "segment_ids", shape)
-            reset = document_starts(jnp.asarray(segment_ids), sequence_axis_name)
+            reset = document_starts(jnp.asarray(segment_ids), sequence_axis_name,
+                                    first=c.document_reset == "forget_gate")
         if token_mask is not None:
             _check_2d(token_mask, "token_mask", shape)
             token_mask = jnp.asarray(token_mask, bool)

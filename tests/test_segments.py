@@ -1,0 +1,172 @@
+"""Packed documents, `xlstm_jax.mlstm(..., segment_ids=...)`: every backend equals running each document on its own
+from a zero state (the first from the initial states) in float64, for outputs, last states and the gradients of
+every input and the initial states; boundaries at chunk starts, inside chunks and one-token documents; the sequence
+split over devices; bad segment ids."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from devices import run_on_devices
+
+from xlstm_jax import mlstm
+from xlstm_jax.mlstm.reference import mlstm_recurrent_reference
+from xlstm_jax.mlstm.segments import from_cu_seqlens
+
+B, NH, S, DHQK, DHHV = 2, 2, 40, 8, 16
+# row 0: boundaries inside chunks (7, 23) and at a chunk start (32); row 1: a one-token document (16) at a chunk
+# start, then a boundary inside the last chunk (39: a one-token last document)
+LENGTHS = ([7, 16, 9, 8], [16, 1, 22, 1])
+BACKENDS = [("native_parallel", None), ("native_recurrent", None), ("native_chunkwise", 16),
+            ("triton_limit_chunk", 16), ("triton_xl_chunk", 16)]
+
+
+def _segment_ids() -> np.ndarray:
+    return np.stack([np.repeat(np.arange(len(row)), row) + 10 * r for r, row in enumerate(LENGTHS)]).astype(np.int32)
+
+
+def _inputs(seed: int):
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((B, NH, S, DHQK)) for _ in range(2))
+    v = rng.standard_normal((B, NH, S, DHHV))
+    i = rng.standard_normal((B, NH, S)) * 2
+    f = rng.standard_normal((B, NH, S)) * 2 + 1
+    c = rng.standard_normal((B, NH, DHQK, DHHV))
+    n = rng.standard_normal((B, NH, DHQK))
+    m = rng.standard_normal((B, NH))
+    return [np.asarray(x, np.float32) for x in (q, k, v, i, f, c, n, m)]
+
+
+def _weights(seed: int):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((B, NH, S, DHHV)), rng.standard_normal((B, NH, DHQK, DHHV)),
+            rng.standard_normal((B, NH, DHQK)))
+
+
+def _loss(h, states, weights):
+    """A loss of h and the true (unstabilised) last states C e^m, n e^m: the stabiliser m of a document's first
+    step is a representation choice, the true states are not."""
+    c, n, m = states
+    w_h, w_c, w_n = weights
+    scale = jnp.exp(m)
+    return jnp.sum(h * w_h) + jnp.sum(c * scale[..., None, None] * w_c) + jnp.sum(n * scale[..., None] * w_n)
+
+
+def _separately(q, k, v, i, f, c, n, m):
+    """float64: every document of every row alone, the first from the initial states; h and the last states."""
+    hs, lasts = [], []
+    for r, lengths in enumerate(LENGTHS):
+        start, state, parts = 0, (c[r:r + 1], n[r:r + 1], m[r:r + 1]), []
+        for number, length in enumerate(lengths):
+            piece = [x[r:r + 1, :, start:start + length] for x in (q, k, v, i, f)]
+            h, state = mlstm_recurrent_reference(*piece, *(state if number == 0 else (None, None, None)))
+            parts.append(h)
+            start += length
+        hs.append(jnp.concatenate(parts, axis=2))
+        lasts.append(state)
+    return jnp.concatenate(hs), tuple(jnp.concatenate([s[j] for s in lasts]) for j in range(3))
+
+
+@pytest.mark.parametrize("backend, chunk_size", BACKENDS)
+def test_packed_rows_equal_separate_documents(backend, chunk_size):
+    args, weights = _inputs(0), _weights(1)
+    seg = jnp.asarray(_segment_ids())
+
+    def ours(q, k, v, i, f, c, n, m):
+        h, states = mlstm(q, k, v, i, f, c_initial=c, n_initial=n, m_initial=m, backend=backend,
+                          chunk_size=chunk_size, return_last_states=True, segment_ids=seg)
+        return _loss(h, states, weights), (h, states)
+
+    (_, (h, states)), grads = jax.jit(jax.value_and_grad(ours, argnums=tuple(range(8)), has_aux=True))(*args)
+    with jax.enable_x64(True):
+        def reference(*a):
+            h, states = _separately(*a)
+            return _loss(h, states, tuple(jnp.asarray(w, jnp.float64) for w in weights)), (h, states)
+
+        (_, (want_h, want_states)), want_grads = jax.value_and_grad(reference, argnums=tuple(range(8)),
+                                                                    has_aux=True)(*(np.float64(a) for a in args))
+        want_h, want_grads = np.asarray(want_h), [np.asarray(g) for g in want_grads]
+        want_true = [np.asarray(want_states[0]) * np.exp(np.asarray(want_states[2]))[..., None, None],
+                     np.asarray(want_states[1]) * np.exp(np.asarray(want_states[2]))[..., None]]
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+    assert rel(h, want_h) < 2e-5
+    c, n, m = (np.asarray(s, np.float64) for s in states)
+    assert rel(c * np.exp(m)[..., None, None], want_true[0]) < 2e-5
+    assert rel(n * np.exp(m)[..., None], want_true[1]) < 2e-5
+    for name, g, want in zip(("q", "k", "v", "i", "f", "c", "n", "m"), grads, want_grads):
+        assert np.all(np.isfinite(np.asarray(g))), name
+        assert rel(g, want) < 1e-4, (name, rel(g, want))
+
+
+def test_without_boundaries_segment_ids_change_nothing():
+    args = _inputs(2)
+    same = jnp.zeros((B, S), jnp.int32)
+    plain = mlstm(*args[:5], backend="native_chunkwise", chunk_size=16)
+    assert np.array_equal(mlstm(*args[:5], backend="native_chunkwise", chunk_size=16, segment_ids=same), plain)
+
+
+def test_bad_segment_ids_get_clear_errors():
+    args = _inputs(3)[:5]
+    with pytest.raises(ValueError, match=r"segment_ids must be \(B, S\) = \(2, 40\)"):
+        mlstm(*args, segment_ids=jnp.zeros((2, 39), jnp.int32))
+    with pytest.raises(TypeError, match="segment_ids must have an integer dtype"):
+        mlstm(*args, segment_ids=jnp.zeros((2, 40), jnp.float32))
+    with pytest.raises(TypeError, match="segment_ids must be an integer array"):
+        mlstm(*args, segment_ids=[[0] * 40] * 2)
+
+
+def test_cu_seqlens_convert_to_segment_ids():
+    assert from_cu_seqlens([0, 3, 4, 7], 7).tolist() == [[0, 0, 0, 1, 2, 2, 2]]
+    with pytest.raises(ValueError, match="cu_seqlens must rise strictly from 0 to S = 7"):
+        from_cu_seqlens([0, 3, 3, 7], 7)
+
+
+CONTEXT_PARALLEL = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from xlstm_jax import mlstm
+from backend_cases import assert_trees_close
+
+mesh = jax.make_mesh((4,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,))
+rng = np.random.default_rng(0)
+B, NH, S, D = 2, 2, 96, 8
+q, k, v = (jnp.asarray(rng.standard_normal((B, NH, S, D)), jnp.float32) for _ in range(3))
+i, f = (jnp.asarray(rng.standard_normal((B, NH, S)), jnp.float32) for _ in range(2))
+# shards of 24: boundaries at a shard start (24, 48, 72) and inside shards (30, 60, 84)
+seg = jnp.asarray(np.repeat([[0, 0, 1, 1, 1, 2, 2, 3], [5, 5, 5, 5, 6, 6, 7, 7]], 12, axis=1) +
+                  (np.arange(S) >= 30)[None], jnp.int32)
+w = jnp.asarray(rng.standard_normal((B, NH, S, D)), jnp.float32)
+seq4, seq3 = P(None, None, "sp", None), P(None, None, "sp")
+
+def loss(q, k, v, i, f, seg, axis, combine):
+    h, (c, n, m) = mlstm(q, k, v, i, f, segment_ids=seg, backend="native_chunkwise", chunk_size=16,
+                         return_last_states=True, sequence_axis_name=axis, sequence_combine=combine)
+    total = jnp.sum(h * w) if axis is None else jax.lax.psum(jnp.sum(h * w_local(axis)), axis)
+    return total + jnp.sum(c * jnp.exp(m)[..., None, None])
+
+def w_local(axis):
+    d = jax.lax.axis_index(axis)
+    return jax.lax.dynamic_slice_in_dim(w, d * (S // 4), S // 4, axis=2)
+
+grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+want = jax.jit(lambda *a: grad(*a, None, "auto"))(q, k, v, i, f, seg)
+for combine in ("all_gather", "ppermute"):
+    split = jax.shard_map(lambda *a: grad(*a, "sp", combine), mesh=mesh,
+                          in_specs=(seq4, seq4, seq4, seq3, seq3, P(None, "sp")), out_specs=(seq4,) * 3 + (seq3,) * 2)
+    got = jax.jit(split)(q, k, v, i, f, seg)
+    assert_trees_close(got, want, rtol=1e-4, what=combine)
+    print("ok", combine, flush=True)
+"""
+
+
+def test_documents_across_shards_of_a_split_sequence():
+    """The sequence split over 4 devices (context parallelism), boundaries at and inside shards: the gradients of
+    q, k, v, i, f equal the one-device call's, for both combines (a document start's -inf gate inside a shard that
+    is not the last one needs the shard summary's exact suffix sums)."""
+    run_on_devices(CONTEXT_PARALLEL, 4, oks=2)
