@@ -87,3 +87,13 @@ def test_sampling_filters_and_seeds(model):
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompt, max_new_tokens=0)
     assert jax.numpy.issubdtype(greedy.tokens.dtype, jnp.integer)
+
+
+def test_mlstmsig_model_decodes_like_its_full_forward():
+    """An mLSTMsig model (input_gate "sigmoid"): prefill + `mlstm_step` steps give the full forward's logits."""
+    sig = random_model(tiny_config(igate_bias_init=0.0, input_gate="sigmoid"), seed=12)
+    prompt = random_tokens(1, (2, 9), sig.config.vocab_size)
+    out = generate(sig, prompt, max_new_tokens=6, return_logits=True, prefill_backend="native_chunkwise",
+                   step_backend="mlstm_step")
+    full = jitted(sig)(np.concatenate([prompt, out.tokens], axis=1), backend="native_recurrent")
+    assert _rel(out.logits, full[:, 8:14]) < 2e-5

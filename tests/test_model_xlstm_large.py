@@ -134,8 +134,10 @@ def test_remat_recomputes_blocks_with_the_same_logits_and_gradients():
         assert _rel(g, want) < 1e-5
 
 
-def test_states_continue_a_sequence_across_calls_and_backends():
-    c = tiny_config()
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_states_continue_a_sequence_across_calls_and_backends(input_gate):
+    """Also for mLSTMsig layers (input_gate "sigmoid"), whose states are the true (C, n) with m = 0."""
+    c = tiny_config(input_gate=input_gate)
     model = jitted(random_model(c, seed=4))
     tokens = jnp.asarray(random_tokens(4, (2, 30), c.vocab_size))
     full, full_states = model(tokens, return_states=True)

@@ -25,7 +25,7 @@ from xlstm_jax.kernels.launch import triton_availability
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import chunkwise_native
 from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel
 from xlstm_jax.kernels.mlstm_recurrent import mlstm_recurrent
-from xlstm_jax.mlstm import context_parallel, on_mesh, segments
+from xlstm_jax.mlstm import context_parallel, input_gates, on_mesh, segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +144,7 @@ def mlstm(
     sequence_combine: str = "auto",
     mesh_axes: Any = None,
     segment_ids: Any = None,
+    input_gate: str = "exp",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM cell over a whole sequence.
 
@@ -164,8 +165,13 @@ def mlstm(
     Packed documents: `segment_ids` (B, S) int (the local shard's with `sequence_axis_name`) starts a new document
     wherever the id changes; each document runs as if alone from a zero state, the first one from the initial
     states, and the last states are those after the last document (segments.py: an exact reset, every backend).
+
+    `input_gate` "sigmoid": the mLSTMsig cell (σ(i) input gate, no max-state; input_gates.py) on every backend; its
+    states are the true (C, n) with m returned as 0, and a given m_initial is ignored.
     """
     x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    if input_gates.check_input_gate(input_gate) == "sigmoid":
+        x = x._replace(i=input_gates.exp_preactivation(x.i), m_initial=input_gates.zero_max_state(x.m_initial))
     if segment_ids is not None:
         ids = segments.check_segment_ids(segment_ids, (x.q.shape[0], x.q.shape[2]))
         x = x._replace(f=segments.cut_forget_gates(x.f, segments.document_starts(ids, sequence_axis_name)))
@@ -182,6 +188,15 @@ def mlstm(
         chunk_size = check_chunk_size(chunk_size, minimum=impl.chunk_sizes[0], maximum=impl.chunk_sizes[1])
     options = MLSTMOptions(bool(return_last_states), eps, autocast_dtype)
     combine = context_parallel.check_combine(sequence_combine)
+    out = _run(impl, name, x, options, chunk_size, sequence_axis_name, mesh_axes, combine)
+    if input_gate == "sigmoid" and return_last_states:
+        return out[0], input_gates.true_states(out[1])
+    return out
+
+
+def _run(impl: Implementation, name: str, x: MLSTMInputs, options: MLSTMOptions, chunk_size: int | None,
+         sequence_axis_name: Any, mesh_axes: Any, combine: str):
+    """The implementation on one device, per device of a mesh, or context-parallel."""
     if mesh_axes is not None:
         if sequence_axis_name is not None:
             raise ValueError("pass mesh_axes (the op splits its inputs) or sequence_axis_name (inside shard_map), "

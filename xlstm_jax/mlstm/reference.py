@@ -80,3 +80,39 @@ def mlstm_recurrent_reference(
     )
     last, h = jax.lax.scan(step, (c0, n0, m0), time_major)
     return jnp.moveaxis(h, 0, 2), last
+
+
+def mlstm_sig_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    c_initial: jax.Array | None = None,
+    n_initial: jax.Array | None = None,
+    *,
+    eps: float = 1e-6,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The mLSTMsig recurrence in float64 (no max-state): C_t = σ(f_t) C + σ(i_t) k vᵀ, n_t = σ(f_t) n + σ(i_t) k,
+    h_t = q̂ᵀC_t / (max(|q̂ᵀn_t|, 1) + eps) with q̂ = q DHQK^-1/2. Shapes as `mlstm_recurrent_reference`; returns
+    h (B, NH, S, DHHV) and the last (C, n), float64."""
+    if not jax.config.read("jax_enable_x64"):
+        raise RuntimeError("mlstm_sig_reference needs 64-bit JAX: wrap the call in jax.enable_x64(True).")
+    f64 = jnp.float64
+    q, k, v, i, f = (jnp.asarray(x, f64) for x in (q, k, v, i, f))
+    B, NH, S, DHQK = q.shape
+    c0 = jnp.zeros((B, NH, DHQK, v.shape[-1]), f64) if c_initial is None else jnp.asarray(c_initial, f64)
+    n0 = jnp.zeros((B, NH, DHQK), f64) if n_initial is None else jnp.asarray(n_initial, f64)
+
+    def step(state, xs):
+        c, n = state
+        q_t, k_t, v_t, i_t, f_t = xs
+        fg, ig = jax.nn.sigmoid(f_t), jax.nn.sigmoid(i_t)
+        c = fg[..., None, None] * c + ig[..., None, None] * (k_t[..., :, None] * v_t[..., None, :])
+        n = fg[..., None] * n + ig[..., None] * k_t
+        den = jnp.maximum(jnp.abs(jnp.einsum("bhd,bhd->bh", q_t, n)), 1.0) + eps
+        return (c, n), jnp.einsum("bhd,bhdv->bhv", q_t, c) / den[..., None]
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q * DHQK**-0.5, k, v, i, f))
+    last, h = jax.lax.scan(step, (c0, n0), xs)
+    return jnp.moveaxis(h, 0, 2), last

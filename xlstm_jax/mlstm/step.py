@@ -12,6 +12,7 @@ import numpy as np
 from xlstm_jax.kernels.base import check_eps, check_float_array
 from xlstm_jax.kernels.launch import triton_availability
 from xlstm_jax.kernels.mlstm_step.native import step_native
+from xlstm_jax.mlstm import input_gates
 
 STEP_BACKENDS = ("auto", "native", "triton")
 STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -74,6 +75,7 @@ def mlstm_step(
     *,
     backend: str = "auto",
     eps: float = 1e-6,
+    input_gate: str = "exp",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """One mLSTM time step: the states after the token and its output.
 
@@ -82,12 +84,20 @@ def mlstm_step(
     to halve the memory a step streams (serving; less exact); m is float32. Gate and state math run in float32 and
     q is scaled by DHQK**-0.5 inside, as in `mlstm`. backend: "native" (XLA), "triton" (one fused kernel that reads
     and writes C once; C's buffer is reused when the caller does not keep it) or "auto" (triton on a CUDA GPU).
+    input_gate "sigmoid": the mLSTMsig step (`xlstm_jax.mlstm.input_gates`; states (C, n) true, m 0 and ignored).
     Returns (h (B, NH, DHHV) in q's dtype, (c, n, m) in the states' dtypes).
     """
     i, f = _check(q, k, v, i, f, c, n, m)
     eps = check_eps(eps)
+    sigmoid = input_gates.check_input_gate(input_gate) == "sigmoid"
+    if sigmoid:
+        i, m = input_gates.exp_preactivation(i), input_gates.zero_max_state(m)
     if resolve_step_backend(backend) == "triton":
         from xlstm_jax.kernels.mlstm_step.triton_step import step_triton
 
-        return step_triton(q, k, v, c, n, m, i, f, eps)
-    return step_native(q, k, v, c, n, m, i, f, eps)
+        h, states = step_triton(q, k, v, c, n, m, i, f, eps)
+    else:
+        h, states = step_native(q, k, v, c, n, m, i, f, eps)
+    if sigmoid:
+        states = tuple(s.astype(old.dtype) for s, old in zip(input_gates.true_states(states), states))
+    return h, states

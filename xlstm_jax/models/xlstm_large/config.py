@@ -34,7 +34,8 @@ class xLSTMLargeConfig:
     run in `compute_dtype` with float32 accumulation; gates, norm statistics, mLSTM states and logits are float32.
     `document_reset` is how packed documents (`segment_ids`) are separated: "exact" (each runs as if alone) or
     "forget_gate" (the forget gate set to `reset_fgate_value` at each start: the upstream approximation, for
-    checkpoints trained with it). Saved configs record it.
+    checkpoints trained with it). `input_gate` "sigmoid" makes every layer an mLSTMsig cell (σ input gate, no
+    max-state; `xlstm_jax.mlstm.input_gates`). Saved configs record both.
     """
 
     embedding_dim: int = 4096
@@ -60,6 +61,7 @@ class xLSTMLargeConfig:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     document_reset: str = "exact"
+    input_gate: str = "exp"
     reset_fgate_value: float = -25.0
     igate_bias_init: float = -10.0
     fgate_bias_init_range: tuple[float, float] = (3.0, 6.0)
@@ -73,6 +75,8 @@ class xLSTMLargeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.input_gate not in ("exp", "sigmoid"):
+            raise ValueError(f"input_gate must be 'exp' or 'sigmoid' (mLSTMsig), got {self.input_gate!r}.")
         if self.document_reset not in ("exact", "forget_gate"):
             raise ValueError(f"document_reset must be 'exact' or 'forget_gate', got {self.document_reset!r}.")
         if self.weight_mode not in _WEIGHT_MODES:

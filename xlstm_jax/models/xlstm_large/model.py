@@ -24,6 +24,7 @@ from flax import nnx
 
 from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
 from xlstm_jax.mlstm.api import IMPLEMENTATIONS, resolve_backend
+from xlstm_jax.mlstm import input_gates
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
 from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
@@ -157,6 +158,11 @@ class mLSTMLayer(nnx.Module):
             i = jnp.where(token_mask[..., None], i, NEUTRAL_IGATE)
             f = jnp.where(token_mask[..., None], f, NEUTRAL_FGATE)
 
+        sigmoid = c.input_gate == "sigmoid"
+        if sigmoid:  # mLSTMsig through the exponential-gate cells: log σ(i), m = 0, true states out
+            i = input_gates.exp_preactivation(i)
+            state = None if state is None else (*state[:2], input_gates.zero_max_state(state[2]))
+
         def heads(a: jax.Array, dh: int) -> jax.Array:
             return a.astype(dt).reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
 
@@ -170,6 +176,8 @@ class mLSTMLayer(nnx.Module):
             cell = mlstm_cell(c, backend, chunk_size, sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
             h, new_state = cell(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
                                 f.transpose(0, 2, 1), **initial, return_last_states=True)
+        if sigmoid:
+            new_state = input_gates.true_states(new_state)
         h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
         y = jax.nn.sigmoid(o) * h_norm
         return self.out_proj(y, dt), new_state

@@ -1,0 +1,85 @@
+"""mLSTMsig, `input_gate="sigmoid"`: every backend equals the float64 mLSTMsig recurrence (its own reference: no
+max-state) for outputs, last states (the true C, n; m 0) and the gradients of every input and the initial states;
+with packed documents; the step; the model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xlstm_jax import mlstm, mlstm_step
+from xlstm_jax.mlstm.reference import mlstm_sig_reference
+
+B, NH, S, DHQK, DHHV = 2, 2, 40, 8, 16
+BACKENDS = [("native_parallel", None), ("native_recurrent", None), ("native_chunkwise", 16),
+            ("triton_limit_chunk", 16), ("triton_xl_chunk", 16)]
+
+
+def _inputs(seed: int):
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((B, NH, S, DHQK)) for _ in range(2))
+    v = rng.standard_normal((B, NH, S, DHHV))
+    i, f = rng.standard_normal((B, NH, S)) * 3, rng.standard_normal((B, NH, S)) * 2 + 2
+    c, n = rng.standard_normal((B, NH, DHQK, DHHV)), rng.standard_normal((B, NH, DHQK))
+    return [np.asarray(x, np.float32) for x in (q, k, v, i, f, c, n)]
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+@pytest.mark.parametrize("backend, chunk_size", BACKENDS)
+def test_sigmoid_gate_equals_the_mlstmsig_recurrence(backend, chunk_size):
+    args = _inputs(0)
+    rng = np.random.default_rng(1)
+    w_h, w_c, w_n = (rng.standard_normal(s) for s in ((B, NH, S, DHHV), (B, NH, DHQK, DHHV), (B, NH, DHQK)))
+    m_ignored = jnp.full((B, NH), 5.0)  # accepted and ignored
+
+    def ours(q, k, v, i, f, c, n):
+        h, (c1, n1, m1) = mlstm(q, k, v, i, f, c_initial=c, n_initial=n, m_initial=m_ignored, backend=backend,
+                                chunk_size=chunk_size, return_last_states=True, input_gate="sigmoid")
+        return jnp.sum(h * w_h) + jnp.sum(c1 * w_c) + jnp.sum(n1 * w_n), (h, c1, n1, m1)
+
+    (_, (h, c, n, m)), grads = jax.jit(jax.value_and_grad(ours, argnums=tuple(range(7)), has_aux=True))(*args)
+    with jax.enable_x64(True):
+        def reference(*a):
+            h, (c1, n1) = mlstm_sig_reference(*a)
+            return jnp.sum(h * w_h) + jnp.sum(c1 * w_c) + jnp.sum(n1 * w_n), (h, c1, n1)
+
+        (_, want), want_grads = jax.value_and_grad(reference, argnums=tuple(range(7)), has_aux=True)(
+            *(np.float64(a) for a in args))
+        want, want_grads = [np.asarray(x) for x in want], [np.asarray(g) for g in want_grads]
+    assert np.all(np.asarray(m) == 0)
+    for name, got, ref in zip("hcn", (h, c, n), want):
+        assert _rel(got, ref) < 2e-5, (name, _rel(got, ref))
+    for name, g, ref in zip(("q", "k", "v", "i", "f", "c", "n"), grads, want_grads):
+        assert _rel(g, ref) < 1e-4, (name, _rel(g, ref))
+
+
+def test_sigmoid_gate_with_packed_documents():
+    q, k, v, i, f, _, _ = _inputs(2)
+    seg = np.repeat([[0, 1, 2]], [13, 20, 7], axis=1).repeat(B, axis=0).astype(np.int32)
+    h = mlstm(q, k, v, i, f, backend="native_chunkwise", chunk_size=16, input_gate="sigmoid", segment_ids=seg)
+    with jax.enable_x64(True):
+        want = np.concatenate([np.asarray(mlstm_sig_reference(*(x[:, :, a:b] for x in (q, k, v, i, f)))[0])
+                               for a, b in ((0, 13), (13, 33), (33, 40))], axis=2)
+    assert _rel(h, want) < 2e-5
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_sigmoid_step(backend):
+    q, k, v, i, f, c, n = (x[:, :, 0] if x.ndim > 2 and x.shape[2] == S else x for x in _inputs(3))
+    h, (c1, n1, m1) = mlstm_step(q, k, v, i, f, c, n, jnp.full((B, NH), 3.0), backend=backend, input_gate="sigmoid")
+    with jax.enable_x64(True):
+        want_h, (want_c, want_n) = mlstm_sig_reference(*(x[:, :, None] for x in (q, k, v, i, f)), c, n)
+        want_h, want_c, want_n = (np.asarray(x) for x in (want_h[:, :, 0], want_c, want_n))
+    assert _rel(h, want_h) < 2e-5 and _rel(c1, want_c) < 2e-6 and _rel(n1, want_n) < 2e-6
+    assert np.all(np.asarray(m1) == 0)
+
+
+def test_unknown_input_gate_is_refused():
+    with pytest.raises(ValueError, match="input_gate must be one of"):
+        mlstm(*_inputs(4)[:5], input_gate="tanh")

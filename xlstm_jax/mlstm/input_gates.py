@@ -1,0 +1,43 @@
+"""The input gate: "exp" (the mLSTM) or "sigmoid" (the TFLA paper's mLSTMsig), on every backend.
+
+mLSTMsig, per head with s = DHQK^-1/2:
+    C_t = σ(f_t) C_{t-1} + σ(i_t) k_t v_tᵀ,   n_t = σ(f_t) n_{t-1} + σ(i_t) k_t,
+    h_t = (s q_t)ᵀ C_t / (max(|(s q_t)ᵀ n_t|, 1) + eps).
+It is the exponential-gate mLSTM with the input gate pre-activation log σ(i_t), since e^{log σ(i)} = σ(i): that
+recurrence carries C̃ = C e^{-m} with its max-state m, and its denominator max(|q̂·ñ|, e^{-m}) + eps is, in true
+terms, max(|q̂·n|, 1) + eps·e^{m}. Starting from m = 0 every m stays <= 0 here (all log gates are <= 0), so the
+results differ from mLSTMsig's only by eps·(1 - e^{m}) in the denominator (relative 1e-6 at the default eps). The
+states of mLSTMsig are the true (C, n), returned with m = 0; a given m_initial is ignored (taken as 0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.base import log_sigmoid
+
+INPUT_GATES = ("exp", "sigmoid")
+
+
+def check_input_gate(input_gate: str) -> str:
+    if input_gate not in INPUT_GATES:
+        raise ValueError(f"input_gate must be one of {list(INPUT_GATES)}, got {input_gate!r}.")
+    return input_gate
+
+
+def exp_preactivation(i: jax.Array) -> jax.Array:
+    """The exponential-gate pre-activation whose exponential is σ(i)."""
+    return log_sigmoid(i.astype(jnp.float32)).astype(i.dtype)
+
+
+def zero_max_state(m: jax.Array | None) -> jax.Array | None:
+    """mLSTMsig's initial max-state: 0 (the true states are given)."""
+    return None if m is None else jnp.zeros_like(m)
+
+
+def true_states(states: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(C̃, ñ, m) of the exponential-gate recurrence -> mLSTMsig's (C, n, 0)."""
+    c, n, m = states
+    scale = jnp.exp(m)
+    return c * scale[..., None, None], n * scale[..., None], jnp.zeros_like(m)
