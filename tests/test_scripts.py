@@ -72,3 +72,19 @@ def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]["limit:16"]
     assert len(rows) == 4 and not any(r["wrong"] or "error" in r for r in rows)
     assert sorted(tuple(r["launch"].values()) for r in rows) == [(16, 1), (16, 2), (32, 1), (32, 2)]
+
+
+def test_decode_bench_times_the_step(tmp_path):
+    out = tmp_path / "decode.json"
+    _load("decode_bench").main(["--tiny", "--parts", "step", "--reps", "10", "--json", str(out)])
+    rows = json.loads(out.read_text())["step"]
+    assert {r["what"] for r in rows} == {"mlstm_step native", "recurrent_step_fw (seed)"}
+    assert all(r["us"] > 0 for r in rows)
+
+
+def test_segments_cost_times_with_and_without_segment_ids(tmp_path):
+    out = tmp_path / "segments.json"
+    _load("segments_cost").main(["--tiny", "--backends", "native_chunkwise", "--reps", "10", "--rounds", "1",
+                                 "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["segment_ids"] for r in rows] == [False, True] and all(r["fwbw_ms"] > 0 for r in rows)
