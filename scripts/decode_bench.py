@@ -28,7 +28,6 @@ from xlstm_jax.models.xlstm_large.generate import generate
 from xlstm_jax.models.xlstm_large.model import zero_states
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_step_fw
 
-
 STEPS = 16  # steps per timed call: a fori_loop carries the states, as a decode loop does (no copy of C per step)
 
 

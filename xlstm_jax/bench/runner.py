@@ -23,7 +23,14 @@ import jax.numpy as jnp
 
 from xlstm_jax.bench import cost as cost_model
 from xlstm_jax.bench.cases import (
-    ATTENTION_DH, ATTENTION_NH, PRESETS, Case, Preset, custom_preset, parse_shape, working_set_bytes,
+    ATTENTION_DH,
+    ATTENTION_NH,
+    PRESETS,
+    Case,
+    Preset,
+    custom_preset,
+    parse_shape,
+    working_set_bytes,
 )
 from xlstm_jax.bench.measure import MIN_REPS, load
 from xlstm_jax.bench.peers import PEERS, Peer, peer_availability

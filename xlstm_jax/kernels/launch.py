@@ -264,9 +264,9 @@ def launch(
     """Launch `kernel` over grid (BH, *grid) where BH = inputs[0].shape[0] = every array's leading axis.
 
     All scalars are compile-time constants (`constexprs`). `aliases` {input index: output index}: the output may
-    take the input's buffer (CUDA; XLA copies the input first when it is still needed). Returns the outputs (uninitialised memory on CUDA:
-    kernels write every element they own). Supports `jax.vmap` (mapped axes are folded into BH) and `shard_map`
-    (outputs vary over the mesh axes the inputs vary over).
+    take the input's buffer (CUDA; XLA copies the input first when it is still needed). Returns the outputs
+    (uninitialised memory on CUDA: kernels write every element they own). Supports `jax.vmap` (mapped axes are
+    folded into BH) and `shard_map` (outputs vary over the mesh axes the inputs vary over).
     """
     out_shapes = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_shapes)
     bh = inputs[0].shape[0]

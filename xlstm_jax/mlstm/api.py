@@ -171,7 +171,8 @@ def mlstm(
     """
     x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     if input_gates.check_input_gate(input_gate) == "sigmoid":
-        x = x._replace(i=input_gates.exp_preactivation(x.i), m_initial=input_gates.zero_max_state(x.m_initial))
+        i, m0 = input_gates.as_exp_gate(x.i, x.m_initial)
+        x = x._replace(i=i, m_initial=m0)
     if segment_ids is not None:
         ids = segments.check_segment_ids(segment_ids, (x.q.shape[0], x.q.shape[2]))
         x = x._replace(f=segments.cut_forget_gates(x.f, segments.document_starts(ids, sequence_axis_name)))

@@ -8,8 +8,8 @@ of the state (C, n, m) before it:
     m' = max(G + m, M),   C' = e^{G + m - m'} C + e^{M - m'} C_b,   n' = e^{G + m - m'} n + e^{M - m'} n_b,
 
 where (C_b, n_b) is what the shard writes, scaled by e^{-M} (the "summary"; it is computed by the implementation
-itself, from C = n = 0 and m_0 = min(M - G, 0), so that its last m is M). m' is the recurrence's own stabilizer, so every
-device then runs its shard from the exact incoming state and h, the last states and the gradients equal those of
+itself, from C = n = 0 and m_0 = min(M - G, 0), so that its last m is M). m' is the recurrence's own stabilizer, so
+every device then runs its shard from the exact incoming state and h, the last states and the gradients equal those of
 the one-device call up to rounding. Two such maps compose into one, so the incoming states are an exclusive scan of
 the summaries along the axis: by an all-gather (P summaries per device, P = the axis size) or by a log-step
 `ppermute` scan (memory independent of P). Gradients are JAX's: the collectives and the implementations are

@@ -26,14 +26,10 @@ def check_input_gate(input_gate: str) -> str:
     return input_gate
 
 
-def exp_preactivation(i: jax.Array) -> jax.Array:
-    """The exponential-gate pre-activation whose exponential is σ(i)."""
-    return log_sigmoid(i.astype(jnp.float32)).astype(i.dtype)
-
-
-def zero_max_state(m: jax.Array | None) -> jax.Array | None:
-    """mLSTMsig's initial max-state: 0 (the true states are given)."""
-    return None if m is None else jnp.zeros_like(m)
+def as_exp_gate(i: jax.Array, m: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """mLSTMsig's input gate and initial max-state as the exponential-gate cell takes them: the pre-activation
+    log σ(i) (whose exponential is σ(i)) and m = 0 (the given states are the true ones; None stays None)."""
+    return log_sigmoid(i.astype(jnp.float32)).astype(i.dtype), None if m is None else jnp.zeros_like(m)
 
 
 def true_states(states: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +89,7 @@ def mlstm_step(
     eps = check_eps(eps)
     sigmoid = input_gates.check_input_gate(input_gate) == "sigmoid"
     if sigmoid:
-        i, m = input_gates.exp_preactivation(i), input_gates.zero_max_state(m)
+        i, m = input_gates.as_exp_gate(i, m)
     if resolve_step_backend(backend) == "triton":
         from xlstm_jax.kernels.mlstm_step.triton_step import step_triton
 

@@ -23,7 +23,8 @@ _FLAGS = {"learning_rate": "--lr", "compute_dtype": "--dtype", "progress": "--no
 TRAIN_DESCRIPTION = (
     "Train an xLSTM-7B-architecture language model (any size) on multi-query associative recall (MQAR) generated "
     "on the fly, or on your own token or text files (--data), on one device, a device mesh (--mesh) or several "
-    "hosts (--coordinator, or SLURM / Open MPI): AdamW with weight decay on kernels, gradient clipping, linear warmup + cosine decay, a progress "
+    "hosts (--coordinator, or SLURM / Open MPI): AdamW with weight decay on kernels, gradient clipping, linear "
+    "warmup + cosine decay, a progress "
     "bar with loss / accuracy / tokens per second (a progress line every --progress-seconds when the output is not "
     "a terminal), periodic evaluation on a fixed held-out set, orbax checkpoints and --resume. Checkpoints, the run "
     "config and the finished model (HF safetensors layout; load it with xlstm_jax.from_pretrained or `xlstm-jax "

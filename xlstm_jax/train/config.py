@@ -251,7 +251,8 @@ class TrainConfig:
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
         return xLSTMLargeConfig(
             embedding_dim=self.embedding_dim, num_heads=self.num_heads, num_blocks=self.num_blocks,
-            vocab_size=vocab_size or self.vocab_size, backend=self.backend, chunk_size=self.chunk_size, compute_dtype=dtype,
+            vocab_size=vocab_size or self.vocab_size, backend=self.backend, chunk_size=self.chunk_size,
+            compute_dtype=dtype,
             igate_bias_init=self.igate_bias_init,
         )
 

@@ -1,5 +1,6 @@
-"""The fused Triton mLSTM step (`xlstm_jax.mlstm_step(backend="triton")`); the math is in native.py. The kernel reads C once and writes C' once (a grid of B·NH × DHHV/BV programs, each walking DHQK in BK rows),
-which is all the memory traffic a step needs; C' can take C's buffer (input/output aliasing).
+"""The fused Triton mLSTM step (`xlstm_jax.mlstm_step(backend="triton")`); the math is in native.py. The kernel
+reads C once and writes C' once (a grid of B·NH × DHHV/BV programs, each walking DHQK in BK rows), which is all the
+memory traffic a step needs; C' can take C's buffer (input/output aliasing).
 Shapes: q, k (B, NH, DHQK); v (B, NH, DHHV); C (B, NH, DHQK, DHHV); n (B, NH, DHQK); m and the gates (B, NH).
 """
 
@@ -12,6 +13,7 @@ import triton.language as tl
 from xlstm_jax.kernels.base import qk_scale
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.mlstm_step.native import step_gates
+
 
 @triton.jit
 def _step_kernel(Q, K, V, C, N, FB, IB, MN, H, C_OUT, N_OUT, SCALE: tl.constexpr, EPS: tl.constexpr,

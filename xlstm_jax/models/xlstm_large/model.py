@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
-from xlstm_jax.mlstm.api import IMPLEMENTATIONS, resolve_backend
 from xlstm_jax.mlstm import input_gates
+from xlstm_jax.mlstm.api import IMPLEMENTATIONS, resolve_backend
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
 from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
@@ -48,7 +48,8 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel (in, out) with logical axis names `axes`, in the parameter dtype, operands cast to the compute dtype,
+    """y = x @ kernel (+ bias); kernel (in, out) with logical axis names `axes`, in the parameter dtype, operands cast
+    to the compute dtype,
     float32 accumulation and float32 result."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None], use_bias: bool,
@@ -117,7 +118,8 @@ class mLSTMLayer(nnx.Module):
             self.q = Dense(D, c.qk_dim, axes=cols, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
             self.k = Dense(D, c.qk_dim, axes=cols, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
             self.v = Dense(D, c.v_dim, axes=cols, use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
-            self.ogate_preact = Dense(D, c.v_dim, axes=cols, use_bias=bias, kernel_init=zeros, param_dtype=pdt, rngs=rngs)
+            self.ogate_preact = Dense(D, c.v_dim, axes=cols, use_bias=bias, kernel_init=zeros, param_dtype=pdt,
+                                      rngs=rngs)
             self.igate_preact = Dense(D, NH, axes=cols, use_bias=True, kernel_init=zeros,
                                       bias_init=_constant(c.igate_bias_init), param_dtype=pdt, rngs=rngs)
             self.fgate_preact = Dense(D, NH, axes=cols, use_bias=True, kernel_init=zeros, bias_init=_constant(f_bias),
@@ -132,10 +134,12 @@ class mLSTMLayer(nnx.Module):
             if_bias = np.concatenate([np.full(NH, c.igate_bias_init), f_bias])
             self.qkv_opreact = Dense(D, 2 * c.qk_dim + 2 * c.v_dim, axes=fused, use_bias=bias, kernel_init=qkvo_init,
                                      param_dtype=pdt, rngs=rngs)
-            self.ifgate_preact = Dense(D, 2 * NH, axes=fused, use_bias=True, kernel_init=zeros, bias_init=_constant(if_bias),
+            self.ifgate_preact = Dense(D, 2 * NH, axes=fused, use_bias=True, kernel_init=zeros,
+                                       bias_init=_constant(if_bias),
                                        param_dtype=pdt, rngs=rngs)
         self.multihead_norm = MultiHeadLayerNorm(NH, c.v_head_dim, eps=c.norm_eps, use_bias=bias, param_dtype=pdt)
-        self.out_proj = Dense(c.v_dim, D, axes=("heads", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
+        self.out_proj = Dense(c.v_dim, D, axes=("heads", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt,
+                              rngs=rngs)
 
     def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
                  backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
@@ -160,8 +164,8 @@ class mLSTMLayer(nnx.Module):
 
         sigmoid = c.input_gate == "sigmoid"
         if sigmoid:  # mLSTMsig through the exponential-gate cells: log σ(i), m = 0, true states out
-            i = input_gates.exp_preactivation(i)
-            state = None if state is None else (*state[:2], input_gates.zero_max_state(state[2]))
+            i, m0 = input_gates.as_exp_gate(i, None if state is None else state[2])
+            state = None if state is None else (*state[:2], m0)
 
         def heads(a: jax.Array, dh: int) -> jax.Array:
             return a.astype(dt).reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
@@ -213,11 +217,12 @@ class FeedForward(nnx.Module):
         D, F, pdt, bias = c.embedding_dim, c.ffn_dim, c.param_jnp_dtype, c.use_bias
         small = _normal(float(np.sqrt(2.0 / (5.0 * D))))
         wang = _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
+        up = dict(use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
         if c.weight_mode == "single":
-            self.proj_up_gate = Dense(D, F, axes=("embed", "ffn"), use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
-            self.proj_up = Dense(D, F, axes=("embed", "ffn"), use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.proj_up_gate = Dense(D, F, axes=("embed", "ffn"), **up)
+            self.proj_up = Dense(D, F, axes=("embed", "ffn"), **up)
         else:
-            self.proj_up_gate_z = Dense(D, 2 * F, axes=("embed", None), use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
+            self.proj_up_gate_z = Dense(D, 2 * F, axes=("embed", None), **up)
         self.proj_down = Dense(F, D, axes=("ffn", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -290,7 +295,8 @@ class xLSTMLarge(nnx.Module):
         self.backbone = xLSTMBackbone(config, rngs=rngs)
         std = float(np.sqrt(2.0 / (5.0 * config.embedding_dim)))
         self.lm_head = (
-            Dense(config.embedding_dim, config.vocab_size, axes=("embed", "vocab"), use_bias=False, kernel_init=_normal(std),
+            Dense(config.embedding_dim, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                  kernel_init=_normal(std),
                   param_dtype=config.param_jnp_dtype, rngs=rngs)
             if not config.tie_word_embeddings else None
         )

@@ -78,8 +78,8 @@ class mLSTMBackendTriton(mLSTMBackend):
         name = _ALIASES.get(cfg.backend_name, cfg.backend_name)
         if cfg.sequence_axis_name is not None or cfg.mesh_axes is not None:
             if cfg.norm_val != 1.0 or not cfg.stabilize_correctly:
-                raise ValueError("sequence_axis_name and mesh_axes run the standard denominator: norm_val must be 1.0 and "
-                                 f"stabilize_correctly True, got {cfg.norm_val} and {cfg.stabilize_correctly}.")
+                raise ValueError("sequence_axis_name and mesh_axes run the standard denominator: norm_val must be 1.0 "
+                                 f"and stabilize_correctly True, got {cfg.norm_val} and {cfg.stabilize_correctly}.")
             return mlstm(
                 q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
                 return_last_states=return_last_states, eps=cfg.eps, chunk_size=cfg.chunk_size,
