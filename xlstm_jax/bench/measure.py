@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WARMUP = 2
+WARMUP = 3
 MIN_REPS = 10
 MIN_RUN_S = 2e-3  # shortest timed run; shorter calls are repeated within one run
 MAX_CALLS_PER_RUN = 100
@@ -43,12 +43,17 @@ def calls_per_run(seconds_per_call: float) -> int:
 
 
 def timed_runs(call: Callable[[], Any], wait: Callable[[Any], Any], reps: int) -> tuple[list[float], int]:
-    """Per-call seconds of `reps` timed runs of `call` (after WARMUP untimed calls), and the calls per run."""
-    for _ in range(WARMUP - 1):
+    """Per-call seconds of `reps` timed runs of `call` (after WARMUP untimed calls), and the calls per run.
+
+    The calls per run come from the fastest warm-up call after the first (which may compile), so that one call
+    slowed by a busy host does not make short calls look long.
+    """
+    probes = []
+    for _ in range(WARMUP):
+        start = time.perf_counter()
         wait(call())
-    start = time.perf_counter()
-    wait(call())
-    inner = calls_per_run(time.perf_counter() - start)
+        probes.append(time.perf_counter() - start)
+    inner = calls_per_run(min(probes[1:] or probes))
     seconds = []
     for _ in range(reps):
         start = time.perf_counter()
