@@ -1,19 +1,14 @@
 """Context parallelism: one sequence split along a mesh axis, run inside `shard_map` (docs/design.md, "Context
 parallelism").
 
-Device d of the axis holds the d-th contiguous shard of the sequence. Over one shard, with G its total log forget
-decay and M = max_s (i_s + sum_{r>s} log f_r) its largest input weight, the state after the shard is an affine map
-of the state (C, n, m) before it:
-
-    m' = max(G + m, M),   C' = e^{G + m - m'} C + e^{M - m'} C_b,   n' = e^{G + m - m'} n + e^{M - m'} n_b,
-
-where (C_b, n_b) is what the shard writes, scaled by e^{-M} (the "summary"; it is computed by the implementation
-itself, from C = n = 0 and m_0 = min(M - G, 0), so that its last m is M). m' is the recurrence's own stabilizer, so
-every device then runs its shard from the exact incoming state and h, the last states and the gradients equal those of
-the one-device call up to rounding. Two such maps compose into one, so the incoming states are an exclusive scan of
-the summaries along the axis: by an all-gather (P summaries per device, P = the axis size) or by a log-step
-`ppermute` scan (memory independent of P). Gradients are JAX's: the collectives and the implementations are
-differentiable, and the state cotangents flow from later shards to earlier ones by transposition.
+Device d of the axis holds the d-th contiguous shard of the sequence. Each device computes the summary of its shard
+(kernels/state_combine.py: what the shard writes from a zero state, its total log forget decay G and largest input
+weight M) with the implementation itself, from C = n = 0 and m_0 = state_combine.summary_start(G, M). The incoming
+states are an exclusive scan of the summaries along the axis: by an all-gather (P summaries per device, P = the axis
+size) or by a log-step `ppermute` scan (memory independent of P). Every device then runs its shard from the exact
+incoming state, so h, the last states and the gradients equal those of the one-device call up to rounding.
+Gradients are JAX's: the collectives and the implementations are differentiable, and the state cotangents flow from
+later shards to earlier ones by transposition.
 """
 
 from __future__ import annotations
@@ -24,11 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, MLSTMShape, initial_states_or_zeros, log_forget
+from xlstm_jax.kernels.state_combine import apply, compose, floor_no_input, identity_like, summary_start
 
 F32 = jnp.float32
 COMBINES = ("auto", "all_gather", "ppermute")
 ALL_GATHER_MAX_DEVICES = 8  # "auto": all-gather the summaries up to this axis size, a ppermute scan beyond it
-_NO_INPUT = -1e30  # M of a shard whose every input gate is -inf: it writes nothing
 
 
 def axis_size(axis_name: Any) -> int:
@@ -56,36 +51,17 @@ def _gate_summary(i: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:
     suffix = jnp.flip(jnp.cumsum(jnp.flip(logf, -1), -1), -1)
     after = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
     M = jnp.max(i.astype(F32) + after, axis=-1)
-    return jnp.sum(logf, axis=-1), jnp.where(M > _NO_INPUT, M, _NO_INPUT)
-
-
-def _apply(summary, state):
-    """The state after a shard with `summary` (G, C_b, n_b, M) from `state` (C, n, m)."""
-    G, C_b, n_b, M = summary
-    C, n, m = state
-    m_new = jnp.maximum(G + m, M)
-    a, b = jnp.exp(G + m - m_new), jnp.exp(M - m_new)
-    return a[..., None, None] * C + b[..., None, None] * C_b, a[..., None] * n + b[..., None] * n_b, m_new
-
-
-def _compose(first, second):
-    """The summary of `first` followed by `second`."""
-    return (first[0] + second[0], *_apply(second, first[1:]))
-
-
-def _identity_like(summary):
-    G, C_b, n_b, _ = summary
-    return jnp.zeros_like(G), jnp.zeros_like(C_b), jnp.zeros_like(n_b), jnp.full_like(G, _NO_INPUT)
+    return jnp.sum(logf, axis=-1), floor_no_input(M)
 
 
 def _exclusive_all_gather(summary, axis_name, P: int):
     """The composition of the summaries of devices 0..d-1 on device d, from all P summaries."""
     every = jax.lax.all_gather(summary, axis_name)
     d = jax.lax.axis_index(axis_name)
-    prefix = _identity_like(summary)
+    prefix = identity_like(summary)
     for j in range(P - 1):
         take = j < d
-        composed = _compose(prefix, tuple(x[j] for x in every))
+        composed = compose(prefix, tuple(x[j] for x in every))
         prefix = tuple(jnp.where(take, new, old) for new, old in zip(composed, prefix))
     return prefix
 
@@ -96,11 +72,11 @@ def _exclusive_ppermute(summary, axis_name, P: int):
     inclusive, step = summary, 1
     while step < P:
         earlier = jax.lax.ppermute(inclusive, axis_name, [(j, j + step) for j in range(P - step)])
-        composed = _compose(earlier, inclusive)
+        composed = compose(earlier, inclusive)
         inclusive = tuple(jnp.where(d >= step, new, old) for new, old in zip(composed, inclusive))
         step *= 2
     shifted = jax.lax.ppermute(inclusive, axis_name, [(j, j + 1) for j in range(P - 1)])
-    return tuple(jnp.where(d >= 1, s, e) for s, e in zip(shifted, _identity_like(summary)))
+    return tuple(jnp.where(d >= 1, s, e) for s, e in zip(shifted, identity_like(summary)))
 
 
 def _from_incoming_state(impl, x: MLSTMInputs, keep: MLSTMOptions, chunk_size, axis_name, combine: str, P: int):
@@ -108,16 +84,14 @@ def _from_incoming_state(impl, x: MLSTMInputs, keep: MLSTMOptions, chunk_size, a
     shape = MLSTMShape(*x.q.shape, x.v.shape[-1])
     G, M = _gate_summary(x.i, x.f)
     zeros = initial_states_or_zeros(None, None, None, shape, x[:5])
-    # the summary's last m is max(G + m0, M) = M for any m0 <= M - G; the smallest such |m0| keeps the sums exact
-    # when G is very negative (a long shard, or a document start's -inf forget gate: G ~ -1e30)
-    m0 = jnp.where(M > _NO_INPUT, jnp.minimum(M - G, 0.0), 0.0)
-    _, (C_b, n_b, _) = impl.run(x._replace(c_initial=zeros[0], n_initial=zeros[1], m_initial=m0), keep, chunk_size)
+    start = x._replace(c_initial=zeros[0], n_initial=zeros[1], m_initial=summary_start(G, M))
+    _, (C_b, n_b, _) = impl.run(start, keep, chunk_size)
     summary = (G, C_b, n_b, M)
     if combine == "auto":
         combine = "all_gather" if P <= ALL_GATHER_MAX_DEVICES else "ppermute"
     scan = _exclusive_all_gather if combine == "all_gather" else _exclusive_ppermute
     prefix = scan(summary, axis_name, P)
-    c_in, n_in, m_in = _apply(prefix, initial_states_or_zeros(*x[5:], shape, x[:5]))
+    c_in, n_in, m_in = apply(prefix, initial_states_or_zeros(*x[5:], shape, x[:5]))
     return x._replace(c_initial=c_in, n_initial=n_in, m_initial=m_in)
 
 

@@ -9,6 +9,8 @@ table's fallback entry (also what Triton's CPU interpreter gets).
 Parameters (all ints):
 - recurrent_block / recurrent_warps / recurrent_stages: head-dim tile (BK = BV), warps and software-pipelining
   stages of the state recurrences (forward states, backward state cotangents);
+- recurrent_programs: the state recurrences split a sequence into groups of chunks walked at once until B·NH·tiles·
+  groups reaches this many programs (sequence_groups.py; 1: one walk per sequence);
 - block: head-dim tile of the per-chunk kernels; out_v_block: their output (DHHV) tile (limit family);
 - parallel_warps (L <= 64) / parallel_warps_l128 (L = 128) / parallel_stages: the limit per-chunk kernels;
 - dq_warps: the limit dq kernel. Keep it at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16 at

@@ -18,19 +18,24 @@ def mlstm_fw_recurrent_kernel(
     K, V, VEC_A, SCA_G, C0, N0, M0,
     C_ALL, N_ALL, M_ALL, C_LAST,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SAVE_EVERY: tl.constexpr = 1,
+    SAVE_EVERY: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
 ):
-    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC chunks of length L.
+    """Grid (BH, GROUPS, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC / GROUPS chunks
+    of length L of its group, from the group's incoming state C0, N0 (BH, GROUPS, ...), M0 (BH, GROUPS).
 
     C and n are stored before every SAVE_EVERY-th chunk and at the end (NC // SAVE_EVERY + 1 states), m at every
-    chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks. C is accumulated in
-    float32 and stored in C_ALL's dtype (the parallel kernels only use C as a matmul operand); the last C is also
-    written in float32 to C_LAST (BH, DHQK, DHHV).
+    chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks. Each border is stored
+    by the group that starts there, the last one by the last group. C is accumulated in float32 and stored in
+    C_ALL's dtype (the parallel kernels only use C as a matmul operand); the last C is also written in float32 to
+    C_LAST (BH, DHQK, DHHV).
     """
     bh = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
+    grp = tl.program_id(1)
+    pid = tl.program_id(2)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
     S: tl.constexpr = NC * L
+    NCG: tl.constexpr = NC // GROUPS
+    is_last = grp == GROUPS - 1
     rk = (pid // NBV) * BK + tl.arange(0, BK)
     rv = (pid % NBV) * BV + tl.arange(0, BV)
     rt = tl.arange(0, L)
@@ -39,13 +44,15 @@ def mlstm_fw_recurrent_kernel(
     c_mask = mk[:, None] & (rv < DHHV)[None, :]
     n_mask = mk & (pid % NBV == 0)
 
-    c = tl.load(C0 + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
-    n = tl.load(N0 + bh * DHQK + rk, mask=mk, other=0.0)
-    m = tl.load(M0 + bh)
+    start = bh * GROUPS + grp
+    c = tl.load(C0 + start * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
+    n = tl.load(N0 + start * DHQK + rk, mask=mk, other=0.0)
+    m = tl.load(M0 + start)
     k_base = K + bh * S * DHQK
     v_base = V + bh * S * DHHV
     NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
-    for kc in range(NC):
+    for j in range(NCG):
+        kc = grp * NCG + j
         save = kc % SAVE_EVERY == 0
         tl.store(C_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty),
                  mask=c_mask & save)
@@ -61,10 +68,11 @@ def mlstm_fw_recurrent_kernel(
         c = decay * c + dot_in(kbar_t, v_c, v_c.dtype)
         n = decay * n + tl.sum(kbar_t, axis=1)
         m = m_new
-    tl.store(C_ALL + (bh * NSAVE + NSAVE - 1) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty), mask=c_mask)
-    tl.store(C_LAST + bh * DHQK * DHHV + c_off, c, mask=c_mask)
-    tl.store(N_ALL + (bh * NSAVE + NSAVE - 1) * DHQK + rk, n, mask=n_mask)
-    tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=pid == 0)
+    tl.store(C_ALL + (bh * NSAVE + NSAVE - 1) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty),
+             mask=c_mask & is_last)
+    tl.store(C_LAST + bh * DHQK * DHHV + c_off, c, mask=c_mask & is_last)
+    tl.store(N_ALL + (bh * NSAVE + NSAVE - 1) * DHQK + rk, n, mask=n_mask & is_last)
+    tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=(pid == 0) & is_last)
 
 
 @triton.jit
@@ -72,15 +80,20 @@ def mlstm_bw_recurrent_kernel(
     Q, DH, VEC_B, M_OUT, NORM, DDEN, SCA_G, M_ALL, DC_LAST, DN_LAST,
     DC_ALL, DN_ALL, DC_FIRST,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    QK_SCALE: tl.constexpr, SAVE_EVERY: tl.constexpr = 1,
+    QK_SCALE: tl.constexpr, SAVE_EVERY: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
 ):
-    """Grid (BH, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the NC chunks of
-    length L; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states).
-    dC is accumulated in float32 and stored in DC_ALL's dtype; the initial state's dC also in float32 to DC_FIRST."""
+    """Grid (BH, GROUPS, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of dC walks backwards over the
+    NC / GROUPS chunks of length L of its group, from the cotangents DC_LAST, DN_LAST (BH, GROUPS, ...) at the
+    group's end; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states),
+    each border by the group that ends there, the first by the first group. dC is accumulated in float32 and stored
+    in DC_ALL's dtype; the initial state's dC also in float32 to DC_FIRST (BH, DHQK, DHHV)."""
     bh = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
+    grp = tl.program_id(1)
+    pid = tl.program_id(2)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
     S: tl.constexpr = NC * L
+    NCG: tl.constexpr = NC // GROUPS
+    is_first = grp == 0
     rk = (pid // NBV) * BK + tl.arange(0, BK)
     rv = (pid % NBV) * BV + tl.arange(0, BV)
     rt = tl.arange(0, L)
@@ -90,11 +103,12 @@ def mlstm_bw_recurrent_kernel(
     c_mask = mk[:, None] & mv[None, :]
     n_mask = mk & (pid % NBV == 0)
 
-    dc = tl.load(DC_LAST + bh * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
-    dn = tl.load(DN_LAST + bh * DHQK + rk, mask=mk, other=0.0)
+    end = bh * GROUPS + grp
+    dc = tl.load(DC_LAST + end * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
+    dn = tl.load(DN_LAST + end * DHQK + rk, mask=mk, other=0.0)
     NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
-    for j in range(NC):
-        kc = NC - 1 - j
+    for j in range(NCG):
+        kc = grp * NCG + NCG - 1 - j
         save = (kc + 1) % SAVE_EVERY == 0
         tl.store(DC_ALL + (bh * NSAVE + (kc + 1) // SAVE_EVERY) * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty),
                  mask=c_mask & save)
@@ -112,6 +126,6 @@ def mlstm_bw_recurrent_kernel(
         decay = tl.exp(g + m_prev - m_next)
         dc = decay * dc + dot_in(qbar_t, dh, Q.dtype.element_ty)
         dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
-    tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask)
-    tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask)
-    tl.store(DN_ALL + bh * NSAVE * DHQK + rk, dn, mask=n_mask)
+    tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask & is_first)
+    tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask & is_first)
+    tl.store(DN_ALL + bh * NSAVE * DHQK + rk, dn, mask=n_mask & is_first)

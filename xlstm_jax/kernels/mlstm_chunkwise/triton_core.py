@@ -25,6 +25,7 @@ from xlstm_jax.kernels.base import (
     qk_scale,
 )
 from xlstm_jax.kernels.launch import launch
+from xlstm_jax.kernels.mlstm_chunkwise import sequence_groups
 from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent, gate_gradients
 from xlstm_jax.kernels.mlstm_chunkwise.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
@@ -191,12 +192,15 @@ def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
     return F32 if compute_dtype == jnp.float16 else compute_dtype
 
 
-def _recurrent_launch(DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
-    """Grid, head-dim tiles and launch parameters of a state-recurrence kernel: one (BK, BV) tile of C a program."""
+def _recurrent_launch(BH: int, NC: int, DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
+    """Grid, head-dim tiles, sequence groups (sequence_groups.py) and launch parameters of a state-recurrence kernel
+    over NC chunks: one (BK, BV) tile of C of one group a program."""
     p = launch_params(DHQK, DHHV, cfg.launch)
     BK, BV = block(DHQK, p["recurrent_block"]), block(DHHV, p["recurrent_block"])
-    return dict(grid=(-(-DHQK // BK) * -(-DHHV // BV),), num_warps=p["recurrent_warps"],
-                num_stages=p["recurrent_stages"], DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV)
+    tiles = -(-DHQK // BK) * -(-DHHV // BV)
+    groups = sequence_groups.num_groups(BH * tiles, NC, p["recurrent_programs"])
+    return dict(grid=(groups, tiles), num_warps=p["recurrent_warps"], num_stages=p["recurrent_stages"], DHQK=DHQK,
+                DHHV=DHHV, BK=BK, BV=BV, GROUPS=groups)
 
 
 def _recurrent_gates(i, f, cfg: KernelConfig, gates):
@@ -215,6 +219,8 @@ def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
     _, _, vec_a, sca_g = _recurrent_gates(i, f, cfg, gates)
+    kw = _recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
+    c0, n0, m0 = sequence_groups.incoming_states(k, v, vec_a, sca_g, c0, n0, m0, kw["GROUPS"])
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
         [k, v, vec_a, sca_g, c0, n0, m0],
@@ -224,7 +230,7 @@ def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
             jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
             jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
         ],
-        NC=S // Lr, L=Lr, SAVE_EVERY=every, **_recurrent_launch(DHQK, DHHV, cfg),
+        NC=S // Lr, L=Lr, SAVE_EVERY=every, **kw,
     )
     return c_all, n_all, m_sub[:, ::every], m_sub, c_last
 
@@ -256,14 +262,16 @@ def state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_las
     Lr = cfg.recurrent_chunk
     NC = S // cfg.chunk_size
     vec_b_sub, _, _, sca_g_sub = _recurrent_gates(i_f, f_f, cfg, gates)
+    kw = _recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
+    dc_last, dn_last = sequence_groups.outgoing_cotangents(qf, dh, vec_b_sub, sca_g_sub, m_sub, m_out, norm, dden,
+                                                           dc_last, dn_last, kw["GROUPS"], qk_scale(DHQK))
     return launch(
         mlstm_bw_recurrent_kernel,
         [qf, dh, vec_b_sub, m_out, norm, dden, sca_g_sub, m_sub, dc_last, dn_last],
         [jax.ShapeDtypeStruct((BH, NC + 1, DHQK, DHHV), _state_buffer_dtype(qf.dtype)),
          jax.ShapeDtypeStruct((BH, NC + 1, DHQK), F32),
          jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32)],
-        NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr,
-        **_recurrent_launch(DHQK, DHHV, cfg),
+        NC=S // Lr, L=Lr, QK_SCALE=qk_scale(DHQK), SAVE_EVERY=cfg.chunk_size // Lr, **kw,
     )
 
 
