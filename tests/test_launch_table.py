@@ -9,8 +9,8 @@ from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_
 
 READ_BY_THE_KERNELS = {
     "recurrent_block", "recurrent_warps", "recurrent_stages", "recurrent_programs", "block", "out_v_block",
-    "parallel_warps", "parallel_warps_l128", "dq_warps", "parallel_stages", "xl_warps", "xl_out_block", "xl_stages", "xl_bw_warps",
-    "xl_dq_block", "xl_dk_block", "xl_dv_block",
+    "parallel_warps", "parallel_warps_l128", "dq_warps", "parallel_stages", "xl_warps", "xl_out_block", "xl_stages",
+    "xl_bw_warps", "xl_dq_block", "xl_dk_block", "xl_dv_block",
 }
 
 
