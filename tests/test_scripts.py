@@ -56,7 +56,8 @@ def test_train_throughput_reports_each_backend(tmp_path):
 def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
     profiler = _load("profile_stages")
     out = tmp_path / "stages.json"
-    profiler.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "xl:32", "--reps", "1",
+    # two heads: the backward stages take the forward's (B, NH, ...) residuals flattened to (B·NH, ...)
+    profiler.main(["--shape", "1,2,32,16,16", "--dtype", "float32", "--runs", "xl:32", "--reps", "1",
                    "--out", str(out)])
     ms = json.loads(out.read_text())["results"]["xl:32"]
     stages = {"fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.parallel", "bw.total", "fwbw"}

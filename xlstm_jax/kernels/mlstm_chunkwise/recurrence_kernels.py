@@ -30,8 +30,11 @@ def mlstm_fw_recurrent_kernel(
     C_LAST (BH, DHQK, DHHV).
     """
     bh = tl.program_id(0).to(tl.int64)
-    grp = tl.program_id(1)
     pid = tl.program_id(2)
+    if GROUPS == 1:  # one walk: the group arithmetic folds away
+        grp = 0
+    else:
+        grp = tl.program_id(1)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
     S: tl.constexpr = NC * L
     NCG: tl.constexpr = NC // GROUPS
@@ -88,8 +91,11 @@ def mlstm_bw_recurrent_kernel(
     each border by the group that ends there, the first by the first group. dC is accumulated in float32 and stored
     in DC_ALL's dtype; the initial state's dC also in float32 to DC_FIRST (BH, DHQK, DHHV)."""
     bh = tl.program_id(0).to(tl.int64)
-    grp = tl.program_id(1)
     pid = tl.program_id(2)
+    if GROUPS == 1:  # one walk: the group arithmetic folds away
+        grp = 0
+    else:
+        grp = tl.program_id(1)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
     S: tl.constexpr = NC * L
     NCG: tl.constexpr = NC // GROUPS
