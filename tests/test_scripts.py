@@ -83,9 +83,10 @@ def test_decode_bench_times_the_step(tmp_path):
     assert all(r["us"] > 0 for r in rows)
 
 
-def test_segments_cost_times_with_and_without_segment_ids(tmp_path):
-    out = tmp_path / "segments.json"
-    _load("segments_cost").main(["--tiny", "--backends", "native_chunkwise", "--reps", "10", "--rounds", "1",
-                                 "--json", str(out)])
+def test_variant_cost_times_every_variant(tmp_path):
+    out = tmp_path / "variants.json"
+    _load("variant_cost").main(["--tiny", "--backends", "native_chunkwise", "--reps", "10", "--rounds", "1",
+                                "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["segment_ids"] for r in rows] == [False, True] and all(r["fwbw_ms"] > 0 for r in rows)
+    assert [r["variant"] for r in rows] == ["plain", "segment_ids", "sigmoid"]
+    assert all(r["fw_ms"] > 0 and r["fwbw_ms"] > 0 for r in rows)
