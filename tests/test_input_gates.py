@@ -83,3 +83,41 @@ def test_sigmoid_step(backend):
 def test_unknown_input_gate_is_refused():
     with pytest.raises(ValueError, match="input_gate must be one of"):
         mlstm(*_inputs(4)[:5], input_gate="tanh")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton_limit_chunk", "triton_xl_chunk"])
+def test_gpu_sigmoid_gate_at_a_realistic_shape(backend):
+    """B=1, NH=4, S=2048, 128/256, float32, with initial states: h and the last (C, n) against the float64 mLSTMsig
+    recurrence; every gradient at S=512."""
+    rng = np.random.default_rng(6)
+    shape = (1, 4, 2048)
+    q, k = (rng.standard_normal((*shape, 128)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((*shape, 256)).astype(np.float32)
+    i, f = (rng.standard_normal(shape).astype(np.float32) * 3 + s for s in (0.0, 2.0))
+    c0, n0 = rng.standard_normal((1, 4, 128, 256)).astype(np.float32), rng.standard_normal((1, 4, 128)).astype(
+        np.float32)
+
+    def ours(*a):
+        q, k, v, i, f, c, n = a
+        return mlstm(q, k, v, i, f, c_initial=c, n_initial=n, m_initial=jnp.zeros((1, 4)), backend=backend,
+                     return_last_states=True, input_gate="sigmoid")
+
+    h, (c, n, _) = ours(q, k, v, i, f, c0, n0)
+    with jax.enable_x64(True):
+        want = [np.asarray(x) for x in jax.tree.leaves(mlstm_sig_reference(*(np.float64(x) for x in (
+            q, k, v, i, f, c0, n0))))]
+    for got, ref in zip((h, c, n), want):
+        assert _rel(got, ref) < 1e-4
+    short = [x[:, :, :512] for x in (q, k, v, i, f)] + [c0, n0]
+    w = rng.standard_normal((1, 4, 512, 256))
+
+    def loss(*a):
+        return jnp.sum(ours(*a)[0] * w)
+
+    got = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*short)
+    with jax.enable_x64(True):
+        want = jax.grad(lambda *a: jnp.sum(mlstm_sig_reference(*a)[0] * w), argnums=tuple(range(7)))(
+            *(np.float64(x) for x in short))
+    for g, ref in zip(got, want):
+        assert _rel(g, ref) < 1e-3

@@ -170,3 +170,41 @@ def test_documents_across_shards_of_a_split_sequence():
     q, k, v, i, f equal the one-device call's, for both combines (a document start's -inf gate inside a shard that
     is not the last one needs the shard summary's exact suffix sums)."""
     run_on_devices(CONTEXT_PARALLEL, 4, oks=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton_limit_chunk", "triton_xl_chunk"])
+def test_gpu_packed_rows_at_a_realistic_shape(backend):
+    """B=2, NH=4, S=4096, 128/256, float32, 8 documents of uneven lengths per row: h and the true last states
+    against each document run alone in float64; all gradients at S=1024 against native_chunkwise."""
+    rng = np.random.default_rng(5)
+    Bg, NHg, Sg, DK, DV = 2, 4, 4096, 128, 256
+    q, k = (rng.standard_normal((Bg, NHg, Sg, DK)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((Bg, NHg, Sg, DV)).astype(np.float32)
+    i, f = (rng.standard_normal((Bg, NHg, Sg)).astype(np.float32) * 2 + s for s in (0.0, 3.0))
+    cuts = np.sort(rng.choice(np.arange(1, Sg), size=7, replace=False))
+    seg = np.broadcast_to(np.searchsorted(cuts, np.arange(Sg), side="right"), (Bg, Sg)).astype(np.int32)
+    h, (c, n, m) = mlstm(q, k, v, i, f, backend=backend, segment_ids=seg, return_last_states=True)
+    with jax.enable_x64(True):
+        parts, state = [], None
+        for a, b in zip([0, *cuts], [*cuts, Sg]):
+            out, state = mlstm_recurrent_reference(*(np.float64(x[:, :, a:b]) for x in (q, k, v, i, f)))
+            parts.append(np.asarray(out))
+        want_h = np.concatenate(parts, axis=2)
+        scale = np.exp(np.asarray(state[2]))
+        want_c, want_n = np.asarray(state[0]) * scale[..., None, None], np.asarray(state[1]) * scale[..., None]
+    m = np.asarray(m, np.float64)
+    assert np.max(np.abs(np.asarray(h) - want_h)) / np.max(np.abs(want_h)) < 1e-4
+    assert np.max(np.abs(np.asarray(c) * np.exp(m)[..., None, None] - want_c)) / np.max(np.abs(want_c)) < 1e-4
+    assert np.max(np.abs(np.asarray(n) * np.exp(m)[..., None] - want_n)) / np.max(np.abs(want_n)) < 1e-4
+
+    short = [x[:, :, :1024] for x in (q, k, v, i, f)]
+    w = rng.standard_normal((Bg, NHg, 1024, DV)).astype(np.float32)
+
+    def grads(name):
+        loss = lambda *a: jnp.sum(mlstm(*a, backend=name, segment_ids=seg[:, :1024]) * w)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*short)
+
+    for got, want in zip(grads(backend), grads("native_chunkwise")):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.all(np.isfinite(got)) and np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-3
