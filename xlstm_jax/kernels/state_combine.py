@@ -10,13 +10,18 @@ recurrence's own stabilizer, so a stretch run from the combined state gives the 
 summaries compose into one. Context parallelism combines the summaries of devices (mlstm/context_parallel.py), the
 Triton core those of groups of chunks on one device (mlstm_chunkwise/sequence_groups.py).
 
-Shapes: G, M (...,); C_b (..., DHQK, DHHV); n_b (..., DHQK); float32.
+Shapes: G, M (...,); C_b (..., DHQK, DHHV); n_b (..., DHQK); float32. A stretch's summary is one matmul over its
+tokens (`summary`), not a pass of a kernel.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
+from xlstm_jax.kernels.base import log_forget
+
+F32 = jnp.float32
 NO_INPUT = -1e30  # M of a stretch whose every input gate is -inf: it writes nothing
 
 
@@ -46,8 +51,28 @@ def floor_no_input(M):
     return jnp.where(M > NO_INPUT, M, NO_INPUT)
 
 
-def summary_start(G, M):
-    """The initial stabilizer m_0 of a summary run from C = n = 0: its last m is max(G + m_0, M) = M for any
-    m_0 <= M - G; the smallest such |m_0| keeps the sums exact when G is very negative (a long stretch, or a
-    document start's floored forget gate: G ~ -1e30)."""
-    return jnp.where(M > NO_INPUT, jnp.minimum(M - G, 0.0), 0.0)
+def shifted(x: jax.Array) -> jax.Array:
+    """x moved one place along the last axis, 0 in front: an exclusive sum from an inclusive one without a
+    difference, which a floored log forget gate (-1e30, a document start) in the sum would wipe out."""
+    return jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1)
+
+
+def weighted_summary(k: jax.Array, v: jax.Array, log_w: jax.Array, M: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(C_b, n_b) = (sum_t w_t k_t v_tᵀ, sum_t w_t k_t) with w_t = e^{log_w_t - M} over the token axis T of
+    k (..., T, DHQK), v (..., T, DHHV), log_w (..., T); M (...,) floored (floor_no_input): a stretch at NO_INPUT
+    writes nothing. k·w is a matmul operand in k's dtype, as in the kernels; float32 accumulation and results."""
+    w = jnp.where(M[..., None] > NO_INPUT, jnp.exp(log_w - M[..., None]), 0.0)
+    kbar = k.astype(F32) * w[..., None]
+    C_b = jnp.einsum("...tk,...tv->...kv", kbar.astype(k.dtype), v, preferred_element_type=F32,
+                     precision=jax.lax.Precision.HIGHEST)
+    return C_b, jnp.sum(kbar, axis=-2)
+
+
+def summary(k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array):
+    """The summary (G, C_b, n_b, M) of the stretch k (..., T, DHQK), v (..., T, DHHV), gate pre-activations
+    i, f (..., T): G = sum_t log f_t, M = max_t (i_t + sum_{r>t} log f_r)."""
+    logf = log_forget(f.astype(F32))
+    after = jnp.flip(shifted(jnp.cumsum(jnp.flip(logf, -1), -1)), -1)  # sum over r > t
+    log_w = i.astype(F32) + after
+    M = floor_no_input(jnp.max(log_w, axis=-1))
+    return (jnp.sum(logf, axis=-1), *weighted_summary(k, v, log_w, M), M)

@@ -3,10 +3,10 @@ parallelism").
 
 Device d of the axis holds the d-th contiguous shard of the sequence. Each device computes the summary of its shard
 (kernels/state_combine.py: what the shard writes from a zero state, its total log forget decay G and largest input
-weight M) with the implementation itself, from C = n = 0 and m_0 = state_combine.summary_start(G, M). The incoming
-states are an exclusive scan of the summaries along the axis: by an all-gather (P summaries per device, P = the axis
-size) or by a log-step `ppermute` scan (memory independent of P). Every device then runs its shard from the exact
-incoming state, so h, the last states and the gradients equal those of the one-device call up to rounding.
+weight M; one matmul over the shard's tokens). The incoming states are an exclusive scan of the summaries along the
+axis: by an all-gather (P summaries per device, P = the axis size) or by a log-step `ppermute` scan (memory
+independent of P). Every device then runs its shard from the exact incoming state, so h, the last states and the
+gradients equal those of the one-device call up to rounding.
 Gradients are JAX's: the collectives and the implementations are differentiable, and the state cotangents flow from
 later shards to earlier ones by transposition.
 """
@@ -18,8 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, MLSTMShape, initial_states_or_zeros, log_forget
-from xlstm_jax.kernels.state_combine import apply, compose, floor_no_input, identity_like, summary_start
+from xlstm_jax.kernels import state_combine
+from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, MLSTMShape, initial_states_or_zeros
+from xlstm_jax.kernels.state_combine import apply, compose, identity_like
 
 F32 = jnp.float32
 COMBINES = ("auto", "all_gather", "ppermute")
@@ -41,17 +42,6 @@ def check_combine(combine: Any) -> str:
     if combine not in COMBINES:
         raise ValueError(f"sequence_combine must be one of {list(COMBINES)}, got {combine!r}.")
     return combine
-
-
-def _gate_summary(i: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """G (B, NH): the shard's total log forget decay; M (B, NH): max_s (i_s + sum_{r>s} log f_r)."""
-    logf = log_forget(f.astype(F32))
-    # sum over r > s as the reverse cumsum shifted by one: no difference, which a -1e30 (a document start's floored
-    # log forget gate) at s itself would wipe out
-    suffix = jnp.flip(jnp.cumsum(jnp.flip(logf, -1), -1), -1)
-    after = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
-    M = jnp.max(i.astype(F32) + after, axis=-1)
-    return jnp.sum(logf, axis=-1), floor_no_input(M)
 
 
 def _exclusive_all_gather(summary, axis_name, P: int):
@@ -79,14 +69,10 @@ def _exclusive_ppermute(summary, axis_name, P: int):
     return tuple(jnp.where(d >= 1, s, e) for s, e in zip(shifted, identity_like(summary)))
 
 
-def _from_incoming_state(impl, x: MLSTMInputs, keep: MLSTMOptions, chunk_size, axis_name, combine: str, P: int):
+def _from_incoming_state(x: MLSTMInputs, axis_name, combine: str, P: int):
     """x with the exact state before this device's shard as its initial states."""
     shape = MLSTMShape(*x.q.shape, x.v.shape[-1])
-    G, M = _gate_summary(x.i, x.f)
-    zeros = initial_states_or_zeros(None, None, None, shape, x[:5])
-    start = x._replace(c_initial=zeros[0], n_initial=zeros[1], m_initial=summary_start(G, M))
-    _, (C_b, n_b, _) = impl.run(start, keep, chunk_size)
-    summary = (G, C_b, n_b, M)
+    summary = state_combine.summary(x.k, x.v, x.i, x.f)
     if combine == "auto":
         combine = "all_gather" if P <= ALL_GATHER_MAX_DEVICES else "ppermute"
     scan = _exclusive_all_gather if combine == "all_gather" else _exclusive_ppermute
@@ -103,7 +89,7 @@ def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: s
     if P == 1:  # nothing to split: the plain call
         h, last = impl.run(x, keep, chunk_size)
     else:
-        h, last = impl.run(_from_incoming_state(impl, x, keep, chunk_size, axis_name, combine, P), keep, chunk_size)
+        h, last = impl.run(_from_incoming_state(x, axis_name, combine, P), keep, chunk_size)
     if not o.return_last_states:
         return h
     is_last = jax.lax.axis_index(axis_name) == P - 1

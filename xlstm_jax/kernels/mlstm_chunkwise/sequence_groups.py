@@ -20,7 +20,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.state_combine import NO_INPUT, apply, compose, floor_no_input, identity_like
+from xlstm_jax.kernels.state_combine import (
+    apply,
+    compose,
+    floor_no_input,
+    identity_like,
+    shifted,
+    weighted_summary,
+)
 
 F32 = jnp.float32
 MIN_GROUP_CHUNKS = 4  # chunks (of the recurrence's granularity) per group at least
@@ -38,12 +45,6 @@ def num_groups(programs: int, NC: int, target_programs: int) -> int:
 def _grouped(x: jax.Array, NG: int) -> jax.Array:
     """(BH, N, ...) -> (BH, NG, N // NG, ...)."""
     return x.reshape(x.shape[0], NG, x.shape[1] // NG, *x.shape[2:])
-
-
-def _shifted(x: jax.Array, first: float) -> jax.Array:
-    """x moved one place along the last axis, `first` in front: an exclusive cumsum from an inclusive one without a
-    difference, which a floored log forget gate (-1e30, a document start) in the sum would wipe out."""
-    return jnp.concatenate([jnp.full_like(x[..., :1], first), x[..., :-1]], axis=-1)
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -67,12 +68,11 @@ def incoming_states(k, v, vec_a, sca_g, c0, n0, m0, NG: int):
         return c0[:, None], n0[:, None], m0[:, None]
     BH, S, DHQK = k.shape
     g = _grouped(sca_g, NG)  # (BH, NG, NCG)
-    later = _shifted(jnp.cumsum(g[..., ::-1], axis=-1), 0.0)[..., ::-1]  # decay after each chunk, in its group
+    later = shifted(jnp.cumsum(g[..., ::-1], axis=-1))[..., ::-1]  # decay after each chunk, in its group
     log_w = _grouped(vec_a.reshape(BH, g.shape[1] * g.shape[2], -1), NG) + later[..., None]  # (BH, NG, NCG, L)
     M = floor_no_input(jnp.max(log_w, axis=(-2, -1)))
-    w = jnp.where(M[..., None, None] > NO_INPUT, jnp.exp(log_w - M[..., None, None]), 0.0).reshape(BH, NG, -1)
-    kbar = _grouped(k, NG).astype(F32) * w[..., None]
-    summaries = (jnp.sum(g, axis=-1), _matmul(kbar.astype(k.dtype), _grouped(v, NG)), jnp.sum(kbar, axis=-2), M)
+    C_b, n_b = weighted_summary(_grouped(k, NG), _grouped(v, NG), log_w.reshape(BH, NG, -1), M)
+    summaries = (jnp.sum(g, axis=-1), C_b, n_b, M)
     before = _exclusive(jax.lax.associative_scan(compose, summaries, axis=1), identity_like(summaries))
     return apply(before, (c0[:, None], n0[:, None], m0[:, None]))
 
@@ -98,7 +98,7 @@ def outgoing_cotangents(q, dh, vec_b, sca_g, m_sub, m_out, norm, dden, dc_last, 
     g = _grouped(sca_g, NG)
     NCG = g.shape[-1]
     m_start, m_end = m_sub[:, :-1:NCG], m_sub[:, NCG::NCG]
-    before = _shifted(jnp.cumsum(g, axis=-1), 0.0)  # decay of the group's chunks before each
+    before = shifted(jnp.cumsum(g, axis=-1))  # decay of the group's chunks before each
     log_u = _grouped(vec_b.reshape(BH, NG * NCG, -1), NG) + before[..., None] + m_start[..., None, None]
     u = jnp.exp(log_u.reshape(BH, NG, -1) - _grouped(m_out, NG)) * scale
     qbar = _grouped(q, NG).astype(F32) * u[..., None]
