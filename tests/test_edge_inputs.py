@@ -149,8 +149,8 @@ def test_chunk_gates_kernel_matches_the_float64_sums(L):
     two-float differences keep the gates after a reset to float32 precision, where b alone has lost them."""
     from backend_cases import skip_unless_runnable
 
-    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
     from xlstm_jax.kernels.base import log_forget
+    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
 
     skip_unless_runnable("triton_limit_chunk")
     rng = np.random.default_rng(17)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 from helpers import (
     INPUT_NAMES,
     assert_matches_reference,
@@ -22,6 +21,7 @@ from helpers import (
     outputs_and_grads,
     reference_outputs_and_grads,
 )
+
 from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 
 FW_TOL = 1e-5  # fp32; measured <= 6e-7 (h) and <= 1e-7 (states)

@@ -1,5 +1,5 @@
-"""The documented parallel module: `parallel_stabilized_simple`, the parallel backend, and `xlstm_jax.mlstm(backend="native_parallel")`,
-all against the float64 reference."""
+"""The documented parallel module: `parallel_stabilized_simple`, the parallel backend, and
+`xlstm_jax.mlstm(backend="native_parallel")`, all against the float64 reference."""
 
 import inspect
 import types
@@ -28,7 +28,6 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.simple import (
     mLSTMBackendParallelConfig,
     parallel_stabilized_simple,
 )
-
 
 
 def _gates4(x):

@@ -106,7 +106,8 @@ def test_generator_returns_four_tuple_and_is_cached():
     fwd = _mlstm_chunkwise_fwbw_generator(jnp.float32, chunk_size=16)
     h, c, n, m = fwd(*(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")))
     assert h.shape == (1, 1, 16, 16) and c is None and n is None and m is None
-    assert _get_chunkwise_fwbw_kernel(jnp.float32, chunk_size=16) is _get_chunkwise_fwbw_kernel("float32", chunk_size=16)
+    kernel = _get_chunkwise_fwbw_kernel(jnp.float32, chunk_size=16)
+    assert kernel is _get_chunkwise_fwbw_kernel("float32", chunk_size=16)
 
 
 def test_vmap_over_leading_axis_folds_into_the_kernel():

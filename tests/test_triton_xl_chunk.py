@@ -19,13 +19,13 @@ from helpers import (
 )
 
 from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_families
-from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_fw import (
     mlstm_chunkwise__parallel_fw_Hintra,
 )
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
     mlstm_chunkwise_triton_xl_chunk,
 )
+from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 
 
 def _xl(**kw):

@@ -31,8 +31,8 @@ TRAIN_DESCRIPTION = (
     "generate OUTPUT_DIR`) go to --output-dir, by default a new runs/mqar-<timestamp>. "
     "The defaults (D=64, 2 blocks, 2 heads; vocab 17 = filler + 8 keys + 8 values, 4 key-value pairs, 32 tokens; "
     "12000 steps of 32 sequences) took 244 to 285 s on a 2-core CPU (44k to 51k tokens/s) and reached held-out "
-    "recall accuracy 0.990 to 1.000 (chance 0.125). Until about step 8000 the accuracy sits near 0.4 (the model only knows the "
-    "answer is one of the values in the context); then the recall circuit forms and it climbs to 1.0."
+    "recall accuracy 0.990 to 1.000 (chance 0.125). Until about step 8000 the accuracy sits near 0.4 (the model "
+    "only knows the answer is one of the values in the context); then the recall circuit forms and it climbs to 1.0."
 )
 
 GENERATE_DESCRIPTION = (

@@ -71,8 +71,10 @@ def mlstm_chunkwise__parallel_fw_Hintra(
                          f"{vecI.shape}.")
     LQ = _pow2_block("siz_b_LQ", siz_b_LQ, L)
     LKV = _pow2_block("siz_b_LKV", siz_b_LKV, L)
-    BK = _pow2_block("siz_b_DHQK", siz_b_DHQK) if siz_b_DHQK is not None else min(64, max(16, 1 << (DHQK - 1).bit_length()))
-    BV = _pow2_block("siz_b_DHHV", siz_b_DHHV) if siz_b_DHHV is not None else min(128, max(16, 1 << (DHHV - 1).bit_length()))
+    BK = (_pow2_block("siz_b_DHQK", siz_b_DHQK) if siz_b_DHQK is not None
+          else min(64, max(16, 1 << (DHQK - 1).bit_length())))
+    BV = (_pow2_block("siz_b_DHHV", siz_b_DHHV) if siz_b_DHHV is not None
+          else min(128, max(16, 1 << (DHHV - 1).bit_length())))
     warps = num_warps if num_warps is not None else (4 if BK >= 64 else 2)
     i = vecI.reshape(B, NH, S).astype(jnp.float32)
     vec_b, vec_bl = split_cumsum(chunk_log_forget(vecF, L))

@@ -90,7 +90,8 @@ def create_mlstm_backend(backend: str | mLSTMBackendNameAndKwargs, model_config:
     """
     if isinstance(backend, mLSTMBackendNameAndKwargs):
         if kwargs:
-            raise ValueError("pass config keywords either in mLSTMBackendNameAndKwargs.kwargs or as **kwargs, not both.")
+            raise ValueError(
+                "pass config keywords either in mLSTMBackendNameAndKwargs.kwargs or as **kwargs, not both.")
         name, kwargs = backend.name, backend.kwargs
     else:
         name = backend
