@@ -129,11 +129,12 @@ def as_numpy(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def sharded_matches_plain(backend: str, sharded: dict, plain: dict, weights: dict, rtol: float = 2e-5):
+def sharded_matches_plain(backend: str, sharded: dict, plain: dict, weights: dict, rtol: float = 2e-5, **options):
     """jit(value_and_grad) of a loss on h and the last states (helpers._loss) on sharded and on plain copies of the
-    same inputs: asserts the two agree; returns (the jitted step, its result on the sharded inputs)."""
+    same inputs: asserts the two agree; returns (the jitted step, its result on the sharded inputs). `options`: more
+    keywords of `mlstm` (e.g. mesh_axes)."""
     fn = functools.partial(mlstm, backend=backend, chunk_size=default_chunk(backend),
-                           return_last_states=True)
+                           return_last_states=True, **options)
 
     def loss(a):
         h, states = fn(**a)

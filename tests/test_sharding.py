@@ -3,7 +3,9 @@ gradients of the unsharded call; the native backends and the custom_partitioning
 (kernels/sharding.py, checked here on XLA functions: on the CPU the Triton kernels run in host callbacks, which a
 partitioned body cannot hold) keep the sharding and compile without an all-gather. Explicit mesh axes (8 devices,
 data x heads x sp, the sequence split too): every backend gives the unsharded values and gradients, B and NH stay
-sharded, and the chunkwise backends keep S split (context parallelism)."""
+sharded, and the chunkwise backends keep S split (context parallelism). Auto mesh axes with the sequence split: the
+unsharded values without `mesh_axes` (the split sequence is gathered), the same with `mesh_axes` under `jax.set_mesh`
+(S stays split for the chunkwise backends), and `mesh_axes` errors."""
 
 from devices import run_on_devices
 
@@ -80,3 +82,48 @@ for backend in BACKENDS:
 
 def test_explicit_mesh_axes_with_the_sequence_split():
     run_on_devices(EXPLICIT_SCRIPT.format(), 8, oks=5)
+
+
+AUTO_SEQUENCE_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from backend_cases import BACKENDS, sharded_matches_plain
+from helpers import make_inputs, make_weights
+from xlstm_jax import mlstm
+from xlstm_jax.mlstm.api import IMPLEMENTATIONS
+
+mesh = jax.make_mesh((2, 2, 2), ("data", "heads", "sp"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+x = make_inputs(8, 2, 4, 64, 16, 16, with_state=True)
+w = make_weights(8, x)
+plain = {{n: jnp.asarray(a) for n, a in x.items()}}
+specs = {{n: P("data", "heads") if n.endswith("_initial") else P("data", "heads", "sp") for n in x}}
+sharded = {{n: jax.device_put(a, NamedSharding(mesh, specs[n])) for n, a in plain.items()}}
+for backend in BACKENDS:
+    sharded_matches_plain(backend, sharded, plain, w)  # no mesh_axes: gathered where needed, the same values
+    with jax.set_mesh(mesh):
+        _, ((_, (h, states)), grads) = sharded_matches_plain(backend, sharded, plain, w,
+                                                             mesh_axes=("data", "heads", "sp"))
+    seq = "sp" if IMPLEMENTATIONS[backend].context_parallel else None
+    assert (tuple(h.sharding.spec) + (None,) * 3)[:3] == ("data", "heads", seq), (backend, h.sharding)
+    print("ok", backend, flush=True)
+
+q, k, v, i, f = (plain[n] for n in "qkvif")
+def refused(match, **kw):
+    try:
+        mlstm(q, k, v, i, f, backend="native_chunkwise", chunk_size=16, **kw)
+    except ValueError as err:
+        assert match in str(err), str(err)
+    else:
+        raise AssertionError(f"no error for {{kw}}")
+refused("mesh_axes needs a mesh", mesh_axes=("data", None, None))
+with jax.set_mesh(mesh):
+    refused("['batch'] are not axes of the mesh", mesh_axes=("batch", None, None))
+    refused("three entries", mesh_axes=("data", "heads"))
+    refused("B=2 is not divisible by the size 8", mesh_axes=(("data", "heads", "sp"), None, None))
+    refused("not both", mesh_axes=("data", None, None), sequence_axis_name="sp")
+print("ok errors", flush=True)
+"""
+
+
+def test_auto_mesh_axes_with_the_sequence_split():
+    run_on_devices(AUTO_SEQUENCE_SCRIPT.format(), 8, oks=6)
