@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 
 from xlstm_jax.kernels.mlstm_chunkwise import launch_table
 
@@ -90,3 +91,20 @@ def test_variant_cost_times_every_variant(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["plain", "segment_ids", "sigmoid"]
     assert all(r["fw_ms"] > 0 and r["fwbw_ms"] > 0 for r in rows)
+
+
+def test_plot_decode_draws_the_results_folder(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "decode_step.json").write_text(json.dumps({"step": [
+        {"what": "mlstm_step triton", "states": "float32", "us": 59.5},
+        {"what": "mlstm_step triton", "states": "bfloat16", "us": 32.6}]}))
+    (folder / "generate_fused.json").write_text(json.dumps({"generate": [
+        {"B": 1, "what": "generate, 128-token prompt", "tokens_per_s": 180.0},
+        {"B": 16, "what": "generate, 128-token prompt", "tokens_per_s": 2963.0},
+        {"B": 1, "what": "time to first token", "prompt": 8192, "ms": 207.6}]}))
+    plot = _load("plot_decode")
+    plot.main([str(folder), "--out", str(tmp_path / "decode.png")])
+    assert (tmp_path / "decode.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="error: no decode_step.json"):
+        plot.main([str(tmp_path), "--out", str(tmp_path / "none.png")])
