@@ -57,19 +57,23 @@ def test_batch_and_head_sharding_under_jit():
     run_on_devices(SCRIPT.format(), 4, oks=6)
 
 
-EXPLICIT_SCRIPT = """
+SPLIT_SEQUENCE = """
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from backend_cases import BACKENDS, sharded_matches_plain
 from helpers import make_inputs, make_weights
+from xlstm_jax import mlstm
 from xlstm_jax.mlstm.api import IMPLEMENTATIONS
 
-mesh = jax.make_mesh((2, 2, 2), ("data", "heads", "sp"), axis_types=(jax.sharding.AxisType.Explicit,) * 3)
-x = make_inputs(7, 2, 4, 40, 16, 16, with_state=True)
+mesh = jax.make_mesh((2, 2, 2), ("data", "heads", "sp"), axis_types=(jax.sharding.AxisType.{axis_type},) * 3)
+x = make_inputs(7, 2, 4, {S}, 16, 16, with_state=True)
 w = make_weights(7, x)
 plain = {{n: jnp.asarray(a) for n, a in x.items()}}
 specs = {{n: P("data", "heads") if n.endswith("_initial") else P("data", "heads", "sp") for n in x}}
 sharded = {{n: jax.device_put(a, NamedSharding(mesh, specs[n])) for n, a in plain.items()}}
+"""  # the mesh (data x heads x sp, 8 devices) and the inputs with the sequence split, for the scripts below
+
+EXPLICIT_SCRIPT = SPLIT_SEQUENCE + """
 for backend in BACKENDS:
     _, ((_, (h, states)), grads) = sharded_matches_plain(backend, sharded, plain, w)
     seq = "sp" if IMPLEMENTATIONS[backend].context_parallel else None
@@ -81,23 +85,10 @@ for backend in BACKENDS:
 
 
 def test_explicit_mesh_axes_with_the_sequence_split():
-    run_on_devices(EXPLICIT_SCRIPT.format(), 8, oks=5)
+    run_on_devices(EXPLICIT_SCRIPT.format(axis_type="Explicit", S=40), 8, oks=5)
 
 
-AUTO_SEQUENCE_SCRIPT = """
-import jax, jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-from backend_cases import BACKENDS, sharded_matches_plain
-from helpers import make_inputs, make_weights
-from xlstm_jax import mlstm
-from xlstm_jax.mlstm.api import IMPLEMENTATIONS
-
-mesh = jax.make_mesh((2, 2, 2), ("data", "heads", "sp"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-x = make_inputs(8, 2, 4, 64, 16, 16, with_state=True)
-w = make_weights(8, x)
-plain = {{n: jnp.asarray(a) for n, a in x.items()}}
-specs = {{n: P("data", "heads") if n.endswith("_initial") else P("data", "heads", "sp") for n in x}}
-sharded = {{n: jax.device_put(a, NamedSharding(mesh, specs[n])) for n, a in plain.items()}}
+AUTO_SEQUENCE_SCRIPT = SPLIT_SEQUENCE + """
 for backend in BACKENDS:
     sharded_matches_plain(backend, sharded, plain, w)  # no mesh_axes: gathered where needed, the same values
     with jax.set_mesh(mesh):
@@ -126,4 +117,4 @@ print("ok errors", flush=True)
 
 
 def test_auto_mesh_axes_with_the_sequence_split():
-    run_on_devices(AUTO_SEQUENCE_SCRIPT.format(), 8, oks=6)
+    run_on_devices(AUTO_SEQUENCE_SCRIPT.format(axis_type="Auto", S=32), 8, oks=6)
