@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.bench.measure import mlstm_inputs, time_jax
-from xlstm_jax.kernels.mlstm_chunkwise import sequence_groups, triton_core, triton_families
+from xlstm_jax.kernels.mlstm_chunkwise import triton_core, triton_families
 
 
 def _calls(cfg: triton_core.KernelConfig):
@@ -33,10 +33,8 @@ def _calls(cfg: triton_core.KernelConfig):
 
 
 def groups_of(cfg: triton_core.KernelConfig, B: int, NH: int, S: int, DHQK: int, DHHV: int) -> int:
-    p = triton_core.launch_params(DHQK, DHHV, cfg.launch)
-    tiles = -(-DHQK // triton_core.block(DHQK, p["recurrent_block"])) * -(-DHHV // triton_core.block(
-        DHHV, p["recurrent_block"]))
-    return sequence_groups.num_groups(B * NH * tiles, -(-S // cfg.recurrent_chunk), p["recurrent_programs"])
+    """The sequence groups the state recurrences of a (B, NH, S) call run in."""
+    return triton_core.recurrent_launch(B * NH, -(-S // cfg.recurrent_chunk), DHQK, DHHV, cfg)["GROUPS"]
 
 
 def main(argv=None) -> None:

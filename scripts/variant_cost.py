@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax import mlstm
-from xlstm_jax.bench.measure import time_jax
+from xlstm_jax.bench.measure import mlstm_inputs, time_jax
 
 VARIANTS = ("plain", "segment_ids", "sigmoid")
 
@@ -29,10 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     B, NH, S, DHQK, DHHV = (2, 2, 128, 16, 16) if args.tiny else (8, 16, 8192, 128, 256)
-    keys = jax.random.split(jax.random.key(0), 5)
-    q, k = (jax.random.normal(x, (B, NH, S, DHQK), jnp.bfloat16) for x in keys[:2])
-    v = jax.random.normal(keys[2], (B, NH, S, DHHV), jnp.bfloat16)
-    i, f = jax.random.normal(keys[3], (B, NH, S)), jax.random.normal(keys[4], (B, NH, S)) + 3.0
+    q, k, v, i, f = mlstm_inputs(B, NH, S, DHQK, DHHV, jnp.bfloat16)
     options = {"plain": {}, "sigmoid": {"input_gate": "sigmoid"},
                "segment_ids": {"segment_ids": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32) // (S // 8), (B, S))}}
     rows = []

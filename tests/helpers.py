@@ -105,6 +105,18 @@ def reference_outputs_and_grads(inputs, weights=None, *, eps: float = 1e-6, **va
         return out, None if grads is None else {n: np.asarray(g) for n, g in grads.items()}
 
 
+def triton_core_fn(cfg):
+    """`fn(q, k, v, i, f, c_initial, n_initial, m_initial) -> (h, (C, n, m))` of the Triton core with the kernel
+    configuration `cfg` (its launch parameters included; the public functions use the table's)."""
+    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+
+    def fn(q, k, v, i, f, c_initial, n_initial, m_initial):
+        h, c, n, m = triton_core.mlstm_triton_core(q, k, v, i, f, c_initial, n_initial, m_initial, cfg)
+        return h, (c, n, m)
+
+    return fn
+
+
 def outputs_and_grads(fn, inputs, weights=None):
     """Run `fn(q, k, v, i, f, c_initial=, n_initial=, m_initial=) -> (h, (C, n, m))` on `inputs` (as given dtypes)
     under jit, and if weights are given the gradients of the generic loss w.r.t. every input (one compile)."""

@@ -3,24 +3,18 @@ sequence into groups of chunks walked at once, from incoming states combined by 
 walk's result. CPU, both Triton families through the interpreter, against the float64 reference (outputs, last states,
 gradients of all eight inputs) and against the single walk with document resets at and inside group borders."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_matches_reference, make_inputs, make_weights, outputs_and_grads, reference_outputs_and_grads
+from helpers import (
+    assert_matches_reference,
+    make_inputs,
+    make_weights,
+    outputs_and_grads,
+    reference_outputs_and_grads,
+    triton_core_fn,
+)
 
 from xlstm_jax.kernels.mlstm_chunkwise import sequence_groups, triton_core, triton_families
-
-
-def _core(cfg):
-    def fn(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None):
-        shape = (*q.shape[:2],)
-        c0 = jnp.zeros((*shape, q.shape[-1], v.shape[-1])) if c_initial is None else c_initial
-        n0 = jnp.zeros((*shape, q.shape[-1])) if n_initial is None else n_initial
-        m0 = jnp.zeros(shape) if m_initial is None else m_initial
-        h, c, n, m = triton_core.mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg)
-        return h, (c, n, m)
-
-    return fn
 
 
 def _config(family: str, groups: int, **kw):
@@ -45,7 +39,7 @@ def test_groups_match_the_float64_reference(family, groups):
     w = make_weights(groups, x)
     cfg = _config(family, groups, **({"tiles": (16, 16, 16)} if family == "xl" else {}))
     assert sequence_groups.num_groups(2, 16, cfg.launch[0][1]) == groups
-    out, grads = outputs_and_grads(_core(cfg), x, w)
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
 
 
@@ -56,8 +50,8 @@ def test_document_resets_at_and_inside_group_borders_match_the_single_walk():
     x["f"][:, :, [64, 70, 71, 200]] = -np.inf
     x["i"][:, :, 140:150] = -np.inf  # a stretch that writes nothing
     w = make_weights(7, x)
-    grouped = outputs_and_grads(_core(_config("limit", 4)), x, w)
-    single = outputs_and_grads(_core(_config("limit", 1)), x, w)
+    grouped = outputs_and_grads(triton_core_fn(_config("limit", 4)), x, w)
+    single = outputs_and_grads(triton_core_fn(_config("limit", 1)), x, w)
     assert_matches_reference(*grouped, *single, fw_tol=1e-5, bw_tol=1e-5)
     for name, g in grouped[1].items():
         assert np.all(np.isfinite(g)), name
@@ -69,7 +63,7 @@ def test_a_group_without_input_and_padding_to_the_chunk():
     x = make_inputs(9, 1, 2, 200, 16, 16, with_state=True)
     x["i"][:, :, 100:] = -np.inf
     w = make_weights(9, x)
-    out, grads = outputs_and_grads(_core(_config("limit", 4)), x, w)
+    out, grads = outputs_and_grads(triton_core_fn(_config("limit", 4)), x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     ref_grads["i"] = np.where(np.isfinite(x["i"]), ref_grads["i"], 0.0)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
@@ -84,9 +78,9 @@ def test_gpu_one_long_sequence_matches_the_float64_reference(family):
     p = triton_core.launch_params(128, 256)
     x = make_inputs(11, 1, 2, 16384, 128, 256, with_state=True)
     assert sequence_groups.num_groups(2 * 8, 16384 // cfg.recurrent_chunk, p["recurrent_programs"]) > 1
-    out, _ = outputs_and_grads(_core(cfg), x)
+    out, _ = outputs_and_grads(triton_core_fn(cfg), x)
     assert_matches_reference(out, None, reference_outputs_and_grads(x)[0], None, fw_tol=1e-4, bw_tol=0)
     small = {k: v[:, :, :2048] if v.ndim >= 3 and v.shape[2] == 16384 else v for k, v in x.items()}
     w = make_weights(11, small)
-    out, grads = outputs_and_grads(_core(cfg), small, w)
+    out, grads = outputs_and_grads(triton_core_fn(cfg), small, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(small, w), fw_tol=1e-4, bw_tol=1e-3)

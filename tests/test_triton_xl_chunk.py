@@ -16,9 +16,10 @@ from helpers import (
     output_and_grad_dtypes,
     outputs_and_grads,
     reference_outputs_and_grads,
+    triton_core_fn,
 )
 
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_families
+from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_families
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_fw import (
     mlstm_chunkwise__parallel_fw_Hintra,
 )
@@ -71,23 +72,13 @@ def test_half_precision_compute(dtype):
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-2, bw_tol=2e-2)
 
 
-def _xl_core(cfg):
-    """The xl core with the launch parameters of `cfg` (the public function uses the table's)."""
-
-    def fn(q, k, v, i, f, c_initial, n_initial, m_initial):
-        h, c, n, m = triton_core.mlstm_triton_core(q, k, v, i, f, c_initial, n_initial, m_initial, cfg)
-        return h, (c, n, m)
-
-    return fn
-
-
 def test_backward_column_blocks_of_every_width():
     """dq, dk, dv split into different numbers of output column blocks, the last ones partly masked."""
     cfg = triton_families.config("xl", 32, "float32", (16, 16, None)).with_launch(
         xl_dq_block=16, xl_dk_block=32, xl_dv_block=16)
     x = make_inputs(3, 1, 2, 40, 48, 40, with_state=True)
     w = make_weights(3, x)
-    out, grads = outputs_and_grads(_xl_core(cfg), x, w)
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
 
 
@@ -100,7 +91,7 @@ def test_head_dims_up_to_1024(DHQK, DHHV, entry):
     cfg = triton_families.config("xl", 16, "float32").with_launch(**params)
     x = make_inputs(4, 1, 1, 20, DHQK, DHHV, with_state=True)
     w = make_weights(4, x)
-    out, grads = outputs_and_grads(_xl_core(cfg), x, w)
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-4, bw_tol=1e-3)
 
 

@@ -63,9 +63,13 @@ def weighted_summary(k: jax.Array, v: jax.Array, log_w: jax.Array, M: jax.Array)
     writes nothing. k·w is a matmul operand in k's dtype, as in the kernels; float32 accumulation and results."""
     w = jnp.where(M[..., None] > NO_INPUT, jnp.exp(log_w - M[..., None]), 0.0)
     kbar = k.astype(F32) * w[..., None]
-    C_b = jnp.einsum("...tk,...tv->...kv", kbar.astype(k.dtype), v, preferred_element_type=F32,
-                     precision=jax.lax.Precision.HIGHEST)
-    return C_b, jnp.sum(kbar, axis=-2)
+    return token_matmul(kbar.astype(k.dtype), v), jnp.sum(kbar, axis=-2)
+
+
+def token_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """sum_t a[..., t, :]ᵀ b[..., t, :] over the token axis: (..., T, X), (..., T, Y) -> (..., X, Y) float32 (full
+    float32 precision for float32 operands)."""
+    return jnp.einsum("...tx,...ty->...xy", a, b, preferred_element_type=F32, precision=jax.lax.Precision.HIGHEST)
 
 
 def summary(k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array):

@@ -26,6 +26,7 @@ from xlstm_jax.kernels.state_combine import (
     floor_no_input,
     identity_like,
     shifted,
+    token_matmul,
     weighted_summary,
 )
 
@@ -45,12 +46,6 @@ def num_groups(programs: int, NC: int, target_programs: int) -> int:
 def _grouped(x: jax.Array, NG: int) -> jax.Array:
     """(BH, N, ...) -> (BH, NG, N // NG, ...)."""
     return x.reshape(x.shape[0], NG, x.shape[1] // NG, *x.shape[2:])
-
-
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """sum_t a[..., t, :]ᵀ b[..., t, :] over the group's tokens: (BH, NG, T, X), (BH, NG, T, Y) -> (BH, NG, X, Y)
-    float32 (full float32 precision for float32 operands)."""
-    return jnp.einsum("bgtx,bgty->bgxy", a, b, preferred_element_type=F32, precision=jax.lax.Precision.HIGHEST)
 
 
 def _exclusive(inclusive, identity):
@@ -103,7 +98,7 @@ def outgoing_cotangents(q, dh, vec_b, sca_g, m_sub, m_out, norm, dden, dc_last, 
     u = jnp.exp(log_u.reshape(BH, NG, -1) - _grouped(m_out, NG)) * scale
     qbar = _grouped(q, NG).astype(F32) * u[..., None]
     dh_n = (_grouped(dh, NG).astype(F32) / _grouped(norm, NG)[..., None]).astype(q.dtype)
-    maps = (jnp.exp(jnp.sum(g, axis=-1) + m_start - m_end), _matmul(qbar.astype(q.dtype), dh_n),
+    maps = (jnp.exp(jnp.sum(g, axis=-1) + m_start - m_end), token_matmul(qbar.astype(q.dtype), dh_n),
             jnp.sum(qbar * _grouped(dden, NG)[..., None], axis=-2))
     # from the last group to the first: the composition of the maps of groups g..NG-1, shifted to groups g+1..NG-1
     flipped = tuple(x[:, ::-1] for x in maps)

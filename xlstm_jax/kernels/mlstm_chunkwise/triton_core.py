@@ -192,7 +192,7 @@ def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
     return F32 if compute_dtype == jnp.float16 else compute_dtype
 
 
-def _recurrent_launch(BH: int, NC: int, DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
+def recurrent_launch(BH: int, NC: int, DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
     """Grid, head-dim tiles, sequence groups (sequence_groups.py) and launch parameters of a state-recurrence kernel
     over NC chunks: one (BK, BV) tile of C of one group a program."""
     p = launch_params(DHQK, DHHV, cfg.launch)
@@ -219,7 +219,7 @@ def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
     _, _, vec_a, sca_g = _recurrent_gates(i, f, cfg, gates)
-    kw = _recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
+    kw = recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
     c0, n0, m0 = sequence_groups.incoming_states(k, v, vec_a, sca_g, c0, n0, m0, kw["GROUPS"])
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
@@ -262,7 +262,7 @@ def state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_las
     Lr = cfg.recurrent_chunk
     NC = S // cfg.chunk_size
     vec_b_sub, _, _, sca_g_sub = _recurrent_gates(i_f, f_f, cfg, gates)
-    kw = _recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
+    kw = recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
     dc_last, dn_last = sequence_groups.outgoing_cotangents(qf, dh, vec_b_sub, sca_g_sub, m_sub, m_out, norm, dden,
                                                            dc_last, dn_last, kw["GROUPS"], qk_scale(DHQK))
     return launch(

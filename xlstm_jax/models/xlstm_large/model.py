@@ -49,8 +49,7 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel (in, out) with logical axis names `axes`, in the parameter dtype, operands cast
-    to the compute dtype,
-    float32 accumulation and float32 result."""
+    to the compute dtype, float32 accumulation and float32 result."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None], use_bias: bool,
                  kernel_init, bias_init=None, param_dtype: Any, rngs: nnx.Rngs):
