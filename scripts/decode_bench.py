@@ -1,7 +1,8 @@
 """Decoding on one GPU, measured in one run: the mLSTM step, short sequences, and the xLSTM-7B decode step.
 
 1. `xlstm_jax.mlstm_step` (native, triton; float32 and bfloat16 states) and the seed's `recurrent_step_fw` at
-   B=16, NH=8, DHQK=256, DHHV=512, bf16 inputs;
+   B=16, NH=8, DHQK=256, DHHV=512, bf16 inputs, per step of a 16-step loop; for the Triton step also the kernel's
+   own GPU time (profiler trace), and on a GPU a sweep of its tiles, warps and pipeline stages;
 2. `mlstm` forward for short S (1..64) with native_recurrent (what "auto" picks up to SHORT_SEQUENCE) and the
    limit-chunk kernel, same shape;
 3. one token of the xLSTM-7B architecture (bf16 weights, random) at batch 1 and 16, `model(token, states)` under
@@ -23,6 +24,7 @@ from flax import nnx
 
 from xlstm_jax import mlstm, mlstm_step
 from xlstm_jax.bench.measure import time_jax
+from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.generate import generate
 from xlstm_jax.models.xlstm_large.model import zero_states
@@ -41,6 +43,15 @@ def _steps(step_fn):
     return run
 
 
+def _kernel_us(fn, args) -> float | None:
+    """Median GPU time of the Triton step kernel's launches in one traced call of jit(fn), µs (None without any:
+    on a CPU, or a backend without the kernel)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    times = sorted(e["dur"] for e in traced_events(lambda: compiled(*args)) if "_step_kernel" in e["name"])
+    return float(times[len(times) // 2]) if times else None
+
+
 def step_rows(B, NH, DHQK, DHHV, backends, reps, sweep):
     keys = jax.random.split(jax.random.key(0), 8)
     q, k = (jax.random.normal(x, (B, NH, DHQK), jnp.bfloat16) for x in keys[:2])
@@ -53,17 +64,18 @@ def step_rows(B, NH, DHQK, DHHV, backends, reps, sweep):
     def add(what, fn, state_dtype):
         args = (q, k, v, i, f, c.astype(state_dtype), n.astype(state_dtype), m)
         t = time_jax(_steps(fn), lambda: args, reps)
-        rows.append({"what": what, "states": jnp.dtype(state_dtype).name, "us": 1e3 * t["ms_median"] / STEPS})
+        rows.append({"what": what, "states": jnp.dtype(state_dtype).name, "us": 1e3 * t["ms_median"] / STEPS,
+                     "kernel_us": _kernel_us(_steps(fn), args)})
 
     for backend in backends:
         for state_dtype in (jnp.float32, jnp.bfloat16):
             add(f"mlstm_step {backend}", lambda *a, b=backend: mlstm_step(*a, backend=b), state_dtype)
-    for bv, bk, warps in sweep:
+    for bv, bk, warps, stages in sweep:
         from xlstm_jax.kernels.mlstm_step.triton_step import step_triton
 
-        add(f"triton BV{bv} BK{bk} w{warps}",
-            lambda q, k, v, i, f, c, n, m, s=(bv, bk, warps): step_triton(q, k, v, c, n, m, i, f, 1e-6, block_v=s[0],
-                                                                            block_k=s[1], num_warps=s[2]),
+        add(f"triton BV{bv} BK{bk} w{warps} s{stages}",
+            lambda q, k, v, i, f, c, n, m, s=(bv, bk, warps, stages): step_triton(
+                q, k, v, c, n, m, i, f, 1e-6, block_v=s[0], block_k=s[1], num_warps=s[2], num_stages=s[3]),
             jnp.float32)
 
     def seed(q, k, v, i, f, c, n, m):
@@ -158,10 +170,11 @@ def main(argv=None) -> None:
     chunked = ["native_recurrent", "triton_limit_chunk" if gpu else "native_chunkwise"]
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if "step" in args.parts:
-        sweep = [(bv, bk, w) for bv in (32, 64, 128) for bk in (32, 64) for w in (4, 8)] if gpu else []
-        results["step"] = step_rows(*heads, step_backends, args.reps, sweep)
+        sweep = [(bv, bk, w, st) for bv in (32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (1, 3)]
+        results["step"] = step_rows(*heads, step_backends, args.reps, sweep if gpu else [])
         for row in results["step"]:
-            print(f"step  {row['what']:26s} states {row['states']:9s} {row['us']:8.1f} us", flush=True)
+            kernel = "" if row["kernel_us"] is None else f"  kernel {row['kernel_us']:6.1f} us"
+            print(f"step  {row['what']:30s} states {row['states']:9s} {row['us']:8.1f} us{kernel}", flush=True)
     if "short" in args.parts:
         results["short"] = short_rows(*heads, (1, 4, 8, 16, 32, 64), chunked, args.reps)
         for row in results["short"]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import time
@@ -23,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xlstm_jax.bench.trace import device_events
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.model import zero_states
 
@@ -33,21 +32,6 @@ KINDS = (("mlstm step kernel", ("_step_kernel",)), ("matmul", ("gemv", "gemm", "
 def kind_of(name: str) -> str:
     lower = name.lower()
     return next((kind for kind, needles in KINDS if any(n in lower for n in needles)), "other")
-
-
-def device_events(trace_dir: str) -> list[dict]:
-    """Complete ("X") events on the GPU's stream lines (not its per-op summary lines) of the newest Perfetto trace
-    under `trace_dir`; every event of the trace when it has no GPU (a CPU run)."""
-    path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
-    with gzip.open(path) as fh:
-        trace = json.load(fh)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
-    streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
-               and e.get("pid") in gpu_pids and "stream" in str(e.get("args", {}).get("name", "")).lower()}
-    return [e for e in events if e.get("ph") == "X" and (not gpu_pids or (e["pid"], e.get("tid")) in streams
-                                                         or (not streams and e["pid"] in gpu_pids))]
 
 
 def profile(config: xLSTMLargeConfig, calls: int, out: str) -> dict:

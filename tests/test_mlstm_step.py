@@ -58,6 +58,27 @@ def test_one_step_equals_the_float64_recurrence(backend, dtype, state_dtype, tol
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_gates_equal_the_float64_recurrence(backend):
+    """Gates at the edges of their range, formed inside the Triton kernel: f = -inf (a full reset: only the new
+    token remains), f = +inf (nothing forgotten), very negative / positive i and f, and a very negative max-state."""
+    args = _inputs(2, B=2, NH=4)
+    i = jnp.asarray([[-60.0, 60.0, 0.5, -1.0], [3.0, -2.0, 80.0, -80.0]])
+    f = jnp.asarray([[-jnp.inf, jnp.inf, -90.0, 90.0], [-jnp.inf, 30.0, -30.0, 0.0]])
+    m = args[7].at[1, 3].set(-500.0)
+    args = [*args[:3], i, f, *args[5:7], m]
+    h, states = jax.jit(lambda *a: mlstm_step(*a, backend=backend))(*args)
+    want = _reference(*args)
+    for name, got, ref in zip(("h", "c", "n", "m"), (h, *states), want):
+        assert np.all(np.isfinite(np.asarray(got))), name
+        assert _rel(got, ref) < 2e-6, (name, _rel(got, ref))
+    c, n = (np.asarray(x) for x in states[:2])
+    k, v = (np.asarray(x) for x in args[1:3])
+    i_bar = np.exp(np.asarray(i)[0, 0] - np.asarray(states[2])[0, 0])
+    np.testing.assert_allclose(c[0, 0], i_bar * np.outer(k[0, 0], v[0, 0]), rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(n[0, 0], i_bar * k[0, 0], rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_steps_continue_a_sequence(backend):
     """Eight steps from zero states equal the float64 recurrence over the eight tokens, head dims not powers of
     two (masked tiles)."""

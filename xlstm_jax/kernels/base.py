@@ -251,11 +251,16 @@ def log_sigmoid(x: jax.Array) -> jax.Array:
     return -jax.nn.softplus(-x)
 
 
+def log_forget_floor(dtype: Any) -> float:
+    """The floor of `log_forget` for gates of `dtype`."""
+    return max(LOG_FORGET_FLOOR, -float(jnp.finfo(dtype).max) / 4)
+
+
 def log_forget(f: jax.Array) -> jax.Array:
     """The log forget gate of every backend: log(sigmoid(f)) floored at LOG_FORGET_FLOOR (or, for dtypes with a
     smaller range, a quarter of the most negative finite value), so f = -inf is the full reset it means and never a
     -inf that meets another -inf or a 0 in later sums and products. The floor's derivative is 0."""
-    floor = max(LOG_FORGET_FLOOR, -float(jnp.finfo(f.dtype).max) / 4)
+    floor = log_forget_floor(f.dtype)
     logf = log_sigmoid(f)
     return jnp.where(logf < floor, floor, logf)  # NaN stays NaN
 

@@ -7,24 +7,29 @@ Shapes: q, k (B, NH, DHQK); v (B, NH, DHHV); C (B, NH, DHQK, DHHV); n (B, NH, DH
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.base import qk_scale
+from xlstm_jax.kernels.base import log_forget_floor, qk_scale
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_step.native import step_gates
 
 
 @triton.jit
-def _step_kernel(Q, K, V, C, N, FB, IB, MN, H, C_OUT, N_OUT, SCALE: tl.constexpr, EPS: tl.constexpr,
-                 DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Grid (BH, cdiv(DHHV, BV)): program (bh, j) updates C's columns j·BV.. of one (b, h) and writes their h; the
-    programs j = 0 also write n'."""
+def _step_kernel(Q, K, V, C, N, M, I, F, H, C_OUT, N_OUT, M_OUT, SCALE: tl.constexpr, EPS: tl.constexpr,
+                 FLOOR: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Grid (BH, cdiv(DHHV, BV)): program (bh, j) forms the gate factors of (b, h), updates C's columns j·BV.. and
+    writes their h; the programs j = 0 also write n' and m'."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
-    f_bar = tl.load(FB + bh)
-    i_bar = tl.load(IB + bh)
-    m_new = tl.load(MN + bh)
+    i = tl.load(I + bh).to(tl.float32)
+    f = tl.load(F + bh).to(tl.float32)
+    m = tl.load(M + bh)
+    log_f = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))  # log σ(f), floored as base.log_forget
+    log_f = tl.where(log_f < FLOOR, FLOOR, log_f)
+    m_new = tl.maximum(log_f + m, i)
+    f_bar = tl.exp(log_f + m - m_new)
+    i_bar = tl.exp(i - m_new)
     cols = j * BV + tl.arange(0, BV)
     col_ok = cols < DHHV
     v = tl.load(V + bh * DHHV + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -45,6 +50,8 @@ def _step_kernel(Q, K, V, C, N, FB, IB, MN, H, C_OUT, N_OUT, SCALE: tl.constexpr
         qn += q * n
         if j == 0:
             tl.store(N_OUT + bh * DHQK + rows, n.to(N_OUT.dtype.element_ty), mask=row_ok)
+    if j == 0:
+        tl.store(M_OUT + bh, m_new)
     den = tl.maximum(tl.abs(tl.sum(qn, axis=0)), tl.exp(tl.minimum(-m_new, 87.0))) + EPS
     tl.store(H + bh * DHHV + cols, (num / den).to(H.dtype.element_ty), mask=col_ok)
 
@@ -53,20 +60,20 @@ def _block(dim: int, most: int) -> int:
     return max(16, min(most, triton.next_power_of_2(dim)))
 
 
-def step_triton(q, k, v, c, n, m, i, f, eps: float, *, block_v: int = 64, block_k: int = 64, num_warps: int = 4):
-    """The fused step (one launch after the gate factors); same contract as `step_native`. block_v / block_k: the
+def step_triton(q, k, v, c, n, m, i, f, eps: float, *, block_v: int = 64, block_k: int = 64, num_warps: int = 4,
+                num_stages: int = 1):
+    """The fused step, gate factors included (one launch); same contract as `step_native`. block_v / block_k: the
     tile of C a program updates per iteration (columns, rows; capped at the head dims)."""
     B, NH, DHQK = q.shape
     DHHV = v.shape[-1]
     BH = B * NH
-    f_bar, i_bar, m_new = step_gates(i, f, m)
     BV, BK = _block(DHHV, block_v), _block(DHQK, block_k)
-    flat = [a.reshape(BH, *a.shape[2:]) for a in (q, k, v, c, n, f_bar, i_bar, m_new)]
-    h, c_new, n_new = launch(
+    flat = [a.reshape(BH, *a.shape[2:]) for a in (q, k, v, c, n, m)] + [g.reshape(BH) for g in (i, f)]
+    h, c_new, n_new, m_new = launch(
         _step_kernel, flat,
         [jax.ShapeDtypeStruct((BH, DHHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHHV), c.dtype),
-         jax.ShapeDtypeStruct((BH, DHQK), n.dtype)],
-        grid=(triton.cdiv(DHHV, BV),), num_warps=num_warps, aliases={3: 1},
-        SCALE=qk_scale(DHQK), EPS=float(eps), DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
+         jax.ShapeDtypeStruct((BH, DHQK), n.dtype), jax.ShapeDtypeStruct((BH,), jnp.float32)],
+        grid=(triton.cdiv(DHHV, BV),), num_warps=num_warps, num_stages=num_stages, aliases={3: 1},
+        SCALE=qk_scale(DHQK), EPS=float(eps), FLOOR=log_forget_floor(jnp.float32), DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
     )
-    return h.reshape(B, NH, DHHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.astype(m.dtype))
+    return h.reshape(B, NH, DHHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
