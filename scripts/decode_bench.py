@@ -192,7 +192,7 @@ def main(argv=None) -> None:
                   f"{row['tokens_per_s']:9,.0f} tok/s  {row['kernels']} kernels", flush=True)
     if "generate" in args.parts:
         lengths = (8, 32) if args.tiny else (128, 2048, 8192)
-        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 32, lengths)
+        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 128, lengths)
         for row in results["generate"]:
             if "prompt" in row:
                 print(f"generate first token, {row['prompt']:5d}-token prompt: {row['ms']:.1f} ms", flush=True)

@@ -1,10 +1,11 @@
 """The PyTorch peer of `scripts/decode_bench.py --parts generate` (issue 19): the official xLSTM-7B
 (`xlstm.xlstm_large.xLSTMLarge`, pip xlstm and mlstm_kernels 2.0.6) with random bf16 weights on the same GPU.
 
-Measured as decode_bench measures ours: per token = (time of a 2 + N token generation - time of a 2 token one) / N
+Measured as decode_bench measures ours: per token = (time of a 2 + 128 token generation - time of a 2 token one) / 128
 after a 128-token prompt, at batch 1 and 16; the time to the first token (prefill + one token, batch 1) at 128,
 2,048 and 8,192 prompt tokens; medians of 3 timed calls after one warm-up. `--graphs` also times the decode step
 replayed from one captured CUDA graph (upstream's state update is in place, so the graph carries it), per token.
+`step_rows` times upstream's Triton step kernel alone at the step shape of decode_bench.
 Upstream's kernels: limit-chunk prefill (its xl-chunk kernel aborts in LLVM under triton 3.6), Triton step.
 Needs torch with CUDA; run it in its own process with its own package folder (docs/benchmarks.md, Peers).
 
@@ -104,6 +105,43 @@ def graph_rows(model, batches, prompt_len: int, new_tokens: int) -> list[dict]:
     return rows
 
 
+def step_rows(B=16, NH=8, DHQK=256, DHHV=512, steps=16) -> list[dict]:
+    """Upstream's Triton step kernel (`mlstm_kernels.torch.recurrent.triton_step`) at decode_bench's step shape, bf16
+    q/k/v, float32 states written into a second buffer (no allocation): per step of a `steps`-step loop, eager and
+    replayed from one CUDA graph (close to the kernel's own time)."""
+    import torch
+    from mlstm_kernels.torch.recurrent.triton_step import mlstm_recurrent_step__triton_fw
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+
+    q, k = randn(B, NH, DHQK, dtype=torch.bfloat16), randn(B, NH, DHQK, dtype=torch.bfloat16)
+    v = randn(B, NH, DHHV, dtype=torch.bfloat16)
+    i, f = randn(B, NH, 1), 3.0 + randn(B, NH, 1)
+    states = [(randn(B, NH, DHQK, DHHV), randn(B, NH, DHQK), torch.zeros(B, NH, 1, device="cuda")) for _ in range(2)]
+
+    def loop():
+        for t in range(steps):
+            old, new = states[t % 2], states[1 - t % 2]
+            mlstm_recurrent_step__triton_fw(*old, q, k, v, i, f, *new)
+
+    rows = [{"what": "mlstm_kernels triton step, eager loop", "us": 1e6 * _median_seconds(loop) / steps}]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loop()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loop()
+    rows.append({"what": "mlstm_kernels triton step, CUDA graph", "us": 1e6 * _median_seconds(graph.replay) / steps})
+    for row in rows:
+        print(f"peer step {row['what']}: {row['us']:.1f} us", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weight-mode", default="fused", choices=["single", "fused"])
@@ -117,12 +155,13 @@ def main(argv=None) -> None:
         raise SystemExit("error: the PyTorch peer needs a CUDA GPU")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "xlstm": xlstm.__version__,
                "weight_mode": args.weight_mode}
+    results["step"] = step_rows()
     model = build(args.weight_mode)
-    results["generate"] = eager_rows(model, (1, 16), 128, 32, (128, 2048, 8192))
+    results["generate"] = eager_rows(model, (1, 16), 128, 128, (128, 2048, 8192))
     _write(results, args.json)
     if args.graphs:
         try:
-            results["graphs"] = graph_rows(model, (1, 16), 128, 32)
+            results["graphs"] = graph_rows(model, (1, 16), 128, 128)
         except Exception as err:  # a capture the peer does not allow is a result too; the eager rows stand
             results["graphs_error"] = f"{type(err).__name__}: {err}"
             print(f"peer CUDA graph: failed: {results['graphs_error']}", flush=True)
