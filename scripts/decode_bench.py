@@ -6,8 +6,12 @@
 2. `mlstm` forward for short S (1..64) with native_recurrent (what "auto" picks up to SHORT_SEQUENCE) and the
    limit-chunk kernel, same shape;
 3. one token of the xLSTM-7B architecture (bf16 weights, random) at batch 1 and 16, `model(token, states)` under
-   jit with each step backend: ms per token and tokens/s.
-Medians of >= 10 timed calls after warm-up (`xlstm_jax.bench.measure.time_jax`).
+   jit with each step backend: ms per token and tokens/s (part "model");
+4. `generate` with that model (128-token prompt, "mlstm_step" steps): ms per generated token at batch 1 and 16, as
+   (time of 2 + 128 tokens - time of 2) / 128 (part "generate");
+5. the time to the first token at 128, 2,048 and 8,192 prompt tokens, batch 1, and the host time of the model's
+   `nnx.split` inside every `generate` call (part "first_token").
+Medians of >= 10 timed calls after warm-up (`xlstm_jax.bench.measure.time_jax`); of 3 for `generate`.
 
     python scripts/decode_bench.py --json decode.json        # --tiny: small shapes, e.g. on a CPU
 """
@@ -139,18 +143,28 @@ def _generate_seconds(model, batch, prompt_len, new_tokens):
     return sorted(runs)[1]
 
 
-def generate_rows(model, batches, prompt_len, new_tokens, first_token_lengths):
-    """The generation loop (128-token prompt): per token = (time of 2 + new_tokens - time of 2) / new_tokens; and
-    the time to the first token (prefill + one sampled token, batch 1) for each prompt length."""
+def generate_rows(model, batches, prompt_len, new_tokens):
+    """The generation loop: per token = (time of 2 + new_tokens - time of 2) / new_tokens."""
     rows = []
     for B in batches:
         short, long = (_generate_seconds(model, B, prompt_len, n) for n in (2, 2 + new_tokens))
         per_token = (long - short) / new_tokens
         rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "ms_per_token": 1e3 * per_token,
                      "tokens_per_s": B / per_token})
-    for length in first_token_lengths:
-        rows.append({"B": 1, "what": "time to first token", "prompt": length,
-                     "ms": 1e3 * _generate_seconds(model, 1, length, 1)})
+    return rows
+
+
+def first_token_rows(model, lengths):
+    """The time to the first token (a `generate` call: prefill + one sampled token, batch 1) per prompt length, and
+    the host time of the model's `nnx.split` that each call pays."""
+    rows = [{"B": 1, "what": "time to first token", "prompt": n, "ms": 1e3 * _generate_seconds(model, 1, n, 1)}
+            for n in lengths]
+    splits = []
+    for _ in range(5):
+        start = time.perf_counter()
+        nnx.split(model)
+        splits.append(time.perf_counter() - start)
+    rows.append({"what": "nnx.split of the model (host)", "ms": 1e3 * sorted(splits)[2]})
     return rows
 
 
@@ -158,8 +172,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes and a tiny model")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--parts", nargs="+", default=["step", "short", "model", "generate"],
-                        choices=["step", "short", "model", "generate"])
+    parser.add_argument("--parts", nargs="+", default=["step", "short", "model", "generate", "first_token"],
+                        choices=["step", "short", "model", "generate", "first_token"])
     parser.add_argument("--weight-mode", default="fused", choices=["single", "fused"],
                         help="the model's weight layout (fused: q|k|v|o, i|f and the FFN's gate|up in one matrix)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -179,7 +193,7 @@ def main(argv=None) -> None:
         results["short"] = short_rows(*heads, (1, 4, 8, 16, 32, 64), chunked, args.reps)
         for row in results["short"]:
             print(f"short S={row['S']:<3d} {row['backend']:20s} {row['us']:8.1f} us", flush=True)
-    if "model" in args.parts or "generate" in args.parts:
+    if {"model", "generate", "first_token"} & set(args.parts):
         size = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=256) if args.tiny else {}
         config = xLSTMLargeConfig(**size, param_dtype="bfloat16", compute_dtype="bfloat16",
                                   weight_mode=args.weight_mode)
@@ -191,14 +205,15 @@ def main(argv=None) -> None:
             print(f"model B={row['B']:<3d} {row['step_backend']:17s} {row['ms_per_token']:7.3f} ms/token "
                   f"{row['tokens_per_s']:9,.0f} tok/s  {row['kernels']} kernels", flush=True)
     if "generate" in args.parts:
-        lengths = (8, 32) if args.tiny else (128, 2048, 8192)
-        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 128, lengths)
+        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 128)
         for row in results["generate"]:
-            if "prompt" in row:
-                print(f"generate first token, {row['prompt']:5d}-token prompt: {row['ms']:.1f} ms", flush=True)
-            else:
-                print(f"generate B={row['B']:<3d} {row['what']}: {row['ms_per_token']:.3f} ms/token "
-                      f"{row['tokens_per_s']:,.0f} tok/s", flush=True)
+            print(f"generate B={row['B']:<3d} {row['what']}: {row['ms_per_token']:.3f} ms/token "
+                  f"{row['tokens_per_s']:,.0f} tok/s", flush=True)
+    if "first_token" in args.parts:
+        results["first_token"] = first_token_rows(model, (8, 32) if args.tiny else (128, 2048, 8192))
+        for row in results["first_token"]:
+            where = f"{row['prompt']:5d}-token prompt" if "prompt" in row else row["what"]
+            print(f"first token, {where}: {row['ms']:.1f} ms", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

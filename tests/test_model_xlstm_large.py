@@ -183,6 +183,21 @@ def test_masked_padding_steps_leave_the_states_unchanged():
         assert all(_rel(x, y) < 1e-5 for x, y in zip(s, s_want))
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_last_logits_only_gives_the_last_position_and_the_same_states(tie):
+    """The prompt pass of generation: logits of the last position only (the lm_head runs on one row), states
+    unchanged."""
+    c = tiny_config(tie_word_embeddings=tie)
+    model = jitted(random_model(c, seed=7))
+    tokens = jnp.asarray(random_tokens(9, (2, 11), c.vocab_size))
+    want, want_states = model(tokens, return_states=True)
+    got, got_states = model(tokens, return_states=True, last_logits_only=True)
+    assert got.shape == (2, 1, c.vocab_size)
+    assert _rel(got, want[:, -1:]) < 1e-6
+    for s, s_want in zip(got_states, want_states):
+        assert all(_rel(x, y) < 1e-6 for x, y in zip(s, s_want))
+
+
 def test_bfloat16_compute_keeps_float32_params_states_and_logits():
     c = tiny_config()
     model = random_model(c, seed=7)

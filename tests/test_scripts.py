@@ -93,18 +93,32 @@ def test_variant_cost_times_every_variant(tmp_path):
     assert all(r["fw_ms"] > 0 and r["fwbw_ms"] > 0 for r in rows)
 
 
-def test_plot_decode_draws_the_results_folder(tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
-    (folder / "decode_step.json").write_text(json.dumps({"step": [
-        {"what": "mlstm_step triton", "states": "float32", "us": 59.5},
-        {"what": "mlstm_step triton", "states": "bfloat16", "us": 32.6}]}))
-    (folder / "generate_fused.json").write_text(json.dumps({"generate": [
+def test_plot_decode_draws_ours_beside_the_peer(tmp_path):
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"step": [
+        {"what": "mlstm_step triton", "states": "float32", "us": 55.9, "kernel_us": 37.5},
+        {"what": "mlstm_step native", "states": "float32", "us": 62.4, "kernel_us": None},
+        {"what": "mlstm_step triton", "states": "bfloat16", "us": 34.6, "kernel_us": 19.6}]}))
+    generate = tmp_path / "generate.json"
+    generate.write_text(json.dumps({"generate": [
         {"B": 1, "what": "generate, 128-token prompt", "tokens_per_s": 180.0},
         {"B": 16, "what": "generate, 128-token prompt", "tokens_per_s": 2963.0},
         {"B": 1, "what": "time to first token", "prompt": 8192, "ms": 207.6}]}))
+    peer = tmp_path / "peer.json"
+    peer.write_text(json.dumps({
+        "step": [{"what": "mlstm_kernels triton step, CUDA graph", "us": 50.7}],
+        "generate": [{"B": 1, "what": "generate", "tokens_per_s": 27.0},
+                     {"B": 1, "what": "time to first token", "prompt": 8192, "ms": 258.4}],
+        "graphs": [{"B": 1, "what": "decode step, CUDA graph", "tokens_per_s": 149.0}]}))
     plot = _load("plot_decode")
-    plot.main([str(folder), "--out", str(tmp_path / "decode.png")])
+    bars = plot._step_bars(json.loads(step.read_text())["step"], json.loads(peer.read_text())["step"])
+    assert [(b[0], b[1]) for b in bars] == [("mlstm_step triton (loop)", 55.9), ("mlstm_step triton (kernel)", 37.5),
+                                            ("mlstm_step native (loop)", 62.4),
+                                            ("upstream triton step, CUDA graph", 50.7)]
+    plot.main(["--step", str(step), "--generate", str(generate), "--peer", str(peer), "--out",
+               str(tmp_path / "decode.png")])
     assert (tmp_path / "decode.png").stat().st_size > 10_000
-    with pytest.raises(SystemExit, match="error: no decode_step.json"):
-        plot.main([str(tmp_path), "--out", str(tmp_path / "none.png")])
+    with pytest.raises(SystemExit, match="error: nothing to draw"):
+        plot.main(["--out", str(tmp_path / "none.png")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        plot.main(["--peer", str(tmp_path / "missing.json")])

@@ -34,15 +34,17 @@ def jitted(model: xLSTMLarge):
     re-trace every backend op and are much slower than one compilation."""
     graphdef, params = nnx.split(model)
 
-    def run(params, tokens, states, segment_ids, token_mask, backend, return_states):
+    def run(params, tokens, states, segment_ids, token_mask, backend, return_states, last_logits_only):
         return nnx.merge(graphdef, params)(tokens, states=states, segment_ids=segment_ids, token_mask=token_mask,
-                                           backend=backend, return_states=return_states)
+                                           backend=backend, return_states=return_states,
+                                           last_logits_only=last_logits_only)
 
-    run = jax.jit(run, static_argnames=("backend", "return_states"))
+    run = jax.jit(run, static_argnames=("backend", "return_states", "last_logits_only"))
 
-    def call(tokens, *, states=None, segment_ids=None, token_mask=None, backend=None, return_states=False):
+    def call(tokens, *, states=None, segment_ids=None, token_mask=None, backend=None, return_states=False,
+             last_logits_only=False):
         return run(params, jnp.asarray(tokens), states, segment_ids, token_mask, backend=backend,
-                   return_states=return_states)
+                   return_states=return_states, last_logits_only=last_logits_only)
 
     return call
 

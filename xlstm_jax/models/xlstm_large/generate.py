@@ -69,7 +69,7 @@ def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperatur
     V = model.config.vocab_size
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     logits, states = model(prompt, token_mask=mask, return_states=True, backend=prefill_backend,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, last_logits_only=True)
     key, sub = jax.random.split(key)
     first_logits = logits[:, -1]
     token = sample_tokens(first_logits, sub, temperature, top_k, top_p)

@@ -313,8 +313,9 @@ class xLSTMLarge(nnx.Module):
         sequence_axis_name: Any = None,
         mesh_axes: Any = None,
         remat: bool = False,
+        last_logits_only: bool = False,
     ) -> jax.Array | tuple[jax.Array, list[State]]:
-        """Logits of every position.
+        """Logits of every position (or of the last one).
 
         tokens (B, S) int. states: one (C, n, m) float32 per block to continue from (None: zeros).
         segment_ids (B, S) int: packed documents, a new one wherever the id changes. `config.document_reset`
@@ -330,8 +331,9 @@ class xLSTMLarge(nnx.Module):
         on a mesh with Auto axes, the mesh axes (B, NH, S) the mLSTM cells split their inputs over (a split S runs
         context-parallel; `xlstm_jax.mlstm`); the rest of the model is left to XLA's sharding propagation. remat:
         keep only each block's input for the backward and recompute the block there (activation memory of one
-        block instead of all, for about one more forward pass). Returns logits (B, S, V) float32,
-        and with `return_states` also the last states (one (C, n, m) per block).
+        block instead of all, for about one more forward pass). Returns logits (B, S, V) float32 (B, 1, V: the last
+        position's only, with `last_logits_only`, as a prompt pass before generation needs), and with
+        `return_states` also the last states (one (C, n, m) per block).
         """
         c = self.config
         if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -368,6 +370,8 @@ class xLSTMLarge(nnx.Module):
         for index, block in enumerate(self.backbone.blocks):
             x, state = run_block(block, x, None if states is None else states[index])
             new_states.append(state)
+        if last_logits_only:
+            x = x[:, -1:]
         if self.backbone.out_norm is not None:
             x = self.backbone.out_norm(x)
         dt = c.compute_jnp_dtype
