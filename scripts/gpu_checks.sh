@@ -21,6 +21,10 @@
 #                   and the working tree alternating, two rounds each, every run in its own process: a before/after
 #                   table within one machine. BASE_DIR holds an older xlstm_jax package, e.g.
 #                   `mkdir -p .ab_base && git archive REV xlstm_jax | tar -x -C .ab_base` (name .ab_base in carry)
+#       scaling     issue 22 on a several-GPU machine (NVLink multicast kept off): context-parallel mLSTM over 1..8 of
+#                   the visible GPUs (scripts/context_parallel_scaling.py), then the training step's weak scaling
+#                   with data, fsdp and tensor meshes of 1, 2, 4, 8 GPUs (scripts/train_throughput.py
+#                   --batch-per-device; each GPU count in its own process that sees only those GPUs)
 # Needs jax with CUDA, triton and jax-triton importable (without network, jax-triton from a wheel downloaded beforehand into .whl/: docs/benchmarks.md).
 set -uo pipefail
 step=${1:?step}
@@ -85,6 +89,18 @@ base = dict(steps=10, batch_size=8, eval_batches=2, progress=False, compute_dtyp
 one, mesh = train(TrainConfig(**base)), train(TrainConfig(**base, mesh='data=1'))
 print('plain', one.eval_loss, 'mesh data=1', mesh.eval_loss, 'rel', abs(one.eval_loss - mesh.eval_loss) / one.eval_loss)
 " 2>&1 | tee "$out/mesh_parity.log" ;;
+  scaling)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    gpus=$(nvidia-smi -L | wc -l)
+    python3 scripts/context_parallel_scaling.py --devices 1 2 4 8 --json "$out/context_parallel.json" 2>&1 \
+      | tee "$out/context_parallel.log"
+    for n in 1 2 4 8; do
+      [ "$n" -le "$gpus" ] || continue
+      meshes="data=$n fsdp=$n tensor=$n"; [ "$n" = 1 ] && meshes="none $meshes"
+      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) python3 scripts/train_throughput.py --sizes 125m 1.3b \
+        --backends triton_limit_chunk --meshes $meshes --batch-per-device 4 --seq-len 2048 \
+        --json "$out/weak_scaling_$n.json" 2>&1 | tee -a "$out/weak_scaling.log"
+    done ;;
   ab)
     base=$(cd "${1:?BASE_DIR with an older xlstm_jax package}" && pwd); root=$PWD
     for round in 1 2; do

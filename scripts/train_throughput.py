@@ -3,7 +3,8 @@
 The step is the training job's own (`xlstm_jax.train.steps`: AdamW with clipping, masked next-token cross-entropy,
 packed documents), on random tokens; jitted once, warmed up, median of >= 10 timed steps
 (`xlstm_jax.bench.measure.time_jax`). `--mesh data=1` (repeatable with other meshes) runs the same step placed on a
-device mesh, as `xlstm-jax train --mesh` does; "none" is the plain one-device path. MFU counts the model FLOPs of
+device mesh, as `xlstm-jax train --mesh` does; "none" is the plain one-device path. `--batch-per-device` scales
+the batch with the mesh's device count (weak scaling, issue 22). MFU counts the model FLOPs of
 `xlstm_jax.train.metrics.model_flops_per_token` against the device's bf16 peak.
 
     python scripts/train_throughput.py --sizes 125m 1.3b --backends triton_limit_chunk native_chunkwise \\
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +62,7 @@ def measure(size: str, backend: str, mesh_text: str | None, batch: int, seq_len:
     tokens_per_s = batch * seq_len / (timing["ms_median"] / 1e3)
     peak = peak_flops(jax.devices()[0], dtype)
     flops = model_flops_per_token(model_config, config.chunk_size or 64)
-    return {"size": size, "backend": backend, "mesh": mesh_text or "none", "params_M": n_params / 1e6,
+    return {"size": size, "backend": backend, "mesh": mesh_text or "none", "batch": batch, "params_M": n_params / 1e6,
             "step_ms": timing["ms_median"], "step_iqr_ms": timing["ms_iqr"], "tokens_per_s": tokens_per_s,
             "mfu": None if peak is None else tokens_per_s * flops / peak, "compile_s": timing["compile_s"],
             "peak_mb": timing["peak_mb"]}
@@ -71,7 +73,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["125m"], choices=sorted(SIZES))
     parser.add_argument("--backends", nargs="+", default=["triton_limit_chunk", "triton_xl_chunk", "native_chunkwise"])
     parser.add_argument("--meshes", nargs="+", default=["none"], help='"none" (one device) or --mesh values')
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (all devices together)")
+    parser.add_argument("--batch-per-device", type=int,
+                        help="weak scaling: sequences per device, the step's batch then grows with each mesh")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
     parser.add_argument("--reps", type=int, default=10)
@@ -87,8 +91,10 @@ def main(argv=None) -> None:
         for size in sizes:
             for backend in args.backends:
                 for mesh in args.meshes:
-                    row = measure(size, backend, None if mesh == "none" else mesh, batch, seq_len, args.dtype,
-                                  args.reps)
+                    mesh_text = None if mesh == "none" else mesh
+                    step_batch = batch if args.batch_per_device is None else args.batch_per_device * (
+                        1 if mesh_text is None else math.prod(parse_mesh(mesh_text).values()))
+                    row = measure(size, backend, mesh_text, step_batch, seq_len, args.dtype, args.reps)
                     mfu = "" if row["mfu"] is None else f"  MFU {100 * row['mfu']:.1f}%"
                     print(f"{size:5s} {backend:20s} mesh {row['mesh']:10s} {row['params_M']:.1f}M params  step "
                           f"{row['step_ms']:.1f} ms (± {row['step_iqr_ms']:.1f})  {row['tokens_per_s']:,.0f} "

@@ -122,3 +122,35 @@ def test_plot_decode_draws_ours_beside_the_peer(tmp_path):
         plot.main(["--out", str(tmp_path / "none.png")])
     with pytest.raises(SystemExit, match="does not exist"):
         plot.main(["--peer", str(tmp_path / "missing.json")])
+
+
+MULTI_DEVICE_SCRIPTS = """
+import importlib.util, json, sys
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, {scripts!r} + "/" + name + ".py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+load("context_parallel_scaling").main(["--tiny", "--devices", "1", "4", "8", "--combines", "ppermute",
+                                       "--backend", "native_chunkwise", "--reps", "10", "--json", {cp!r}])
+rows = json.load(open({cp!r}))["rows"]
+assert [(r["devices"], r["mode"]) for r in rows] == [(1, "fw"), (1, "fw"), (4, "fw"), (1, "fwbw"), (1, "fwbw"),
+                                                    (4, "fwbw")], rows
+assert all(r["ms"] > 0 and "error" not in r for r in rows), rows
+assert all(r["efficiency"] > 0 for r in rows if r["combine"] == "ppermute"), rows
+print("ok context_parallel_scaling")
+load("train_throughput").main(["--tiny", "--backends", "native_chunkwise", "--meshes", "none", "data=4",
+                               "--batch-per-device", "3", "--reps", "10", "--json", {tp!r}])
+rows = json.load(open({tp!r}))["results"]
+assert [(r["mesh"], r["batch"]) for r in rows] == [("none", 3), ("data=4", 12)], rows
+print("ok train_throughput weak scaling")
+"""
+
+
+def test_multi_gpu_scripts_run_on_fake_devices(tmp_path):
+    """Issue 22's scripts at tiny sizes on 4 CPU devices: context-parallel scaling rows (8 devices skipped, not
+    faked) and the weak-scaling batch of the throughput script."""
+    from devices import run_on_devices
+
+    run_on_devices(MULTI_DEVICE_SCRIPTS.format(scripts=str(SCRIPTS), cp=str(tmp_path / "cp.json"),
+                                               tp=str(tmp_path / "tp.json")), 4, oks=2)
