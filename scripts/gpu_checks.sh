@@ -21,8 +21,10 @@
 #                   and the working tree alternating, two rounds each, every run in its own process: a before/after
 #                   table within one machine. BASE_DIR holds an older xlstm_jax package, e.g.
 #                   `mkdir -p .ab_base && git archive REV xlstm_jax | tar -x -C .ab_base` (name .ab_base in carry)
-#       scaling     issue 22 on a several-GPU machine (NVLink multicast kept off): context-parallel mLSTM over 1..8 of
-#                   the visible GPUs (scripts/context_parallel_scaling.py), then the training step's weak scaling
+#       scaling     issue 22 on a several-GPU machine (NVLink multicast kept off): the multi-device tests on the
+#                   GPUs (XLSTM_JAX_TEST_DEVICES=real; a test needing more devices than there are skips), the
+#                   context-parallel mLSTM over 1..8 of the visible GPUs (scripts/context_parallel_scaling.py), then
+#                   the training step's weak scaling
 #                   with data, fsdp and tensor meshes of 1, 2, 4, 8 GPUs (scripts/train_throughput.py
 #                   --batch-per-device; each GPU count in its own process that sees only those GPUs)
 # Needs jax with CUDA, triton and jax-triton importable (without network, jax-triton from a wheel downloaded beforehand into .whl/: docs/benchmarks.md).
@@ -92,6 +94,8 @@ print('plain', one.eval_loss, 'mesh data=1', mesh.eval_loss, 'rel', abs(one.eval
   scaling)
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     gpus=$(nvidia-smi -L | wc -l)
+    XLSTM_JAX_TEST_DEVICES=real python3 -m pytest -q -rs tests/test_context_parallel.py tests/test_sharding.py \
+      tests/test_segments.py tests/test_train_mesh.py 2>&1 | tee "$out/parity.log"
     python3 scripts/context_parallel_scaling.py --devices 1 2 4 8 --json "$out/context_parallel.json" 2>&1 \
       | tee "$out/context_parallel.log"
     for n in 1 2 4 8; do
