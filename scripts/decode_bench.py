@@ -7,10 +7,10 @@
    limit-chunk kernel, same shape;
 3. one token of the xLSTM-7B architecture (bf16 weights, random) at batch 1 and 16, `model(token, states)` under
    jit with each step backend: ms per token and tokens/s (part "model");
-4. `generate` with that model (128-token prompt, "mlstm_step" steps): ms per generated token at batch 1 and 16, as
-   (time of 2 + 128 tokens - time of 2) / 128 (part "generate");
-5. the time to the first token at 128, 2,048 and 8,192 prompt tokens, batch 1, and the host time of the model's
-   `nnx.split` inside every `generate` call (part "first_token").
+4. generation (`Generator`) with that model (128-token prompt, "mlstm_step" steps): ms per generated token at
+   batch 1 and 16, as (time of 2 + 128 tokens - time of 2) / 128 (part "generate");
+5. the time to the first token at 128, 2,048 and 8,192 prompt tokens, batch 1 (a `Generator` call), and the host
+   time of the model's `nnx.split`, which a plain `generate` call adds (part "first_token").
 Medians of >= 10 timed calls after warm-up (`xlstm_jax.bench.measure.time_jax`); of 3 for `generate`.
 
     python scripts/decode_bench.py --json decode.json        # --tiny: small shapes, e.g. on a CPU
@@ -30,7 +30,7 @@ from xlstm_jax import mlstm, mlstm_step
 from xlstm_jax.bench.measure import time_jax
 from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
-from xlstm_jax.models.xlstm_large.generate import generate
+from xlstm_jax.models.xlstm_large.generate import Generator
 from xlstm_jax.models.xlstm_large.model import zero_states
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_step_fw
 
@@ -131,23 +131,23 @@ def model_rows(model, batches, step_backends, reps):
     return rows
 
 
-def _generate_seconds(model, batch, prompt_len, new_tokens):
-    """Median of 3 timed `generate` calls (after one that compiles), seconds."""
+def _generate_seconds(serve: Generator, batch, prompt_len, new_tokens):
+    """Median of 3 timed calls of a `Generator` (after one that compiles), seconds."""
     prompts = [[1] * prompt_len] * batch
-    generate(model, prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
+    serve(prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
     runs = []
     for _ in range(3):
         start = time.perf_counter()
-        generate(model, prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
+        serve(prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
         runs.append(time.perf_counter() - start)
     return sorted(runs)[1]
 
 
 def generate_rows(model, batches, prompt_len, new_tokens):
     """The generation loop: per token = (time of 2 + new_tokens - time of 2) / new_tokens."""
-    rows = []
+    rows, serve = [], Generator(model)
     for B in batches:
-        short, long = (_generate_seconds(model, B, prompt_len, n) for n in (2, 2 + new_tokens))
+        short, long = (_generate_seconds(serve, B, prompt_len, n) for n in (2, 2 + new_tokens))
         per_token = (long - short) / new_tokens
         rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "ms_per_token": 1e3 * per_token,
                      "tokens_per_s": B / per_token})
@@ -155,9 +155,10 @@ def generate_rows(model, batches, prompt_len, new_tokens):
 
 
 def first_token_rows(model, lengths):
-    """The time to the first token (a `generate` call: prefill + one sampled token, batch 1) per prompt length, and
-    the host time of the model's `nnx.split` that each call pays."""
-    rows = [{"B": 1, "what": "time to first token", "prompt": n, "ms": 1e3 * _generate_seconds(model, 1, n, 1)}
+    """The time to the first token (a call of one `Generator`: prefill + one sampled token, batch 1) per prompt
+    length, and the host time of the model's `nnx.split` that a `generate` call pays on top."""
+    serve = Generator(model)
+    rows = [{"B": 1, "what": "time to first token", "prompt": n, "ms": 1e3 * _generate_seconds(serve, 1, n, 1)}
             for n in lengths]
     splits = []
     for _ in range(5):

@@ -3,7 +3,8 @@
 against its floor and target, xLSTM-7B tokens/s at batch 1 and 16, and the time to first token per prompt length,
 each with issue 19's target and the baseline the issue quotes.
 
-    python scripts/plot_decode.py --step decode_step.json --generate generate.json --peer peer.json --out decode.png
+    python scripts/plot_decode.py --step decode_step.json --generate generate.json first_token.json \
+        --peer peer.json --out decode.png
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def _step_bars(step: list[dict], peer_step: list[dict]) -> list[tuple[str, float
     return bars
 
 
-def draw(step_file: Path | None, generate_file: Path | None, peer_file: Path | None, out: Path) -> None:
+def draw(step_file: Path | None, generate_files: list[Path], peer_file: Path | None, out: Path) -> None:
     step = _load(step_file, "step")
-    generate = _load(generate_file, "generate") + _load(generate_file, "first_token")
+    generate = [row for path in generate_files for key in ("generate", "first_token") for row in _load(path, key)]
     peer_step, peer_eager, peer_graph = (_load(peer_file, key) for key in ("step", "generate", "graphs"))
     if not (step or generate or peer_step or peer_eager):
         raise SystemExit("error: nothing to draw: give --step, --generate or --peer with results in them")
@@ -109,7 +110,8 @@ def draw(step_file: Path | None, generate_file: Path | None, peer_file: Path | N
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", type=Path, help="decode_bench.py --parts step JSON")
-    parser.add_argument("--generate", type=Path, help="decode_bench.py --parts generate JSON")
+    parser.add_argument("--generate", type=Path, nargs="+", default=[],
+                        help="decode_bench.py JSON files with the generate and first_token parts (later files win)")
     parser.add_argument("--peer", type=Path, help="decode_peer_torch.py JSON")
     parser.add_argument("--out", type=Path, default=Path("decode.png"))
     args = parser.parse_args(argv)

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.xlstm_large_helpers import jitted, random_model, random_tokens, tiny_config
-from xlstm_jax.models.xlstm_large.generate import _generate, filter_logits, generate
+from xlstm_jax.models.xlstm_large import generate as generate_module
+from xlstm_jax.models.xlstm_large.generate import Generator, _generate, filter_logits, generate
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,34 @@ def test_one_compilation_serves_every_step(model):
     before = _generate._cache_size()
     generate(model, random_tokens(5, (1, 5), model.config.vocab_size), max_new_tokens=3, seed=1)
     assert _generate._cache_size() == before
+
+
+def test_a_generator_splits_once_and_sees_weights_updated_in_place(monkeypatch):
+    """Generator: the model's split happens once, not per call; the outputs equal `generate`'s, also after the
+    weights change in place (as an optimizer step or loaded weights change them)."""
+    model = random_model(tiny_config(igate_bias_init=0.0), seed=12)
+    prompt = random_tokens(6, (2, 7), model.config.vocab_size)
+    splits = []
+    real_split = nnx.split
+
+    def counted(node, *filters):
+        if node is model:
+            splits.append(1)
+        return real_split(node, *filters)
+
+    monkeypatch.setattr(generate_module.nnx, "split", counted)
+    serve = Generator(model)
+    first = serve(prompt, max_new_tokens=4, return_logits=True)
+    again = serve(prompt, max_new_tokens=4, return_logits=True)
+    assert len(splits) == 1
+    np.testing.assert_array_equal(first.logits, again.logits)
+    np.testing.assert_array_equal(first.tokens, generate(model, prompt, max_new_tokens=4).tokens)
+    head = model.lm_head.kernel
+    head.value = head.value * 3.0
+    updated = serve(prompt, max_new_tokens=4, return_logits=True)
+    fresh = generate(model, prompt, max_new_tokens=4, return_logits=True)
+    assert _rel(updated.logits, fresh.logits) < 1e-6
+    assert _rel(updated.logits, first.logits) > 1e-2
 
 
 def test_sampling_filters_and_seeds(model):

@@ -2,7 +2,8 @@
 
 `xLSTMLargeConfig` (config), `xLSTMLarge` (model), `from_pretrained` / `save_pretrained` / `state_dict`
 (safetensors checkpoints in the HF and plain layouts; `CheckpointError`, a ValueError, for checkpoints that
-cannot be loaded exactly), `generate` (batched prefill + recurrent decoding).
+cannot be loaded exactly), `generate` (batched prefill + recurrent decoding; `Generator` keeps one model split for
+repeated calls).
 Attributes load lazily: importing the package does not import flax.
 """
 
@@ -21,6 +22,7 @@ _EXPORTS = {
     "load_state_dict": "xlstm_jax.models.xlstm_large.checkpoint",
     "generate": "xlstm_jax.models.xlstm_large.generate",
     "GenerationOutput": "xlstm_jax.models.xlstm_large.generate",
+    "Generator": "xlstm_jax.models.xlstm_large.generate",
 }
 __all__ = sorted([*_EXPORTS, "from_pretrained"])
 
