@@ -96,6 +96,21 @@ def test_a_generator_splits_once_and_sees_weights_updated_in_place(monkeypatch):
     assert _rel(updated.logits, first.logits) > 1e-2
 
 
+@pytest.mark.parametrize("step_backend", ["native_recurrent", "mlstm_step"])
+def test_bfloat16_states_follow_the_float32_decode(model, step_backend):
+    """state_dtype="bfloat16": C and n travel between steps in bfloat16 (the logits move, within bfloat16's
+    precision); an unknown state dtype is refused."""
+    prompt = random_tokens(7, (2, 9), model.config.vocab_size)
+    kwargs = dict(max_new_tokens=6, return_logits=True, step_backend=step_backend)
+    exact = generate(model, prompt, **kwargs)
+    half = generate(model, prompt, **kwargs, state_dtype="bfloat16")
+    assert not np.array_equal(half.logits[:, 1:], exact.logits[:, 1:])
+    assert _rel(half.logits, exact.logits) < 2e-2
+    np.testing.assert_array_equal(half.logits[:, 0], exact.logits[:, 0])  # the prompt pass is float32 either way
+    with pytest.raises(ValueError, match="state_dtype"):
+        generate(model, prompt, max_new_tokens=2, state_dtype="float16")
+
+
 def test_sampling_filters_and_seeds(model):
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     assert np.isinf(filter_logits(logits, 1.0, 2, None)[0, 2:]).all()

@@ -20,6 +20,7 @@ from flax import nnx
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 
 F32 = jnp.float32
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,19 +58,25 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
+def _carried(states: list, dtype: str) -> list:
+    """The states the decode loop carries: (C, n, m) per block with C and n in `dtype`, m float32."""
+    return [(c.astype(dtype), n.astype(dtype), m) for c, n, m in states]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens", "pad_token",
-                     "prefill_backend", "step_backend", "chunk_size", "return_logits"),
+                     "prefill_backend", "step_backend", "chunk_size", "return_logits", "state_dtype"),
 )
 def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperature, top_k, top_p, stop_tokens,
-              pad_token, prefill_backend, step_backend, chunk_size, return_logits):
+              pad_token, prefill_backend, step_backend, chunk_size, return_logits, state_dtype):
     model = nnx.merge(graphdef, params)
     B = prompt.shape[0]
     V = model.config.vocab_size
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     logits, states = model(prompt, token_mask=mask, return_states=True, backend=prefill_backend,
                            chunk_size=chunk_size, last_logits_only=True)
+    states = _carried(states, state_dtype)
     key, sub = jax.random.split(key)
     first_logits = logits[:, -1]
     token = sample_tokens(first_logits, sub, temperature, top_k, top_p)
@@ -87,6 +94,7 @@ def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperatur
     def body(carry):
         step, token, states, done, tokens, all_logits, lengths, key = carry
         logits, states = model(token[:, None], states=states, return_states=True, backend=step_backend)
+        states = _carried(states, state_dtype)
         key, sub = jax.random.split(key)
         step_logits = logits[:, 0]
         new = jnp.where(done, pad_token, sample_tokens(step_logits, sub, temperature, top_k, top_p))
@@ -149,15 +157,20 @@ class Generator:
         step_backend: str | None = None,
         chunk_size: int | None = None,
         return_logits: bool = False,
+        state_dtype: str = "float32",
     ) -> GenerationOutput:
         """Generate up to `max_new_tokens` tokens after each prompt.
 
         prompts: int array (B, P) (all rows full length) or a list of token lists of any lengths (left-padded).
         prefill_backend: the chunkwise backend of the prompt pass (None: the config's `backend`); step_backend: the
         backend of the one-token steps (None: the config's `step_backend`, "mlstm_step": the fused Triton step on a
-        GPU). Returns a `GenerationOutput`.
+        GPU). state_dtype "bfloat16" carries C and n in bfloat16 from step to step (m stays float32): half the
+        memory a step streams for its states, for memory-bound serving at large batches, at bfloat16's precision
+        (each step still computes in float32). Returns a `GenerationOutput`.
         """
         config = self.model.config
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
         if not temperature >= 0.0:
@@ -184,6 +197,7 @@ class Generator:
             top_p=None if top_p is None else float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens),
             pad_token=int(config.pad_token_id), prefill_backend=prefill_backend or config.backend,
             step_backend=step_backend or config.step_backend, chunk_size=chunk_size, return_logits=return_logits,
+            state_dtype=state_dtype,
         )
         return GenerationOutput(np.asarray(out_tokens), np.asarray(lengths),
                                 np.asarray(logits) if return_logits else None)
@@ -192,5 +206,5 @@ class Generator:
 def generate(model: xLSTMLarge, prompts: Any, **options: Any) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after each prompt: `Generator(model)(prompts, **options)` (its
     keywords: max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, prefill_backend, step_backend,
-    chunk_size, return_logits). For many calls on one model, keep a `Generator`."""
+    chunk_size, return_logits, state_dtype). For many calls on one model, keep a `Generator`."""
     return Generator(model)(prompts, **options)
