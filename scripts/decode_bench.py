@@ -131,25 +131,26 @@ def model_rows(model, batches, step_backends, reps):
     return rows
 
 
-def _generate_seconds(serve: Generator, batch, prompt_len, new_tokens):
+def _generate_seconds(serve: Generator, batch, prompt_len, new_tokens, state_dtype="float32"):
     """Median of 3 timed calls of a `Generator` (after one that compiles), seconds."""
     prompts = [[1] * prompt_len] * batch
-    serve(prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
+    serve(prompts, max_new_tokens=new_tokens, step_backend="mlstm_step", state_dtype=state_dtype)
     runs = []
     for _ in range(3):
         start = time.perf_counter()
-        serve(prompts, max_new_tokens=new_tokens, step_backend="mlstm_step")
+        serve(prompts, max_new_tokens=new_tokens, step_backend="mlstm_step", state_dtype=state_dtype)
         runs.append(time.perf_counter() - start)
     return sorted(runs)[1]
 
 
-def generate_rows(model, batches, prompt_len, new_tokens):
+def generate_rows(model, batches, prompt_len, new_tokens, state_dtype="float32"):
     """The generation loop: per token = (time of 2 + new_tokens - time of 2) / new_tokens."""
     rows, serve = [], Generator(model)
     for B in batches:
-        short, long = (_generate_seconds(serve, B, prompt_len, n) for n in (2, 2 + new_tokens))
+        short, long = (_generate_seconds(serve, B, prompt_len, n, state_dtype) for n in (2, 2 + new_tokens))
         per_token = (long - short) / new_tokens
-        rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "ms_per_token": 1e3 * per_token,
+        rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "state_dtype": state_dtype,
+                     "ms_per_token": 1e3 * per_token,
                      "tokens_per_s": B / per_token})
     return rows
 
@@ -177,6 +178,8 @@ def main(argv=None) -> None:
                         choices=["step", "short", "model", "generate", "first_token"])
     parser.add_argument("--weight-mode", default="fused", choices=["single", "fused"],
                         help="the model's weight layout (fused: q|k|v|o, i|f and the FFN's gate|up in one matrix)")
+    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the decode states C and n between steps of the generate part (Generator's state_dtype)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
@@ -206,7 +209,8 @@ def main(argv=None) -> None:
             print(f"model B={row['B']:<3d} {row['step_backend']:17s} {row['ms_per_token']:7.3f} ms/token "
                   f"{row['tokens_per_s']:9,.0f} tok/s  {row['kernels']} kernels", flush=True)
     if "generate" in args.parts:
-        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 128)
+        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 128,
+                                            args.state_dtype)
         for row in results["generate"]:
             print(f"generate B={row['B']:<3d} {row['what']}: {row['ms_per_token']:.3f} ms/token "
                   f"{row['tokens_per_s']:,.0f} tok/s", flush=True)

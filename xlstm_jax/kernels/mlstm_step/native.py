@@ -1,4 +1,4 @@
-"""One mLSTM time step (decoding) in XLA, and the gate factors the Triton step shares (`xlstm_jax.mlstm_step`;
+"""One mLSTM time step (decoding) in XLA, and its gate factors (the Triton step forms the same ones in its kernel;
 the float64 reference is one step of `xlstm_jax.mlstm.reference`).
 
 Per (b, h), s = DHQK^-1/2, gates and states in float32:
