@@ -51,7 +51,7 @@ def split_call(devices: int, combine: str, backend: str):
     """(fn, place): the context-parallel call on the first `devices` devices and the placement of its inputs."""
     mesh = jax.make_mesh((devices,), ("seq",), devices=jax.devices()[:devices])
     run = functools.partial(xlstm_jax.mlstm, backend=backend, sequence_axis_name="seq", sequence_combine=combine)
-    fn = jax.shard_map(lambda *a: run(*a), mesh=mesh, in_specs=(SEQ,) * 5, out_specs=SEQ)
+    fn = jax.shard_map(run, mesh=mesh, in_specs=(SEQ,) * 5, out_specs=SEQ)
     return fn, lambda arrays: tuple(jax.device_put(a, NamedSharding(mesh, SEQ)) for a in arrays)
 
 

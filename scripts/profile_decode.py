@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xlstm_jax.bench.trace import device_events
+from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.model import zero_states
 
@@ -41,19 +41,19 @@ def profile(config: xLSTMLargeConfig, calls: int, out: str) -> dict:
     token, states = jnp.zeros((1,), jnp.int32), zero_states(config, 1)
     for _ in range(3):
         jax.block_until_ready(step(params, token, states))
-    start = time.perf_counter()
-    for _ in range(calls):
-        logits, _ = step(params, token, states)
-    jax.block_until_ready(logits)
-    wall_ms = 1e3 * (time.perf_counter() - start) / calls
-    trace_dir = os.path.join(out, config.weight_mode)
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+
+    def run():
         for _ in range(calls):
             logits, _ = step(params, token, states)
-        jax.block_until_ready(logits)
+        return logits
+
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    wall_ms = 1e3 * (time.perf_counter() - start) / calls
+    events = traced_events(run, os.path.join(out, config.weight_mode))
     by_kind, count = collections.defaultdict(float), collections.Counter()
     top = collections.defaultdict(float)
-    for event in device_events(trace_dir):
+    for event in events:
         kind = kind_of(event["name"])
         by_kind[kind] += event["dur"] / 1e3 / calls
         count[kind] += 1

@@ -34,8 +34,9 @@ def device_events(trace_dir: str) -> list[dict]:
 def traced_events(run: Callable[[], Any], trace_dir: str | None = None) -> list[dict]:
     """The device events of one `run()` (already compiled: call it once before), traced into `trace_dir` (a fresh
     temporary folder when None)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = trace_dir or scratch
-        with jax.profiler.trace(folder, create_perfetto_trace=True):
-            jax.block_until_ready(run())
-        return device_events(folder)
+    if trace_dir is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            return traced_events(run, scratch)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready(run())
+    return device_events(trace_dir)
