@@ -30,7 +30,7 @@ from xlstm_jax import mlstm, mlstm_step
 from xlstm_jax.bench.measure import time_jax
 from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
-from xlstm_jax.models.xlstm_large.generate import Generator
+from xlstm_jax.models.xlstm_large.generate import STATE_DTYPES, Generator
 from xlstm_jax.models.xlstm_large.model import zero_states
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_step_fw
 
@@ -48,8 +48,10 @@ def _steps(step_fn):
 
 
 def _kernel_us(fn, args) -> float | None:
-    """Median GPU time of the Triton step kernel's launches in one traced call of jit(fn), µs (None without any:
-    on a CPU, or a backend without the kernel)."""
+    """Median GPU time of the Triton step kernel's launches in one traced call of jit(fn), µs (None off GPUs, or for
+    a backend without the kernel)."""
+    if jax.default_backend() != "gpu":
+        return None
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     times = sorted(e["dur"] for e in traced_events(lambda: compiled(*args)) if "_step_kernel" in e["name"])
@@ -150,8 +152,7 @@ def generate_rows(model, batches, prompt_len, new_tokens, state_dtype="float32")
         short, long = (_generate_seconds(serve, B, prompt_len, n, state_dtype) for n in (2, 2 + new_tokens))
         per_token = (long - short) / new_tokens
         rows.append({"B": B, "what": f"generate, {prompt_len}-token prompt", "state_dtype": state_dtype,
-                     "ms_per_token": 1e3 * per_token,
-                     "tokens_per_s": B / per_token})
+                     "ms_per_token": 1e3 * per_token, "tokens_per_s": B / per_token})
     return rows
 
 
@@ -178,7 +179,7 @@ def main(argv=None) -> None:
                         choices=["step", "short", "model", "generate", "first_token"])
     parser.add_argument("--weight-mode", default="fused", choices=["single", "fused"],
                         help="the model's weight layout (fused: q|k|v|o, i|f and the FFN's gate|up in one matrix)")
-    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+    parser.add_argument("--state-dtype", default="float32", choices=STATE_DTYPES,
                         help="the decode states C and n between steps of the generate part (Generator's state_dtype)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)

@@ -24,9 +24,9 @@
 #       scaling     issue 22 on a several-GPU machine (NVLink multicast kept off): the multi-device tests on the
 #                   GPUs (XLSTM_JAX_TEST_DEVICES=real; a test needing more devices than there are skips), the
 #                   context-parallel mLSTM over 1..8 of the visible GPUs (scripts/context_parallel_scaling.py), then
-#                   the training step's weak scaling
-#                   with data, fsdp and tensor meshes of 1, 2, 4, 8 GPUs (scripts/train_throughput.py
-#                   --batch-per-device; each GPU count in its own process that sees only those GPUs)
+#                   the training step's weak scaling with data, fsdp and tensor meshes of 1, 2, 4, 8 GPUs
+#                   (scripts/train_throughput.py --batch-per-device; each GPU count in its own process that sees
+#                   only those GPUs)
 # Needs jax with CUDA, triton and jax-triton importable (without network, jax-triton from a wheel downloaded beforehand into .whl/: docs/benchmarks.md).
 set -uo pipefail
 step=${1:?step}
