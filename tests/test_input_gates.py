@@ -31,12 +31,13 @@ def _rel(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
-@pytest.mark.parametrize("backend, chunk_size", BACKENDS)
-def test_sigmoid_gate_equals_the_mlstmsig_recurrence(backend, chunk_size):
-    args = _inputs(0)
-    rng = np.random.default_rng(1)
-    w_h, w_c, w_n = (rng.standard_normal(s) for s in ((B, NH, S, DHHV), (B, NH, DHQK, DHHV), (B, NH, DHQK)))
-    m_ignored = jnp.full((B, NH), 5.0)  # accepted and ignored
+def _assert_matches_the_mlstmsig_recurrence(args, backend, chunk_size, seed=1):
+    """mlstm(input_gate="sigmoid") on float32 `args` (q, k, v, i, f, c, n) against the float64 mLSTMsig reference:
+    h, the last C and n (m 0), and the gradients of all seven under a loss weighting h and both states."""
+    b, nh, s, dhv = args[2].shape
+    rng = np.random.default_rng(seed)
+    w_h, w_c, w_n = (rng.standard_normal(x.shape) for x in (args[2], args[5], args[6]))
+    m_ignored = jnp.full((b, nh), 5.0)  # accepted and ignored
 
     def ours(q, k, v, i, f, c, n):
         h, (c1, n1, m1) = mlstm(q, k, v, i, f, c_initial=c, n_initial=n, m_initial=m_ignored, backend=backend,
@@ -56,7 +57,83 @@ def test_sigmoid_gate_equals_the_mlstmsig_recurrence(backend, chunk_size):
     for name, got, ref in zip("hcn", (h, c, n), want):
         assert _rel(got, ref) < 2e-5, (name, _rel(got, ref))
     for name, g, ref in zip(("q", "k", "v", "i", "f", "c", "n"), grads, want_grads):
+        assert np.all(np.isfinite(np.asarray(g))), name
         assert _rel(g, ref) < 1e-4, (name, _rel(g, ref))
+
+
+@pytest.mark.parametrize("backend, chunk_size", BACKENDS)
+def test_sigmoid_gate_equals_the_mlstmsig_recurrence(backend, chunk_size):
+    _assert_matches_the_mlstmsig_recurrence(_inputs(0), backend, chunk_size)
+
+
+def test_triton_sigmoid_runs_without_the_max_state(monkeypatch):
+    """mLSTMsig on the Triton backends holds the stabilizer at 0: every kernel with a running max (the forward
+    state recurrence, both families' output kernels) is launched with MAX_STATE off; the exponential gate keeps it."""
+    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+    from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize import family as xl_family
+    from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef import family as limit_family
+
+    seen = []
+    for module in (triton_core, xl_family, limit_family):
+        def recording(kernel, *args, _real=module.launch, **kwargs):
+            if "MAX_STATE" in kwargs:
+                seen.append((kernel.__name__, kwargs["MAX_STATE"]))
+            return _real(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(module, "launch", recording)
+    q, k, v, i, f = _inputs(5)[:5]
+    for backend in ("triton_limit_chunk", "triton_xl_chunk"):
+        for gate in ("sigmoid", "exp"):
+            seen.clear()
+            jax.grad(lambda q: mlstm(q, k, v, i, f, backend=backend, chunk_size=16, input_gate=gate).sum())(q)
+            names = {name for name, _ in seen}
+            assert {"mlstm_fw_recurrent_kernel"} < names and len(names) == 2, names
+            assert {flag for _, flag in seen} == {gate == "exp"}, (backend, gate, seen)
+
+
+@pytest.mark.parametrize("backend", ["triton_limit_chunk", "triton_xl_chunk"])
+def test_triton_sigmoid_in_sequence_groups_with_extreme_gates(backend, monkeypatch):
+    """The state recurrences in 4 groups, with input gates at -100 (nothing written) from a reset (a forget gate at
+    -100) to the end of the second group, more resets and forget gates at +100 (keep all), against
+    the float64 recurrence. The combine hands the third group m of about -110: unless its incoming states are
+    folded to m = 0, its walk's weights e^{a - m} overflow."""
+    from xlstm_jax.kernels.mlstm_chunkwise import sequence_groups, triton_core
+
+    table = triton_core.launch_params
+    monkeypatch.setattr(triton_core, "launch_params",
+                        lambda *a, **kw: {**table(*a, **kw), "recurrent_programs": 4 * B * NH})
+    rng = np.random.default_rng(6)
+    S_long = 256
+    q, k = (rng.standard_normal((B, NH, S_long, DHQK)) for _ in range(2))
+    v = rng.standard_normal((B, NH, S_long, DHHV))
+    i, f = rng.standard_normal((B, NH, S_long)) * 3, rng.standard_normal((B, NH, S_long)) * 2 + 2
+    i[:, :, 40:128] = -100.0
+    f[:, :, [40, 130, 131]] = -100.0
+    f[:, :, 180:200] = 100.0
+    c, n = rng.standard_normal((B, NH, DHQK, DHHV)), rng.standard_normal((B, NH, DHQK))
+    args = [np.asarray(x, np.float32) for x in (q, k, v, i, f, c, n)]
+    assert sequence_groups.num_groups(B * NH, S_long // 16, 4 * B * NH) == 4
+    _assert_matches_the_mlstmsig_recurrence(args, backend, 16, seed=7)
+
+
+@pytest.mark.parametrize("family", ["limit", "xl"])
+def test_the_triton_core_without_max_state_returns_a_constant_stabilizer(family):
+    """KernelConfig.max_state False: the returned m_S is 0 whatever the gates and m_0, so its cotangent reaches no
+    gate and no initial state."""
+    from xlstm_jax.kernels.mlstm_chunkwise import triton_core, triton_families
+
+    cfg = triton_families.config(family, 16, "float32", max_state=False)
+    q, k, v, i, f, c, n = (jnp.asarray(x) for x in _inputs(8))
+    i = jax.nn.log_sigmoid(i)
+
+    def m_last(i, f, c, n, m):
+        return jnp.sum(triton_core.mlstm_triton_core(q, k, v, i, f, c, n, m, cfg)[3] * jnp.arange(1.0, 1 + B * NH)
+                       .reshape(B, NH))
+
+    m0 = jnp.full((B, NH), -2.0)
+    assert float(jnp.max(jnp.abs(triton_core.mlstm_triton_core(q, k, v, i, f, c, n, m0, cfg)[3]))) == 0.0
+    for name, g in zip("ifcnm", jax.grad(m_last, argnums=tuple(range(5)))(i, f, c, n, m0)):
+        assert float(jnp.max(jnp.abs(g))) == 0.0, name
 
 
 def test_sigmoid_gate_with_packed_documents():

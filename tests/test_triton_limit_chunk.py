@@ -45,6 +45,7 @@ def _limit_chunk(**kw):
         (1, 1, 1, 16, 16, 16, True),  # S = 1
         (1, 1, 20, 24, 48, 32, True),  # head dims that are not powers of two, S < L
         (1, 1, 20, 48, 1024, 16, True),  # the largest head dim (1024), tiled
+        (1, 3, 40, 16, 160, 16, True),  # output column blocks of several heads and chunks (program renumbering)
     ],
 )
 def test_matches_float64_reference(B, NH, S, DHQK, DHHV, L, with_state):

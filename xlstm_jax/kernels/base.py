@@ -56,11 +56,14 @@ class MLSTMInputs(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class MLSTMOptions:
     """What every implementation takes besides the arrays (and its own chunk_size): return_last_states; eps
-    (checked, > 0); autocast_dtype, the matmul operand dtype (None: q's dtype)."""
+    (checked, > 0); autocast_dtype, the matmul operand dtype (None: q's dtype); max_state False: every log gate is
+    <= 0 and the initial states are true ones (mLSTMsig, mlstm/input_gates.py), so an implementation may hold the
+    stabilizer m at 0 instead of carrying a running max (the results are the same)."""
 
     return_last_states: bool = False
     eps: float = 1e-6
     autocast_dtype: Any = None
+    max_state: bool = True
 
     def result(self, h: jax.Array, states: tuple[jax.Array, jax.Array, jax.Array]):
         """h, or (h, (C, n, m)) with `return_last_states`."""
@@ -307,6 +310,12 @@ def initial_states_or_zeros(
     else:
         states = tuple(jnp.asarray(x).astype(jnp.float32) for x in (c_initial, n_initial, m_initial))
     return tuple(vary_like(x, *like) for x in states)
+
+
+def at_zero_stabilizer(c: jax.Array, n: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The same states (C̃, ñ, m) with the stabilizer at 0: (C̃ e^m, ñ e^m, 0), for any leading axes of m."""
+    scale = jnp.exp(m)
+    return c * scale[..., None, None], n * scale[..., None], jnp.zeros_like(m)
 
 
 def pad_to_multiple(

@@ -187,7 +187,7 @@ def mlstm(
         chunk_size = impl.default_chunk_size
     else:
         chunk_size = check_chunk_size(chunk_size, minimum=impl.chunk_sizes[0], maximum=impl.chunk_sizes[1])
-    options = MLSTMOptions(bool(return_last_states), eps, autocast_dtype)
+    options = MLSTMOptions(bool(return_last_states), eps, autocast_dtype, max_state=input_gate == "exp")
     combine = context_parallel.check_combine(sequence_combine)
     out = _run(impl, name, x, options, chunk_size, sequence_axis_name, mesh_axes, combine)
     if input_gate == "sigmoid" and return_last_states:

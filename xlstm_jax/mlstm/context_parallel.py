@@ -13,6 +13,7 @@ later shards to earlier ones by transposition.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -85,7 +86,7 @@ def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: s
     """`impl.run` on the local shard of a sequence split along `axis_name` (inside shard_map): h of the shard, or
     (h, (C, n, m)) with the states after the whole sequence (the same on every device of the axis)."""
     P = axis_size(axis_name)
-    keep = MLSTMOptions(True, o.eps, o.autocast_dtype)
+    keep = dataclasses.replace(o, return_last_states=True)
     if P == 1:  # nothing to split: the plain call
         h, last = impl.run(x, keep, chunk_size)
     else:

@@ -8,6 +8,9 @@ recurrence carries C̃ = C e^{-m} with its max-state m, and its denominator max(
 terms, max(|q̂·n|, 1) + eps·e^{m}. Starting from m = 0 every m stays <= 0 here (all log gates are <= 0), so the
 results differ from mLSTMsig's only by eps·(1 - e^{m}) in the denominator (relative 1e-6 at the default eps). The
 states of mLSTMsig are the true (C, n), returned with m = 0; a given m_initial is ignored (taken as 0).
+Backends are told (MLSTMOptions.max_state False) and may hold m at 0 instead of carrying the running max: every
+weight is then <= 1 and nothing overflows. The Triton kernels do (KernelConfig.max_state): no row max in the
+output kernels, no max in the state recurrence.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.base import log_sigmoid
+from xlstm_jax.kernels.base import at_zero_stabilizer, log_sigmoid
 
 INPUT_GATES = ("exp", "sigmoid")
 
@@ -34,6 +37,4 @@ def as_exp_gate(i: jax.Array, m: jax.Array | None) -> tuple[jax.Array, jax.Array
 
 def true_states(states: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(C̃, ñ, m) of the exponential-gate recurrence -> mLSTMsig's (C, n, 0)."""
-    c, n, m = states
-    scale = jnp.exp(m)
-    return c * scale[..., None, None], n * scale[..., None], jnp.zeros_like(m)
+    return at_zero_stabilizer(*states)

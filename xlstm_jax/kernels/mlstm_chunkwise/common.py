@@ -101,6 +101,7 @@ def gate_gradients(
     first_state_dot: jax.Array,
     last_state_dot: jax.Array,
     dm_last: jax.Array | None,
+    max_state: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of i, f and m_initial from the complete dq, dk (docs/math.md §5.5, the m_S path included).
 
@@ -108,6 +109,8 @@ def gate_gradients(
     none was given).
     first_state_dot = <C̃_0, dC̃_0> + <ñ_0, dñ_0>, last_state_dot = <C̃_S, dC̃_S> + <ñ_S, dñ_S> with dC̃_S, dñ_S the
     cotangents of the returned last states; dm_last: cotangent of the returned m_S or None. All (B, NH) float32.
+    max_state False: the stabilizer was held at 0 and m_0 not used (KernelConfig.max_state): m_S is no function of
+    the gates or m_0, and dm_initial is 0.
     Returns di, df (B, NH, S) and dm_initial (B, NH), float32.
     """
     f32 = jnp.float32
@@ -115,17 +118,21 @@ def gate_gradients(
     dlogf = reverse_cumsum(qdq - kdk) + last_state_dot[..., None]
     dm_initial = first_state_dot
 
-    # m_S = max(m_0 + sum_r logf_r, max_t (i_t + sum_{r>t} logf_r)): its derivative follows the argmax. The
-    # returned C̃_S = C_S e^{-m_S} depends on m_S too, hence -last_state_dot.
-    tau = -last_state_dot if dm_last is None else dm_last.astype(f32) - last_state_dot
     logf, logf_vjp = jax.vjp(log_forget, f.astype(f32))
-    suffix = reverse_cumsum(logf)
-    after_t = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
-    candidates = jnp.concatenate([(m_initial + suffix[..., 0])[..., None], i.astype(f32) + after_t], axis=-1)
-    source = jax.nn.one_hot(jnp.argmax(candidates, axis=-1), candidates.shape[-1], dtype=f32)
-    di = di + tau[..., None] * source[..., 1:]
-    dlogf = dlogf + tau[..., None] * jnp.cumsum(source, axis=-1)[..., :-1]
-    dm_initial = dm_initial + tau * source[..., 0]
+    if max_state:
+        # m_S = max(m_0 + sum_r logf_r, max_t (i_t + sum_{r>t} logf_r)): its derivative follows the argmax. The
+        # returned C̃_S = C_S e^{-m_S} depends on m_S too, hence -last_state_dot.
+        tau = -last_state_dot if dm_last is None else dm_last.astype(f32) - last_state_dot
+        suffix = reverse_cumsum(logf)
+        after_t = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
+        candidates = jnp.concatenate([(m_initial + suffix[..., 0])[..., None], i.astype(f32) + after_t], axis=-1)
+        source = jax.nn.one_hot(jnp.argmax(candidates, axis=-1), candidates.shape[-1], dtype=f32)
+        di = di + tau[..., None] * source[..., 1:]
+        dlogf = dlogf + tau[..., None] * jnp.cumsum(source, axis=-1)[..., :-1]
+        dm_initial = dm_initial + tau * source[..., 0]
+
+    else:
+        dm_initial = jnp.zeros_like(dm_initial)
 
     (df,) = logf_vjp(dlogf)
     return di, df, dm_initial

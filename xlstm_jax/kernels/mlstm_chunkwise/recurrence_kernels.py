@@ -18,10 +18,11 @@ def mlstm_fw_recurrent_kernel(
     K, V, VEC_A, SCA_G, C0, N0, M0,
     C_ALL, N_ALL, M_ALL, C_LAST,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SAVE_EVERY: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
+    SAVE_EVERY: tl.constexpr = 1, GROUPS: tl.constexpr = 1, MAX_STATE: tl.constexpr = True,
 ):
     """Grid (BH, GROUPS, cdiv(DHQK, BK) * cdiv(DHHV, BV)): one (BK, BV) tile of C walks over the NC / GROUPS chunks
-    of length L of its group, from the group's incoming state C0, N0 (BH, GROUPS, ...), M0 (BH, GROUPS).
+    of length L of its group, from the group's incoming state C0, N0 (BH, GROUPS, ...), M0 (BH, GROUPS). Without
+    MAX_STATE the stabilizer stays at M0 (mLSTMsig: log gates <= 0 and M0 = 0, nothing grows).
 
     C and n are stored before every SAVE_EVERY-th chunk and at the end (NC // SAVE_EVERY + 1 states), m at every
     chunk border (NC + 1): the xl-chunk family runs this kernel on sub-chunks of its chunks. Each border is stored
@@ -63,7 +64,10 @@ def mlstm_fw_recurrent_kernel(
         tl.store(M_ALL + bh * (NC + 1) + kc, m, mask=pid == 0)
         a = tl.load(VEC_A + bh * S + kc * L + rt)
         g = tl.load(SCA_G + bh * NC + kc)
-        m_new = tl.maximum(g + m, tl.max(a, axis=0))
+        if MAX_STATE:
+            m_new = tl.maximum(g + m, tl.max(a, axis=0))
+        else:
+            m_new = m
         k_t = tl.load(k_base + (kc * L + rt)[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
         v_c = tl.load(v_base + (kc * L + rt)[:, None] * DHHV + rv[None, :], mask=(rv < DHHV)[None, :], other=0.0)
         kbar_t = k_t.to(tl.float32) * tl.exp(a - m_new)[None, :]

@@ -4,7 +4,8 @@ whose operands stay inside float16's range, and value rows that hold a NaN or in
 Tiles are 2-D blocks of query rows t by key columns s (or transposed, as the caller broadcasts them). Chunks whose
 k or v hold a NaN or inf (common.nonfinite_chunks) take a careful path in the output kernels: acausal entries are
 selected away and non-finite value rows zeroed (`finite_values`), so nothing non-finite reaches an earlier token;
-all other chunks take the plain path, which multiplies masked entries by 0.
+all other chunks take the plain path, which multiplies masked entries by 0. `column_blocks_adjacent` renumbers the
+programs of a kernel whose grid axis 2 splits an output's columns.
 """
 
 import triton
@@ -56,3 +57,20 @@ def finite_values(v, causal):
     finite = tl.sum(v.to(tl.float32) * 0.0, axis=1) == 0.0
     hit = tl.max(tl.where(causal & (finite == 0)[None, :], 1, 0), axis=1)
     return tl.where(finite[:, None], v, tl.zeros_like(v)), hit
+
+
+@triton.jit
+def column_blocks_adjacent():
+    """This program's ids over a 3-D grid (axis 0 int64), renumbered so that programs differing only in their
+    axis-2 id run one after the other. The GPU starts programs axis 0 fastest and the launch layer puts BH there,
+    so with the hardware ids the column blocks (axis 2) of one chunk tile start BH·(axis-1 size) programs apart.
+    Kernels whose axis 2 splits an output's columns read the same q, k and gate rows in each column block; run
+    back to back, the later blocks find those rows in L2 instead of HBM."""
+    n0 = tl.num_programs(0)
+    n1 = tl.num_programs(1)
+    n2 = tl.num_programs(2)
+    lin = tl.program_id(0) + n0 * (tl.program_id(1) + n1 * tl.program_id(2))
+    p2 = lin % n2
+    p1 = (lin // n2) % n1
+    p0 = lin // (n2 * n1)
+    return p0.to(tl.int64), p1, p2

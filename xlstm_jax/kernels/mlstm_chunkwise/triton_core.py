@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from xlstm_jax.kernels.base import (
     MLSTMInputs,
     MLSTMShape,
+    at_zero_stabilizer,
     initial_states_or_zeros,
     log_forget,
     pad_to_multiple,
@@ -74,6 +75,9 @@ class KernelConfig:
     inter_chunk_size: int | None = None  # recurrent granularity (divides chunk_size); None: chunk_size
     tile_q: int | None = None  # tiled families: query rows per tile (LQ)
     tile_kv: int | None = None  # tiled families: key rows per tile (LKV)
+    # False: the stabilizer m is held at 0 (no max-state; MLSTMOptions.max_state): log gates must be <= 0, m_initial
+    # is not used (`run` folds it into C and n first)
+    max_state: bool = True
     # (name, value) pairs over the launch table's parameters for this call (launch_params); part of the jit key
     launch: tuple[tuple[str, int], ...] = ()
 
@@ -166,7 +170,7 @@ def output_consts(x: Operands, cfg: KernelConfig, p: dict[str, int]) -> dict[str
     BH, S, DHQK, DHHV = x.dims
     return dict(NC=S // cfg.chunk_size, NS=x.c_in.shape[1], L=cfg.chunk_size, DHQK=DHQK, DHHV=DHHV,
                 BK=block(DHQK, p["block"]), QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val,
-                STABILIZE_CORRECTLY=cfg.stabilize_correctly)
+                STABILIZE_CORRECTLY=cfg.stabilize_correctly, MAX_STATE=cfg.max_state)
 
 
 def gradient_consts(x: Operands, cfg: KernelConfig, p: dict[str, int]) -> dict[str, Any]:
@@ -220,7 +224,11 @@ def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     every = cfg.chunk_size // Lr
     _, _, vec_a, sca_g = _recurrent_gates(i, f, cfg, gates)
     kw = recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
+    if not cfg.max_state:
+        m0 = jnp.zeros_like(m0)
     c0, n0, m0 = sequence_groups.incoming_states(k, v, vec_a, sca_g, c0, n0, m0, kw["GROUPS"])
+    if not cfg.max_state:  # every walk holds its incoming m: start each at 0 (the combine's m is <= 0 here)
+        c0, n0, m0 = at_zero_stabilizer(c0, n0, m0)
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,
         [k, v, vec_a, sca_g, c0, n0, m0],
@@ -230,7 +238,7 @@ def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
             jax.ShapeDtypeStruct((BH, S // Lr + 1), F32),
             jax.ShapeDtypeStruct((BH, DHQK, DHHV), F32),
         ],
-        NC=S // Lr, L=Lr, SAVE_EVERY=every, **kw,
+        NC=S // Lr, L=Lr, SAVE_EVERY=every, MAX_STATE=cfg.max_state, **kw,
     )
     return c_all, n_all, m_sub[:, ::every], m_sub, c_last
 
@@ -291,6 +299,8 @@ def run(x: MLSTMInputs, cfg: KernelConfig, return_last_states: bool):
     shape = MLSTMShape(*x.q.shape, x.v.shape[-1])
     check_head_dims(shape)
     c0, n0, m0 = initial_states_or_zeros(*x[5:], shape, x[:5])
+    if not cfg.max_state:  # the kernels hold m at 0: the same initial states with m = 0 (differentiable here)
+        c0, n0, m0 = at_zero_stabilizer(c0, n0, m0)
     h, c, n, m = mlstm_triton_core(x.q, x.k, x.v, x.i.astype(F32), x.f.astype(F32), c0, n0, m0, cfg)
     return (h, (c, n, m)) if return_last_states else h
 
@@ -366,7 +376,7 @@ def _backward_arrays(cfg: KernelConfig, q, k, v, i, f, c0, n0, m0, dh, dc_last, 
     last_dot = jnp.sum(c_last * dc_lastf, axis=(-2, -1)) + jnp.sum(n_all[:, -1] * dn_lastf, axis=-1)
     di, df, dm0 = gate_gradients(
         qdq, kdk, i_f, f_f, m0f, first_state_dot=first_dot, last_state_dot=last_dot,
-        dm_last=flat(dm_last.astype(F32)),
+        dm_last=flat(dm_last.astype(F32)), max_state=cfg.max_state,
     )
 
     def unflat(x, like):

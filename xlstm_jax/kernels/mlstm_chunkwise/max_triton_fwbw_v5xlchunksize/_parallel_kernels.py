@@ -18,7 +18,7 @@ per-token stabilizer m_t, shifted the same way for the intra-chunk weights.
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, finite_values, log_decay
+from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import column_blocks_adjacent, dot_in, finite_values, log_decay
 
 
 @triton.jit
@@ -33,14 +33,17 @@ def _log_decay(rq, rs, b_q, VEC_B, VEC_BL, I, bh, S: tl.constexpr):
 @triton.jit
 def _xl_fw_tile(
     S_QK, num, den, m_run, hit, b_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
-    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr, CAREFUL: tl.constexpr,
+    S: tl.constexpr, DHHV: tl.constexpr, QK_SCALE: tl.constexpr, CAREFUL: tl.constexpr, MAX_STATE: tl.constexpr,
 ):
     """Fold one (LQ, LKV) tile of q·k scores S_QK into the running (num, den, m_run) with the online max (m_run:
-    the running max less the rows' vecB_lo); CAREFUL (see tile_ops): select acausal entries away and mark in `hit`
-    the query rows that see a value row holding a NaN or inf."""
+    the running max less the rows' vecB_lo; without MAX_STATE a fixed stabilizer); CAREFUL (see tile_ops): select
+    acausal entries away and mark in `hit` the query rows that see a value row holding a NaN or inf."""
     log_d = _log_decay(rq, rs, b_q, VEC_B, VEC_BL, I, bh, S)
-    m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
-    alpha = tl.exp(m_run - m_new)
+    if MAX_STATE:
+        m_new = tl.maximum(m_run, tl.max(log_d, axis=1))
+        alpha = tl.exp(m_run - m_new)
+    else:
+        m_new = m_run
     s_bar = S_QK * QK_SCALE * tl.exp(log_d - m_new[:, None])
     v = tl.load(V + bh * S * DHHV + rs[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
     if CAREFUL:
@@ -48,8 +51,11 @@ def _xl_fw_tile(
         s_bar = tl.where(causal, s_bar, 0.0)
         v, tile_hit = finite_values(v, causal)
         hit = tl.maximum(hit, tile_hit)
-    num = num * alpha[:, None] + dot_in(s_bar, v, v.dtype)
-    den = den * alpha + tl.sum(s_bar, axis=1)
+    if MAX_STATE:
+        num = num * alpha[:, None]
+        den = den * alpha
+    num += dot_in(s_bar, v, v.dtype)
+    den += tl.sum(s_bar, axis=1)
     return num, den, m_new, hit
 
 
@@ -60,16 +66,17 @@ def mlstm_xl_fw_parallel_kernel(
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr,
+    MAX_STATE: tl.constexpr = True,
 ):
     """Grid (BH, NC * L / LQ, cdiv(DHHV, BV)): one (LQ, BV) output tile; loops over key tiles up to the diagonal.
     Chunks marked in CAREFUL run the careful variant of the body (see tile_ops), the others the plain one; each is
-    compiled on its own."""
+    compiled on its own. Without MAX_STATE the rows' stabilizer is the chunk's incoming m, not a running max."""
     if tl.load(CAREFUL + tl.program_id(0).to(tl.int64) * NC + tl.program_id(1) // (L // LQ)) != 0:
         _xl_fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, LQ,
-                           LKV, BK, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, True)
+                           LKV, BK, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, True, MAX_STATE)
     else:
         _xl_fw_output_tile(Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL, H, DEN, M_OUT, NC, NS, L, DHQK, DHHV, LQ,
-                           LKV, BK, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, False)
+                           LKV, BK, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, False, MAX_STATE)
 
 
 @triton.jit
@@ -78,7 +85,7 @@ def _xl_fw_output_tile(
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr,
-    CAREFUL: tl.constexpr,
+    CAREFUL: tl.constexpr, MAX_STATE: tl.constexpr,
 ):
     """The body of mlstm_xl_fw_parallel_kernel. The first key tile shares its q loads with the inter-chunk part q·C,
     q·n."""
@@ -111,9 +118,16 @@ def _xl_fw_output_tile(
     num = num * QK_SCALE
     den = den * QK_SCALE
     b_q = tl.load(VEC_B + bh * S + rq)  # loaded after the loop: live across it, it would spill
-    m_run = b_q + tl.load(M_ALL + bh * (NC + 1) + kc)
+    m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
+    if MAX_STATE:
+        m_run = b_q + m_prev
+    else:  # the inter-chunk part weighs e^{b_t} (b_t = vecB_t + vecB_lo_t) against the fixed stabilizer
+        bl_q = tl.load(VEC_BL + bh * S + rq)
+        m_run = m_prev - bl_q
+        num = num * tl.exp(b_q + bl_q)[:, None]
+        den = den * tl.exp(b_q + bl_q)
     num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
-                                       S, DHHV, QK_SCALE, CAREFUL)
+                                       S, DHHV, QK_SCALE, CAREFUL, MAX_STATE)
 
     for jkv in range(1, ((jq + 1) * LQ + LKV - 1) // LKV):
         rs = kc * L + jkv * LKV + tl.arange(0, LKV)
@@ -125,7 +139,7 @@ def _xl_fw_output_tile(
             k_t = tl.load(K + bh * S * DHQK + rs[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
             s_qk += tl.dot(q, k_t, input_precision="ieee")
         num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
-                                           S, DHHV, QK_SCALE, CAREFUL)
+                                           S, DHHV, QK_SCALE, CAREFUL, MAX_STATE)
 
     m_t = m_run + tl.load(VEC_BL + bh * S + rq)
     if STABILIZE_CORRECTLY:
@@ -149,12 +163,12 @@ def mlstm_xl_bw_dq_kernel(
 ):
     """Grid (BH, NC * L / LQ, cdiv(DHQK, BK)): one (LQ, BK) tile of dq and its part of q_t·dq_t; loops over key
     tiles up to the diagonal."""
-    bh = tl.program_id(0).to(tl.int64)
-    kc = tl.program_id(1) // (L // LQ)
-    jq = tl.program_id(1) % (L // LQ)
+    bh, row_block, jb = column_blocks_adjacent()
+    kc = row_block // (L // LQ)
+    jq = row_block % (L // LQ)
     S: tl.constexpr = NC * L
     rq = kc * L + jq * LQ + tl.arange(0, LQ)
-    rk = tl.program_id(2) * BK + tl.arange(0, BK)
+    rk = jb * BK + tl.arange(0, BK)
     mk = rk < DHQK
     b_q = tl.load(VEC_B + bh * S + rq)
     m_q = tl.load(M_OUT + bh * S + rq)
@@ -194,7 +208,7 @@ def mlstm_xl_bw_dq_kernel(
     dq = (dq + inter[:, None] * (hc + dden[:, None] * n[None, :])) * QK_SCALE
     q = tl.load(Q + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
     tl.store(DQ + bh * S * DHQK + rq[:, None] * DHQK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=mk[None, :])
-    tl.store(QDQ + (bh * tl.num_programs(2) + tl.program_id(2)) * S + rq, tl.sum(q.to(tl.float32) * dq, axis=1))
+    tl.store(QDQ + (bh * tl.num_programs(2) + jb) * S + rq, tl.sum(q.to(tl.float32) * dq, axis=1))
 
 
 @triton.jit
@@ -205,15 +219,15 @@ def _xl_dkdv_tile(
     WANT_DK: tl.constexpr, BO: tl.constexpr,
 ):
     """Grid (BH, NC * L / LKV, cdiv(D_out, BO)): the program's (LKV, BO) float32 tile of dk (WANT_DK) or dv, with
-    bh, its key rows rs and output columns ro; loops over query tiles from the diagonal to the chunk end; every
-    L x L tile is built transposed."""
-    bh = tl.program_id(0).to(tl.int64)
-    kc = tl.program_id(1) // (L // LKV)
-    jkv = tl.program_id(1) % (L // LKV)
+    bh, its key rows rs, output columns ro and column block jb (programs renumbered: tile_ops.column_blocks_adjacent);
+    loops over query tiles from the diagonal to the chunk end; every L x L tile is built transposed."""
+    bh, row_block, jb = column_blocks_adjacent()
+    kc = row_block // (L // LKV)
+    jkv = row_block % (L // LKV)
     S: tl.constexpr = NC * L
     D_OUT: tl.constexpr = DHQK if WANT_DK else DHHV
     rs = kc * L + jkv * LKV + tl.arange(0, LKV)
-    ro = tl.program_id(2) * BO + tl.arange(0, BO)
+    ro = jb * BO + tl.arange(0, BO)
     mo = ro < D_OUT
     b_s = tl.load(VEC_B + bh * S + rs)
     ic_s = tl.load(I + bh * S + rs) - tl.load(VEC_BL + bh * S + rs)
@@ -271,7 +285,7 @@ def _xl_dkdv_tile(
                          mask=mk[:, None] & mo[None, :], other=0.0)
             inter += dot_in(k, dc, dtype)
     abar = tl.exp(tl.load(VEC_A + bh * S + rs) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
-    return acc + abar[:, None] * inter, bh, rs, ro
+    return acc + abar[:, None] * inter, bh, rs, ro, jb
 
 
 @triton.jit
@@ -282,13 +296,13 @@ def mlstm_xl_bw_dk_kernel(
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
 ):
     """Grid (BH, NC * L / LKV, cdiv(DHQK, BO)): one (LKV, BO) tile of dk and its part of k_s·dk_s."""
-    dk, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
-                                   NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, True, BO)
+    dk, bh, rs, ro, jb = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL,
+                                       DN_ALL, NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, True, BO)
     S: tl.constexpr = NC * L
     mo = ro < DHQK
     k = tl.load(K + bh * S * DHQK + rs[:, None] * DHQK + ro[None, :], mask=mo[None, :], other=0.0)
     tl.store(DK + bh * S * DHQK + rs[:, None] * DHQK + ro[None, :], dk.to(DK.dtype.element_ty), mask=mo[None, :])
-    tl.store(KDK + (bh * tl.num_programs(2) + tl.program_id(2)) * S + rs, tl.sum(k.to(tl.float32) * dk, axis=1))
+    tl.store(KDK + (bh * tl.num_programs(2) + jb) * S + rs, tl.sum(k.to(tl.float32) * dk, axis=1))
 
 
 @triton.jit
@@ -299,8 +313,8 @@ def mlstm_xl_bw_dv_kernel(
     LQ: tl.constexpr, LKV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, BO: tl.constexpr,
 ):
     """Grid (BH, NC * L / LKV, cdiv(DHHV, BO)): one (LKV, BO) tile of dv."""
-    dv, bh, rs, ro = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
-                                   NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, False, BO)
+    dv, bh, rs, ro, _ = _xl_dkdv_tile(Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL,
+                                      DN_ALL, NC, L, DHQK, DHHV, LQ, LKV, BK, BV, QK_SCALE, False, BO)
     S: tl.constexpr = NC * L
     tl.store(DV + bh * S * DHHV + rs[:, None] * DHHV + ro[None, :], dv.to(DV.dtype.element_ty),
              mask=(ro < DHHV)[None, :])

@@ -60,5 +60,5 @@ def mlstm_triton_xl_chunk(x: MLSTMInputs, o: MLSTMOptions, chunk_size: int):
     """`xlstm_jax.mlstm(backend="triton_xl_chunk")` on checked inputs: the standard denominator, default tiles."""
     inter, lq, lkv = tile_params(chunk_size, None, None, None)
     cfg = KernelConfig(chunk_size=chunk_size, eps=o.eps, family=XL, inter_chunk_size=inter, tile_q=lq, tile_kv=lkv,
-                       compute_dtype=resolve_compute_dtype(o.autocast_dtype, x.q.dtype).name)
+                       compute_dtype=resolve_compute_dtype(o.autocast_dtype, x.q.dtype).name, max_state=o.max_state)
     return run(x, cfg, o.return_last_states)

@@ -21,14 +21,15 @@ def mlstm_fw_parallel_kernel(
     H, DEN, M_OUT,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
-    STABILIZE_CORRECTLY: tl.constexpr,
+    STABILIZE_CORRECTLY: tl.constexpr, MAX_STATE: tl.constexpr = True,
 ):
     """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers.
     A NaN or inf in any input at token s reaches no earlier token: every chunk takes the careful path of tile_ops
     (acausal entries selected away, non-finite value rows zeroed and their query rows set to NaN). Unlike the xl
     kernels this one has no per-chunk branch between a plain and a careful body: with that branch around its
     pipelined loop (num_stages 2, triton 3.6) the H200 gave an h whose first call differed from later calls of the
-    same executable by 13% (den and m_t identical); the xl kernels' branch (num_stages 1) did not."""
+    same executable by 13% (den and m_t identical); the xl kernels' branch (num_stages 1) did not. Without MAX_STATE
+    the row stabilizer is the chunk's incoming m (no row max: mLSTMsig, whose weights are all <= 1)."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     iv = tl.program_id(2)
@@ -63,7 +64,10 @@ def mlstm_fw_parallel_kernel(
     causal = rt[:, None] >= rt[None, :]
     # log weights and the stabilizer less bl_t (tile_ops.log_decay); m_t = m_s + bl_t
     log_d = log_decay(b[:, None], b[None, :], ic[None, :], causal)
-    m_s = tl.maximum(b + m_prev, tl.max(log_d, axis=1))
+    if MAX_STATE:
+        m_s = tl.maximum(b + m_prev, tl.max(log_d, axis=1))
+    else:
+        m_s = m_prev - tl.load(VEC_BL + bh * S + tok)
     s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_s[:, None])
     inter = tl.exp(b + m_prev - m_s) * QK_SCALE
     v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)

@@ -106,5 +106,5 @@ def mlstm_triton_limit_chunk(x: MLSTMInputs, o: MLSTMOptions, chunk_size: int):
     """`xlstm_jax.mlstm(backend="triton_limit_chunk")` on checked inputs: the standard denominator, compute dtype =
     q's unless set."""
     compute = resolve_compute_dtype(o.autocast_dtype, x.q.dtype).name
-    return run(x, KernelConfig(family=LIMIT, chunk_size=chunk_size, eps=o.eps, compute_dtype=compute),
-               o.return_last_states)
+    return run(x, KernelConfig(family=LIMIT, chunk_size=chunk_size, eps=o.eps, compute_dtype=compute,
+                               max_state=o.max_state), o.return_last_states)
