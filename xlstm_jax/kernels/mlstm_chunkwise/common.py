@@ -130,7 +130,6 @@ def gate_gradients(
         di = di + tau[..., None] * source[..., 1:]
         dlogf = dlogf + tau[..., None] * jnp.cumsum(source, axis=-1)[..., :-1]
         dm_initial = dm_initial + tau * source[..., 0]
-
     else:
         dm_initial = jnp.zeros_like(dm_initial)
 

@@ -227,7 +227,8 @@ def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     if not cfg.max_state:
         m0 = jnp.zeros_like(m0)
     c0, n0, m0 = sequence_groups.incoming_states(k, v, vec_a, sca_g, c0, n0, m0, kw["GROUPS"])
-    if not cfg.max_state:  # every walk holds its incoming m: start each at 0 (the combine's m is <= 0 here)
+    # every walk holds its incoming m: groups start at m = 0 too (the combine's m is <= 0 here)
+    if not cfg.max_state and kw["GROUPS"] > 1:
         c0, n0, m0 = at_zero_stabilizer(c0, n0, m0)
     c_all, n_all, m_sub, c_last = launch(
         mlstm_fw_recurrent_kernel,

@@ -124,8 +124,9 @@ def _xl_fw_output_tile(
     else:  # the inter-chunk part weighs e^{b_t} (b_t = vecB_t + vecB_lo_t) against the fixed stabilizer
         bl_q = tl.load(VEC_BL + bh * S + rq)
         m_run = m_prev - bl_q
-        num = num * tl.exp(b_q + bl_q)[:, None]
-        den = den * tl.exp(b_q + bl_q)
+        inter = tl.exp(b_q + bl_q)
+        num = num * inter[:, None]
+        den = den * inter
     num, den, m_run, hit = _xl_fw_tile(s_qk, num, den, m_run, hit, b_q, rq, rs, V, VEC_B, VEC_BL, I, bh, rv, mv,
                                        S, DHHV, QK_SCALE, CAREFUL, MAX_STATE)
 
