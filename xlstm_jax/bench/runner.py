@@ -306,7 +306,7 @@ def run_bench(args: argparse.Namespace) -> int:
     meta = {
         "preset": preset.name, "description": preset.description, "x_name": preset.x_name, "dtype": dtype,
         "device_kind": device.device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
-        "device_peak": None if peak is None else vars(peak), "command": sys.argv,
+        "device_peak": None if peak is None else vars(peak), "command": ["xlstm-jax", *sys.argv[1:]],
         "time": datetime.datetime.now().isoformat(timespec="seconds"), "kernels": kernels_fingerprint(),
         "memory_note": "peak_mb: device.memory_stats() peak; JAX cannot reset it, so in-process cases report an "
         "upper bound unless the peak rose during the case (peak_exact); subprocess cases are exact.",
