@@ -80,21 +80,21 @@ def test_help_imports_no_jax_and_documents_every_flag_with_its_default(capsys):
         assert action.help, action.option_strings
         entry = " ".join(entries[action.option_strings[0]].split())
         assert action.nargs == 0 or "(default:" in entry, entry  # switches have no default to show
-    cli_fields = {f for f in TrainConfig.__dataclass_fields__ if f != "log_every"}
+    cli_fields = {f for f in TrainConfig.__dataclass_fields__ if f != "lr_segments"}  # kept by the run itself
     assert {flag(f) for f in cli_fields} <= {a.option_strings[0] for a in options}
 
 
 def test_short_run_defaults_follow_steps_and_write_to_a_new_runs_dir(tmp_path, monkeypatch, capsys):
-    """`--steps 20` alone works (warmup, eval and checkpoint cadence follow it), writes runs/mqar-<timestamp>, says
-    where, and prints progress lines without a terminal."""
+    """`--steps 20` alone works (warmup, eval and checkpoint cadence follow it: a short run evaluates four times),
+    writes runs/mqar-<timestamp>, says where, and prints progress lines without a terminal."""
     config = TrainConfig(steps=20)
-    assert (config.warmup_steps, config.eval_every, config.checkpoint_every) == (2, 20, 20)
+    assert (config.warmup_steps, config.eval_every, config.checkpoint_every) == (2, 5, 5)
     assert (TrainConfig().warmup_steps, TrainConfig().eval_every) == (100, 1000)  # the default run is unchanged
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", *TINY_ARGV, "--steps", "20", "--progress-seconds", "0"]) == 0
     out = capsys.readouterr().out
     [run_dir] = glob.glob("runs/mqar-*")
-    assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["20"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints")), key=int) == ["15", "20"]
     assert os.path.exists(os.path.join(run_dir, "model", "config.json"))
     assert os.path.join(run_dir, "checkpoints") in out and os.path.join(run_dir, "model") in out
     assert f"xlstm-jax generate {run_dir}" in out

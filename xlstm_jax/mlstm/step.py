@@ -61,15 +61,31 @@ def _check(q, k, v, i, f, c, n, m) -> tuple[jax.Array, jax.Array]:
     return gates[0], gates[1]
 
 
+def _zero_states_if_none(q, v, c, n, m) -> tuple:
+    """(c, n, m), zeros of the shapes `q` (B, NH, DHQK) and `v` (B, NH, DHHV) give when all three are None."""
+    given = [name for name, x in (("c", c), ("n", n), ("m", m)) if x is not None]
+    if given and len(given) < 3:
+        missing = [name for name in ("c", "n", "m") if name not in given]
+        raise ValueError(f"pass the states c, n and m together or none of them; got {given} without {missing}.")
+    if given:
+        return c, n, m
+    for name, x in (("q", q), ("v", v)):
+        if np.ndim(x) != 3:
+            raise ValueError(f"{name} must be (B, NH, {'DHQK' if name == 'q' else 'DHHV'}), got shape {np.shape(x)}.")
+    (B, NH, DHQK), DHHV = np.shape(q), np.shape(v)[2]
+    return (jnp.zeros((B, NH, DHQK, DHHV), jnp.float32), jnp.zeros((B, NH, DHQK), jnp.float32),
+            jnp.zeros((B, NH), jnp.float32))
+
+
 def mlstm_step(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     i: jax.Array,
     f: jax.Array,
-    c: jax.Array,
-    n: jax.Array,
-    m: jax.Array,
+    c: jax.Array | None = None,
+    n: jax.Array | None = None,
+    m: jax.Array | None = None,
     *,
     backend: str = "auto",
     eps: float = 1e-6,
@@ -78,13 +94,15 @@ def mlstm_step(
     """One mLSTM time step: the states after the token and its output.
 
     q, k (B, NH, DHQK); v (B, NH, DHHV); i, f (B, NH) gate pre-activations; states c (B, NH, DHQK, DHHV),
-    n (B, NH, DHQK), m (B, NH) as `mlstm` returns them (`return_last_states=True`). c and n are float32, or bfloat16
+    n (B, NH, DHQK), m (B, NH) as `mlstm` returns them (`return_last_states=True`), all three or none (None: zero
+    states, float32, as `mlstm` starts from; the first step of a sequence). c and n are float32, or bfloat16
     to halve the memory a step streams (serving; less exact); m is float32. Gate and state math run in float32 and
     q is scaled by DHQK**-0.5 inside, as in `mlstm`. backend: "native" (XLA), "triton" (one fused kernel that reads
     and writes C once; C's buffer is reused when the caller does not keep it) or "auto" (triton on a CUDA GPU).
     input_gate "sigmoid": the mLSTMsig step (`xlstm_jax.mlstm.input_gates`; states (C, n) true, m 0 and ignored).
     Returns (h (B, NH, DHHV) in q's dtype, (c, n, m) in the states' dtypes).
     """
+    c, n, m = _zero_states_if_none(q, v, c, n, m)
     i, f = _check(q, k, v, i, f, c, n, m)
     eps = check_eps(eps)
     sigmoid = input_gates.check_input_gate(input_gate) == "sigmoid"

@@ -55,62 +55,70 @@ def fail(name: str, reason: str) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `xlstm-jax train` (defaults from `xlstm_jax.train.TrainConfig`; those that follow --steps, and
-    switches, are left out of the namespace unless given, so that TrainConfig derives them)."""
-    d, derived = _DEFAULTS, argparse.SUPPRESS
+    """Options of `xlstm-jax train`. Only the options given reach the namespace (every default is
+    `argparse.SUPPRESS`; the help shows `TrainConfig`'s), so that `TrainConfig` derives what follows --steps and
+    the task, and a --resume takes the stored run's settings for every option not given."""
+    d = _DEFAULTS
+
+    def option(group, *names, field=None, help, **kwargs):
+        field = field or names[0].lstrip("-").replace("-", "_")
+        if "(default:" not in help and kwargs.get("action") not in ("store_true", "store_false"):
+            help += f" (default: {d[field]})"
+        group.add_argument(*names, dest=field, default=argparse.SUPPRESS, help=help, **kwargs)
+
     data = parser.add_argument_group("data (default: MQAR generated on the fly)")
-    data.add_argument("--data", nargs="+", default=derived, metavar="PATH",
-                      help="train a language model on these files, all of one kind: token files (.npy, or raw .bin "
-                           "of --token-dtype; memory-mapped) or text (.txt: documents separated by blank lines; "
-                           ".jsonl: one {\"text\": ...} per line) with --tokenizer; packed into --seq-len rows "
-                           "with document boundaries as segment ids (default: MQAR)")
-    data.add_argument("--tokenizer", default=derived, metavar="JSON",
-                      help="a tokenizers tokenizer.json for text data (default: none)")
-    data.add_argument("--token-dtype", choices=("uint16", "uint32"), default=d["token_dtype"],
-                      help="item type of .bin token files")
-    data.add_argument("--eos-id", type=int, default=derived,
-                      help="end-of-document token: it ends a document in token files, and is appended to each "
-                           "text document (default: none; a token file is then one document)")
-    data.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
-                      help="share of the packed rows held out for evaluation (the last ones)")
+    option(data, "--data", nargs="+", metavar="PATH",
+           help="train a language model on these files, all of one kind: token files (.npy, or raw .bin of "
+                "--token-dtype; memory-mapped) or text (.txt: documents separated by blank lines; .jsonl: one "
+                "{\"text\": ...} per line) with --tokenizer; packed into --seq-len rows with document boundaries as "
+                "segment ids (default: MQAR)")
+    option(data, "--tokenizer", metavar="JSON", help="a tokenizers tokenizer.json for text data (default: none)")
+    option(data, "--token-dtype", choices=("uint16", "uint32"), help="item type of .bin token files")
+    option(data, "--eos-id", type=int,
+           help="end-of-document token: it ends a document in token files, and is appended to each text document "
+                "(default: none; a token file is then one document)")
+    option(data, "--eval-fraction", type=float, help="share of the packed rows held out for evaluation (the last ones)")
     task = parser.add_argument_group("task (MQAR)")
-    task.add_argument("--vocab-size", type=int, default=derived,
-                      help="tokens (default: 17 for MQAR = filler, keys, values; with --data the tokenizer's, or "
-                           "the token files' largest id + 1)")
-    task.add_argument("--seq-len", type=int, default=d["seq_len"], help="sequence length S")
-    task.add_argument("--num-kv-pairs", type=int, default=d["num_kv_pairs"], help="key-value pairs per sequence")
-    task.add_argument("--num-queries", type=int, default=derived,
-                      help="recall queries per sequence (default: as many as fit)")
+    option(task, "--vocab-size", type=int,
+           help="tokens (default: 17 for MQAR = filler, keys, values; with --data the tokenizer's, or the token "
+                "files' largest id + 1)")
+    option(task, "--seq-len", type=int, help="sequence length S")
+    option(task, "--num-kv-pairs", type=int, help="key-value pairs per sequence")
+    option(task, "--num-queries", type=int, help="recall queries per sequence (default: as many as fit)")
     model = parser.add_argument_group("model")
-    model.add_argument("--embedding-dim", type=int, default=d["embedding_dim"], help="model width D")
-    model.add_argument("--num-heads", type=int, default=d["num_heads"], help="mLSTM heads per block")
-    model.add_argument("--num-blocks", type=int, default=d["num_blocks"], help="mLSTM blocks")
-    model.add_argument("--igate-bias-init", type=float, default=d["igate_bias_init"],
-                       help="input-gate bias at initialisation (xLSTM-7B: -10)")
-    model.add_argument("--backend", default=d["backend"], metavar="NAME",
-                       help="mLSTM backend (names: README or `xlstm-jax doctor`); auto: the Triton kernel on a CUDA "
-                            "GPU, native_chunkwise elsewhere")
-    model.add_argument("--chunk-size", type=int, default=derived,
-                       help="chunk size of chunkwise backends, a power of two (default: the backend's, 64)")
-    model.add_argument("--dtype", dest="compute_dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                       default=d["compute_dtype"], help="matmul dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    option(model, "--embedding-dim", type=int, help="model width D")
+    option(model, "--num-heads", type=int, help="mLSTM heads per block")
+    option(model, "--num-blocks", type=int, help="mLSTM blocks")
+    option(model, "--igate-bias-init", type=float,
+           help="input-gate bias at initialisation (default: 0 for MQAR, -10 as xLSTM-7B for --data)")
+    option(model, "--fgate-bias-init-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+           help="forget-gate biases at initialisation, spread evenly over the heads (default: -2 4 for MQAR: one "
+                "short-memory head for the previous-token lookup; 3 6 as xLSTM-7B for --data)")
+    option(model, "--backend", metavar="NAME",
+           help="mLSTM backend (names: README or `xlstm-jax doctor`); auto: the Triton kernel on a CUDA GPU, "
+                "native_chunkwise elsewhere")
+    option(model, "--chunk-size", type=int,
+           help="chunk size of chunkwise backends, a power of two (default: the backend's, 64)")
+    option(model, "--dtype", field="compute_dtype", choices=("auto", "float32", "bfloat16", "float16"),
+           help="matmul dtype (auto: bfloat16 on GPU, float32 on CPU)")
     opt = parser.add_argument_group("optimization")
-    opt.add_argument("--steps", type=int, default=d["steps"], help="total optimizer steps")
-    opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step")
-    opt.add_argument("--lr", dest="learning_rate", type=float, default=d["learning_rate"], help="peak learning rate")
-    opt.add_argument("--warmup-steps", type=int, default=derived,
-                     help="linear warmup steps, below --steps (default: min(100, steps // 10))")
-    opt.add_argument("--min-lr-ratio", type=float, default=d["min_lr_ratio"], help="final lr / peak lr")
-    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay on kernels")
-    opt.add_argument("--clip-norm", type=float, default=d["clip_norm"], help="global gradient-norm clip")
-    opt.add_argument("--seed", type=int, default=d["seed"], help="seed of the initialisation and the data")
+    option(opt, "--steps", type=int,
+           help="total optimizer steps; on --resume a new total extends (or shortens) the run: the learning rate "
+                "goes on from where it is along a new cosine to its floor at the new end")
+    option(opt, "--batch-size", type=int, help="sequences per step")
+    option(opt, "--lr", field="learning_rate", type=float, help="peak learning rate")
+    option(opt, "--warmup-steps", type=int, help="linear warmup steps, below --steps (default: min(100, steps // 10))")
+    option(opt, "--min-lr-ratio", type=float, help="final lr / peak lr")
+    option(opt, "--weight-decay", type=float, help="AdamW weight decay on kernels")
+    option(opt, "--clip-norm", type=float, help="global gradient-norm clip")
+    option(opt, "--seed", type=int, help="seed of the initialisation and the data")
     dist = parser.add_argument_group("devices and hosts (docs/distributed.md)")
-    dist.add_argument("--mesh", default=d["mesh"], metavar="AXES",
-                      help="device mesh over data, fsdp, tensor and sequence, e.g. data=2,fsdp=2,tensor=2 (sizes "
-                           "multiply to the device count; default: one device)")
-    dist.add_argument("--remat", action="store_true", default=argparse.SUPPRESS,
-                      help="recompute each block in the backward instead of keeping its activations (memory of one "
-                           "block's activations, about one more forward pass of compute)")
+    option(dist, "--mesh", metavar="AXES",
+           help="device mesh over data, fsdp, tensor and sequence, e.g. data=2,fsdp=2,tensor=2, sizes multiplying "
+                "to the device count (default: one device)")
+    option(dist, "--remat", action="store_true",
+           help="recompute each block in the backward instead of keeping its activations (memory of one block's "
+                "activations, about one more forward pass of compute)")
     dist.add_argument("--coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
                       help="several processes: process 0's address, with --num-processes and --process-id "
                            "(default: from SLURM / Open MPI when the job has several processes, else one process)")
@@ -119,25 +127,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--process-id", type=int, default=argparse.SUPPRESS,
                       help="this process, 0-based (default: as --coordinator)")
     run = parser.add_argument_group("evaluation, checkpoints, output")
-    run.add_argument("--eval-every", type=int, default=derived,
-                     help="steps between evaluations (default: min(1000, steps))")
-    run.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="held-out batches per evaluation")
-    run.add_argument("--output-dir", default=derived,
-                     help="checkpoints, run config and the exported model; must not hold a run unless --resume "
-                          "(default: a new runs/mqar-<timestamp>)")
-    run.add_argument("--checkpoint-every", type=int, default=derived,
-                     help="steps between checkpoints (default: --eval-every)")
-    run.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="newest checkpoints kept")
-    run.add_argument("--resume", action="store_true", default=derived,
-                     help="continue the run in --output-dir from its newest intact checkpoint (damaged ones are "
-                          "moved to OUTPUT_DIR/damaged-checkpoints)")
-    run.add_argument("--log-every", type=int, default=d["log_every"],
-                     help="steps between metrics.jsonl records (and progress-bar updates)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", default=derived,
-                     help="no progress bar or progress lines")
-    run.add_argument("--progress-seconds", type=float, default=d["progress_seconds"],
-                     help="seconds between progress lines when the output is not a terminal")
-    run.add_argument("--json", dest="json_out", action="store_true", default=derived,
+    option(run, "--eval-every", type=int, help="steps between evaluations (default: min(1000, steps // 4))")
+    option(run, "--eval-batches", type=int, help="held-out batches per evaluation")
+    option(run, "--output-dir",
+           help="checkpoints, run config and the exported model; must not hold a run unless --resume (default: a "
+                "new runs/mqar-<timestamp>, or runs/lm-<timestamp> with --data)")
+    option(run, "--checkpoint-every", type=int, help="steps between checkpoints (default: --eval-every)")
+    option(run, "--keep-checkpoints", type=int, help="newest checkpoints kept")
+    option(run, "--resume", action="store_true",
+           help="continue the run in --output-dir from its newest intact checkpoint, with its stored settings "
+                "(options given must agree with them, except --steps, the evaluation, checkpoint and logging "
+                "cadence, and where it runs: --backend, --chunk-size, --dtype, --mesh, --remat); damaged "
+                "checkpoints are moved to OUTPUT_DIR/damaged-checkpoints")
+    option(run, "--log-every", type=int, help="steps between metrics.jsonl records (and progress-bar updates)")
+    option(run, "--no-progress", field="progress", action="store_false", help="no progress bar or progress lines")
+    option(run, "--progress-seconds", type=float,
+           help="seconds between progress lines when the output is not a terminal (the first comes after step 1)")
+    run.add_argument("--json", dest="json_out", action="store_true", default=argparse.SUPPRESS,
                      help="print the final result as JSON")
 
 
@@ -146,6 +152,8 @@ def run_train(args: argparse.Namespace) -> int:
     from xlstm_jax.train import distributed
 
     fields = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
+    if fields.get("fgate_bias_init_range") is not None:
+        fields["fgate_bias_init_range"] = tuple(fields["fgate_bias_init_range"])
     if "output_dir" not in fields and not fields.get("resume"):
         kind = "mqar" if fields.get("data") is None else "lm"
         fields["output_dir"] = os.path.join("runs", time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
@@ -158,7 +166,12 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         if fields.get("data") is not None:
             fields["data"] = tuple(fields["data"])
-        config = TrainConfig(**fields)
+        if fields.pop("resume", False):
+            if "output_dir" not in fields:
+                raise ConfigError("resume", "needs the output directory of the run to continue (--output-dir).")
+            config = TrainConfig.resumed(**fields)
+        else:
+            config = TrainConfig(**fields)
         from xlstm_jax.train.loop import train
 
         result = train(config)

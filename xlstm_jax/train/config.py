@@ -8,15 +8,26 @@ once); building a `TrainConfig` imports jax to check the backend. Every bad sett
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 # Fields that must match between a run and the run it resumes: everything that shapes the model, the data or the
-# optimizer state, except the schedule's length (steps, warmup_steps: a resumed run may go further, and the
-# warmup + cosine schedule then follows the new values) and the cadence of logging, evaluation and checkpoints.
+# optimizer state. A resume may change the run's length (`steps`: the learning rate then goes on from where it is,
+# see `lr_segments`), the cadence of logging, evaluation and checkpoints, and where and how it runs (backend,
+# chunk size, mesh, remat).
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
-                 "igate_bias_init", "batch_size", "learning_rate", "min_lr_ratio", "weight_decay", "clip_norm",
-                 "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction")
+                 "igate_bias_init", "fgate_bias_init_range", "batch_size", "learning_rate", "warmup_steps",
+                 "min_lr_ratio", "weight_decay", "clip_norm", "seed", "data", "tokenizer", "token_dtype", "eos_id",
+                 "eval_fraction")
+# Fields a resume never takes from the stored run: where it is and that it resumes, and how it reports progress.
+NOT_INHERITED = ("output_dir", "resume", "progress", "lr_segments")
 TEXT_SUFFIXES = (".txt", ".jsonl")
+# Gate-bias initialisation (input-gate bias, forget-gate bias range over the heads) when not given. MQAR's gives one
+# head short memory for the previous-token lookup the recall needs (the xLSTM-7B block has no convolution) and input
+# gates open from the start: the recall circuit forms within 250-500 steps, where the xLSTM-7B initialisation took
+# 8000 steps or more, or never (docs/training.md). Language models on --data start as xLSTM-7B does.
+MQAR_GATE_INIT = (0.0, (-2.0, 4.0))
+XLSTM_7B_GATE_INIT = (-10.0, (3.0, 6.0))
 
 
 class ConfigError(ValueError):
@@ -25,6 +36,11 @@ class ConfigError(ValueError):
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
@@ -109,15 +125,20 @@ class MQARConfig:
 class TrainConfig:
     """One training run: MQAR generated on the fly, or next-token prediction on `data`.
 
-    The defaults (8 keys / 8 values, 4 pairs, 32 tokens; D 64, 2 blocks, 2 heads; 12000 steps of 32 sequences) took
-    244-285 s on a 2-core CPU and reached held-out accuracy 0.99-1.00 (chance 0.125): the model sits at ~0.37-0.48 (it
-    knows the answer is one of the 4 values in the context) until the recall circuit forms around step 8000.
+    The defaults (8 keys / 8 values, 4 pairs, 32 tokens; D 64, 2 blocks, 4 heads; 3000 steps of 32 sequences at a
+    peak learning rate of 1e-3) are the README's main job: `xlstm_jax.train.cli.TRAIN_DESCRIPTION` gives its time
+    and docs/training.md the seeds sweep behind its promise.
 
-    Cadences left None follow `steps`: warmup_steps = min(100, steps // 10), eval_every = min(1000, steps),
-    checkpoint_every = eval_every. Checkpoints and the exported model go to `output_dir` (None: none are written);
-    `resume` continues the run there. With `progress`, a terminal shows a progress bar and other outputs get a
-    progress line every `progress_seconds`. `mesh` ("data=2,fsdp=2,tensor=2"; None: one device) places the run on
-    a device mesh (`xlstm_jax.train.mesh`); `remat` recomputes each block in the backward (less activation memory).
+    Cadences left None follow `steps`: warmup_steps = min(100, steps // 10), eval_every = min(1000, steps // 4)
+    (at least 1), checkpoint_every = eval_every. Gate-bias initialisations left None follow the task
+    (`MQAR_GATE_INIT`, `XLSTM_7B_GATE_INIT` for `data`). Checkpoints and the exported model go to `output_dir`
+    (None: none are written); `resume` continues the run there (`TrainConfig.resumed` takes the stored settings).
+    `lr_segments` ((start step, end step), ...) is the schedule's history, kept by the run: linear warmup + cosine
+    decay to min_lr_ratio x peak over the first; each later one is a resume that changed `steps`, from whose start
+    the rate decays along a new cosine from where it was to the same floor (empty: one segment to `steps`).
+    With `progress`, a terminal shows a progress bar and other outputs get a progress line after the first step
+    and every `progress_seconds`. `mesh` ("data=2,fsdp=2,tensor=2"; None: one device) places the run on a device
+    mesh (`xlstm_jax.train.mesh`); `remat` recomputes each block in the backward (less activation memory).
 
     `data` (paths, all of one kind: token files .npy/.bin, or text .txt/.jsonl with `tokenizer`) trains a language
     model on them instead of MQAR (`xlstm_jax.train.data`: packing with segment ids, a held-out `eval_fraction`).
@@ -129,15 +150,16 @@ class TrainConfig:
     num_kv_pairs: int = 4
     num_queries: int | None = None
     embedding_dim: int = 64
-    num_heads: int = 2
+    num_heads: int = 4
     num_blocks: int = 2
-    igate_bias_init: float = -10.0
+    igate_bias_init: float | None = None
+    fgate_bias_init_range: tuple[float, float] | None = None
     backend: str = "auto"
     chunk_size: int | None = None
     compute_dtype: str = "auto"
-    steps: int = 12000
+    steps: int = 3000
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -159,6 +181,7 @@ class TrainConfig:
     token_dtype: str = "uint16"
     eos_id: int | None = None
     eval_fraction: float = 0.01
+    lr_segments: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("steps",))
@@ -166,9 +189,14 @@ class TrainConfig:
             object.__setattr__(self, "vocab_size", 17)
         if self.data is not None:
             self._check_data()
-        for name, default in (("warmup_steps", min(100, self.steps // 10)), ("eval_every", min(1000, self.steps))):
+        igate, fgate = MQAR_GATE_INIT if self.data is None else XLSTM_7B_GATE_INIT
+        for name, default in (("warmup_steps", min(100, self.steps // 10)),
+                              ("eval_every", max(1, min(1000, self.steps // 4))),
+                              ("igate_bias_init", igate), ("fgate_bias_init_range", fgate)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+        self._check_gate_init()
+        self._check_lr_segments()
         if self.checkpoint_every is None:
             object.__setattr__(self, "checkpoint_every", self.eval_every)
         _check_positive_ints(self, ("batch_size", "eval_every", "eval_batches", "checkpoint_every",
@@ -209,6 +237,30 @@ class TrainConfig:
         except ValueError as err:
             # The fields it reads are checked above, except how the q/k and v widths split into heads.
             raise ConfigError("num_heads", str(err)) from None
+
+    def _check_gate_init(self) -> None:
+        if not _is_real(self.igate_bias_init):
+            raise ConfigError("igate_bias_init", f"must be a finite number, got {self.igate_bias_init!r}.")
+        pair = self.fgate_bias_init_range
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_real, pair)):
+            object.__setattr__(self, "fgate_bias_init_range", (float(pair[0]), float(pair[1])))
+        else:
+            raise ConfigError("fgate_bias_init_range", f"must be two finite numbers (low, high), got {pair!r}.")
+
+    def _check_lr_segments(self) -> None:
+        try:
+            segments = tuple((int(a), int(b)) for a, b in self.lr_segments)
+        except (TypeError, ValueError):
+            raise ConfigError("lr_segments", f"must be (start, end) step pairs, got {self.lr_segments!r}.") from None
+        object.__setattr__(self, "lr_segments", segments)
+        if not segments:
+            return
+        starts_ok = segments[0][0] == 0 and all(a < b for a, b in segments)
+        chained = all(segments[k + 1][0] <= segments[k][1] and segments[k + 1][0] > segments[k][0]
+                      for k in range(len(segments) - 1))
+        if not (starts_ok and chained):
+            raise ConfigError("lr_segments", f"must be (start, end) step pairs, the first from step 0, each later one "
+                                             f"starting inside the one before it; got {segments}.")
 
     def _check_data(self) -> None:
         paths = (self.data,) if isinstance(self.data, str) else tuple(self.data)
@@ -253,8 +305,32 @@ class TrainConfig:
             embedding_dim=self.embedding_dim, num_heads=self.num_heads, num_blocks=self.num_blocks,
             vocab_size=vocab_size or self.vocab_size, backend=self.backend, chunk_size=self.chunk_size,
             compute_dtype=dtype,
-            igate_bias_init=self.igate_bias_init,
+            igate_bias_init=self.igate_bias_init, fgate_bias_init_range=self.fgate_bias_init_range,
         )
+
+    def schedule_segments(self) -> tuple[tuple[int, int], ...]:
+        """`lr_segments`, or the one segment (0, steps) of a run that never changed its length."""
+        return self.lr_segments or ((0, self.steps),)
+
+    @classmethod
+    def resumed(cls, output_dir: str, **given: Any) -> "TrainConfig":
+        """The config that resumes the run in `output_dir`: its stored settings (`train_config.json`), with
+        `given` fields replacing them (a changed `RESUME_FIELDS` field is refused when training starts). Without
+        a stored config (a run from before configs were stored, or none yet), only `given` and the defaults."""
+        from xlstm_jax.train.checkpoints import read_run_config
+
+        try:
+            stored = read_run_config(output_dir) or {}
+        except ValueError as err:
+            raise ConfigError("output_dir", str(err)) from None
+        names = {f.name for f in dataclasses.fields(cls)} - set(NOT_INHERITED)
+        fields = {name: value for name, value in stored.items() if name in names}
+        if isinstance(fields.get("data"), list):
+            fields["data"] = tuple(fields["data"])
+        if isinstance(fields.get("fgate_bias_init_range"), list):
+            fields["fgate_bias_init_range"] = tuple(fields["fgate_bias_init_range"])
+        fields.update(given)
+        return cls(**{**fields, "output_dir": output_dir, "resume": True})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

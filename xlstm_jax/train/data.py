@@ -75,6 +75,20 @@ class Corpus:
         self.num_eval_rows = max(1, math.ceil(eval_fraction * self.num_rows - 1e-9))
         self.num_train_rows = self.num_rows - self.num_eval_rows
 
+    @property
+    def num_documents(self) -> int | None:
+        """Documents in the stream: text documents, or token-file pieces split by eos_id (counted for streams up to
+        2^28 tokens; None above, where counting would read the whole files), or one per token file."""
+        if self._doc_index is not None:
+            return int(self._doc_index[-1]) + 1 if len(self._doc_index) else 0
+        if self._eos_id is None:
+            return len(self._arrays)
+        if self.num_tokens > 2**28:
+            return None
+        ends = sum(int(np.count_nonzero(np.asarray(a) == self._eos_id)) for a in self._arrays)
+        last = self._arrays[-1]
+        return ends + int(len(last) > 0 and int(last[-1]) != self._eos_id)
+
     def _tokens(self, start: int, stop: int) -> np.ndarray:
         """Stream positions start..stop-1, (stop - start,) int64, read across file boundaries."""
         index = int(np.searchsorted(self._offsets, start, side="right")) - 1

@@ -53,10 +53,10 @@ def _say(console: Console, text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _check_output_dir(config: TrainConfig, console: Console) -> None:
-    """Check `output_dir` against `resume` (nothing is written)."""
+def _check_output_dir(config: TrainConfig, console: Console) -> dict[str, Any] | None:
+    """Check `output_dir` against `resume` (nothing is written); the stored run config of a run to resume."""
     if config.output_dir is None:
-        return
+        return None
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ConfigError("output_dir", f"{config.output_dir!r} is not a directory.")
     if holds_run(config.output_dir):
@@ -73,8 +73,28 @@ def _check_output_dir(config: TrainConfig, console: Console) -> None:
             diffs = "; ".join(f"{name} {stored[name]!r} there, {getattr(config, name)!r} now" for name in changed)
             raise ConfigError(changed[0], f"differs from the run in {config.output_dir!r} ({diffs}); resume with "
                                           "the run's settings, or choose another --output-dir.")
-    elif config.resume:
+        return stored
+    if config.resume:
         _say(console, f"nothing to resume in {config.output_dir}: starting at step 0")
+    return None
+
+
+def _continue_schedule(config: TrainConfig, stored: dict[str, Any] | None, start: int,
+                       console: Console) -> TrainConfig:
+    """The config with the learning-rate history of the run it resumes at `start` (`lr_segments`): a new total
+    `steps` adds a segment from `start`, along which the rate goes on from where it is to its floor (printed)."""
+    if stored is None or start == 0:
+        return dataclasses.replace(config, lr_segments=())
+    segments = tuple(tuple(pair) for pair in stored.get("lr_segments") or ()) or ((0, int(stored["steps"])),)
+    if segments[-1][1] != config.steps and config.steps > start:
+        schedule = lr_schedule(dataclasses.replace(config, lr_segments=segments))
+        rate = float(schedule(start))
+        segments = tuple(pair for pair in segments if pair[0] < start) + ((start, config.steps),)
+        floor = config.learning_rate * config.min_lr_ratio
+        _say(console, f"the run was planned for {stored['steps']} steps, now {config.steps}: from step {start} the "
+                      f"learning rate goes on from {rate:.3g} along a new cosine to {floor:.3g} at step "
+                      f"{config.steps}")
+    return dataclasses.replace(config, lr_segments=segments)
 
 
 def _open_checkpoints(config: TrainConfig) -> RunCheckpointer | None:
@@ -115,7 +135,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     """
     main = jax.process_index() == 0
     console = console or Console(quiet=not main)
-    _check_output_dir(config, console)
+    stored = _check_output_dir(config, console)
+    if config.output_dir is not None:
+        _say(console, f"output: {config.output_dir}")
     mesh, sizes = None, None
     if config.mesh is not None:
         sizes = parse_mesh(config.mesh)
@@ -124,16 +146,20 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         task = make_task(config, None if mesh is None else batch_sharding(mesh))
     except ValueError as err:
         raise ConfigError("data", str(err)) from None
+    _say(console, f"data: {task.describe()}")
     checkpointer = _open_checkpoints(config)
     model_config = config.model_config(vocab_size=task.vocab_size)
     tx = make_optimizer(config)
     graphdef, params, opt_state, placement = init_params(model_config, config.seed, tx, mesh, sizes)
+    _say(console, f"model: {_describe_model(model_config, params)}")
     start = 0
     metrics = MetricsLog(config.output_dir, enabled=main)
     if checkpointer is not None:
         if config.resume:
             params, opt_state, start = _resume(checkpointer, config, params, opt_state, console)
             metrics.truncate_after(start)
+        config = _continue_schedule(config, stored, start, console)
+        tx = make_optimizer(config)
         if main:
             write_run_config(config.output_dir, {**config.to_dict(), "model": model_config.to_dict()})
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -155,6 +181,17 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             save_pretrained(model, f"{config.output_dir}/model", layout="hf")
     chance = config.task_config().chance_accuracy if config.data is None else None
     return TrainResult(chance_accuracy=chance, model=model, **result)
+
+
+def _describe_model(model_config: Any, params: Any) -> str:
+    """One line: size, heads, backend and dtype of the model."""
+    from xlstm_jax.mlstm.api import resolve_backend
+
+    c = model_config
+    count = sum(x.size for x in jax.tree.leaves(params))
+    return (f"{count:,} parameters: {c.num_blocks} blocks of width {c.embedding_dim}, {c.num_heads} heads "
+            f"(q/k {c.qk_head_dim}, v {c.v_head_dim}), mLSTM backend {resolve_backend(c.backend, c.chunk_size)}, "
+            f"{c.compute_dtype} matmuls")
 
 
 def _run(config: TrainConfig, task: Any, model_config: Any, train_step: Any, eval_sums: Any, params: Any,
@@ -184,7 +221,8 @@ def _run(config: TrainConfig, task: Any, model_config: Any, train_step: Any, eva
     def run_eval(step: int) -> None:
         last_eval.update(evaluate(eval_sums, params, eval_batches))
         history.append({"step": step, **last_eval})
-        metrics.write({"step": step, **last_eval})
+        if not metrics.has_eval(step):  # a resume of a finished run evaluates it again
+            metrics.write({"step": step, **last_eval})
         progress.console.print(f"step {step:>6}  eval loss {last_eval['eval_loss']:.4f}  perplexity "
                                f"{last_eval['eval_perplexity']:.3f}  accuracy {last_eval['eval_accuracy']:.4f}")
 
@@ -198,18 +236,24 @@ def _run(config: TrainConfig, task: Any, model_config: Any, train_step: Any, eva
             if t_after_compile is None:
                 jax.block_until_ready(loss)
                 t_after_compile, step_after_compile = time.perf_counter(), step
-            line_due = lines and time.perf_counter() - t_line >= config.progress_seconds
-            if line_due or step % config.log_every == 0 or step == config.steps:
+            line_due = lines and (step == start + 1 or time.perf_counter() - t_line >= config.progress_seconds)
+            log_due = step % config.log_every == 0 or step == config.steps
+            if line_due or log_due:
                 loss_v, acc_v = float(loss), float(acc)
                 now = time.perf_counter()
                 elapsed = now - t_after_compile
                 tps = (step - step_after_compile) * tokens_per_step / elapsed if elapsed > 0 else 0.0
                 mfu = tps * flops / (peak * devices) if peak else None
-                metrics.write({"step": step, "loss": loss_v, "accuracy": acc_v,
-                               "learning_rate": float(schedule(step - 1)), "tokens_per_s": tps,
-                               "tokens_per_s_per_device": tps / devices, **({"mfu": mfu} if mfu else {})})
-                stats = (f"loss {loss_v:.3f}  acc {acc_v:.3f}  {tps:,.0f} tok/s ({tps / devices:,.0f}/device)"
-                         + (f"  MFU {100 * mfu:.1f}%" if mfu else ""))
+                if log_due:
+                    metrics.write({"step": step, "loss": loss_v, "accuracy": acc_v,
+                                   "learning_rate": float(schedule(step - 1)), "tokens_per_s": tps,
+                                   "tokens_per_s_per_device": tps / devices, **({"mfu": mfu} if mfu else {})})
+                if step == step_after_compile:  # nothing timed yet: the first step compiled the train step
+                    speed = f"first step (compiling included) {t_after_compile - t_start:.1f} s"
+                else:
+                    speed = (f"{tps:,.0f} tok/s ({tps / devices:,.0f}/device)"
+                             + (f"  MFU {100 * mfu:.1f}%" if mfu else ""))
+                stats = f"loss {loss_v:.3f}  acc {acc_v:.3f}  {speed}"
                 progress.update(bar, completed=step, stats=stats)
                 if line_due:
                     _say(console, f"step {step:>6}/{config.steps}  {stats}  {now - t_start:.0f} s elapsed")

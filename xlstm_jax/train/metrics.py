@@ -61,6 +61,14 @@ class MetricsLog:
             return
         self.writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR))
 
+    def has_eval(self, step: int) -> bool:
+        """Whether the file already holds an evaluation record of `step`."""
+        if self.path is None or not os.path.exists(self.path):
+            return False
+        with open(self.path) as fh:
+            return any("eval_loss" in record and record["step"] == step
+                       for record in map(json.loads, filter(str.strip, fh)))
+
     def truncate_after(self, step: int) -> None:
         """Drop the records after `step` (a resumed run repeats those steps); the file as it was is kept next to it
         as `metrics-<time>.jsonl` when anything is dropped."""

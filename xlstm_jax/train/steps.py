@@ -18,11 +18,26 @@ from xlstm_jax.train.mesh import MLSTM_AXES, param_shardings
 
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at `steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=config.steps, end_value=config.learning_rate * config.min_lr_ratio,
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at the end of the first of
+    `config.schedule_segments()`; from the start of each later segment (a resume that changed `steps`), a new cosine
+    from the rate reached there to the same floor at the segment's end: the rate never jumps."""
+    floor = config.learning_rate * config.min_lr_ratio
+    segments = config.schedule_segments()
+    first_end = segments[0][1]
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, first_end - 1),
+        decay_steps=first_end, end_value=floor,
     )
+    pieces, boundaries = [schedule], []
+    for start, end in segments[1:]:
+        reached = float(optax.join_schedules(pieces, boundaries)(start)) if boundaries else float(schedule(start))
+        if reached > floor:
+            piece = optax.cosine_decay_schedule(reached, decay_steps=end - start, alpha=floor / reached)
+        else:
+            piece = optax.constant_schedule(reached)
+        pieces.append(piece)
+        boundaries.append(start)
+    return optax.join_schedules(pieces, boundaries) if boundaries else schedule
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:

@@ -30,6 +30,14 @@ class MQARTask:
         root = jax.random.key(config.seed)
         self._data_key, self._eval_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
 
+    def describe(self) -> str:
+        """One line: what the task is, per step and held out."""
+        c, t = self.config, self.config.task_config()
+        return (f"MQAR generated on the fly: vocabulary {t.vocab_size} (filler, {t.num_keys} keys, {t.num_values} "
+                f"values), {t.num_kv_pairs} key-value pairs and {t.queries} queries per {t.seq_len}-token sequence, "
+                f"{c.batch_size} sequences per step; {c.eval_batches} held-out batches (chance accuracy "
+                f"{t.chance_accuracy:.3f})")
+
     def start(self, step: int) -> None:
         """Nothing to position: any step's batch is generated directly."""
 
@@ -59,6 +67,16 @@ class CorpusTask:
         self._iterator, self._next = None, None
         self._eval = [self._global(batch) for batch in
                       eval_batches(corpus, config.batch_size, config.eval_batches, **part).batches]
+
+    def describe(self) -> str:
+        """One line: tokens, documents, rows (training and held out) and vocabulary of the corpus."""
+        c = self.corpus
+        documents = c.num_documents
+        docs = "" if documents is None else f" in {documents:,} documents"
+        files = len(self.config.data)
+        return (f"{c.num_tokens:,} tokens{docs} from {files} file{'s' * (files != 1)}: {c.num_rows:,} rows of "
+                f"{c.seq_len} tokens, {c.num_train_rows:,} for training and {c.num_eval_rows:,} held out "
+                f"({len(self._eval)} evaluation batches); vocabulary {c.vocab_size:,}")
 
     def start(self, step: int) -> None:
         """Position the prefetching iterator at `step`."""

@@ -240,6 +240,19 @@ def load_state_dict(config: xLSTMLargeConfig, tensors: dict[str, Any], layout: s
     return _build(config, convert_weight_mode(tensors, config, config.weight_mode), layout)
 
 
+def training_export(path: str) -> str:
+    """`path/model` when `path` is an `xlstm-jax train` output directory (its run config and an exported model, no
+    checkpoint config of its own), else `path`."""
+    export = os.path.join(path, "model")
+    if not os.path.isfile(os.path.join(path, "train_config.json")) or os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if not os.path.isdir(export):
+        raise FileNotFoundError(f"{path!r} holds an xlstm-jax training run without an exported model/ yet (it is "
+                                "written when the run finishes; `xlstm-jax train --output-dir DIR --resume` "
+                                "finishes it).")
+    return export
+
+
 def from_pretrained(
     path: str,
     dtype: Any = None,
@@ -260,9 +273,10 @@ def from_pretrained(
     Loads exactly what was saved or raises: the directory must hold one layout (`checkpoint_files`); the config
     file is validated (types, ranges, model_type); the LM head is needed unless the config ties the embeddings;
     missing, unexpected, non-float or wrongly shaped tensors raise CheckpointError before any weight is read.
-    Paths raise FileNotFoundError / NotADirectoryError / IsADirectoryError.
+    Paths raise FileNotFoundError / NotADirectoryError / IsADirectoryError. The output directory of
+    `xlstm-jax train` loads its exported model (`path/model`).
     """
-    path = os.fspath(path)
+    path = training_export(os.fspath(path))
     check_directory(path)
     headers = read_headers(path)
     layout = detect_layout(headers, path)
