@@ -176,3 +176,15 @@ def test_generate_on_a_damaged_or_missing_checkpoint_is_one_error_line(finished_
     os.truncate(os.path.join(model_dir, weights[0]), 100)
     assert cli.main(["generate", model_dir, "--prompt-ids", "1 2"]) == 2
     _assert_one_error_line(capsys.readouterr().err, "MODEL", weights[0])
+
+
+def test_from_pretrained_takes_a_training_directory_as_generate_does(finished_run, tmp_path):
+    """`from_pretrained(run_dir)` loads the run's `model/` export; a run that has not exported one yet is a clear
+    FileNotFoundError, not a message about missing safetensors."""
+    run_dir, result = finished_run
+    loaded = xlstm_large.from_pretrained(run_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(_params(loaded), _params(result.model)))
+    unfinished = str(tmp_path / "unfinished")
+    shutil.copytree(run_dir, unfinished, ignore=shutil.ignore_patterns("model"))
+    with pytest.raises(FileNotFoundError, match="without an exported model"):
+        xlstm_large.from_pretrained(unfinished)

@@ -137,3 +137,20 @@ def test_fused_step_at_the_7b_head_shape_on_gpu():
     want = _reference(*(jnp.asarray(a, jnp.float32) for a in args))
     for name, got, ref, tol in zip("hcnm", (h, c, n, m), want, (1e-2, 1e-5, 1e-5, 1e-6)):
         assert _rel(got, ref) < tol, (name, _rel(got, ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_states_the_step_starts_from_zero_states_as_mlstm_does(backend):
+    """The first step of a sequence: no states given equals zero states, and equals `mlstm` on one token."""
+    q, k, v, i, f, *_ = _inputs(3)
+    B, NH, DHQK, DHHV = 2, 3, 16, 32
+    zeros = (jnp.zeros((B, NH, DHQK, DHHV)), jnp.zeros((B, NH, DHQK)), jnp.zeros((B, NH)))
+    h, states = mlstm_step(q, k, v, i, f, backend=backend)
+    h0, states0 = mlstm_step(q, k, v, i, f, *zeros, backend=backend)
+    for got, want in zip((h, *states), (h0, *states0)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    want = _reference(q, k, v, i, f, *zeros)
+    for got, ref in zip((h, *states), want):
+        assert _rel(got, ref) < 2e-6
+    with pytest.raises(ValueError, match="c, n and m together"):
+        mlstm_step(q, k, v, i, f, zeros[0], backend=backend)

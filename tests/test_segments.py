@@ -16,15 +16,41 @@ from xlstm_jax.mlstm.reference import mlstm_recurrent_reference
 from xlstm_jax.mlstm.segments import from_cu_seqlens
 
 B, NH, S, DHQK, DHHV = 2, 2, 40, 8, 16
-# row 0: boundaries inside chunks (7, 23) and at a chunk start (32); row 1: a one-token document (16) at a chunk
-# start, then a boundary inside the last chunk (39: a one-token last document)
-LENGTHS = ([7, 16, 9, 8], [16, 1, 22, 1])
 BACKENDS = [("native_parallel", None), ("native_recurrent", None), ("native_chunkwise", 16),
             ("triton_limit_chunk", 16), ("triton_xl_chunk", 16)]
 
 
-def _segment_ids() -> np.ndarray:
-    return np.stack([np.repeat(np.arange(len(row)), row) + 10 * r for r, row in enumerate(LENGTHS)]).astype(np.int32)
+def _random_layout(seed: int) -> tuple[list[int], list[int]]:
+    """Two rows of document lengths summing to S, half of them one-token documents (runs of adjacent starts)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        lengths = []
+        while sum(lengths) < S:
+            lengths.append(1 if rng.random() < 0.5 else int(rng.integers(2, 12)))
+        lengths[-1] -= sum(lengths) - S
+        rows.append([n for n in lengths if n > 0])
+    return tuple(rows)
+
+
+# Document lengths per row (chunks of 16). Each -inf forget gate at a start adds the log-gate floor to the chunk's
+# cumulative sums: runs of starts in one chunk sum several floors.
+LAYOUTS = {
+    # row 0: boundaries inside chunks (7, 23) and at a chunk start (32); row 1: a one-token document (16) at a chunk
+    # start, then a boundary inside the last chunk (39: a one-token last document)
+    "inside_and_at_chunk_starts": ([7, 16, 9, 8], [16, 1, 22, 1]),
+    # three and four document starts in a row inside a chunk (the layouts of issue 31)
+    "adjacent_one_token_documents": ([5, 1, 1, 33], [10, 1, 1, 1, 27]),
+    # one-token documents at position 0, at a chunk's last position, across a chunk border, and at S - 1
+    "one_token_documents_at_the_edges": ([1, 14, 1, 1, 1, 21, 1], [1, 1, 1, 28, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
+    # a whole chunk of one-token documents (16 starts in a row), then one long document
+    "a_chunk_of_one_token_documents": ([1] * 16 + [24], [15] + [1] * 25),
+    **{f"random_{seed}": _random_layout(seed) for seed in (1, 2)},
+}
+
+
+def _segment_ids(lengths) -> np.ndarray:
+    return np.stack([np.repeat(np.arange(len(row)), row) + 100 * r for r, row in enumerate(lengths)]).astype(np.int32)
 
 
 def _inputs(seed: int):
@@ -54,10 +80,10 @@ def _loss(h, states, weights):
     return jnp.sum(h * w_h) + jnp.sum(c * scale[..., None, None] * w_c) + jnp.sum(n * scale[..., None] * w_n)
 
 
-def _separately(q, k, v, i, f, c, n, m):
+def _separately(layout, q, k, v, i, f, c, n, m):
     """float64: every document of every row alone, the first from the initial states; h and the last states."""
     hs, lasts = [], []
-    for r, lengths in enumerate(LENGTHS):
+    for r, lengths in enumerate(layout):
         start, state, parts = 0, (c[r:r + 1], n[r:r + 1], m[r:r + 1]), []
         for number, length in enumerate(lengths):
             piece = [x[r:r + 1, :, start:start + length] for x in (q, k, v, i, f)]
@@ -69,10 +95,13 @@ def _separately(q, k, v, i, f, c, n, m):
     return jnp.concatenate(hs), tuple(jnp.concatenate([s[j] for s in lasts]) for j in range(3))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend, chunk_size", BACKENDS)
-def test_packed_rows_equal_separate_documents(backend, chunk_size):
+def test_packed_rows_equal_separate_documents(backend, chunk_size, layout):
     args, weights = _inputs(0), _weights(1)
-    seg = jnp.asarray(_segment_ids())
+    layout = LAYOUTS[layout]
+    assert all(sum(row) == S and min(row) >= 1 for row in layout)
+    seg = jnp.asarray(_segment_ids(layout))
 
     def ours(q, k, v, i, f, c, n, m):
         h, states = mlstm(q, k, v, i, f, c_initial=c, n_initial=n, m_initial=m, backend=backend,
@@ -82,7 +111,7 @@ def test_packed_rows_equal_separate_documents(backend, chunk_size):
     (_, (h, states)), grads = jax.jit(jax.value_and_grad(ours, argnums=tuple(range(8)), has_aux=True))(*args)
     with jax.enable_x64(True):
         def reference(*a):
-            h, states = _separately(*a)
+            h, states = _separately(layout, *a)
             return _loss(h, states, tuple(jnp.asarray(w, jnp.float64) for w in weights)), (h, states)
 
         (_, (want_h, want_states)), want_grads = jax.value_and_grad(reference, argnums=tuple(range(8)),

@@ -21,9 +21,16 @@ import numpy as np
 # log(sigmoid(f)) == 0 exactly in float32, i.e. no decay.
 NEUTRAL_IGATE = -1e30
 NEUTRAL_FGATE = 1e30
-# Log forget gates are floored here: exp(-1e30 + x) is exactly 0 for every |x| < 1e29, so a gate at the floor is the
+# Log forget gates are floored here: exp(-2^100 + x) is exactly 0 for every |x| < 2^99, so a gate at the floor is the
 # same full reset as log(sigmoid(-inf)) = -inf, but sums and differences of log gates stay finite (no -inf - -inf).
-LOG_FORGET_FLOOR = -1e30
+# The floor is a power of two so that a sum of k floors (k adjacent document starts) is exact in float32 for k < 2^24:
+# with -1e30, three floors summed rounded by 1.5e23, which the two-float cumulative sums of the Triton kernels then
+# carried in their low part, where the small log gates after the starts vanished (issue 31).
+LOG_FORGET_FLOOR = -(2.0**100)
+# Log forget gates below this are full resets (e^{-2^20} is 0 in every float) and are set to the floor: a sum of
+# large log gates that is not exact (f = -1e30 three times) would leave a rounding error in the two-float low part
+# too large for the small gates that follow to register.
+LOG_FORGET_RESET = -(2.0**20)
 
 _COMPUTE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -255,17 +262,19 @@ def log_sigmoid(x: jax.Array) -> jax.Array:
 
 
 def log_forget_floor(dtype: Any) -> float:
-    """The floor of `log_forget` for gates of `dtype`."""
-    return max(LOG_FORGET_FLOOR, -float(jnp.finfo(dtype).max) / 4)
+    """The floor of `log_forget` for gates of `dtype`: LOG_FORGET_FLOOR, or for dtypes of smaller range the power of
+    two at or below a quarter of the largest finite value (sums of floors stay exact)."""
+    quarter = float(jnp.finfo(dtype).max) / 4
+    return max(LOG_FORGET_FLOOR, -(2.0 ** math.floor(math.log2(quarter))))
 
 
 def log_forget(f: jax.Array) -> jax.Array:
-    """The log forget gate of every backend: log(sigmoid(f)) floored at LOG_FORGET_FLOOR (or, for dtypes with a
-    smaller range, a quarter of the most negative finite value), so f = -inf is the full reset it means and never a
-    -inf that meets another -inf or a 0 in later sums and products. The floor's derivative is 0."""
+    """The log forget gate of every backend: log(sigmoid(f)), with every value below LOG_FORGET_RESET (a full reset)
+    set to the floor `log_forget_floor`, so f = -inf is the full reset it means and never a -inf that meets another
+    -inf or a 0 in later sums and products, and sums of resets are exact. The floor's derivative is 0."""
     floor = log_forget_floor(f.dtype)
     logf = log_sigmoid(f)
-    return jnp.where(logf < floor, floor, logf)  # NaN stays NaN
+    return jnp.where(logf < max(LOG_FORGET_RESET, floor), floor, logf)  # NaN stays NaN
 
 
 def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:

@@ -53,7 +53,7 @@ def floor_no_input(M):
 
 def shifted(x: jax.Array) -> jax.Array:
     """x moved one place along the last axis, 0 in front: an exclusive sum from an inclusive one without a
-    difference, which a floored log forget gate (-1e30, a document start) in the sum would wipe out."""
+    difference, which a floored log forget gate (base.LOG_FORGET_FLOOR, a document start) in the sum would wipe out."""
     return jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1)
 
 
