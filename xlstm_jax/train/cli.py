@@ -202,8 +202,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    if not 1 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be a positive int below 2^31, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2^63), got {value}")
     return value
 
 
@@ -242,7 +249,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=_probability, default=argparse.SUPPRESS,
                         help="sample from the smallest set with this probability mass (default: 1, all)")
     parser.add_argument("--stop-ids", type=_ids, default=[], help="stop token ids, space- or comma-separated")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "bfloat16", "float16"),
                         help="matmul dtype (default: the checkpoint's)")
     parser.add_argument("--weight-mode", choices=("single", "fused"), default="fused",
@@ -287,8 +294,11 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.prompt_ids:
         try:
             out = generate(model, args.prompt_ids, max_new_tokens=args.max_new_tokens, **sampling)
-        except ValueError as err:  # the flags are checked by argparse; what is left is the prompts
-            return fail("--prompt-ids", str(err))
+        except FloatingPointError as err:  # NaN logits: the model, not the input
+            return fail("MODEL", str(err))
+        except ValueError as err:  # the flags are checked by argparse; what is left is the prompts and sizes
+            return fail("--max-new-tokens" if str(err).startswith("the generated tokens") else "--prompt-ids",
+                        str(err))
         for prompt, tokens, length in zip(args.prompt_ids, out.tokens, out.lengths):
             print(f"prompt {prompt} -> {tokens[:length].tolist()}")
         return 0

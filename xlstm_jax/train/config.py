@@ -19,6 +19,8 @@ RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedd
                  "igate_bias_init", "fgate_bias_init_range", "batch_size", "learning_rate", "warmup_steps",
                  "min_lr_ratio", "weight_decay", "clip_norm", "seed", "data", "tokenizer", "token_dtype", "eos_id",
                  "eval_fraction")
+# Fields a resume may change that change how (not what) it computes: announced when they differ.
+EXECUTION_FIELDS = ("backend", "chunk_size", "compute_dtype", "mesh", "remat")
 # Fields a resume never takes from the stored run: where it is and that it resumes, and how it reports progress.
 NOT_INHERITED = ("output_dir", "resume", "progress", "lr_segments")
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -197,6 +199,8 @@ class TrainConfig:
                 object.__setattr__(self, name, default)
         self._check_gate_init()
         self._check_lr_segments()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError("seed", f"must be an int in [0, 2^63), got {self.seed!r}.")
         if self.checkpoint_every is None:
             object.__setattr__(self, "checkpoint_every", self.eval_every)
         _check_positive_ints(self, ("batch_size", "eval_every", "eval_batches", "checkpoint_every",

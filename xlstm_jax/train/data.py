@@ -174,6 +174,7 @@ def _load_token_files(spec: DataSpec, vocab_size: int | None) -> tuple[list[np.n
     arrays, largest = [], -1
     for path in spec.paths:
         array = _open_token_file(path, spec.token_dtype)
+        _refuse_wider_ids(path, array, spec.token_dtype)
         if len(array):
             low, high = _id_range(array)
             if low < 0:
@@ -183,6 +184,17 @@ def _load_token_files(spec: DataSpec, vocab_size: int | None) -> tuple[list[np.n
             largest = max(largest, high)
         arrays.append(array)
     return arrays, vocab_size if vocab_size is not None else largest + 1
+
+
+def _refuse_wider_ids(path: str, array: np.ndarray, token_dtype: str) -> None:
+    """ValueError when a raw uint16 .bin file reads like little-endian uint32 ids: every second uint16 (the high
+    halves) 0 in its first 2^20 items while the others are not all 0."""
+    if _suffix(path) != ".bin" or token_dtype != "uint16" or len(array) < 64 or len(array) % 2:
+        return
+    head = np.asarray(array[: 2**20])
+    if not np.any(head[1::2]) and np.any(head[0::2]):
+        raise ValueError(f"{path} looks like uint32 token ids (every second uint16 is 0, as the high halves of "
+                         "small uint32 ids are); pass --token-dtype uint32")
 
 
 def _open_token_file(path: str, token_dtype: str) -> np.ndarray:

@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
-from xlstm_jax.train.checkpoints import RunCheckpointer, holds_run, read_run_config, write_run_config
-from xlstm_jax.train.config import RESUME_FIELDS, ConfigError, TrainConfig
+from xlstm_jax.train.checkpoints import (RunCheckpointer, ShapeMismatch, holds_run, read_run_config,
+                                         write_run_config)
+from xlstm_jax.train.config import EXECUTION_FIELDS, RESUME_FIELDS, ConfigError, TrainConfig
 from xlstm_jax.train.mesh import batch_sharding, build_mesh, parse_mesh
 from xlstm_jax.train.metrics import MetricsLog, model_flops_per_token, peak_flops
 from xlstm_jax.train.steps import build_steps, evaluate, init_params, lr_schedule, make_optimizer
@@ -73,6 +74,10 @@ def _check_output_dir(config: TrainConfig, console: Console) -> dict[str, Any] |
             diffs = "; ".join(f"{name} {stored[name]!r} there, {getattr(config, name)!r} now" for name in changed)
             raise ConfigError(changed[0], f"differs from the run in {config.output_dir!r} ({diffs}); resume with "
                                           "the run's settings, or choose another --output-dir.")
+        moved = [f"{name} {stored[name]!r} -> {now[name]!r}" for name in EXECUTION_FIELDS
+                 if name in stored and stored[name] != now[name]]
+        if moved:
+            _say(console, f"resuming with other execution settings (the same model and data): {'; '.join(moved)}")
         return stored
     if config.resume:
         _say(console, f"nothing to resume in {config.output_dir}: starting at step 0")
@@ -113,8 +118,13 @@ def _resume(checkpointer: RunCheckpointer, config: TrainConfig, params: Any, opt
             console: Console) -> tuple[Any, Any, int]:
     """(params, opt_state, step) of the newest intact checkpoint (damaged newer ones are moved aside), or the
     given ones at step 0 when there is none."""
-    restored = checkpointer.restore_newest_intact(
-        params, opt_state, report=lambda text: _say(console, f"warning: {text}"))
+    try:
+        restored = checkpointer.restore_newest_intact(
+            params, opt_state, report=lambda text: _say(console, f"warning: {text}"))
+    except ShapeMismatch as err:
+        raise ConfigError("output_dir", f"{err}: these settings build another model than the run in "
+                                        f"{config.output_dir!r}; resume with the run's settings, or choose another "
+                                        "--output-dir.") from None
     if restored is None:
         _say(console, f"no intact checkpoint in {checkpointer.directory}: starting at step 0")
         return params, opt_state, 0

@@ -42,8 +42,9 @@ def parse_mesh(text: str) -> dict[str, int]:
                              "data=2,fsdp=2,tensor=2).")
         if name in seen:
             raise ValueError(f"axis {name!r} is given twice in {text!r}.")
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"axis {name!r} needs a positive size, got {value!r} in {text!r}.")
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
+            raise ValueError(f"axis {name!r} needs a positive size written in digits 0-9 (e.g. {name}=2), got "
+                             f"{value!r} in {text!r}.")
         seen.add(name)
         sizes[name] = int(value)
     return sizes

@@ -194,11 +194,20 @@ _ALIASES = {
     "bos_token_id": ("bos_token_id",),
     "pad_token_id": ("pad_token_id",),
     "eos_token_id": ("eos_token_id",),
+    # ours: they change what the model computes, so a saved model must keep them (absent: the xLSTM-7B defaults)
+    "input_gate": ("input_gate",),
+    "document_reset": ("document_reset",),
+    "reset_fgate_value": ("reset_fgate_value",),
 }
+# Fields whose spellings may disagree, the first present winning: transformers' xLSTMConfig builds num_blocks blocks
+# and keeps num_hidden_layers (its default 32 when only num_blocks is given) for cache sizes and initialisation.
+# Whether the tensors hold that many blocks is checked against the weights.
+_FIRST_WINS = ("num_blocks",)
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(xLSTMLargeConfig)}  # "int", "float | None", …
 _NON_NEGATIVE = ("bos_token_id", "pad_token_id", "eos_token_id")
+_SIGNED = ("reset_fgate_value",)
 
 
 def _number(value: Any, base: str) -> int | float | None:
@@ -233,11 +242,13 @@ def _checkpoint_value(field: str, key: str, value: Any) -> Any:
         return value
     number = _number(value, base)
     non_negative = field in _NON_NEGATIVE
+    if field in _SIGNED and number is not None:
+        return number
     if number is None or number < 0 or (number == 0 and not non_negative):
         noun = "integer" if base == "int" else "finite number"
         or_null = " or null" if base != kind else ""
-        raise ValueError(f"{key} = {value!r}: expected a {'non-negative' if non_negative else 'positive'} "
-                         f"{noun}{or_null}.")
+        sign = "" if field in _SIGNED else "non-negative " if non_negative else "positive "
+        raise ValueError(f"{key} = {value!r}: expected a {sign}{noun}{or_null}.")
     return number
 
 
@@ -254,7 +265,7 @@ def config_from_checkpoint_dict(data: dict[str, Any], *, hf: bool) -> xLSTMLarge
         optional = _FIELD_TYPES[field].endswith(" | None")
         given = {key: _checkpoint_value(field, key, data[key]) for key in keys
                  if key in data and (optional or data[key] is not None)}
-        if len(set(given.values())) > 1:
+        if len(set(given.values())) > 1 and field not in _FIRST_WINS:
             raise ValueError(" and ".join(f"{key} = {data[key]!r}" for key in given) + " disagree.")
         if given:
             kwargs[field] = next(iter(given.values()))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
+import os
 from typing import Any, Sequence
 
 import jax
@@ -35,8 +37,11 @@ class GenerationOutput:
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    """Temperature-scaled logits (B, V) with everything outside the top-k / top-p set at -inf."""
-    logits = logits.astype(F32) / temperature
+    """Temperature-scaled logits (B, V) with everything outside the top-k / top-p set at -inf. The largest logit is
+    subtracted before the division (the softmax is the same), so a temperature in float32's denormal range keeps
+    the most likely tokens at 0 and sends the rest to -inf, the greedy limit, instead of overflowing to inf - inf."""
+    logits = logits.astype(F32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -56,6 +61,13 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def _first_bad(bad_at: jax.Array, logits: jax.Array, step: jax.Array, active: jax.Array) -> jax.Array:
+    """bad_at (B,) int32 (-1: none yet) updated with `step` for the active rows whose logits (B, V) hold a NaN or
+    +inf."""
+    bad = active & jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+    return jnp.where((bad_at < 0) & bad, step, bad_at)
 
 
 def _carried(states: list, dtype: str) -> list:
@@ -86,41 +98,87 @@ def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperatur
         all_logits = all_logits.at[:, 0].set(first_logits)
     done = jnp.isin(token, stops)
     lengths = jnp.ones((B,), jnp.int32)
+    bad_at = _first_bad(jnp.full((B,), -1, jnp.int32), first_logits, jnp.asarray(0, jnp.int32), jnp.ones((B,), bool))
 
     def cond(carry):
-        step, _, _, done, _, _, _, _ = carry
+        step, _, _, done, _, _, _, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, token, states, done, tokens, all_logits, lengths, key = carry
+        step, token, states, done, tokens, all_logits, lengths, key, bad_at = carry
         logits, states = model(token[:, None], states=states, return_states=True, backend=step_backend)
         states = _carried(states, state_dtype)
         key, sub = jax.random.split(key)
         step_logits = logits[:, 0]
+        bad_at = _first_bad(bad_at, step_logits, step, ~done)
         new = jnp.where(done, pad_token, sample_tokens(step_logits, sub, temperature, top_k, top_p))
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, step))
         if return_logits:
             all_logits = jax.lax.dynamic_update_slice(all_logits, step_logits[:, None], (0, step, 0))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(new, stops)
-        return step + 1, new, states, done, tokens, all_logits, lengths, key
+        return step + 1, new, states, done, tokens, all_logits, lengths, key, bad_at
 
-    carry = (jnp.asarray(1, jnp.int32), token, states, done, tokens, all_logits, lengths, key)
-    _, _, _, _, tokens, all_logits, lengths, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens, lengths, all_logits
+    carry = (jnp.asarray(1, jnp.int32), token, states, done, tokens, all_logits, lengths, key, bad_at)
+    _, _, _, _, tokens, all_logits, lengths, _, bad_at = jax.lax.while_loop(cond, body, carry)
+    return tokens, lengths, all_logits, bad_at
+
+
+def _token_ids(values: Any, what: str) -> np.ndarray:
+    """`values` as an int64 array of token ids; ValueError unless every element is an integer (numpy integers
+    included; floats, bools and ints beyond int64 are refused, never truncated)."""
+    array = np.asarray(values)
+    flags = isinstance(values, (list, tuple)) and any(isinstance(t, (bool, np.bool_)) for t in values)
+    if array.size and (flags or array.dtype == bool or not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{what} must hold integer token ids, got {array.dtype} values "
+                         f"{array.ravel()[:4].tolist()}.")
+    return array.astype(np.int64)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists of any lengths -> (tokens (B, P) int32 left-padded with `pad_token`, mask (B, P) bool)."""
+    """Token lists of any lengths -> (tokens (B, P) int64 left-padded with `pad_token`, mask (B, P) bool)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token sequences.")
-    P = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), P), pad_token, np.int32)
-    mask = np.zeros((len(prompts), P), bool)
-    for row, prompt in enumerate(prompts):
-        tokens[row, P - len(prompt):] = np.asarray(prompt, np.int32)
+    rows = [_token_ids(prompt, f"prompt {row}") for row, prompt in enumerate(prompts)]
+    if any(r.ndim != 1 for r in rows):
+        raise ValueError("prompts must be a list of flat token sequences.")
+    P = max(len(r) for r in rows)
+    tokens = np.full((len(rows), P), pad_token, np.int64)
+    mask = np.zeros((len(rows), P), bool)
+    for row, prompt in enumerate(rows):
+        tokens[row, P - len(prompt):] = prompt
         mask[row, P - len(prompt):] = True
     return tokens, mask
+
+
+def _count(value: Any, name: str, *, maximum: int = 2**31 - 1, optional: bool = False) -> int | None:
+    """`value` as a positive int up to `maximum` (numpy integers too, `operator.index`), or None if `optional`."""
+    if value is None and optional:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}.") from None
+    if not 1 <= number <= maximum:
+        raise ValueError(f"{name} must be in [1, {maximum}], got {number}.")
+    return number
+
+
+def _check_fits(nbytes: int, what: str) -> None:
+    """ValueError when a buffer of `nbytes` cannot fit the first device's memory (or the host's, on a CPU)."""
+    device = jax.devices()[0]
+    limit = None
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # memory_stats is not implemented on every platform
+        limit = None
+    if limit is None:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > limit:
+        raise ValueError(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB of "
+                         f"{device.platform} memory; ask for fewer tokens.")
 
 
 @functools.cache
@@ -171,34 +229,58 @@ class Generator:
         config = self.model.config
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
-        if not temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}.")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
+        max_new_tokens = _count(max_new_tokens, "max_new_tokens")
+        top_k = _count(top_k, "top_k", optional=True)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+                or not 0.0 <= float(temperature) < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
+        if float(temperature) < np.finfo(np.float32).tiny:  # float32 flushes it to 0: the greedy limit
+            temperature = 0.0
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+                                  or not 0.0 < float(top_p) <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}.")
+        stops = _token_ids(list(stop_tokens), "stop_tokens").ravel()
+        if stops.size and (stops.min() < 0 or stops.max() >= config.vocab_size):
+            raise ValueError(f"stop_tokens must be token ids in [0, {config.vocab_size}), got {stops.tolist()}.")
+        try:
+            if isinstance(seed, bool):
+                raise TypeError
+            seed = operator.index(seed)
+        except TypeError:
+            raise ValueError(f"seed must be an int, got {seed!r}.") from None
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must fit 64 bits, got {seed}.")
         if isinstance(prompts, (list, tuple)):
             tokens, mask = left_pad(prompts, config.pad_token_id)
         else:
             tokens = np.asarray(prompts)
-            if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.dtype == bool:
                 raise ValueError(f"prompts must be an int array (B, P) or a list of token lists, got "
                                  f"{tokens.dtype} array of shape {tokens.shape}.")
             mask = np.ones(tokens.shape, bool)
         if tokens.min() < 0 or tokens.max() >= config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}), got range "
                              f"[{tokens.min()}, {tokens.max()}].")
+        B = tokens.shape[0]
+        _check_fits(B * max_new_tokens * 4, f"the generated tokens ({B} x {max_new_tokens} int32)")
+        if return_logits:
+            _check_fits(B * max_new_tokens * config.vocab_size * 4,
+                        f"return_logits ({B} x {max_new_tokens} x {config.vocab_size} float32)")
         graphdef, params = self._split or nnx.split(self.model)
-        out_tokens, lengths, logits = _generate(
+        out_tokens, lengths, logits, bad_at = _generate(
             params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jax.random.key(seed),
             graphdef=graphdef, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-            top_p=None if top_p is None else float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens),
+            top_p=None if top_p is None else float(top_p), stop_tokens=tuple(int(t) for t in stops),
             pad_token=int(config.pad_token_id), prefill_backend=prefill_backend or config.backend,
             step_backend=step_backend or config.step_backend, chunk_size=chunk_size, return_logits=return_logits,
             state_dtype=state_dtype,
         )
+        bad_at = np.asarray(bad_at)
+        if np.any(bad_at >= 0):
+            row = int(np.argmax(bad_at >= 0))
+            raise FloatingPointError(f"the model's logits hold NaN or inf at generated token {int(bad_at[row])} of "
+                                     f"prompt {row} ({int(np.sum(bad_at >= 0))} of {B} prompts affected): its "
+                                     "weights or inputs are not finite, or it overflowed in its compute dtype.")
         return GenerationOutput(np.asarray(out_tokens), np.asarray(lengths),
                                 np.asarray(logits) if return_logits else None)
 
