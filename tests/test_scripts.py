@@ -54,6 +54,17 @@ def test_train_throughput_reports_each_backend(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["params_M"] > 0 for r in rows)
 
 
+def test_checkpoint_cost_times_each_part_of_a_save(tmp_path):
+    out = tmp_path / "cost.json"
+    _load("checkpoint_cost").main(["--size", "tiny", "--saves", "2", "--dir", str(tmp_path / "ckpt"), "--out",
+                                   str(out)])
+    result = json.loads(out.read_text())
+    assert [row["step"] for row in result["saves"]] == [1, 2]
+    assert all(row["files"] >= 3 and row["bytes"] > result["state_bytes"] // 2 for row in result["saves"])
+    assert set(result["median"]) == {"save_blocking_s", "commit_s", "checksum_s", "verify_s", "restore_s"}
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
     profiler = _load("profile_stages")
     out = tmp_path / "stages.json"

@@ -202,16 +202,23 @@ def test_documents_across_shards_of_a_split_sequence():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["eight_documents", "dense_random"])
 @pytest.mark.parametrize("backend", ["triton_limit_chunk", "triton_xl_chunk"])
-def test_gpu_packed_rows_at_a_realistic_shape(backend):
-    """B=2, NH=4, S=4096, 128/256, float32, 8 documents of uneven lengths per row: h and the true last states
-    against each document run alone in float64; all gradients at S=1024 against native_chunkwise."""
+def test_gpu_packed_rows_at_a_realistic_shape(backend, layout):
+    """B=2, NH=4, 128/256, float32: 8 documents of uneven lengths per row at S=4096, or at S=1024 a new document
+    with probability 0.1 at each token (runs of adjacent starts: the layout that was off by 2.78 on the GPU before
+    issue 31's fix); h and the true last states against each document run alone in float64; all gradients at
+    S=1024 against native_chunkwise."""
     rng = np.random.default_rng(5)
-    Bg, NHg, Sg, DK, DV = 2, 4, 4096, 128, 256
+    Bg, NHg, Sg, DK, DV = 2, 4, 4096 if layout == "eight_documents" else 1024, 128, 256
     q, k = (rng.standard_normal((Bg, NHg, Sg, DK)).astype(np.float32) for _ in range(2))
     v = rng.standard_normal((Bg, NHg, Sg, DV)).astype(np.float32)
     i, f = (rng.standard_normal((Bg, NHg, Sg)).astype(np.float32) * 2 + s for s in (0.0, 3.0))
-    cuts = np.sort(rng.choice(np.arange(1, Sg), size=7, replace=False))
+    if layout == "eight_documents":
+        cuts = np.sort(rng.choice(np.arange(1, Sg), size=7, replace=False))
+    else:
+        cuts = np.nonzero(rng.random(Sg) < 0.1)[0]
+        cuts = cuts[cuts > 0]
     seg = np.broadcast_to(np.searchsorted(cuts, np.arange(Sg), side="right"), (Bg, Sg)).astype(np.int32)
     h, (c, n, m) = mlstm(q, k, v, i, f, backend=backend, segment_ids=seg, return_last_states=True)
     with jax.enable_x64(True):
