@@ -13,7 +13,8 @@ def _severities(**kwargs):
     return [severity for severity, _ in compat.version_problems(**kwargs)]
 
 
-@pytest.mark.parametrize("combo", [GOOD_03, GOOD_04, {**GOOD_04, "jax_triton_version": "0.4.2"}])
+@pytest.mark.parametrize("combo", [GOOD_03, GOOD_04, {**GOOD_04, "jax_triton_version": "0.4.2"},
+                                   {**GOOD_04, "jax_triton_version": "0.4.1", "triton_version": "3.6.0"}])
 def test_supported_combinations_have_no_problems(combo):
     assert compat.version_problems(**combo) == []
 
@@ -21,7 +22,7 @@ def test_supported_combinations_have_no_problems(combo):
 @pytest.mark.parametrize(
     "change, needle",
     [
-        ({"jax_triton_version": "0.4.0", "triton_version": "3.6.0", "jax_version": "0.11.0"}, "triton >= 3.7"),
+        ({"jax_triton_version": "0.4.0", "triton_version": "3.5.1", "jax_version": "0.11.0"}, "triton >= 3.6"),
         ({"jax_triton_version": "0.4.0", "triton_version": "3.7.1", "jax_version": "0.10.2"}, "jax >= 0.11"),
         ({"jax_triton_version": "0.3.0", "triton_version": "3.5.1"}, "jax-triton#365"),
         ({"jax_triton_version": "0.3.1", "triton_version": "3.5.0"}, "needs triton >= 3.6"),

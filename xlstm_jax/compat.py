@@ -83,7 +83,7 @@ def version_problems(
 
     if jax_triton_version is not None:
         jt = _minor(jax_triton_version)
-        supported = "use jax-triton 0.3.1 (triton 3.6, jax >= 0.8.2) or 0.4.x (triton >= 3.7, jax >= 0.11)"
+        supported = "use jax-triton 0.3.1 (triton 3.6, jax >= 0.8.2) or 0.4.x (triton >= 3.6, jax >= 0.11)"
         if jt < (0, 3):
             error(f"jax-triton {jax_triton_version} is not supported; {supported}.")
         elif jt == (0, 3) and not version_at_least(jax_triton_version, "0.3.1"):
@@ -100,11 +100,10 @@ def version_problems(
             if not version_at_least(jax_version, "0.8.2"):
                 error(f"jax-triton {jax_triton_version} needs jax >= 0.8.2, found jax {jax_version}.")
         else:
-            if triton_version is not None and not version_at_least(triton_version, "3.7"):
-                error(
-                    f"jax-triton {jax_triton_version} needs triton >= 3.7, found triton {triton_version} "
-                    "(fails with '_Stub' object has no attribute 'backend'); or use jax-triton 0.3.1 with triton 3.6."
-                )
+            # With triton 3.6, jax-triton 0.4 imports a name triton 3.6 lacks (TMA_TF32; without it the NVIDIA backend
+            # is a stub: '_Stub' object has no attribute 'backend'): xlstm_jax.kernels.launch defines it first.
+            if triton_version is not None and not version_at_least(triton_version, "3.6"):
+                error(f"jax-triton {jax_triton_version} needs triton >= 3.6, found triton {triton_version}.")
             if not version_at_least(jax_version, "0.11"):
                 error(f"jax-triton {jax_triton_version} needs jax >= 0.11, found jax {jax_version}.")
             if jt >= (0, 5):

@@ -83,6 +83,12 @@ def triton_availability() -> tuple[bool, str]:
 @functools.cache
 def _jax_triton():
     saved = os.environ.get("TRITON_CACHE_DIR")
+    import triton.backends.nvidia.driver as nvidia_driver
+
+    # jax-triton 0.4 imports TMA_TF32 from triton's NVIDIA driver, which triton 3.6 does not define (11 is the
+    # value triton 3.7 gives it); without it the backend loads as a stub and every launch fails.
+    if not hasattr(nvidia_driver, "TMA_TF32"):
+        nvidia_driver.TMA_TF32 = 11
     import jax_triton
 
     if saved is None:
