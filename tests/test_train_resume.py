@@ -37,12 +37,15 @@ def test_resume_takes_the_stored_settings_and_refuses_explicit_changes(tmp_path,
     assert (stored["vocab_size"], stored["embedding_dim"], stored["learning_rate"], stored["seed"],
             stored["steps"], stored["log_every"]) == (16, 32, 2e-3, 3, 8, 1)
     # an option given explicitly must agree, unless it may change
-    assert _train("--output-dir", out, "--resume", "--steps", "9", "--lr", "1e-3") == 2
+    assert _train("--output-dir", out, "--resume", "--steps", "9", "--seed", "4") == 2
     err = capsys.readouterr().err
     assert _lines(err, "error:") == [line for line in err.splitlines() if line.strip()]
-    assert "--lr" in err and "0.002 there, 0.001 now" in err
+    assert "--seed" in err and "3 there, 4 now" in err
     assert _train("--output-dir", out, "--resume", "--steps", "9", "--seq-len", "16", "--eval-every", "1",
                   "--no-progress") == 0
+    # the step size may change (a run that diverged goes on more carefully), and says so
+    assert _train("--output-dir", out, "--resume", "--steps", "10", "--lr", "1e-3", "--no-progress") == 0
+    assert "learning_rate 0.002 -> 0.001" in capsys.readouterr().out
 
 
 def test_resumed_config_of_a_directory_without_a_stored_config_is_the_defaults(tmp_path):

@@ -174,6 +174,11 @@ class RunCheckpointer:
         except BaseException as err:  # re-raised by finish_checksums in the training thread
             self._hash_error = err
 
+    def raise_failure(self) -> None:
+        """Raise the error of the last save's background commit and checksums, if it has failed already."""
+        if self._hashing is not None and not self._hashing.is_alive() and self._hash_error is not None:
+            self.finish_checksums()
+
     def finish_checksums(self) -> None:
         """Wait for the checksums of the last save (all processes: a barrier after process 0 wrote them)."""
         if self._hashing is not None:
@@ -243,6 +248,13 @@ class RunCheckpointer:
         self.manager.close()
         self.manager = self._manager()
         return aside
+
+    def abandon(self) -> None:
+        """Release the manager after a run stopped with an error: wait for what is in flight, raise nothing."""
+        try:
+            self.close()
+        except Exception:  # the run already reports why it stopped
+            pass
 
     def close(self) -> None:
         """Wait for the last checkpoint and its checksums, then release the manager."""

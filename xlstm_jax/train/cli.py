@@ -150,6 +150,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Run `xlstm-jax train`; returns 0, or 2 for a setting that cannot work (checked before any compilation)."""
     from xlstm_jax.train import distributed
+    from xlstm_jax.train.guards import RunError
 
     fields = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
     if fields.get("fgate_bias_init_range") is not None:
@@ -177,6 +178,9 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(config)
     except ConfigError as err:
         return fail(flag(err.field), err.reason)
+    except RunError as err:  # diverged, interrupted, a write that failed: the run says what to do
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_status
     import jax
 
     if jax.process_index() != 0:  # process 0 reports for the job

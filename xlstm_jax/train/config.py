@@ -16,11 +16,11 @@ from typing import Any
 # see `lr_segments`), the cadence of logging, evaluation and checkpoints, and where and how it runs (backend,
 # chunk size, mesh, remat).
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
-                 "igate_bias_init", "fgate_bias_init_range", "batch_size", "learning_rate", "warmup_steps",
-                 "min_lr_ratio", "weight_decay", "clip_norm", "seed", "data", "tokenizer", "token_dtype", "eos_id",
-                 "eval_fraction")
-# Fields a resume may change that change how (not what) it computes: announced when they differ.
-EXECUTION_FIELDS = ("backend", "chunk_size", "compute_dtype", "mesh", "remat")
+                 "igate_bias_init", "fgate_bias_init_range", "batch_size", "warmup_steps", "min_lr_ratio",
+                 "weight_decay", "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction")
+# Fields a resume may change, announced when they differ: how (not what) it computes, and the step size (a run that
+# diverged goes on from its last checkpoint with a lower peak learning rate or clip norm).
+EXECUTION_FIELDS = ("backend", "chunk_size", "compute_dtype", "mesh", "remat", "learning_rate", "clip_norm")
 # Fields a resume never takes from the stored run: where it is and that it resumes, and how it reports progress.
 NOT_INHERITED = ("output_dir", "resume", "progress", "lr_segments")
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -213,8 +213,8 @@ class TrainConfig:
                                ("weight_decay", self.weight_decay >= 0, ">= 0"),
                                ("clip_norm", self.clip_norm > 0, "> 0"),
                                ("progress_seconds", self.progress_seconds >= 0, ">= 0")):
-            if not ok:
-                raise ConfigError(name, f"must be {rule}, got {getattr(self, name)}.")
+            if not (ok and _is_real(getattr(self, name))):
+                raise ConfigError(name, f"must be a finite number {rule}, got {getattr(self, name)}.")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("compute_dtype", f"must be auto, float32, bfloat16 or float16, got "
                                                f"{self.compute_dtype!r}.")

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -24,9 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 from xlstm_jax.train.checkpoints import (RunCheckpointer, ShapeMismatch, holds_run, read_run_config,
                                          write_run_config)
+from xlstm_jax.train.guards import (LOCK_FILE, Diverged, Interrupted, RunError, RunLock, StopSignals, WriteFailed,
+                                    os_reason)
 from xlstm_jax.train.config import EXECUTION_FIELDS, RESUME_FIELDS, ConfigError, TrainConfig
 from xlstm_jax.train.mesh import batch_sharding, build_mesh, parse_mesh
-from xlstm_jax.train.metrics import MetricsLog, model_flops_per_token, peak_flops
+from xlstm_jax.train.metrics import METRICS_FILE, MetricsLog, model_flops_per_token, peak_flops
 from xlstm_jax.train.steps import build_steps, evaluate, init_params, lr_schedule, make_optimizer
 from xlstm_jax.train.tasks import make_task
 
@@ -58,8 +61,16 @@ def _check_output_dir(config: TrainConfig, console: Console) -> dict[str, Any] |
     """Check `output_dir` against `resume` (nothing is written); the stored run config of a run to resume."""
     if config.output_dir is None:
         return None
+    if not str(config.output_dir).strip():
+        raise ConfigError("output_dir", "is empty; name a directory for the run.")
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ConfigError("output_dir", f"{config.output_dir!r} is not a directory.")
+    if os.path.isdir(config.output_dir) and not holds_run(config.output_dir):
+        others = [name for name in os.listdir(config.output_dir) if name not in (LOCK_FILE, METRICS_FILE)]
+        if others:
+            raise ConfigError("output_dir", f"{config.output_dir!r} holds {len(others)} other entries "
+                                            f"({', '.join(sorted(others)[:3])}{', ...' * (len(others) > 3)}) and no "
+                                            "run of xlstm-jax; choose a new or empty directory.")
     if holds_run(config.output_dir):
         if not config.resume:
             raise ConfigError("output_dir", f"{config.output_dir!r} already holds a run; pass --resume to continue "
@@ -146,8 +157,34 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     main = jax.process_index() == 0
     console = console or Console(quiet=not main)
     stored = _check_output_dir(config, console)
+    lock = None
     if config.output_dir is not None:
         _say(console, f"output: {config.output_dir}")
+        if main:
+            lock = _lock(config.output_dir)
+    try:
+        with StopSignals() as stop:
+            return _train(config, stored, stop, console)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(output_dir: str) -> RunLock:
+    """Create the output directory and take its lock (ConfigError when either cannot be done)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = RunLock(output_dir)
+        lock.acquire()
+    except OSError as err:
+        raise ConfigError("output_dir", f"cannot create or write {output_dir!r}: {os_reason(err)}.") from None
+    except RuntimeError as err:
+        raise ConfigError("output_dir", str(err)) from None
+    return lock
+
+
+def _train(config: TrainConfig, stored: dict[str, Any] | None, stop: StopSignals, console: Console) -> TrainResult:
+    main = jax.process_index() == 0
     mesh, sizes = None, None
     if config.mesh is not None:
         sizes = parse_mesh(config.mesh)
@@ -174,9 +211,15 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             write_run_config(config.output_dir, {**config.to_dict(), "model": model_config.to_dict()})
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         train_step, eval_sums = build_steps(graphdef, tx, placement, config.remat)
-        result = _run(config, task, model_config, train_step, eval_sums, params, opt_state, start, metrics,
-                      checkpointer, console)
-    metrics.close()
+        try:
+            result = _run(config, task, model_config, train_step, eval_sums, params, opt_state, start, metrics,
+                          checkpointer, console, stop)
+        except RunError:
+            if checkpointer is not None:
+                checkpointer.abandon()
+            raise
+        finally:
+            metrics.close()
     params = result.pop("params")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -184,13 +227,25 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         params = multihost_utils.process_allgather(params, tiled=True)
     model = nnx.merge(graphdef, params)
     if checkpointer is not None:
-        checkpointer.close()
+        _guarded_write(checkpointer.close, f"the last checkpoint in {checkpointer.directory}")
         if main:
             from xlstm_jax.models.xlstm_large.checkpoint import save_pretrained
 
-            save_pretrained(model, f"{config.output_dir}/model", layout="hf")
+            export = os.path.join(config.output_dir, "model")
+            _guarded_write(lambda: save_pretrained(model, export, layout="hf"), f"the model export {export}")
     chance = config.task_config().chance_accuracy if config.data is None else None
     return TrainResult(chance_accuracy=chance, model=model, **result)
+
+
+def _guarded_write(write: Any, what: str) -> Any:
+    """write(), with a failure to write (a full disk, no permission) turned into one WriteFailed line."""
+    try:
+        return write()
+    except RunError:
+        raise
+    except Exception as err:  # orbax, TensorStore and the OS raise many types for a failed write
+        raise WriteFailed(f"could not write {what}: {os_reason(err)}. The checkpoints written before it are "
+                          "intact; free space (or fix permissions) and resume with --resume.") from None
 
 
 def _describe_model(model_config: Any, params: Any) -> str:
@@ -206,9 +261,10 @@ def _describe_model(model_config: Any, params: Any) -> str:
 
 def _run(config: TrainConfig, task: Any, model_config: Any, train_step: Any, eval_sums: Any, params: Any,
          opt_state: Any, start: int, metrics: MetricsLog, checkpointer: RunCheckpointer | None,
-         console: Console) -> dict[str, Any]:
+         console: Console, stop: StopSignals) -> dict[str, Any]:
     """The step loop with progress, logging, evaluation and checkpoints; the TrainResult fields it knows, and
-    the final params."""
+    the final params. Raises Diverged at the first check after a non-finite step (nothing after the last
+    checkpoint is saved), Interrupted after checkpointing the step a SIGINT / SIGTERM arrived in, WriteFailed."""
     schedule = lr_schedule(config)
     devices = jax.device_count()
     tokens_per_step = config.batch_size * config.seq_len
@@ -236,28 +292,65 @@ def _run(config: TrainConfig, task: Any, model_config: Any, train_step: Any, eva
         progress.console.print(f"step {step:>6}  eval loss {last_eval['eval_loss']:.4f}  perplexity "
                                f"{last_eval['eval_perplexity']:.3f}  accuracy {last_eval['eval_accuracy']:.4f}")
 
+    unchecked: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet read back
+    saved = [start] if start else []
+    where = "" if checkpointer is None else f" in {config.output_dir}"
+
+    def check_finite(step: int) -> None:
+        flags = jax.device_get([flag for _, flag in unchecked])
+        bad = [s for (s, _), ok in zip(unchecked, flags) if not ok]
+        unchecked.clear()
+        if bad:
+            last = f"the last checkpoint is step {saved[-1]}" if saved else "no checkpoint was written"
+            raise Diverged(f"the loss or the gradient norm was not finite at step {bad[0]} (stopped at step {step}, "
+                           f"nothing saved after it; {last}{where}). Resume from it with a lower --lr or "
+                           "--clip-norm, or start a new run with other settings.")
+
+    def save(step: int) -> None:
+        check_finite(step)
+        if not saved or saved[-1] != step:
+            _guarded_write(lambda: checkpointer.save(step, params, opt_state),
+                           f"checkpoint {step} to {checkpointer.directory}")
+            saved.append(step)
+
+    def stop_requested(step: int) -> bool:
+        if jax.process_count() == 1:
+            return stop.signum is not None
+        if step % config.log_every and step != config.steps:
+            return False  # several processes agree at logged steps, where they synchronise anyway
+        from jax.experimental import multihost_utils
+
+        signum = int(np.max(multihost_utils.process_allgather(np.asarray(stop.signum or 0, np.int32))))
+        stop.signum = stop.signum or (signum or None)
+        return signum != 0
+
     task.start(start)
     with progress:
         bar = progress.add_task("train", total=config.steps, completed=start, stats="compiling…")
         step = start
         while step < config.steps:
-            params, opt_state, loss, acc = train_step(params, opt_state, task.train_batch(step))
+            params, opt_state, loss, acc, finite = train_step(params, opt_state, task.train_batch(step))
             step += 1
+            unchecked.append((step, finite))
+            if checkpointer is not None:
+                _guarded_write(checkpointer.raise_failure, f"a checkpoint to {checkpointer.directory}")
             if t_after_compile is None:
                 jax.block_until_ready(loss)
                 t_after_compile, step_after_compile = time.perf_counter(), step
             line_due = lines and (step == start + 1 or time.perf_counter() - t_line >= config.progress_seconds)
             log_due = step % config.log_every == 0 or step == config.steps
             if line_due or log_due:
+                check_finite(step)
                 loss_v, acc_v = float(loss), float(acc)
                 now = time.perf_counter()
                 elapsed = now - t_after_compile
                 tps = (step - step_after_compile) * tokens_per_step / elapsed if elapsed > 0 else 0.0
                 mfu = tps * flops / (peak * devices) if peak else None
                 if log_due:
-                    metrics.write({"step": step, "loss": loss_v, "accuracy": acc_v,
-                                   "learning_rate": float(schedule(step - 1)), "tokens_per_s": tps,
-                                   "tokens_per_s_per_device": tps / devices, **({"mfu": mfu} if mfu else {})})
+                    _guarded_write(lambda: metrics.write({
+                        "step": step, "loss": loss_v, "accuracy": acc_v, "learning_rate": float(schedule(step - 1)),
+                        "tokens_per_s": tps, "tokens_per_s_per_device": tps / devices,
+                        **({"mfu": mfu} if mfu else {})}), f"metrics to {metrics.path}")
                 if step == step_after_compile:  # nothing timed yet: the first step compiled the train step
                     speed = f"first step (compiling included) {t_after_compile - t_start:.1f} s"
                 else:
@@ -269,9 +362,20 @@ def _run(config: TrainConfig, task: Any, model_config: Any, train_step: Any, eva
                     _say(console, f"step {step:>6}/{config.steps}  {stats}  {now - t_start:.0f} s elapsed")
                     t_line = now
             if step % config.eval_every == 0 or step == config.steps:
+                check_finite(step)
                 run_eval(step)
             if checkpointer is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                checkpointer.save(step, params, opt_state)
+                save(step)
+            if stop_requested(step):
+                if checkpointer is None:
+                    raise Interrupted(f"interrupted by {stop.name} after step {step}; the run has no output "
+                                      "directory, nothing was saved.", stop.signum)
+                save(step)
+                _guarded_write(checkpointer.close, f"checkpoint {step} to {checkpointer.directory}")
+                raise Interrupted(f"interrupted by {stop.name} after step {step}: checkpoint {step} is written; "
+                                  f"continue with: xlstm-jax train --output-dir {config.output_dir} --resume",
+                                  stop.signum)
+    check_finite(step)
     if not history or history[-1]["step"] != step:
         run_eval(step)
     return dict(step=step, eval_loss=last_eval["eval_loss"], eval_perplexity=last_eval["eval_perplexity"],

@@ -64,7 +64,8 @@ def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.A
 
 def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None, remat: bool = False
                  ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The jitted train step (mean loss and accuracy of the batch) and the evaluation sums of one batch.
+    """The jitted train step (params, opt_state, mean loss and accuracy of the batch, and whether the loss and the
+    gradient norm were finite: a step where they are not changes nothing) and the evaluation sums of one batch.
     `placement` (param shardings, opt-state shardings): the step keeps parameters and optimizer states where they
     are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`). `remat`: the model recomputes each
     block in the backward."""
@@ -86,8 +87,12 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
     @jax.jit
     def train_step(params, opt_state, batch):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return place(optax.apply_updates(params, updates), 0), place(opt_state, 1), loss, acc
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        # a non-finite step leaves parameters and optimizer state as they were (the loop stops the run)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params = keep(optax.apply_updates(params, updates), params)
+        return place(params, 0), place(keep(new_opt_state, opt_state), 1), loss, acc, finite
 
     return train_step, jax.jit(sums)
 
