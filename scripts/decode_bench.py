@@ -30,7 +30,7 @@ from xlstm_jax import mlstm, mlstm_step
 from xlstm_jax.bench.measure import time_jax
 from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
-from xlstm_jax.models.xlstm_large.generate import STATE_DTYPES, Generator
+from xlstm_jax.models.xlstm_large.generation import STATE_DTYPES, Generator
 from xlstm_jax.models.xlstm_large.model import zero_states
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_step_fw
 

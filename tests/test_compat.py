@@ -14,7 +14,8 @@ def _severities(**kwargs):
 
 
 @pytest.mark.parametrize("combo", [GOOD_03, GOOD_04, {**GOOD_04, "jax_triton_version": "0.4.2"},
-                                   {**GOOD_04, "jax_triton_version": "0.4.1", "triton_version": "3.6.0"}])
+                                   {**GOOD_04, "jax_triton_version": "0.4.1", "triton_version": "3.6.0",
+                                    "compute_capability": (8, 0)}])
 def test_supported_combinations_have_no_problems(combo):
     assert compat.version_problems(**combo) == []
 

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from tests.xlstm_large_helpers import jitted, random_model, random_tokens, tiny_config
-from xlstm_jax.models.xlstm_large import generate as generate_module
-from xlstm_jax.models.xlstm_large.generate import Generator, _generate, filter_logits, generate
+from xlstm_jax.models.xlstm_large import generation as generate_module
+from xlstm_jax.models.xlstm_large.generation import Generator, _generate, filter_logits, generate
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,14 @@ def test_nan_logits_are_an_error_naming_the_step():
     bad = nnx.merge(graphdef, state)
     with pytest.raises(FloatingPointError, match="generated token 0 of prompt 0"):
         generate(bad, [[1, 2, 3]], max_new_tokens=3)
+
+
+def test_the_documented_generate_is_the_function_where_the_docs_say():
+    """`from xlstm_jax.models.xlstm_large import generate` gives the function, also after the generation module
+    was imported (a submodule named generate shadowed it: TypeError 'module' object is not callable)."""
+    import importlib
+
+    importlib.import_module("xlstm_jax.models.xlstm_large.generation")
+    from xlstm_jax.models.xlstm_large import generate as documented
+
+    assert callable(documented) and documented is generate

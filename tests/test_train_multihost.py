@@ -58,5 +58,5 @@ def test_two_processes_follow_the_one_process_run(tmp_path):
     for a, b in zip(*losses):
         assert abs(a - b) <= 1e-5 * abs(a), losses
     assert abs(two_summary["eval_loss"] - one_summary["eval_loss"]) <= 1e-5 * one_summary["eval_loss"]
-    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["6"]
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["5", "6"]  # every 6 // 4 steps, 2 kept
     assert os.path.exists(tmp_path / "two" / "model" / "config.json")

@@ -281,7 +281,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return fail(flag(err.field), err.reason)
 
     from xlstm_jax.models.xlstm_large.checkpoint import from_pretrained
-    from xlstm_jax.models.xlstm_large.generate import generate
+    from xlstm_jax.models.xlstm_large.generation import generate
     from xlstm_jax.train.checkpoints import read_run_config
 
     path = args.model
@@ -316,7 +316,7 @@ def _mqar_demo(model, run_config: dict, num_examples: int, sampling: dict) -> in
     import jax
     import numpy as np
 
-    from xlstm_jax.models.xlstm_large.generate import generate
+    from xlstm_jax.models.xlstm_large.generation import generate
     from xlstm_jax.train.mqar import MQARConfig, mqar_batch
 
     task = MQARConfig(vocab_size=run_config["vocab_size"], seq_len=run_config["seq_len"],

@@ -20,9 +20,9 @@ _EXPORTS = {
     "save_pretrained": "xlstm_jax.models.xlstm_large.checkpoint",
     "state_dict": "xlstm_jax.models.xlstm_large.checkpoint",
     "load_state_dict": "xlstm_jax.models.xlstm_large.checkpoint",
-    "generate": "xlstm_jax.models.xlstm_large.generate",
-    "GenerationOutput": "xlstm_jax.models.xlstm_large.generate",
-    "Generator": "xlstm_jax.models.xlstm_large.generate",
+    "generate": "xlstm_jax.models.xlstm_large.generation",
+    "GenerationOutput": "xlstm_jax.models.xlstm_large.generation",
+    "Generator": "xlstm_jax.models.xlstm_large.generation",
 }
 __all__ = sorted([*_EXPORTS, "from_pretrained"])
 

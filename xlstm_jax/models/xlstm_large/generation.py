@@ -151,8 +151,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token: int) -> tuple[np.ndarr
     return tokens, mask
 
 
-def _count(value: Any, name: str, *, maximum: int = 2**31 - 1, optional: bool = False) -> int | None:
-    """`value` as a positive int up to `maximum` (numpy integers too, `operator.index`), or None if `optional`."""
+def _integer(value: Any, name: str, *, minimum: int = 1, maximum: int = 2**31 - 1, optional: bool = False
+             ) -> int | None:
+    """`value` as an int in [minimum, maximum] (numpy integers too, `operator.index`; bools refused), or None if
+    `optional`; ValueError naming `name` otherwise."""
     if value is None and optional:
         return None
     try:
@@ -160,9 +162,9 @@ def _count(value: Any, name: str, *, maximum: int = 2**31 - 1, optional: bool = 
             raise TypeError
         number = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}.") from None
-    if not 1 <= number <= maximum:
-        raise ValueError(f"{name} must be in [1, {maximum}], got {number}.")
+        raise ValueError(f"{name} must be an int{' or None' if optional else ''}, got {value!r}.") from None
+    if not minimum <= number <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {number}.")
     return number
 
 
@@ -229,8 +231,8 @@ class Generator:
         config = self.model.config
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
-        max_new_tokens = _count(max_new_tokens, "max_new_tokens")
-        top_k = _count(top_k, "top_k", optional=True)
+        max_new_tokens = _integer(max_new_tokens, "max_new_tokens")
+        top_k = _integer(top_k, "top_k", optional=True)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
                 or not 0.0 <= float(temperature) < float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
@@ -242,14 +244,7 @@ class Generator:
         stops = _token_ids(list(stop_tokens), "stop_tokens").ravel()
         if stops.size and (stops.min() < 0 or stops.max() >= config.vocab_size):
             raise ValueError(f"stop_tokens must be token ids in [0, {config.vocab_size}), got {stops.tolist()}.")
-        try:
-            if isinstance(seed, bool):
-                raise TypeError
-            seed = operator.index(seed)
-        except TypeError:
-            raise ValueError(f"seed must be an int, got {seed!r}.") from None
-        if not -(2**63) <= seed < 2**64:
-            raise ValueError(f"seed must fit 64 bits, got {seed}.")
+        seed = _integer(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
         if isinstance(prompts, (list, tuple)):
             tokens, mask = left_pad(prompts, config.pad_token_id)
         else:
