@@ -157,16 +157,16 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     main = jax.process_index() == 0
     console = console or Console(quiet=not main)
     stored = _check_output_dir(config, console)
-    lock = None
+    locks: list[RunLock] = []
     if config.output_dir is not None:
         _say(console, f"output: {config.output_dir}")
-        if main:
-            lock = _lock(config.output_dir)
+        if main and os.path.isdir(config.output_dir):  # a run may be in it: refuse a second trainer at once
+            locks.append(_lock(config.output_dir))
     try:
         with StopSignals() as stop:
-            return _train(config, stored, stop, console)
+            return _train(config, stored, stop, console, locks)
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
 
 
@@ -183,7 +183,10 @@ def _lock(output_dir: str) -> RunLock:
     return lock
 
 
-def _train(config: TrainConfig, stored: dict[str, Any] | None, stop: StopSignals, console: Console) -> TrainResult:
+def _train(config: TrainConfig, stored: dict[str, Any] | None, stop: StopSignals, console: Console,
+           locks: list[RunLock]) -> TrainResult:
+    """train() once the output directory is checked; a new output directory is created (and locked) only once the
+    data has loaded, so a run that cannot start writes nothing."""
     main = jax.process_index() == 0
     mesh, sizes = None, None
     if config.mesh is not None:
@@ -194,6 +197,8 @@ def _train(config: TrainConfig, stored: dict[str, Any] | None, stop: StopSignals
     except ValueError as err:
         raise ConfigError("data", str(err)) from None
     _say(console, f"data: {task.describe()}")
+    if config.output_dir is not None and main and not locks:
+        locks.append(_lock(config.output_dir))
     checkpointer = _open_checkpoints(config)
     model_config = config.model_config(vocab_size=task.vocab_size)
     tx = make_optimizer(config)
