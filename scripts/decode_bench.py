@@ -77,7 +77,7 @@ def step_rows(B, NH, DHQK, DHHV, backends, reps, sweep):
         for state_dtype in (jnp.float32, jnp.bfloat16):
             add(f"mlstm_step {backend}", lambda *a, b=backend: mlstm_step(*a, backend=b), state_dtype)
     for bv, bk, warps, stages in sweep:
-        from xlstm_jax.kernels.mlstm_step.triton_step import step_triton
+        from xlstm_jax.kernels.triton.step import step_triton
 
         add(f"triton BV{bv} BK{bk} w{warps} s{stages}",
             lambda q, k, v, i, f, c, n, m, s=(bv, bk, warps, stages): step_triton(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.bench.measure import mlstm_inputs, time_jax
-from xlstm_jax.kernels.mlstm_chunkwise import triton_core, triton_families
+from xlstm_jax.kernels.triton import core as triton_core, families as triton_families
 
 
 def _calls(cfg: triton_core.KernelConfig):

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats
-from xlstm_jax.kernels.mlstm_chunkwise import triton_core, triton_families
-from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent
+from xlstm_jax.kernels.triton import core as triton_core, families as triton_families
+from xlstm_jax.kernels.native.chunk_math import denominator_cotangent
 
 SWEEP_TOL = 2e-2
 STAGES = ("fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.parallel", "bw.total", "fwbw")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats, with_mode
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_families
+from xlstm_jax.kernels.triton import launch_table, core as triton_core, families as triton_families
 
 # Candidates per knob. Launch-table keys are shared by both families (SHARED ones are tuned in the first run only);
 # "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.

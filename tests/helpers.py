@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from xlstm_jax.kernels.base import validated
+from xlstm_jax.mlstm import MLSTMCall, TritonTuning, dispatch, mlstm
 from xlstm_jax.mlstm.reference import mlstm_recurrent_reference
 
 INPUT_NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
@@ -108,7 +110,7 @@ def reference_outputs_and_grads(inputs, weights=None, *, eps: float = 1e-6, **va
 def triton_core_fn(cfg):
     """`fn(q, k, v, i, f, c_initial, n_initial, m_initial) -> (h, (C, n, m))` of the Triton core with the kernel
     configuration `cfg` (its launch parameters included; the public functions use the table's)."""
-    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+    from xlstm_jax.kernels.triton import core as triton_core
 
     def fn(q, k, v, i, f, c_initial, n_initial, m_initial):
         h, c, n, m = triton_core.mlstm_triton_core(q, k, v, i, f, c_initial, n_initial, m_initial, cfg)
@@ -198,3 +200,18 @@ def assert_matches_reference(out, grads, ref_out, ref_grads, *, fw_tol: float, b
     if grads is not None:
         for name, g in ref_grads.items():
             assert_rel_close(grads[name], g, bw_tol, f"d{name}")
+
+
+def native_chunkwise(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, **options):
+    """The op's native_chunkwise implementation (`xlstm_jax.mlstm` keywords)."""
+    return mlstm(q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
+                 backend="native_chunkwise", **options)
+
+
+def xl_chunk(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *, return_last_states=False, eps=1e-6,
+             chunk_size=64, autocast_dtype=None, norm_val=1.0, stabilize_correctly=True, **tuning):
+    """The op's triton_xl_chunk implementation with its TritonTuning knobs and a denominator variant, through the
+    op's door (`dispatch`), as the documented Triton backend calls it."""
+    x, o = validated(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=eps,
+                     autocast_dtype=autocast_dtype, norm_val=norm_val, stabilize_correctly=stabilize_correctly)
+    return dispatch(MLSTMCall(x, o, "triton_xl_chunk", chunk_size, TritonTuning(**tuning)))

@@ -12,12 +12,8 @@ import jax
 import numpy as np
 import pytest
 from backend_cases import BACKENDS, CHUNKED_BACKENDS, FW_TOL, default_chunk, skip_unless_runnable
-from helpers import assert_rel_close, make_inputs, reference_outputs_and_grads
+from helpers import assert_rel_close, make_inputs, native_chunkwise, reference_outputs_and_grads, xl_chunk
 
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
-    mlstm_chunkwise_triton_xl_chunk,
-)
-from xlstm_jax.kernels.mlstm_chunkwise.native import mlstm_chunkwise_native
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
 from xlstm_jax.mlstm import IMPLEMENTATIONS, api, mlstm, resolve_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import (
@@ -75,11 +71,11 @@ BAD_INPUTS = [
 def no_backend_reached(monkeypatch):
     """Make reaching any backend implementation a test failure: input checks must fire first."""
 
-    def reached(self, x, o, chunk_size):
-        raise AssertionError(f"{type(self).__name__} was reached with bad input")
+    for name, impl in api.IMPLEMENTATIONS.items():
+        def reached(x, o, chunk_size, tuning, name=name):
+            raise AssertionError(f"{name} was reached with bad input")
 
-    for impl in api.IMPLEMENTATIONS.values():
-        monkeypatch.setattr(type(impl), "run", reached)
+        monkeypatch.setitem(api.IMPLEMENTATIONS, name, dataclasses.replace(impl, run=reached))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -131,9 +127,9 @@ def test_eps_is_checked_by_the_seed_functions_and_backends(eps):
     calls = [
         lambda: parallel_stabilized_simple(*gates, eps=eps),
         lambda: recurrent_sequence_fw(*qkvif, eps=eps),
-        lambda: mlstm_chunkwise_native(*qkvif, eps=eps),
+        lambda: native_chunkwise(*qkvif, eps=eps),
         lambda: mlstm_chunkwise_triton_stablef(*qkvif, eps=eps, chunk_size=16),
-        lambda: mlstm_chunkwise_triton_xl_chunk(*qkvif, eps=eps, chunk_size=16),
+        lambda: xl_chunk(*qkvif, eps=eps, chunk_size=16),
         lambda: create_mlstm_backend("recurrent", eps=eps)(*qkvif),
         lambda: create_mlstm_backend("triton_kernels", eps=eps, chunk_size=16)(*qkvif),
     ]

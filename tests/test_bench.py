@@ -254,7 +254,8 @@ def _broken_backend(*args, **kwargs):
 
 
 def test_a_failing_backend_is_reported_and_sets_the_exit_status(tmp_path, monkeypatch):
-    monkeypatch.setattr(type(IMPLEMENTATIONS["native_recurrent"]), "run", _broken_backend)
+    monkeypatch.setitem(IMPLEMENTATIONS, "native_recurrent",
+                        dataclasses.replace(IMPLEMENTATIONS["native_recurrent"], run=_broken_backend))
     argv = ["bench", "--shape", "1,2,32,16,32", "--dtype", "float32", "--backends",
             "native_recurrent,native_chunkwise", "--mode", "fw", "--no-peers", "--out", str(tmp_path)]
     assert cli.main(argv) == 1

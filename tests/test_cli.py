@@ -12,7 +12,7 @@ import pytest
 from backend_cases import NATIVE_BACKENDS
 
 from xlstm_jax import cli, compat, doctor
-from xlstm_jax.kernels.mlstm_recurrent import mlstm_recurrent
+from xlstm_jax.kernels.native.recurrent import mlstm_recurrent
 from xlstm_jax.mlstm import IMPLEMENTATIONS
 
 
@@ -57,13 +57,14 @@ def test_doctor_rejects_an_unknown_backend(capsys):
     assert "native_nope" in capsys.readouterr().err
 
 
-def _wrong_by_one_percent(self, x, o, chunk_size):
+def _wrong_by_one_percent(x, o, chunk_size, tuning):
     h, states = mlstm_recurrent(x, dataclasses.replace(o, return_last_states=True))
     return h * jnp.asarray(1.01, h.dtype), states
 
 
 def test_doctor_fails_on_a_wrong_backend(monkeypatch, capsys):
-    monkeypatch.setattr(type(IMPLEMENTATIONS["native_recurrent"]), "run", _wrong_by_one_percent)
+    monkeypatch.setitem(IMPLEMENTATIONS, "native_recurrent",
+                        dataclasses.replace(IMPLEMENTATIONS["native_recurrent"], run=_wrong_by_one_percent))
     assert cli.main(["doctor", "--quick", "--backends", "native_recurrent"]) == 1
     text = capsys.readouterr().out
     assert "FAIL" in _rows(text)["native_recurrent"]

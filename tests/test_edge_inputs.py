@@ -150,7 +150,7 @@ def test_chunk_gates_kernel_matches_the_float64_sums(L):
     from backend_cases import skip_unless_runnable
 
     from xlstm_jax.kernels.base import log_forget
-    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
+    from xlstm_jax.kernels.triton import core as triton_core
 
     skip_unless_runnable("triton_limit_chunk")
     rng = np.random.default_rng(17)

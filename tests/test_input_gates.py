@@ -69,9 +69,9 @@ def test_sigmoid_gate_equals_the_mlstmsig_recurrence(backend, chunk_size):
 def test_triton_sigmoid_runs_without_the_max_state(monkeypatch):
     """mLSTMsig on the Triton backends holds the stabilizer at 0: every kernel with a running max (the forward
     state recurrence, both families' output kernels) is launched with MAX_STATE off; the exponential gate keeps it."""
-    from xlstm_jax.kernels.mlstm_chunkwise import triton_core
-    from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize import family as xl_family
-    from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef import family as limit_family
+    from xlstm_jax.kernels.triton import core as triton_core
+    from xlstm_jax.kernels.triton.xl import family as xl_family
+    from xlstm_jax.kernels.triton.limit import family as limit_family
 
     seen = []
     for module in (triton_core, xl_family, limit_family):
@@ -97,7 +97,7 @@ def test_triton_sigmoid_in_sequence_groups_with_extreme_gates(backend, monkeypat
     -100) to the end of the second group, more resets and forget gates at +100 (keep all), against
     the float64 recurrence. The combine hands the third group m of about -110: unless its incoming states are
     folded to m = 0, its walk's weights e^{a - m} overflow."""
-    from xlstm_jax.kernels.mlstm_chunkwise import sequence_groups, triton_core
+    from xlstm_jax.kernels.triton import core as triton_core, sequence_groups
 
     table = triton_core.launch_params
     monkeypatch.setattr(triton_core, "launch_params",
@@ -120,7 +120,7 @@ def test_triton_sigmoid_in_sequence_groups_with_extreme_gates(backend, monkeypat
 def test_the_triton_core_without_max_state_returns_a_constant_stabilizer(family):
     """KernelConfig.max_state False: the returned m_S is 0 whatever the gates and m_0, so its cotangent reaches no
     gate and no initial state."""
-    from xlstm_jax.kernels.mlstm_chunkwise import triton_core, triton_families
+    from xlstm_jax.kernels.triton import core as triton_core, families as triton_families
 
     cfg = triton_families.config(family, 16, "float32", max_state=False)
     q, k, v, i, f, c, n = (jnp.asarray(x) for x in _inputs(8))

@@ -5,7 +5,9 @@ import shutil
 
 import pytest
 
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_core, triton_families
+from xlstm_jax.kernels.triton import launch_table, core as triton_core, families as triton_families
+
+from helpers import xl_chunk
 
 READ_BY_THE_KERNELS = {
     "recurrent_block", "recurrent_warps", "recurrent_stages", "recurrent_programs", "block", "out_v_block",
@@ -69,12 +71,9 @@ def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(mo
     import jax.numpy as jnp
     from helpers import make_inputs
 
-    from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
-        mlstm_chunkwise_triton_xl_chunk,
-    )
 
     launch = {"xl_dq_block": 16, "xl_dk_block": 64, "xl_dv_block": 32, "xl_bw_warps": 8, "xl_warps": 1}
-    from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize import family as xl_family
+    from xlstm_jax.kernels.triton.xl import family as xl_family
 
     seen, real = {}, xl_family.launch
 
@@ -89,7 +88,7 @@ def test_the_xl_backward_kernels_launch_with_their_own_column_tiles_and_warps(mo
         c0, n0, m0 = jnp.zeros((1, 1, 32, 48)), jnp.zeros((1, 1, 32)), jnp.zeros((1, 1))
         jax.grad(lambda q: triton_core.mlstm_triton_core(q, k, v, i, f, c0, n0, m0, cfg)[0].sum())(q)
     else:  # the public function's num_warps: every xl kernel
-        jax.grad(lambda q: mlstm_chunkwise_triton_xl_chunk(q, k, v, i, f, chunk_size=32, tile_q=16, tile_kv=16,
+        jax.grad(lambda q: xl_chunk(q, k, v, i, f, chunk_size=32, tile_q=16, tile_kv=16,
                                                            num_warps=num_warps).sum())(q)
         launch_table_blocks = triton_core.launch_params(32, 48)
         launch = {name: launch_table_blocks[name] for name in ("xl_dq_block", "xl_dk_block", "xl_dv_block")}

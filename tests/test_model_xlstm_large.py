@@ -3,6 +3,8 @@ logits and parameter gradients, weight modes, state passing, document resets, ne
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,29 +91,28 @@ def test_fused_weight_mode_equals_single():
     assert _rel(fused(tokens), model(tokens)) < 1e-5
 
 
-def test_layers_build_their_cells_through_the_backend_layer(monkeypatch):
-    """Each layer's cell comes from `create_mlstm_backend` with the model config (so `assign_model_config_params`
-    runs), the model's eps, the chunk size and the mesh axes."""
-    from xlstm_jax.models.xlstm_large import model as model_module
-    from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import config as backend_config
+@pytest.mark.parametrize("input_gate", ["exp", "sigmoid"])
+def test_every_op_implementation_is_reachable_from_the_model_config(monkeypatch, input_gate):
+    """The model reaches the kernels only through the op: each name of IMPLEMENTATIONS as `config.backend` runs that
+    implementation in every layer with the model's eps, its chunk size where the implementation chunks, and the
+    input gate's max-state setting (mLSTMsig layers without the max-state)."""
+    from xlstm_jax.mlstm import IMPLEMENTATIONS
 
-    built = []
-    original = backend_config.create_mlstm_backend
+    seen = []
+    for name, impl in IMPLEMENTATIONS.items():
+        def spy(x, o, chunk_size, tuning, name=name, real=impl.run):
+            seen.append((name, o.eps, chunk_size, o.max_state))
+            return real(x, o, chunk_size, tuning)
 
-    def spy(name, model_config=None, **kwargs):
-        backend = original(name, model_config=model_config, **kwargs)
-        built.append((name, model_config, backend))
-        return backend
-
-    monkeypatch.setattr(model_module, "create_mlstm_backend", spy)
-    c = tiny_config(eps=1e-5)
-    model = random_model(c, seed=1)
-    model(jnp.asarray(random_tokens(1, (1, 5), c.vocab_size)), backend="native_parallel")
-    assert [name for name, _, _ in built] == ["parallel_stabilized"] * c.num_blocks
-    assert all(cfg is c and backend.config.eps == 1e-5 for _, cfg, backend in built)
-    cell = model_module.mlstm_cell(c, "triton_xl_chunk", 128, mesh_axes=(None, "tensor", None))
-    assert (cell.config.backend_name, cell.config.chunk_size, cell.config.eps, cell.config.mesh_axes) == (
-        "max_triton_xlchunksize", 128, 1e-5, (None, "tensor", None))
+        monkeypatch.setitem(IMPLEMENTATIONS, name, dataclasses.replace(impl, run=spy))
+    for name, impl in IMPLEMENTATIONS.items():
+        if impl.needs_triton and not impl.supports()[0]:
+            continue
+        c = tiny_config(eps=1e-5, backend=name, chunk_size=16, input_gate=input_gate)
+        seen.clear()
+        random_model(c, seed=1)(jnp.asarray(random_tokens(1, (1, 5), c.vocab_size)))
+        chunk = 16 if impl.chunk_sizes is not None else None
+        assert seen == [(name, 1e-5, chunk, input_gate == "exp")] * c.num_blocks, (name, seen)
 
 
 def test_remat_recomputes_blocks_with_the_same_logits_and_gradients():

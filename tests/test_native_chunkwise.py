@@ -18,11 +18,11 @@ from helpers import (
     assert_rel_close,
     make_inputs,
     make_weights,
+    native_chunkwise,
     outputs_and_grads,
     reference_outputs_and_grads,
 )
 
-from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 
 FW_TOL = 1e-5  # fp32; measured <= 6e-7 (h) and <= 1e-7 (states)
 BW_TOL = 1e-4  # fp32; measured <= 2e-5 (df at S = 1 and at S = 65536), <= 5e-6 elsewhere
@@ -30,7 +30,7 @@ BW_TOL = 1e-4  # fp32; measured <= 2e-5 (df at S = 1 and at S = 65536), <= 5e-6 
 
 def native_fn(chunk_size: int, **kwargs):
     """(q, k, v, i, f, c_initial=, n_initial=, m_initial=) -> (h, (C, n, m)) for the helpers."""
-    return functools.partial(mlstm_chunkwise_native, return_last_states=True, chunk_size=chunk_size, **kwargs)
+    return functools.partial(native_chunkwise, return_last_states=True, chunk_size=chunk_size, **kwargs)
 
 
 # (B, NH, S, DHQK, DHHV, chunk_size, with_state): S = 1, S < L, S not a multiple of L, S a multiple of L,
@@ -67,7 +67,7 @@ def test_matches_reference_h_only(case):
     args = {n: jnp.asarray(a) for n, a in x.items()}
 
     def loss(a):
-        h = mlstm_chunkwise_native(**a, chunk_size=L)
+        h = native_chunkwise(**a, chunk_size=L)
         return jnp.sum(w["h"] * h), h
 
     (_, h), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
@@ -170,19 +170,19 @@ def test_long_sequence():
 
 def test_defaults_and_argument_checks():
     x = {n: jnp.asarray(a) for n, a in make_inputs(9, 1, 2, 20, 16, 8).items()}
-    h = jax.jit(mlstm_chunkwise_native)(x["q"], x["k"], x["v"], x["i"][..., None], x["f"][..., None])
+    h = jax.jit(native_chunkwise)(x["q"], x["k"], x["v"], x["i"][..., None], x["f"][..., None])
     assert h.shape == (1, 2, 20, 8) and h.dtype == jnp.float32
     (ref_h, _), _ = reference_outputs_and_grads(x)
     assert_rel_close(h, ref_h, FW_TOL, "h (defaults, (B, NH, S, 1) gates)")
     for bad in (48, 8, 1024, 0, 64.0):
         with pytest.raises(ValueError, match="chunk_size"):
-            mlstm_chunkwise_native(**x, chunk_size=bad)
+            native_chunkwise(**x, chunk_size=bad)
     with pytest.raises(ValueError, match="autocast_dtype"):
-        mlstm_chunkwise_native(**x, autocast_dtype="int8")
+        native_chunkwise(**x, autocast_dtype="int8")
     with pytest.raises(ValueError, match="i must have shape"):
-        mlstm_chunkwise_native(x["q"], x["k"], x["v"], x["i"][:, :, :-1], x["f"])
+        native_chunkwise(x["q"], x["k"], x["v"], x["i"][:, :, :-1], x["f"])
     with pytest.raises(ValueError, match="missing"):
-        mlstm_chunkwise_native(**x, c_initial=jnp.zeros((1, 2, 16, 8)))
+        native_chunkwise(**x, c_initial=jnp.zeros((1, 2, 16, 8)))
 
 
 def test_chunkwise_backend():

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table
+from xlstm_jax.kernels.triton import launch_table
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

@@ -1,4 +1,4 @@
-"""Sequence groups (kernels/mlstm_chunkwise/sequence_groups.py): the Triton state recurrences split one long
+"""Sequence groups (kernels/triton/sequence_groups.py): the Triton state recurrences split one long
 sequence into groups of chunks walked at once, from incoming states combined by summaries, and must give the single
 walk's result. CPU, both Triton families through the interpreter, against the float64 reference (outputs, last states,
 gradients of all eight inputs) and against the single walk with document resets at and inside group borders."""
@@ -14,7 +14,9 @@ from helpers import (
     triton_core_fn,
 )
 
-from xlstm_jax.kernels.mlstm_chunkwise import sequence_groups, triton_core, triton_families
+from xlstm_jax.kernels.triton import core as triton_core
+from xlstm_jax.kernels.triton import families as triton_families
+from xlstm_jax.kernels.triton import sequence_groups
 
 
 def _config(family: str, groups: int, **kw):

@@ -13,24 +13,22 @@ from helpers import (
     assert_rel_close,
     make_inputs,
     make_weights,
+    native_chunkwise,
     output_and_grad_dtypes,
     outputs_and_grads,
     reference_outputs_and_grads,
     triton_core_fn,
+    xl_chunk,
 )
 
-from xlstm_jax.kernels.mlstm_chunkwise import launch_table, triton_families
+from xlstm_jax.kernels.triton import launch_table, families as triton_families
 from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_fw import (
     mlstm_chunkwise__parallel_fw_Hintra,
 )
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
-    mlstm_chunkwise_triton_xl_chunk,
-)
-from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
 
 
 def _xl(**kw):
-    return lambda **a: mlstm_chunkwise_triton_xl_chunk(**a, return_last_states=True, **kw)
+    return lambda **a: xl_chunk(**a, return_last_states=True, **kw)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +54,7 @@ def test_matches_native_chunkwise():
     x = make_inputs(5, 1, 2, 90, 32, 48, with_state=True)
     w = make_weights(5, x)
     out, grads = outputs_and_grads(_xl(chunk_size=64, inter_chunk_size=32, tile_q=32, tile_kv=16), x, w)
-    native = outputs_and_grads(lambda **a: mlstm_chunkwise_native(**a, return_last_states=True, chunk_size=16), x, w)
+    native = outputs_and_grads(lambda **a: native_chunkwise(**a, return_last_states=True, chunk_size=16), x, w)
     assert_matches_reference(out, grads, *native, fw_tol=2e-5, bw_tol=1e-4)
 
 
@@ -98,7 +96,7 @@ def test_head_dims_up_to_1024(DHQK, DHHV, entry):
 def test_head_dims_above_1024_are_refused():
     x = make_inputs(0, 1, 1, 4, 1040, 16)
     with pytest.raises(ValueError, match=r"DHQK \(q, k last axis\) must be <= 1024"):
-        mlstm_chunkwise_triton_xl_chunk(*(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")))
+        xl_chunk(*(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")))
 
 
 def test_recompute_option_and_denominator_variant():
@@ -154,7 +152,7 @@ def test_seed_003_rejects_bad_blocks(kwargs, match):
 def test_bad_tiling_is_refused(kwargs, match):
     x = make_inputs(0, 1, 1, 16, 16, 16)
     with pytest.raises(ValueError, match=match):
-        mlstm_chunkwise_triton_xl_chunk(*(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")), **kwargs)
+        xl_chunk(*(jnp.asarray(x[k]) for k in ("q", "k", "v", "i", "f")), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- GPU (CUDA) tests

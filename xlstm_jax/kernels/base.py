@@ -62,15 +62,23 @@ class MLSTMInputs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class MLSTMOptions:
-    """What every implementation takes besides the arrays (and its own chunk_size): return_last_states; eps
-    (checked, > 0); autocast_dtype, the matmul operand dtype (None: q's dtype); max_state False: every log gate is
-    <= 0 and the initial states are true ones (mLSTMsig, mlstm/input_gates.py), so an implementation may hold the
-    stabilizer m at 0 instead of carrying a running max (the results are the same)."""
+    """The semantic options every implementation takes besides the arrays (its chunk_size and tuning are its own):
+    return_last_states; eps (checked, > 0); autocast_dtype, the matmul operand dtype (None: q's dtype); max_state
+    False: every log gate is <= 0 and the initial states are true ones (mLSTMsig, mlstm/input_gates.py), so an
+    implementation may hold the stabilizer m at 0 instead of carrying a running max (the results are the same);
+    norm_val / stabilize_correctly: the seed configs' denominator max(|q̂·ñ|, norm_val·e^{-m}) (True, the standard
+    one at norm_val 1) or max(|q̂·ñ|, norm_val) (False); `standard_denominator` says whether it is the standard."""
 
     return_last_states: bool = False
     eps: float = 1e-6
     autocast_dtype: Any = None
     max_state: bool = True
+    norm_val: float = 1.0
+    stabilize_correctly: bool = True
+
+    @property
+    def standard_denominator(self) -> bool:
+        return self.norm_val == 1.0 and self.stabilize_correctly
 
     def result(self, h: jax.Array, states: tuple[jax.Array, jax.Array, jax.Array]):
         """h, or (h, (C, n, m)) with `return_last_states`."""
@@ -158,6 +166,21 @@ def checked_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None
     i3, f3, shape = check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     arrays = (None if x is None else jnp.asarray(x) for x in (q, k, v, i3, f3, c_initial, n_initial, m_initial))
     return MLSTMInputs(*arrays), shape
+
+
+def validated(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *, return_last_states: Any = False,
+              eps: Any = 1e-6, autocast_dtype: Any = None, dtype_name: str = "autocast_dtype", max_state: bool = True,
+              norm_val: Any = 1.0, stabilize_correctly: Any = True) -> tuple[MLSTMInputs, MLSTMOptions]:
+    """The one check of every public entry: the five inputs and the states (`checked_inputs`), eps, the compute
+    dtype (`dtype_name` names the caller's argument) and the denominator variant, as (MLSTMInputs, MLSTMOptions)."""
+    x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
+    resolve_compute_dtype(autocast_dtype, x.q.dtype, dtype_name)  # a float64 q under 64-bit JAX is refused here
+    if isinstance(norm_val, bool) or not isinstance(norm_val, (int, float, np.integer, np.floating)) or not (
+            math.isfinite(norm_val) and norm_val > 0):
+        raise ValueError(f"norm_val must be a positive finite float, got {norm_val!r}.")
+    options = MLSTMOptions(bool(return_last_states), check_eps(eps), autocast_dtype, bool(max_state),
+                           float(norm_val), bool(stabilize_correctly))
+    return x, options
 
 
 def check_chunk_size(chunk_size: Any, *, minimum: int = 16, maximum: int | None = None) -> int:

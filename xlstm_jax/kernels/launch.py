@@ -283,9 +283,7 @@ def launch(
     call = functools.partial(_launch_unbatched, kernel, tuple(grid), out_shapes, num_warps, num_stages, aliases,
                              constexprs)
 
-    @jax.custom_batching.custom_vmap
-    def run(*args):
-        return call(*args)
+    run = jax.custom_batching.custom_vmap(call)
 
     @run.def_vmap
     def _fold(axis_size, in_batched, *args):

@@ -1,91 +1,23 @@
-"""`xlstm_jax.mlstm`: one signature for every mLSTM implementation (README.md, "Usage"); picks and runs a backend.
+"""`xlstm_jax.mlstm`: the one door into the kernels (README.md, "Usage"; docs/design.md, "One door").
 
-`mlstm` checks its inputs once (kernels/base.py) and runs the chosen implementation as `run(x, o, chunk_size)`: x
-the checked `MLSTMInputs` (gates shaped (B, NH, S)), o the `MLSTMOptions` (return_last_states, eps, autocast_dtype),
-chunk_size checked against the implementation's range. Each returns h (B, NH, S, DHHV) in q's dtype, or
-`(h, (C, n, m))` with float32 states.
+`mlstm` checks its inputs once (`kernels.base.validated`), describes the call (`MLSTMCall`) and hands it to
+`dispatch`, which runs the chosen implementation (implementations.py) on one device, per device of a mesh, or
+context-parallel. The documented backend classes build an `MLSTMCall` from their configs and call `dispatch` too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 
-from xlstm_jax.kernels.base import (
-    MLSTMInputs,
-    MLSTMOptions,
-    check_chunk_size,
-    check_eps,
-    checked_inputs,
-    resolve_compute_dtype,
-)
+from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, validated
 from xlstm_jax.kernels.launch import triton_availability
-from xlstm_jax.kernels.mlstm_chunkwise.native.api import chunkwise_native
-from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel
-from xlstm_jax.kernels.mlstm_recurrent import mlstm_recurrent
 from xlstm_jax.mlstm import context_parallel, input_gates, on_mesh, segments
+from xlstm_jax.mlstm.implementations import IMPLEMENTATIONS
 
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """One implementation of the op: what it accepts, and `run(x, o, chunk_size)` on checked inputs (chunk_size
-    checked against `chunk_sizes`, None for the unchunked forms)."""
-
-    needs_triton: bool
-    chunk_sizes: tuple[int, int] | None  # (min, max) power-of-two chunk sizes; None: no chunking
-    default_chunk_size: int | None
-    description: str
-    context_parallel: bool = False  # takes sequence_axis_name (context_parallel.py)
-
-    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
-        raise NotImplementedError
-
-
-class NativeParallel(Implementation):
-    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
-        return mlstm_parallel(x, o, chunk_size)
-
-
-class NativeRecurrent(Implementation):
-    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
-        return mlstm_recurrent(x, o, chunk_size)
-
-
-class NativeChunkwise(Implementation):
-    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
-        return chunkwise_native(x, o, chunk_size)
-
-
-class TritonLimitChunk(Implementation):
-    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
-        # Triton is optional: the family's modules are imported on the first call
-        from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_triton_limit_chunk
-
-        return mlstm_triton_limit_chunk(x, o, chunk_size)
-
-
-class TritonXlChunk(Implementation):
-    def run(self, x: MLSTMInputs, o: MLSTMOptions, chunk_size: int | None):
-        from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import mlstm_triton_xl_chunk
-
-        return mlstm_triton_xl_chunk(x, o, chunk_size)
-
-
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    "native_parallel": NativeParallel(False, None, None, "quadratic parallel form in XLA (O(S^2) memory), autodiff"),
-    "native_recurrent": NativeRecurrent(False, None, None, "step-by-step recurrence under lax.scan in XLA, autodiff"),
-    "native_chunkwise": NativeChunkwise(
-        False, (16, 512), 64, "chunkwise form in XLA with a hand-written backward, O(S) memory", True
-    ),
-    "triton_limit_chunk": TritonLimitChunk(
-        True, (16, 128), 64, "Triton limit-chunk kernels (one L x L tile per chunk), fused backward", True
-    ),
-    "triton_xl_chunk": TritonXlChunk(
-        True, (16, 2048), 64, "Triton TFLA xl-chunk kernels (tiled chunks of any size), exact backward", True
-    ),
-}
 
 BACKEND_NAMES = ("auto", *IMPLEMENTATIONS)
 # "auto" runs sequences of at most this many steps (without a chunk size) step by step (native_recurrent), not in a
@@ -118,11 +50,37 @@ def resolve_backend(backend: str, chunk_size: int | None = None, seq_len: int | 
         limit_max = IMPLEMENTATIONS["triton_limit_chunk"].chunk_sizes[1]
         return "triton_xl_chunk" if chunk_size is not None and chunk_size > limit_max else "triton_limit_chunk"
     if IMPLEMENTATIONS[backend].needs_triton:
-        ok, why = triton_status()
+        ok, why = IMPLEMENTATIONS[backend].supports()
         if not ok:
             native = [n for n, impl in IMPLEMENTATIONS.items() if not impl.needs_triton]
             raise RuntimeError(f"backend {backend!r} cannot run here: {why}. Use one of {native} instead.")
     return backend
+
+
+def planned_backend(backend: str, chunk_size: int | None, seq_len: int | None = None) -> tuple[str, int | None]:
+    """A model's backend and preferred chunk size -> (the implementation `resolve_backend` picks, the chunk size it
+    runs with): the preference is kept where the implementation chunks and dropped where it does not."""
+    name = resolve_backend(backend, chunk_size, seq_len)
+    return name, None if IMPLEMENTATIONS[name].chunk_sizes is None else chunk_size
+
+
+@dataclasses.dataclass(frozen=True)
+class MLSTMCall:
+    """One call of the op, described: checked inputs (gates (B, NH, S)) and semantic options; `backend` a name of
+    IMPLEMENTATIONS or "auto"; its chunk_size (None: the default) and tuning (None: its defaults); where it runs
+    (`sequence_axis_name` inside shard_map, `mesh_axes` under a mesh context, `sequence_combine`); the input gate
+    ("exp" or "sigmoid") and packed-document `segment_ids` (B, S)."""
+
+    inputs: MLSTMInputs
+    options: MLSTMOptions
+    backend: str = "auto"
+    chunk_size: int | None = None
+    tuning: Any = None
+    input_gate: str = "exp"
+    segment_ids: Any = None
+    sequence_axis_name: Any = None
+    sequence_combine: str = "auto"
+    mesh_axes: Any = None
 
 
 def mlstm(
@@ -145,6 +103,7 @@ def mlstm(
     mesh_axes: Any = None,
     segment_ids: Any = None,
     input_gate: str = "exp",
+    tuning: Any = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM cell over a whole sequence.
 
@@ -168,48 +127,55 @@ def mlstm(
 
     `input_gate` "sigmoid": the mLSTMsig cell (σ(i) input gate, no max-state; input_gates.py) on every backend; its
     states are the true (C, n) with m returned as 0, and a given m_initial is ignored.
+
+    `tuning`: the implementation's own knobs (the same math for every value): `TritonTuning` for the Triton
+    backends (tiles, warps, state buffers), `RecurrentTuning` for native_recurrent; None: their defaults.
     """
-    x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
-    if input_gates.check_input_gate(input_gate) == "sigmoid":
+    x, options = validated(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states,
+                           eps=eps, autocast_dtype=autocast_dtype)
+    return dispatch(MLSTMCall(x, options, backend, chunk_size, tuning, input_gate, segment_ids, sequence_axis_name,
+                              sequence_combine, mesh_axes))
+
+
+def dispatch(call: MLSTMCall):
+    """Run a described call (inputs already validated): the input gate and document resets folded into the gates,
+    the implementation resolved and checked, then run on one device, per device of a mesh, or context-parallel.
+    Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m)) with `options.return_last_states`."""
+    x, sigmoid = call.inputs, input_gates.check_input_gate(call.input_gate) == "sigmoid"
+    if sigmoid:
         i, m0 = input_gates.as_exp_gate(x.i, x.m_initial)
         x = x._replace(i=i, m_initial=m0)
-    if segment_ids is not None:
-        ids = segments.check_segment_ids(segment_ids, (x.q.shape[0], x.q.shape[2]))
-        x = x._replace(f=segments.cut_forget_gates(x.f, segments.document_starts(ids, sequence_axis_name)))
-    eps = check_eps(eps)
-    resolve_compute_dtype(autocast_dtype, x.q.dtype)  # a float64 q under 64-bit JAX is refused here, naming q
-    name = resolve_backend(backend, chunk_size, None if sequence_axis_name is not None else x.q.shape[2])
-    impl: Implementation = IMPLEMENTATIONS[name]
-    if impl.chunk_sizes is None:
-        if chunk_size is not None:
-            raise ValueError(f"backend {name!r} does not take a chunk_size, got chunk_size={chunk_size}.")
-    elif chunk_size is None:
-        chunk_size = impl.default_chunk_size
-    else:
-        chunk_size = check_chunk_size(chunk_size, minimum=impl.chunk_sizes[0], maximum=impl.chunk_sizes[1])
-    options = MLSTMOptions(bool(return_last_states), eps, autocast_dtype, max_state=input_gate == "exp")
-    combine = context_parallel.check_combine(sequence_combine)
-    out = _run(impl, name, x, options, chunk_size, sequence_axis_name, mesh_axes, combine)
-    if input_gate == "sigmoid" and return_last_states:
-        return out[0], input_gates.true_states(out[1])
-    return out
+    if call.segment_ids is not None:
+        ids = segments.check_segment_ids(call.segment_ids, (x.q.shape[0], x.q.shape[2]))
+        x = x._replace(f=segments.cut_forget_gates(x.f, segments.document_starts(ids, call.sequence_axis_name)))
+    name = resolve_backend(call.backend, call.chunk_size,
+                           None if call.sequence_axis_name is not None else x.q.shape[2])
+    impl = IMPLEMENTATIONS[name]
+    chunk_size = impl.chunk_size_for(call.chunk_size)
+    options = dataclasses.replace(call.options, max_state=not sigmoid)
+    impl.check(options, call.tuning)
+    if not options.standard_denominator and (call.sequence_axis_name is not None or call.mesh_axes is not None):
+        raise ValueError("sequence_axis_name and mesh_axes run the standard denominator: norm_val must be 1.0 and "
+                         f"stabilize_correctly True, got {options.norm_val} and {options.stabilize_correctly}.")
+    combine = context_parallel.check_combine(call.sequence_combine)
 
-
-def _run(impl: Implementation, name: str, x: MLSTMInputs, options: MLSTMOptions, chunk_size: int | None,
-         sequence_axis_name: Any, mesh_axes: Any, combine: str):
-    """The implementation on one device, per device of a mesh, or context-parallel."""
-    if mesh_axes is not None:
-        if sequence_axis_name is not None:
+    kernel = functools.partial(impl.run, chunk_size=chunk_size, tuning=call.tuning)
+    if call.mesh_axes is not None:
+        if call.sequence_axis_name is not None:
             raise ValueError("pass mesh_axes (the op splits its inputs) or sequence_axis_name (inside shard_map), "
                              "not both.")
-        return on_mesh.run(impl, x, options, chunk_size, *on_mesh.named_layout(x, mesh_axes), combine)
-    if sequence_axis_name is None:
-        sharded = on_mesh.layout(x)
-        if sharded is not None:
-            return on_mesh.run(impl, x, options, chunk_size, *sharded, combine)
-        return impl.run(x, options, chunk_size)
-    if not impl.context_parallel:
-        able = [n for n, other in IMPLEMENTATIONS.items() if other.context_parallel]
-        raise ValueError(f"backend {name!r} cannot split a sequence over devices (sequence_axis_name="
-                         f"{sequence_axis_name!r}); use one of {able}.")
-    return context_parallel.run(impl, x, options, chunk_size, sequence_axis_name, combine)
+        out = on_mesh.run(kernel, impl.context_parallel, x, options, *on_mesh.named_layout(x, call.mesh_axes),
+                          combine)
+    elif call.sequence_axis_name is not None:
+        if not impl.context_parallel:
+            able = [n for n, other in IMPLEMENTATIONS.items() if other.context_parallel]
+            raise ValueError(f"backend {name!r} cannot split a sequence over devices (sequence_axis_name="
+                             f"{call.sequence_axis_name!r}); use one of {able}.")
+        out = context_parallel.run(kernel, x, options, call.sequence_axis_name, combine)
+    elif (sharded := on_mesh.layout(x)) is not None:
+        out = on_mesh.run(kernel, impl.context_parallel, x, options, *sharded, combine)
+    else:
+        out = kernel(x, options)
+    if sigmoid and options.return_last_states:
+        return out[0], input_gates.true_states(out[1])
+    return out

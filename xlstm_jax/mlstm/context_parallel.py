@@ -2,8 +2,8 @@
 parallelism").
 
 Device d of the axis holds the d-th contiguous shard of the sequence. Each device computes the summary of its shard
-(kernels/state_combine.py: what the shard writes from a zero state, its total log forget decay G and largest input
-weight M; one matmul over the shard's tokens). The incoming states are an exclusive scan of the summaries along the
+(kernels/native/state_combine.py: what the shard writes from a zero state, its total log forget decay G and
+largest input weight M; one matmul over the shard's tokens). The incoming states are an exclusive scan of the summaries along the
 axis: by an all-gather (P summaries per device, P = the axis size) or by a log-step `ppermute` scan (memory
 independent of P). Every device then runs its shard from the exact incoming state, so h, the last states and the
 gradients equal those of the one-device call up to rounding.
@@ -14,17 +14,19 @@ later shards to earlier ones by transposition.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels import state_combine
 from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions, MLSTMShape, initial_states_or_zeros
-from xlstm_jax.kernels.state_combine import apply, compose, identity_like
+from xlstm_jax.kernels.native import state_combine
+from xlstm_jax.kernels.native.state_combine import apply, compose, identity_like
 
 F32 = jnp.float32
 COMBINES = ("auto", "all_gather", "ppermute")
+# an implementation bound to its chunk size and tuning: (checked inputs, options) -> h or (h, (C, n, m))
+Kernel = Callable[[MLSTMInputs, MLSTMOptions], Any]
 ALL_GATHER_MAX_DEVICES = 8  # "auto": all-gather the summaries up to this axis size, a ppermute scan beyond it
 
 
@@ -82,15 +84,15 @@ def _from_incoming_state(x: MLSTMInputs, axis_name, combine: str, P: int):
     return x._replace(c_initial=c_in, n_initial=n_in, m_initial=m_in)
 
 
-def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, axis_name, combine: str):
-    """`impl.run` on the local shard of a sequence split along `axis_name` (inside shard_map): h of the shard, or
+def run(kernel: Kernel, x: MLSTMInputs, o: MLSTMOptions, axis_name, combine: str):
+    """`kernel(x, o)` on the local shard of a sequence split along `axis_name` (inside shard_map): h of the shard, or
     (h, (C, n, m)) with the states after the whole sequence (the same on every device of the axis)."""
     P = axis_size(axis_name)
     keep = dataclasses.replace(o, return_last_states=True)
     if P == 1:  # nothing to split: the plain call
-        h, last = impl.run(x, keep, chunk_size)
+        h, last = kernel(x, keep)
     else:
-        h, last = impl.run(_from_incoming_state(x, axis_name, combine, P), keep, chunk_size)
+        h, last = kernel(_from_incoming_state(x, axis_name, combine, P), keep)
     if not o.return_last_states:
         return h
     is_last = jax.lax.axis_index(axis_name) == P - 1

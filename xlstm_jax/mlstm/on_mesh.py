@@ -12,6 +12,7 @@ a sequence (native_parallel, native_recurrent) is gathered first.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from xlstm_jax.kernels.base import MLSTMInputs, MLSTMOptions
 from xlstm_jax.mlstm import context_parallel
+from xlstm_jax.mlstm.context_parallel import Kernel
 
 
 def layout(x: MLSTMInputs) -> tuple[Any, tuple[Any, Any, Any]] | None:
@@ -53,10 +55,11 @@ def named_layout(x: MLSTMInputs, mesh_axes: Any) -> tuple[Any, tuple[Any, Any, A
     return mesh, axes
 
 
-def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, mesh, axes, combine: str):
-    """`impl.run` per device under shard_map over `mesh`, with B, NH and S split along `axes`."""
+def run(kernel: Kernel, splits_sequence: bool, x: MLSTMInputs, o: MLSTMOptions, mesh, axes, combine: str):
+    """`kernel(x, o)` per device under shard_map over `mesh`, with B, NH and S split along `axes` (S only when the
+    kernel `splits_sequence`, as context parallelism; gathered otherwise)."""
     b, h, s = axes
-    if s is not None and not impl.context_parallel:
+    if s is not None and not splits_sequence:
         s = None
     gate, token = P(b, h, s), P(b, h, s, None)
     state = (P(b, h, None, None), P(b, h, None), P(b, h))
@@ -65,10 +68,9 @@ def run(impl, x: MLSTMInputs, o: MLSTMOptions, chunk_size, mesh, axes, combine: 
         x = MLSTMInputs(*(None if a is None else jax.sharding.reshard(a, NamedSharding(mesh, spec))
                           for a, spec in zip(x, specs)))
 
-    def local(x):
-        if s is None:
-            return impl.run(x, o, chunk_size)
-        return context_parallel.run(impl, x, o, chunk_size, s, combine)
-
+    if s is None:
+        local = functools.partial(kernel, o=o)
+    else:
+        local = functools.partial(context_parallel.run, kernel, o=o, axis_name=s, combine=combine)
     out_specs = (token, state) if o.return_last_states else token
     return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs)(x)

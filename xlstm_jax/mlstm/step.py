@@ -9,7 +9,7 @@ import numpy as np
 
 from xlstm_jax.kernels.base import check_eps, check_float_array
 from xlstm_jax.kernels.launch import triton_availability
-from xlstm_jax.kernels.mlstm_step.native import step_native
+from xlstm_jax.kernels.native.step import step_native
 from xlstm_jax.mlstm import input_gates
 
 STEP_BACKENDS = ("auto", "native", "triton")
@@ -109,7 +109,7 @@ def mlstm_step(
     if sigmoid:
         i, m = input_gates.as_exp_gate(i, m)
     if resolve_step_backend(backend) == "triton":
-        from xlstm_jax.kernels.mlstm_step.triton_step import step_triton
+        from xlstm_jax.kernels.triton.step import step_triton
 
         h, states = step_triton(q, k, v, c, n, m, i, f, eps)
     else:

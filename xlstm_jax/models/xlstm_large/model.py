@@ -22,13 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision
-from xlstm_jax.mlstm import input_gates
-from xlstm_jax.mlstm.api import IMPLEMENTATIONS, resolve_backend
+from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision, validated
+from xlstm_jax.mlstm.api import MLSTMCall, dispatch, planned_backend
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
 from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend, mLSTMBackend
 
 F32 = jnp.float32
 State = tuple[jax.Array, jax.Array, jax.Array]  # C (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH); float32
@@ -161,50 +159,22 @@ class mLSTMLayer(nnx.Module):
             i = jnp.where(token_mask[..., None], i, NEUTRAL_IGATE)
             f = jnp.where(token_mask[..., None], f, NEUTRAL_FGATE)
 
-        sigmoid = c.input_gate == "sigmoid"
-        if sigmoid:  # mLSTMsig through the exponential-gate cells: log σ(i), m = 0, true states out
-            i, m0 = input_gates.as_exp_gate(i, None if state is None else state[2])
-            state = None if state is None else (*state[:2], m0)
-
         def heads(a: jax.Array, dh: int) -> jax.Array:
             return a.astype(dt).reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
 
         if backend == STEP_BACKEND:
-            state = state if state is not None else zero_states(c, B)[0]
             h, new_state = mlstm_step(heads(q, DHQK)[:, :, 0], heads(k, DHQK)[:, :, 0], heads(v, DHV)[:, :, 0],
-                                      i[:, 0], f[:, 0], *state, eps=c.eps)
+                                      i[:, 0], f[:, 0], *(state or (None,) * 3), eps=c.eps, input_gate=c.input_gate)
             h = h[:, :, None]
         else:
-            initial = {} if state is None else dict(zip(("c_initial", "n_initial", "m_initial"), state))
-            cell = mlstm_cell(c, backend, chunk_size, sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
-            h, new_state = cell(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
-                                f.transpose(0, 2, 1), **initial, return_last_states=True)
-        if sigmoid:
-            new_state = input_gates.true_states(new_state)
+            cell, options = validated(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
+                                      f.transpose(0, 2, 1), *(state or (None,) * 3), return_last_states=True,
+                                      eps=c.eps)
+            h, new_state = dispatch(MLSTMCall(cell, options, backend, chunk_size, input_gate=c.input_gate,
+                                              sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes))
         h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
         y = jax.nn.sigmoid(o) * h_norm
         return self.out_proj(y, dt), new_state
-
-
-# Each implementation of the op as a backend of the documented backend layer: registry name and fixed config keywords.
-SEED_BACKENDS = {
-    "native_parallel": ("parallel_stabilized", {}),
-    "native_recurrent": ("recurrent", {"use_scan": True, "state_dtype": "float32"}),
-    "native_chunkwise": ("chunkwise", {}),
-    "triton_limit_chunk": ("triton_kernels", {"backend_name": "max_triton_noslice"}),
-    "triton_xl_chunk": ("triton_kernels", {"backend_name": "max_triton_xlchunksize"}),
-}
-
-
-def mlstm_cell(config: xLSTMLargeConfig, backend: str, chunk_size: int | None, *, sequence_axis_name: Any = None,
-               mesh_axes: Any = None) -> mLSTMBackend:
-    """The mLSTM cell of a layer: the implementation `backend` (resolved, not "auto") built through
-    `create_mlstm_backend` with the model config (its `assign_model_config_params` runs), the model's eps, the chunk
-    size, and the mesh axes it splits over."""
-    registry, fixed = SEED_BACKENDS[backend]
-    wanted = dict(eps=config.eps, chunk_size=chunk_size, sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
-    return create_mlstm_backend(registry, model_config=config, **fixed,
-                                **{name: value for name, value in wanted.items() if value is not None})
 
 
 class FeedForward(nnx.Module):
@@ -350,15 +320,14 @@ class xLSTMLarge(nnx.Module):
             token_mask = jnp.asarray(token_mask, bool)
         if states is not None and len(states) != c.num_blocks:
             raise ValueError(f"states must hold one (C, n, m) per block ({c.num_blocks}), got {len(states)}.")
-        chunk_size = chunk_size or c.chunk_size
         if backend == STEP_BACKEND:
             if shape[1] != 1:
                 raise ValueError(f"backend {STEP_BACKEND!r} runs one token per call (S = 1), got S = {shape[1]}.")
             name, chunk_size = backend, None
         else:
-            name = resolve_backend(backend or c.backend, chunk_size, None if sequence_axis_name else shape[1])
-            if IMPLEMENTATIONS[name].chunk_sizes is None:
-                chunk_size = None
+            name, chunk_size = planned_backend(backend or c.backend, chunk_size or c.chunk_size,
+                                               None if sequence_axis_name else shape[1])
+
         def run_block(block: mLSTMBlock, x: jax.Array, state: State | None) -> tuple[jax.Array, State]:
             return block(x, state=state, reset=reset, token_mask=token_mask, backend=name, chunk_size=chunk_size,
                          sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)

@@ -1,4 +1,5 @@
-"""A documented module: the xl-chunk parallel forward kernel (H intra + inter) as a standalone function."""
+"""A documented module: the xl-chunk parallel forward kernel (H intra + inter, kernels/triton/xl/kernels.py) as a
+standalone function. Nothing inside xlstm_jax imports it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import numpy as np
 
 from xlstm_jax.kernels.base import check_chunk_size
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_log_forget, nonfinite_chunks, split_cumsum
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
-    mlstm_xl_fw_parallel_kernel,
-)
+from xlstm_jax.kernels.native.chunk_math import chunk_log_forget, nonfinite_chunks, split_cumsum
+from xlstm_jax.kernels.triton.xl.kernels import mlstm_xl_fw_parallel_kernel
 
 
 def _pow2_block(name: str, value: int, limit: int | None = None) -> int:

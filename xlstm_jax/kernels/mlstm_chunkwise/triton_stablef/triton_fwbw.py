@@ -1,10 +1,7 @@
-"""Triton limit-chunk mLSTM (a documented module; upstream calls the family "stablef"): forward and a fused,
-true-derivative backward.
-
-Notation: B batch, NH heads, S sequence length, DHQK q/k head dim, DHHV v/h head dim, NC number of chunks,
-L chunk size. Kernels: fw_kernels.py (outputs), bw_kernels.py (dq, dk/dv), ../recurrence_kernels.py (states, dC); the
-differentiable core (padding, launches, custom_vjp, gate gradients in XLA) is shared with the xl-chunk family in
-xlstm_jax/kernels/mlstm_chunkwise/triton_core.py.
+"""Triton limit-chunk mLSTM, a documented module (upstream calls the family "stablef"): a thin translator from the
+documented functions' arguments onto the limit family (kernels/triton/limit/, core in kernels/triton/core.py).
+Nothing inside xlstm_jax imports this module; the op and the backend classes reach the kernels through
+`xlstm_jax.mlstm`.
 
 Differences from the upstream port, on purpose: states and m are in natural-log units (interchangeable with every
 other backend); any S (neutral padding); the denominator, initial states (C, n, m) and the last-state cotangents
@@ -19,16 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.base import (
-    MLSTMInputs,
-    MLSTMOptions,
-    check_chunk_size,
-    check_eps,
-    checked_inputs,
-    resolve_compute_dtype,
-)
-from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, run
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.family import LIMIT
+from xlstm_jax.kernels.base import check_chunk_size, validated
+from xlstm_jax.kernels.triton.families import run
+from xlstm_jax.kernels.triton.tuning import TritonTuning
 
 CHUNK_SIZES = (16, 128)
 
@@ -58,14 +48,12 @@ def _mlstm_chunkwise_fwbw_generator(
     chunk_size = check_chunk_size(chunk_size, minimum=CHUNK_SIZES[0], maximum=CHUNK_SIZES[1])
 
     def forward(matQ, matK, matV, vecI, vecF, matC_initial=None, vecN_initial=None, scaM_initial=None):
-        x, _ = checked_inputs(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial)
-        cfg = KernelConfig(
-            family=LIMIT, chunk_size=chunk_size, eps=check_eps(eps), norm_val=float(norm_val),
-            stabilize_correctly=bool(stabilize_correctly),
-            compute_dtype=resolve_compute_dtype(autocast_kernel_dtype, x.q.dtype, "autocast_kernel_dtype").name,
-            recompute_states_in_bw=bool(recompute_states_in_bw), reduce_slicing=bool(reduce_slicing),
-        )
-        h, (c, n, m) = run(x, cfg, return_last_states=True)
+        x, o = validated(matQ, matK, matV, vecI, vecF, matC_initial, vecN_initial, scaM_initial,
+                         return_last_states=True, eps=eps, autocast_dtype=autocast_kernel_dtype,
+                         dtype_name="autocast_kernel_dtype", norm_val=norm_val,
+                         stabilize_correctly=stabilize_correctly)
+        tuning = TritonTuning(reduce_slicing=bool(reduce_slicing), recompute_states_in_bw=bool(recompute_states_in_bw))
+        h, (c, n, m) = run("limit", x, o, chunk_size, tuning)
         return (h, c, n, m) if return_last_states else (h, None, None, None)
 
     return forward
@@ -100,11 +88,3 @@ def mlstm_chunkwise_triton_stablef(
     )
     h, c, n, m = fwd(q, k, v, i, f, c_initial, n_initial, m_initial)
     return (h, (c, n, m)) if return_last_states else h
-
-
-def mlstm_triton_limit_chunk(x: MLSTMInputs, o: MLSTMOptions, chunk_size: int):
-    """`xlstm_jax.mlstm(backend="triton_limit_chunk")` on checked inputs: the standard denominator, compute dtype =
-    q's unless set."""
-    compute = resolve_compute_dtype(o.autocast_dtype, x.q.dtype).name
-    return run(x, KernelConfig(family=LIMIT, chunk_size=chunk_size, eps=o.eps, compute_dtype=compute,
-                               max_state=o.max_state), o.return_last_states)

@@ -1,4 +1,4 @@
-"""Native chunkwise backend: the XLA chunkwise mLSTM (kernels/mlstm_chunkwise/native) behind the backend interface.
+"""Native chunkwise backend: the XLA chunkwise mLSTM (kernels/native/) behind the backend interface.
 Runs on every platform, any sequence length, O(S) memory, exact hand-written backward."""
 
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from xlstm_jax.kernels.mlstm_chunkwise.native.api import mlstm_chunkwise_native
-from xlstm_jax.mlstm.api import mlstm
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 
@@ -43,18 +41,8 @@ class mLSTMBackendChunkwise(mLSTMBackend):
         (B, NH, DHQK, DHHV), (B, NH, DHQK), (B, NH). Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m))
         with float32 states."""
         cfg = self.config
-        if cfg.sequence_axis_name is not None or cfg.mesh_axes is not None:
-            return mlstm(
-                q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
-                return_last_states=return_last_states, eps=cfg.eps, chunk_size=cfg.chunk_size,
-                autocast_dtype=cfg.autocast_dtype, backend="native_chunkwise",
-                sequence_axis_name=cfg.sequence_axis_name, sequence_combine=cfg.sequence_combine,
-                mesh_axes=cfg.mesh_axes,
-            )
-        return mlstm_chunkwise_native(
-            q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states, eps=cfg.eps,
-            chunk_size=cfg.chunk_size, autocast_dtype=cfg.autocast_dtype,
-        )
+        return self._through_op("native_chunkwise", q, k, v, i, f, c_initial, n_initial, m_initial,
+                                return_last_states, chunk_size=cfg.chunk_size, autocast_dtype=cfg.autocast_dtype)
 
     @property
     def can_vmap_over_heads(self) -> bool:

@@ -40,6 +40,22 @@ class mLSTMBackend(abc.ABC):
     def can_vmap_over_heads(self) -> bool:
         """Whether the backend can be vmapped over the heads dimension."""
 
+    def _through_op(self, implementation: str, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states,
+                    *, chunk_size=None, tuning=None, autocast_dtype=None, norm_val=1.0, stabilize_correctly=True):
+        """The call as `xlstm_jax.mlstm` describes it (the config's eps and, where it has them, the mesh fields),
+        through the op's one door (`xlstm_jax.mlstm.dispatch`)."""
+        from xlstm_jax.kernels.base import validated
+        from xlstm_jax.mlstm.api import MLSTMCall, dispatch
+
+        cfg = self.config
+        x, options = validated(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states=return_last_states,
+                               eps=cfg.eps, autocast_dtype=autocast_dtype, norm_val=norm_val,
+                               stabilize_correctly=stabilize_correctly)
+        return dispatch(MLSTMCall(
+            x, options, implementation, chunk_size, tuning, sequence_axis_name=getattr(cfg, "sequence_axis_name", None),
+            sequence_combine=getattr(cfg, "sequence_combine", "auto"), mesh_axes=cfg.mesh_axes,
+        ))
+
 
 @dataclasses.dataclass
 class mLSTMBackendNameAndKwargs:

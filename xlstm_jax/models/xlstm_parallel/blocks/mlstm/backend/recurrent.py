@@ -1,13 +1,14 @@
 """The documented recurrent backend and its documented functions `recurrent_step_fw` and `recurrent_sequence_fw`
-(which live with the `native_recurrent` implementation in xlstm_jax/kernels/mlstm_recurrent.py)."""
+(which live with the `native_recurrent` implementation in xlstm_jax/kernels/native/recurrent.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from xlstm_jax.kernels.mlstm_recurrent import recurrent_sequence_fw, recurrent_step_fw
-from xlstm_jax.mlstm.api import mlstm
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.native.recurrent import RecurrentTuning, recurrent_sequence_fw, recurrent_step_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 __all__ = ["mLSTMBackendRecurrent", "mLSTMBackendRecurrentConfig", "recurrent_sequence_fw", "recurrent_step_fw"]
@@ -40,16 +41,16 @@ class mLSTMBackendRecurrent(mLSTMBackend):
     config_class = mLSTMBackendRecurrentConfig
 
     def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
-        """See `recurrent_sequence_fw`; eps, state_dtype and use_scan come from the config."""
+        """As `recurrent_sequence_fw` (the op's `native_recurrent`); eps, state_dtype and use_scan come from the
+        config."""
         cfg = self.config
-        if cfg.mesh_axes is not None:
-            return mlstm(q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
-                         return_last_states=return_last_states, eps=cfg.eps, backend="native_recurrent",
-                         mesh_axes=cfg.mesh_axes)
-        return recurrent_sequence_fw(
-            q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
-            return_last_states=return_last_states, eps=cfg.eps, state_dtype=cfg.state_dtype, use_scan=cfg.use_scan,
-        )
+        tuning = RecurrentTuning(cfg.state_dtype, cfg.use_scan)
+        out = self._through_op("native_recurrent", q, k, v, i, f, c_initial, n_initial, m_initial,
+                               return_last_states, tuning=tuning)
+        if return_last_states and c_initial is not None:  # as recurrent_sequence_fw: back to the initial dtypes
+            h, states = out
+            return h, tuple(s.astype(jnp.result_type(x)) for s, x in zip(states, (c_initial, n_initial, m_initial)))
+        return out
 
     @property
     def can_vmap_over_heads(self) -> bool:

@@ -1,5 +1,5 @@
-"""The documented parallel backend and its documented function `parallel_stabilized_simple` (which lives with the
-`native_parallel` implementation in xlstm_jax/kernels/mlstm_parallel.py)."""
+"""The documented parallel backend (the op's `native_parallel` through `xlstm_jax.mlstm.dispatch`) and its documented
+function `parallel_stabilized_simple` (which lives with `native_parallel` in xlstm_jax/kernels/native/parallel.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.kernels.base import MLSTMOptions, checked_inputs
-from xlstm_jax.kernels.mlstm_parallel import mlstm_parallel, parallel_stabilized_simple
-from xlstm_jax.mlstm.api import mlstm
+from xlstm_jax.kernels.native.parallel import parallel_stabilized_simple
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 __all__ = ["mLSTMBackendParallel", "mLSTMBackendParallelConfig", "parallel_stabilized_simple"]
@@ -43,40 +41,25 @@ class mLSTMBackendParallel(mLSTMBackend):
     def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
         """q, k (B, NH, S, DHQK) or per-head (B, S, DHQK); v likewise with DHV; gates (..., S, 1) or (..., S).
 
-        Any S <= context_length (any S when it is -1). Without states: `parallel_stabilized_simple`, returns h.
-        With initial states (B, [NH,] DHQK, DHV), (B, [NH,] DHQK), (B, [NH]) or `return_last_states`: the
-        state-aware `mlstm_parallel`, returns h or (h, (C, n, m)) with float32 states.
+        Any S <= context_length (any S when it is -1). Optional initial states (B, [NH,] DHQK, DHV),
+        (B, [NH,] DHQK), (B, [NH]). Runs the op's `native_parallel` (the quadratic stabilized form of
+        `parallel_stabilized_simple`, with states); returns h, or (h, (C, n, m)) with float32 states.
         """
         if np.ndim(q) not in (3, 4):
             raise ValueError(f"q must be (B, NH, S, DHQK) or per-head (B, S, DHQK), got shape {np.shape(q)}.")
         S, ctx = np.shape(q)[-2], self.config.context_length
         if ctx != -1 and S > ctx:
             raise ValueError(f"sequence length S={S} exceeds the backend's context_length={ctx}.")
-        cfg = self.config
-        if cfg.mesh_axes is not None:
-            return mlstm(q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
-                         return_last_states=return_last_states, eps=cfg.eps, backend="native_parallel",
-                         mesh_axes=cfg.mesh_axes)
-        if return_last_states or any(x is not None for x in (c_initial, n_initial, m_initial)):
-            return self._with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, cfg.eps)
-        i, f = (g[..., None] if np.ndim(g) == np.ndim(q) - 1 else g for g in (i, f))
-        return parallel_stabilized_simple(q, k, v, i, f, eps=cfg.eps)
-
-    @staticmethod
-    def _with_states(q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps):
         per_head = np.ndim(q) == 3
         args = (q, k, v, i, f, c_initial, n_initial, m_initial)
-        if per_head:  # give per-head inputs a head axis of 1
+        if per_head:  # per-head inputs get a head axis of 1
             for name, x in (("k", k), ("v", v)):
                 if np.ndim(x) != 3:
                     raise ValueError(f"q has the per-head shape (B, S, DHQK) = {np.shape(q)}, so {name} must be "
                                      f"per-head (B, S, ·) too, got shape {np.shape(x)}.")
             args = tuple(None if x is None else jnp.expand_dims(x, 1) for x in args)
-        x, _ = checked_inputs(*args)
-        out = mlstm_parallel(x, MLSTMOptions(return_last_states=bool(return_last_states), eps=eps))
-        if not per_head:
-            return out
-        return jax.tree.map(lambda x: jnp.squeeze(x, 1), out)
+        out = self._through_op("native_parallel", *args, return_last_states)
+        return jax.tree.map(lambda x: jnp.squeeze(x, 1), out) if per_head else out
 
     @property
     def can_vmap_over_heads(self) -> bool:

@@ -1,7 +1,8 @@
-"""The documented Triton chunkwise backend: runs the Triton kernel family named by `backend_name`.
+"""The documented Triton chunkwise backend: runs the Triton kernel family named by `backend_name` through the op
+(`xlstm_jax.mlstm.dispatch`).
 
-`max_triton`, `max_triton_noslice` and `triton_stablef` run the limit-chunk kernels (triton_stablef/),
-`max_triton_xlchunksize` the TFLA xl-chunk kernels (max_triton_fwbw_v5xlchunksize/). Every config field is honoured
+`max_triton`, `max_triton_noslice` and `triton_stablef` run the limit-chunk kernels (`triton_limit_chunk`),
+`max_triton_xlchunksize` the TFLA xl-chunk kernels (`triton_xl_chunk`). Every config field is honoured
 (upstream silently ignores several): `autocast_dtype`, `chunk_size`, `eps`, `norm_val` and `stabilize_correctly`
 reach the kernels for every backend name. `reduce_slicing` (limit-chunk) selects whether the chunk-border state
 buffers are passed whole to the output and backward kernels (True) or with the last state sliced off in XLA first
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
-from xlstm_jax.mlstm.api import mlstm
+from xlstm_jax.kernels.triton.tuning import TritonTuning
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
 
 BackendNameType = Literal["max_triton_xlchunksize", "max_triton_noslice", "max_triton", "triton_stablef"]
@@ -76,31 +77,12 @@ class mLSTMBackendTriton(mLSTMBackend):
         """
         cfg = self.config
         name = _ALIASES.get(cfg.backend_name, cfg.backend_name)
-        if cfg.sequence_axis_name is not None or cfg.mesh_axes is not None:
-            if cfg.norm_val != 1.0 or not cfg.stabilize_correctly:
-                raise ValueError("sequence_axis_name and mesh_axes run the standard denominator: norm_val must be 1.0 "
-                                 f"and stabilize_correctly True, got {cfg.norm_val} and {cfg.stabilize_correctly}.")
-            return mlstm(
-                q, k, v, i, f, c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
-                return_last_states=return_last_states, eps=cfg.eps, chunk_size=cfg.chunk_size,
-                autocast_dtype=cfg.autocast_dtype, sequence_axis_name=cfg.sequence_axis_name,
-                sequence_combine=cfg.sequence_combine, mesh_axes=cfg.mesh_axes,
-                backend="triton_xl_chunk" if name == "max_triton_xlchunksize" else "triton_limit_chunk",
-            )
-        common = dict(
-            c_initial=c_initial, n_initial=n_initial, m_initial=m_initial, return_last_states=return_last_states,
-            eps=cfg.eps, chunk_size=cfg.chunk_size, autocast_kernel_dtype=cfg.autocast_dtype,
-            stabilize_correctly=cfg.stabilize_correctly, norm_val=cfg.norm_val,
+        implementation = "triton_xl_chunk" if name == "max_triton_xlchunksize" else "triton_limit_chunk"
+        return self._through_op(
+            implementation, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states,
+            chunk_size=cfg.chunk_size, tuning=TritonTuning(reduce_slicing=cfg.reduce_slicing),
+            autocast_dtype=cfg.autocast_dtype, norm_val=cfg.norm_val, stabilize_correctly=cfg.stabilize_correctly,
         )
-        if name == "max_triton_xlchunksize":
-            from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize.triton_fwbw import (
-                mlstm_chunkwise_triton_xl_chunk,
-            )
-
-            return mlstm_chunkwise_triton_xl_chunk(q, k, v, i, f, **common)
-        from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import mlstm_chunkwise_triton_stablef
-
-        return mlstm_chunkwise_triton_stablef(q, k, v, i, f, reduce_slicing=cfg.reduce_slicing, **common)
 
     @property
     def can_vmap_over_heads(self) -> bool:

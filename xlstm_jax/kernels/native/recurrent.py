@@ -7,6 +7,7 @@ Gradients are plain autodiff through the recurrence (true derivatives, the denom
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -174,11 +175,24 @@ def _scan(x: MLSTMInputs, eps: float, sdt: Any, use_scan: bool, step_fn: Callabl
     return h, (c, n, m[..., 0])
 
 
-def mlstm_recurrent(x: MLSTMInputs, o: MLSTMOptions, chunk_size: None = None):
-    """`xlstm_jax.mlstm(backend="native_recurrent")`: lax.scan over time steps (chunk_size is unused). States and
-    gate math float32, matmul operands in the autocast dtype (None: q's dtype). Returns h (B, NH, S, DHHV) in q's
-    dtype, or (h, (C, n, m)) with float32 states."""
+@dataclasses.dataclass(frozen=True)
+class RecurrentTuning:
+    """Knobs of `native_recurrent`: state_dtype (a name; None: each initial state's dtype, f's dtype for zero
+    states, as `recurrent_sequence_fw` keeps them) and use_scan (lax.scan over time, or a Python loop)."""
+
+    state_dtype: str | None = "float32"
+    use_scan: bool = True
+
+
+def mlstm_recurrent(x: MLSTMInputs, o: MLSTMOptions, chunk_size: None = None, tuning: RecurrentTuning | None = None):
+    """`xlstm_jax.mlstm(backend="native_recurrent")`: one step at a time (chunk_size is unused). Matmul operands in
+    the autocast dtype (None: q's dtype), gate pre-activations float32, states float32 under lax.scan unless
+    `tuning` says otherwise. Returns h (B, NH, S, DHHV) in q's dtype, or (h, (C, n, m)) in the state dtype."""
+    t = tuning or RecurrentTuning()
+    if not isinstance(t, RecurrentTuning):
+        raise TypeError(f"native_recurrent takes a RecurrentTuning, got {type(t).__name__}.")
     dt = resolve_compute_dtype(o.autocast_dtype, x.q.dtype)
+    sdt = None if t.state_dtype is None else floating_dtype(t.state_dtype, "state_dtype")
     cast = MLSTMInputs(*(a.astype(dt) for a in x[:3]), x.i.astype(F32), x.f.astype(F32), *x[5:])
-    h, last = _scan(cast, o.eps, F32, True, recurrent_step_fw)  # _scan casts the states to F32
+    h, last = _scan(cast, o.eps, sdt, t.use_scan, recurrent_step_fw)
     return o.result(h.astype(x.q.dtype), last)

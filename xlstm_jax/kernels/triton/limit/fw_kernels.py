@@ -2,7 +2,7 @@
 
 Layouts (BH = B·NH flattened, S = NC·L padded, all contiguous):
 q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB, vecB_lo (BH, S) and scaG (BH, NC) float32
-gate cumsums (common.chunk_gates); states C (BH, NS, DHQK, DHHV) in the state-buffer dtype (the compute dtype, float32
+gate cumsums (chunk_math.chunk_gates); states C (BH, NS, DHQK, DHHV) in the state-buffer dtype (the compute dtype, float32
 for float16), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k: state before chunk k, index NC: last state) or
 NS = NC (last state sliced off); m (BH, NC + 1) float32.
 The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
@@ -12,7 +12,7 @@ Addressing: every per-(b, h) base offset is int64.
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, finite_values, log_decay
+from xlstm_jax.kernels.triton.tile_ops import dot_in, finite_values, log_decay
 
 
 @triton.jit

@@ -1,10 +1,10 @@
 """The differentiable core of the Triton chunkwise families: padding, gate vectors, the state recurrences, the
-custom_vjp wiring and the gate gradients. It imports no family: a family (triton_core.TritonFamily, e.g.
-triton_stablef/family.py, max_triton_fwbw_v5xlchunksize/family.py; by name in triton_families.py) is an object in
-the call's KernelConfig that launches its own per-chunk kernels, the outputs and the q, k, v gradients.
+custom_vjp wiring and the gate gradients. It imports no family: a family (`TritonFamily`: limit/family.py,
+xl/family.py; by name in families.py) is an object in the call's KernelConfig that launches its own per-chunk
+kernels, the outputs and the q, k, v gradients.
 
 Shapes: B, NH, S, DHQK, DHHV; NC chunks of length L; BH = B·NH. Kernel operands are flattened to (BH, ...).
-Backward convention: docs/math.md §5 (common.py).
+Backward convention: docs/math.md §5 (native/chunk_math.py).
 """
 
 from __future__ import annotations
@@ -17,20 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.base import (
-    MLSTMInputs,
     MLSTMShape,
     at_zero_stabilizer,
-    initial_states_or_zeros,
     log_forget,
     pad_to_multiple,
     qk_scale,
 )
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise import sequence_groups
-from xlstm_jax.kernels.mlstm_chunkwise.common import denominator_cotangent, gate_gradients
-from xlstm_jax.kernels.mlstm_chunkwise.gates_kernel import mlstm_chunk_gates_kernel
-from xlstm_jax.kernels.mlstm_chunkwise.launch_table import table_params
-from xlstm_jax.kernels.mlstm_chunkwise.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
+from xlstm_jax.kernels.triton import sequence_groups
+from xlstm_jax.kernels.native.chunk_math import denominator_cotangent, gate_gradients
+from xlstm_jax.kernels.triton.gates_kernel import mlstm_chunk_gates_kernel
+from xlstm_jax.kernels.triton.launch_table import table_params
+from xlstm_jax.kernels.triton.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
 from xlstm_jax.kernels.sharding import per_batch_head
 
 MAX_HEAD_DIM = 1024
@@ -71,7 +69,7 @@ class KernelConfig:
     stabilize_correctly: bool = True
     recompute_states_in_bw: bool = True
     reduce_slicing: bool = True
-    family: TritonFamily | None = None  # the per-chunk kernels (a family object, e.g. triton_families.FAMILIES)
+    family: TritonFamily | None = None  # the per-chunk kernels (a family object, families.families())
     inter_chunk_size: int | None = None  # recurrent granularity (divides chunk_size); None: chunk_size
     tile_q: int | None = None  # tiled families: query rows per tile (LQ)
     tile_kv: int | None = None  # tiled families: key rows per tile (LKV)
@@ -161,6 +159,9 @@ class TritonFamily(Protocol):
     def outputs(self, x: Operands, cfg: KernelConfig, p: dict[str, int], out_dtype) -> tuple[jax.Array, ...]:
         """h (BH, S, DHHV) in out_dtype, the signed denominator and m_t (BH, S) float32."""
 
+    def warps_fields(self, num_warps: int) -> dict[str, int]:
+        """The launch-table fields that set the warps of every per-chunk kernel of the family."""
+
     def input_gradients(self, x: Operands, cfg: KernelConfig, p: dict[str, int], grad_dtypes) -> tuple:
         """dq, dk, dv in grad_dtypes and the float32 row dot products q_t·dq_t, k_t·dk_t (BH, S)."""
 
@@ -182,7 +183,7 @@ def gradient_consts(x: Operands, cfg: KernelConfig, p: dict[str, int]) -> dict[s
 
 def gate_vectors(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """vecB, vecB_lo, vecA (BH, S) and scaG (BH, S // L) float32 from (BH, S) float32 gates, for chunks of length
-    L (common.chunk_gates and the low part of common.split_cumsum, in one Triton launch)."""
+    L (chunk_math.chunk_gates and the low part of chunk_math.split_cumsum, in one Triton launch)."""
     BH, S = i.shape
     seq = jax.ShapeDtypeStruct((BH, S), F32)
     outs = [seq, seq, seq, jax.ShapeDtypeStruct((BH, S // L), F32)]
@@ -292,18 +293,6 @@ def backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_al
     x = Operands(qf, kf, vf, i_f, gates, c_all, n_all, m_all, c_in, n_in, dh, m_out, norm, dden, dc_all, dn_all)
     p = launch_params(qf.shape[-1], vf.shape[-1], cfg.launch)
     return cfg.family.input_gradients(x, cfg, p, grad_dtypes)
-
-
-def run(x: MLSTMInputs, cfg: KernelConfig, return_last_states: bool):
-    """Checked inputs (base.checked_inputs) -> h, or (h, (C, n, m)) with float32 states: zero initial states where
-    none are given, gates in float32, head dims checked against the kernels' limit."""
-    shape = MLSTMShape(*x.q.shape, x.v.shape[-1])
-    check_head_dims(shape)
-    c0, n0, m0 = initial_states_or_zeros(*x[5:], shape, x[:5])
-    if not cfg.max_state:  # the kernels hold m at 0: the same initial states with m = 0 (differentiable here)
-        c0, n0, m0 = at_zero_stabilizer(c0, n0, m0)
-    h, c, n, m = mlstm_triton_core(x.q, x.k, x.v, x.i.astype(F32), x.f.astype(F32), c0, n0, m0, cfg)
-    return (h, (c, n, m)) if return_last_states else h
 
 
 def _pad_flat(q, k, v, i, f, L):

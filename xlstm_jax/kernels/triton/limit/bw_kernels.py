@@ -13,7 +13,7 @@ No `tl.trans` of dot results anywhere: transposed operands are loaded transposed
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in, log_decay
+from xlstm_jax.kernels.triton.tile_ops import dot_in, log_decay
 
 
 @triton.jit

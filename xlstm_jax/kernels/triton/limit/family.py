@@ -1,4 +1,4 @@
-"""The limit-chunk family's per-chunk kernels behind triton_core: one L x L tile per chunk in registers, chunk
+"""The limit-chunk family's per-chunk kernels behind core.py: one L x L tile per chunk in registers, chunk
 sizes 16..128. Forward: fw_kernels.mlstm_fw_parallel_kernel; backward: bw_kernels' dq and fused dk/dv kernels."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise.triton_core import KernelConfig, Operands, block, gradient_consts, output_consts
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.bw_kernels import mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel
-from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.fw_kernels import mlstm_fw_parallel_kernel
+from xlstm_jax.kernels.triton.core import KernelConfig, Operands, block, gradient_consts, output_consts
+from xlstm_jax.kernels.triton.limit.bw_kernels import mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel
+from xlstm_jax.kernels.triton.limit.fw_kernels import mlstm_fw_parallel_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,10 @@ class LimitFamily:
         if warps is None:
             warps = p["parallel_warps"] if cfg.chunk_size <= 64 else p["parallel_warps_l128"]
         return dict(num_warps=warps, num_stages=p["parallel_stages"])
+
+    @staticmethod
+    def warps_fields(num_warps: int) -> dict[str, int]:
+        return dict(parallel_warps=num_warps, parallel_warps_l128=num_warps, dq_warps=num_warps)
 
     def outputs(self, x: Operands, cfg: KernelConfig, p: dict[str, int], out_dtype):
         BH, S, DHQK, DHHV = x.dims

@@ -4,7 +4,7 @@ groups").
 A recurrence kernel walks the chunks of one (b, h) serially, one program per (BK, BV) tile of C. When B·NH·tiles
 programs cannot fill the GPU (one long sequence), the NC chunks are split into NG equal groups, walked at once:
 
-- forward: each group's summary (kernels/state_combine.py) is one matmul over its tokens, K̄ᵀ V with
+- forward: each group's summary (kernels/native/state_combine.py) is one matmul over its tokens, K̄ᵀ V with
   k̄_s = k_s e^{i_s + sum_{r>s} log f_r - M} (r within the group); an associative scan of the summaries gives the
   state entering every group, from which the kernel's group walks store the same chunk-border states as one walk;
 - backward: the state cotangents obey the linear map dC_start = D dC_end + Q̄ᵀ (dH / norm) over a group, with
@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.state_combine import (
+from xlstm_jax.kernels.native.state_combine import (
     apply,
     compose,
     floor_no_input,

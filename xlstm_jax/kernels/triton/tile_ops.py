@@ -2,7 +2,7 @@
 whose operands stay inside float16's range, and value rows that hold a NaN or inf.
 
 Tiles are 2-D blocks of query rows t by key columns s (or transposed, as the caller broadcasts them). Chunks whose
-k or v hold a NaN or inf (common.nonfinite_chunks) take a careful path in the output kernels: acausal entries are
+k or v hold a NaN or inf (chunk_math.nonfinite_chunks) take a careful path in the output kernels: acausal entries are
 selected away and non-finite value rows zeroed (`finite_values`), so nothing non-finite reaches an earlier token;
 all other chunks take the plain path, which multiplies masked entries by 0. `column_blocks_adjacent` renumbers the
 programs of a kernel whose grid axis 2 splits an output's columns.
@@ -19,7 +19,7 @@ def log_decay(b_t, b_s, ic_s, causal):
     ic_s = i_s - bl_s.
 
     All operands broadcast to the tile. b, bl: the two-float within-chunk cumsum of the log forget gates
-    (common.split_cumsum): b_t - b_s is exact for nearby positions and bl adds what b rounded away, so a forget gate
+    (chunk_math.split_cumsum): b_t - b_s is exact for nearby positions and bl adds what b rounded away, so a forget gate
     at the floor (a full reset) neither swallows the gates after it nor meets -inf - -inf, at the per-element cost
     of the plain b_t - b_s + i_s.
     """

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from xlstm_jax.kernels.base import MLSTMShape, exp_neg, initial_states_or_zeros, qk_scale
-from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates, gate_gradients, output_cotangents, row_dot
-from xlstm_jax.kernels.mlstm_chunkwise.native.fw import (
+from xlstm_jax.kernels.native.chunk_math import chunk_gates, gate_gradients, output_cotangents, row_dot
+from xlstm_jax.kernels.native.chunkwise_fw import (
     F32,
     border_decay,
     border_states,

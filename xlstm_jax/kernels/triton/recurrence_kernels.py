@@ -2,7 +2,7 @@
 the forward and their cotangents in the backward, one (BK, BV) tile of C per program, looping over the chunks.
 
 Layouts (BH = B·NH flattened, S = NC·L padded, all contiguous): k, q (BH, S, DHQK), v, dh (BH, S, DHHV) in the
-compute dtype; the gate vectors (BH, S) and chunk totals (BH, NC) float32 (common.chunk_gates at the recurrence's
+compute dtype; the gate vectors (BH, S) and chunk totals (BH, NC) float32 (chunk_math.chunk_gates at the recurrence's
 granularity L); states and their cotangents C (BH, NS, DHQK, DHHV) in the state-buffer dtype, n (BH, NS, DHQK) and
 m float32. Addressing: every per-(b, h) base offset is int64.
 """
@@ -10,7 +10,7 @@ m float32. Addressing: every per-(b, h) base offset is int64.
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import dot_in
+from xlstm_jax.kernels.triton.tile_ops import dot_in
 
 
 @triton.jit

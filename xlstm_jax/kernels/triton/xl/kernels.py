@@ -9,7 +9,7 @@ dC (BH, NC + 1, DHQK, DHHV) in the state-buffer dtype, dn (BH, NC + 1, DHQK) flo
 their output buffers' dtype (the gradient dtype); the dq and dk kernels also write the float32 row dot products
 q_t·dq_t, k_s·dk_s of their head-dim block, (BH, n_blocks, S).
 A program id over (chunk, row block) is `kc * NB + jb`. CAREFUL (BH, NC) int32 marks the chunks whose k or v hold a
-NaN or inf (common.nonfinite_chunks; see tile_ops).
+NaN or inf (chunk_math.nonfinite_chunks; see tile_ops).
 The forward keeps a running max (starting from the inter-chunk log weight b_t + m_{k-1}, always finite, so a
 fully masked tile row cannot produce NaN) less the row's vecB_lo (tile_ops.log_decay); the backward uses the stored
 per-token stabilizer m_t, shifted the same way for the intra-chunk weights.
@@ -18,7 +18,7 @@ per-token stabilizer m_t, shifted the same way for the intra-chunk weights.
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.mlstm_chunkwise.tile_ops import column_blocks_adjacent, dot_in, finite_values, log_decay
+from xlstm_jax.kernels.triton.tile_ops import column_blocks_adjacent, dot_in, finite_values, log_decay
 
 
 @triton.jit

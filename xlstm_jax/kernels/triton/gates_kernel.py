@@ -1,5 +1,5 @@
-"""Triton kernel of the per-chunk gate quantities both Triton families read (those of common.chunk_gates, with
-the two-float low part of vecB of common.split_cumsum): one launch instead of XLA's cumulative sums.
+"""Triton kernel of the per-chunk gate quantities both Triton families read (those of chunk_math.chunk_gates, with
+the two-float low part of vecB of chunk_math.split_cumsum): one launch instead of XLA's cumulative sums.
 
 Layouts (BH = B·NH flattened, S = NC·L padded): LOGF (the floored log forget gates, base.log_forget) and I (BH, S)
 float32 in; B, B_LO, A (BH, S) and G (BH, NC) float32 out.
@@ -21,7 +21,7 @@ def _two_sum_add(hi_a, lo_a, hi_b, lo_b):
 
 @triton.jit
 def mlstm_chunk_gates_kernel(LOGF, I, B, B_LO, A, G, NC: tl.constexpr, L: tl.constexpr):
-    """Grid (BH, NC): for one chunk, b_t = sum_{r<=t} logf_r as the two-float (B, B_LO) (common.split_cumsum),
+    """Grid (BH, NC): for one chunk, b_t = sum_{r<=t} logf_r as the two-float (B, B_LO) (chunk_math.split_cumsum),
     a_t = sum_{r>t} logf_r + i_t and g = sum_r logf_r. Each suffix sums only its own terms."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)

@@ -24,7 +24,7 @@ from xlstm_jax.kernels.base import (
     qk_scale,
     zero_nonfinite_rows,
 )
-from xlstm_jax.kernels.mlstm_chunkwise.common import chunk_gates
+from xlstm_jax.kernels.native.chunk_math import chunk_gates
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST

@@ -1,5 +1,5 @@
-"""The xl-chunk family's per-chunk kernels behind triton_core: chunks of up to 2048 tokens tiled into (LQ, LKV)
-blocks, the chunk-border states at a finer inter-chunk granularity. Kernels: _parallel_kernels.py."""
+"""The xl-chunk family's per-chunk kernels behind core.py: chunks of up to 2048 tokens tiled into (LQ, LKV)
+blocks, the chunk-border states at a finer inter-chunk granularity. Kernels: kernels.py."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.mlstm_chunkwise.common import nonfinite_chunks
-from xlstm_jax.kernels.mlstm_chunkwise.max_triton_fwbw_v5xlchunksize._parallel_kernels import (
+from xlstm_jax.kernels.native.chunk_math import nonfinite_chunks
+from xlstm_jax.kernels.triton.xl.kernels import (
     mlstm_xl_bw_dk_kernel,
     mlstm_xl_bw_dq_kernel,
     mlstm_xl_bw_dv_kernel,
     mlstm_xl_fw_parallel_kernel,
 )
-from xlstm_jax.kernels.mlstm_chunkwise.triton_core import (
+from xlstm_jax.kernels.triton.core import (
     KernelConfig,
     Operands,
     block,
@@ -39,8 +39,12 @@ class XlFamily:
     def _run(p: dict[str, int], warps: int) -> dict[str, int]:
         return dict(num_warps=warps, num_stages=p["xl_stages"])
 
+    @staticmethod
+    def warps_fields(num_warps: int) -> dict[str, int]:
+        return dict(xl_warps=num_warps, xl_bw_warps=num_warps)
+
     def outputs(self, x: Operands, cfg: KernelConfig, p: dict[str, int], out_dtype):
-        """The careful body of the kernel runs in the chunks whose end state is not finite (common.nonfinite_chunks),
+        """The careful body of the kernel runs in the chunks whose end state is not finite (chunk_math.nonfinite_chunks),
         the plain one elsewhere."""
         BH, S, DHQK, DHHV = x.dims
         BV = block(DHHV, p["xl_out_block"])
