@@ -1,4 +1,5 @@
-"""The `xlstm-jax` command line: `train` (the main job: an xLSTM on synthetic MQAR, `xlstm_jax.train`),
+"""The `xlstm-jax` command line: `train` (the main job: an xLSTM on synthetic MQAR by default, or on token / text
+files with --data; `xlstm_jax.train`),
 `generate` (sampling from a checkpoint), `bench` (`xlstm_jax.bench`) and `doctor` (versions and backend checks).
 
 Each sub-command adds its options when it is used, and jax (with flax, optax, orbax) is imported only when a
@@ -10,7 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Sequence
 
-from xlstm_jax.train.cli import GENERATE_DESCRIPTION, TRAIN_DESCRIPTION, add_generate_arguments, add_train_arguments
+from xlstm_jax.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments
+from xlstm_jax.train.cli import TRAIN_DESCRIPTION, add_train_arguments
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -29,13 +31,10 @@ class _CommandParser(argparse.ArgumentParser):
 
 
 def _backend_list(text: str) -> list[str]:
+    from xlstm_jax.bench.runner import name_list
     from xlstm_jax.mlstm.api import IMPLEMENTATIONS
 
-    names = [n for n in text.split(",") if n]
-    unknown = [n for n in names if n not in IMPLEMENTATIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from {list(IMPLEMENTATIONS)}")
-    return names
+    return name_list(text, IMPLEMENTATIONS, "backend")
 
 
 def _add_doctor_arguments(doctor: argparse.ArgumentParser) -> None:
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per task."""
     parser = argparse.ArgumentParser(prog="xlstm-jax", description="xlstm_jax: mLSTM kernels and models for JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
-    sub.add_parser("train", help="train a small xLSTM on synthetic multi-query associative recall",
+    sub.add_parser("train", help="train an xLSTM: synthetic multi-query associative recall by default, text or token files with --data",
                    description=TRAIN_DESCRIPTION, add_arguments=add_train_arguments,
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub.add_parser("generate", help="sample from a trained or pretrained xLSTM checkpoint",
@@ -91,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends = None if args.backends is None else list(dict.fromkeys(n for group in args.backends for n in group))
         return run_doctor(backends=backends, quick=args.quick)
     if args.command in ("train", "generate"):
-        from xlstm_jax.train.cli import run_generate, run_train
+        from xlstm_jax.generate_cli import run_generate
+        from xlstm_jax.train.cli import run_train
 
         return run_train(args) if args.command == "train" else run_generate(args)
     if args.command == "bench":

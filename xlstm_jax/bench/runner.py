@@ -76,12 +76,17 @@ def _reps(text: str) -> int:
     return int(text)
 
 
-def _peer_list(text: str) -> list[str]:
+def name_list(text: str, known, what: str) -> list[str]:
+    """A comma-separated option value as names, each one of `known` (argparse's error otherwise)."""
     names = [n for n in text.split(",") if n]
-    unknown = [n for n in names if n not in PEERS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peer(s) {unknown}; choose from {list(PEERS)}")
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {unknown}; choose from {list(known)}")
     return names
+
+
+def _peer_list(text: str) -> list[str]:
+    return name_list(text, PEERS, "peer")
 
 
 def add_arguments(parser: argparse.ArgumentParser, backend_type: Callable[[str], list[str]]) -> None:

@@ -21,8 +21,8 @@ from xlstm_jax.mlstm.implementations import IMPLEMENTATIONS
 
 BACKEND_NAMES = ("auto", *IMPLEMENTATIONS)
 # "auto" runs sequences of at most this many steps (without a chunk size) step by step (native_recurrent), not in a
-# chunkwise kernel padded to a whole chunk. H200, B=16, NH=8, 256/512, bf16 forward (docs/benchmarks.md, "Decoding"):
-# S=1 108 us against the limit-chunk kernel's 281 us, but S=4 328 against 270 us (each scan step copies C).
+# chunkwise kernel padded to a whole chunk: faster at one step, slower from four on, as each scan step copies C
+# (docs/benchmarks.md, "Short sequences").
 SHORT_SEQUENCE = 1
 
 

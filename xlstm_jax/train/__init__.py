@@ -1,8 +1,8 @@
-"""`xlstm_jax.train`: train xLSTM-7B-architecture models on multi-query associative recall (MQAR).
+"""`xlstm_jax.train`: train xLSTM-7B-architecture models on multi-query associative recall (MQAR) or on token /
+text corpora.
 
-`train(TrainConfig(...))` runs a job; `add_train_arguments` / `run_train` and `add_generate_arguments` /
-`run_generate` wire `xlstm-jax train` and `xlstm-jax generate`. Attributes load lazily, so importing the package
-(or its CLI helpers) does not import jax, flax, optax or orbax.
+`train(TrainConfig(...))` runs a job; `add_train_arguments` / `run_train` wire `xlstm-jax train`. Attributes load
+lazily, so importing the package (or its CLI helpers) does not import jax, flax, optax or orbax.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ _EXPORTS = {
     "TrainResult": "xlstm_jax.train.loop",
     "add_train_arguments": "xlstm_jax.train.cli",
     "run_train": "xlstm_jax.train.cli",
-    "add_generate_arguments": "xlstm_jax.train.cli",
-    "run_generate": "xlstm_jax.train.cli",
     "TRAIN_DESCRIPTION": "xlstm_jax.train.cli",
-    "GENERATE_DESCRIPTION": "xlstm_jax.train.cli",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -109,7 +109,7 @@ def evaluate(eval_sums: Callable[..., Any], params: Any, batches: list[dict[str,
 def init_params(model_config: Any, seed: int, tx: optax.GradientTransformation, mesh: Any = None,
                 sizes: dict[str, int] | None = None) -> tuple[Any, Any, Any, tuple | None]:
     """(graphdef, params, opt_state, placement) of a fresh model. With a mesh, the parameters (initialised eagerly,
-    as on one device: one jitted initialisation of a 1.3B model compiled for 2.5 minutes on an H200) are moved to
+    as on one device: a jitted initialisation of a large model compiles for minutes; docs/distributed.md) are moved to
     their shardings, the optimizer states are created in place, and placement is (param shardings, opt-state
     shardings): per-parameter optimizer states follow their parameter, its scalars are replicated. Without a mesh,
     placement is None."""

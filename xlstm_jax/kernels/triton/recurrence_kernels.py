@@ -10,7 +10,7 @@ m float32. Addressing: every per-(b, h) base offset is int64.
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.triton.tile_ops import dot_in
+from xlstm_jax.kernels.triton.tile_ops import dot_in, state_tile
 
 
 @triton.jit
@@ -30,23 +30,15 @@ def mlstm_fw_recurrent_kernel(
     C_ALL's dtype (the parallel kernels only use C as a matmul operand); the last C is also written in float32 to
     C_LAST (BH, DHQK, DHHV).
     """
-    bh = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(2)
-    if GROUPS == 1:  # one walk: the group arithmetic folds away
-        grp = 0
-    else:
-        grp = tl.program_id(1)
-    NBV: tl.constexpr = (DHHV + BV - 1) // BV
+    bh, grp, rk, rv, first_col, first_tile = state_tile(GROUPS, DHHV, BK, BV)
     S: tl.constexpr = NC * L
     NCG: tl.constexpr = NC // GROUPS
     is_last = grp == GROUPS - 1
-    rk = (pid // NBV) * BK + tl.arange(0, BK)
-    rv = (pid % NBV) * BV + tl.arange(0, BV)
     rt = tl.arange(0, L)
     mk = rk < DHQK
     c_off = rk[:, None] * DHHV + rv[None, :]
     c_mask = mk[:, None] & (rv < DHHV)[None, :]
-    n_mask = mk & (pid % NBV == 0)
+    n_mask = mk & first_col
 
     start = bh * GROUPS + grp
     c = tl.load(C0 + start * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
@@ -61,7 +53,7 @@ def mlstm_fw_recurrent_kernel(
         tl.store(C_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK * DHHV + c_off, c.to(C_ALL.dtype.element_ty),
                  mask=c_mask & save)
         tl.store(N_ALL + (bh * NSAVE + kc // SAVE_EVERY) * DHQK + rk, n, mask=n_mask & save)
-        tl.store(M_ALL + bh * (NC + 1) + kc, m, mask=pid == 0)
+        tl.store(M_ALL + bh * (NC + 1) + kc, m, mask=first_tile)
         a = tl.load(VEC_A + bh * S + kc * L + rt)
         g = tl.load(SCA_G + bh * NC + kc)
         if MAX_STATE:
@@ -79,7 +71,7 @@ def mlstm_fw_recurrent_kernel(
              mask=c_mask & is_last)
     tl.store(C_LAST + bh * DHQK * DHHV + c_off, c, mask=c_mask & is_last)
     tl.store(N_ALL + (bh * NSAVE + NSAVE - 1) * DHQK + rk, n, mask=n_mask & is_last)
-    tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=(pid == 0) & is_last)
+    tl.store(M_ALL + bh * (NC + 1) + NC, m, mask=first_tile & is_last)
 
 
 @triton.jit
@@ -94,24 +86,16 @@ def mlstm_bw_recurrent_kernel(
     group's end; dC, dn are stored after every SAVE_EVERY-th chunk and at the start (NC // SAVE_EVERY + 1 states),
     each border by the group that ends there, the first by the first group. dC is accumulated in float32 and stored
     in DC_ALL's dtype; the initial state's dC also in float32 to DC_FIRST (BH, DHQK, DHHV)."""
-    bh = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(2)
-    if GROUPS == 1:  # one walk: the group arithmetic folds away
-        grp = 0
-    else:
-        grp = tl.program_id(1)
-    NBV: tl.constexpr = (DHHV + BV - 1) // BV
+    bh, grp, rk, rv, first_col, first_tile = state_tile(GROUPS, DHHV, BK, BV)
     S: tl.constexpr = NC * L
     NCG: tl.constexpr = NC // GROUPS
     is_first = grp == 0
-    rk = (pid // NBV) * BK + tl.arange(0, BK)
-    rv = (pid % NBV) * BV + tl.arange(0, BV)
     rt = tl.arange(0, L)
     mk = rk < DHQK
     mv = rv < DHHV
     c_off = rk[:, None] * DHHV + rv[None, :]
     c_mask = mk[:, None] & mv[None, :]
-    n_mask = mk & (pid % NBV == 0)
+    n_mask = mk & first_col
 
     end = bh * GROUPS + grp
     dc = tl.load(DC_LAST + end * DHQK * DHHV + c_off, mask=c_mask, other=0.0)

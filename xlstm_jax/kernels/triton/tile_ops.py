@@ -1,5 +1,6 @@
-"""Triton device functions both chunkwise families use inside their kernels: the intra-chunk log weights, matmuls
-whose operands stay inside float16's range, and value rows that hold a NaN or inf.
+"""Triton device functions both chunkwise families and the state recurrences use inside their kernels: the
+intra-chunk log weights, matmuls whose operands stay inside float16's range, value rows that hold a NaN or inf, the
+output epilogue (`normalized`) and the tile address arithmetic of the state recurrences (`state_tile`).
 
 Tiles are 2-D blocks of query rows t by key columns s (or transposed, as the caller broadcasts them). Chunks whose
 k or v hold a NaN or inf (chunk_math.nonfinite_chunks) take a careful path in the output kernels: acausal entries are
@@ -74,3 +75,31 @@ def column_blocks_adjacent():
     p1 = (lin // n2) % n1
     p0 = lin // (n2 * n1)
     return p0.to(tl.int64), p1, p2
+
+
+@triton.jit
+def normalized(num, den, m_t, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr, EPS: tl.constexpr):
+    """The output epilogue: h = num / (max(|den|, lower) + EPS) for rows num (R, BV), den and m_t (R,), with the
+    denominator's lower bound NORM_VAL·e^{-m_t} (STABILIZE_CORRECTLY) or NORM_VAL."""
+    if STABILIZE_CORRECTLY:
+        lower = NORM_VAL * tl.exp(-m_t)
+    else:
+        lower = tl.zeros_like(m_t) + NORM_VAL
+    return num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+
+
+@triton.jit
+def state_tile(GROUPS: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """This program of a state-recurrence grid (BH, GROUPS, cdiv(DHQK, BK) * cdiv(DHHV, BV)): its bh (int64), its
+    sequence group, the rows rk (BK,) and columns rv (BV,) of its tile of C, whether the tile is in the first
+    column block (it writes n) and whether it is the first tile (it writes m)."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(2)
+    if GROUPS == 1:  # one walk: the group arithmetic folds away
+        grp = 0
+    else:
+        grp = tl.program_id(1)
+    NBV: tl.constexpr = (DHHV + BV - 1) // BV
+    rk = (pid // NBV) * BK + tl.arange(0, BK)
+    rv = (pid % NBV) * BV + tl.arange(0, BV)
+    return bh, grp, rk, rv, pid % NBV == 0, pid == 0

@@ -194,7 +194,8 @@ def _split_shares_variables() -> bool:
 
 class Generator:
     """Generation with one model, for any number of calls (serving): the model is split into its graph and
-    parameters once, not at every call (7–10 ms of host time per call for xLSTM-7B on the H200 machine's host).
+    parameters once, not at every call (milliseconds of host time per call at 7B; docs/benchmarks.md, "Time to the first
+    token").
     Each call reads the parameters from the model's own Variables, so updates made in place (an optimizer step,
     `nnx.update`, loaded weights) are seen; a model whose structure changes afterwards (new submodules or
     Variables) needs a new Generator. `generate(model, prompts, ...)` is one call of a new Generator."""

@@ -36,6 +36,13 @@ def _normal(std: float) -> Callable[..., jax.Array]:
     return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
 
 
+def _projection_inits(c: xLSTMLargeConfig) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """The "small" init of input projections (std sqrt(2 / 5D)) and Wang's init of output projections
+    (std 2 / (num_blocks sqrt(D)))."""
+    D = c.embedding_dim
+    return _normal(float(np.sqrt(2.0 / (5.0 * D)))), _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
+
+
 def _constant(values: Any) -> Callable[..., jax.Array]:
     return lambda key, shape, dtype: jnp.broadcast_to(jnp.asarray(values, dtype), shape)
 
@@ -106,8 +113,7 @@ class mLSTMLayer(nnx.Module):
         c = config
         self.config = c
         D, NH, pdt, bias = c.embedding_dim, c.num_heads, c.param_jnp_dtype, c.use_bias
-        small = _normal(float(np.sqrt(2.0 / (5.0 * D))))
-        wang = _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
+        small, wang = _projection_inits(c)
         zeros = _constant(0.0)
         f_bias = np.linspace(*c.fgate_bias_init_range, NH)
         cols, fused = ("embed", "heads"), ("embed", None)
@@ -184,8 +190,7 @@ class FeedForward(nnx.Module):
         c = config
         self.config = c
         D, F, pdt, bias = c.embedding_dim, c.ffn_dim, c.param_jnp_dtype, c.use_bias
-        small = _normal(float(np.sqrt(2.0 / (5.0 * D))))
-        wang = _normal(2.0 / (c.num_blocks * float(np.sqrt(D))))
+        small, wang = _projection_inits(c)
         up = dict(use_bias=bias, kernel_init=small, param_dtype=pdt, rngs=rngs)
         if c.weight_mode == "single":
             self.proj_up_gate = Dense(D, F, axes=("embed", "ffn"), **up)

@@ -52,6 +52,31 @@ def _rows_times_state_t(
 
 
 @triton.jit
+def _gradient_rows(
+    A, X, OUT, ROW_DOT, ds, coef, n_scale, ROWS, norm, STATE, VEC, tok,
+    L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QK_SCALE: tl.constexpr, DIVIDE: tl.constexpr, dtype: tl.constexpr,
+):
+    """The q (or k) gradient rows of one chunk, block by block of DHQK: out = (ds @ A) · QK_SCALE +
+    coef · (ROWS @ STATEᵀ + n_scale · VEC) for the chunk's rows of A (S, DHQK) and ROWS (S, DHHV) (divided by norm
+    if DIVIDE), one state STATE (DHQK, DHHV) and VEC (DHQK,); stores out to OUT (S, DHQK) and the row dots
+    X_t·out_t to ROW_DOT (S,)."""
+    row_dot = tl.zeros((L,), dtype=tl.float32)
+    for jk in range(tl.cdiv(DHQK, BK)):
+        rk = jk * BK + tl.arange(0, BK)
+        mk = rk < DHQK
+        a = tl.load(A + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        out = dot_in(ds, a, dtype) * QK_SCALE
+        rs = _rows_times_state_t(ROWS, norm, STATE, tok, rk, mk, L, DHQK, DHHV, BK, BV, DIVIDE, dtype)
+        vec = tl.load(VEC + rk, mask=mk, other=0.0)
+        out += coef[:, None] * (rs + n_scale[:, None] * vec[None, :])
+        x = tl.load(X + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        row_dot += tl.sum(x.to(tl.float32) * out, axis=1)
+        tl.store(OUT + tok[:, None] * DHQK + rk[None, :], out.to(OUT.dtype.element_ty), mask=mk[None, :])
+    tl.store(ROW_DOT + tok, row_dot)
+
+
+@triton.jit
 def mlstm_bw_dq_kernel(
     Q, K, V, DH, VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
     DQ, QDQ,
@@ -77,20 +102,9 @@ def mlstm_bw_dq_kernel(
     ds = (dp + dden[:, None]) * tl.exp(log_d - (m_t - bl)[:, None])
     inter = tl.exp(b + m_prev - m_t) * QK_SCALE
 
-    qdq = tl.zeros((L,), dtype=tl.float32)
-    for jk in range(tl.cdiv(DHQK, BK)):
-        rk = jk * BK + tl.arange(0, BK)
-        mk = rk < DHQK
-        k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        dq = dot_in(ds, k, dtype) * QK_SCALE
-        hc = _rows_times_state_t(DH + bh * S * DHHV, norm, C_ALL + state * DHQK * DHHV, tok, rk, mk, L, DHQK, DHHV,
-                                 BK, BV, True, dtype)
-        n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
-        dq += inter[:, None] * (hc + dden[:, None] * n[None, :])
-        q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        qdq += tl.sum(q.to(tl.float32) * dq, axis=1)
-        tl.store(DQ + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=mk[None, :])
-    tl.store(QDQ + bh * S + tok, qdq)
+    _gradient_rows(K + bh * S * DHQK, Q + bh * S * DHQK, DQ + bh * S * DHQK, QDQ + bh * S, ds, inter, dden,
+                   DH + bh * S * DHHV, norm, C_ALL + state * DHQK * DHHV, N_ALL + state * DHQK, tok, L, DHQK, DHHV,
+                   BK, BV, QK_SCALE, True, dtype)
 
 
 @triton.jit
@@ -128,20 +142,9 @@ def mlstm_bw_dkdv_kernel(
     ds_t = (dp_t + dden[None, :]) * d_t
     sd_t = s_t * QK_SCALE * d_t
 
-    kdk = tl.zeros((L,), dtype=tl.float32)
-    for jk in range(tl.cdiv(DHQK, BK)):
-        rk = jk * BK + tl.arange(0, BK)
-        mk = rk < DHQK
-        q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        dk = dot_in(ds_t, q, dtype) * QK_SCALE
-        vdc = _rows_times_state_t(V + bh * S * DHHV, norm, DC_ALL + state * DHQK * DHHV, tok, rk, mk, L, DHQK, DHHV,
-                                  BK, BV, False, dtype)
-        dn = tl.load(DN_ALL + state * DHQK + rk, mask=mk, other=0.0)
-        dk += abar[:, None] * (vdc + dn[None, :])
-        k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        kdk += tl.sum(k.to(tl.float32) * dk, axis=1)
-        tl.store(DK + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], dk.to(DK.dtype.element_ty), mask=mk[None, :])
-    tl.store(KDK + bh * S + tok, kdk)
+    _gradient_rows(Q + bh * S * DHQK, K + bh * S * DHQK, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar,
+                   tl.full((L,), 1.0, tl.float32), V + bh * S * DHHV, norm, DC_ALL + state * DHQK * DHHV,
+                   DN_ALL + state * DHQK, tok, L, DHQK, DHHV, BK, BV, QK_SCALE, False, dtype)
 
     for jv in range(tl.cdiv(DHHV, BV)):
         rv = jv * BV + tl.arange(0, BV)

@@ -12,7 +12,7 @@ Addressing: every per-(b, h) base offset is int64.
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.triton.tile_ops import dot_in, finite_values, log_decay
+from xlstm_jax.kernels.triton.tile_ops import dot_in, finite_values, log_decay, normalized
 
 
 @triton.jit
@@ -27,8 +27,8 @@ def mlstm_fw_parallel_kernel(
     A NaN or inf in any input at token s reaches no earlier token: every chunk takes the careful path of tile_ops
     (acausal entries selected away, non-finite value rows zeroed and their query rows set to NaN). Unlike the xl
     kernels this one has no per-chunk branch between a plain and a careful body: with that branch around its
-    pipelined loop (num_stages 2, triton 3.6) the H200 gave an h whose first call differed from later calls of the
-    same executable by 13% (den and m_t identical); the xl kernels' branch (num_stages 1) did not. Without MAX_STATE
+    pipelined loop (num_stages 2, triton 3.6) one executable gave different h from call to call on the H200
+    (docs/kernels.md, non-finite inputs); the xl kernels' branch (num_stages 1) did not. Without MAX_STATE
     the row stabilizer is the chunk's incoming m (no row max: mLSTMsig, whose weights are all <= 1)."""
     bh = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
@@ -76,11 +76,7 @@ def mlstm_fw_parallel_kernel(
     num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
     m_t = m_s + tl.load(VEC_BL + bh * S + tok)
-    if STABILIZE_CORRECTLY:
-        lower = NORM_VAL * tl.exp(-m_t)
-    else:
-        lower = tl.full((L,), NORM_VAL, tl.float32)
-    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    h = normalized(num, den, m_t, NORM_VAL, STABILIZE_CORRECTLY, EPS)
     h = tl.where(hit[:, None] > 0, float("nan"), h)
     tl.store(H + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + tok, den, mask=(rt < L) & (iv == 0))

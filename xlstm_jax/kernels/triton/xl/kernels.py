@@ -18,7 +18,7 @@ per-token stabilizer m_t, shifted the same way for the intra-chunk weights.
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.triton.tile_ops import column_blocks_adjacent, dot_in, finite_values, log_decay
+from xlstm_jax.kernels.triton.tile_ops import column_blocks_adjacent, dot_in, finite_values, log_decay, normalized
 
 
 @triton.jit
@@ -143,11 +143,7 @@ def _xl_fw_output_tile(
                                            S, DHHV, QK_SCALE, CAREFUL, MAX_STATE)
 
     m_t = m_run + tl.load(VEC_BL + bh * S + rq)
-    if STABILIZE_CORRECTLY:
-        lower = NORM_VAL * tl.exp(-m_t)
-    else:
-        lower = tl.full((LQ,), NORM_VAL, tl.float32)
-    h = num / (tl.maximum(tl.abs(den), lower) + EPS)[:, None]
+    h = normalized(num, den, m_t, NORM_VAL, STABILIZE_CORRECTLY, EPS)
     if CAREFUL:
         h = tl.where(hit[:, None] > 0, float("nan"), h)
     tl.store(H + bh * S * DHHV + rq[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])

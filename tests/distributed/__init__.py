@@ -1,0 +1,1 @@
+"""Several devices and processes: sharding, context parallelism, training on a mesh, multi-host training."""

@@ -1,0 +1,1 @@
+"""The xLSTM-7B model: forward and gradients, safetensors checkpoints, generation."""

@@ -1,0 +1,1 @@
+"""The command line and the tools around it: cli, bench, doctor, the scripts/ directory."""

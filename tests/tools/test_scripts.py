@@ -1,0 +1,149 @@
+"""The GPU-side scripts run end to end at tiny sizes (Triton interpreter on CPU): the launch tuner keeps only
+candidates whose gradients agree with the checked-in configuration, the stage profiler times every stage, and the
+throughput script reports every backend."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from tests.support.devices import ROOT, run_on_devices
+from xlstm_jax.kernels.triton import launch_table
+
+SCRIPTS = Path(ROOT) / "scripts"  # the repository's scripts/
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_tuner_rejects_a_candidate_with_wrong_gradients(tmp_path, capsys, monkeypatch):
+    tuner = _load("tune_launch")
+    right = tuner._fw
+
+    def fw_broken_with_4_warps(family, chunk, xl_args, launch):  # stands in for a miscompiled kernel
+        fw = right(family, chunk, xl_args, launch)
+        scale = 2.0 if launch["recurrent_warps"] == 4 else 1.0
+        return lambda *a: fw(*a) * jnp.asarray(scale, a[0].dtype)
+
+    monkeypatch.setattr(tuner, "_fw", fw_broken_with_4_warps)
+    out = tmp_path / "tune.json"
+    table = tmp_path / "table.json"
+    table.write_text(launch_table.TABLE_PATH.read_text())
+    tuner.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--knobs", "recurrent_warps",
+                "--reps", "10", "--out", str(out), "--write-table", "--table", str(table)])
+    wrong = [line for line in capsys.readouterr().out.splitlines() if "WRONG" in line]
+    assert len(wrong) == 1 and "recurrent_warps=4" in wrong[0]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["setting"]["recurrent_warps"] in (1, 2) and result["fw_ms"] > 0 and result["fwbw_ms"] > 0
+    written = json.loads(table.read_text())["entries"]["cpu/dh<=256"]  # no GPU here: the "cpu" architecture
+    assert written["params"]["recurrent_warps"] == result["setting"]["recurrent_warps"]
+    assert set(written["params"]) == set(launch_table.table_params(16, 16)) and "tune_launch.py" in written["source"]
+
+
+@pytest.mark.slow
+def test_train_throughput_reports_each_backend(tmp_path):
+    out = tmp_path / "throughput.json"
+    _load("train_throughput").main(["--tiny", "--backends", "native_chunkwise", "native_recurrent", "--reps", "10",
+                                    "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in rows] == ["native_chunkwise", "native_recurrent"]
+    assert all(r["tokens_per_s"] > 0 and r["params_M"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_checkpoint_cost_times_each_part_of_a_save(tmp_path):
+    out = tmp_path / "cost.json"
+    _load("checkpoint_cost").main(["--size", "tiny", "--saves", "2", "--dir", str(tmp_path / "ckpt"), "--out",
+                                   str(out)])
+    result = json.loads(out.read_text())
+    assert [row["step"] for row in result["saves"]] == [1, 2]
+    assert all(row["files"] >= 3 and row["bytes"] > 0 for row in result["saves"])  # orbax compresses the arrays
+    assert set(result["median"]) == {"save_blocking_s", "commit_s", "checksum_s", "verify_s", "restore_s"}
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
+    profiler = _load("profile_stages")
+    out = tmp_path / "stages.json"
+    # two heads: the backward stages take the forward's (B, NH, ...) residuals flattened to (B·NH, ...)
+    profiler.main(["--shape", "1,2,32,16,16", "--dtype", "float32", "--runs", "xl:32", "--reps", "1",
+                   "--out", str(out)])
+    ms = json.loads(out.read_text())["results"]["xl:32"]
+    stages = {"fw.states", "fw.total", "bw.denominator", "bw.state_cotangents", "bw.parallel", "bw.total", "fwbw"}
+    assert set(ms) == stages and all(t > 0 for t in ms.values())
+    profiler.main(["--shape", "1,1,64,16,16", "--dtype", "float32", "--runs", "xl:64:32:16:16", "--reps", "1",
+                   "--stages", "fw.total", "--out", str(out)])
+    assert set(json.loads(out.read_text())["results"]["xl:64:32:16:16"]) == {"fw.total"}
+    assert profiler.config("xl", 64, "float32", (32, 16, 16)).tile_q == 32
+
+    profiler.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--reps", "1",
+                   "--stages", "fw.states", "--sweep", "recurrent_block=16,32", "recurrent_warps=1,2",
+                   "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["limit:16"]
+    assert len(rows) == 4 and not any(r["wrong"] or "error" in r for r in rows)
+    assert sorted(tuple(r["launch"].values()) for r in rows) == [(16, 1), (16, 2), (32, 1), (32, 2)]
+
+
+@pytest.mark.slow
+def test_decode_bench_times_the_step(tmp_path):
+    out = tmp_path / "decode.json"
+    _load("decode_bench").main(["--tiny", "--parts", "step", "--reps", "10", "--json", str(out)])
+    rows = json.loads(out.read_text())["step"]
+    assert {r["what"] for r in rows} == {"mlstm_step native", "recurrent_step_fw (seed)"}
+    assert all(r["us"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_variant_cost_times_every_variant(tmp_path):
+    out = tmp_path / "variants.json"
+    _load("variant_cost").main(["--tiny", "--backends", "native_chunkwise", "--reps", "10", "--rounds", "1",
+                                "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["plain", "segment_ids", "sigmoid"]
+    assert all(r["fw_ms"] > 0 and r["fwbw_ms"] > 0 for r in rows)
+
+
+def test_plot_decode_draws_ours_beside_the_peer(tmp_path):
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"step": [
+        {"what": "mlstm_step triton", "states": "float32", "us": 55.9, "kernel_us": 37.5},
+        {"what": "mlstm_step native", "states": "float32", "us": 62.4, "kernel_us": None},
+        {"what": "mlstm_step triton", "states": "bfloat16", "us": 34.6, "kernel_us": 19.6}]}))
+    generate = tmp_path / "generate.json"
+    generate.write_text(json.dumps({"generate": [
+        {"B": 1, "what": "generate, 128-token prompt", "tokens_per_s": 180.0},
+        {"B": 16, "what": "generate, 128-token prompt", "tokens_per_s": 2963.0},
+        {"B": 1, "what": "time to first token", "prompt": 8192, "ms": 207.6}]}))
+    peer = tmp_path / "peer.json"
+    peer.write_text(json.dumps({
+        "step": [{"what": "mlstm_kernels triton step, CUDA graph", "us": 50.7}],
+        "generate": [{"B": 1, "what": "generate", "tokens_per_s": 27.0},
+                     {"B": 1, "what": "time to first token", "prompt": 8192, "ms": 258.4}],
+        "graphs": [{"B": 1, "what": "decode step, CUDA graph", "tokens_per_s": 149.0}]}))
+    plot = _load("plot_decode")
+    bars = plot._step_bars(json.loads(step.read_text())["step"], json.loads(peer.read_text())["step"])
+    assert [(b[0], b[1]) for b in bars] == [("mlstm_step triton (loop)", 55.9), ("mlstm_step triton (kernel)", 37.5),
+                                            ("mlstm_step native (loop)", 62.4),
+                                            ("upstream triton step, CUDA graph", 50.7)]
+    plot.main(["--step", str(step), "--generate", str(generate), "--peer", str(peer), "--out",
+               str(tmp_path / "decode.png")])
+    assert (tmp_path / "decode.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="error: nothing to draw"):
+        plot.main(["--out", str(tmp_path / "none.png")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        plot.main(["--peer", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.slow
+def test_multi_gpu_scripts_run_on_fake_devices(tmp_path):
+    """Issue 22's scripts at tiny sizes on 4 CPU devices: context-parallel scaling rows (8 devices skipped, not
+    faked) and the weak-scaling batch of the throughput script."""
+    run_on_devices("multi_gpu_scripts.py", 4, oks=2, args=[SCRIPTS, tmp_path / "cp.json", tmp_path / "tp.json"])

@@ -1,0 +1,1 @@
+"""Training jobs: MQAR, resume, guards, data and corpora, training checkpoint integrity."""
