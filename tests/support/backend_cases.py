@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.support.helpers import _loss
+from xlstm_jax.kernels.triton.tuning import MAX_HEAD_DIM
 from xlstm_jax.mlstm import IMPLEMENTATIONS, mlstm
 from xlstm_jax.mlstm.api import triton_status
 
@@ -21,13 +22,12 @@ NATIVE_BACKENDS = tuple(n for n, impl in IMPLEMENTATIONS.items() if not impl.nee
 CHUNKED_BACKENDS = tuple(n for n, impl in IMPLEMENTATIONS.items() if impl.chunk_sizes is not None)
 
 
-TRITON_MAX_HEAD_DIM = 1024  # triton_core.MAX_HEAD_DIM (not imported: that module imports triton)
 
 
 def head_dims_ok(name: str, DHQK: int, DHHV: int) -> bool:
     """Triton kernels take any head dims up to 1024 (`triton_core.check_head_dims`); native backends take any."""
     if IMPLEMENTATIONS[name].needs_triton:
-        return max(DHQK, DHHV) <= TRITON_MAX_HEAD_DIM
+        return max(DHQK, DHHV) <= MAX_HEAD_DIM
     return True
 
 

@@ -169,17 +169,15 @@ def checked_inputs(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None
 
 
 def validated(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, *, return_last_states: Any = False,
-              eps: Any = 1e-6, autocast_dtype: Any = None, dtype_name: str = "autocast_dtype", max_state: bool = True,
-              norm_val: Any = 1.0, stabilize_correctly: Any = True) -> tuple[MLSTMInputs, MLSTMOptions]:
+              eps: Any = 1e-6, autocast_dtype: Any = None, dtype_name: str = "autocast_dtype", norm_val: Any = 1.0,
+              stabilize_correctly: Any = True) -> tuple[MLSTMInputs, MLSTMOptions]:
     """The one check of every public entry: the five inputs and the states (`checked_inputs`), eps, the compute
-    dtype (`dtype_name` names the caller's argument) and the denominator variant, as (MLSTMInputs, MLSTMOptions)."""
+    dtype (`dtype_name` names the caller's argument) and the denominator variant, as (MLSTMInputs, MLSTMOptions);
+    the input gate's max_state is set where the call is dispatched."""
     x, _ = checked_inputs(q, k, v, i, f, c_initial, n_initial, m_initial)
     resolve_compute_dtype(autocast_dtype, x.q.dtype, dtype_name)  # a float64 q under 64-bit JAX is refused here
-    if isinstance(norm_val, bool) or not isinstance(norm_val, (int, float, np.integer, np.floating)) or not (
-            math.isfinite(norm_val) and norm_val > 0):
-        raise ValueError(f"norm_val must be a positive finite float, got {norm_val!r}.")
-    options = MLSTMOptions(bool(return_last_states), check_eps(eps), autocast_dtype, bool(max_state),
-                           float(norm_val), bool(stabilize_correctly))
+    options = MLSTMOptions(bool(return_last_states), check_eps(eps), autocast_dtype, True,
+                           check_positive(norm_val, "norm_val"), bool(stabilize_correctly))
     return x, options
 
 
@@ -196,13 +194,18 @@ def check_chunk_size(chunk_size: Any, *, minimum: int = 16, maximum: int | None 
     return chunk_size
 
 
+def check_positive(value: Any, name: str) -> float:
+    """A positive finite number (TypeError for a non-number, ValueError otherwise, naming `name`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a positive finite float, got {type(value).__name__} {value!r}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}.")
+    return float(value)
+
+
 def check_eps(eps: Any) -> float:
     """The denominator epsilon: a positive finite number."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
-        raise TypeError(f"eps must be a positive finite float, got {type(eps).__name__} {eps!r}.")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}.")
-    return float(eps)
+    return check_positive(eps, "eps")
 
 
 def floating_dtype(dtype: Any, name: str) -> jnp.dtype:

@@ -20,10 +20,9 @@ from xlstm_jax.kernels.native.chunkwise import chunkwise_native
 from xlstm_jax.kernels.native.parallel import mlstm_parallel
 from xlstm_jax.kernels.native.recurrent import RecurrentTuning, mlstm_recurrent
 from xlstm_jax.kernels.triton import families
-from xlstm_jax.kernels.triton.tuning import TritonTuning
+from xlstm_jax.kernels.triton.tuning import MAX_HEAD_DIM, TritonTuning
 
 Run = Callable[[MLSTMInputs, MLSTMOptions, "int | None", Any], Any]
-MAX_TRITON_HEAD_DIM = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +57,11 @@ class Implementation:
             ok, why = triton_availability()
             if not ok:
                 return False, why
-            if (platform or jax.default_backend()) not in ("gpu", "cpu"):
+            platform = platform or jax.default_backend()
+            if platform not in ("gpu", "cpu"):
                 return False, f"the Triton kernels run on CUDA GPUs (and in Triton's interpreter on CPU), not {platform}"
-            if shape is not None and max(shape.DHQK, shape.DHHV) > MAX_TRITON_HEAD_DIM:
-                return False, f"head dims must be <= {MAX_TRITON_HEAD_DIM}, got DHQK={shape.DHQK} DHHV={shape.DHHV}"
+            if shape is not None and max(shape.DHQK, shape.DHHV) > MAX_HEAD_DIM:
+                return False, f"head dims must be <= {MAX_HEAD_DIM}, got DHQK={shape.DHQK} DHHV={shape.DHHV}"
         return True, ""
 
     def check(self, o: MLSTMOptions, tuning: Any) -> None:

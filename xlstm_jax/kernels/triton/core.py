@@ -29,9 +29,9 @@ from xlstm_jax.kernels.native.chunk_math import denominator_cotangent, gate_grad
 from xlstm_jax.kernels.triton.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.triton.launch_table import table_params
 from xlstm_jax.kernels.triton.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
+from xlstm_jax.kernels.triton.tuning import MAX_HEAD_DIM
 from xlstm_jax.kernels.sharding import per_batch_head
 
-MAX_HEAD_DIM = 1024
 F32 = jnp.float32
 
 def launch_params(DHQK: int, DHHV: int, overrides: tuple[tuple[str, int], ...] = ()) -> dict[str, int]:

@@ -1,10 +1,12 @@
-"""The Triton families' tuning knobs (importable without Triton: the op's implementation table names it)."""
+"""The Triton families' tuning knobs and head-dim limit (importable without Triton: the op's implementation table
+names them)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 WARPS = (1, 2, 4, 8, 16)
+MAX_HEAD_DIM = 1024  # the largest DHQK and DHHV the Triton chunkwise kernels take
 
 
 @dataclasses.dataclass(frozen=True)
