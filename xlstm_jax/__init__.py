@@ -10,7 +10,7 @@ import types
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND_NAMES", "from_pretrained", "mlstm", "mlstm_step", "__version__"]
+__all__ = ["BACKEND_NAMES", "from_pretrained", "load_tokenizer", "mlstm", "mlstm_step", "__version__"]
 
 
 class _Package(types.ModuleType):
@@ -41,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from xlstm_jax.models.xlstm_large import from_pretrained
 
         return from_pretrained
+    if name == "load_tokenizer":
+        from xlstm_jax.models.xlstm_large.tokenizer import load_tokenizer
+
+        return load_tokenizer
     raise AttributeError(f"module 'xlstm_jax' has no attribute {name!r}")
 
 

@@ -1,6 +1,7 @@
 """The `xlstm-jax` command line: `train` (the main job: an xLSTM on synthetic MQAR by default, or on token / text
 files with --data; `xlstm_jax.train`),
-`generate` (sampling from a checkpoint), `bench` (`xlstm_jax.bench`) and `doctor` (versions and backend checks).
+`generate` (sampling from a checkpoint: text or token ids), `eval` (loss, perplexity and bits per byte on text or
+token files), `bench` (`xlstm_jax.bench`) and `doctor` (versions and backend checks).
 
 Each sub-command adds its options when it is used, and jax (with flax, optax, orbax) is imported only when a
 command runs, so `xlstm-jax --help` and `xlstm-jax train --help` answer at once.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Sequence
 
+from xlstm_jax.eval_cli import EVAL_DESCRIPTION, add_eval_arguments
 from xlstm_jax.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments
 from xlstm_jax.train.cli import TRAIN_DESCRIPTION, add_train_arguments
 
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("generate", help="sample from a trained or pretrained xLSTM checkpoint",
                    description=GENERATE_DESCRIPTION, add_arguments=add_generate_arguments,
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on text or token files",
+                   description=EVAL_DESCRIPTION, add_arguments=add_eval_arguments)
     sub.add_parser(
         "doctor",
         help="check versions and backends, and run every runnable backend against the float64 reference",
@@ -89,11 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         backends = None if args.backends is None else list(dict.fromkeys(n for group in args.backends for n in group))
         return run_doctor(backends=backends, quick=args.quick)
-    if args.command in ("train", "generate"):
+    if args.command in ("train", "generate", "eval"):
+        from xlstm_jax.eval_cli import run_eval
         from xlstm_jax.generate_cli import run_generate
         from xlstm_jax.train.cli import run_train
 
-        return run_train(args) if args.command == "train" else run_generate(args)
+        return {"train": run_train, "generate": run_generate, "eval": run_eval}[args.command](args)
     if args.command == "bench":
         from xlstm_jax.bench.runner import run_bench
 

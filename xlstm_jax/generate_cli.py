@@ -1,24 +1,31 @@
-"""`xlstm-jax generate`: sample from a trained or pretrained xLSTM checkpoint (token ids, or the MQAR demo for a
-training run of the main job)."""
+"""`xlstm-jax generate`: sample from a trained or pretrained xLSTM checkpoint: text with the tokenizer saved next to
+the weights (`--prompt`, `--prompt-file`), token ids (`--prompt-ids`), and without a prompt a demo that fits the
+directory (MQAR recall, the start of a document, or the start of the held-out data)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from typing import Any
 
 from xlstm_jax.train.cli import fail, flag
 from xlstm_jax.train.config import ConfigError, check_backend
 
 GENERATE_DESCRIPTION = (
-    "Generate tokens with an xLSTM-7B-architecture model: one chunkwise prefill of the (left-padded) prompts that "
-    "returns the mLSTM states, then one-token recurrent steps inside a single jitted loop; greedy, temperature, "
-    "top-k, top-p, stop tokens. MODEL is a safetensors checkpoint directory (HF `xLSTM-7b` or plain `xlstm_large` "
-    "layout) or the --output-dir of `xlstm-jax train`, which without --prompt-ids runs an MQAR recall demo."
+    "Generate with an xLSTM-7B-architecture model: one chunkwise prefill of the (left-padded) prompts that returns "
+    "the mLSTM states, then one-token recurrent steps inside a single jitted loop; greedy, temperature, top-k, "
+    "top-p, stop tokens. MODEL is a safetensors checkpoint directory (HF `xLSTM-7b` or plain `xlstm_large` layout) "
+    "or the --output-dir of `xlstm-jax train`. Text prompts need the tokenizer.json saved with the model; the "
+    "continuation is printed as it is generated on a terminal, and generation stops at the tokenizer's end-of-text "
+    "token. Without a prompt: the MQAR recall demo for an MQAR run, text from the start of a document for a model "
+    "with a tokenizer, the start of the held-out data (token ids) for a run on token files."
 )
+TEXT_TOKENS, ID_TOKENS = 100, 16  # default --max-new-tokens for text and for token ids
+HELD_OUT_PROMPT = 16  # tokens of the held-out data that prompt a run on token files without a tokenizer
 
 
-
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if not 1 <= value < 2**31:
         raise argparse.ArgumentTypeError(f"must be a positive int below 2^31, got {value}")
@@ -57,16 +64,23 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `xlstm-jax generate`."""
     parser.add_argument("model", help="checkpoint directory (HF or plain xlstm_large safetensors layout), or the "
                                       "--output-dir of `xlstm-jax train` (its model/ export is used)")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a text prompt, encoded with the tokenizer saved with the model; repeat for a batch")
+    parser.add_argument("--prompt-file", action="append", metavar="PATH",
+                        help="a file whose whole text (UTF-8, as it is) is one prompt; repeatable, with --prompt")
     parser.add_argument("--prompt-ids", action="append", type=_ids, metavar="IDS",
-                        help="prompt token ids, space- or comma-separated; repeat for a batch. Without it, a "
-                             "training directory runs an MQAR recall demo")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate per prompt")
+                        help="prompt token ids, space- or comma-separated; repeat for a batch; prints token ids")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=argparse.SUPPRESS,
+                        help=f"tokens to generate per prompt (default: {TEXT_TOKENS} for text, {ID_TOKENS} for "
+                             "token ids)")
     parser.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=_positive_int, default=argparse.SUPPRESS,
+    parser.add_argument("--top-k", type=positive_int, default=argparse.SUPPRESS,
                         help="sample from the k most likely tokens (default: all)")
     parser.add_argument("--top-p", type=_probability, default=argparse.SUPPRESS,
                         help="sample from the smallest set with this probability mass (default: 1, all)")
-    parser.add_argument("--stop-ids", type=_ids, default=[], help="stop token ids, space- or comma-separated")
+    parser.add_argument("--stop-ids", type=_ids, default=argparse.SUPPRESS,
+                        help="stop token ids, space- or comma-separated; '' for none (default: the tokenizer's "
+                             "end-of-text token, none without a tokenizer)")
     parser.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "bfloat16", "float16"),
                         help="matmul dtype (default: the checkpoint's)")
@@ -79,12 +93,25 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-backend", default=argparse.SUPPRESS, metavar="NAME",
                         help="the one-token steps: mlstm_step (the fused Triton step kernel on a CUDA GPU, XLA "
                              "elsewhere) or any backend name (default: mlstm_step)")
-    parser.add_argument("--num-examples", type=_positive_int, default=4, help="MQAR demo: examples to show")
+    parser.add_argument("--num-examples", type=positive_int, default=4, help="MQAR demo: examples to show")
+
+
+def _text_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt texts, then the texts of the --prompt-file files (OSError / ValueError name the file)."""
+    texts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:
+                texts.append(fh.read())
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason})") from None
+    return texts
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Run `xlstm-jax generate`; returns 0, or 2 for bad input (a backend that cannot run here, a damaged or
-    missing checkpoint, prompts the model cannot take)."""
+    missing checkpoint, prompts the model cannot take, text prompts without a tokenizer), each checked before the
+    model is loaded where it can be."""
     backend, step_backend = getattr(args, "backend", None), getattr(args, "step_backend", None)
     try:
         if backend is not None:
@@ -93,36 +120,160 @@ def run_generate(args: argparse.Namespace) -> int:
             check_backend(step_backend, field="step_backend")
     except ConfigError as err:
         return fail(flag(err.field), err.reason)
+    if args.prompt_ids and (args.prompt or args.prompt_file):
+        return fail("--prompt-ids", "give token ids or text prompts (--prompt, --prompt-file), not both.")
+    try:
+        texts = _text_prompts(args)
+    except (OSError, ValueError) as err:
+        return fail("--prompt-file", str(err))
 
-    from xlstm_jax.models.xlstm_large.checkpoint import from_pretrained
-    from xlstm_jax.models.xlstm_large.generation import generate
+    from xlstm_jax.models.xlstm_large.checkpoint import from_pretrained, training_export
+    from xlstm_jax.models.xlstm_large.tokenizer import end_of_text_id, load_tokenizer
     from xlstm_jax.train.checkpoints import read_run_config
 
-    path = args.model
     try:
-        run_config = read_run_config(path) if os.path.isdir(path) else None
-        if run_config is not None:
-            path = os.path.join(path, "model")
+        run_config = read_run_config(args.model) if os.path.isdir(args.model) else None
+        path = training_export(args.model)
+        tokenizer = load_tokenizer(path) if os.path.isdir(path) else None
+        eos = None if tokenizer is None else end_of_text_id(tokenizer, path)
+    except (ValueError, OSError) as err:  # a damaged run config, an unfinished run, a tokenizer that does not load
+        return fail("MODEL", f"cannot load {args.model!r}: {err}")
+    if texts and tokenizer is None:
+        return fail("--prompt", f"{args.model!r} has no tokenizer (tokenizer.json next to the weights), so text "
+                                "cannot be encoded; pass --prompt-ids, or export the model with its tokenizer "
+                                "(`xlstm-jax train --tokenizer`, or save_pretrained(..., tokenizer=...)).")
+    prompts = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+    empty = [number for number, ids in enumerate(prompts) if not ids]
+    if empty:
+        return fail("--prompt", f"prompt {empty[0]} encodes to no tokens; give some text.")
+    try:
         model = from_pretrained(path, getattr(args, "dtype", None), backend=backend, weight_mode=args.weight_mode)
     except (ValueError, OSError) as err:  # a missing or damaged checkpoint
         return fail("MODEL", f"cannot load {args.model!r}: {err}")
+    stops = getattr(args, "stop_ids", None)
     sampling = dict(temperature=args.temperature, top_k=getattr(args, "top_k", None),
-                    top_p=getattr(args, "top_p", None), stop_tokens=args.stop_ids, seed=args.seed,
-                    step_backend=step_backend)
+                    top_p=getattr(args, "top_p", None), seed=args.seed, step_backend=step_backend,
+                    stop_tokens=stops if stops is not None else [] if eos is None else [eos])
     if args.prompt_ids:
-        try:
-            out = generate(model, args.prompt_ids, max_new_tokens=args.max_new_tokens, **sampling)
-        except FloatingPointError as err:  # NaN logits: the model, not the input
-            return fail("MODEL", str(err))
-        except ValueError as err:  # the flags are checked by argparse; what is left is the prompts and sizes
-            return fail("--max-new-tokens" if str(err).startswith("the generated tokens") else "--prompt-ids",
-                        str(err))
-        for prompt, tokens, length in zip(args.prompt_ids, out.tokens, out.lengths):
-            print(f"prompt {prompt} -> {tokens[:length].tolist()}")
-        return 0
+        return _print_ids(model, args.prompt_ids, getattr(args, "max_new_tokens", ID_TOKENS), sampling)
+    if run_config is not None and run_config.get("data") is None:
+        return _mqar_demo(model, run_config, args.num_examples, sampling)
+    if not prompts and tokenizer is not None:
+        start = eos if eos is not None else model.config.bos_token_id
+        if start is None:
+            return fail("--prompt", f"{args.model!r} names no end-of-text or begin token to start a document from; "
+                                    "give a prompt.")
+        texts, prompts = [""], [[start]]
+        print(f"(no --prompt: generating from {tokenizer.id_to_token(start)}, the start of a new document)",
+              file=sys.stderr)
+    if prompts:
+        return _print_text(model, tokenizer, texts, prompts, getattr(args, "max_new_tokens", TEXT_TOKENS), sampling)
     if run_config is None:
-        return fail("--prompt-ids", "is required unless MODEL is an `xlstm-jax train` output directory.")
-    return _mqar_demo(model, run_config, args.num_examples, sampling)
+        return fail("--prompt-ids", "a prompt is required (--prompt with a tokenizer, or --prompt-ids) unless MODEL "
+                                    "is an `xlstm-jax train` output directory.")
+    return _held_out_demo(model, run_config, getattr(args, "max_new_tokens", ID_TOKENS), sampling)
+
+
+def _generate(model: Any, prompts: list[list[int]], max_new_tokens: int, sampling: dict, **extra: Any) -> Any:
+    """`generate`, with its errors as (flag, reason): NaN logits are the model's, ValueErrors the prompts' or the
+    sizes'."""
+    from xlstm_jax.models.xlstm_large.generation import generate
+
+    try:
+        return generate(model, prompts, max_new_tokens=max_new_tokens, **sampling, **extra)
+    except FloatingPointError as err:
+        return ("MODEL", str(err))
+    except ValueError as err:  # the flags are checked by argparse; what is left is the prompts and sizes
+        return ("--max-new-tokens" if str(err).startswith("the generated tokens") else "--prompt", str(err))
+
+
+def _print_ids(model: Any, prompts: list[list[int]], max_new_tokens: int, sampling: dict) -> int:
+    out = _generate(model, prompts, max_new_tokens, sampling)
+    if isinstance(out, tuple):
+        return fail("--prompt-ids" if out[0] == "--prompt" else out[0], out[1])
+    for prompt, tokens, length in zip(prompts, out.tokens, out.lengths):
+        print(f"prompt {prompt} -> {tokens[:length].tolist()}")
+    return 0
+
+
+def continuation(tokenizer: Any, prompt: list[int], generated: list[int]) -> str:
+    """The text the generated ids add after the prompt's: decoded in the prompt's context (so a word split across the
+    border, or the space between, comes out as in the whole), special tokens left out."""
+    before = tokenizer.decode(prompt, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt + generated, skip_special_tokens=True)
+    return whole[len(before):] if whole.startswith(before) else tokenizer.decode(generated, skip_special_tokens=True)
+
+
+class _Stream:
+    """Prints the continuation of one prompt as the decode loop hands out its tokens (`Generator`'s on_token),
+    holding back text that ends in an incomplete character."""
+
+    def __init__(self, tokenizer: Any, prompt: list[int], stops: list[int]):
+        self.tokenizer, self.prompt, self.stops = tokenizer, prompt, set(stops)
+        self.generated: list[int] = []
+        self.printed = ""
+        self.stopped = False
+
+    def __call__(self, tokens: Any) -> None:
+        if self.stopped:
+            return
+        self.generated.append(int(tokens[0]))
+        self.stopped = self.generated[-1] in self.stops
+        self.show(continuation(self.tokenizer, self.prompt, self.generated))
+
+    def show(self, text: str, last: bool = False) -> None:
+        """Print what `text`, the continuation so far, adds to what is printed (held back while it ends in a
+        replacement character, the first bytes of a character, unless it is the `last`)."""
+        if text.startswith(self.printed) and (last or not text.endswith("\ufffd")):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def _print_text(model: Any, tokenizer: Any, texts: list[str], prompts: list[list[int]], max_new_tokens: int,
+                sampling: dict) -> int:
+    """Each prompt's text and its continuation (streamed on a terminal for one prompt); several prompts are
+    printed one after another under a `=== i/n ===` line."""
+    stream = _Stream(tokenizer, prompts[0], sampling["stop_tokens"]) \
+        if len(prompts) == 1 and sys.stdout.isatty() else None
+    if stream is not None:
+        sys.stdout.write(texts[0])
+    out = _generate(model, prompts, max_new_tokens, sampling, on_token=stream)
+    if isinstance(out, tuple):
+        return fail(*out)
+    for number, (text, prompt) in enumerate(zip(texts, prompts)):
+        rest = continuation(tokenizer, prompt, out.tokens[number, :out.lengths[number]].tolist())
+        if stream is not None:
+            stream.show(rest, last=True)
+            print()
+            continue
+        if len(prompts) > 1:
+            print(f"=== {number + 1}/{len(prompts)} ===")
+        print(text + rest)
+    return 0
+
+
+def _held_out_demo(model: Any, run_config: dict, max_new_tokens: int, sampling: dict) -> int:
+    """For a run on token files without a tokenizer: continue the first tokens of its held-out data, as ids, next
+    to what the data holds there."""
+    from xlstm_jax.train.data import DataSpec, load_corpus
+
+    fields = ("tokenizer", "token_dtype", "eos_id", "eval_fraction", "doc_separator")
+    spec = DataSpec(tuple(run_config["data"]), **{name: run_config[name] for name in fields if name in run_config})
+    try:
+        corpus = load_corpus(spec, run_config["seq_len"], model.config.vocab_size)
+    except ValueError as err:
+        return fail("--prompt-ids", f"the run has no tokenizer, and its data, whose start of the held-out split "
+                                    f"would be the prompt, cannot be read ({err}); pass --prompt-ids IDS.")
+    row = corpus.row(corpus.num_train_rows)
+    stream = [*row["inputs"].tolist(), int(row["targets"][-1])]
+    length = min(HELD_OUT_PROMPT, len(stream) - 1)
+    print(f"(no tokenizer in the export: token ids; the prompt is the start of the run's held-out data; train "
+          f"with --tokenizer to get text)", file=sys.stderr)
+    status = _print_ids(model, [stream[:length]], max_new_tokens, sampling)
+    if status == 0:
+        print(f"the data goes on {stream[length:length + max_new_tokens]}")
+    return status
 
 
 def _mqar_demo(model, run_config: dict, num_examples: int, sampling: dict) -> int:

@@ -1,4 +1,5 @@
-"""Tests of `xlstm_jax.train.data`: packing of token and text files into rows, training batches (epochs, seeds,
+"""Tests of `xlstm_jax.train.data` and `xlstm_jax.train.batches`: packing of token and text files into rows (a .txt
+file is one document, or split at --doc-separator, its text kept as it is), training batches (epochs, seeds,
 process counts, resume), held-out batches and the errors for bad input. All data is written to tmp_path."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from xlstm_jax.train import data
-from xlstm_jax.train.data import DataSpec, eval_batches, load_corpus, train_batches
+from xlstm_jax.train.batches import eval_batches, row_batches, train_batches
+from xlstm_jax.train.data import DataSpec, load_corpus
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "bird", "sang", "loud", "song"]
 TEXT_DOCS = ["the cat sat on a mat", "dog ran", "bird sang a loud\nsong far away the cat", "mat", "on a dog"]
@@ -75,11 +77,14 @@ def tokenizer(tmp_path):
     return tokenizer, str(path)
 
 
+SEPARATOR = "\n<doc>\n"
+
+
 def write_text_files(tmp_path) -> list[str]:
+    """TEXT_DOCS in a .txt file between SEPARATORs (with an empty and an all-whitespace piece, which are dropped),
+    JSONL_DOCS in a .jsonl file."""
     txt = tmp_path / "docs.txt"
-    separators = ["\n\n", "\n \n\t\n", "\n\n\n", "\n   \n", "\n"]
-    body = "".join(doc + separator for doc, separator in zip(TEXT_DOCS, separators, strict=True))
-    txt.write_text("\n\n" + body, encoding="utf-8")
+    txt.write_text(SEPARATOR + SEPARATOR.join(TEXT_DOCS) + SEPARATOR + " \n\t", encoding="utf-8")
     jsonl = tmp_path / "docs.jsonl"
     lines = [json.dumps({"text": JSONL_DOCS[0], "id": 7}), "", json.dumps({"text": JSONL_DOCS[1]}), "  ",
              json.dumps({"text": JSONL_DOCS[2]})]
@@ -92,12 +97,41 @@ def write_text_files(tmp_path) -> list[str]:
 def test_text_packing_matches_reference(tmp_path, tokenizer, seq_len, with_eos):
     tok, tok_path = tokenizer
     eos_id = tok.token_to_id("[EOS]") if with_eos else None
-    corpus = load_corpus(DataSpec(tuple(write_text_files(tmp_path)), tokenizer=tok_path, eos_id=eos_id), seq_len)
+    spec = DataSpec(tuple(write_text_files(tmp_path)), tokenizer=tok_path, eos_id=eos_id, doc_separator=SEPARATOR)
+    corpus = load_corpus(spec, seq_len)
     documents = [[tok.token_to_id(word) for word in doc.split()] + ([eos_id] if with_eos else [])
                  for doc in TEXT_DOCS + JSONL_DOCS]
     assert corpus.vocab_size == tok.get_vocab_size() == len(WORDS) + 2
     assert corpus.num_tokens == sum(map(len, documents))
     assert_rows_match(corpus, reference_rows(documents, seq_len))
+
+
+def test_a_txt_file_is_one_document_kept_as_it_is_unless_a_separator_splits_it(tmp_path, tokenizer):
+    code = "import os\r\n\n\ndef main():\n    x = 1\n\n    return x  \n\n\n\nclass A:\n\tpass\n"
+    (tmp_path / "a.txt").write_bytes(code.encode())
+    (tmp_path / "b.txt").write_text("the cat\n\nsat on a mat\n", encoding="utf-8")
+    assert data._read_documents(str(tmp_path / "a.txt")) == [code]  # indentation, blank lines, \r\n: all kept
+    assert data._read_documents(str(tmp_path / "a.txt"), "\n\n\n") == [
+        "import os\r", "def main():\n    x = 1\n\n    return x  ", "\nclass A:\n\tpass\n"]
+    assert data._read_documents(str(tmp_path / "a.txt"), "\n\n") == [  # the empty piece is dropped
+        "import os\r", "\ndef main():\n    x = 1", "    return x  ", "class A:\n\tpass\n"]
+    paths = (str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+    assert load_corpus(DataSpec(paths, tokenizer=tokenizer[1]), 2).num_documents == 2
+    assert load_corpus(DataSpec(paths, tokenizer=tokenizer[1], doc_separator="\n\n"), 2).num_documents == 6
+
+
+def test_byte_counts_cover_the_text_once(tmp_path, tokenizer):
+    """Each token counts the UTF-8 bytes from the end of the one before it to its own end (what the tokenizer
+    skips and a character of two bytes included); the counts of a document add up to its bytes."""
+    text = "the cat  s\u00e4t\n\n  on a mat\r\n"  # s\u00e4t is not in the vocabulary: one [UNK] of 4 bytes
+    assert data._token_bytes(text, tokenizer[0].encode(text).offsets) == [3, 4, 6, 6, 2, 6]
+    assert sum([3, 4, 6, 6, 2, 6]) == len(text.encode())
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8", newline="")
+    corpus = load_corpus(DataSpec((str(tmp_path / "t.txt"),), tokenizer=tokenizer[1]), 5, training=False,
+                         byte_counts=True)
+    assert corpus.num_rows == 1 and corpus.row(0)["bytes"].tolist() == [4, 6, 6, 2, 6]  # of the targets
+    [batch] = row_batches(corpus, 0, 1, 2, process_index=0, process_count=1).batches
+    assert batch["bytes"].tolist() == [[4, 6, 6, 2, 6], [0] * 5] and batch["mask"][1].sum() == 0  # a padding row
 
 
 def test_token_files_one_document_per_file(tmp_path):
@@ -267,7 +301,8 @@ def test_eval_num_tokens_counts_only_same_document_targets(tmp_path):
 
 @pytest.mark.slow
 def test_import_loads_neither_jax_grain_nor_tokenizers():
-    code = "import sys, xlstm_jax.train.data; print(sorted({'jax', 'grain', 'tokenizers'} & set(sys.modules)))"
+    code = ("import sys, xlstm_jax.train.data, xlstm_jax.train.batches; "
+            "print(sorted({'jax', 'grain', 'tokenizers'} & set(sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
@@ -290,7 +325,9 @@ def bad_input_cases(tmp_path, tokenizer_path):
         (DataSpec((tokens, text), tokenizer=tokenizer_path), 4, None, r"one kind.*tokens\.npy and .*doc\.txt"),
         (DataSpec((text,)), 4, None, r"text data needs --tokenizer tokenizer\.json"),
         (DataSpec((text,), tokenizer=raw("broken.json", "{not json")), 4, None, r"broken\.json does not load"),
-        (DataSpec((text,), tokenizer=str(tmp_path / "absent.json")), 4, None, r"absent\.json does not load"),
+        (DataSpec((text,), tokenizer=str(tmp_path / "absent.json")), 4, None, r"absent\.json does not exist"),
+        (DataSpec((tokens,), doc_separator="\n\n"), 4, None, r"doc_separator .* splits \.txt files.*tokens\.npy"),
+        (DataSpec((text,), tokenizer=tokenizer_path, doc_separator=""), 4, None, r"doc_separator must be a non-empty"),
         (DataSpec((raw("odd.bin", b"\x01\x00\x02"),)), 4, None, r"odd\.bin: size 3 bytes .*uint16 item size"),
         (DataSpec((raw("odd32.bin", b"\x01" * 6),), token_dtype="uint32"), 4, None, r"odd32\.bin: .*uint32"),
         (DataSpec((tokens,), token_dtype="int8"), 4, None, r"token_dtype must be one of uint16, uint32"),

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -35,6 +36,15 @@ TRAIN_DESCRIPTION = (
     "with open input gates and one short-memory head (--igate-bias-init, --fgate-bias-init-range), so the recall "
     "circuit forms within about 500 steps (docs/training.md)."
 )
+
+def parse_separator(text: str) -> str:
+    """--doc-separator: the string with the escapes \\n, \\t, \\r and \\\\ read as the characters."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    value = re.sub(r"\\([ntr\\])", lambda match: escapes[match[1]], text)
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
 
 def flag(field: str) -> str:
     """The `xlstm-jax train` option that sets a `TrainConfig` field."""
@@ -62,14 +72,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (default: MQAR generated on the fly)")
     option(data, "--data", nargs="+", metavar="PATH",
            help="train a language model on these files, all of one kind: token files (.npy, or raw .bin of "
-                "--token-dtype; memory-mapped) or text (.txt: documents separated by blank lines; .jsonl: one "
-                "{\"text\": ...} per line) with --tokenizer; packed into --seq-len rows with document boundaries as "
-                "segment ids (default: MQAR)")
-    option(data, "--tokenizer", metavar="JSON", help="a tokenizers tokenizer.json for text data (default: none)")
+                "--token-dtype; memory-mapped) or text (.txt: one document per file, or see --doc-separator; "
+                ".jsonl: one {\"text\": ...} per line) with --tokenizer; packed into --seq-len rows with document "
+                "boundaries as segment ids (default: MQAR)")
+    option(data, "--tokenizer", metavar="JSON",
+           help="a tokenizers tokenizer.json: needed for text data, optional with token files; the exported model "
+                "carries it (default: none)")
+    option(data, "--doc-separator", metavar="STR", type=parse_separator,
+           help="split each .txt file into documents at this exact string (\\n, \\t, \\r and \\\\ are "
+                "read as escapes, e.g. '\\n\\n' for blank lines); text is kept as it is, whitespace included "
+                "(default: none, one document per file)")
     option(data, "--token-dtype", choices=("uint16", "uint32"), help="item type of .bin token files")
     option(data, "--eos-id", type=int,
            help="end-of-document token: it ends a document in token files, and is appended to each text document "
-                "(default: none; a token file is then one document)")
+                "(pass the tokenizer's end-of-text id, e.g. 0 for <|endoftext|>, so the model learns where "
+                "documents end and generation stops there); the exported config's eos id (default: none; a token "
+                "file is then one document)")
     option(data, "--eval-fraction", type=float, help="share of the packed rows held out for evaluation (the last ones)")
     task = parser.add_argument_group("task (MQAR)")
     option(task, "--vocab-size", type=int,
@@ -194,4 +212,6 @@ def run_train(args: argparse.Namespace) -> int:
     out = config.output_dir
     print(f"checkpoints: {os.path.join(out, 'checkpoints')}\nmodel: {os.path.join(out, 'model')}\n"
           f"sample from it: xlstm-jax generate {out}")
+    if config.data is not None:
+        print(f"evaluate it: xlstm-jax eval {out}")
     return 0

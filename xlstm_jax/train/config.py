@@ -17,7 +17,7 @@ from typing import Any
 # chunk size, mesh, remat).
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
                  "igate_bias_init", "fgate_bias_init_range", "batch_size", "warmup_steps", "min_lr_ratio",
-                 "weight_decay", "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction")
+                 "weight_decay", "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction", "doc_separator")
 # Fields a resume may change, announced when they differ: how (not what) it computes, and the step size (a run that
 # diverged goes on from its last checkpoint with a lower peak learning rate or clip norm).
 EXECUTION_FIELDS = ("backend", "chunk_size", "compute_dtype", "mesh", "remat", "learning_rate", "clip_norm")
@@ -143,7 +143,8 @@ class TrainConfig:
     mesh (`xlstm_jax.train.mesh`); `remat` recomputes each block in the backward (less activation memory).
 
     `data` (paths, all of one kind: token files .npy/.bin, or text .txt/.jsonl with `tokenizer`) trains a language
-    model on them instead of MQAR (`xlstm_jax.train.data`: packing with segment ids, a held-out `eval_fraction`).
+    model on them instead of MQAR (`xlstm_jax.train.data`: packing with segment ids, a held-out `eval_fraction`;
+    a .txt file is one document, or the pieces between `doc_separator`s).
     vocab_size None: 17 for MQAR; the tokenizer's, or the token files' largest id + 1, for `data`.
     """
 
@@ -183,6 +184,7 @@ class TrainConfig:
     token_dtype: str = "uint16"
     eos_id: int | None = None
     eval_fraction: float = 0.01
+    doc_separator: str | None = None
     lr_segments: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -191,6 +193,8 @@ class TrainConfig:
             object.__setattr__(self, "vocab_size", 17)
         if self.data is not None:
             self._check_data()
+        elif self.doc_separator is not None:
+            raise ConfigError("doc_separator", "applies to .txt files given with --data.")
         igate, fgate = MQAR_GATE_INIT if self.data is None else XLSTM_7B_GATE_INIT
         for name, default in (("warmup_steps", min(100, self.steps // 10)),
                               ("eval_every", max(1, min(1000, self.steps // 4))),
@@ -281,23 +285,29 @@ class TrainConfig:
             raise ConfigError("eos_id", f"must be a token id >= 0, got {self.eos_id!r}.")
         if self.vocab_size is not None:
             _check_positive_ints(self, ("vocab_size",))
+        if self.doc_separator is not None:
+            if not isinstance(self.doc_separator, str) or not self.doc_separator:
+                raise ConfigError("doc_separator", f"must be a non-empty string, got {self.doc_separator!r}.")
+            if not any(str(p).endswith(".txt") for p in paths):
+                raise ConfigError("doc_separator", f"splits .txt files, and the data has none ({paths[0]}).")
 
     def data_spec(self) -> Any:
         """The `xlstm_jax.train.data.DataSpec` of `data`."""
         from xlstm_jax.train.data import DataSpec
 
         return DataSpec(paths=tuple(self.data), tokenizer=self.tokenizer, token_dtype=self.token_dtype,
-                        eos_id=self.eos_id, eval_fraction=self.eval_fraction)
+                        eos_id=self.eos_id, eval_fraction=self.eval_fraction, doc_separator=self.doc_separator)
 
     def task_config(self) -> MQARConfig:
         """The MQAR task (MQAR runs only)."""
         return MQARConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs,
                           num_queries=self.num_queries)
 
-    def model_config(self, vocab_size: int | None = None) -> Any:
+    def model_config(self, vocab_size: int | None = None, special_token_ids: dict[str, Any] | None = None) -> Any:
         """The model (an `xLSTMLargeConfig`): the xLSTM-7B architecture and initialisation at this size, for
-        `vocab_size` tokens (None: the config's).
-        compute_dtype "auto": bfloat16 on a GPU, float32 elsewhere (bfloat16 matmuls are slow on CPUs)."""
+        `vocab_size` tokens (None: the config's), with the task's bos/eos/pad ids (`special_token_ids`; None: the
+        xLSTM-7B defaults). compute_dtype "auto": bfloat16 on a GPU, float32 elsewhere (bfloat16 matmuls are slow
+        on CPUs)."""
         import jax
 
         from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
@@ -310,6 +320,7 @@ class TrainConfig:
             vocab_size=vocab_size or self.vocab_size, backend=self.backend, chunk_size=self.chunk_size,
             compute_dtype=dtype,
             igate_bias_init=self.igate_bias_init, fgate_bias_init_range=self.fgate_bias_init_range,
+            **(special_token_ids or {}),
         )
 
     def schedule_segments(self) -> tuple[tuple[int, int], ...]:

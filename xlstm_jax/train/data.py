@@ -4,19 +4,19 @@ Inputs (`DataSpec.paths`, all token files or all text files):
 - token files: `.npy` (1-D integer array) or raw `.bin` (`token_dtype` uint16 or uint32), memory-mapped and read in
   the given order as one stream. With `eos_id` the token after each `eos_id` starts a new document (file boundaries
   do not); without it each file is one document.
-- text files: `.txt` (documents separated by blank lines) or `.jsonl` (one `{"text": ...}` object per line),
-  tokenized into memory with a `tokenizers` `tokenizer.json`; `eos_id`, if given, is appended to every document.
+- text files: `.txt` (the whole file is one document, or the pieces between occurrences of `doc_separator`; text
+  is kept as it is, whitespace and blank lines included, and only pieces that are empty or all whitespace are
+  dropped) or `.jsonl` (one `{"text": ...}` object per line), tokenized into memory with a `tokenizers`
+  `tokenizer.json`; `eos_id`, if given, is appended to every document.
+A tokenizer given with token files travels with the corpus too (`Corpus.tokenizer`: the training job exports it
+with the model), and is then the vocabulary the ids are checked against.
 
 Packing: the stream is cut into rows of seq_len + 1 tokens with stride seq_len (the tail that fills no row is
 dropped); the last max(1, ceil(eval_fraction * rows)) rows are held out for evaluation. A batch is a dict of numpy
 arrays, each (B, seq_len): inputs and targets (int32, targets = the next token), segment_ids (int32, document number
 inside the row, 0 at position 0, +1 at each document start) and mask (float32, 0 where the target lies in the next
-document).
-
-Training batches come from a grain `MapDataset` whose element t is the batch of step t (the training rows shuffled
-anew each epoch, batched globally, then sliced per process), so it does not depend on the process count and a run
-resumed at step t sees the batches of an uninterrupted run. Importing this module imports neither jax, grain nor
-tokenizers.
+document); with `byte_counts`, bytes (int32: the UTF-8 bytes of text each target covers, for bits per byte).
+`xlstm_jax.train.batches` makes batches of rows. Importing this module imports neither jax, grain nor tokenizers.
 """
 
 from __future__ import annotations
@@ -26,45 +26,46 @@ import itertools
 import json
 import math
 import os
-import re
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "BatchIterator", "Corpus", "DataSpec", "EvalBatches", "TrainBatches", "eval_batches", "load_corpus",
-    "train_batches",
-]
+__all__ = ["Corpus", "DataSpec", "load_corpus"]
 
 TOKEN_SUFFIXES = (".npy", ".bin")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKEN_DTYPES = ("uint16", "uint32")
 _ACCEPTED = "token files (.npy, .bin) or text files (.txt, .jsonl)"
 _SCAN_BLOCK = 1 << 22  # tokens per block when scanning a memory-mapped file for its smallest and largest id
-_DOCUMENT_SEPARATOR = re.compile(r"\n\s*\n")
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """What `--data` asked for: the files (in stream order), the tokenizer.json for text, the item type of raw .bin
-    files, the end-of-document token id and the held-out fraction of rows."""
+    """What `--data` asked for: the files (in stream order), the tokenizer.json (for text; optional with token
+    files), the item type of raw .bin files, the end-of-document token id, the held-out fraction of rows and the
+    string between the documents of a .txt file (None: one document per file)."""
 
     paths: tuple[str, ...]
     tokenizer: str | None = None
     token_dtype: str = "uint16"
     eos_id: int | None = None
     eval_fraction: float = 0.01
+    doc_separator: str | None = None
 
 
 class Corpus:
     """A token stream packed into rows of seq_len + 1 tokens. Rows 0..num_train_rows-1 are the training split, the
-    num_eval_rows after them the held-out split. Build it with `load_corpus`."""
+    num_eval_rows after them the held-out split. `tokenizer`: the `tokenizers.Tokenizer` given with the data, or
+    None. Build it with `load_corpus`."""
 
     def __init__(self, arrays: list[np.ndarray], *, seq_len: int, vocab_size: int, eos_id: int | None,
-                 doc_index: np.ndarray | None, eval_fraction: float):
+                 doc_index: np.ndarray | None, eval_fraction: float, tokenizer: Any = None,
+                 byte_counts: np.ndarray | None = None):
         self._arrays = arrays  # 1-D integer arrays, memory-mapped token files or one in-memory uint32 array
+        self._bytes = byte_counts  # text: the UTF-8 bytes each token covers (int32); None: not counted
+        self.tokenizer = tokenizer
         self._offsets = np.cumsum([0, *map(len, arrays)], dtype=np.int64)  # stream position of each array's start
         self._eos_id = eos_id
         self._doc_index = doc_index  # text: document number of each stream position; None for token files
@@ -100,8 +101,8 @@ class Corpus:
         return np.concatenate(pieces).astype(np.int64)
 
     def row(self, row: int) -> Batch:
-        """Row `row` (0 <= row < num_rows): inputs, targets, segment_ids (seq_len,) int32 and mask (seq_len,)
-        float32."""
+        """Row `row` (0 <= row < num_rows): inputs, targets, segment_ids (seq_len,) int32, mask (seq_len,)
+        float32, and bytes (seq_len,) int32 of each target when the corpus counts them."""
         if not 0 <= row < self.num_rows:
             raise IndexError(f"row {row} is outside 0..{self.num_rows - 1}")
         start, stop = row * self.seq_len, (row + 1) * self.seq_len + 1
@@ -115,14 +116,20 @@ class Corpus:
             files = np.searchsorted(self._offsets, np.arange(start, stop), side="right")
             starts = files[1:] != files[:-1]
         segment_ids = np.concatenate([[0], np.cumsum(starts[:-1])]).astype(np.int32)
-        return {"inputs": tokens[:-1].astype(np.int32), "targets": tokens[1:].astype(np.int32),
-                "segment_ids": segment_ids, "mask": (~starts).astype(np.float32)}
+        out = {"inputs": tokens[:-1].astype(np.int32), "targets": tokens[1:].astype(np.int32),
+               "segment_ids": segment_ids, "mask": (~starts).astype(np.float32)}
+        if self._bytes is not None:
+            out["bytes"] = self._bytes[start + 1:stop]
+        return out
 
 
-def load_corpus(spec: DataSpec, seq_len: int, vocab_size: int | None = None) -> Corpus:
+def load_corpus(spec: DataSpec, seq_len: int, vocab_size: int | None = None, *, training: bool = True,
+                byte_counts: bool = False) -> Corpus:
     """Check `spec`'s files and pack them into rows of seq_len + 1 tokens. Token files stay memory-mapped; text is
     tokenized into memory. vocab_size: the model's vocabulary (token ids are checked against it); None takes the
-    tokenizer's size for text and the largest id + 1 for token files. Raises ValueError naming the bad input."""
+    tokenizer's size, or for token files without one the largest id + 1. training: the corpus must leave rows for
+    training besides the held-out ones (off: every row may be evaluated). byte_counts: count the bytes of text
+    each token covers (rows then hold `bytes`). Raises ValueError naming the bad input."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, got {seq_len}")
     if not 0 < spec.eval_fraction < 1:
@@ -138,8 +145,20 @@ def load_corpus(spec: DataSpec, seq_len: int, vocab_size: int | None = None) -> 
     if text and len(text) < len(spec.paths):
         token_file = next(path for path in spec.paths if path not in text)
         raise ValueError(f"all files must be of one kind, {_ACCEPTED}; got {token_file} and {text[0]}")
+    if spec.doc_separator is not None and (not spec.doc_separator or all(_suffix(p) != ".txt" for p in spec.paths)):
+        raise ValueError(f"doc_separator must be a non-empty string and splits .txt files, got {spec.doc_separator!r} "
+                         f"for {spec.paths[0]}{', ...' * (len(spec.paths) > 1)}")
+    if text and spec.tokenizer is None:
+        raise ValueError(f"text data needs --tokenizer tokenizer.json ({spec.paths[0]} is text)")
+    tokenizer = None
+    if spec.tokenizer is not None:
+        from xlstm_jax.models.xlstm_large.tokenizer import read_tokenizer
+
+        tokenizer = read_tokenizer(spec.tokenizer)
+        vocab_size = vocab_size if vocab_size is not None else tokenizer.get_vocab_size()
+    counts = None
     if text:
-        arrays, doc_index, vocab = _load_text(spec, vocab_size)
+        arrays, doc_index, counts, vocab = _load_text(spec, tokenizer, vocab_size, byte_counts)
     else:
         arrays, vocab = _load_token_files(spec, vocab_size)
         doc_index = None
@@ -149,8 +168,8 @@ def load_corpus(spec: DataSpec, seq_len: int, vocab_size: int | None = None) -> 
                          f"seq_len + 1 = {seq_len + 1}")
     _check_eos(spec.eos_id, vocab)
     corpus = Corpus(arrays, seq_len=seq_len, vocab_size=vocab, eos_id=spec.eos_id, doc_index=doc_index,
-                    eval_fraction=spec.eval_fraction)
-    if corpus.num_train_rows < 1:
+                    eval_fraction=spec.eval_fraction, tokenizer=tokenizer, byte_counts=counts)
+    if training and corpus.num_train_rows < 1:
         raise ValueError(f"the data makes only {corpus.num_rows} row(s) of seq_len + 1 = {seq_len + 1} tokens "
                          f"({num_tokens} tokens) and the held-out split takes {corpus.num_eval_rows}, leaving none "
                          "for training; add data or lower seq_len")
@@ -222,43 +241,55 @@ def _id_range(array: np.ndarray) -> tuple[int, int]:
     return min(low for low, _ in ranges), max(high for _, high in ranges)
 
 
-def _load_text(spec: DataSpec, vocab_size: int | None) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """Tokenized text: [tokens (N,) uint32], the document number of each token (N,) int32 or int64, vocab size."""
-    if spec.tokenizer is None:
-        raise ValueError(f"text data needs --tokenizer tokenizer.json ({spec.paths[0]} is text)")
-    from tokenizers import Tokenizer
-
-    try:
-        tokenizer = Tokenizer.from_file(spec.tokenizer)
-    except Exception as err:  # tokenizers raises plain Exception for missing or malformed files
-        raise ValueError(f"tokenizer {spec.tokenizer} does not load: {err}") from err
-    vocab = vocab_size if vocab_size is not None else tokenizer.get_vocab_size()
+def _load_text(spec: DataSpec, tokenizer: Any, vocab: int, byte_counts: bool
+               ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None, int]:
+    """Tokenized text: [tokens (N,) uint32], the document number of each token (N,) int32 or int64, the bytes of
+    text each token covers (N,) int32 (`byte_counts`; else None), vocab size."""
     _check_eos(spec.eos_id, vocab)
     eos = [] if spec.eos_id is None else [spec.eos_id]
-    tokens, lengths = [], []
+    tokens, lengths, counts = [], [], []
     for path in spec.paths:
-        documents = [encoding.ids + eos for encoding in
-                     tokenizer.encode_batch(_read_documents(path), add_special_tokens=False)]
+        texts = _read_documents(path, spec.doc_separator)
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        documents = [encoding.ids + eos for encoding in encodings]
         file_tokens = np.fromiter(itertools.chain.from_iterable(documents), np.int64)
         if len(file_tokens) and file_tokens.max() >= vocab:
             raise ValueError(f"{path}: tokenizer {spec.tokenizer} gives token id {file_tokens.max()}, outside the "
                              f"vocabulary (vocab_size {vocab})")
         tokens.append(file_tokens.astype(np.uint32))
         lengths.extend(map(len, documents))
+        if byte_counts:
+            counts.extend(n for text, encoding in zip(texts, encodings)
+                          for n in _token_bytes(text, encoding.offsets) + [0] * len(eos))
     index_dtype = np.int32 if len(lengths) <= np.iinfo(np.int32).max else np.int64
     doc_index = np.repeat(np.arange(len(lengths), dtype=index_dtype), lengths)
-    return [np.concatenate(tokens)], doc_index, vocab
+    return [np.concatenate(tokens)], doc_index, np.asarray(counts, np.int32) if byte_counts else None, vocab
 
 
-def _read_documents(path: str) -> list[str]:
-    """The documents of a .txt file (split at blank lines, stripped, empty ones dropped) or a .jsonl file."""
+def _token_bytes(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """The UTF-8 bytes of `text` each token covers: from where the one before it ended to where it ends (so text
+    the tokenizer skips counts towards the next token, and a character split over several tokens counts once);
+    what follows the last token counts towards it. They add up to the bytes of `text`."""
+    counts, done = [], 0
+    for _, end in offsets:
+        end = max(end, done)
+        counts.append(len(text[done:end].encode("utf-8")))
+        done = end
+    if counts:
+        counts[-1] += len(text[done:].encode("utf-8"))
+    return counts
+
+
+def _read_documents(path: str, separator: str | None = None) -> list[str]:
+    """The documents of a .txt file (the whole text, or the pieces between `separator`s; text as it is, pieces that
+    are empty or all whitespace dropped) or of a .jsonl file."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8", newline="") as file:
             text = file.read()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from err
     if _suffix(path) == ".txt":
-        return [document.strip() for document in _DOCUMENT_SEPARATOR.split(text) if document.strip()]
+        return [piece for piece in ([text] if separator is None else text.split(separator)) if piece.strip()]
     documents = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -271,115 +302,3 @@ def _read_documents(path: str) -> list[str]:
             raise ValueError(f'{path}, line {number}: expected a JSON object with a string field "text"')
         documents.append(record["text"])
     return documents
-
-
-def _local_rows(batch_size: int, process_index: int | None, process_count: int | None) -> slice:
-    """This process's slice of a global batch; process_index / process_count default to jax's."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"the batch size {batch_size} must be a positive multiple of the process count "
-                         f"{process_count} (it is not divisible by it)")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
-    local = batch_size // process_count
-    return slice(process_index * local, (process_index + 1) * local)
-
-
-def _stack(rows: list[Batch]) -> Batch:
-    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-
-
-class BatchIterator:
-    """Training batches from a step on, read ahead by grain threads. `step` is the step of the next batch;
-    `get_state()` returns {"step": step} (JSON-serialisable) and `set_state(state)` continues from that step."""
-
-    def __init__(self, dataset: Any, start_step: int, *, num_threads: int, prefetch: int):
-        import grain
-
-        options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-        self._batches = iter(dataset.to_iter_dataset(options))
-        self.set_state({"step": start_step})
-
-    def __iter__(self) -> BatchIterator:
-        return self
-
-    def __next__(self) -> Batch:
-        batch = next(self._batches)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        step = int(state["step"])
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        self._batches.set_state({"next_index": step})  # grain's position in the MapDataset; drops read-ahead
-        self.step = step
-
-    def close(self) -> None:
-        """Stop the read-ahead threads."""
-        self._batches.close()
-
-
-class TrainBatches:
-    """This process's training batches: `batches[t]` is the batch of step t, a dict of (LB, seq_len) arrays (LB =
-    batch_size // process_count). `dataset` is the grain MapDataset behind it."""
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-
-    def __getitem__(self, step: int) -> Batch:
-        return self.dataset[step]
-
-    def iterator(self, start_step: int = 0, *, num_threads: int = 2, prefetch: int = 4) -> BatchIterator:
-        """Batches of steps start_step, start_step + 1, ..., up to `prefetch` read ahead by `num_threads` threads."""
-        return BatchIterator(self.dataset, start_step, num_threads=num_threads, prefetch=prefetch)
-
-
-def train_batches(corpus: Corpus, batch_size: int, *, seed: int, process_index: int | None = None,
-                  process_count: int | None = None) -> TrainBatches:
-    """Training batches of global size `batch_size`: the training rows in a new seeded order each epoch (seed taken
-    modulo 2**32), cut into global batches; this process reads only its slice of each."""
-    import grain
-
-    local = _local_rows(batch_size, process_index, process_count)
-
-    def read(rows: np.ndarray) -> Batch:
-        return _stack([corpus.row(int(row)) for row in rows[local]])
-
-    order = grain.MapDataset.range(corpus.num_train_rows).shuffle(seed=seed % 2**32).repeat()
-    return TrainBatches(order.batch(batch_size).map(read))
-
-
-class EvalBatches(NamedTuple):
-    """Held-out batches of this process (dicts of (LB, seq_len) arrays) and num_tokens, the number of real targets
-    (mask 1) in them summed over all processes: the denominator of the held-out loss."""
-
-    batches: list[Batch]
-    num_tokens: int
-
-
-def eval_batches(corpus: Corpus, batch_size: int, max_batches: int, *, process_index: int | None = None,
-                 process_count: int | None = None) -> EvalBatches:
-    """Up to `max_batches` fixed held-out batches of global size `batch_size`, in order: held-out rows
-    b * batch_size .. (b + 1) * batch_size - 1 make batch b. A last batch short of rows is filled with padding rows
-    (zeros, mask 0), so there is at least one batch."""
-    local = _local_rows(batch_size, process_index, process_count)
-    if max_batches < 1:
-        raise ValueError(f"max_batches must be at least 1, got {max_batches}")
-    num_batches = min(max_batches, math.ceil(corpus.num_eval_rows / batch_size))
-    num_real = min(corpus.num_eval_rows, num_batches * batch_size)
-    padding = {key: np.zeros(corpus.seq_len, np.float32 if key == "mask" else np.int32)
-               for key in ("inputs", "targets", "segment_ids", "mask")}
-    batches = []
-    for rows in np.arange(num_batches * batch_size).reshape(num_batches, batch_size):
-        batches.append(_stack([corpus.row(corpus.num_train_rows + int(row)) if row < num_real else padding
-                               for row in rows[local]]))
-    num_tokens = sum(int(corpus.row(corpus.num_train_rows + row)["mask"].sum()) for row in range(num_real))
-    return EvalBatches(batches, num_tokens)

@@ -200,7 +200,7 @@ def _train(config: TrainConfig, stored: dict[str, Any] | None, stop: StopSignals
     if config.output_dir is not None and main and not locks:
         locks.append(_lock(config.output_dir))
     checkpointer = _open_checkpoints(config)
-    model_config = config.model_config(vocab_size=task.vocab_size)
+    model_config = config.model_config(vocab_size=task.vocab_size, special_token_ids=task.special_token_ids)
     tx = make_optimizer(config)
     graphdef, params, opt_state, placement = init_params(model_config, config.seed, tx, mesh, sizes)
     _say(console, f"model: {_describe_model(model_config, params)}")
@@ -237,7 +237,8 @@ def _train(config: TrainConfig, stored: dict[str, Any] | None, stop: StopSignals
             from xlstm_jax.models.xlstm_large.checkpoint import save_pretrained
 
             export = os.path.join(config.output_dir, "model")
-            _guarded_write(lambda: save_pretrained(model, export, layout="hf"), f"the model export {export}")
+            _guarded_write(lambda: save_pretrained(model, export, layout="hf", tokenizer=task.tokenizer),
+                           f"the model export {export}")
     chance = config.task_config().chance_accuracy if config.data is None else None
     return TrainResult(chance_accuracy=chance, model=model, **result)
 

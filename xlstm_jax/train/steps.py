@@ -69,12 +69,7 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
     `placement` (param shardings, opt-state shardings): the step keeps parameters and optimizer states where they
     are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`). `remat`: the model recomputes each
     block in the backward."""
-    mesh_axes = None if placement is None else MLSTM_AXES
-
-    def sums(params, batch, remat=False):
-        logits = nnx.merge(graphdef, params)(batch["inputs"], segment_ids=batch.get("segment_ids"),
-                                             mesh_axes=mesh_axes, remat=remat)
-        return masked_sums(logits, batch["targets"], batch["mask"])
+    sums = _batch_sums(graphdef, None if placement is None else MLSTM_AXES)
 
     def loss_fn(params, batch):
         ce, correct, count = sums(params, batch, remat)
@@ -94,7 +89,22 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
         params = keep(optax.apply_updates(params, updates), params)
         return place(params, 0), place(keep(new_opt_state, opt_state), 1), loss, acc, finite
 
-    return train_step, jax.jit(sums)
+    return train_step, eval_step(graphdef, placement is not None)
+
+
+def _batch_sums(graphdef: Any, mesh_axes: Any) -> Callable[..., Any]:
+    def sums(params, batch, remat=False):
+        logits = nnx.merge(graphdef, params)(batch["inputs"], segment_ids=batch.get("segment_ids"),
+                                             mesh_axes=mesh_axes, remat=remat)
+        return masked_sums(logits, batch["targets"], batch["mask"])
+
+    return sums
+
+
+def eval_step(graphdef: Any, on_mesh: bool = False) -> Callable[..., Any]:
+    """The jitted evaluation sums of one batch (`masked_sums`) for parameters `params` of `graphdef`: (params,
+    batch) -> [cross-entropy sum, correct, scored]. `on_mesh`: the mLSTM cells split (B, NH, S) over the mesh."""
+    return jax.jit(_batch_sums(graphdef, MLSTM_AXES if on_mesh else None))
 
 
 def evaluate(eval_sums: Callable[..., Any], params: Any, batches: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -25,6 +25,8 @@ class MQARTask:
     def __init__(self, config: TrainConfig, sharding: Any):
         self.config = config
         self.vocab_size = config.task_config().vocab_size
+        self.tokenizer = None
+        self.special_token_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
         task, size = config.task_config(), config.batch_size
         self._make = jax.jit(lambda key: mqar_batch(key, task, size), out_shardings=sharding)
         root = jax.random.key(config.seed)
@@ -55,10 +57,13 @@ class CorpusTask:
     name = "LM"
 
     def __init__(self, config: TrainConfig, corpus: Any, sharding: Any):
-        from xlstm_jax.train.data import eval_batches, train_batches
+        from xlstm_jax.train.batches import eval_batches, train_batches
 
         self.config, self.corpus, self.sharding = config, corpus, sharding
-        self.vocab_size = corpus.vocab_size
+        self.vocab_size, self.tokenizer = corpus.vocab_size, corpus.tokenizer
+        from xlstm_jax.models.xlstm_large.tokenizer import special_token_ids
+
+        self.special_token_ids = special_token_ids(corpus.tokenizer, config.eos_id)
         self.shape = (config.batch_size, config.seq_len)
         self._rows = _rows_held_here(sharding, self.shape)
         block = len(self._rows)

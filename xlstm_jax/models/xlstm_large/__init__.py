@@ -2,8 +2,8 @@
 
 `xLSTMLargeConfig` (config), `xLSTMLarge` (model), `from_pretrained` / `save_pretrained` / `state_dict`
 (safetensors checkpoints in the HF and plain layouts; `CheckpointError`, a ValueError, for checkpoints that
-cannot be loaded exactly), `generate` (batched prefill + recurrent decoding; `Generator` keeps one model split for
-repeated calls).
+cannot be loaded exactly; the tokenizer saved next to the weights: `load_tokenizer`, `special_token_ids`),
+`generate` (batched prefill + recurrent decoding; `Generator` keeps one model split for repeated calls).
 Attributes load lazily: importing the package does not import flax.
 """
 
@@ -20,6 +20,8 @@ _EXPORTS = {
     "save_pretrained": "xlstm_jax.models.xlstm_large.checkpoint",
     "state_dict": "xlstm_jax.models.xlstm_large.checkpoint",
     "load_state_dict": "xlstm_jax.models.xlstm_large.checkpoint",
+    "load_tokenizer": "xlstm_jax.models.xlstm_large.tokenizer",
+    "special_token_ids": "xlstm_jax.models.xlstm_large.tokenizer",
     "generate": "xlstm_jax.models.xlstm_large.generation",
     "GenerationOutput": "xlstm_jax.models.xlstm_large.generation",
     "Generator": "xlstm_jax.models.xlstm_large.generation",

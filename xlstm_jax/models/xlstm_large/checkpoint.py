@@ -46,6 +46,7 @@ from xlstm_jax.models.xlstm_large.config import (
     xLSTMLargeConfig,
 )
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+from xlstm_jax.models.xlstm_large.tokenizer import read_tokenizer, tokenizer_writers
 
 LAYOUTS = ("hf", "plain")
 _EMBEDDING_KEY = {"hf": "backbone.embeddings.weight", "plain": "embedding.weight"}
@@ -312,9 +313,14 @@ def save_pretrained(
     *,
     layout: str = "hf",
     max_shard_size: int = 5 * 1024**3,
+    tokenizer: Any = None,
 ) -> list[str]:
     """Write the model as a checkpoint directory in `layout` (weights in the model's weight mode and parameter
     dtype). Shards hold at most `max_shard_size` bytes (one tensor may exceed it); HF shards get an index file.
+    tokenizer: a `tokenizers.Tokenizer` or the path of a tokenizer.json, saved next to the weights with the
+    entries `transformers.AutoTokenizer` reads (`xlstm_jax.models.xlstm_large.tokenizer`; its special tokens are
+    those the config's bos/eos/pad ids name, `special_token_ids` derives them from a tokenizer); `load_tokenizer`
+    reads it back. Without one, tokenizer files already in the directory are kept.
 
     The directory then holds this checkpoint only: checkpoint files of an earlier save that this one does not
     write (`*.safetensors`, the index, the other layout's config) are removed, other files are kept; files are
@@ -348,5 +354,9 @@ def save_pretrained(
         writers["config.json"] = _text_writer(json.dumps(data, indent=2))
     else:
         writers["config.yaml"] = _text_writer("".join(f"{key}: {json.dumps(value)}\n" for key, value in data.items()))
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = read_tokenizer(os.fspath(tokenizer))
+        writers.update(tokenizer_writers(tokenizer, model.config))
     write_checkpoint(os.fspath(path), writers)
     return list(writers)

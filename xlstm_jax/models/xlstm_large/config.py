@@ -35,7 +35,8 @@ class xLSTMLargeConfig:
     `document_reset` is how packed documents (`segment_ids`) are separated: "exact" (each runs as if alone) or
     "forget_gate" (the forget gate set to `reset_fgate_value` at each start: the upstream approximation, for
     checkpoints trained with it). `input_gate` "sigmoid" makes every layer an mLSTMsig cell (σ input gate, no
-    max-state; `xlstm_jax.mlstm.input_gates`). Saved configs record both.
+    max-state; `xlstm_jax.mlstm.input_gates`). Saved configs record both. The token ids (None: the model has no
+    such token) are the xLSTM-7B's by default; a model trained here takes them from its tokenizer and --eos-id.
     """
 
     embedding_dim: int = 4096
@@ -65,9 +66,9 @@ class xLSTMLargeConfig:
     reset_fgate_value: float = -25.0
     igate_bias_init: float = -10.0
     fgate_bias_init_range: tuple[float, float] = (3.0, 6.0)
-    bos_token_id: int = 0
-    pad_token_id: int = 1
-    eos_token_id: int = 2
+    bos_token_id: int | None = 0
+    pad_token_id: int | None = 1
+    eos_token_id: int | None = 2
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "num_heads", "num_blocks", "vocab_size", "mlstm_round_up_to_multiple_of",
@@ -99,6 +100,10 @@ class xLSTMLargeConfig:
             cap = getattr(self, name)
             if cap is not None and not cap > 0:
                 raise ValueError(f"{name} must be positive or None, got {cap!r}.")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a token id >= 0 or None, got {value!r}.")
         if len(self.fgate_bias_init_range) != 2:
             raise ValueError(f"fgate_bias_init_range must be (low, high), got {self.fgate_bias_init_range!r}.")
 
@@ -231,7 +236,7 @@ def _checkpoint_value(field: str, key: str, value: Any) -> Any:
 
     Bools are not numbers; an int field takes an exactly integral float (4.0 -> 4, not 4.5); a float field takes a
     numeric string (YAML 1.1 reads "1e-06" as one). Numbers are finite and positive (token ids: >= 0); null is
-    accepted for the optional fields only (the soft caps and chunk_size)."""
+    accepted for the optional fields only (the soft caps, chunk_size and the token ids)."""
     kind = _FIELD_TYPES[field]
     base = kind.removesuffix(" | None")
     if value is None and base != kind:
@@ -257,7 +262,7 @@ def config_from_checkpoint_dict(data: dict[str, Any], *, hf: bool) -> xLSTMLarge
 
     Kernel names, modes and dtypes in the file are ignored (the backend is ours to choose); HF rounds the q/k and v
     widths up to a multiple of 64, the plain format does not. Missing fields (and null ones, except the optional
-    soft caps and chunk_size) keep the xLSTM-7B defaults. Values are checked (`_checkpoint_value`); two spellings
+    soft caps, chunk_size and the token ids) keep the xLSTM-7B defaults. Values are checked (`_checkpoint_value`); two spellings
     of one field must agree. Errors are ValueErrors naming the key, the value and what was expected.
     """
     kwargs: dict[str, Any] = {"mlstm_round_up_to_multiple_of": 64 if hf else 1}

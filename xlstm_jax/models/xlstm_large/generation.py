@@ -3,7 +3,8 @@ carrying them, inside one jitted `lax.while_loop` (no per-token recompilation).
 
 Prompts of different lengths are left-padded; padded steps get neutral gates, so they leave the states exactly
 unchanged and every row continues from its own last prompt token. Sampling: greedy (temperature 0), temperature,
-top-k, top-p; a row stops after emitting one of `stop_tokens` and is filled with the pad token afterwards.
+top-k, top-p; a row stops after emitting one of `stop_tokens` and is filled with the pad token afterwards (0 for a
+model without one). `on_token` receives each step's tokens as the loop produces them (streaming).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import dataclasses
 import functools
 import operator
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 
@@ -78,10 +80,10 @@ def _carried(states: list, dtype: str) -> list:
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens", "pad_token",
-                     "prefill_backend", "step_backend", "chunk_size", "return_logits", "state_dtype"),
+                     "prefill_backend", "step_backend", "chunk_size", "return_logits", "state_dtype", "on_token"),
 )
 def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperature, top_k, top_p, stop_tokens,
-              pad_token, prefill_backend, step_backend, chunk_size, return_logits, state_dtype):
+              pad_token, prefill_backend, step_backend, chunk_size, return_logits, state_dtype, on_token):
     model = nnx.merge(graphdef, params)
     B = prompt.shape[0]
     V = model.config.vocab_size
@@ -92,6 +94,8 @@ def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperatur
     key, sub = jax.random.split(key)
     first_logits = logits[:, -1]
     token = sample_tokens(first_logits, sub, temperature, top_k, top_p)
+    if on_token is not None:
+        io_callback(on_token, None, token, ordered=True)
     tokens = jnp.full((B, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(token)
     all_logits = jnp.zeros((B, max_new_tokens if return_logits else 0, V), F32)
     if return_logits:
@@ -112,6 +116,8 @@ def _generate(params, prompt, mask, key, *, graphdef, max_new_tokens, temperatur
         step_logits = logits[:, 0]
         bad_at = _first_bad(bad_at, step_logits, step, ~done)
         new = jnp.where(done, pad_token, sample_tokens(step_logits, sub, temperature, top_k, top_p))
+        if on_token is not None:
+            io_callback(on_token, None, new, ordered=True)
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, step))
         if return_logits:
             all_logits = jax.lax.dynamic_update_slice(all_logits, step_logits[:, None], (0, step, 0))
@@ -219,6 +225,7 @@ class Generator:
         chunk_size: int | None = None,
         return_logits: bool = False,
         state_dtype: str = "float32",
+        on_token: Callable[[np.ndarray], None] | None = None,
     ) -> GenerationOutput:
         """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -227,7 +234,9 @@ class Generator:
         backend of the one-token steps (None: the config's `step_backend`, "mlstm_step": the fused Triton step on a
         GPU). state_dtype "bfloat16" carries C and n in bfloat16 from step to step (m stays float32): half the
         memory a step streams for its states, for memory-bound serving at large batches, at bfloat16's precision
-        (each step still computes in float32). Returns a `GenerationOutput`.
+        (each step still computes in float32). on_token: called from the decode loop with each step's tokens (B,)
+        int32 as they are generated (pad for rows that have stopped); the compilation is keyed on it, so keep one
+        function for repeated calls. Returns a `GenerationOutput`.
         """
         config = self.model.config
         if state_dtype not in STATE_DTYPES:
@@ -246,8 +255,9 @@ class Generator:
         if stops.size and (stops.min() < 0 or stops.max() >= config.vocab_size):
             raise ValueError(f"stop_tokens must be token ids in [0, {config.vocab_size}), got {stops.tolist()}.")
         seed = _integer(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
+        pad_token = 0 if config.pad_token_id is None else int(config.pad_token_id)
         if isinstance(prompts, (list, tuple)):
-            tokens, mask = left_pad(prompts, config.pad_token_id)
+            tokens, mask = left_pad(prompts, pad_token)
         else:
             tokens = np.asarray(prompts)
             if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.dtype == bool:
@@ -267,9 +277,9 @@ class Generator:
             params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jax.random.key(seed),
             graphdef=graphdef, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
             top_p=None if top_p is None else float(top_p), stop_tokens=tuple(int(t) for t in stops),
-            pad_token=int(config.pad_token_id), prefill_backend=prefill_backend or config.backend,
+            pad_token=pad_token, prefill_backend=prefill_backend or config.backend,
             step_backend=step_backend or config.step_backend, chunk_size=chunk_size, return_logits=return_logits,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, on_token=on_token,
         )
         bad_at = np.asarray(bad_at)
         if np.any(bad_at >= 0):
@@ -284,5 +294,5 @@ class Generator:
 def generate(model: xLSTMLarge, prompts: Any, **options: Any) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after each prompt: `Generator(model)(prompts, **options)` (its
     keywords: max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, prefill_backend, step_backend,
-    chunk_size, return_logits, state_dtype). For many calls on one model, keep a `Generator`."""
+    chunk_size, return_logits, state_dtype, on_token). For many calls on one model, keep a `Generator`."""
     return Generator(model)(prompts, **options)
