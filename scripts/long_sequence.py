@@ -1,6 +1,6 @@
 """One long sequence against the same tokens in a batch (issue 21): the Triton families' forward and forward +
 backward at B=8, S=8192 and at B=1, S=65536 (NH=16, DHQK=128, DHHV=256, bf16), with the state recurrences' sequence
-groups swept through the launch parameter recurrent_programs (1: one walk per sequence); medians after warm-up, all
+groups swept through the launch parameter recurrent.programs (1: one walk per sequence); medians after warm-up, all
 in one process and one run.
 
     python scripts/long_sequence.py --json long.json         # --tiny: small shapes, e.g. on a CPU
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--runs", nargs="+", default=["limit:64", "xl:128"], help="family:chunk")
     parser.add_argument("--programs", default="0,1,512,2048,4096",
-                        help="recurrent_programs values for the long sequence (0: the launch table's)")
+                        help="recurrent.programs values for the long sequence (0: the launch table's)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         base = triton_families.config(family, int(chunk), jnp.bfloat16)
         points = [(batched, 0)] + [(single, int(p)) for p in args.programs.split(",")]
         for (B, S), programs in points:
-            cfg = base.with_launch(recurrent_programs=programs) if programs else base
+            cfg = base.with_launch({"recurrent.programs": programs}) if programs else base
             inputs = mlstm_inputs(B, NH, S, DHQK, DHHV, jnp.bfloat16)
             row = {"run": run, "B": B, "S": S, "recurrent_programs": programs or "table",
                    "groups": groups_of(cfg, B, NH, S, DHQK, DHHV)}

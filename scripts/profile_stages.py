@@ -2,7 +2,7 @@
 launch parameters over single stages (a compile of one stage is seconds, of a whole fw·bw a minute):
 
     python scripts/profile_stages.py --shape 8,16,8192,128,256 --runs limit:64 xl:128 --out out/stages.json
-    python scripts/profile_stages.py --runs limit:64 --sweep recurrent_block=32,64 recurrent_stages=1,2,3 \
+    python scripts/profile_stages.py --runs limit:64 --sweep recurrent.block=32,64 recurrent.stages=1,2,3 \
         --stages fw.states bw.state_cotangents
 
 Stages (medians, ms): fw.states (state recurrence), fw.total (states + per-chunk outputs), bw.denominator (the
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats
-from xlstm_jax.kernels.triton import core as triton_core, families as triton_families
+from xlstm_jax.kernels.triton import core as triton_core, families as triton_families, launch_table
 from xlstm_jax.kernels.native.chunk_math import denominator_cotangent
 
 SWEEP_TOL = 2e-2
@@ -34,7 +34,7 @@ def config(family: str, chunk: int, dtype, tiles: tuple[int | None, ...] = (None
            launch: dict[str, int] | None = None) -> triton_core.KernelConfig:
     """The kernel configuration of a run; xl `tiles` = (tile_q, tile_kv, inter_chunk_size), None: default;
     `launch`: launch parameters over the table's."""
-    return triton_families.config(family, chunk, dtype, tiles).with_launch(**(launch or {}))
+    return triton_families.config(family, chunk, dtype, tiles).with_launch(launch)
 
 
 def stages(family: str, chunk: int, shape, dtype, tiles=(None, None, None), launch=None) -> dict[str, tuple]:
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
                         help="family:chunk, for xl optionally :tile_q:tile_kv[:inter_chunk_size]")
     parser.add_argument("--stages", nargs="+", help="only these stages (default: all)")
     parser.add_argument("--sweep", nargs="+",
-                        help="a grid of launch parameters, e.g. recurrent_stages=1,2,3 recurrent_block=32,64")
+                        help="a grid of launch parameters, e.g. recurrent.stages=1,2,3 recurrent.block=32,64")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args(argv)
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
 
         names = args.stages or list(STAGES)
         if args.sweep:
-            results[run] = sweep(make_calls, names, _grid(args.sweep, triton_core.launch_params(*shape[3:])), args.reps)
+            results[run] = sweep(make_calls, names, _grid(args.sweep, triton_families.table_launch(family, shape[3], shape[4])), args.reps)
             print(run, "best:", results[run][0]["launch"], results[run][0]["ms"], flush=True)
         else:
             calls = make_calls({})
@@ -155,7 +155,8 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype,
-                       "launch": triton_core.launch_params(*shape[3:]), "results": results}, fh, indent=1)
+                       "launch": {family: triton_families.table_launch(family, *shape[3:])
+                                  for family in {run.split(":")[0] for run in args.runs}}, "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,17 @@ import numpy as np
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats, with_mode
 from xlstm_jax.kernels.triton import launch_table, core as triton_core, families as triton_families
 
-# Candidates per knob. Launch-table keys are shared by both families (SHARED ones are tuned in the first run only);
-# "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk function.
-SHARED = {"recurrent_block": (32, 64, 128), "recurrent_warps": (1, 2, 4), "recurrent_stages": (1, 2, 3),
-          "block": (32, 64, 128)}
+# Candidates per knob ("section.field" of the launch table). The recurrent section is shared by both families
+# (SHARED is tuned in the first run only); "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk
+# function.
+SHARED = {"recurrent.block": (32, 64, 128), "recurrent.warps": (1, 2, 4), "recurrent.stages": (1, 2, 3)}
 FAMILY = {
-    "limit": {"out_v_block": (64, 128, 256), "parallel_warps": (4, 8), "parallel_warps_l128": (4, 8),
-              "parallel_stages": (1, 2, 3)},
-    "xl": {"xl_warps": (4, 8), "xl_out_block": (64, 128, 256), "xl_stages": (1, 2, 3), "xl_bw_warps": (4, 8),
-           "xl_dq_block": (64, 128, 256), "xl_dk_block": (64, 128, 256), "xl_dv_block": (64, 128, 256),
-           "tile_q": (32, 64, 128), "tile_kv": (32, 64, 128), "inter_chunk_size": (32, 64, 128)},
+    "limit": {"limit.block": (32, 64, 128), "limit.out_v_block": (64, 128, 256), "limit.warps": (4, 8),
+              "limit.warps_l128": (4, 8), "limit.stages": (1, 2, 3)},
+    "xl": {"xl.block": (32, 64, 128), "xl.warps": (4, 8), "xl.out_block": (64, 128, 256), "xl.stages": (1, 2, 3),
+           "xl.bw_warps": (4, 8), "xl.dq_block": (64, 128, 256), "xl.dk_block": (64, 128, 256),
+           "xl.dv_block": (64, 128, 256), "tile_q": (32, 64, 128), "tile_kv": (32, 64, 128),
+           "inter_chunk_size": (32, 64, 128)},
 }
 XL_ARGS = ("tile_q", "tile_kv", "inter_chunk_size")
 GRAD_TOL = 2e-2  # relative (norm-wise) deviation from the checked-in configuration's gradients
@@ -43,7 +44,7 @@ def _fw(family: str, chunk: int, xl_args: dict, launch: dict):
 
     def fw(q, k, v, i, f):
         tiles = tuple(xl_args.get(name) for name in XL_ARGS)
-        cfg = triton_families.config(family, chunk, q.dtype, tiles).with_launch(**launch)
+        cfg = triton_families.config(family, chunk, q.dtype, tiles).with_launch(launch)
         B, NH, _, DHQK = q.shape
         c0 = jnp.zeros((B, NH, DHQK, v.shape[-1]), jnp.float32)
         n0, m0 = jnp.zeros((B, NH, DHQK), jnp.float32), jnp.zeros((B, NH), jnp.float32)
@@ -82,7 +83,7 @@ def tune(family, chunk, shape, dtype, reps, shared, only=None):
     knobs = {**(SHARED if shared else {}), **FAMILY[family]}
     if only:
         knobs = {k: v for k, v in knobs.items() if k in only}
-    params = triton_core.launch_params(shape[3], shape[4])
+    params = triton_families.table_launch(family, shape[3], shape[4])
     setting = {k: params[k] for k in knobs if k in params}
     if family == "xl":
         setting.update(zip(XL_ARGS, (min(64, chunk),) * 3))
@@ -129,13 +130,18 @@ def main(argv=None) -> None:
                             shared=index == 0, only=args.knobs))
     meta = {"device": jax.devices()[0].device_kind, "shape": shape, "dtype": args.dtype, "seconds": time.time() - start}
     if args.write_table:
-        params = triton_core.launch_params(shape[3], shape[4])
+        sections = {}
+        for family in triton_families.families():
+            sections.update(triton_core.launch_params(shape[3], shape[4], triton_families.config(family, 64, "float32")))
         for result in results:
-            params.update({k: v for k, v in result["setting"].items() if k not in XL_ARGS})
+            for name, value in result["setting"].items():
+                if name not in XL_ARGS:
+                    group, field = name.split(".")
+                    sections[group] = sections[group].replaced({field: value}, group)
         runs = ", ".join(f"{r['family']} L={r['chunk']} {r['fw_ms']:.2f} / {r['fwbw_ms']:.2f} ms" for r in results)
         source = (f"{meta['device']}, shape {args.shape}, {args.dtype}, {time.strftime('%Y-%m-%d')}: "
                   f"scripts/tune_launch.py (fw / fw+bw: {runs})")
-        key = launch_table.write_entry(launch_table.device_arch(), shape[3], shape[4], params, source, args.table)
+        key = launch_table.write_entry(launch_table.device_arch(), shape[3], shape[4], sections, source, args.table)
         print(f"wrote {key} to {args.table}")
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # the Triton kernels through the interpreter: 8-2
 def _config(family: str, groups: int, **kw):
     """A 16-token-chunk call whose recurrences run in `groups` groups at the test shapes (B·NH·tiles = 2)."""
     cfg = triton_families.config(family, 16 if family == "limit" else 32, "float32", **kw)
-    return cfg.with_launch(recurrent_programs=2 * groups)
+    return cfg.with_launch({"recurrent.programs": 2 * groups})
 
 
 def test_the_number_of_groups():
@@ -76,12 +76,12 @@ def test_a_group_without_input_and_padding_to_the_chunk():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["limit", "xl"])
 def test_gpu_one_long_sequence_matches_the_float64_reference(family):
-    """B = 1 at realistic head dims: the table's recurrent_programs split the recurrences into groups (asserted);
+    """B = 1 at realistic head dims: the table's recurrent.programs split the recurrences into groups (asserted);
     outputs and last states at S = 16384, and every gradient at S = 2048, in float32."""
     cfg = triton_families.config(family, 64 if family == "limit" else 128, "float32")
-    p = triton_core.launch_params(128, 256)
+    p = triton_core.launch_params(128, 256, cfg)["recurrent"]
     x = make_inputs(11, 1, 2, 16384, 128, 256, with_state=True)
-    assert sequence_groups.num_groups(2 * 8, 16384 // cfg.recurrent_chunk, p["recurrent_programs"]) > 1
+    assert sequence_groups.num_groups(2 * 8, 16384 // cfg.recurrent_chunk, p.programs) > 1
     out, _ = outputs_and_grads(triton_core_fn(cfg), x)
     assert_matches_reference(out, None, reference_outputs_and_grads(x)[0], None, fw_tol=1e-4, bw_tol=0)
     small = {k: v[:, :, :2048] if v.ndim >= 3 and v.shape[2] == 16384 else v for k, v in x.items()}

@@ -77,7 +77,7 @@ def test_half_precision_compute(dtype):
 def test_backward_column_blocks_of_every_width():
     """dq, dk, dv split into different numbers of output column blocks, the last ones partly masked."""
     cfg = triton_families.config("xl", 32, "float32", (16, 16, None)).with_launch(
-        xl_dq_block=16, xl_dk_block=32, xl_dv_block=16)
+        {"xl.dq_block": 16, "xl.dk_block": 32, "xl.dv_block": 16})
     x = make_inputs(3, 1, 2, 40, 48, 40, with_state=True)
     w = make_weights(3, x)
     out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
@@ -90,8 +90,9 @@ def test_backward_column_blocks_of_every_width():
 def test_head_dims_up_to_1024(DHQK, DHHV, entry):
     """Head dims up to 1024 (the key and the value axis tiled in blocks), with the launch parameters of each
     checked-in table entry (their output column tiles differ)."""
-    params = launch_table.load_table()["entries"][entry]["params"]
-    cfg = triton_families.config("xl", 16, "float32").with_launch(**params)
+    sections = launch_table.load_table()["entries"][entry]
+    params = {f"{name}.{field}": value for name in ("recurrent", "xl") for field, value in sections[name].items()}
+    cfg = triton_families.config("xl", 16, "float32").with_launch(params)
     x = make_inputs(4, 1, 1, 20, DHQK, DHHV, with_state=True)
     w = make_weights(4, x)
     out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)

@@ -103,8 +103,12 @@ def test_triton_sigmoid_in_sequence_groups_with_extreme_gates(backend, monkeypat
     from xlstm_jax.kernels.triton import core as triton_core, sequence_groups
 
     table = triton_core.launch_params
-    monkeypatch.setattr(triton_core, "launch_params",
-                        lambda *a, **kw: {**table(*a, **kw), "recurrent_programs": 4 * B * NH})
+
+    def four_groups(*args):
+        params = table(*args)
+        return {**params, "recurrent": params["recurrent"].replaced({"programs": 4 * B * NH}, "recurrent")}
+
+    monkeypatch.setattr(triton_core, "launch_params", four_groups)
     rng = np.random.default_rng(6)
     S_long = 256
     q, k = (rng.standard_normal((B, NH, S_long, DHQK)) for _ in range(2))

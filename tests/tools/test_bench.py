@@ -316,7 +316,7 @@ def test_the_kernels_fingerprint_follows_kernel_code_and_launch_table(tmp_path):
     for copy in (same, changed):
         shutil.copytree(kernels, copy, ignore=shutil.ignore_patterns("__pycache__"))
     table = next(changed.rglob("launch_table.json"))
-    table.write_text(table.read_text().replace('"xl_bw_warps": 4', '"xl_bw_warps": 8', 1))
+    table.write_text(table.read_text().replace('"bw_warps": 4', '"bw_warps": 8', 1))
     assert runner.kernels_fingerprint(same) == runner.kernels_fingerprint()
     assert runner.kernels_fingerprint(changed) != runner.kernels_fingerprint()
 

@@ -29,22 +29,24 @@ def test_tuner_rejects_a_candidate_with_wrong_gradients(tmp_path, capsys, monkey
 
     def fw_broken_with_4_warps(family, chunk, xl_args, launch):  # stands in for a miscompiled kernel
         fw = right(family, chunk, xl_args, launch)
-        scale = 2.0 if launch["recurrent_warps"] == 4 else 1.0
+        scale = 2.0 if launch["recurrent.warps"] == 4 else 1.0
         return lambda *a: fw(*a) * jnp.asarray(scale, a[0].dtype)
 
     monkeypatch.setattr(tuner, "_fw", fw_broken_with_4_warps)
     out = tmp_path / "tune.json"
     table = tmp_path / "table.json"
     table.write_text(launch_table.TABLE_PATH.read_text())
-    tuner.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--knobs", "recurrent_warps",
+    tuner.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--knobs", "recurrent.warps",
                 "--reps", "10", "--out", str(out), "--write-table", "--table", str(table)])
     wrong = [line for line in capsys.readouterr().out.splitlines() if "WRONG" in line]
-    assert len(wrong) == 1 and "recurrent_warps=4" in wrong[0]
+    assert len(wrong) == 1 and "recurrent.warps=4" in wrong[0]
     (result,) = json.loads(out.read_text())["results"]
-    assert result["setting"]["recurrent_warps"] in (1, 2) and result["fw_ms"] > 0 and result["fwbw_ms"] > 0
+    assert result["setting"]["recurrent.warps"] in (1, 2) and result["fw_ms"] > 0 and result["fwbw_ms"] > 0
     written = json.loads(table.read_text())["entries"]["cpu/dh<=256"]  # no GPU here: the "cpu" architecture
-    assert written["params"]["recurrent_warps"] == result["setting"]["recurrent_warps"]
-    assert set(written["params"]) == set(launch_table.table_params(16, 16)) and "tune_launch.py" in written["source"]
+    assert written["recurrent"]["warps"] == result["setting"]["recurrent.warps"] and "tune_launch.py" in written["source"]
+    fallback = json.loads(table.read_text())["entries"]["sm90/dh<=256"]
+    assert {name: set(section) for name, section in written.items() if name != "source"} == {
+        name: set(section) for name, section in fallback.items() if name != "source"}  # every section, complete
 
 
 @pytest.mark.slow
@@ -85,7 +87,7 @@ def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
     assert profiler.config("xl", 64, "float32", (32, 16, 16)).tile_q == 32
 
     profiler.main(["--shape", "1,1,32,16,16", "--dtype", "float32", "--runs", "limit:16", "--reps", "1",
-                   "--stages", "fw.states", "--sweep", "recurrent_block=16,32", "recurrent_warps=1,2",
+                   "--stages", "fw.states", "--sweep", "recurrent.block=16,32", "recurrent.warps=1,2",
                    "--out", str(out)])
     rows = json.loads(out.read_text())["results"]["limit:16"]
     assert len(rows) == 4 and not any(r["wrong"] or "error" in r for r in rows)

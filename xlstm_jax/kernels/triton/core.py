@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,24 +24,43 @@ from xlstm_jax.kernels.base import (
     qk_scale,
 )
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.triton import sequence_groups
 from xlstm_jax.kernels.native.chunk_math import denominator_cotangent, gate_gradients
 from xlstm_jax.kernels.triton.gates_kernel import mlstm_chunk_gates_kernel
-from xlstm_jax.kernels.triton.launch_table import table_params
+from xlstm_jax.kernels.triton import launch_table, sequence_groups
+from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
 from xlstm_jax.kernels.triton.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
 from xlstm_jax.kernels.triton.tuning import MAX_HEAD_DIM
 from xlstm_jax.kernels.sharding import per_batch_head
 
 F32 = jnp.float32
 
-def launch_params(DHQK: int, DHHV: int, overrides: tuple[tuple[str, int], ...] = ()) -> dict[str, int]:
-    """The launch parameters of a call with these head dims on the default device: the launch table's entry
-    (launch_table.py) with the call's `overrides` ((name, value) pairs, KernelConfig.launch) over it."""
-    params = table_params(DHQK, DHHV)
-    unknown = sorted({name for name, _ in overrides} - set(params))
-    if unknown:
-        raise ValueError(f"unknown launch parameters {unknown}; known: {sorted(params)}.")
-    return {**params, **dict(overrides)}
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentLaunch(LaunchParams):
+    """Launch of the state recurrences (forward states, backward state cotangents), the table's "recurrent"
+    section: head-dim tile (BK = BV), warps, software-pipelining stages, and how many programs the sequence groups
+    aim for (a sequence is split into groups of chunks walked at once until B·NH·tiles·groups reaches this many;
+    sequence_groups.py; 1: one walk per sequence)."""
+
+    block: int = param("tile")
+    warps: int = param("warps")
+    stages: int = param("stages")
+    programs: int = param("count")
+
+
+def launch_params(DHQK: int, DHHV: int, cfg: KernelConfig) -> dict[str, LaunchParams]:
+    """The typed launch parameters of a call with these head dims on the default device, by section ("recurrent"
+    and the family's name): the launch table's entry (launch_table.py) with the call's overrides (cfg.launch,
+    "section.field" names) over it."""
+    sections = {"recurrent": RecurrentLaunch, cfg.family.name: cfg.family.launch_type}
+    overrides: dict[str, dict[str, int]] = {name: {} for name in sections}
+    for name, value in cfg.launch:
+        group, _, field = name.partition(".")
+        if group not in sections or not field:
+            raise ValueError(f"launch parameter {name!r} must be one of {[f'{s}.<field>' for s in sections]}.")
+        overrides[group][field] = value
+    return {name: launch_table.section(name, cls, DHQK, DHHV).replaced(overrides[name], name)
+            for name, cls in sections.items()}
 
 
 def tile_params(chunk_size: int, inter_chunk_size: int | None, tile_q: int | None, tile_kv: int | None):
@@ -76,16 +95,17 @@ class KernelConfig:
     # False: the stabilizer m is held at 0 (no max-state; MLSTMOptions.max_state): log gates must be <= 0, m_initial
     # is not used (`run` folds it into C and n first)
     max_state: bool = True
-    # (name, value) pairs over the launch table's parameters for this call (launch_params); part of the jit key
+    # ("section.field", value) pairs over the launch table's parameters for this call (launch_params), e.g.
+    # ("recurrent.programs", 4); part of the jit key
     launch: tuple[tuple[str, int], ...] = ()
 
     @property
     def recurrent_chunk(self) -> int:
         return self.inter_chunk_size or self.chunk_size
 
-    def with_launch(self, **params: int) -> KernelConfig:
-        """This configuration with `params` over its launch parameters."""
-        return dataclasses.replace(self, launch=tuple(sorted({**dict(self.launch), **params}.items())))
+    def with_launch(self, params: Mapping[str, int] | None = None) -> KernelConfig:
+        """This configuration with `params` ("section.field" -> value) over its launch parameters."""
+        return dataclasses.replace(self, launch=tuple(sorted({**dict(self.launch), **(params or {})}.items())))
 
 
 def block(dim: int, cap: int) -> int:
@@ -151,34 +171,35 @@ class TritonFamily(Protocol):
     """The per-chunk kernels of a Triton chunkwise family; everything else (padding, gates, state recurrences,
     custom_vjp, gate gradients) is this module's. A family is a frozen dataclass (hashable: part of the config)."""
 
-    name: str
+    name: str  # also its launch table section
+    launch_type: type[LaunchParams]  # the typed launch parameters of its per-chunk kernels
 
     def configure(self, chunk_size: int, tiles: tuple[int | None, ...]) -> dict[str, Any]:
         """KernelConfig fields of a call with these tiles (tile_q, tile_kv, inter_chunk_size), checked."""
 
-    def outputs(self, x: Operands, cfg: KernelConfig, p: dict[str, int], out_dtype) -> tuple[jax.Array, ...]:
+    def outputs(self, x: Operands, cfg: KernelConfig, p: LaunchParams, out_dtype) -> tuple[jax.Array, ...]:
         """h (BH, S, DHHV) in out_dtype, the signed denominator and m_t (BH, S) float32."""
 
     def warps_fields(self, num_warps: int) -> dict[str, int]:
-        """The launch-table fields that set the warps of every per-chunk kernel of the family."""
+        """The launch overrides ("section.field" -> value) that set the warps of every per-chunk kernel."""
 
-    def input_gradients(self, x: Operands, cfg: KernelConfig, p: dict[str, int], grad_dtypes) -> tuple:
+    def input_gradients(self, x: Operands, cfg: KernelConfig, p: LaunchParams, grad_dtypes) -> tuple:
         """dq, dk, dv in grad_dtypes and the float32 row dot products q_t·dq_t, k_t·dk_t (BH, S)."""
 
 
-def output_consts(x: Operands, cfg: KernelConfig, p: dict[str, int]) -> dict[str, Any]:
+def output_consts(x: Operands, cfg: KernelConfig, p: LaunchParams) -> dict[str, Any]:
     """The compile-time constants every output kernel takes."""
     BH, S, DHQK, DHHV = x.dims
     return dict(NC=S // cfg.chunk_size, NS=x.c_in.shape[1], L=cfg.chunk_size, DHQK=DHQK, DHHV=DHHV,
-                BK=block(DHQK, p["block"]), QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val,
+                BK=block(DHQK, p.block), QK_SCALE=qk_scale(DHQK), EPS=cfg.eps, NORM_VAL=cfg.norm_val,
                 STABILIZE_CORRECTLY=cfg.stabilize_correctly, MAX_STATE=cfg.max_state)
 
 
-def gradient_consts(x: Operands, cfg: KernelConfig, p: dict[str, int]) -> dict[str, Any]:
+def gradient_consts(x: Operands, cfg: KernelConfig, p: LaunchParams) -> dict[str, Any]:
     """The compile-time constants every input-gradient kernel takes."""
     BH, S, DHQK, DHHV = x.dims
-    return dict(NC=S // cfg.chunk_size, L=cfg.chunk_size, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p["block"]),
-                BV=block(DHHV, p["block"]), QK_SCALE=qk_scale(DHQK))
+    return dict(NC=S // cfg.chunk_size, L=cfg.chunk_size, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p.block),
+                BV=block(DHHV, p.block), QK_SCALE=qk_scale(DHQK))
 
 
 def gate_vectors(i: jax.Array, f: jax.Array, L: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -200,11 +221,11 @@ def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
 def recurrent_launch(BH: int, NC: int, DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
     """Grid, head-dim tiles, sequence groups (sequence_groups.py) and launch parameters of a state-recurrence kernel
     over NC chunks: one (BK, BV) tile of C of one group a program."""
-    p = launch_params(DHQK, DHHV, cfg.launch)
-    BK, BV = block(DHQK, p["recurrent_block"]), block(DHHV, p["recurrent_block"])
+    p = launch_params(DHQK, DHHV, cfg)["recurrent"]
+    BK, BV = block(DHQK, p.block), block(DHHV, p.block)
     tiles = -(-DHQK // BK) * -(-DHHV // BV)
-    groups = sequence_groups.num_groups(BH * tiles, NC, p["recurrent_programs"])
-    return dict(grid=(groups, tiles), num_warps=p["recurrent_warps"], num_stages=p["recurrent_stages"], DHQK=DHQK,
+    groups = sequence_groups.num_groups(BH * tiles, NC, p.programs)
+    return dict(grid=(groups, tiles), num_warps=p.warps, num_stages=p.stages, DHQK=DHQK,
                 DHHV=DHHV, BK=BK, BV=BV, GROUPS=groups)
 
 
@@ -259,7 +280,7 @@ def forward(q, k, v, i, f, c0, n0, m0, cfg: KernelConfig, out_dtype):
     c_all, n_all, m_all = states[:3]
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
     x = Operands(q, k, v, i, gates, c_all, n_all, m_all, c_in, n_in)
-    h, den, m_out = cfg.family.outputs(x, cfg, launch_params(DHQK, DHHV, cfg.launch), out_dtype)
+    h, den, m_out = cfg.family.outputs(x, cfg, launch_params(DHQK, DHHV, cfg)[cfg.family.name], out_dtype)
     return h, den, m_out, states
 
 
@@ -291,7 +312,7 @@ def backward_parallel(qf, kf, vf, dh, gates, i_f, m_out, norm, dden, c_all, n_al
     float32 row dot products q_t·dq_t, k_t·dk_t (BH, S). `gates`: `gate_vectors(i_f, f_f, chunk_size)`."""
     c_in, n_in = _kernel_states(c_all, n_all, cfg)
     x = Operands(qf, kf, vf, i_f, gates, c_all, n_all, m_all, c_in, n_in, dh, m_out, norm, dden, dc_all, dn_all)
-    p = launch_params(qf.shape[-1], vf.shape[-1], cfg.launch)
+    p = launch_params(qf.shape[-1], vf.shape[-1], cfg)[cfg.family.name]
     return cfg.family.input_gradients(x, cfg, p, grad_dtypes)
 
 

@@ -10,13 +10,31 @@ import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.triton.core import KernelConfig, Operands, block, gradient_consts, output_consts
+from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
 from xlstm_jax.kernels.triton.limit.bw_kernels import mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel
 from xlstm_jax.kernels.triton.limit.fw_kernels import mlstm_fw_parallel_kernel
 
 
 @dataclasses.dataclass(frozen=True)
+class LimitLaunch(LaunchParams):
+    """Launch of the limit per-chunk kernels, the table's "limit" section: the head-dim tile of the reductions
+    (block) and of the output's DHHV columns (out_v_block); warps at L <= 64 and at L = 128, pipelining stages, and
+    the warps of the dq kernel. Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16 at
+    L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and the
+    stage sweeps reject any candidate whose results deviate)."""
+
+    block: int = param("tile")
+    out_v_block: int = param("tile")
+    warps: int = param("warps")
+    warps_l128: int = param("warps")
+    stages: int = param("stages")
+    dq_warps: int = param("warps")
+
+
+@dataclasses.dataclass(frozen=True)
 class LimitFamily:
     name: str = "limit"
+    launch_type: type = LimitLaunch
 
     def configure(self, chunk_size: int, tiles) -> dict:
         if any(t is not None for t in tiles):
@@ -24,24 +42,24 @@ class LimitFamily:
         return {}
 
     @staticmethod
-    def _run(cfg: KernelConfig, p: dict[str, int], warps: int | None = None) -> dict[str, int]:
-        if warps is None:
-            warps = p["parallel_warps"] if cfg.chunk_size <= 64 else p["parallel_warps_l128"]
-        return dict(num_warps=warps, num_stages=p["parallel_stages"])
+    def _run(cfg: KernelConfig, p: LimitLaunch, num_warps: int | None = None) -> dict[str, int]:
+        if num_warps is None:
+            num_warps = p.warps if cfg.chunk_size <= 64 else p.warps_l128
+        return dict(num_warps=num_warps, num_stages=p.stages)
 
     @staticmethod
     def warps_fields(num_warps: int) -> dict[str, int]:
-        return dict(parallel_warps=num_warps, parallel_warps_l128=num_warps, dq_warps=num_warps)
+        return {f"limit.{name}": num_warps for name in ("warps", "warps_l128", "dq_warps")}
 
-    def outputs(self, x: Operands, cfg: KernelConfig, p: dict[str, int], out_dtype):
+    def outputs(self, x: Operands, cfg: KernelConfig, p: LimitLaunch, out_dtype):
         BH, S, DHQK, DHHV = x.dims
-        BV = block(DHHV, p["out_v_block"])
+        BV = block(DHHV, p.out_v_block)
         outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), jnp.float32),
                 jax.ShapeDtypeStruct((BH, S), jnp.float32)]
         return launch(mlstm_fw_parallel_kernel, x.output_inputs(), outs, grid=(S // cfg.chunk_size, -(-DHHV // BV)),
                       BV=BV, **self._run(cfg, p), **output_consts(x, cfg, p))
 
-    def input_gradients(self, x: Operands, cfg: KernelConfig, p: dict[str, int], grad_dtypes):
+    def input_gradients(self, x: Operands, cfg: KernelConfig, p: LimitLaunch, grad_dtypes):
         BH, S, DHQK, DHHV = x.dims
         NC = S // cfg.chunk_size
         consts = gradient_consts(x, cfg, p)
@@ -49,7 +67,7 @@ class LimitFamily:
         dv = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
         row = jax.ShapeDtypeStruct((BH, S), jnp.float32)
         dq, qdq = launch(mlstm_bw_dq_kernel, x.dq_inputs(), [dq, row], grid=(NC,), NS=x.c_in.shape[1],
-                         **self._run(cfg, p, p["dq_warps"]), **consts)
+                         **self._run(cfg, p, p.dq_warps), **consts)
         dk, dv, kdk = launch(mlstm_bw_dkdv_kernel, x.dkdv_inputs(), [dk, dv, row], grid=(NC,), **self._run(cfg, p),
                              **consts)
         return dq, dk, dv, qdq, kdk

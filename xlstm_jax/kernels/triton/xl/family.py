@@ -24,11 +24,30 @@ from xlstm_jax.kernels.triton.core import (
     output_consts,
     tile_params,
 )
+from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
+
+
+@dataclasses.dataclass(frozen=True)
+class XlLaunch(LaunchParams):
+    """Launch of the xl per-chunk kernels, the table's "xl" section: the head-dim tile of the reductions (block),
+    warps and pipelining stages of every kernel, the forward's output (DHHV) tile, and the warps and output column
+    tiles of the dq, dk and dv kernels. Each column block rebuilds its score tiles over the whole other head dim, so
+    a wider block recomputes less and holds more registers."""
+
+    block: int = param("tile")
+    warps: int = param("warps")
+    stages: int = param("stages")
+    out_block: int = param("tile")
+    bw_warps: int = param("warps")
+    dq_block: int = param("tile")
+    dk_block: int = param("tile")
+    dv_block: int = param("tile")
 
 
 @dataclasses.dataclass(frozen=True)
 class XlFamily:
     name: str = "xl"
+    launch_type: type = XlLaunch
 
     def configure(self, chunk_size: int, tiles) -> dict:
         """tiles = (tile_q, tile_kv, inter_chunk_size), None: min(64, chunk_size)."""
@@ -36,36 +55,36 @@ class XlFamily:
         return dict(inter_chunk_size=inter, tile_q=LQ, tile_kv=LKV)
 
     @staticmethod
-    def _run(p: dict[str, int], warps: int) -> dict[str, int]:
-        return dict(num_warps=warps, num_stages=p["xl_stages"])
+    def _run(p: XlLaunch, num_warps: int) -> dict[str, int]:
+        return dict(num_warps=num_warps, num_stages=p.stages)
 
     @staticmethod
     def warps_fields(num_warps: int) -> dict[str, int]:
-        return dict(xl_warps=num_warps, xl_bw_warps=num_warps)
+        return {"xl.warps": num_warps, "xl.bw_warps": num_warps}
 
-    def outputs(self, x: Operands, cfg: KernelConfig, p: dict[str, int], out_dtype):
+    def outputs(self, x: Operands, cfg: KernelConfig, p: XlLaunch, out_dtype):
         """The careful body of the kernel runs in the chunks whose end state is not finite (chunk_math.nonfinite_chunks),
         the plain one elsewhere."""
         BH, S, DHQK, DHHV = x.dims
-        BV = block(DHHV, p["xl_out_block"])
+        BV = block(DHHV, p.out_block)
         outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), jnp.float32),
                 jax.ShapeDtypeStruct((BH, S), jnp.float32)]
         NC = S // cfg.chunk_size
         return launch(mlstm_xl_fw_parallel_kernel, [*x.output_inputs(), nonfinite_chunks(x.c_all, x.n_all)], outs,
                       grid=(NC * (cfg.chunk_size // cfg.tile_q), -(-DHHV // BV)), BV=BV, LQ=cfg.tile_q,
-                      LKV=cfg.tile_kv, **self._run(p, p["xl_warps"]), **output_consts(x, cfg, p))
+                      LKV=cfg.tile_kv, **self._run(p, p.warps), **output_consts(x, cfg, p))
 
-    def input_gradients(self, x: Operands, cfg: KernelConfig, p: dict[str, int], grad_dtypes):
+    def input_gradients(self, x: Operands, cfg: KernelConfig, p: XlLaunch, grad_dtypes):
         """Each output column block rebuilds its score tiles over the full other head dim: wide blocks recompute
         less."""
         BH, S, DHQK, DHHV = x.dims
         L = cfg.chunk_size
         NC = S // L
         consts = gradient_consts(x, cfg, p)
-        run = dict(LQ=cfg.tile_q, LKV=cfg.tile_kv, **self._run(p, p["xl_bw_warps"]))
+        run = dict(LQ=cfg.tile_q, LKV=cfg.tile_kv, **self._run(p, p.bw_warps))
         dq_shape, dk_shape = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
         dv_shape = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
-        b_dq, b_dk, b_dv = block(DHQK, p["xl_dq_block"]), block(DHQK, p["xl_dk_block"]), block(DHHV, p["xl_dv_block"])
+        b_dq, b_dk, b_dv = block(DHQK, p.dq_block), block(DHQK, p.dk_block), block(DHHV, p.dv_block)
         n_dq, n_dk = -(-DHQK // b_dq), -(-DHQK // b_dk)
         dq_rows, dk_rows = (jax.ShapeDtypeStruct((BH, n, S), jnp.float32) for n in (n_dq, n_dk))
         dq, qdq = launch(mlstm_xl_bw_dq_kernel, x.dq_inputs(), [dq_shape, dq_rows],
