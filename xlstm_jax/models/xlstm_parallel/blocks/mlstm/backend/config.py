@@ -57,6 +57,15 @@ class mLSTMBackend(abc.ABC):
         ))
 
 
+class ContextLengthFromModel:
+    """Config mixin of the backends bounded by a `context_length` field: `assign_model_config_params` takes the
+    model config's `context_length` when it has one."""
+
+    def assign_model_config_params(self, model_config: Any) -> None:
+        """Take `context_length` from the model config when it has one."""
+        self.context_length = getattr(model_config, "context_length", self.context_length)
+
+
 @dataclasses.dataclass
 class mLSTMBackendNameAndKwargs:
     """A backend name from the registry plus the keyword arguments of its config (or a built config)."""

@@ -9,13 +9,17 @@ from typing import Any
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.native.recurrent import RecurrentTuning, recurrent_sequence_fw, recurrent_step_fw
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import (
+    ContextLengthFromModel,
+    mLSTMBackend,
+    register_backend,
+)
 
 __all__ = ["mLSTMBackendRecurrent", "mLSTMBackendRecurrentConfig", "recurrent_sequence_fw", "recurrent_step_fw"]
 
 
 @dataclasses.dataclass
-class mLSTMBackendRecurrentConfig:
+class mLSTMBackendRecurrentConfig(ContextLengthFromModel):
     """Configuration of the recurrent backend."""
 
     context_length: int = -1
@@ -28,11 +32,6 @@ class mLSTMBackendRecurrentConfig:
     """lax.scan over time instead of an unrolled Python loop."""
     mesh_axes: Any = None
     """Under `jax.set_mesh`, the mesh axes (B, NH, S) to split the cell's inputs over (as in `xlstm_jax.mlstm`)."""
-
-    def assign_model_config_params(self, model_config: Any) -> None:
-        """Take `context_length` from the model config when it has one."""
-        self.context_length = getattr(model_config, "context_length", self.context_length)
-
 
 @register_backend("recurrent")
 class mLSTMBackendRecurrent(mLSTMBackend):

@@ -11,13 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.kernels.native.parallel import parallel_stabilized_simple
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, register_backend
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import (
+    ContextLengthFromModel,
+    mLSTMBackend,
+    register_backend,
+)
 
 __all__ = ["mLSTMBackendParallel", "mLSTMBackendParallelConfig", "parallel_stabilized_simple"]
 
 
 @dataclasses.dataclass
-class mLSTMBackendParallelConfig:
+class mLSTMBackendParallelConfig(ContextLengthFromModel):
     """Configuration of the parallel backend."""
 
     context_length: int = -1
@@ -26,11 +30,6 @@ class mLSTMBackendParallelConfig:
     """Denominator epsilon, added after max(|q·n|, e^{-m})."""
     mesh_axes: Any = None
     """Under `jax.set_mesh`, the mesh axes (B, NH, S) to split the cell's inputs over (as in `xlstm_jax.mlstm`)."""
-
-    def assign_model_config_params(self, model_config: Any) -> None:
-        """Take `context_length` from the model config when it has one."""
-        self.context_length = getattr(model_config, "context_length", self.context_length)
-
 
 @register_backend("parallel_stabilized")
 class mLSTMBackendParallel(mLSTMBackend):
