@@ -7,6 +7,7 @@ import pytest
 
 from tests.support.helpers import xl_chunk
 from xlstm_jax.kernels.triton import launch_table, core as triton_core, families as triton_families
+from xlstm_jax.kernels.triton.recurrence_kernels import RecurrentLaunch
 
 
 def _table_with(tmp_path, edit):
@@ -18,7 +19,7 @@ def _table_with(tmp_path, edit):
     return path
 
 
-SCHEMA = (("recurrent", triton_core.RecurrentLaunch), *((name, family.launch_type)
+SCHEMA = (("recurrent", RecurrentLaunch), *((name, family.launch_type)
                                                          for name, family in triton_families.families().items()))
 
 

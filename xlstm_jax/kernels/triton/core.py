@@ -27,25 +27,16 @@ from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.native.chunk_math import denominator_cotangent, gate_gradients
 from xlstm_jax.kernels.triton.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.triton import launch_table, sequence_groups
-from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
-from xlstm_jax.kernels.triton.recurrence_kernels import mlstm_bw_recurrent_kernel, mlstm_fw_recurrent_kernel
+from xlstm_jax.kernels.triton.launch_table import LaunchParams
+from xlstm_jax.kernels.triton.recurrence_kernels import (
+    RecurrentLaunch,
+    mlstm_bw_recurrent_kernel,
+    mlstm_fw_recurrent_kernel,
+)
 from xlstm_jax.kernels.triton.tuning import MAX_HEAD_DIM
 from xlstm_jax.kernels.sharding import per_batch_head
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class RecurrentLaunch(LaunchParams):
-    """Launch of the state recurrences (forward states, backward state cotangents), the table's "recurrent"
-    section: head-dim tile (BK = BV), warps, software-pipelining stages, and how many programs the sequence groups
-    aim for (a sequence is split into groups of chunks walked at once until B·NH·tiles·groups reaches this many;
-    sequence_groups.py; 1: one walk per sequence)."""
-
-    block: int = param("tile")
-    warps: int = param("warps")
-    stages: int = param("stages")
-    programs: int = param("count")
 
 
 def launch_params(DHQK: int, DHHV: int, cfg: KernelConfig) -> dict[str, LaunchParams]:

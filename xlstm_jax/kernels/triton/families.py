@@ -26,7 +26,7 @@ def families() -> dict:
     """Family name -> family object (imports the kernels, and checks every entry of the launch table against the
     families' typed launch sections)."""
     from xlstm_jax.kernels.triton import launch_table
-    from xlstm_jax.kernels.triton.core import RecurrentLaunch
+    from xlstm_jax.kernels.triton.recurrence_kernels import RecurrentLaunch
     from xlstm_jax.kernels.triton.limit.family import LIMIT
     from xlstm_jax.kernels.triton.xl.family import XL
 

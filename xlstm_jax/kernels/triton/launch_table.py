@@ -2,8 +2,8 @@
 
 The table lives in launch_table.json beside this file: entries keyed "<arch>/<bucket>" (arch "sm90" for compute
 capability 9.0; bucket from the head dims, `shape_bucket`), each with where it was measured ("source") and one
-section per kernel group: "recurrent" (the state recurrences, core.RecurrentLaunch) and one per family ("limit":
-limit/family.LimitLaunch, "xl": xl/family.XlLaunch). A section's fields are those of its `LaunchParams` class, each
+section per kernel group: "recurrent" (the state recurrences, recurrence_kernels.RecurrentLaunch) and one per
+family ("limit": limit/family.LimitLaunch, "xl": xl/family.XlLaunch). A section's fields are those of its `LaunchParams` class, each
 checked when the table loads (`check_table`, run once when the families load): a misspelt, missing or out-of-range
 value is an error naming the entry, section and field, never a silent default. `scripts/tune_launch.py
 --write-table` writes the winners of a tuning run into it; nothing is tuned at run time. A call uses the entry of

@@ -7,10 +7,26 @@ granularity L); states and their cotangents C (BH, NS, DHQK, DHHV) in the state-
 m float32. Addressing: every per-(b, h) base offset is int64.
 """
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
+from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
 from xlstm_jax.kernels.triton.tile_ops import dot_in, state_tile
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentLaunch(LaunchParams):
+    """Launch of the state recurrences (forward states, backward state cotangents), the table's "recurrent"
+    section: head-dim tile (BK = BV), warps, software-pipelining stages, and how many programs the sequence groups
+    aim for (a sequence is split into groups of chunks walked at once until B·NH·tiles·groups reaches this many;
+    sequence_groups.py; 1: one walk per sequence)."""
+
+    block: int = param("tile")
+    warps: int = param("warps")
+    stages: int = param("stages")
+    programs: int = param("count")
 
 
 @triton.jit
