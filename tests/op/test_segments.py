@@ -5,6 +5,8 @@ split over devices; bad segment ids."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +80,9 @@ def _loss(h, states, weights):
     return jnp.sum(h * w_h) + jnp.sum(c * scale[..., None, None] * w_c) + jnp.sum(n * scale[..., None] * w_n)
 
 
+_document = jax.jit(mlstm_recurrent_reference)  # compiled once per document length, not once per document
+
+
 def _separately(layout, q, k, v, i, f, c, n, m):
     """float64: every document of every row alone, the first from the initial states; h and the last states."""
     hs, lasts = [], []
@@ -85,7 +90,7 @@ def _separately(layout, q, k, v, i, f, c, n, m):
         start, state, parts = 0, (c[r:r + 1], n[r:r + 1], m[r:r + 1]), []
         for number, length in enumerate(lengths):
             piece = [x[r:r + 1, :, start:start + length] for x in (q, k, v, i, f)]
-            h, state = mlstm_recurrent_reference(*piece, *(state if number == 0 else (None, None, None)))
+            h, state = _document(*piece, *(state if number == 0 else (None, None, None)))
             parts.append(h)
             start += length
         hs.append(jnp.concatenate(parts, axis=2))
@@ -99,10 +104,28 @@ CASES = [(backend, chunk, layout) for backend, chunk in BACKENDS for layout in L
          if not (backend.startswith("triton") and layout == "inside_and_at_chunk_starts")]
 
 
+@functools.cache
+def _reference(layout_name: str):
+    """The float64 reference of a layout, once per process (every backend compares with it): h, the true last
+    states C·e^m and n·e^m, and the gradients of the loss with respect to q, k, v, i, f, c, n, m."""
+    args, weights, layout = _inputs(0), _weights(1), LAYOUTS[layout_name]
+    with jax.enable_x64(True):
+        def reference(*a):
+            h, states = _separately(layout, *a)
+            return _loss(h, states, tuple(jnp.asarray(w, jnp.float64) for w in weights)), (h, states)
+
+        (_, (want_h, want_states)), want_grads = jax.value_and_grad(reference, argnums=tuple(range(8)),
+                                                                    has_aux=True)(*(np.float64(a) for a in args))
+        c, n, m = (np.asarray(s) for s in want_states)
+        return np.asarray(want_h), [c * np.exp(m)[..., None, None], n * np.exp(m)[..., None]], [
+            np.asarray(g) for g in want_grads]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend, chunk_size, layout", CASES)
 def test_packed_rows_equal_separate_documents(backend, chunk_size, layout):
     args, weights = _inputs(0), _weights(1)
+    want_h, want_true, want_grads = _reference(layout)
     layout = LAYOUTS[layout]
     assert all(sum(row) == S and min(row) >= 1 for row in layout)
     seg = jnp.asarray(_segment_ids(layout))
@@ -113,16 +136,6 @@ def test_packed_rows_equal_separate_documents(backend, chunk_size, layout):
         return _loss(h, states, weights), (h, states)
 
     (_, (h, states)), grads = jax.jit(jax.value_and_grad(ours, argnums=tuple(range(8)), has_aux=True))(*args)
-    with jax.enable_x64(True):
-        def reference(*a):
-            h, states = _separately(layout, *a)
-            return _loss(h, states, tuple(jnp.asarray(w, jnp.float64) for w in weights)), (h, states)
-
-        (_, (want_h, want_states)), want_grads = jax.value_and_grad(reference, argnums=tuple(range(8)),
-                                                                    has_aux=True)(*(np.float64(a) for a in args))
-        want_h, want_grads = np.asarray(want_h), [np.asarray(g) for g in want_grads]
-        want_true = [np.asarray(want_states[0]) * np.exp(np.asarray(want_states[2]))[..., None, None],
-                     np.asarray(want_states[1]) * np.exp(np.asarray(want_states[2]))[..., None]]
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
