@@ -154,43 +154,51 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = dict(temperature=args.temperature, top_k=getattr(args, "top_k", None),
                     top_p=getattr(args, "top_p", None), seed=args.seed, step_backend=step_backend,
                     stop_tokens=stops if stops is not None else [] if eos is None else [eos])
-    if args.prompt_ids:
-        return _print_ids(model, args.prompt_ids, getattr(args, "max_new_tokens", ID_TOKENS), sampling)
-    if run_config is not None and run_config.get("data") is None:
-        return _mqar_demo(model, run_config, args.num_examples, sampling)
-    if not prompts and tokenizer is not None:
-        start = eos if eos is not None else model.config.bos_token_id
-        if start is None:
-            return fail("--prompt", f"{args.model!r} names no end-of-text or begin token to start a document from; "
-                                    "give a prompt.")
-        texts, prompts = [""], [[start]]
-        print(f"(no --prompt: generating from {tokenizer.id_to_token(start)}, the start of a new document)",
-              file=sys.stderr)
-    if prompts:
-        return _print_text(model, tokenizer, texts, prompts, getattr(args, "max_new_tokens", TEXT_TOKENS), sampling)
-    if run_config is None:
-        return fail("--prompt-ids", "a prompt is required (--prompt with a tokenizer, or --prompt-ids) unless MODEL "
-                                    "is an `xlstm-jax train` output directory.")
-    return _held_out_demo(model, run_config, getattr(args, "max_new_tokens", ID_TOKENS), sampling)
+    try:
+        if args.prompt_ids:
+            return _print_ids(model, args.prompt_ids, getattr(args, "max_new_tokens", ID_TOKENS), sampling)
+        if run_config is not None and run_config.get("data") is None:
+            return _mqar_demo(model, run_config, args.num_examples, sampling)
+        if not prompts and tokenizer is not None:
+            start = eos if eos is not None else model.config.bos_token_id
+            if start is None:
+                raise _Refused("--prompt", f"{args.model!r} names no end-of-text or begin token to start a "
+                                           "document from; give a prompt.")
+            texts, prompts = [""], [[start]]
+            print(f"(no --prompt: generating from {tokenizer.id_to_token(start)}, the start of a new document)",
+                  file=sys.stderr)
+        if prompts:
+            max_new_tokens = getattr(args, "max_new_tokens", TEXT_TOKENS)
+            return _print_text(model, tokenizer, texts, prompts, max_new_tokens, sampling)
+        if run_config is None:
+            raise _Refused("--prompt-ids", "a prompt is required (--prompt with a tokenizer, or --prompt-ids) unless "
+                                           "MODEL is an `xlstm-jax train` output directory.")
+        return _held_out_demo(model, run_config, getattr(args, "max_new_tokens", ID_TOKENS), sampling)
+    except _Refused as err:
+        return fail(*err.args)
 
 
-def _generate(model: Any, prompts: list[list[int]], max_new_tokens: int, sampling: dict, **extra: Any) -> Any:
-    """`generate`, with its errors as (flag, reason): NaN logits are the model's, ValueErrors the prompts' or the
-    sizes'."""
+class _Refused(Exception):
+    """(flag, reason) of an input that generation cannot take."""
+
+
+def _generate(model: Any, prompts: list[list[int]], max_new_tokens: int, sampling: dict, prompt_flag: str,
+              **extra: Any) -> Any:
+    """`generate`; its errors are _Refused: NaN logits are the model's, ValueErrors the prompts' (`prompt_flag`) or
+    the sizes'."""
     from xlstm_jax.models.xlstm_large.generation import generate
 
     try:
         return generate(model, prompts, max_new_tokens=max_new_tokens, **sampling, **extra)
     except FloatingPointError as err:
-        return ("MODEL", str(err))
+        raise _Refused("MODEL", str(err)) from None
     except ValueError as err:  # the flags are checked by argparse; what is left is the prompts and sizes
-        return ("--max-new-tokens" if str(err).startswith("the generated tokens") else "--prompt", str(err))
+        raise _Refused("--max-new-tokens" if str(err).startswith("the generated tokens") else prompt_flag,
+                       str(err)) from None
 
 
 def _print_ids(model: Any, prompts: list[list[int]], max_new_tokens: int, sampling: dict) -> int:
-    out = _generate(model, prompts, max_new_tokens, sampling)
-    if isinstance(out, tuple):
-        return fail("--prompt-ids" if out[0] == "--prompt" else out[0], out[1])
+    out = _generate(model, prompts, max_new_tokens, sampling, "--prompt-ids")
     for prompt, tokens, length in zip(prompts, out.tokens, out.lengths):
         print(f"prompt {prompt} -> {tokens[:length].tolist()}")
     return 0
@@ -238,9 +246,7 @@ def _print_text(model: Any, tokenizer: Any, texts: list[str], prompts: list[list
         if len(prompts) == 1 and sys.stdout.isatty() else None
     if stream is not None:
         sys.stdout.write(texts[0])
-    out = _generate(model, prompts, max_new_tokens, sampling, on_token=stream)
-    if isinstance(out, tuple):
-        return fail(*out)
+    out = _generate(model, prompts, max_new_tokens, sampling, "--prompt", on_token=stream)
     for number, (text, prompt) in enumerate(zip(texts, prompts)):
         rest = continuation(tokenizer, prompt, out.tokens[number, :out.lengths[number]].tolist())
         if stream is not None:
@@ -263,17 +269,16 @@ def _held_out_demo(model: Any, run_config: dict, max_new_tokens: int, sampling: 
     try:
         corpus = load_corpus(spec, run_config["seq_len"], model.config.vocab_size)
     except ValueError as err:
-        return fail("--prompt-ids", f"the run has no tokenizer, and its data, whose start of the held-out split "
-                                    f"would be the prompt, cannot be read ({err}); pass --prompt-ids IDS.")
+        raise _Refused("--prompt-ids", f"the run has no tokenizer, and its data, whose held-out start would be the "
+                                       f"prompt, cannot be read ({err}); pass --prompt-ids IDS.") from None
     row = corpus.row(corpus.num_train_rows)
     stream = [*row["inputs"].tolist(), int(row["targets"][-1])]
     length = min(HELD_OUT_PROMPT, len(stream) - 1)
-    print(f"(no tokenizer in the export: token ids; the prompt is the start of the run's held-out data; train "
-          f"with --tokenizer to get text)", file=sys.stderr)
-    status = _print_ids(model, [stream[:length]], max_new_tokens, sampling)
-    if status == 0:
-        print(f"the data goes on {stream[length:length + max_new_tokens]}")
-    return status
+    print("(no tokenizer in the export: token ids; the prompt is the start of the run's held-out data; train "
+          "with --tokenizer to get text)", file=sys.stderr)
+    _print_ids(model, [stream[:length]], max_new_tokens, sampling)
+    print(f"the data goes on {stream[length:length + max_new_tokens]}")
+    return 0
 
 
 def _mqar_demo(model, run_config: dict, num_examples: int, sampling: dict) -> int:

@@ -80,7 +80,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 "carries it (default: none)")
     option(data, "--doc-separator", metavar="STR", type=parse_separator,
            help="split each .txt file into documents at this exact string (\\n, \\t, \\r and \\\\ are "
-                "read as escapes, e.g. '\\n\\n' for blank lines); text is kept as it is, whitespace included "
+                "read as escapes, e.g. '\\n\\n' where a line is empty); text is kept as it is, whitespace included "
                 "(default: none, one document per file)")
     option(data, "--token-dtype", choices=("uint16", "uint32"), help="item type of .bin token files")
     option(data, "--eos-id", type=int,

@@ -262,8 +262,8 @@ def config_from_checkpoint_dict(data: dict[str, Any], *, hf: bool) -> xLSTMLarge
 
     Kernel names, modes and dtypes in the file are ignored (the backend is ours to choose); HF rounds the q/k and v
     widths up to a multiple of 64, the plain format does not. Missing fields (and null ones, except the optional
-    soft caps, chunk_size and the token ids) keep the xLSTM-7B defaults. Values are checked (`_checkpoint_value`); two spellings
-    of one field must agree. Errors are ValueErrors naming the key, the value and what was expected.
+    soft caps, chunk_size and the token ids) keep the xLSTM-7B defaults. Values are checked (`_checkpoint_value`);
+    two spellings of one field must agree. Errors are ValueErrors naming the key, the value and what was expected.
     """
     kwargs: dict[str, Any] = {"mlstm_round_up_to_multiple_of": 64 if hf else 1}
     for field, keys in _ALIASES.items():
