@@ -84,16 +84,15 @@ def _plan(args: argparse.Namespace, run_config: dict | None, model_dir: str) -> 
         spec = DataSpec(tuple(run_config["data"]), tokenizer=saved or run_config.get("tokenizer"),
                         **{name: run_config[name] for name in fields if name in run})
         return spec, run_config["seq_len"], run_config["batch_size"], run_config["eval_batches"]
-    tokenizer = given.get("tokenizer", saved)
-    spec = DataSpec(tuple(args.data), tokenizer=tokenizer, token_dtype=given.get("token_dtype",
-                                                                                  run.get("token_dtype", "uint16")),
+    text = any(path.lower().endswith(".txt") for path in args.data)  # what a run's separator would split
+    spec = DataSpec(tuple(args.data), tokenizer=given.get("tokenizer", saved),
+                    token_dtype=given.get("token_dtype", run.get("token_dtype", "uint16")),
                     eos_id=given.get("eos_id", run.get("eos_id")),
-                    doc_separator=given.get("doc_separator", run.get("doc_separator")))
+                    doc_separator=given.get("doc_separator", run.get("doc_separator") if text else None))
     if spec.eos_id is not None and spec.eos_id < 0:
         raise ValueError("--eos-id", f"must be a token id >= 0, got {spec.eos_id}.")
-    return (spec, given.get("seq_len", run.get("seq_len", SEQ_LEN)),
-            given.get("batch_size", run.get("batch_size", BATCH_SIZE) if run_config else BATCH_SIZE),
-            given.get("max_batches"))
+    seq_len = given.get("seq_len", run.get("seq_len", SEQ_LEN))
+    return spec, seq_len, given.get("batch_size", run.get("batch_size", BATCH_SIZE)), given.get("max_batches")
 
 
 def run_eval(args: argparse.Namespace) -> int:
