@@ -182,3 +182,32 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
         ckpt.detect_layout(["foo.weight"])
     with pytest.raises(FileNotFoundError):
         from_pretrained(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_save_pretrained_writes_the_tokenizer_with_the_special_tokens_the_config_names(tmp_path):
+    """save_pretrained(tokenizer=path or Tokenizer) puts the tokenizer files beside the weights, the special tokens
+    being those the config's ids name (None: left out); a later save without one keeps them; a tokenizer larger
+    than the vocabulary is refused before anything is written."""
+    from tokenizers import Tokenizer, models
+
+    from xlstm_jax import load_tokenizer
+
+    words = {"<|endoftext|>": 0, "<pad>": 1, "cat": 2, "[UNK]": 3}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tokenizer.add_special_tokens(["<|endoftext|>", "<pad>", "[UNK]"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    model = random_model(tiny_config(bos_token_id=None, eos_token_id=0, pad_token_id=1), seed=2)
+    written = ckpt.save_pretrained(model, str(tmp_path / "model"), tokenizer=str(tmp_path / "tokenizer.json"))
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= set(written)
+    assert load_tokenizer(str(tmp_path / "model")).to_str() == tokenizer.to_str()
+    with open(tmp_path / "model" / "special_tokens_map.json") as fh:
+        assert json.load(fh) == {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "[UNK]"}
+    loaded = from_pretrained(str(tmp_path / "model"))
+    assert (loaded.config.bos_token_id, loaded.config.eos_token_id, loaded.config.pad_token_id) == (None, 0, 1)
+    ckpt.save_pretrained(model, str(tmp_path / "model"))
+    assert load_tokenizer(str(tmp_path / "model")).to_str() == tokenizer.to_str()
+    large = Tokenizer(models.WordLevel({f"w{n}": n for n in range(41)}, unk_token="w0"))
+    with pytest.raises(ValueError, match="tokenizer: its 41 tokens do not fit .*vocab_size 40"):
+        ckpt.save_pretrained(model, str(tmp_path / "large"), tokenizer=large)
+    assert not (tmp_path / "large").exists()

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def _generate(capsys, *argv):
 def test_generate_prints_the_text_of_the_id_level_generation_and_stops_at_the_end_of_text(run, capsys,
                                                                                           monkeypatch):
     out, tokenizer, _ = run
-    calls = []
+    calls, pieces = [], []
 
     def spy(model, prompts, **options):
         calls.append(options["stop_tokens"])
@@ -119,7 +120,12 @@ def test_generate_prints_the_text_of_the_id_level_generation_and_stops_at_the_en
 
     real = generation.generate
     monkeypatch.setattr(generation, "generate", spy)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the continuation is streamed
+    monkeypatch.setattr(sys.stdout, "write", lambda text, write=sys.stdout.write: pieces.append(text) or write(text))
     text = _generate(capsys, out, "--prompt", PROMPT, "--max-new-tokens", "12").out
+    assert pieces[0] == PROMPT and len(pieces) > 3 and "".join(pieces) == text  # streamed token after token
+    monkeypatch.undo()
+    monkeypatch.setattr(generation, "generate", spy)
     ids = tokenizer.encode(PROMPT, add_special_tokens=False).ids
     by_ids = _generate(capsys, out, "--prompt-ids", " ".join(map(str, ids)), "--max-new-tokens", "12").out
     generated = json.loads(by_ids.split(" -> ")[1])

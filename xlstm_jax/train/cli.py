@@ -1,9 +1,9 @@
-"""argparse wiring for `xlstm-jax train` and `xlstm-jax generate`.
+"""argparse wiring for `xlstm-jax train`: `add_train_arguments(parser)` / `run_train(args)`, and the helpers the
+other commands share (`fail`, `flag`, `parse_separator`; `xlstm_jax.generate_cli`, `xlstm_jax.eval_cli`).
 
-`add_train_arguments(parser)` / `run_train(args)` and `add_generate_arguments(parser)` / `run_generate(args)`.
 `run_*` return the exit status: 0, or 2 after printing one `error: FLAG: reason` line to stderr for a setting or
-input that cannot work (`TrainConfig` checks the training flags, argparse types the generation flags).
-Building the parsers imports neither jax, flax, optax nor orbax.
+input that cannot work (`TrainConfig` checks the training flags). Building the parsers imports neither jax, flax,
+optax nor orbax.
 """
 
 from __future__ import annotations
