@@ -1,7 +1,8 @@
 """The `xlstm-jax` command line: `train` (the main job: an xLSTM on synthetic MQAR by default, or on token / text
 files with --data; `xlstm_jax.train`),
 `generate` (sampling from a checkpoint: text or token ids), `eval` (loss, perplexity and bits per byte on text or
-token files), `bench` (`xlstm_jax.bench`) and `doctor` (versions and backend checks).
+token files), `serve` (an OpenAI-compatible server with continuous batching; `xlstm_jax.serve`), `bench`
+(`xlstm_jax.bench`) and `doctor` (versions and backend checks).
 
 Each sub-command adds its options when it is used, and jax (with flax, optax, orbax) is imported only when a
 command runs, so `xlstm-jax --help` and `xlstm-jax train --help` answer at once.
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from xlstm_jax.eval_cli import EVAL_DESCRIPTION, add_eval_arguments
 from xlstm_jax.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments
+from xlstm_jax.serve.cli import SERVE_DESCRIPTION, add_serve_arguments
 from xlstm_jax.train.cli import TRAIN_DESCRIPTION, add_train_arguments
 
 
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on text or token files",
                    description=EVAL_DESCRIPTION, add_arguments=add_eval_arguments)
+    sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching over state slots",
+                   description=SERVE_DESCRIPTION, add_arguments=add_serve_arguments,
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub.add_parser(
         "doctor",
         help="check versions and backends, and run every runnable backend against the float64 reference",
@@ -99,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from xlstm_jax.train.cli import run_train
 
         return {"train": run_train, "generate": run_generate, "eval": run_eval}[args.command](args)
+    if args.command == "serve":
+        from xlstm_jax.serve.cli import run_serve
+
+        return run_serve(args)
     if args.command == "bench":
         from xlstm_jax.bench.runner import run_bench
 

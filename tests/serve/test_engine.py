@@ -1,0 +1,164 @@
+"""The serving engine without HTTP: slots are reused, nothing compiles after warm-up, a prefix from the cache gives
+the tokens of a full prefill, inactive slots keep their states exactly, the per-row sampling filter is
+`filter_logits` row by row, and a request whose receiver fails does not disturb the others."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.serve.conftest import ENGINE
+from xlstm_jax.models.xlstm_large.generation import filter_logits
+from xlstm_jax.serve import steps
+from xlstm_jax.serve.cli import load_served
+from xlstm_jax.serve.engine import Engine, Event, Request, SamplingParams, prefill_buckets
+from xlstm_jax.serve.sampling import filter_rows
+
+COMPILED = (steps.decode_step, steps.prefill_chunk, steps.insert)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_served(model_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = Engine(model, **ENGINE, prefix_cache_mb=1)
+    engine.warm_up()
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+class Collector:
+    """Receives one request's events; `wait()` returns (tokens, finish reason)."""
+
+    def __init__(self):
+        self.tokens, self.finish, self.done = [], None, threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.tokens += event.token_ids
+        if event.finish_reason is not None:
+            self.finish = event.finish_reason
+            self.done.set()
+
+    def wait(self):
+        assert self.done.wait(60), "the request did not finish"
+        return self.tokens, self.finish
+
+
+def run(engine, prompts, **params):
+    """Submit every prompt at once; (tokens, finish reason) of each."""
+    collectors = [Collector() for _ in prompts]
+    engine.submit([Request(p, SamplingParams(**{"max_tokens": 5, **params}), c) for p, c in zip(prompts, collectors)])
+    return [c.wait() for c in collectors]
+
+
+def prompts_of(lengths, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, n).tolist() for n in lengths]
+
+
+def test_slots_are_reused_and_nothing_compiles_after_warm_up(engine):
+    """12 requests through 4 slots (prompts of 1 to 75 tokens: one and several chunks, both buckets; greedy and
+    sampled rows mixed) finish with max_tokens tokens each, equal to each one run alone; no compilation."""
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    sizes = [f._cache_size() for f in COMPILED]
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        prompts = prompts_of([1, 2, 7, 16, 17, 31, 32, 33, 50, 64, 65, 75], engine.config.vocab_size)
+        together = run(engine, prompts, max_tokens=6)
+        sampled = run(engine, prompts[:3], max_tokens=3, temperature=0.8, top_k=5, top_p=0.9, seed=1)
+        alone = [run(engine, [p], max_tokens=6)[0] for p in prompts[::3]]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert [f._cache_size() for f in COMPILED] == sizes and compiles == []
+    assert all(len(tokens) == 6 and finish == "length" for tokens, finish in together)
+    assert all(len(tokens) == 3 for tokens, _ in sampled)
+    assert alone == together[::3]
+    assert engine.stats()["active"] == 0 and engine.stats()["waiting"] == 0
+
+
+def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(model, engine):
+    """A prompt sharing 64 tokens (two chunks) with an earlier one starts from the stored state at 64; one that
+    extends an earlier prompt starts from the state after that prompt[:-1]; both give the tokens of an engine
+    without a prefix cache."""
+    first, tail, more = prompts_of([70, 9, 6], engine.config.vocab_size, seed=1)
+    shares_chunks = first[:64] + tail
+    extends = first + more
+    hits = engine.metrics.prefix_hit_tokens._value.get()
+    run(engine, [first])
+    cached = run(engine, [shares_chunks]) + run(engine, [extends])
+    assert engine.metrics.prefix_hit_tokens._value.get() - hits == 64 + 69
+    fresh = Engine(model, **ENGINE, prefix_cache_mb=0)
+    fresh.warm_up()
+    fresh.start()
+    try:
+        assert run(fresh, [shares_chunks]) + run(fresh, [extends]) == cached
+        assert fresh.stats()["prefix_entries"] == 0
+    finally:
+        fresh.stop()
+
+
+def test_inactive_slots_keep_their_states_exactly(model):
+    """One decode step with slots 1 and 3 inactive: their C, n, m come back bit for bit (neutral gates)."""
+    engine = Engine(model, **ENGINE)
+    M, V = engine.max_slots, engine.config.vocab_size
+    rng = np.random.default_rng(0)
+    before = [tuple(rng.standard_normal(x.shape).astype(np.float32) for x in block) for block in engine._pool]
+    pool = jax.tree.map(jnp.asarray, before)
+    active = np.array([True, False, True, False])
+    ints = np.arange(M, dtype=np.int32)
+    _, after, _ = steps.decode_step(engine._params, pool, jnp.zeros((M,), jnp.int32), ints + 5, np.ones(M, bool),
+                                    active, np.zeros((M, 2), np.uint32), ints, ints, np.zeros(M, np.float32),
+                                    ints * 0 + V, np.ones(M, np.float32), backend=engine.config.step_backend,
+                                    graphdef=engine._graphdef, state_dtype="float32")
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(after))):
+        assert np.array_equal(old[~active], new[~active])
+        assert not np.array_equal(old[active], new[active])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),
+                                                     (0.5, 3, 0.6), (2.0, 40, 0.999)])
+def test_filter_rows_is_filter_logits_row_by_row(temperature, top_k, top_p):
+    logits = jax.random.normal(jax.random.key(4), (3, 40)) * 3
+    logits = logits.at[1, :4].set(logits[1, 4])  # ties at the top-k threshold
+    rows = jax.jit(filter_rows)(logits, jnp.full((3,), temperature), jnp.full((3,), top_k or 40, jnp.int32),
+                                jnp.full((3,), top_p or 1.0))
+    whole = jax.jit(filter_logits, static_argnums=(1, 2, 3))(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(rows, whole)
+
+
+def test_a_failing_receiver_cancels_only_its_request(engine):
+    def broken(event):
+        raise RuntimeError("gone")
+
+    good = Collector()
+    prompts = prompts_of([5, 12], engine.config.vocab_size, seed=2)
+    engine.submit([Request(prompts[0], SamplingParams(max_tokens=20), broken),
+                   Request(prompts[1], SamplingParams(max_tokens=20), good)])
+    tokens, finish = good.wait()
+    assert len(tokens) == 20 and finish == "length"
+    assert engine.metrics.finished.labels(finish_reason="cancelled")._value.get() >= 1
+
+
+def test_bad_settings_and_prompts_are_refused(model, engine):
+    assert prefill_buckets(64) == (16, 32, 64) and prefill_buckets(8) == (8,)
+    with pytest.raises(ValueError, match="power of two"):
+        prefill_buckets(48)
+    with pytest.raises(ValueError, match="state_dtype"):
+        Engine(model, state_dtype="float16")
+    with pytest.raises(ValueError, match="token id"):
+        engine.submit([Request([engine.config.vocab_size], SamplingParams(max_tokens=1), print)])
+    with pytest.raises(ValueError, match="token id"):
+        engine.submit([Request([], SamplingParams(max_tokens=1), print)])

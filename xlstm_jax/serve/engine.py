@@ -1,0 +1,366 @@
+"""Continuous batching over a fixed pool of recurrent state slots (no HTTP here; docs/serving.md).
+
+An xLSTM's state is the same size after any number of tokens, so the engine holds `max_slots` states on the device
+(the pool: per block C, n, m with a leading slot axis) and never pages anything. Each iteration of its thread:
+
+1. frees the slots of cancelled requests and admits waiting requests into free slots;
+2. prefills for admitted requests: prompt[:-1] in chunks ending at multiples of `prefill_chunk` (left-padded to a
+   power-of-two bucket, B = 1), from zeros or from the longest prefix in the prefix cache, at most `prefill_chunk`
+   padded tokens per iteration, so a long prompt stalls running streams by one chunk at most; a finished prefill
+   is copied into its slot, and the prompt's last token becomes the slot's first decode input;
+3. dispatches one decode step of shape (max_slots, 1) for every decoding slot (per-slot sampling settings as
+   arrays), then reads the tokens of the step dispatched before it: the device computes step k + 1 while the host
+   hands out the tokens of step k, and a request that finished at step k has its token of step k + 1 dropped.
+
+A request ends at one of its stop tokens ("stop"), at max_tokens ("length"), when cancelled, or with an error (NaN
+logits), and its slot is free for the next iteration. Compiled shapes: the decode step, one prefill per bucket and
+the slot copy, all compiled by `warm_up`; no request compiles anything after it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+import traceback
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+from xlstm_jax.serve.metrics import Metrics
+from xlstm_jax.serve.prefix_cache import PrefixCache
+from xlstm_jax.serve.steps import decode_step, empty_states, insert, prefill_chunk
+
+STATE_DTYPES = ("float32", "bfloat16")
+MIN_BUCKET = 16  # the shortest prefill shape (shorter chunks are left-padded to it)
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue cannot take the request (HTTP 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated. temperature 0: greedy; top_k None: all tokens; seed None: a random one;
+    choice: which of a request's n sequences this is (folded into the sampling key, so the n differ)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+    choice: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a request receives from the engine's thread: its next token, and with the last one the finish reason
+    ("stop", "length", "error"; `error` then says why, with no token)."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Request:
+    """One sequence to generate after `prompt` (token ids). `on_event(Event)` is called from the engine's thread for
+    every token and must not block (hand the event over, e.g. with `loop.call_soon_threadsafe`). A cancelled request
+    gets no further events."""
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]):
+        self.prompt = [int(t) for t in prompt]
+        self.params = params
+        self.on_event = on_event
+        seed = secrets.randbits(64) if params.seed is None else params.seed % 2**64
+        self.key_data = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+        self.arrived = time.monotonic()
+        self.last_token_at: float | None = None
+        self.generated = 0
+        self.finished = False
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled
+
+
+@dataclasses.dataclass
+class _Slot:
+    """A pool slot: its request, and while prefilling the request's own state (B = 1) after `position` prompt
+    tokens; once decoding, whether its next input is the prompt's last token (`fresh`) and the tokens dispatched."""
+
+    request: Request | None = None
+    state: list | None = None
+    position: int = 0
+    decoding: bool = False
+    fresh: bool = False
+    dispatched: int = 0
+
+
+def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
+    """The compiled prefill lengths: powers of two from MIN_BUCKET (or `prefill_chunk` if smaller) up to it."""
+    if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}.")
+    smallest = min(MIN_BUCKET, prefill_chunk)
+    return tuple(smallest << k for k in range((prefill_chunk // smallest).bit_length()))
+
+
+class Engine:
+    """The slot pool and its step loop for one model; `start()` runs it in a thread, `submit` / `cancel` are
+    thread-safe. Sizes: `max_slots` sequences decode together, `max_queue` more wait; `state_dtype` "bfloat16"
+    halves the pool (C and n; m stays float32); `prefix_cache_mb` bounds the prefix snapshots."""
+
+    def __init__(self, model: xLSTMLarge, *, max_slots: int = 16, max_queue: int = 256,
+                 state_dtype: str = "float32", prefill_chunk: int = 512, prefix_cache_mb: float = 1024.0,
+                 metrics: Metrics | None = None):
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
+        for name, value in (("max_slots", max_slots), ("max_queue", max_queue)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}.")
+        self.config = model.config
+        self.max_slots, self.max_queue, self.state_dtype = max_slots, max_queue, state_dtype
+        self.prefill_chunk, self.buckets = prefill_chunk, prefill_buckets(prefill_chunk)
+        self.cache = PrefixCache(int(prefix_cache_mb * 2**20))
+        self.metrics = metrics or Metrics(max_slots)
+        self._graphdef, self._params = nnx.split(model)
+        self._static = dict(graphdef=self._graphdef, state_dtype=state_dtype)
+        self._pool = empty_states(self.config, max_slots, state_dtype)
+        self._zero = empty_states(self.config, 1, state_dtype)
+        self._previous = jnp.zeros((max_slots,), jnp.int32)
+        self._slots = [_Slot() for _ in range(max_slots)]
+        self._prefilling: collections.deque[int] = collections.deque()  # slot indices in admission order
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._pending: tuple | None = None  # (tokens, bad, requests) of the step dispatched last, not yet read
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- the caller's side (any thread) ---
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        """Queue requests, all or none: QueueFull when the waiting queue cannot take them all, ValueError for a
+        prompt the model cannot take, RuntimeError when the engine is not running."""
+        vocab = self.config.vocab_size
+        for request in requests:
+            if not request.prompt or min(request.prompt) < 0 or max(request.prompt) >= vocab:
+                raise ValueError(f"a prompt must hold at least one token id in [0, {vocab}).")
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise RuntimeError("the engine is not running.")
+            if len(self._waiting) + len(requests) > self.max_queue:
+                self.metrics.rejected.inc()
+                raise QueueFull(f"the queue is full ({len(self._waiting)} of {self.max_queue} waiting); retry "
+                                "later.")
+            now = time.monotonic()
+            for request in requests:
+                request.arrived = now
+            self._waiting.extend(requests)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: no further events; its slot is freed at the engine's next iteration."""
+        with self._cond:
+            request.cancelled = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+                self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        """Slots in use (prefilling and decoding), requests waiting, prefix snapshots held."""
+        with self._cond:
+            return {"active": sum(s.request is not None for s in self._slots), "waiting": len(self._waiting),
+                    "slots": self.max_slots, "prefix_entries": len(self.cache), "prefix_bytes": self.cache.bytes}
+
+    def warm_up(self) -> None:
+        """Compile every shape the engine runs (the decode step, each prefill bucket, the slot copy)."""
+        M = self.max_slots
+        zeros_i, zeros_f = np.zeros((M,), np.int32), np.zeros((M,), np.float32)
+        _, self._pool, _ = self._decode(zeros_i, np.zeros((M,), bool), np.zeros((M,), bool),
+                                        np.zeros((M, 2), np.uint32), zeros_i, zeros_i, zeros_f, zeros_i + 1,
+                                        zeros_f + 1)
+        for bucket in self.buckets:
+            self._chunk(self._zero, np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool))
+        self._pool = insert(self._pool, 0, self._zero)
+        jax.block_until_ready(self._pool)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="xlstm-serve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop taking requests; with `drain`, finish those admitted or waiting first, else cancel them."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                for request in [*self._waiting, *(s.request for s in self._slots if s.request is not None)]:
+                    request.cancelled = True
+                self._waiting.clear()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- the engine's thread ---
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._busy()):
+                    self._cond.wait()
+                if self._stopping and not self._waiting and not self._busy():
+                    return
+            try:
+                self._release_cancelled()
+                self._admit()
+                self._prefill()
+                self._step()
+            except Exception as err:  # a failed step: its requests end with the error, the engine goes on
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                self._fail_all(f"the engine step failed: {type(err).__name__}: {err}")
+            self.metrics.active_slots.set(sum(s.request is not None for s in self._slots))
+
+    def _busy(self) -> bool:
+        return self._pending is not None or any(s.request is not None for s in self._slots)
+
+    def _release_cancelled(self) -> None:
+        for index, slot in enumerate(self._slots):
+            if slot.request is not None and slot.request.cancelled and not slot.request.finished:
+                self._free(index, "cancelled")
+
+    def _admit(self) -> None:
+        with self._cond:
+            for index, slot in enumerate(self._slots):
+                if not self._waiting:
+                    break
+                if slot.request is None:
+                    self._slots[index] = _Slot(request=self._waiting.popleft())
+                    self._prefilling.append(index)
+            self.metrics.queue_depth.set(len(self._waiting))
+
+    def _prefill(self) -> None:
+        """Prefill chunks of admitted requests, oldest first, up to `prefill_chunk` padded tokens in all."""
+        spent = 0
+        while self._prefilling:
+            index = self._prefilling[0]
+            slot = self._slots[index]
+            prompt = slot.request.prompt
+            end = len(prompt) - 1
+            if slot.state is None:  # its first chunk: start after the longest stored prefix
+                slot.position, slot.state = self.cache.longest(prompt[:end])
+                slot.state = slot.state or self._zero
+                self.metrics.prompt_tokens.inc(len(prompt))
+                self.metrics.prefix_hit_tokens.inc(slot.position)
+            while slot.position < end:
+                stop = min(end, (slot.position // self.prefill_chunk + 1) * self.prefill_chunk)
+                length = stop - slot.position
+                bucket = next(b for b in self.buckets if b >= length)
+                if spent and spent + bucket > self.prefill_chunk:
+                    return
+                tokens, mask = np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool)
+                tokens[0, bucket - length:], mask[0, bucket - length:] = prompt[slot.position:stop], True
+                slot.state = self._chunk(slot.state, tokens, mask)
+                slot.position, spent = stop, spent + bucket
+                self.cache.put(prompt[:stop], slot.state)
+            self._pool = insert(self._pool, index, slot.state)
+            slot.state, slot.decoding, slot.fresh = None, True, True
+            self._prefilling.popleft()
+
+    def _chunk(self, state: list, tokens: np.ndarray, mask: np.ndarray) -> list:
+        return prefill_chunk(self._params, state, jnp.asarray(tokens), jnp.asarray(mask),
+                             backend=self.config.backend, chunk_size=self.config.chunk_size, **self._static)
+
+    def _decode(self, fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k, top_p):
+        return decode_step(self._params, self._pool, self._previous, fresh_tokens, fresh, active, key_data, choice,
+                           position, temperature, top_k, top_p, backend=self.config.step_backend, **self._static)
+
+    def _step(self) -> None:
+        """Dispatch a decode step for the decoding slots, then hand out the tokens of the step before."""
+        M, V = self.max_slots, self.config.vocab_size
+        running = [i for i, s in enumerate(self._slots)
+                   if s.decoding and not s.request.done and s.dispatched < s.request.params.max_tokens]
+        pending, self._pending = self._pending, None
+        if running:
+            fresh_tokens, choice, position, top_k = (np.zeros((M,), np.int32) for _ in range(4))
+            fresh, active = np.zeros((M,), bool), np.zeros((M,), bool)
+            key_data = np.zeros((M, 2), np.uint32)
+            temperature, top_p = np.zeros((M,), np.float32), np.ones((M,), np.float32)
+            top_k += V
+            for i in running:
+                slot, params = self._slots[i], self._slots[i].request.params
+                active[i], fresh[i], fresh_tokens[i] = True, slot.fresh, slot.request.prompt[-1]
+                key_data[i], choice[i], position[i] = slot.request.key_data, params.choice, slot.dispatched
+                temperature[i], top_p[i] = params.temperature, params.top_p
+                top_k[i] = min(params.top_k or V, V)
+                slot.fresh, slot.dispatched = False, slot.dispatched + 1
+            tokens, self._pool, bad = self._decode(fresh_tokens, fresh, active, key_data, choice, position,
+                                                   temperature, top_k, top_p)
+            self._previous = tokens
+            self._pending = (tokens, bad, [self._slots[i].request if active[i] else None for i in range(M)])
+        if pending is not None:
+            self._deliver(*pending)
+
+    def _deliver(self, tokens: jax.Array, bad: jax.Array, requests: list[Request | None]) -> None:
+        tokens, bad = np.asarray(tokens), np.asarray(bad)  # waits for that step
+        now, count = time.monotonic(), 0
+        for index, request in enumerate(requests):
+            if request is None or request.done:
+                continue
+            if bad[index]:
+                self._emit(request, Event((), "error", f"the model's logits hold NaN or inf at generated token "
+                                                       f"{request.generated}."))
+                self._free(index, "error")
+                continue
+            token = int(tokens[index])
+            request.generated += 1
+            count += 1
+            if request.last_token_at is None:
+                self.metrics.time_to_first_token.observe(now - request.arrived)
+            else:
+                self.metrics.inter_token_latency.observe(now - request.last_token_at)
+            request.last_token_at = now
+            finish = ("stop" if token in request.params.stop_token_ids
+                      else "length" if request.generated >= request.params.max_tokens else None)
+            self._emit(request, Event((token,), finish))
+            if finish is not None:
+                self._free(index, finish)
+        self.metrics.generated(count)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # the receiver is gone: the request is cancelled, the others go on
+            log.warning("a request's event handler failed; cancelling it:\n%s", traceback.format_exc())
+            request.cancelled = True
+
+    def _free(self, index: int, reason: str) -> None:
+        """End the request of slot `index` (counted under `reason`) and free the slot."""
+        request = self._slots[index].request
+        request.finished = True
+        self.metrics.finished.labels(finish_reason=reason).inc()
+        self._slots[index] = _Slot()
+        if index in self._prefilling:
+            self._prefilling.remove(index)
+
+    def _fail_all(self, message: str) -> None:
+        """After a failed device call: end every admitted request with `message` and start from an empty pool."""
+        for index, slot in enumerate(self._slots):
+            if slot.request is not None:
+                if not slot.request.done:
+                    self._emit(slot.request, Event((), "error", message))
+                self._free(index, "error")
+        self._pending = None
+        self._pool = empty_states(self.config, self.max_slots, self.state_dtype)
+        self._previous = jnp.zeros((self.max_slots,), jnp.int32)
