@@ -1,0 +1,260 @@
+"""Serving under load: the continuous-batching engine of `xlstm-jax serve` against static `Generator` batches.
+
+Requests arrive as a Poisson process at each of several rates (the same requests at every rate, only the arrival
+times scale): random prompts of 128-4,096 tokens and 128-512 new tokens (greedy, no stop token, so each request
+generates exactly its count), on the xLSTM-7B architecture with random bf16 weights. For each rate:
+
+- the engine (`xlstm_jax.serve.engine.Engine`, driven in process, without HTTP) in real time: throughput (generated
+  tokens / time from the first arrival to the last token), time to first token and inter-token latency p50/p99,
+  and slot occupancy (the mean share of slots holding a request over the run);
+- static batches of 16 (`Generator`) in arrival order, each starting when its 16th request has arrived and the
+  batch before has finished, prompts padded to the batch's power-of-two length and every row decoding to the
+  batch's longest count (rounded up to a multiple of 128): the same figures, on a timeline built from the measured
+  duration and per-step times of each batch (which do not depend on the rate); occupancy is the share of decoded
+  rows that a request still wanted.
+
+Also: the static batch-16 decode throughput and step time, and the unloaded time to first token of a lone request
+(the issue's targets compare against these). Writes serve_bench.json and serve_latency.png (latency and throughput
+against offered load) to --out.
+
+    python scripts/serve_bench.py --out serve_bench                  # GPU: xLSTM-7B architecture, random weights
+    python scripts/serve_bench.py --tiny --out /tmp/serve_bench      # a tiny model on a CPU, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.generation import Generator
+from xlstm_jax.serve.engine import Engine, Event, Request, SamplingParams
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, high = (int(x) for x in text.split(","))
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 1 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def workload(count: int, prompts: tuple[int, int], new_tokens: tuple[int, int], vocab: int, seed: int
+             ) -> list[tuple[list[int], int]]:
+    """`count` requests: (random prompt of a length uniform in `prompts`, new tokens uniform in `new_tokens`)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, vocab, rng.integers(prompts[0], prompts[1] + 1)).tolist(),
+             int(rng.integers(new_tokens[0], new_tokens[1] + 1))) for _ in range(count)]
+
+
+def percentiles(values: list[float]) -> dict:
+    """p50 and p99 in ms (None without values)."""
+    if not values:
+        return {"p50_ms": None, "p99_ms": None}
+    return {"p50_ms": float(np.percentile(values, 50) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3)}
+
+
+def summary(arrivals: np.ndarray, token_times: list[list[float]]) -> dict:
+    """Throughput, TTFT and ITL of requests arriving at `arrivals` (s) whose tokens came out at `token_times`."""
+    end = max(times[-1] for times in token_times)
+    tokens = sum(len(times) for times in token_times)
+    ttft = [times[0] - arrival for arrival, times in zip(arrivals, token_times)]
+    itl = [float(gap) for times in token_times for gap in np.diff(times)]
+    return {"tokens_per_s": tokens / (end - arrivals[0]), "ttft": percentiles(ttft), "itl": percentiles(itl),
+            "makespan_s": end - arrivals[0]}
+
+
+def run_engine(engine: Engine, work: list[tuple[list[int], int]], arrivals: np.ndarray) -> dict:
+    """Submit each request at its arrival time (real time) and record when each token came out."""
+    times: list[list[float]] = [[] for _ in work]
+    finished = threading.Semaphore(0)
+
+    def receiver(index: int):
+        def on_event(event: Event) -> None:
+            times[index].extend([time.perf_counter()] * len(event.token_ids))
+            if event.finish_reason is not None:
+                finished.release()
+        return on_event
+
+    samples, running = [], threading.Event()
+    running.set()
+
+    def sample_occupancy() -> None:
+        while running.is_set():
+            samples.append(engine.stats()["active"] / engine.max_slots)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample_occupancy, daemon=True)
+    start = time.perf_counter()
+    sampler.start()
+    for index, ((prompt, count), arrival) in enumerate(zip(work, arrivals)):
+        delay = start + arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        engine.submit([Request(prompt, SamplingParams(max_tokens=count), receiver(index))])
+    for _ in work:
+        finished.acquire()
+    running.clear()
+    sampler.join()
+    result = summary(arrivals, [[t - start for t in ts] for ts in times])
+    result["occupancy"] = float(np.mean(samples))
+    return result
+
+
+class StepClock:
+    """`Generator`'s on_token: the host time of every decode step of the call under way."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, tokens) -> None:
+        self.times.append(time.perf_counter())
+
+
+def static_batches(generator: Generator, work: list[tuple[list[int], int]], batch: int, quantum: int,
+                   vocab: int) -> list[dict]:
+    """Run the requests in batches of `batch` (arrival order) once each shape is compiled; per batch its requests,
+    duration and step times (s from the call's start)."""
+    clock, runs, rng = StepClock(), [], np.random.default_rng(1)
+    shapes = []
+    for first in range(0, len(work), batch):
+        rows = work[first:first + batch]
+        length = 1 << (max(len(p) for p, _ in rows) - 1).bit_length()
+        steps = -(-max(n for _, n in rows) // quantum) * quantum
+        shapes.append((list(range(first, first + len(rows))), length, steps))
+    for _, length, steps in sorted({(s[1], s[2]): s for s in shapes}.values(), key=lambda s: s[1:]):
+        generator(rng.integers(0, vocab, (batch, length)), max_new_tokens=steps, on_token=clock)  # compile
+    for indices, length, steps in shapes:
+        clock.times = []
+        start = time.perf_counter()
+        generator(rng.integers(0, vocab, (batch, length)), max_new_tokens=steps, on_token=clock)
+        runs.append({"requests": indices, "duration_s": time.perf_counter() - start,
+                     "steps_s": [t - start for t in clock.times], "rows": batch, "length": length})
+    return runs
+
+
+def static_timeline(runs: list[dict], work: list[tuple[list[int], int]], arrivals: np.ndarray) -> dict:
+    """The static server's figures at these arrivals: batch b starts when its last request has arrived and batch
+    b - 1 has finished; a request's tokens are its batch's first `count` steps."""
+    token_times: list[list[float]] = [[] for _ in work]
+    free = 0.0
+    for run in runs:
+        start = max(free, arrivals[run["requests"][-1]])
+        for index in run["requests"]:
+            token_times[index] = [start + t for t in run["steps_s"][:work[index][1]]]
+        free = start + run["duration_s"]
+    decoded = sum(r["rows"] * len(r["steps_s"]) for r in runs)
+    return {**summary(arrivals, token_times), "occupancy": sum(n for _, n in work) / decoded}
+
+
+def unloaded_ttft(engine: Engine, prompt_lengths: list[int], vocab: int) -> dict:
+    """Time to first token of a lone request on the idle engine, ms, per prompt length."""
+    result = {}
+    for length in prompt_lengths:
+        prompt = np.random.default_rng(length).integers(0, vocab, length).tolist()
+        result[str(length)] = run_engine(engine, [(prompt, 1)], np.zeros(1))["ttft"]["p50_ms"]
+    return result
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [r["rate"] for r in results["rates"]]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for kind, style in (("engine", "-"), ("static", "--")):
+        for metric, ax in (("ttft", axes[0]), ("itl", axes[1])):
+            for q, marker in (("p50_ms", "o"), ("p99_ms", "^")):
+                ax.plot(rates, [r[kind][metric][q] for r in results["rates"]], style, marker=marker,
+                        label=f"{kind} {q[:3]}")
+        axes[2].plot(rates, [r[kind]["tokens_per_s"] for r in results["rates"]], style, marker="o", label=kind)
+    for ax, title in zip(axes, ("time to first token (ms)", "inter-token latency (ms)", "throughput (tokens/s)")):
+        ax.set_xlabel("offered load (requests/s)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+    fig.suptitle(f"xlstm-jax serve, {results['device']}: {results['max_slots']} slots vs static batches of "
+                 f"{results['static_batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and small requests (CPU, under a minute)")
+    parser.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",")], help="requests/s, comma-separated")
+    parser.add_argument("--requests", type=int, help="requests per rate")
+    parser.add_argument("--prompt-tokens", type=_range, help="LOW,HIGH prompt lengths")
+    parser.add_argument("--new-tokens", type=_range, help="LOW,HIGH generated tokens per request")
+    parser.add_argument("--max-slots", type=int, default=16)
+    parser.add_argument("--static-batch", type=int, default=16)
+    parser.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (a power of two)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="serve_bench", help="folder for serve_bench.json and serve_latency.png")
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    rates = args.rates or ([50.0, 200.0, 800.0] if tiny else [0.5, 1.0, 2.0, 4.0, 8.0])
+    count = args.requests or (24 if tiny else 64)
+    prompts = args.prompt_tokens or ((16, 128) if tiny else (128, 4096))
+    new_tokens = args.new_tokens or ((8, 32) if tiny else (128, 512))
+    prefill_chunk = args.prefill_chunk or (32 if tiny else 512)
+    quantum = 8 if tiny else 128
+    size = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=256) if tiny else {}
+    dtype = "float32" if tiny else "bfloat16"
+    config = xLSTMLargeConfig(**size, param_dtype=dtype, compute_dtype=dtype, weight_mode="fused")
+    model = xLSTMLarge(config, rngs=nnx.Rngs(0))
+    V = config.vocab_size
+    engine = Engine(model, max_slots=args.max_slots, max_queue=count, state_dtype=args.state_dtype,
+                    prefill_chunk=prefill_chunk, prefix_cache_mb=0)  # random prompts share no prefix
+    began = time.perf_counter()
+    engine.warm_up()
+    print(f"engine compiled ({len(engine.buckets)} prefill lengths) in {time.perf_counter() - began:.1f} s",
+          flush=True)
+    engine.start()
+    work = workload(count, prompts, new_tokens, V, args.seed)
+    runs = static_batches(Generator(model), work, args.static_batch, quantum, V)
+    longest = max(runs, key=lambda r: len(r["steps_s"]))
+    step_s = float(np.median(np.diff(longest["steps_s"])))
+    results = {"device": jax.devices()[0].device_kind, "tiny": tiny, "max_slots": args.max_slots,
+               "static_batch": args.static_batch, "state_dtype": args.state_dtype, "prefill_chunk": prefill_chunk,
+               "requests": count, "prompt_tokens": prompts, "new_tokens": new_tokens,
+               "static_step_ms": step_s * 1e3, "static_decode_tokens_per_s": args.static_batch / step_s,
+               "unloaded_ttft_ms": unloaded_ttft(engine, [prompts[0], sum(prompts) // 2, prompts[1]], V),
+               "rates": []}
+    print(f"static batch {args.static_batch}: {step_s * 1e3:.2f} ms/step, "
+          f"{results['static_decode_tokens_per_s']:,.0f} decode tok/s; unloaded TTFT (ms) by prompt length "
+          f"{ {k: round(v, 1) for k, v in results['unloaded_ttft_ms'].items()} }", flush=True)
+    gaps = np.random.default_rng(args.seed + 1).exponential(1.0, count)
+    for rate in rates:
+        arrivals = np.cumsum(gaps) / rate - gaps[0] / rate  # the first request arrives at 0
+        row = {"rate": rate, "engine": run_engine(engine, work, arrivals),
+               "static": static_timeline(runs, work, arrivals)}
+        results["rates"].append(row)
+        line = [f"rate {rate:6.2f} req/s"]
+        for kind in ("engine", "static"):
+            r = row[kind]
+            line.append(f"{kind} {r['tokens_per_s']:9,.0f} tok/s TTFT p50/p99 {r['ttft']['p50_ms']:8.1f}/"
+                        f"{r['ttft']['p99_ms']:8.1f} ms ITL p50/p99 {r['itl']['p50_ms']:7.2f}/"
+                        f"{r['itl']['p99_ms']:7.2f} ms occupancy {r['occupancy']:.2f}")
+        print(" | ".join(line), flush=True)
+    engine.stop()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "serve_bench.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    plot(results, os.path.join(args.out, "serve_latency.png"))
+    print(f"wrote {os.path.join(args.out, 'serve_bench.json')} and serve_latency.png", flush=True)
+
+
+if __name__ == "__main__":
+    main()
