@@ -195,6 +195,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
 def test_a_full_queue_answers_429_at_once_and_a_dropped_request_is_cancelled(server):
     """32 sequences (2 prompts x n = 16) fill the 4 slots and the queue; the next request gets 429; closing the
     first request's connection (no streaming) cancels all its sequences."""
+    cancelled = server.engine.metrics.finished.labels(finish_reason="cancelled")
+    before = cancelled._value.get()
     body = json.dumps({"prompt": [[5, 6, 7], [8, 9]], "n": 16, "max_tokens": 200, "temperature": 0}).encode()
     raw = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
     raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -207,6 +209,7 @@ def test_a_full_queue_answers_429_at_once_and_a_dropped_request_is_cancelled(ser
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
     raw.close()
     server.wait_idle()
+    assert cancelled._value.get() == before + 32
 
 
 @pytest.mark.parametrize("body,param", [

@@ -176,6 +176,8 @@ class Engine:
             request.cancelled = True
             if request in self._waiting:
                 self._waiting.remove(request)
+                request.finished = True
+                self.metrics.finished.labels(finish_reason="cancelled").inc()
                 self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
 
