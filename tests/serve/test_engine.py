@@ -152,6 +152,22 @@ def test_a_failing_receiver_cancels_only_its_request(engine):
     assert engine.metrics.finished.labels(finish_reason="cancelled")._value.get() >= 1
 
 
+def test_a_failing_prefill_ends_only_its_request(engine, monkeypatch):
+    chunk = engine._chunk
+
+    def fails_on_sevens(state, tokens, mask):
+        if tokens[0, -1] == 7:
+            raise RuntimeError("out of memory (a stand-in)")
+        return chunk(state, tokens, mask)
+
+    monkeypatch.setattr(engine, "_chunk", fails_on_sevens)
+    bad, good = Collector(), Collector()
+    engine.submit([Request([7] * 10, SamplingParams(max_tokens=4), bad),
+                   Request([8] * 10, SamplingParams(max_tokens=4), good)])
+    assert bad.wait() == ([], "error") and len(good.wait()[0]) == 4
+    assert engine.stats()["active"] == 0
+
+
 def test_bad_settings_and_prompts_are_refused(model, engine):
     assert prefill_buckets(64) == (16, 32, 64) and prefill_buckets(8) == (8,)
     with pytest.raises(ValueError, match="power of two"):

@@ -13,7 +13,7 @@ An xLSTM's state is the same size after any number of tokens, so the engine hold
    hands out the tokens of step k, and a request that finished at step k has its token of step k + 1 dropped.
 
 A request ends at one of its stop tokens ("stop"), at max_tokens ("length"), when cancelled, or with an error (NaN
-logits), and its slot is free for the next iteration. Compiled shapes: the decode step, one prefill per bucket and
+logits, a failed prefill); its slot is free before its last event is sent, for the next iteration. Compiled shapes: the decode step, one prefill per bucket and
 the slot copy, all compiled by `warm_up`; no request compiles anything after it.
 """
 
@@ -200,6 +200,8 @@ class Engine:
         jax.block_until_ready(self._pool)
 
     def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine was started already.")
         self._thread = threading.Thread(target=self._run, name="xlstm-serve-engine", daemon=True)
         self._thread.start()
 
@@ -253,32 +255,45 @@ class Engine:
             self.metrics.queue_depth.set(len(self._waiting))
 
     def _prefill(self) -> None:
-        """Prefill chunks of admitted requests, oldest first, up to `prefill_chunk` padded tokens in all."""
-        spent = 0
-        while self._prefilling:
+        """Prefill chunks of admitted requests, oldest first, up to `prefill_chunk` padded tokens in all; a request
+        whose prefill fails ends with the error, alone."""
+        spent: int | None = 0
+        while self._prefilling and spent is not None:
             index = self._prefilling[0]
-            slot = self._slots[index]
-            prompt = slot.request.prompt
-            end = len(prompt) - 1
-            if slot.state is None:  # its first chunk: start after the longest stored prefix
-                slot.position, slot.state = self.cache.longest(prompt[:end])
-                slot.state = slot.state or self._zero
-                self.metrics.prompt_tokens.inc(len(prompt))
-                self.metrics.prefix_hit_tokens.inc(slot.position)
-            while slot.position < end:
-                stop = min(end, (slot.position // self.prefill_chunk + 1) * self.prefill_chunk)
-                length = stop - slot.position
-                bucket = next(b for b in self.buckets if b >= length)
-                if spent and spent + bucket > self.prefill_chunk:
-                    return
-                tokens, mask = np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool)
-                tokens[0, bucket - length:], mask[0, bucket - length:] = prompt[slot.position:stop], True
-                slot.state = self._chunk(slot.state, tokens, mask)
-                slot.position, spent = stop, spent + bucket
-                self.cache.put(prompt[:stop], slot.state)
-            self._pool = insert(self._pool, index, slot.state)
-            slot.state, slot.decoding, slot.fresh = None, True, True
-            self._prefilling.popleft()
+            request = self._slots[index].request
+            try:
+                spent = self._prefill_slot(index, spent)
+            except Exception as err:
+                log.error("prefill failed:\n%s", traceback.format_exc())
+                self._free(index, "error")
+                self._emit(request, Event((), "error", f"the prefill failed: {type(err).__name__}: {err}"))
+
+    def _prefill_slot(self, index: int, spent: int) -> int | None:
+        """Prefill slot `index` on from where it is, with `spent` of the iteration's tokens used: the tokens used
+        once its prompt is in (its state then copied into the slot), None when the budget ran out first."""
+        slot = self._slots[index]
+        prompt = slot.request.prompt
+        end = len(prompt) - 1
+        if slot.state is None:  # its first chunk: start after the longest stored prefix
+            slot.position, slot.state = self.cache.longest(prompt[:end])
+            slot.state = slot.state or self._zero
+            self.metrics.prompt_tokens.inc(len(prompt))
+            self.metrics.prefix_hit_tokens.inc(slot.position)
+        while slot.position < end:
+            stop = min(end, (slot.position // self.prefill_chunk + 1) * self.prefill_chunk)
+            length = stop - slot.position
+            bucket = next(b for b in self.buckets if b >= length)
+            if spent and spent + bucket > self.prefill_chunk:
+                return None
+            tokens, mask = np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool)
+            tokens[0, bucket - length:], mask[0, bucket - length:] = prompt[slot.position:stop], True
+            slot.state = self._chunk(slot.state, tokens, mask)
+            slot.position, spent = stop, spent + bucket
+            self.cache.put(prompt[:stop], slot.state)
+        self._pool = insert(self._pool, index, slot.state)
+        slot.state, slot.decoding, slot.fresh = None, True, True
+        self._prefilling.popleft()
+        return spent
 
     def _chunk(self, state: list, tokens: np.ndarray, mask: np.ndarray) -> list:
         return prefill_chunk(self._params, state, jnp.asarray(tokens), jnp.asarray(mask),
@@ -321,9 +336,9 @@ class Engine:
             if request is None or request.done:
                 continue
             if bad[index]:
+                self._free(index, "error")
                 self._emit(request, Event((), "error", f"the model's logits hold NaN or inf at generated token "
                                                        f"{request.generated}."))
-                self._free(index, "error")
                 continue
             token = int(tokens[index])
             request.generated += 1
@@ -335,9 +350,9 @@ class Engine:
             request.last_token_at = now
             finish = ("stop" if token in request.params.stop_token_ids
                       else "length" if request.generated >= request.params.max_tokens else None)
-            self._emit(request, Event((token,), finish))
             if finish is not None:
                 self._free(index, finish)
+            self._emit(request, Event((token,), finish))
         self.metrics.generated(count)
 
     def _emit(self, request: Request, event: Event) -> None:
@@ -359,10 +374,12 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         """After a failed device call: end every admitted request with `message` and start from an empty pool."""
         for index, slot in enumerate(self._slots):
-            if slot.request is not None:
-                if not slot.request.done:
-                    self._emit(slot.request, Event((), "error", message))
+            request = slot.request
+            if request is not None:
+                done = request.done
                 self._free(index, "error")
+                if not done:
+                    self._emit(request, Event((), "error", message))
         self._pending = None
         self._pool = empty_states(self.config, self.max_slots, self.state_dtype)
         self._previous = jnp.zeros((self.max_slots,), jnp.int32)
