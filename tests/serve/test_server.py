@@ -5,6 +5,7 @@ other requests; streaming, stop strings, n > 1, chat, cancellation, a full queue
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -247,6 +248,8 @@ def test_bad_chat_bodies_and_invalid_json(server):
                          "max_completion_tokens")):
         reply = server.http.post("/v1/chat/completions", json=body)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    reply = server.http.post("/v1/completions", json={"prompt": [1, True]})
+    assert reply.json()["error"]["message"] == "prompt must be one of: str, list[str], list[int], list[list[int]]"
     reply = server.http.post("/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "JSON" in reply.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="echo"):
@@ -276,3 +279,22 @@ def test_32_concurrent_clients_each_get_their_prompt_alone(server):
     for prompt, tokens in zip(prompts, results):
         assert tokens == server.reference(prompt, 6)
     server.wait_idle()
+
+
+def test_a_model_without_tokenizer_takes_token_ids_only(server):
+    """The same model served without a tokenizer (as a token-file run exports it): token ids in, token ids out;
+    text, stop strings and chat are refused naming the field."""
+    from fastapi.testclient import TestClient
+
+    served = dataclasses.replace(server.served, tokenizer=None, chat_template=None, stop_token_ids=())
+    engine = Engine(server.model, **ENGINE)
+    engine.warm_up()
+    with TestClient(create_app(engine, served)) as client:
+        out = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}).json()
+        assert out["choices"][0]["text"] == "" and len(out["choices"][0]["token_ids"]) == 4
+        for route, body, param in (("/v1/completions", {"prompt": "text"}, "prompt"),
+                                   ("/v1/completions", {"prompt": [5], "stop": ["x"]}, "stop"),
+                                   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+                                    "messages")):
+            reply = client.post(route, json=body)
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text

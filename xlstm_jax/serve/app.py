@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -58,16 +59,28 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.+\]|dict\[.+\])$")  # pydantic's tag of a union's branch
+
+
+def _path(error: dict) -> list[str]:
+    return [str(part) for part in error.get("loc", ()) if part != "body"]
+
+
 def _validation_error(err: RequestValidationError) -> ApiError:
-    """The first problem pydantic found, as a 400 naming the top-level field."""
-    first = err.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if first.get("type") == "json_invalid" or not loc:
+    """The first problem pydantic found, as a 400 naming the top-level field (for a value that fits none of a
+    field's types, the types it may have)."""
+    errors = err.errors()
+    first, path = errors[0], _path(errors[0])
+    if first.get("type") == "json_invalid" or not path:
         return ApiError(400, f"the request body is not a valid JSON object: {first.get('msg')}")
-    where = ".".join(loc)
     if first.get("type") == "extra_forbidden":
-        return ApiError(400, f"unknown field {where!r}", param=loc[0], code="unknown_field")
-    return ApiError(400, f"{where}: {first.get('msg')}", param=loc[0], code="invalid_value")
+        return ApiError(400, f"unknown field {'.'.join(path)!r}", param=path[0], code="unknown_field")
+    tag = next((i for i, part in enumerate(path) if _UNION_MEMBER.match(part)), None)
+    if tag is not None:
+        kinds = dict.fromkeys(p[tag] for p in map(_path, errors) if len(p) > tag and p[:tag] == path[:tag])
+        return ApiError(400, f"{'.'.join(path[:tag])} must be one of: {', '.join(kinds)}", param=path[0],
+                        code="invalid_type")
+    return ApiError(400, f"{'.'.join(path)}: {first.get('msg')}", param=path[0], code="invalid_value")
 
 
 @dataclasses.dataclass
