@@ -117,3 +117,16 @@ def test_fallback_parser_without_packaging(monkeypatch):
     assert compat.version_at_least("3.6.0+git1", "3.6")
     assert not compat.version_at_least("3.5.1", "3.6")
     assert [compat.version_problems(**combo) for combo in combos] == expected
+
+
+@pytest.mark.parametrize("version, takes", [("0.3.1", True), ("0.4.1", False), ("0.4.1.dev20261201", False),
+                                            ("0.5.0", False)])
+def test_aliasing_follows_the_jax_triton_version(version, takes):
+    """jax-triton 0.3 gives an aliased output a kernel parameter of its own, 0.4 does not (our kernels take every
+    output as a parameter, so there the launch layer passes no aliases; with them the fused step failed on the GPU:
+    'out_type has 3 unaliased outputs, but 4 kernel parameters are missing an argument')."""
+    from types import SimpleNamespace
+
+    from xlstm_jax.kernels.launch import _aliased_outputs_take_parameters
+
+    assert _aliased_outputs_take_parameters(SimpleNamespace(__version__=version)) is takes

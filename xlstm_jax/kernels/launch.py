@@ -96,7 +96,15 @@ def _jax_triton():
     else:
         os.environ["TRITON_CACHE_DIR"] = saved
     out_kw = "out_type" if "out_type" in inspect.signature(jax_triton.triton_call).parameters else "out_shape"
-    return jax_triton, out_kw
+    return jax_triton, out_kw, _aliased_outputs_take_parameters(jax_triton)
+
+
+def _aliased_outputs_take_parameters(jax_triton) -> bool:
+    """Whether this jax-triton passes an aliased output to the kernel as a parameter of its own (0.3: the kernel's
+    parameters are the inputs, then every output) or not (0.4: the aliased output is written through its input's
+    parameter, and only the other outputs follow the inputs)."""
+    version = tuple(int(part) for part in jax_triton.__version__.split(".")[:2] if part.isdigit())
+    return version < (0, 4)
 
 
 class _HostTensor:
@@ -248,10 +256,13 @@ def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, alia
             f"Triton kernels cannot run here: {why}. Use backend='native_chunkwise' (or 'native_parallel', "
             "'native_recurrent') instead."
         )
-    jt, out_kw = _jax_triton()
+    jt, out_kw, aliases_take_parameters = _jax_triton()
+    # our kernels take every output as a parameter; where jax-triton would drop an aliased one's parameter the
+    # outputs get buffers of their own (the same traffic: the kernel reads the input and writes the output)
     outs = jt.triton_call(
         *inputs, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-        input_output_aliases=dict(aliases), **{out_kw: tuple(out_shapes)}, **constexprs,
+        input_output_aliases=dict(aliases) if aliases_take_parameters else {}, **{out_kw: tuple(out_shapes)},
+        **constexprs,
     )
     return tuple(outs)
 
@@ -269,8 +280,10 @@ def launch(
 ) -> tuple[jax.Array, ...]:
     """Launch `kernel` over grid (BH, *grid) where BH = inputs[0].shape[0] = every array's leading axis.
 
-    All scalars are compile-time constants (`constexprs`). `aliases` {input index: output index}: the output may
-    take the input's buffer (CUDA; XLA copies the input first when it is still needed). Returns the outputs
+    All scalars are compile-time constants (`constexprs`). The kernel's parameters are the inputs, then every
+    output. `aliases` {input index: output index}: the output may take the input's buffer (CUDA with jax-triton
+    0.3; XLA copies the input first when it is still needed; jax-triton 0.4 drops an aliased output's parameter,
+    so there the output gets a buffer of its own). Returns the outputs
     (uninitialised memory on CUDA: kernels write every element they own). Supports `jax.vmap` (mapped axes are
     folded into BH) and `shard_map` (outputs vary over the mesh axes the inputs vary over).
     """
