@@ -38,6 +38,7 @@ from xlstm_jax.models.xlstm_large.checkpoint_files import (
     read_headers,
     read_mapping,
     read_tensors,
+    training_export,
     write_checkpoint,
 )
 from xlstm_jax.models.xlstm_large.config import (
@@ -239,19 +240,6 @@ def load_state_dict(config: xLSTMLargeConfig, tensors: dict[str, Any], layout: s
         found[key] = TensorInfo("the state dict", tuple(value.shape), value.dtype.name)
     _check_tensors(found, config.replace(weight_mode=_stored_weight_mode(tensors)), layout, "the state dict")
     return _build(config, convert_weight_mode(tensors, config, config.weight_mode), layout)
-
-
-def training_export(path: str) -> str:
-    """`path/model` when `path` is an `xlstm-jax train` output directory (its run config and an exported model, no
-    checkpoint config of its own), else `path`."""
-    export = os.path.join(path, "model")
-    if not os.path.isfile(os.path.join(path, "train_config.json")) or os.path.exists(os.path.join(path, "config.json")):
-        return path
-    if not os.path.isdir(export):
-        raise FileNotFoundError(f"{path!r} holds an xlstm-jax training run without an exported model/ yet (it is "
-                                "written when the run finishes; `xlstm-jax train --output-dir DIR --resume` "
-                                "finishes it).")
-    return export
 
 
 def from_pretrained(

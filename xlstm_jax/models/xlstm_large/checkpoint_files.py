@@ -228,3 +228,16 @@ def write_checkpoint(path: str, writers: dict[str, Callable[[str], None]]) -> No
         for file in partial.values():
             if os.path.lexists(file):
                 os.remove(file)
+
+
+def training_export(path: str) -> str:
+    """`path/model` when `path` is an `xlstm-jax train` output directory (its run config and an exported model, no
+    checkpoint config of its own), else `path`."""
+    export = os.path.join(path, "model")
+    if not os.path.isfile(os.path.join(path, "train_config.json")) or os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if not os.path.isdir(export):
+        raise FileNotFoundError(f"{path!r} holds an xlstm-jax training run without an exported model/ yet (it is "
+                                "written when the run finishes; `xlstm-jax train --output-dir DIR --resume` "
+                                "finishes it).")
+    return export

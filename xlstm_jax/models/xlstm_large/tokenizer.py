@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Callable
 
+from xlstm_jax.models.xlstm_large.checkpoint_files import training_export
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -43,8 +45,6 @@ def read_tokenizer(path: str) -> Any:
 def load_tokenizer(path: str) -> Any:
     """The `tokenizers.Tokenizer` saved with the model in directory `path` (`path/tokenizer.json`; for an
     `xlstm-jax train` output directory, that of its `model/` export), or None when the directory has none."""
-    from xlstm_jax.models.xlstm_large.checkpoint import training_export
-
     file = os.path.join(training_export(os.fspath(path)), TOKENIZER_FILE)
     return read_tokenizer(file) if os.path.exists(file) else None
 
