@@ -110,11 +110,11 @@ def test_cli_train_then_generate(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 2, 4])
+@pytest.mark.parametrize("seed", [0, 2])
 def test_the_main_job_forms_the_recall_circuit_for_every_seed(seed):
-    """The README's main job (every default but the length) for seeds 0, 2 (the slowest to converge) and 4,
-    shortened from 3000 to 600 steps: the recall circuit forms by step ~500 for each (docs/training.md has all five
-    seeds of the full job; three here keep the CI run under its 20 minutes). With the xLSTM-7B gate initialisation and
+    """The README's main job (every default but the length) for seed 0 (the default) and 2 (the slowest to
+    converge), shortened from 3000 to 600 steps: the recall circuit forms by step ~500 for each (docs/training.md has
+    all five seeds of the full job; two here keep the CI run well under its 20 minutes). With the xLSTM-7B gate initialisation and
     the old defaults, accuracy sat at 0.35-0.48 until step 2500-8000, and 0.94 after 12000 steps for seed 0."""
     result = train(TrainConfig(steps=600, seed=seed, progress=False))
     assert result.eval_accuracy >= 0.97, result.history

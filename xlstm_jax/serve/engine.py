@@ -96,13 +96,12 @@ class Request:
 @dataclasses.dataclass
 class _Slot:
     """A pool slot: its request, and while prefilling the request's own state (B = 1) after `position` prompt
-    tokens; once decoding, whether its next input is the prompt's last token (`fresh`) and the tokens dispatched."""
+    tokens; once decoding, the steps dispatched for it (at 0 its next input is the prompt's last token)."""
 
     request: Request | None = None
     state: list | None = None
     position: int = 0
     decoding: bool = False
-    fresh: bool = False
     dispatched: int = 0
 
 
@@ -291,7 +290,7 @@ class Engine:
             slot.position, spent = stop, spent + bucket
             self.cache.put(prompt[:stop], slot.state)
         self._pool = insert(self._pool, index, slot.state)
-        slot.state, slot.decoding, slot.fresh = None, True, True
+        slot.state, slot.decoding = None, True
         self._prefilling.popleft()
         return spent
 
@@ -317,11 +316,11 @@ class Engine:
             top_k += V
             for i in running:
                 slot, params = self._slots[i], self._slots[i].request.params
-                active[i], fresh[i], fresh_tokens[i] = True, slot.fresh, slot.request.prompt[-1]
+                active[i], fresh[i], fresh_tokens[i] = True, slot.dispatched == 0, slot.request.prompt[-1]
                 key_data[i], choice[i], position[i] = slot.request.key_data, params.choice, slot.dispatched
                 temperature[i], top_p[i] = params.temperature, params.top_p
                 top_k[i] = min(params.top_k or V, V)
-                slot.fresh, slot.dispatched = False, slot.dispatched + 1
+                slot.dispatched += 1
             tokens, self._pool, bad = self._decode(fresh_tokens, fresh, active, key_data, choice, position,
                                                    temperature, top_k, top_p)
             self._previous = tokens
