@@ -122,8 +122,8 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     for row in (*family_cases(args.reps), *cell_cases(args.reps), *layer_cases(args.reps)):
-        print(json.dumps(dict(label=args.label, root=root, commit=commit, device=jax.devices()[0].device_kind,
-                              **row)), flush=True)
+        print(json.dumps(dict(label=args.label, commit=commit, device=jax.devices()[0].device_kind, **row)),
+              flush=True)
 
 
 if __name__ == "__main__":
