@@ -78,6 +78,8 @@ class LaunchParams:
 
     def replaced(self, overrides: Mapping[str, int], section: str):
         """This section with `overrides` (field -> value) over it, checked like the table's values."""
+        if not overrides:  # the table's own section, checked when it was read
+            return self
         return type(self).from_mapping({**dataclasses.asdict(self), **overrides}, f"launch overrides of {section!r}")
 
 
