@@ -30,6 +30,8 @@ from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
 
 F32 = jnp.float32
 State = tuple[jax.Array, jax.Array, jax.Array]  # C (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH); float32
+# What a rematerialised block keeps for the backward (`xLSTMLarge.__call__`'s remat): None, only its input
+REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _normal(std: float) -> Callable[..., jax.Array]:
@@ -144,13 +146,11 @@ class mLSTMLayer(nnx.Module):
         self.out_proj = Dense(c.v_dim, D, axes=("heads", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt,
                               rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
-                 backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
-                 ) -> tuple[jax.Array, State]:
-        """x (B, S, D) float32 (normed) -> (y (B, S, D) float32, last state)."""
+    def project(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """x (B, S, D) float32 (normed) -> q, k (B, S, NH * DHQK), v, o (B, S, NH * DHV) float32, and the
+        soft-capped gate pre-activations i, f (B, S, NH) float32. Per token: rows of x may be any tokens."""
         c = self.config
-        B, S, _ = x.shape
-        NH, DHQK, DHV, dt = c.num_heads, c.qk_head_dim, c.v_head_dim, c.compute_jnp_dtype
+        dt = c.compute_jnp_dtype
         if c.weight_mode == "single":
             q, k, v, o = (proj(x, dt) for proj in (self.q, self.k, self.v, self.ogate_preact))
             i = soft_cap(self.igate_preact(x, F32), c.gate_soft_cap)
@@ -158,12 +158,16 @@ class mLSTMLayer(nnx.Module):
         else:
             q, k, v, o = jnp.split(self.qkv_opreact(x, dt), np.cumsum([c.qk_dim, c.qk_dim, c.v_dim]), axis=-1)
             i, f = jnp.split(soft_cap(self.ifgate_preact(x, F32), c.gate_soft_cap), 2, axis=-1)
-        if reset is not None:  # (B, S) document starts: -inf is the exact reset (xlstm_jax.mlstm.segments)
-            value = -jnp.inf if c.document_reset == "exact" else c.reset_fgate_value
-            f = jnp.where(reset[..., None], jnp.asarray(value, F32), f)
-        if token_mask is not None:
-            i = jnp.where(token_mask[..., None], i, NEUTRAL_IGATE)
-            f = jnp.where(token_mask[..., None], f, NEUTRAL_FGATE)
+        return q, k, v, o, i, f
+
+    def cell(self, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, state: State | None, *,
+             backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
+             ) -> tuple[jax.Array, State]:
+        """The mLSTM cell on `project`'s outputs (B, S, ...) from `state` (None: zeros): h (B, S, NH, DHV) in the
+        compute dtype and the last state. backend "mlstm_step" runs one token (S = 1) through `mlstm_step`."""
+        c = self.config
+        B, S, _ = q.shape
+        NH, DHQK, DHV, dt = c.num_heads, c.qk_head_dim, c.v_head_dim, c.compute_jnp_dtype
 
         def heads(a: jax.Array, dh: int) -> jax.Array:
             return a.astype(dt).reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
@@ -171,16 +175,37 @@ class mLSTMLayer(nnx.Module):
         if backend == STEP_BACKEND:
             h, new_state = mlstm_step(heads(q, DHQK)[:, :, 0], heads(k, DHQK)[:, :, 0], heads(v, DHV)[:, :, 0],
                                       i[:, 0], f[:, 0], *(state or (None,) * 3), eps=c.eps, input_gate=c.input_gate)
-            h = h[:, :, None]
-        else:
-            cell, options = validated(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
-                                      f.transpose(0, 2, 1), *(state or (None,) * 3), return_last_states=True,
-                                      eps=c.eps)
-            h, new_state = dispatch(MLSTMCall(cell, options, backend, chunk_size, input_gate=c.input_gate,
-                                              sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes))
-        h_norm = self.multihead_norm(h.transpose(0, 2, 1, 3))
-        y = jax.nn.sigmoid(o) * h_norm
-        return self.out_proj(y, dt), new_state
+            return h[:, None], new_state
+        cell, options = validated(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
+                                  f.transpose(0, 2, 1), *(state or (None,) * 3), return_last_states=True, eps=c.eps)
+        h, new_state = dispatch(MLSTMCall(cell, options, backend, chunk_size, input_gate=c.input_gate,
+                                          sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes))
+        return h.transpose(0, 2, 1, 3), new_state
+
+    def output(self, h: jax.Array, o: jax.Array) -> jax.Array:
+        """h (B, S, NH, DHV), o (B, S, NH * DHV) -> out_proj(sigmoid(o) * norm(h)) (B, S, D) float32."""
+        return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h), self.config.compute_jnp_dtype)
+
+    def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
+                 backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
+                 ) -> tuple[jax.Array, State]:
+        """x (B, S, D) float32 (normed) -> (y (B, S, D) float32, last state)."""
+        c = self.config
+        q, k, v, o, i, f = self.project(x)
+        if reset is not None:  # (B, S) document starts: -inf is the exact reset (xlstm_jax.mlstm.segments)
+            value = -jnp.inf if c.document_reset == "exact" else c.reset_fgate_value
+            f = jnp.where(reset[..., None], jnp.asarray(value, F32), f)
+        if token_mask is not None:
+            i, f = neutral_where_masked(i, f, token_mask)
+        h, new_state = self.cell(q, k, v, i, f, state, backend=backend, chunk_size=chunk_size,
+                                 sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
+        return self.output(h, o), new_state
+
+
+def neutral_where_masked(i: jax.Array, f: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Gate pre-activations i, f (..., NH) with neutral values where `token_mask` (...) is False (those tokens
+    leave the states exactly unchanged)."""
+    return (jnp.where(token_mask[..., None], i, NEUTRAL_IGATE), jnp.where(token_mask[..., None], f, NEUTRAL_FGATE))
 
 
 class FeedForward(nnx.Module):
@@ -287,8 +312,9 @@ class xLSTMLarge(nnx.Module):
         chunk_size: int | None = None,
         sequence_axis_name: Any = None,
         mesh_axes: Any = None,
-        remat: bool = False,
+        remat: bool | str = False,
         last_logits_only: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, list[State]]:
         """Logits of every position (or of the last one).
 
@@ -304,11 +330,15 @@ class xLSTMLarge(nnx.Module):
         along that mesh axis, the mLSTM layers run context-parallel (`xlstm_jax.mlstm`) and document starts look
         across shard borders; the last states are those after the whole sequence. mesh_axes: under `jax.set_mesh`
         on a mesh with Auto axes, the mesh axes (B, NH, S) the mLSTM cells split their inputs over (a split S runs
-        context-parallel; `xlstm_jax.mlstm`); the rest of the model is left to XLA's sharding propagation. remat:
-        keep only each block's input for the backward and recompute the block there (activation memory of one
-        block instead of all, for about one more forward pass). Returns logits (B, S, V) float32 (B, 1, V: the last
-        position's only, with `last_logits_only`, as a prompt pass before generation needs), and with
-        `return_states` also the last states (one (C, n, m) per block).
+        context-parallel; `xlstm_jax.mlstm`); the rest of the model is left to XLA's sharding propagation. remat
+        (`REMAT_POLICIES`): "block" (or True) keeps only each block's input for the backward and recomputes the
+        block there (activation memory of one block instead of all, for about one more forward pass); "dots" keeps
+        the outputs of the matmuls without batch dimensions (the projections) and recomputes the rest (norms, gates,
+        activations, the mLSTM cell); "none" (or False) recomputes nothing. Returns logits (B, S, V) float32 (B, 1,
+        V: the last position's only, with `last_logits_only`, as a prompt pass before generation needs), or with
+        `return_hidden` the last block's output (B, S, D) float32 instead (`head` maps it to the logits,
+        `head_operands` to a fused loss's inputs), and with `return_states` also the last states (one (C, n, m)
+        per block).
         """
         c = self.config
         if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -337,26 +367,44 @@ class xLSTMLarge(nnx.Module):
             return block(x, state=state, reset=reset, token_mask=token_mask, backend=name, chunk_size=chunk_size,
                          sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
 
-        if remat:
-            run_block = nnx.remat(run_block)
+        if isinstance(remat, bool):
+            remat = "block" if remat else "none"
+        if remat not in ("none", *REMAT_POLICIES):
+            raise ValueError(f"remat must be one of {['none', *REMAT_POLICIES]} or a bool, got {remat!r}.")
+        if remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[remat])
         x = self.backbone.embeddings(jnp.asarray(tokens))
         new_states = []
         for index, block in enumerate(self.backbone.blocks):
             x, state = run_block(block, x, None if states is None else states[index])
             new_states.append(state)
-        if last_logits_only:
-            x = x[:, -1:]
+        x = x[:, -1:] if last_logits_only else x
+        out = x if return_hidden else self.head(x)
+        return (out, new_states) if return_states else out
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """The last block's output x (..., D) float32 -> soft-capped logits (..., V) float32 (the final norm, then
+        the LM head or the tied embedding)."""
+        c = self.config
         if self.backbone.out_norm is not None:
             x = self.backbone.out_norm(x)
         dt = c.compute_jnp_dtype
         if self.lm_head is None:
             table = self.backbone.embeddings.weight[...]
-            logits = jnp.einsum("bsd,vd->bsv", x.astype(dt), table.astype(dt), preferred_element_type=F32,
+            logits = jnp.einsum("...d,vd->...v", x.astype(dt), table.astype(dt), preferred_element_type=F32,
                                 precision=matmul_precision(dt))
         else:
             logits = self.lm_head(x, dt)
-        logits = soft_cap(logits, c.output_logit_soft_cap)
-        return (logits, new_states) if return_states else logits
+        return soft_cap(logits, c.output_logit_soft_cap)
+
+    def head_operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The last block's output x (..., D) float32 -> (the final norm's output (..., D) float32, the LM head as
+        a (V, D) matrix in the parameter dtype: the tied embedding, or the head's kernel transposed). `head(x)` is
+        soft_cap(norm @ W^T) with compute-dtype operands; `xlstm_jax.train.losses` computes its loss from them."""
+        if self.backbone.out_norm is not None:
+            x = self.backbone.out_norm(x)
+        weight = self.backbone.embeddings.weight[...] if self.lm_head is None else self.lm_head.kernel[...].T
+        return x, weight
 
 
 def zero_states(config: xLSTMLargeConfig, batch_size: int) -> list[State]:
