@@ -153,13 +153,24 @@ def static_timeline(runs: list[dict], work: list[tuple[list[int], int]], arrival
     return {**summary(arrivals, token_times), "occupancy": sum(n for _, n in work) / decoded}
 
 
-def unloaded_ttft(engine: Engine, prompt_lengths: list[int], vocab: int) -> dict:
-    """Time to first token of a lone request on the idle engine, ms, per prompt length."""
-    result = {}
-    for length in prompt_lengths:
-        prompt = np.random.default_rng(length).integers(0, vocab, length).tolist()
-        result[str(length)] = run_engine(engine, [(prompt, 1)], np.zeros(1))["ttft"]["p50_ms"]
-    return result
+def unloaded_ttft(engine: Engine, work: list[tuple[list[int], int]]) -> dict:
+    """Time to first token of each request's prompt run alone on the idle engine: p50 / p99 in ms."""
+    return percentiles([run_engine(engine, [(prompt, 1)], np.zeros(1))["ttft"]["p50_ms"] / 1e3
+                        for prompt, _ in work])
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets, each as (measured, bound, met): throughput at saturation >= 90% of the static batch's
+    decode throughput, p99 inter-token latency at saturation <= 2 static steps, time to first token p50 at half
+    of saturation <= 2x the unloaded one."""
+    saturated = results["saturation"]["engine"]
+    half = next(r for r in results["rates"] if r["load"] == 0.5)["engine"]
+    checks = {"throughput_tokens_per_s": (saturated["tokens_per_s"], 0.9 * results["static_decode_tokens_per_s"]),
+              "itl_p99_ms": (saturated["itl"]["p99_ms"], 2 * results["static_step_ms"]),
+              "ttft_p50_half_load_ms": (half["ttft"]["p50_ms"], 2 * results["unloaded_ttft_ms"]["p50_ms"])}
+    return {name: {"measured": got, "bound": bound,
+                   "met": bool(got >= bound if name.startswith("throughput") else got <= bound)}
+            for name, (got, bound) in checks.items()}
 
 
 def plot(results: dict, path: str) -> None:
@@ -169,6 +180,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rates = [r["rate"] for r in results["rates"]]
+    ax_load = "offered load (requests/s)"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for kind, style in (("engine", "-"), ("static", "--")):
         for metric, ax in (("ttft", axes[0]), ("itl", axes[1])):
@@ -177,7 +189,7 @@ def plot(results: dict, path: str) -> None:
                         label=f"{kind} {q[:3]}")
         axes[2].plot(rates, [r[kind]["tokens_per_s"] for r in results["rates"]], style, marker="o", label=kind)
     for ax, title in zip(axes, ("time to first token (ms)", "inter-token latency (ms)", "throughput (tokens/s)")):
-        ax.set_xlabel("offered load (requests/s)")
+        ax.set_xlabel(ax_load)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -189,10 +201,17 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def report(kind: str, figures: dict) -> str:
+    return (f"{kind} {figures['tokens_per_s']:9,.0f} tok/s TTFT p50/p99 {figures['ttft']['p50_ms']:8.1f}/"
+            f"{figures['ttft']['p99_ms']:8.1f} ms ITL p50/p99 {figures['itl']['p50_ms']:7.2f}/"
+            f"{figures['itl']['p99_ms']:7.2f} ms occupancy {figures['occupancy']:.2f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model and small requests (CPU, under a minute)")
-    parser.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",")], help="requests/s, comma-separated")
+    parser.add_argument("--loads", type=lambda t: [float(x) for x in t.split(",")], default=[0.25, 0.5, 0.75, 1.25],
+                        help="offered loads as fractions of the saturation rate (0.5 is always run)")
     parser.add_argument("--requests", type=int, help="requests per rate")
     parser.add_argument("--prompt-tokens", type=_range, help="LOW,HIGH prompt lengths")
     parser.add_argument("--new-tokens", type=_range, help="LOW,HIGH generated tokens per request")
@@ -204,11 +223,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="serve_bench", help="folder for serve_bench.json and serve_latency.png")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    rates = args.rates or ([50.0, 200.0, 800.0] if tiny else [0.5, 1.0, 2.0, 4.0, 8.0])
+    loads = sorted({*args.loads, 0.5})
     count = args.requests or (24 if tiny else 64)
     prompts = args.prompt_tokens or ((16, 128) if tiny else (128, 4096))
     new_tokens = args.new_tokens or ((8, 32) if tiny else (128, 512))
-    prefill_chunk = args.prefill_chunk or (32 if tiny else 512)
+    prefill_chunk = args.prefill_chunk or (32 if tiny else 256)
     quantum = 8 if tiny else 128
     size = dict(embedding_dim=64, num_heads=2, num_blocks=2, vocab_size=256) if tiny else {}
     dtype = "float32" if tiny else "bfloat16"
@@ -219,36 +238,41 @@ def main(argv=None) -> None:
                     prefill_chunk=prefill_chunk, prefix_cache_mb=0)  # random prompts share no prefix
     began = time.perf_counter()
     engine.warm_up()
-    print(f"engine compiled ({len(engine.buckets)} prefill lengths) in {time.perf_counter() - began:.1f} s",
-          flush=True)
+    print(f"engine compiled ({len(engine.buckets)} prefill lengths, alone and with the step) in "
+          f"{time.perf_counter() - began:.1f} s", flush=True)
     engine.start()
     work = workload(count, prompts, new_tokens, V, args.seed)
     runs = static_batches(Generator(model), work, args.static_batch, quantum, V)
     longest = max(runs, key=lambda r: len(r["steps_s"]))
     step_s = float(np.median(np.diff(longest["steps_s"])))
-    results = {"device": jax.devices()[0].device_kind, "tiny": tiny, "max_slots": args.max_slots,
-               "static_batch": args.static_batch, "state_dtype": args.state_dtype, "prefill_chunk": prefill_chunk,
-               "requests": count, "prompt_tokens": prompts, "new_tokens": new_tokens,
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
+               "max_slots": args.max_slots, "static_batch": args.static_batch, "state_dtype": args.state_dtype,
+               "prefill_chunk": prefill_chunk, "requests": count, "prompt_tokens": prompts, "new_tokens": new_tokens,
                "static_step_ms": step_s * 1e3, "static_decode_tokens_per_s": args.static_batch / step_s,
-               "unloaded_ttft_ms": unloaded_ttft(engine, [prompts[0], sum(prompts) // 2, prompts[1]], V),
-               "rates": []}
+               "unloaded_ttft_ms": unloaded_ttft(engine, work), "rates": []}
     print(f"static batch {args.static_batch}: {step_s * 1e3:.2f} ms/step, "
-          f"{results['static_decode_tokens_per_s']:,.0f} decode tok/s; unloaded TTFT (ms) by prompt length "
-          f"{ {k: round(v, 1) for k, v in results['unloaded_ttft_ms'].items()} }", flush=True)
+          f"{results['static_decode_tokens_per_s']:,.0f} decode tok/s; unloaded TTFT p50/p99 "
+          f"{results['unloaded_ttft_ms']['p50_ms']:.1f}/{results['unloaded_ttft_ms']['p99_ms']:.1f} ms", flush=True)
+    zero = np.zeros(count)
+    results["saturation"] = {"engine": run_engine(engine, work, zero), "static": static_timeline(runs, work, zero)}
+    saturation = count / results["saturation"]["engine"]["makespan_s"]
+    results["saturation_rate"] = saturation
+    print(f"saturation (every request at once): {saturation:.2f} req/s | "
+          + " | ".join(report(k, results["saturation"][k]) for k in ("engine", "static")), flush=True)
     gaps = np.random.default_rng(args.seed + 1).exponential(1.0, count)
-    for rate in rates:
+    for load in loads:
+        rate = load * saturation
         arrivals = np.cumsum(gaps) / rate - gaps[0] / rate  # the first request arrives at 0
-        row = {"rate": rate, "engine": run_engine(engine, work, arrivals),
+        row = {"load": load, "rate": rate, "engine": run_engine(engine, work, arrivals),
                "static": static_timeline(runs, work, arrivals)}
         results["rates"].append(row)
-        line = [f"rate {rate:6.2f} req/s"]
-        for kind in ("engine", "static"):
-            r = row[kind]
-            line.append(f"{kind} {r['tokens_per_s']:9,.0f} tok/s TTFT p50/p99 {r['ttft']['p50_ms']:8.1f}/"
-                        f"{r['ttft']['p99_ms']:8.1f} ms ITL p50/p99 {r['itl']['p50_ms']:7.2f}/"
-                        f"{r['itl']['p99_ms']:7.2f} ms occupancy {r['occupancy']:.2f}")
-        print(" | ".join(line), flush=True)
+        print(f"load {load:4.2f} = {rate:6.2f} req/s | " + " | ".join(report(k, row[k]) for k in ("engine", "static")),
+              flush=True)
     engine.stop()
+    results["targets"] = targets(results)
+    for name, check in results["targets"].items():
+        print(f"target {name}: {check['measured']:,.1f} vs bound {check['bound']:,.1f}: "
+              f"{'met' if check['met'] else 'NOT met'}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "serve_bench.json"), "w") as fh:
         json.dump(results, fh, indent=1)

@@ -18,7 +18,7 @@ from xlstm_jax.serve.cli import load_served
 from xlstm_jax.serve.engine import Engine, Event, Request, SamplingParams, prefill_buckets
 from xlstm_jax.serve.sampling import filter_rows
 
-COMPILED = (steps.decode_step, steps.prefill_chunk, steps.insert)
+COMPILED = (steps.decode_step, steps.prefill_chunk, steps.mixed_step, steps.insert)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,57 @@ def test_inactive_slots_keep_their_states_exactly(model):
     for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(after))):
         assert np.array_equal(old[~active], new[~active])
         assert not np.array_equal(old[active], new[active])
+
+
+def test_decode_and_prefill_in_one_pass_equal_them_apart(model):
+    """`decode_and_prefill`: the pool's logits and states (slot 1 inactive, kept exactly) and a left-padded chunk's
+    state equal a decode step and a prefill run on their own."""
+    rng = np.random.default_rng(3)
+    V = model.config.vocab_size
+    _, pool = model(jnp.asarray(rng.integers(0, V, (4, 9))), return_states=True)
+    _, state = model(jnp.asarray(rng.integers(0, V, (1, 5))), return_states=True)
+    tokens, active = jnp.asarray(rng.integers(0, V, (4,)), jnp.int32), jnp.asarray([True, False, True, True])
+    chunk, mask = jnp.asarray(rng.integers(0, V, (1, 16)), jnp.int32), jnp.asarray(np.arange(16) >= 3)[None]
+    backends = dict(step_backend=model.config.step_backend, backend=model.config.backend,
+                    chunk_size=model.config.chunk_size)
+    logits, new_pool, new_state = steps.decode_and_prefill(model, tokens, active, pool, chunk, mask, state,
+                                                           **backends)
+    alone, alone_pool = model(tokens[:, None], states=pool, token_mask=active[:, None], return_states=True,
+                              backend=model.config.step_backend)
+    _, alone_state = model(chunk, states=state, token_mask=mask, return_states=True)
+    np.testing.assert_allclose(logits, alone[:, 0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves((new_pool, new_state)), jax.tree.leaves((alone_pool, alone_state))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, old in zip(jax.tree.leaves(new_pool), jax.tree.leaves(pool)):
+        assert np.array_equal(got[1], old[1])
+
+
+def test_a_failing_combined_pass_runs_apart_and_ends_only_the_failing_prefill(engine, monkeypatch):
+    """While a request decodes, a prompt's chunks ride on its steps; when that combined pass fails, the step and the
+    chunk run apart: the decoding request goes on and the request whose chunk fails ends alone with an error."""
+    chunk = engine._chunk
+    passes = []
+
+    def mixed_fails(*args, **kwargs):
+        passes.append(1)
+        raise RuntimeError("out of memory (a stand-in)")
+
+    def fails_on_sevens(state, tokens, mask):
+        if tokens[0, -1] == 7:
+            raise RuntimeError("out of memory (a stand-in)")
+        return chunk(state, tokens, mask)
+
+    monkeypatch.setattr("xlstm_jax.serve.engine.mixed_step", mixed_fails)
+    monkeypatch.setattr(engine, "_chunk", fails_on_sevens)
+    running, bad, good = Collector(), Collector(), Collector()
+    engine.submit([Request([8] * 3, SamplingParams(max_tokens=40), running)])
+    while not running.tokens:
+        running.done.wait(0.01)
+    engine.submit([Request([7] * 40, SamplingParams(max_tokens=4), bad),
+                   Request([9] * 40, SamplingParams(max_tokens=4), good)])
+    assert bad.wait() == ([], "error") and len(good.wait()[0]) == 4
+    assert running.wait()[1] == "length" and len(running.tokens) == 40
+    assert passes and engine.stats()["active"] == 0
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),

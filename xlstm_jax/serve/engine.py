@@ -4,17 +4,22 @@ An xLSTM's state is the same size after any number of tokens, so the engine hold
 (the pool: per block C, n, m with a leading slot axis) and never pages anything. Each iteration of its thread:
 
 1. frees the slots of cancelled requests and admits waiting requests into free slots;
-2. prefills for admitted requests: prompt[:-1] in chunks ending at multiples of `prefill_chunk` (left-padded to a
-   power-of-two bucket, B = 1), from zeros or from the longest prefix in the prefix cache, at most `prefill_chunk`
-   padded tokens per iteration, so a long prompt stalls running streams by one chunk at most; a finished prefill
-   is copied into its slot, and the prompt's last token becomes the slot's first decode input;
-3. dispatches one decode step of shape (max_slots, 1) for every decoding slot (per-slot sampling settings as
-   arrays), then reads the tokens of the step dispatched before it: the device computes step k + 1 while the host
-   hands out the tokens of step k, and a request that finished at step k has its token of step k + 1 dropped.
+2. while some slots decode: dispatches one decode step of shape (max_slots, 1) for them (per-slot sampling
+   settings as arrays) with the oldest admitted request's next prefill chunk in the same pass (`mixed_step`: the
+   chunk's tokens share the step's matmuls, so a running stream waits for one slightly longer step, and the chunk
+   costs little more than its compute);
+   while none does: prefills chunks alone, up to `prefill_chunk` padded tokens, then the first decode step;
+3. reads the tokens of the step dispatched before: the device computes step k + 1 while the host hands out the
+   tokens of step k, and a request that finished at step k has its token of step k + 1 dropped.
+
+Prefill: prompt[:-1] in chunks ending at multiples of `prefill_chunk` (left-padded to a power-of-two bucket,
+B = 1), from zeros or from the longest prefix in the prefix cache; a finished prefill is copied into its slot, and
+the prompt's last token becomes the slot's first decode input.
 
 A request ends at one of its stop tokens ("stop"), at max_tokens ("length"), when cancelled, or with an error (NaN
-logits, a failed prefill); its slot is free before its last event is sent, for the next iteration. Compiled shapes: the decode step, one prefill per bucket and
-the slot copy, all compiled by `warm_up`; no request compiles anything after it.
+logits, a failed prefill); its slot is free before its last event is sent, for the next iteration. Compiled shapes:
+the decode step, each prefill bucket alone and with the decode step, and the slot copy, all compiled by `warm_up`;
+no request compiles anything after it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from flax import nnx
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 from xlstm_jax.serve.metrics import Metrics
 from xlstm_jax.serve.prefix_cache import PrefixCache
-from xlstm_jax.serve.steps import decode_step, empty_states, insert, prefill_chunk
+from xlstm_jax.serve.steps import decode_step, empty_states, insert, mixed_step, prefill_chunk
 
 STATE_DTYPES = ("float32", "bfloat16")
 MIN_BUCKET = 16  # the shortest prefill shape (shorter chunks are left-padded to it)
@@ -187,16 +192,25 @@ class Engine:
                     "slots": self.max_slots, "prefix_entries": len(self.cache), "prefix_bytes": self.cache.bytes}
 
     def warm_up(self) -> None:
-        """Compile every shape the engine runs (the decode step, each prefill bucket, the slot copy)."""
+        """Compile every shape the engine runs: the decode step, each prefill bucket alone and with the decode
+        step, the slot copy."""
         M = self.max_slots
-        zeros_i, zeros_f = np.zeros((M,), np.int32), np.zeros((M,), np.float32)
-        _, self._pool, _ = self._decode(zeros_i, np.zeros((M,), bool), np.zeros((M,), bool),
-                                        np.zeros((M, 2), np.uint32), zeros_i, zeros_i, zeros_f, zeros_i + 1,
-                                        zeros_f + 1)
         for bucket in self.buckets:
-            self._chunk(self._zero, np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool))
+            chunk = (np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool))
+            self._chunk(self._zero, *chunk)
+            _, self._pool, _, _ = mixed_step(self._params, self._pool, self._previous, *self._idle_inputs(),
+                                             self._zero, *map(jnp.asarray, chunk),
+                                             step_backend=self.config.step_backend, backend=self.config.backend,
+                                             chunk_size=self.config.chunk_size, **self._static)
+        self._dispatch(self._idle_inputs() + (None,))
         self._pool = insert(self._pool, 0, self._zero)
         jax.block_until_ready(self._pool)
+
+    def _idle_inputs(self) -> tuple:
+        """Decode-step inputs with every slot inactive (they keep their states exactly)."""
+        M = self.max_slots
+        ints, floats, flags = np.zeros((M,), np.int32), np.zeros((M,), np.float32), np.zeros((M,), bool)
+        return ints, flags, flags, np.zeros((M, 2), np.uint32), ints, ints, floats, ints + 1, floats + 1
 
     def start(self) -> None:
         if self._thread is not None:
@@ -228,8 +242,7 @@ class Engine:
             try:
                 self._release_cancelled()
                 self._admit()
-                self._prefill()
-                self._step()
+                self._iterate()
             except Exception as err:  # a failed step: its requests end with the error, the engine goes on
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_all(f"the engine step failed: {type(err).__name__}: {err}")
@@ -253,80 +266,153 @@ class Engine:
                     self._prefilling.append(index)
             self.metrics.queue_depth.set(len(self._waiting))
 
+    def _iterate(self) -> None:
+        """One pass: while slots decode, one decode step for them with the next prefill chunk riding along
+        (`mixed_step`); while none does, prefill chunks alone (up to `prefill_chunk` tokens) and then the first
+        decode step of those ready. Then the tokens of the step dispatched before are handed out."""
+        pending, self._pending = self._pending, None
+        running = self._running()
+        if running and self._prefilling:
+            self._step_with_chunk(running)
+        else:
+            self._prefill()
+            running = self._running()
+            if running:
+                self._pending = self._dispatch(self._decode_inputs(running))
+        if pending is not None:
+            self._deliver(*pending)
+
+    def _running(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots)
+                if s.decoding and not s.request.done and s.dispatched < s.request.params.max_tokens]
+
     def _prefill(self) -> None:
         """Prefill chunks of admitted requests, oldest first, up to `prefill_chunk` padded tokens in all; a request
         whose prefill fails ends with the error, alone."""
-        spent: int | None = 0
-        while self._prefilling and spent is not None:
+        spent = 0
+        while self._prefilling:
             index = self._prefilling[0]
-            request = self._slots[index].request
+            slot = self._slots[index]
             try:
-                spent = self._prefill_slot(index, spent)
+                self._begin(slot)
+                while (piece := self._next_chunk(slot)) is not None:
+                    tokens, mask, stop = piece
+                    if spent and spent + tokens.shape[1] > self.prefill_chunk:
+                        return
+                    self._advance(slot, stop, self._chunk(slot.state, tokens, mask))
+                    spent += tokens.shape[1]
+                self._decode_next(index)
             except Exception as err:
-                log.error("prefill failed:\n%s", traceback.format_exc())
-                self._free(index, "error")
-                self._emit(request, Event((), "error", f"the prefill failed: {type(err).__name__}: {err}"))
+                self._prefill_failed(index, err)
 
-    def _prefill_slot(self, index: int, spent: int) -> int | None:
-        """Prefill slot `index` on from where it is, with `spent` of the iteration's tokens used: the tokens used
-        once its prompt is in (its state then copied into the slot), None when the budget ran out first."""
+    def _step_with_chunk(self, running: list[int]) -> None:
+        """The decode step for `running` with the oldest admitted request's next prefill chunk in the same pass;
+        should that pass fail, the step and the chunk run apart (a failing chunk ends only its request)."""
+        index = self._prefilling[0]
         slot = self._slots[index]
-        prompt = slot.request.prompt
-        end = len(prompt) - 1
-        if slot.state is None:  # its first chunk: start after the longest stored prefix
-            slot.position, slot.state = self.cache.longest(prompt[:end])
+        inputs = self._decode_inputs(running)
+        try:
+            self._begin(slot)
+            piece = self._next_chunk(slot)
+        except Exception as err:
+            self._prefill_failed(index, err)
+            self._pending = self._dispatch(inputs)
+            return
+        if piece is None:  # prompt[:-1] came whole from the prefix cache
+            self._pending = self._dispatch(inputs)
+            self._decode_next(index)
+            return
+        tokens, mask, stop = piece
+        try:
+            new, self._pool, bad, state = mixed_step(
+                self._params, self._pool, self._previous, *inputs[:-1], slot.state, jnp.asarray(tokens),
+                jnp.asarray(mask), step_backend=self.config.step_backend, backend=self.config.backend,
+                chunk_size=self.config.chunk_size, **self._static)
+        except Exception:
+            log.warning("the combined decode and prefill pass failed; running them apart:\n%s",
+                        traceback.format_exc())
+            self._pending = self._dispatch(inputs)
+            try:
+                state = self._chunk(slot.state, tokens, mask)
+            except Exception as err:
+                self._prefill_failed(index, err)
+                return
+        else:
+            self._previous = new
+            self._pending = (new, bad, inputs[-1])
+        self._advance(slot, stop, state)
+        if self._next_chunk(slot) is None:
+            self._decode_next(index)
+
+    def _begin(self, slot: _Slot) -> None:
+        """Before a request's first chunk: start after the longest stored prefix of prompt[:-1]."""
+        if slot.state is None:
+            prompt = slot.request.prompt
+            slot.position, slot.state = self.cache.longest(prompt[:-1])
             slot.state = slot.state or self._zero
             self.metrics.prompt_tokens.inc(len(prompt))
             self.metrics.prefix_hit_tokens.inc(slot.position)
-        while slot.position < end:
-            stop = min(end, (slot.position // self.prefill_chunk + 1) * self.prefill_chunk)
-            length = stop - slot.position
-            bucket = next(b for b in self.buckets if b >= length)
-            if spent and spent + bucket > self.prefill_chunk:
-                return None
-            tokens, mask = np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool)
-            tokens[0, bucket - length:], mask[0, bucket - length:] = prompt[slot.position:stop], True
-            slot.state = self._chunk(slot.state, tokens, mask)
-            slot.position, spent = stop, spent + bucket
-            self.cache.put(prompt[:stop], slot.state)
+
+    def _next_chunk(self, slot: _Slot) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(tokens (1, bucket), mask (1, bucket), end position) of the slot's next chunk, left-padded to its bucket
+        and ending at a multiple of `prefill_chunk` (so stored prefixes line up) or at prompt[:-1]'s end; None
+        when prompt[:-1] is in."""
+        prompt, end = slot.request.prompt, len(slot.request.prompt) - 1
+        if slot.position >= end:
+            return None
+        stop = min(end, (slot.position // self.prefill_chunk + 1) * self.prefill_chunk)
+        length = stop - slot.position
+        bucket = next(b for b in self.buckets if b >= length)
+        tokens, mask = np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool)
+        tokens[0, bucket - length:], mask[0, bucket - length:] = prompt[slot.position:stop], True
+        return tokens, mask, stop
+
+    def _advance(self, slot: _Slot, stop: int, state: list) -> None:
+        slot.state, slot.position = state, stop
+        self.cache.put(slot.request.prompt[:stop], state)
+
+    def _decode_next(self, index: int) -> None:
+        """Slot `index` is prefilled: its state goes into the pool and it decodes from the next step on."""
+        slot = self._slots[index]
         self._pool = insert(self._pool, index, slot.state)
         slot.state, slot.decoding = None, True
-        self._prefilling.popleft()
-        return spent
+        self._prefilling.remove(index)
+
+    def _prefill_failed(self, index: int, err: Exception) -> None:
+        request = self._slots[index].request
+        log.error("prefill failed:\n%s", traceback.format_exc())
+        self._free(index, "error")
+        self._emit(request, Event((), "error", f"the prefill failed: {type(err).__name__}: {err}"))
 
     def _chunk(self, state: list, tokens: np.ndarray, mask: np.ndarray) -> list:
         return prefill_chunk(self._params, state, jnp.asarray(tokens), jnp.asarray(mask),
                              backend=self.config.backend, chunk_size=self.config.chunk_size, **self._static)
 
-    def _decode(self, fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k, top_p):
-        return decode_step(self._params, self._pool, self._previous, fresh_tokens, fresh, active, key_data, choice,
-                           position, temperature, top_k, top_p, backend=self.config.step_backend, **self._static)
-
-    def _step(self) -> None:
-        """Dispatch a decode step for the decoding slots, then hand out the tokens of the step before."""
+    def _decode_inputs(self, running: list[int]) -> tuple:
+        """The decode step's per-slot arrays for the slots `running` (each counted as dispatched), and the
+        requests by slot (None where inactive)."""
         M, V = self.max_slots, self.config.vocab_size
-        running = [i for i, s in enumerate(self._slots)
-                   if s.decoding and not s.request.done and s.dispatched < s.request.params.max_tokens]
-        pending, self._pending = self._pending, None
-        if running:
-            fresh_tokens, choice, position, top_k = (np.zeros((M,), np.int32) for _ in range(4))
-            fresh, active = np.zeros((M,), bool), np.zeros((M,), bool)
-            key_data = np.zeros((M, 2), np.uint32)
-            temperature, top_p = np.zeros((M,), np.float32), np.ones((M,), np.float32)
-            top_k += V
-            for i in running:
-                slot, params = self._slots[i], self._slots[i].request.params
-                active[i], fresh[i], fresh_tokens[i] = True, slot.dispatched == 0, slot.request.prompt[-1]
-                key_data[i], choice[i], position[i] = slot.request.key_data, params.choice, slot.dispatched
-                temperature[i], top_p[i] = params.temperature, params.top_p
-                top_k[i] = min(params.top_k or V, V)
-                slot.dispatched += 1
-            tokens, self._pool, bad = self._decode(fresh_tokens, fresh, active, key_data, choice, position,
-                                                   temperature, top_k, top_p)
-            self._previous = tokens
-            self._pending = (tokens, bad, [self._slots[i].request if active[i] else None for i in range(M)])
-        if pending is not None:
-            self._deliver(*pending)
+        fresh_tokens, choice, position, top_k = (np.zeros((M,), np.int32) for _ in range(4))
+        fresh, active = np.zeros((M,), bool), np.zeros((M,), bool)
+        key_data = np.zeros((M, 2), np.uint32)
+        temperature, top_p = np.zeros((M,), np.float32), np.ones((M,), np.float32)
+        top_k += V
+        for i in running:
+            slot, params = self._slots[i], self._slots[i].request.params
+            active[i], fresh[i], fresh_tokens[i] = True, slot.dispatched == 0, slot.request.prompt[-1]
+            key_data[i], choice[i], position[i] = slot.request.key_data, params.choice, slot.dispatched
+            temperature[i], top_p[i] = params.temperature, params.top_p
+            top_k[i] = min(params.top_k or V, V)
+            slot.dispatched += 1
+        requests = [self._slots[i].request if active[i] else None for i in range(M)]
+        return fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k, top_p, requests
+
+    def _dispatch(self, inputs: tuple) -> tuple:
+        """Dispatch the decode step; (tokens, bad, requests) to deliver once it is done."""
+        tokens, self._pool, bad = decode_step(self._params, self._pool, self._previous, *inputs[:-1],
+                                              backend=self.config.step_backend, **self._static)
+        self._previous = tokens
+        return tokens, bad, inputs[-1]
 
     def _deliver(self, tokens: jax.Array, bad: jax.Array, requests: list[Request | None]) -> None:
         tokens, bad = np.asarray(tokens), np.asarray(bad)  # waits for that step

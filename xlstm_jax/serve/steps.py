@@ -1,5 +1,6 @@
 """The engine's device functions, each compiled once per shape: the decode step of the whole slot pool, a prefill
-chunk of one request, and the copy of a prefilled state into its slot.
+chunk of one request, both in one pass (`mixed_step`: their tokens share every matmul, so a prefill chunk rides on
+the weight reads of the decode step), and the copy of a prefilled state into its slot.
 
 States are one (C, n, m) per block: C (B, NH, DHQK, DHV) and n (B, NH, DHQK) in the state dtype, m (B, NH)
 float32; B is the number of slots M in the pool and 1 for a request being prefilled.
@@ -13,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xlstm_jax.models.xlstm_large.config import xLSTMLargeConfig
-from xlstm_jax.models.xlstm_large.model import zero_states
+from xlstm_jax.mlstm.api import planned_backend
+from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.model import neutral_where_masked, xLSTMLarge, zero_states
 from xlstm_jax.serve.sampling import sample_rows
 
 F32 = jnp.float32
@@ -35,6 +37,15 @@ def states_bytes(states: States) -> int:
     return sum(x.nbytes for block in states for x in block)
 
 
+def _sample(logits, active, key_data, choice, position, temperature, top_k, top_p):
+    """(tokens (M,) int32, bad (M,)) from the decode rows' logits (M, V); see `decode_step`."""
+    keys = jax.random.wrap_key_data(key_data, impl="threefry2x32")
+    keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in)(keys, choice), position)
+    new = sample_rows(logits, keys, temperature, top_k, top_p)
+    bad = active & jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+    return new, bad
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend", "state_dtype"), donate_argnames=("pool",))
 def decode_step(params, pool, previous, fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k,
                 top_p, *, graphdef, backend, state_dtype):
@@ -50,12 +61,52 @@ def decode_step(params, pool, previous, fresh_tokens, fresh, active, key_data, c
     tokens = jnp.where(fresh, fresh_tokens, previous)
     logits, states = model(tokens[:, None], states=pool, token_mask=active[:, None], return_states=True,
                            backend=backend)
-    logits = logits[:, 0]
-    keys = jax.random.wrap_key_data(key_data, impl="threefry2x32")
-    keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.fold_in)(keys, choice), position)
-    new = sample_rows(logits, keys, temperature, top_k, top_p)
-    bad = active & jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+    new, bad = _sample(logits[:, 0], active, key_data, choice, position, temperature, top_k, top_p)
     return new, in_dtype(states, state_dtype), bad
+
+
+def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, state, *, step_backend: str,
+                       backend: str, chunk_size: int | None):
+    """The decode rows `tokens` (M,) from `pool` and a prefill chunk `chunk` (1, L) (left-padded where `mask`
+    (1, L) is False) from `state` (B = 1) through the model in one pass: the M + L tokens go through each
+    projection, norm and FFN together; only the mLSTM cells run apart (the step kernel on the pool, the chunkwise
+    backend on the chunk, in float32 states). Returns (logits (M, V) float32, the pool's new states, the chunk's
+    last state)."""
+    M, L = tokens.shape[0], chunk.shape[1]
+    if step_backend != STEP_BACKEND:
+        step_backend = planned_backend(step_backend, None, 1)[0]
+    chunk_backend, chunk_size = planned_backend(backend, chunk_size, L)
+    x = model.backbone.embeddings(jnp.concatenate([tokens, chunk[0]]))[None]  # (1, M + L, D)
+    keep = jnp.concatenate([active, mask[0]])[None]
+    new_pool, new_state = [], []
+    for block, slots, start in zip(model.backbone.blocks, pool, state):
+        layer = block.mlstm_layer
+        q, k, v, o, i, f = layer.project(block.norm_mlstm(x))
+        i, f = neutral_where_masked(i, f, keep)
+        rows = [a[0, :M, None] for a in (q, k, v, i, f)]  # (M, 1, ...): one token per slot
+        h_slots, slots = layer.cell(*rows, slots, backend=step_backend, chunk_size=None)
+        h_chunk, start = layer.cell(*(a[:, M:] for a in (q, k, v, i, f)), in_dtype([start], "float32")[0],
+                                    backend=chunk_backend, chunk_size=chunk_size)
+        h = jnp.concatenate([h_slots[:, 0][None], h_chunk.astype(h_slots.dtype)], axis=1)
+        x = x + layer.output(h, o)
+        x = x + block.ffn(block.norm_ffn(x))
+        new_pool.append(slots)
+        new_state.append(start)
+    return model.head(x[0, :M]), new_pool, new_state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "step_backend", "backend", "chunk_size", "state_dtype"),
+                   donate_argnames=("pool",))
+def mixed_step(params, pool, previous, fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k,
+               top_p, state, chunk, mask, *, graphdef, step_backend, backend, chunk_size, state_dtype):
+    """`decode_step` for the pool and `prefill_chunk` of `chunk` (1, L) / `mask` from `state` in one pass
+    (`decode_and_prefill`). Returns (tokens (M,), the new pool, bad (M,), the chunk's last state)."""
+    model = nnx.merge(graphdef, params)
+    tokens = jnp.where(fresh, fresh_tokens, previous)
+    logits, slots, state = decode_and_prefill(model, tokens, active, pool, chunk, mask, state,
+                                              step_backend=step_backend, backend=backend, chunk_size=chunk_size)
+    new, bad = _sample(logits, active, key_data, choice, position, temperature, top_k, top_p)
+    return new, in_dtype(slots, state_dtype), bad, in_dtype(state, state_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend", "chunk_size", "state_dtype"))
