@@ -21,6 +21,7 @@ GENERATE_DESCRIPTION = (
     "token. Without a prompt: the MQAR recall demo for an MQAR run, text from the start of a document for a model "
     "with a tokenizer, the start of the held-out data (token ids) for a run on token files."
 )
+WEIGHT_SCHEMES = ("int8", "fp8")  # --weights: xlstm_jax.kernels.quantized_matmul.SCHEMES, named without importing jax
 TEXT_TOKENS, ID_TOKENS = 100, 16  # default --max-new-tokens for text and for token ids
 HELD_OUT_PROMPT = 16  # tokens of the held-out data that prompt a run on token files without a tokenizer
 
@@ -88,6 +89,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight layout to decode with: fused (q|k|v|o, i|f and the FFN's gate|up as one matrix "
                              "each: fewer, larger matmuls, faster per token; docs/benchmarks.md) or "
                              "single")
+    parser.add_argument("--weights", default=argparse.SUPPRESS, metavar="SCHEME",
+                        help="decode with weight-only quantized projections and LM head: int8 or fp8 (e4m3), one "
+                             "scale per output channel, half the bytes per token of bf16 (docs/precision.md has the "
+                             "error; default: the checkpoint's float weights)")
     parser.add_argument("--backend", default=argparse.SUPPRESS, metavar="NAME",
                         help="prefill backend (default: the checkpoint config's, auto)")
     parser.add_argument("--step-backend", default=argparse.SUPPRESS, metavar="NAME",
@@ -120,6 +125,10 @@ def run_generate(args: argparse.Namespace) -> int:
             check_backend(step_backend, field="step_backend")
     except ConfigError as err:
         return fail(flag(err.field), err.reason)
+    weights = getattr(args, "weights", None)
+    if weights is not None and weights not in WEIGHT_SCHEMES:
+        return fail("--weights", f"must be one of {list(WEIGHT_SCHEMES)} (leave it out for the checkpoint's float "
+                                 f"weights), got {weights!r}.")
     if args.prompt_ids and (args.prompt or args.prompt_file):
         return fail("--prompt-ids", "give token ids or text prompts (--prompt, --prompt-file), not both.")
     try:
@@ -150,6 +159,10 @@ def run_generate(args: argparse.Namespace) -> int:
         model = from_pretrained(path, getattr(args, "dtype", None), backend=backend, weight_mode=args.weight_mode)
     except (ValueError, OSError) as err:  # a missing or damaged checkpoint
         return fail("MODEL", f"cannot load {args.model!r}: {err}")
+    if weights is not None:
+        from xlstm_jax.models.xlstm_large.quantize import quantize
+
+        model = quantize(model, weights)
     stops = getattr(args, "stop_ids", None)
     sampling = dict(temperature=args.temperature, top_k=getattr(args, "top_k", None),
                     top_p=getattr(args, "top_p", None), seed=args.seed, step_backend=step_backend,

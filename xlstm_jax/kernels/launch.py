@@ -115,7 +115,7 @@ class _HostTensor:
     # operands turning into float32 at random).
     _DTYPES = {
         name: type("dtype", (), {"__str__": lambda _, name=name: f"torch.{name}"})()
-        for name in ("float64", "float32", "float16", "bfloat16", "int32", "int64")
+        for name in ("float64", "float32", "float16", "bfloat16", "int32", "int64", "int8", "float8_e4m3fn")
     }
 
     def __init__(self, array: np.ndarray):

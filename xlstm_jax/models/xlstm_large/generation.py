@@ -22,6 +22,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+from xlstm_jax.models.xlstm_large.quantize import quantize
 
 F32 = jnp.float32
 STATE_DTYPES = ("float32", "bfloat16")
@@ -204,11 +205,14 @@ class Generator:
     token").
     Each call reads the parameters from the model's own Variables, so updates made in place (an optimizer step,
     `nnx.update`, loaded weights) are seen; a model whose structure changes afterwards (new submodules or
-    Variables) needs a new Generator. `generate(model, prompts, ...)` is one call of a new Generator."""
+    Variables) needs a new Generator. `generate(model, prompts, ...)` is one call of a new Generator.
+    weights "int8" / "fp8": decode with a weight-only quantized copy of the model (`quantize.quantize`: 8-bit
+    projections and LM head, one scale per output channel; docs/precision.md has the error), made once here, so
+    later in-place updates of `model` are not seen; None: the model as it is (quantized or not)."""
 
-    def __init__(self, model: xLSTMLarge):
-        self.model = model
-        self._split = nnx.split(model) if _split_shares_variables() else None
+    def __init__(self, model: xLSTMLarge, weights: str | None = None):
+        self.model = model if weights is None else quantize(model, weights)
+        self._split = nnx.split(self.model) if _split_shares_variables() else None
 
     def __call__(
         self,
@@ -291,8 +295,8 @@ class Generator:
                                 np.asarray(logits) if return_logits else None)
 
 
-def generate(model: xLSTMLarge, prompts: Any, **options: Any) -> GenerationOutput:
-    """Generate up to `max_new_tokens` tokens after each prompt: `Generator(model)(prompts, **options)` (its
-    keywords: max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, prefill_backend, step_backend,
+def generate(model: xLSTMLarge, prompts: Any, *, weights: str | None = None, **options: Any) -> GenerationOutput:
+    """Generate up to `max_new_tokens` tokens after each prompt: `Generator(model, weights)(prompts, **options)`
+    (its keywords: max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, prefill_backend, step_backend,
     chunk_size, return_logits, state_dtype, on_token). For many calls on one model, keep a `Generator`."""
-    return Generator(model)(prompts, **options)
+    return Generator(model, weights)(prompts, **options)
