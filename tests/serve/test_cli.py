@@ -25,6 +25,21 @@ def test_a_directory_that_does_not_load_is_one_error_line(tmp_path, capsys):
     assert err.startswith("error: MODEL: cannot load") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("mesh,reason", [("bogus=2", "unknown axis 'bogus'"), ("data=2", "multiply to 2"),
+                                         ("sequence=1,fsdp=1,data=1,tensor=1", None)])
+def test_a_mesh_that_does_not_fit_is_one_error_line(model_dir, mesh, reason, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)  # a mesh that fits: no server is started
+    status = cli.main(["serve", model_dir, "--mesh", mesh, "--max-slots", "2", "--prefill-chunk", "16"])
+    err = capsys.readouterr().err
+    if reason is None:
+        assert status == 0
+    else:
+        assert status == 2 and err.startswith("error: --mesh:") and reason in err
+        assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_sigterm_drains_a_running_stream_and_exits(model_dir):
     with socket.socket() as sock:

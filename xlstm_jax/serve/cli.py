@@ -65,15 +65,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefill lengths are the powers of two up to it)")
     parser.add_argument("--prefix-cache-mb", type=_megabytes, default=1024.0,
                         help="device memory for states after seen prompt prefixes (0: no prefix reuse)")
+    parser.add_argument("--mesh", metavar="AXES",
+                        help="serve on a device mesh: data=D,tensor=T with D*T the device count (slots split over "
+                             "data, heads and states over tensor; docs/serving.md)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=argparse.SUPPRESS,
                         help="matmul dtype (default: the checkpoint's)")
 
 
 def load_served(path: str, *, name: str | None = None, dtype: str | None = None, max_prompt_tokens: int = 32768,
-                max_new_tokens_limit: int = 4096) -> tuple[Any, Any]:
-    """(model, `Served`) for a model directory: weights in the fused layout (fewer matmuls per decode step), the
-    tokenizer and chat template saved with it, its end-of-text token as the default stop. ValueError / OSError for
-    a directory that does not load."""
+                max_new_tokens_limit: int = 4096, weight_mode: str = "fused") -> tuple[Any, Any]:
+    """(model, `Served`) for a model directory: weights in `weight_mode` (the fused layout: fewer matmuls per
+    decode step; "single" where heads are split over devices), the tokenizer and chat template saved with it, its
+    end-of-text token as the default stop. ValueError / OSError for a directory that does not load."""
     from xlstm_jax.models.xlstm_large.checkpoint import from_pretrained, training_export
     from xlstm_jax.models.xlstm_large.tokenizer import end_of_text_id, load_tokenizer
     from xlstm_jax.serve.app import Served
@@ -82,7 +85,7 @@ def load_served(path: str, *, name: str | None = None, dtype: str | None = None,
     directory = training_export(os.fspath(path))
     tokenizer = load_tokenizer(directory)
     eos = None if tokenizer is None else end_of_text_id(tokenizer, directory)
-    model = from_pretrained(directory, dtype, weight_mode="fused")
+    model = from_pretrained(directory, dtype, weight_mode=weight_mode)
     template = ChatTemplate.load(directory) if tokenizer is not None else None
     served = Served(name=name or os.path.basename(os.path.abspath(os.fspath(path))), tokenizer=tokenizer,
                     stop_token_ids=() if eos is None else (eos,), chat_template=template,
@@ -91,20 +94,37 @@ def load_served(path: str, *, name: str | None = None, dtype: str | None = None,
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Run `xlstm-jax serve`; returns 0 after a shutdown, 2 for a model that does not load."""
+    """Run `xlstm-jax serve`; returns 0 after a shutdown, 2 for a model that does not load or a mesh that does
+    not fit."""
+    from xlstm_jax.serve.mesh import serving_mesh
+    from xlstm_jax.train.mesh import parse_mesh
+
+    split_heads = False
+    if args.mesh is not None:
+        try:
+            split_heads = parse_mesh(args.mesh)["tensor"] > 1
+        except ValueError as err:
+            return fail("--mesh", str(err))
     try:
         model, served = load_served(args.model, name=args.served_model_name, dtype=getattr(args, "dtype", None),
                                     max_prompt_tokens=args.max_prompt_tokens,
-                                    max_new_tokens_limit=args.max_new_tokens_limit)
+                                    max_new_tokens_limit=args.max_new_tokens_limit,
+                                    weight_mode="single" if split_heads else "fused")
     except (ValueError, OSError) as err:
         return fail("MODEL", f"cannot load {args.model!r}: {err}")
+    mesh = None
+    if args.mesh is not None:
+        try:
+            mesh = serving_mesh(args.mesh, num_heads=model.config.num_heads, max_slots=args.max_slots)
+        except ValueError as err:
+            return fail("--mesh", str(err))
     import uvicorn
 
     from xlstm_jax.serve.app import create_app
     from xlstm_jax.serve.engine import Engine
 
     engine = Engine(model, max_slots=args.max_slots, max_queue=args.max_queue, state_dtype=args.state_dtype,
-                    prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb)
+                    prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb, mesh=mesh)
     print(f"compiling the decode step ({args.max_slots} slots) and {len(engine.buckets)} prefill lengths ...",
           flush=True)
     engine.warm_up()

@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+from xlstm_jax.serve.mesh import mesh_sizes, place_params, place_states
 from xlstm_jax.serve.metrics import Metrics
 from xlstm_jax.serve.prefix_cache import PrefixCache
 from xlstm_jax.serve.steps import decode_step, empty_states, insert, mixed_step, prefill_chunk
@@ -121,11 +123,12 @@ def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
 class Engine:
     """The slot pool and its step loop for one model; `start()` runs it in a thread, `submit` / `cancel` are
     thread-safe. Sizes: `max_slots` sequences decode together, `max_queue` more wait; `state_dtype` "bfloat16"
-    halves the pool (C and n; m stays float32); `prefix_cache_mb` bounds the prefix snapshots."""
+    halves the pool (C and n; m stays float32); `prefix_cache_mb` bounds the prefix snapshots. `mesh`: a mesh with
+    axes data and tensor (`xlstm_jax.serve.mesh.serving_mesh`): slots split over data, heads over tensor."""
 
     def __init__(self, model: xLSTMLarge, *, max_slots: int = 16, max_queue: int = 256,
                  state_dtype: str = "float32", prefill_chunk: int = 512, prefix_cache_mb: float = 1024.0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, mesh: Mesh | None = None):
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
         for name, value in (("max_slots", max_slots), ("max_queue", max_queue)):
@@ -133,15 +136,21 @@ class Engine:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}.")
+        if mesh is not None and max_slots % mesh_sizes(mesh).get("data", 1):
+            raise ValueError(f"max_slots={max_slots} must be divisible by the mesh's data axis "
+                             f"({mesh_sizes(mesh)['data']}).")
         self.config = model.config
         self.max_slots, self.max_queue, self.state_dtype = max_slots, max_queue, state_dtype
         self.prefill_chunk, self.buckets = prefill_chunk, prefill_buckets(prefill_chunk)
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.metrics = metrics or Metrics(max_slots)
+        self.mesh = mesh
         self._graphdef, self._params = nnx.split(model)
+        if mesh is not None:
+            self._params = place_params(self._params, mesh)
         self._static = dict(graphdef=self._graphdef, state_dtype=state_dtype)
-        self._pool = empty_states(self.config, max_slots, state_dtype)
-        self._zero = empty_states(self.config, 1, state_dtype)
+        self._pool = self._empty(max_slots)
+        self._zero = self._empty(1)
         self._previous = jnp.zeros((max_slots,), jnp.int32)
         self._slots = [_Slot() for _ in range(max_slots)]
         self._prefilling: collections.deque[int] = collections.deque()  # slot indices in admission order
@@ -150,6 +159,11 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    def _empty(self, rows: int) -> list:
+        """Zero states for `rows` rows, placed on the mesh (rows split over data when they are the pool's)."""
+        states = empty_states(self.config, rows, self.state_dtype)
+        return states if self.mesh is None else place_states(states, self.mesh, split_rows=rows > 1)
 
     # --- the caller's side (any thread) ---
 
@@ -466,5 +480,5 @@ class Engine:
                 if not done:
                     self._emit(request, Event((), "error", message))
         self._pending = None
-        self._pool = empty_states(self.config, self.max_slots, self.state_dtype)
+        self._pool = self._empty(self.max_slots)
         self._previous = jnp.zeros((self.max_slots,), jnp.int32)

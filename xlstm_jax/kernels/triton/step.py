@@ -13,6 +13,7 @@ import triton.language as tl
 
 from xlstm_jax.kernels.base import log_forget_floor, qk_scale
 from xlstm_jax.kernels.launch import launch
+from xlstm_jax.kernels.sharding import per_batch_head
 
 
 @triton.jit
@@ -60,13 +61,13 @@ def _block(dim: int, most: int) -> int:
     return max(16, min(most, triton.next_power_of_2(dim)))
 
 
-def step_triton(q, k, v, c, n, m, i, f, eps: float, *, block_v: int = 64, block_k: int = 64, num_warps: int = 4,
-                num_stages: int = 1):
-    """The fused step, gate factors included (one launch); same contract as `step_native`. block_v / block_k: the
-    tile of C a program updates per iteration (columns, rows; capped at the head dims)."""
+def _step_arrays(eps: float, tiles: tuple[int, int, int, int], q, k, v, c, n, m, i, f):
+    """The launch on arrays that all lead with (B, NH) (so `per_batch_head` can split them); tiles: (block_v,
+    block_k, num_warps, num_stages)."""
     B, NH, DHQK = q.shape
     DHHV = v.shape[-1]
     BH = B * NH
+    block_v, block_k, num_warps, num_stages = tiles
     BV, BK = _block(DHHV, block_v), _block(DHQK, block_k)
     flat = [a.reshape(BH, *a.shape[2:]) for a in (q, k, v, c, n, m)] + [g.reshape(BH) for g in (i, f)]
     h, c_new, n_new, m_new = launch(
@@ -76,4 +77,16 @@ def step_triton(q, k, v, c, n, m, i, f, eps: float, *, block_v: int = 64, block_
         grid=(triton.cdiv(DHHV, BV),), num_warps=num_warps, num_stages=num_stages, aliases={3: 1},
         SCALE=qk_scale(DHQK), EPS=float(eps), FLOOR=log_forget_floor(jnp.float32), DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
     )
-    return h.reshape(B, NH, DHHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
+    return h.reshape(B, NH, DHHV), c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape)
+
+
+_step = per_batch_head(_step_arrays, n_static=2)
+
+
+def step_triton(q, k, v, c, n, m, i, f, eps: float, *, block_v: int = 64, block_k: int = 64, num_warps: int = 4,
+                num_stages: int = 1):
+    """The fused step, gate factors included (one launch); same contract as `step_native`. block_v / block_k: the
+    tile of C a program updates per iteration (columns, rows; capped at the head dims). Under jit, inputs split
+    over B and/or NH run where they are (`per_batch_head`)."""
+    h, c_new, n_new, m_new = _step(float(eps), (block_v, block_k, num_warps, num_stages), q, k, v, c, n, m, i, f)
+    return h, (c_new, n_new, m_new)
