@@ -165,6 +165,25 @@ def installed_versions() -> dict[str, Any]:
     }
 
 
+def tma_support(versions: dict[str, Any]) -> tuple[bool, str]:
+    """(available, why) for on-device TMA tensor descriptors (`tl.make_tensor_descriptor`) launched from JAX: a
+    Hopper or newer GPU (compute capability >= 9.0), jax-triton >= 0.4 (jaxlib >= 0.11 allocates Triton's
+    per-launch global scratch itself) and triton >= 3.6. `versions` is shaped like `installed_versions()`."""
+    cc, jt, triton = versions["compute_capability"], versions["jax_triton"], versions["triton"]
+    missing = []
+    if cc is None or cc < (9, 0):
+        missing.append("a GPU of compute capability >= 9.0 (Hopper)" + ("" if cc is None else f", found {cc[0]}.{cc[1]}"))
+    if jt is None or _minor(jt) < (0, 4):
+        missing.append("jax-triton >= 0.4" + ("" if jt is None else f", found {jt}"))
+    if not version_at_least(versions["jax"], "0.11"):
+        missing.append(f"jax >= 0.11, found {versions['jax']}")
+    if triton is None or not version_at_least(triton, "3.6"):
+        missing.append("triton >= 3.6" + ("" if triton is None else f", found {triton}"))
+    if missing:
+        return False, "needs " + "; ".join(missing)
+    return True, f"jax-triton {jt} with triton {triton} on compute capability {cc[0]}.{cc[1]}"
+
+
 def installed_problems(versions: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """`version_problems` for the installed versions (or a dict shaped like `installed_versions()`)."""
     versions = installed_versions() if versions is None else versions

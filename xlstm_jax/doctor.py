@@ -185,6 +185,7 @@ def check_backend(name: str, cases: tuple[Case, ...], seed: int = 0) -> Result:
 def _versions_table(versions: dict[str, Any]) -> Table:
     table = Table(title="Versions", show_header=False)
     cc = versions["compute_capability"]
+    tma = compat.tma_support(versions)
     rows = [
         ("python", versions["python"]),
         ("jax", versions["jax"]),
@@ -193,6 +194,7 @@ def _versions_table(versions: dict[str, Any]) -> Table:
         ("jax-triton", versions["jax_triton"]),
         ("JAX platform", versions["platform"]),
         ("GPU", f"{versions['gpu']} (compute capability {cc[0]}.{cc[1]})" if versions["gpu"] else None),
+        ("TMA descriptors", "{} ({})".format("available" if tma[0] else "no", tma[1])),
     ]
     for key, value in rows:
         table.add_row(key, str(value) if value is not None else "[dim]not installed / none[/dim]")

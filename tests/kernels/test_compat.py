@@ -130,3 +130,22 @@ def test_aliasing_follows_the_jax_triton_version(version, takes):
     from xlstm_jax.kernels.launch import _aliased_outputs_take_parameters
 
     assert _aliased_outputs_take_parameters(SimpleNamespace(__version__=version)) is takes
+
+
+def _versions(cc, jax_triton, triton="3.6.0", jax="0.11.2"):
+    return {"compute_capability": cc, "jax_triton": jax_triton, "triton": triton, "jax": jax}
+
+
+@pytest.mark.parametrize("versions,available,says", [
+    (_versions((9, 0), "0.4.1"), True, "jax-triton 0.4.1 with triton 3.6.0 on compute capability 9.0"),
+    (_versions((10, 0), "0.4.1", "3.7.1"), True, "compute capability 10.0"),
+    (_versions((8, 0), "0.4.1"), False, "compute capability >= 9.0 (Hopper), found 8.0"),
+    (_versions(None, "0.4.1"), False, "compute capability >= 9.0 (Hopper)"),
+    (_versions((9, 0), "0.3.1"), False, "jax-triton >= 0.4, found 0.3.1"),
+    (_versions((9, 0), None), False, "jax-triton >= 0.4"),
+    (_versions((9, 0), "0.4.1", jax="0.10.2"), False, "jax >= 0.11, found 0.10.2"),
+    (_versions((9, 0), "0.4.1", triton="3.5.1"), False, "triton >= 3.6, found 3.5.1"),
+])
+def test_tma_support_names_what_is_missing(versions, available, says):
+    ok, why = compat.tma_support(versions)
+    assert ok is available and says in why
