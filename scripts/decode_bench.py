@@ -5,7 +5,8 @@
    own GPU time (profiler trace), and on a GPU a sweep of its tiles, warps and pipeline stages;
 2. `mlstm` forward for short S (1..64) with native_recurrent (what "auto" picks up to SHORT_SEQUENCE) and the
    limit-chunk kernel, same shape;
-3. one token of the xLSTM-7B architecture (bf16 weights, random) at batch 1 and 16, `model(token, states)` under
+3. one token of the xLSTM-7B architecture (bf16 weights, random; `--weights bf16 int8 fp8` adds weight-only
+   quantized copies to this part and the next) at batch 1 and 16, `model(token, states)` under
    jit with each step backend: ms per token and tokens/s (part "model");
 4. generation (`Generator`) with that model (128-token prompt, "mlstm_step" steps): ms per generated token at
    batch 1 and 16, as (time of 2 + 128 tokens - time of 2) / 128 (part "generate");
@@ -32,6 +33,7 @@ from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.generation import STATE_DTYPES, Generator
 from xlstm_jax.models.xlstm_large.model import zero_states
+from xlstm_jax.models.xlstm_large.quantize import quantize
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import recurrent_step_fw
 
 STEPS = 16  # steps per timed call: a fori_loop carries the states, as a decode loop does (no copy of C per step)
@@ -181,6 +183,9 @@ def main(argv=None) -> None:
                         help="the model's weight layout (fused: q|k|v|o, i|f and the FFN's gate|up in one matrix)")
     parser.add_argument("--state-dtype", default="float32", choices=STATE_DTYPES,
                         help="the decode states C and n between steps of the generate part (Generator's state_dtype)")
+    parser.add_argument("--weights", nargs="+", default=["bf16"], choices=["bf16", "int8", "fp8"],
+                        help="the model and generate parts with these weights (int8 / fp8: weight-only quantized "
+                             "projections and LM head, `xlstm_jax.models.xlstm_large.quantize`)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
@@ -204,16 +209,19 @@ def main(argv=None) -> None:
                                   weight_mode=args.weight_mode)
         model = xLSTMLarge(config, rngs=nnx.Rngs(0))
         results["weight_mode"] = args.weight_mode
+        weighted = {w: model if w == "bf16" else quantize(model, w) for w in args.weights}
     if "model" in args.parts:
-        results["model"] = model_rows(model, (1, 16), ["mlstm_step", "native_recurrent"], args.reps)
+        results["model"] = [dict(row, weights=w) for w, m in weighted.items()
+                            for row in model_rows(m, (1, 16), ["mlstm_step", "native_recurrent"], args.reps)]
         for row in results["model"]:
-            print(f"model B={row['B']:<3d} {row['step_backend']:17s} {row['ms_per_token']:7.3f} ms/token "
-                  f"{row['tokens_per_s']:9,.0f} tok/s  {row['kernels']} kernels", flush=True)
+            print(f"model B={row['B']:<3d} {row['weights']:4s} {row['step_backend']:17s} {row['ms_per_token']:7.3f} "
+                  f"ms/token {row['tokens_per_s']:9,.0f} tok/s  {row['kernels']} kernels", flush=True)
     if "generate" in args.parts:
-        results["generate"] = generate_rows(model, (1, 16), 8 if args.tiny else 128, 4 if args.tiny else 128,
-                                            args.state_dtype)
+        results["generate"] = [dict(row, weights=w) for w, m in weighted.items()
+                               for row in generate_rows(m, (1, 16), 8 if args.tiny else 128,
+                                                        4 if args.tiny else 128, args.state_dtype)]
         for row in results["generate"]:
-            print(f"generate B={row['B']:<3d} {row['what']}: {row['ms_per_token']:.3f} ms/token "
+            print(f"generate B={row['B']:<3d} {row['weights']:4s} {row['what']}: {row['ms_per_token']:.3f} ms/token "
                   f"{row['tokens_per_s']:,.0f} tok/s", flush=True)
     if "first_token" in args.parts:
         results["first_token"] = first_token_rows(model, (8, 32) if args.tiny else (128, 2048, 8192))

@@ -33,9 +33,9 @@ def model():
 def test_quantized_generation_equals_the_dequantized_float_model(model, scheme):
     """On the XLA path a QuantizedDense computes what a Dense holding wq * scale computes: same logits, bit for bit,
     through the prefill and the decode steps."""
-    quantized = Generator(model, weights=scheme)
-    out = quantized(PROMPTS, max_new_tokens=5, return_logits=True)
-    want = generate(dequantized(quantized.model), PROMPTS, max_new_tokens=5, return_logits=True)
+    quantized = quantize(model, scheme, backend="xla")
+    out = generate(quantized, PROMPTS, max_new_tokens=5, return_logits=True)
+    want = generate(dequantized(quantized), PROMPTS, max_new_tokens=5, return_logits=True)
     assert np.array_equal(out.tokens, want.tokens)
     assert np.array_equal(out.logits, want.logits)
     float_out = generate(model, PROMPTS, max_new_tokens=5, return_logits=True)
@@ -63,7 +63,7 @@ def test_what_is_quantized(weight_mode):
     layer, ffn = quantized.backbone.blocks[0].mlstm_layer, quantized.backbone.blocks[0].ffn
     names = (["q", "k", "v", "ogate_preact"] if weight_mode == "single" else ["qkv_opreact"]) + ["out_proj"]
     for module, name in [(layer, n) for n in names] + [(ffn, "proj_down"), (quantized, "lm_head")]:
-        dense, original = getattr(module, name), getattr(module, name)
+        dense = getattr(module, name)
         assert isinstance(dense, QuantizedDense), name
         assert dense.weight[...].dtype == jnp.int8 and dense.scale[...].dtype == jnp.float32
         assert dense.scale[...].shape == (dense.weight[...].shape[1],)
@@ -76,6 +76,9 @@ def test_what_is_quantized(weight_mode):
     assert quantized_scheme(float_model) is None and quantized_scheme(quantized) == "int8"
     assert all(not isinstance(node, QuantizedDense) for _, node in nnx.iter_graph(float_model))
     assert isinstance(quantize(float_model, "fp8", lm_head=False).lm_head, Dense)
+    generator = Generator(float_model, weights="fp8")  # decodes a quantized copy, split once
+    assert quantized_scheme(generator.model) == "fp8" and quantized_scheme(float_model) is None
+    assert generator._split is None or generator._split[0] == nnx.graphdef(generator.model)
 
 
 def test_bad_input_gets_clear_errors(model):
