@@ -5,10 +5,11 @@ packed documents), on random tokens; jitted once, warmed up, median of >= 10 tim
 (`xlstm_jax.bench.measure.time_jax`). `--mesh data=1` (repeatable with other meshes) runs the same step placed on a
 device mesh, as `xlstm-jax train --mesh` does; "none" is the plain one-device path. `--batch-per-device` scales
 the batch with the mesh's device count (weak scaling, issue 22). MFU counts the model FLOPs of
-`xlstm_jax.train.metrics.model_flops_per_token` against the device's bf16 peak.
+`xlstm_jax.train.metrics.model_flops_per_token` against the device's bf16 peak (recomputation under --remat is
+not counted). `--loss` and `--remat` (each taking several values) measure the training job's choices.
 
     python scripts/train_throughput.py --sizes 125m 1.3b --backends triton_limit_chunk native_chunkwise \\
-        --meshes none data=1
+        --meshes none data=1 --loss plain fused --remat none dots
 
 `--tiny` runs a small model at S=64 (a check that the script works, e.g. on a CPU).
 """
@@ -17,55 +18,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import itertools
 import json
 import math
 
 import jax
-import jax.numpy as jnp
 
 from xlstm_jax.bench.measure import time_jax
-from xlstm_jax.train.config import TrainConfig
-from xlstm_jax.train.mesh import batch_sharding, build_mesh, parse_mesh
+from xlstm_jax.train.benchmark import SIZES, synthetic_step
+from xlstm_jax.train.config import LOSS_CHOICES, REMAT_CHOICES
+from xlstm_jax.train.mesh import parse_mesh
 from xlstm_jax.train.metrics import model_flops_per_token, peak_flops
-from xlstm_jax.train.steps import build_steps, init_params, make_optimizer
-
-SIZES = {  # tied embeddings, vocab 50304
-    "125m": dict(embedding_dim=768, num_heads=4, num_blocks=12),
-    "1.3b": dict(embedding_dim=2048, num_heads=8, num_blocks=24),
-    "tiny": dict(embedding_dim=64, num_heads=2, num_blocks=2),
-}
 
 
-def measure(size: str, backend: str, mesh_text: str | None, batch: int, seq_len: int, dtype: str, reps: int
-            ) -> dict:
-    vocab = 256 if size == "tiny" else 50304
-    config = TrainConfig(**SIZES[size], vocab_size=vocab, seq_len=seq_len, batch_size=batch, backend=backend,
-                         compute_dtype=dtype, mesh=mesh_text, steps=100, progress=False)
-    model_config = dataclasses.replace(config.model_config(), tie_word_embeddings=True)
-    tx = make_optimizer(config)
-    mesh = sizes = None
-    if mesh_text is not None:
-        sizes = parse_mesh(mesh_text)
-        mesh = build_mesh(sizes)
-    graphdef, params, opt_state, placement = init_params(model_config, 0, tx, mesh, sizes)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, vocab)
-    segment_ids = jnp.cumsum(jax.random.bernoulli(jax.random.key(2), 1 / 1024, (batch, seq_len)), axis=1)
-    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids.astype(jnp.int32),
-            "mask": jnp.ones((batch, seq_len), jnp.float32)}
-    if mesh is not None:
-        data = jax.device_put(data, batch_sharding(mesh))
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        train_step, _ = build_steps(graphdef, tx, placement)
-        timing = time_jax(train_step, lambda: (params, opt_state, data), reps)
+def measure(size: str, backend: str, mesh_text: str | None, batch: int, seq_len: int, dtype: str, reps: int,
+            loss: str = "plain", remat: str = "none", loss_block: int | None = None) -> dict:
+    step = synthetic_step(size, backend, batch, seq_len, dtype, mesh_text, loss, remat, loss_block)
+    with jax.set_mesh(step.mesh) if step.mesh is not None else contextlib.nullcontext():
+        timing = time_jax(step.train_step, lambda: step.args, reps)
     tokens_per_s = batch * seq_len / (timing["ms_median"] / 1e3)
     peak = peak_flops(jax.devices()[0], dtype)
-    flops = model_flops_per_token(model_config, config.chunk_size or 64)
-    return {"size": size, "backend": backend, "mesh": mesh_text or "none", "batch": batch, "params_M": n_params / 1e6,
-            "step_ms": timing["ms_median"], "step_iqr_ms": timing["ms_iqr"], "tokens_per_s": tokens_per_s,
+    flops = model_flops_per_token(step.model_config, step.model_config.chunk_size or 64)
+    return {"size": size, "backend": backend, "mesh": mesh_text or "none", "batch": batch, "loss": loss,
+            "remat": remat, "params_M": step.n_params / 1e6, "step_ms": timing["ms_median"],
+            "step_iqr_ms": timing["ms_iqr"], "tokens_per_s": tokens_per_s,
             "mfu": None if peak is None else tokens_per_s * flops / peak, "compile_s": timing["compile_s"],
-            "peak_mb": timing["peak_mb"]}
+            "peak_mb": timing["peak_mb"], "xla_mb": timing["xla_mb"]}
 
 
 def main(argv=None) -> None:
@@ -80,6 +58,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole table (alternating runs)")
+    parser.add_argument("--loss", nargs="+", default=["plain"], choices=LOSS_CHOICES,
+                        help="training losses to measure (xlstm-jax train --loss)")
+    parser.add_argument("--remat", nargs="+", default=["none"], choices=REMAT_CHOICES,
+                        help="remat choices to measure (xlstm-jax train --remat)")
+    parser.add_argument("--loss-block", type=int, help="vocabulary columns per block of the fused loss "
+                                                       "(default: automatic)")
     parser.add_argument("--tiny", action="store_true", help="D=64, 2 blocks, vocab 256, S=64, B=2")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -90,15 +74,17 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for size in sizes:
             for backend in args.backends:
-                for mesh in args.meshes:
+                for mesh, loss, remat in itertools.product(args.meshes, args.loss, args.remat):
                     mesh_text = None if mesh == "none" else mesh
                     step_batch = batch if args.batch_per_device is None else args.batch_per_device * (
                         1 if mesh_text is None else math.prod(parse_mesh(mesh_text).values()))
-                    row = measure(size, backend, mesh_text, step_batch, seq_len, args.dtype, args.reps)
+                    row = measure(size, backend, mesh_text, step_batch, seq_len, args.dtype, args.reps, loss, remat,
+                                  args.loss_block)
                     mfu = "" if row["mfu"] is None else f"  MFU {100 * row['mfu']:.1f}%"
-                    print(f"{size:5s} {backend:20s} mesh {row['mesh']:10s} {row['params_M']:.1f}M params  step "
-                          f"{row['step_ms']:.1f} ms (± {row['step_iqr_ms']:.1f})  {row['tokens_per_s']:,.0f} "
-                          f"tokens/s{mfu}", flush=True)
+                    peak = "" if row["peak_mb"] is None else f"  peak {row['peak_mb']:,.0f} MB"
+                    print(f"{size:5s} {backend:20s} mesh {row['mesh']:10s} loss {loss:5s} remat {remat:5s} "
+                          f"{row['params_M']:.1f}M params  step {row['step_ms']:.1f} ms (± {row['step_iqr_ms']:.1f})  "
+                          f"{row['tokens_per_s']:,.0f} tokens/s{mfu}{peak}", flush=True)
                     results.append(row)
     if args.json:
         with open(args.json, "w") as fh:

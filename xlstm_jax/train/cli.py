@@ -127,9 +127,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     option(dist, "--mesh", metavar="AXES",
            help="device mesh over data, fsdp, tensor and sequence, e.g. data=2,fsdp=2,tensor=2, sizes multiplying "
                 "to the device count (default: one device)")
-    option(dist, "--remat", action="store_true",
-           help="recompute each block in the backward instead of keeping its activations (memory of one block's "
-                "activations, about one more forward pass of compute)")
+    option(dist, "--remat", nargs="?", const="block", metavar="{none,block,dots}",
+           help="what each block keeps for the backward: none recomputes nothing; block (also --remat alone) keeps "
+                "only the block's input and recomputes the block (memory of one block's activations, about one "
+                "more forward pass of compute); dots keeps the projections' outputs and recomputes the norms, "
+                "gates, activations and the mLSTM cell")
+    option(dist, "--loss", metavar="{plain,fused}",
+           help="the training and evaluation loss: plain computes the (batch x seq-len, vocab) float32 logits, "
+                "fused the same cross-entropy in vocabulary blocks without storing them (less memory)")
     dist.add_argument("--coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
                       help="several processes: process 0's address, with --num-processes and --process-id "
                            "(default: from SLURM / Open MPI when the job has several processes, else one process)")
@@ -148,8 +153,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     option(run, "--resume", action="store_true",
            help="continue the run in --output-dir from its newest intact checkpoint, with its stored settings "
                 "(options given must agree with them, except --steps, the evaluation, checkpoint and logging "
-                "cadence, and where it runs: --backend, --chunk-size, --dtype, --mesh, --remat); damaged "
-                "checkpoints are moved to OUTPUT_DIR/damaged-checkpoints")
+                "cadence, and where and how it runs: --backend, --chunk-size, --dtype, --mesh, --remat, --loss); "
+                "damaged checkpoints are moved to OUTPUT_DIR/damaged-checkpoints")
     option(run, "--log-every", type=int, help="steps between metrics.jsonl records (and progress-bar updates)")
     option(run, "--no-progress", field="progress", action="store_false", help="no progress bar or progress lines")
     option(run, "--progress-seconds", type=float,

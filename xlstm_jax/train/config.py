@@ -14,16 +14,19 @@ from typing import Any
 # Fields that must match between a run and the run it resumes: everything that shapes the model, the data or the
 # optimizer state. A resume may change the run's length (`steps`: the learning rate then goes on from where it is,
 # see `lr_segments`), the cadence of logging, evaluation and checkpoints, and where and how it runs (backend,
-# chunk size, mesh, remat).
+# chunk size, mesh, remat, loss).
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
                  "igate_bias_init", "fgate_bias_init_range", "batch_size", "warmup_steps", "min_lr_ratio",
                  "weight_decay", "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction", "doc_separator")
 # Fields a resume may change, announced when they differ: how (not what) it computes, and the step size (a run that
 # diverged goes on from its last checkpoint with a lower peak learning rate or clip norm).
-EXECUTION_FIELDS = ("backend", "chunk_size", "compute_dtype", "mesh", "remat", "learning_rate", "clip_norm")
+EXECUTION_FIELDS = ("backend", "chunk_size", "compute_dtype", "mesh", "remat", "loss", "learning_rate",
+                    "clip_norm")
 # Fields a resume never takes from the stored run: where it is and that it resumes, and how it reports progress.
 NOT_INHERITED = ("output_dir", "resume", "progress", "lr_segments")
 TEXT_SUFFIXES = (".txt", ".jsonl")
+REMAT_CHOICES = ("none", "block", "dots")  # what each block keeps for the backward (`xLSTMLarge.__call__`)
+LOSS_CHOICES = ("plain", "fused")  # the loss over the logits, or `xlstm_jax.train.losses` (no logits stored)
 # Gate-bias initialisation (input-gate bias, forget-gate bias range over the heads) when not given. MQAR's gives one
 # head short memory for the previous-token lookup the recall needs (the xLSTM-7B block has no convolution) and input
 # gates open from the start: the recall circuit forms within 250-500 steps, where the xLSTM-7B initialisation took
@@ -38,6 +41,12 @@ class ConfigError(ValueError):
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
+
+
+def remat_choice(value: Any) -> Any:
+    """A `remat` setting as a `REMAT_CHOICES` name: a stored run's bool (before the choices) as "block" / "none";
+    anything else as it is."""
+    return ("block" if value else "none") if isinstance(value, bool) else value
 
 
 def _is_real(value: Any) -> bool:
@@ -140,7 +149,11 @@ class TrainConfig:
     the rate decays along a new cosine from where it was to the same floor (empty: one segment to `steps`).
     With `progress`, a terminal shows a progress bar and other outputs get a progress line after the first step
     and every `progress_seconds`. `mesh` ("data=2,fsdp=2,tensor=2"; None: one device) places the run on a device
-    mesh (`xlstm_jax.train.mesh`); `remat` recomputes each block in the backward (less activation memory).
+    mesh (`xlstm_jax.train.mesh`). `remat` (`REMAT_CHOICES`): "block" recomputes each block in the backward from
+    its input (least activation memory), "dots" keeps the projections' outputs and recomputes the rest, "none"
+    keeps everything; a stored run's true / false (before the choices) reads as "block" / "none". `loss` "fused"
+    computes the cross-entropy in vocabulary blocks without storing the (B S, V) logits
+    (`xlstm_jax.train.losses`), "plain" from the logits; the two are the same function.
 
     `data` (paths, all of one kind: token files .npy/.bin, or text .txt/.jsonl with `tokenizer`) trains a language
     model on them instead of MQAR (`xlstm_jax.train.data`: packing with segment ids, a held-out `eval_fraction`;
@@ -178,7 +191,8 @@ class TrainConfig:
     progress_seconds: float = 15.0
     log_every: int = 10
     mesh: str | None = None
-    remat: bool = False
+    remat: str = "none"
+    loss: str = "plain"
     data: tuple[str, ...] | None = None
     tokenizer: str | None = None
     token_dtype: str = "uint16"
@@ -219,6 +233,11 @@ class TrainConfig:
                                ("progress_seconds", self.progress_seconds >= 0, ">= 0")):
             if not (ok and _is_real(getattr(self, name))):
                 raise ConfigError(name, f"must be a finite number {rule}, got {getattr(self, name)}.")
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", remat_choice(self.remat))
+        for name, choices in (("remat", REMAT_CHOICES), ("loss", LOSS_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("compute_dtype", f"must be auto, float32, bfloat16 or float16, got "
                                                f"{self.compute_dtype!r}.")

@@ -27,7 +27,7 @@ from xlstm_jax.train.checkpoints import (RunCheckpointer, ShapeMismatch, holds_r
                                          write_run_config)
 from xlstm_jax.train.guards import (LOCK_FILE, Diverged, Interrupted, RunError, RunLock, StopSignals, WriteFailed,
                                     os_reason)
-from xlstm_jax.train.config import EXECUTION_FIELDS, RESUME_FIELDS, ConfigError, TrainConfig
+from xlstm_jax.train.config import EXECUTION_FIELDS, RESUME_FIELDS, ConfigError, TrainConfig, remat_choice
 from xlstm_jax.train.mesh import batch_sharding, build_mesh, parse_mesh
 from xlstm_jax.train.metrics import METRICS_FILE, MetricsLog, model_flops_per_token, peak_flops
 from xlstm_jax.train.steps import build_steps, evaluate, init_params, lr_schedule, make_optimizer
@@ -79,6 +79,8 @@ def _check_output_dir(config: TrainConfig, console: Console) -> dict[str, Any] |
             stored = read_run_config(config.output_dir) or {}
         except ValueError as err:
             raise ConfigError("output_dir", str(err)) from None
+        if "remat" in stored:  # a run from before the remat choices stored a bool
+            stored = {**stored, "remat": remat_choice(stored["remat"])}
         now = json.loads(json.dumps(config.to_dict()))  # as stored: tuples become lists
         changed = [name for name in RESUME_FIELDS if name in stored and stored[name] != now[name]]
         if changed:
@@ -215,7 +217,7 @@ def _train(config: TrainConfig, stored: dict[str, Any] | None, stop: StopSignals
         if main:
             write_run_config(config.output_dir, {**config.to_dict(), "model": model_config.to_dict()})
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        train_step, eval_sums = build_steps(graphdef, tx, placement, config.remat)
+        train_step, eval_sums = build_steps(graphdef, tx, placement, config.remat, config.loss)
         try:
             result = _run(config, task, model_config, train_step, eval_sums, params, opt_state, start, metrics,
                           checkpointer, console, stop)

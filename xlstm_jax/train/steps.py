@@ -13,7 +13,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
-from xlstm_jax.train.config import TrainConfig
+from xlstm_jax.train.config import LOSS_CHOICES, TrainConfig
+from xlstm_jax.train.losses import blocked_cross_entropy
 from xlstm_jax.train.mesh import MLSTM_AXES, param_shardings
 
 
@@ -62,14 +63,28 @@ def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.A
     return jnp.stack([jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)])
 
 
-def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None, remat: bool = False
-                 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def fused_masked_sums(model: xLSTMLarge, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                      block_size: int | None = None) -> jax.Array:
+    """`masked_sums` of `model.head(hidden)` computed without the logits (`blocked_cross_entropy` in vocabulary
+    blocks of `block_size`, None: automatic): hidden (B, S, D) float32, targets (B, S) int, mask (B, S)."""
+    x, weight = model.head_operands(hidden)
+    c = model.config
+    ce, correct = blocked_cross_entropy(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), mask.reshape(-1),
+                                        soft_cap=c.output_logit_soft_cap, compute_dtype=c.compute_jnp_dtype,
+                                        block_size=block_size)
+    return jnp.stack([ce, correct, jnp.sum(mask).astype(ce.dtype)])
+
+
+def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None, remat: bool | str = "none",
+                loss: str = "plain", loss_block: int | None = None) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The jitted train step (params, opt_state, mean loss and accuracy of the batch, and whether the loss and the
     gradient norm were finite: a step where they are not changes nothing) and the evaluation sums of one batch.
     `placement` (param shardings, opt-state shardings): the step keeps parameters and optimizer states where they
-    are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`). `remat`: the model recomputes each
-    block in the backward."""
-    sums = _batch_sums(graphdef, None if placement is None else MLSTM_AXES)
+    are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`). `remat` ("none", "block", "dots"; a
+    bool: "block" / "none"): what each block keeps for the backward (`xLSTMLarge.__call__`). `loss` "plain" or
+    "fused" (`fused_masked_sums`, vocabulary blocks of `loss_block`). The LM head with the loss and the optimizer
+    update run under the named scopes "lm_head_loss" and "optimizer" (profiles tell them apart by these)."""
+    sums = batch_sums(graphdef, None if placement is None else MLSTM_AXES, loss, loss_block)
 
     def loss_fn(params, batch):
         ce, correct, count = sums(params, batch, remat)
@@ -82,29 +97,43 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
     @jax.jit
     def train_step(params, opt_state, batch):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        # a non-finite step leaves parameters and optimizer state as they were (the loop stops the run)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        params = keep(optax.apply_updates(params, updates), params)
-        return place(params, 0), place(keep(new_opt_state, opt_state), 1), loss, acc, finite
+        with jax.named_scope("optimizer"):
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+            # a non-finite step leaves parameters and optimizer state as they were (the loop stops the run)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params = keep(optax.apply_updates(params, updates), params)
+            return place(params, 0), place(keep(new_opt_state, opt_state), 1), loss, acc, finite
 
-    return train_step, eval_step(graphdef, placement is not None)
+    return train_step, eval_step(graphdef, placement is not None, loss, loss_block)
 
 
-def _batch_sums(graphdef: Any, mesh_axes: Any) -> Callable[..., Any]:
-    def sums(params, batch, remat=False):
-        logits = nnx.merge(graphdef, params)(batch["inputs"], segment_ids=batch.get("segment_ids"),
-                                             mesh_axes=mesh_axes, remat=remat)
-        return masked_sums(logits, batch["targets"], batch["mask"])
+def batch_sums(graphdef: Any, mesh_axes: Any, loss: str = "plain", loss_block: int | None = None
+               ) -> Callable[..., Any]:
+    """sums(params, batch, remat="none") -> [cross-entropy sum, correct, scored] of one batch for parameters of
+    `graphdef` (`loss`, `loss_block`, `remat`: as `build_steps`); mesh_axes: the mLSTM cells' (`MLSTM_AXES` on a
+    mesh, else None)."""
+    if loss not in LOSS_CHOICES:
+        raise ValueError(f"loss must be one of {LOSS_CHOICES}, got {loss!r}.")
+
+    def sums(params, batch, remat="none"):
+        model = nnx.merge(graphdef, params)
+        hidden = model(batch["inputs"], segment_ids=batch.get("segment_ids"), mesh_axes=mesh_axes, remat=remat,
+                       return_hidden=True)
+        with jax.named_scope("lm_head_loss"):
+            if loss == "fused":
+                return fused_masked_sums(model, hidden, batch["targets"], batch["mask"], loss_block)
+            return masked_sums(model.head(hidden), batch["targets"], batch["mask"])
 
     return sums
 
 
-def eval_step(graphdef: Any, on_mesh: bool = False) -> Callable[..., Any]:
+def eval_step(graphdef: Any, on_mesh: bool = False, loss: str = "plain", loss_block: int | None = None
+              ) -> Callable[..., Any]:
     """The jitted evaluation sums of one batch (`masked_sums`) for parameters `params` of `graphdef`: (params,
-    batch) -> [cross-entropy sum, correct, scored]. `on_mesh`: the mLSTM cells split (B, NH, S) over the mesh."""
-    return jax.jit(_batch_sums(graphdef, MLSTM_AXES if on_mesh else None))
+    batch) -> [cross-entropy sum, correct, scored]. `on_mesh`: the mLSTM cells split (B, NH, S) over the mesh.
+    `loss`, `loss_block`: as `build_steps`."""
+    return jax.jit(batch_sums(graphdef, MLSTM_AXES if on_mesh else None, loss, loss_block))
 
 
 def evaluate(eval_sums: Callable[..., Any], params: Any, batches: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -1,0 +1,249 @@
+"""Where the time of one training step goes: device time per category from a JAX profiler trace.
+
+The step is the training job's own (`xlstm_jax.train.benchmark.synthetic_step`: AdamW, packed documents, random
+tokens) at a benchmark size, with the job's `--loss` and `--remat` choices. It is compiled, timed without the
+profiler (median of `--reps` steps: the step's wall time), then `--steps` steps are traced
+(`jax.profiler.trace`); the device events of the trace (`xlstm_jax.bench.trace.device_events`) are matched to the
+compiled HLO (`hlo_op` of each event, or its kernel name) and summed per category:
+
+- mlstm_fw, mlstm_bw: the mLSTM Triton kernels (kernel names with "mlstm"; "_bw" for the backward);
+- lm_head_matmul, loss: the LM head's matmuls and the rest of the final norm, head and loss (the step's
+  "lm_head_loss" named scope: logsumexp, soft cap, their gradients);
+- optimizer: the "optimizer" scope (clipping, AdamW, the finite check);
+- matmul: other matmuls (dot / convolution HLO, cuBLAS, cutlass, nvjet or XLA Triton GEMM kernels);
+- collective: all-reduce, all-gather, reduce-scatter and other collectives (NCCL kernels);
+- transpose_copy: transposes, copies, memcpy / memset; other_fusion: the other XLA fusions (norms, gates,
+  activations, residual adds, converts); other: the rest.
+
+Also printed: device busy time (the union of the events' intervals) and the host gap (step wall time minus busy
+time), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory and
+the device's peak memory. On a CPU (`--tiny`) the events are XLA's CPU thunks, possibly on several threads at once
+and slowed down by the profiler: the categories are coarse there and the host gap meaningless.
+
+    python scripts/profile_train.py --size 1.3b --batch 8 --loss fused --remat dots --json profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+
+from xlstm_jax.bench.measure import timed_runs, timing_stats
+from xlstm_jax.bench.trace import traced_events
+from xlstm_jax.train.benchmark import SIZES, synthetic_step
+from xlstm_jax.train.config import LOSS_CHOICES, REMAT_CHOICES
+from xlstm_jax.train.metrics import model_flops_per_token, peak_flops
+
+CATEGORIES = ("matmul", "mlstm_fw", "mlstm_bw", "lm_head_matmul", "loss", "optimizer", "collective",
+              "transpose_copy", "other_fusion", "other")
+MATMUL_KERNELS = ("gemm", "cublas", "cutlass", "nvjet", "xmma", "matmul")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "nccl")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\(")
+
+
+def parse_hlo(text: str) -> dict[str, dict]:
+    """Instruction name -> {opcode, op_name (JAX name stack), calls (called computations), target (custom-call
+    target), computation, root} of a compiled module's HLO text; computations under "computation:NAME" ->
+    {instructions, root}."""
+    table: dict[str, dict] = {}
+    computation = None
+    for line in text.splitlines():
+        if line.rstrip().endswith("{") and " = " not in line:
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            table[f"computation:{computation}"] = {"instructions": [], "root": None}
+            continue
+        match = _INSTRUCTION.match(line)
+        if match is None or computation is None:
+            continue
+        root, name, opcode = match.groups()
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        table[name] = {"opcode": opcode, "op_name": op_name[1] if op_name else "",
+                       "calls": re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line),
+                       "target": target[1] if target else "", "computation": computation}
+        table[f"computation:{computation}"]["instructions"].append(name)
+        if root:
+            table[f"computation:{computation}"]["root"] = name
+    return table
+
+
+def _is_matmul(hlo: dict[str, dict], name: str, seen: set | None = None) -> bool:
+    info = hlo.get(name)
+    if info is None:
+        return False
+    if info["opcode"] in ("dot", "convolution") or any(k in info["target"].lower() for k in MATMUL_KERNELS):
+        return True
+    seen = set() if seen is None else seen
+    if info["opcode"] != "fusion" or name in seen:
+        return False
+    seen.add(name)
+    return any(_is_matmul(hlo, inner, seen) for called in info["calls"]
+               for inner in hlo.get(f"computation:{called}", {}).get("instructions", ()))
+
+
+def _op_name(hlo: dict[str, dict], name: str) -> str:
+    """The instruction's JAX name stack; a fusion without one takes its root's (or its first named one's)."""
+    info = hlo.get(name, {})
+    if info.get("op_name") or info.get("opcode") != "fusion":
+        return info.get("op_name", "")
+    for called in info["calls"]:
+        comp = hlo.get(f"computation:{called}", {})
+        names = [comp.get("root")] + comp.get("instructions", [])
+        named = [hlo[n]["op_name"] for n in names if n in hlo and hlo[n]["op_name"]]
+        if named:
+            return named[0]
+    return ""
+
+
+def instruction_of(event: dict, hlo: dict[str, dict]) -> str | None:
+    """The HLO instruction an event ran: its `hlo_op`, or its kernel name (XLA names a fusion's kernel after it,
+    with "_N" for ".N")."""
+    name = event["name"]
+    for candidate in (event.get("args", {}).get("hlo_op"), name, re.sub(r"_(\d+)$", r".\1", name)):
+        if candidate in hlo:
+            return candidate
+    return None
+
+
+def category(event: dict, hlo: dict[str, dict]) -> tuple[str, str]:
+    """(category, op name) of a device event (`CATEGORIES`)."""
+    kernel = event["name"].lower()
+    name = instruction_of(event, hlo)
+    info = hlo.get(name, {"opcode": "", "target": ""})
+    scope = _op_name(hlo, name) if name else ""
+    opcode = info["opcode"]
+    if any(c in opcode or c in kernel for c in COLLECTIVES):
+        return "collective", scope
+    if "mlstm" in kernel:
+        return ("mlstm_bw" if "_bw" in kernel else "mlstm_fw"), scope
+    matmul = any(k in kernel for k in MATMUL_KERNELS) or (name is not None and _is_matmul(hlo, name))
+    if "/optimizer/" in scope:
+        return "optimizer", scope
+    if "lm_head_loss" in scope:
+        return ("lm_head_matmul" if matmul else "loss"), scope
+    if matmul:
+        return "matmul", scope
+    root = hlo.get(hlo.get(f"computation:{(info.get('calls') or [''])[0]}", {}).get("root") or "", {})
+    if opcode in ("transpose", "copy", "copy-start", "copy-done") or root.get("opcode") in ("transpose", "copy") \
+            or any(k in kernel for k in ("transpose", "copy", "memcpy", "memset")):
+        return "transpose_copy", scope
+    if opcode == "fusion" or "fusion" in kernel:
+        return "other_fusion", scope
+    return "other", scope
+
+
+def busy_us(events: list[dict]) -> float:
+    """Microseconds covered by at least one event (the union of their intervals)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def profile(args: argparse.Namespace) -> dict:
+    step = synthetic_step(args.size, args.backend, args.batch, args.seq_len, args.dtype, args.mesh, args.loss,
+                          args.remat, args.loss_block)
+    start = time.perf_counter()
+    with jax.set_mesh(step.mesh) if step.mesh is not None else contextlib.nullcontext():
+        compiled = step.train_step.lower(*step.args).compile()
+    compile_s = time.perf_counter() - start
+    hlo = parse_hlo(compiled.as_text())
+    seconds, _ = timed_runs(lambda: compiled(*step.args), jax.block_until_ready, args.reps)
+    timing = timing_stats(seconds)
+
+    def run():
+        for _ in range(args.steps):
+            out = compiled(*step.args)
+        return out
+
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_train-")
+    events = traced_events(run, os.path.join(trace_dir, f"{args.size}-{args.loss}-{args.remat}"))
+    if jax.default_backend() == "cpu":  # every event of the process: keep XLA's thunks
+        events = [e for e in events if "hlo_op" in e.get("args", {})]
+    per_category = collections.defaultdict(float)
+    kernels, ops = collections.defaultdict(lambda: [0.0, 0]), collections.defaultdict(float)
+    for event in events:
+        kind, scope = category(event, hlo)
+        ms = float(event["dur"]) / 1e3 / args.steps
+        per_category[kind] += ms
+        kernels[(event["name"][:90], kind)][0] += ms
+        kernels[(event["name"][:90], kind)][1] += 1
+        ops[(kind, re.sub(r"^jit\(train_step\)/", "", scope)[:120])] += ms
+    busy = busy_us(events) / 1e3 / args.steps
+    memory, stats = compiled.memory_analysis(), jax.devices()[0].memory_stats()
+    tokens_per_s = args.batch * args.seq_len / (timing["ms_median"] / 1e3)
+    peak = peak_flops(jax.devices()[0], args.dtype)
+    flops = model_flops_per_token(step.model_config, step.model_config.chunk_size or 64)
+    return {
+        "size": args.size, "backend": args.backend, "mesh": args.mesh, "batch": args.batch, "seq_len": args.seq_len,
+        "dtype": args.dtype, "loss": args.loss, "remat": args.remat, "loss_block": args.loss_block,
+        "params_M": step.n_params / 1e6, "step_ms": timing["ms_median"], "step_iqr_ms": timing["ms_iqr"],
+        "tokens_per_s": tokens_per_s, "mfu": None if peak is None else tokens_per_s * flops / peak,
+        "device_busy_ms": busy, "host_gap_ms": timing["ms_median"] - busy,
+        "category_ms": {kind: per_category.get(kind, 0.0) for kind in CATEGORIES},
+        "top_kernels": [{"kernel": k, "category": c, "ms": v[0], "calls": v[1] / args.steps}
+                        for (k, c), v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]],
+        "top_ops": [{"op_name": o, "category": c, "ms": v}
+                    for (c, o), v in sorted(ops.items(), key=lambda kv: -kv[1])[:args.top]],
+        "compile_s": compile_s, "temp_mb": memory.temp_size_in_bytes / 2**20,
+        "peak_mb": None if not stats else stats.get("peak_bytes_in_use", 0) / 2**20,
+        "events_per_step": len(events) / args.steps,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="125m", choices=sorted(SIZES),
+                        help="125m: D 768, 12 blocks, 4 heads; 1.3b: D 2048, 24 blocks, 8 heads (vocab 50304)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="size tiny (D 64, 2 blocks, vocab 256), B 2, S 64, float32: a check on a CPU")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--backend", default="auto", help="mLSTM backend (auto: Triton on a CUDA GPU)")
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    parser.add_argument("--mesh", help="a device mesh, as xlstm-jax train --mesh (default: one device)")
+    parser.add_argument("--loss", default="plain", choices=LOSS_CHOICES)
+    parser.add_argument("--remat", default="none", choices=REMAT_CHOICES)
+    parser.add_argument("--loss-block", type=int, help="vocabulary columns per block of the fused loss")
+    parser.add_argument("--steps", type=int, default=3, help="traced steps")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps (wall time, untraced)")
+    parser.add_argument("--top", type=int, default=25, help="kernels and op names listed")
+    parser.add_argument("--trace-dir", help="keep the traces here (default: a new temporary folder)")
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.size, args.batch, args.seq_len, args.dtype = "tiny", 2, 64, "float32"
+    row = profile(args)
+    step = row["step_ms"]
+    mfu = "" if row["mfu"] is None else f" (MFU {100 * row['mfu']:.1f}%)"
+    memory = "" if row["peak_mb"] is None else f", peak {row['peak_mb']:,.0f} MB"
+    print(f"{row['size']} B={row['batch']} S={row['seq_len']} {row['dtype']} backend {row['backend']} loss "
+          f"{row['loss']} remat {row['remat']}: step {step:.2f} ms (± {row['step_iqr_ms']:.2f}), "
+          f"{row['tokens_per_s']:,.0f} tokens/s{mfu}, device busy {row['device_busy_ms']:.2f} ms, host gap "
+          f"{row['host_gap_ms']:.2f} ms, XLA temporaries {row['temp_mb']:,.0f} MB{memory}", flush=True)
+    for kind, ms in row["category_ms"].items():
+        print(f"  {kind:15s} {ms:9.3f} ms  {100 * ms / step:5.1f}%")
+    print("top kernels:")
+    for k in row["top_kernels"]:
+        print(f"  {k['ms']:9.3f} ms  {k['calls']:5.0f}x  {k['category']:15s} {k['kernel']}")
+    print("top op names:")
+    for o in row["top_ops"]:
+        print(f"  {o['ms']:9.3f} ms  {o['category']:15s} {o['op_name']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, **row}, fh, indent=1)
+    return row
+
+
+if __name__ == "__main__":
+    main()
