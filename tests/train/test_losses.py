@@ -65,6 +65,7 @@ def test_equals_the_plain_loss_in_float64(cap, block_size):
         _assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_equals_the_plain_loss_in_float32_with_the_model_cap():
     x, w, targets, weights = _inputs(jnp.float32, seed=1)
     x = 8.0 * x  # logits of +-100: the soft cap at 30 bends them
@@ -86,6 +87,7 @@ def test_argmax_ties_across_blocks_go_to_the_lowest_index():
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_operands_are_as_close_to_exact_as_the_plain_loss():
     """bf16 x, w with bf16 matmuls: both losses against the float64 loss of the same (rounded) inputs; the fused
     one's error is no larger than twice the plain one's (it rounds the logits' cotangent to bf16 for the matmuls,
