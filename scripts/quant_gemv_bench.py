@@ -72,7 +72,8 @@ def main(argv=None) -> None:
                 if args.sweep and name in ("qkv_opreact", "proj_down") and scheme == "int8":
                     for bn, bk, split, warps, stages in itertools.product((64, 128, 256), (32, 64, 128),
                                                                           (None,), (4, 8), (3,)):
-                        options = dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
+                        options = {"block_n": bn, "block_k": bk, "split_k": split, "num_warps": warps,
+                                   "num_stages": stages}
                         fn = chain(lambda x, wq, s, o=options: quantized_matmul(x, wq, s, backend="triton",
                                                                                out_dtype=jnp.float32, **o))
                         label = f"{name} int8 BN{bn} BK{bk} split{split} w{warps} s{stages}"

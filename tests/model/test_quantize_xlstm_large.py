@@ -102,8 +102,8 @@ def test_cli_weights_option(model, tmp_path, capsys):
     assert WEIGHT_SCHEMES == tuple(SCHEMES)
     assert cli.main(["generate", str(tmp_path / "absent"), "--prompt-ids", "1 2", "--weights", "int4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --weights: must be one of ['int8', 'fp8'] (leave it out for the checkpoint's float "
-                   "weights), got 'int4'."]
+    assert err == [("error: --weights: must be one of ['int8', 'fp8'] (leave it out for the checkpoint's float "
+                    "weights), got 'int4'.")]
     save_pretrained(model, str(tmp_path / "model"))
     assert cli.main(["generate", str(tmp_path / "model"), "--prompt-ids", "3 1 4", "--weights", "int8",
                      "--max-new-tokens", "3"]) == 0

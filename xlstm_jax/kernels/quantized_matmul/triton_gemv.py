@@ -1,7 +1,7 @@
 """The dequantizing skinny matmul for decoding: y (M, N) = x (M, K) @ (wq (K, N) * scale (N,)) for M <= 16 rows,
-wq int8 or float8 e4m3. Each program streams a (K range, BN) stripe of wq in (BK, BN) tiles, converts them to x's
-dtype (exact: integers up to 127 and e4m3 values fit bfloat16 and float16), accumulates x · wq in float32 and applies the
-column scales once at the end (the scale is per output channel, so it factors out of the sum over K).
+wq int8 or float8 e4m3. Each program streams a (K range, BN) stripe of wq in (BK, BN) tiles, converts them to
+x's dtype (exact: integers up to 127 and e4m3 values fit bfloat16 and float16), accumulates x · wq in float32 and
+applies the column scales once at the end (the scale is per output channel, so it factors out of the sum over K).
 Grid (1, cdiv(N, BN), SPLIT): SPLIT > 1 splits K (split-K) so that short, wide or narrow weights still give every
 SM programs to run; the partial sums (float32) are added in XLA.
 """

@@ -102,6 +102,7 @@ def dequantized(model: xLSTMLarge) -> xLSTMLarge:
             w = dequantize(layer.weight[...], layer.scale[...]).astype(dtype)
             bias = layer.bias
             setattr(parent, name, Dense(*w.shape, axes=(None, None), use_bias=bias is not None,
-                                        kernel_init=lambda *_: w, bias_init=None if bias is None else lambda *_: bias[...],
+                                        kernel_init=lambda *_, w=w: w,
+                                        bias_init=None if bias is None else lambda *_, b=bias: b[...],
                                         param_dtype=dtype, rngs=nnx.Rngs(0)))
     return out
