@@ -95,6 +95,15 @@ def test_bad_input_gets_clear_errors(model):
         quantize(model, "int8", backend="gpu")
 
 
+def test_a_quantized_model_is_not_saved_without_its_weights(model, tmp_path):
+    """The 8-bit weights are not parameters: saving would drop them, so it is refused and nothing is written."""
+    from xlstm_jax.models.xlstm_large.checkpoint import save_pretrained
+
+    with pytest.raises(ValueError, match="holds int8 weights .* save the float model and quantize it after loading"):
+        save_pretrained(quantize(model, "int8"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 @pytest.mark.slow
 def test_cli_weights_option(model, tmp_path, capsys):
     """A bad --weights value is one error line and exit 2 before anything loads; --weights int8 decodes what

@@ -47,6 +47,7 @@ from xlstm_jax.models.xlstm_large.config import (
     xLSTMLargeConfig,
 )
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+from xlstm_jax.models.xlstm_large.quantize import quantized_scheme
 from xlstm_jax.models.xlstm_large.tokenizer import read_tokenizer, tokenizer_writers
 
 LAYOUTS = ("hf", "plain")
@@ -158,9 +159,14 @@ def _model_key(path: tuple[Any, ...], layout: str) -> tuple[str, bool]:
 
 
 def state_dict(model: xLSTMLarge, layout: str = "hf") -> dict[str, np.ndarray]:
-    """The model's parameters as a torch state dict (numpy, parameter dtype) in `layout`, in module order."""
+    """The model's parameters as a torch state dict (numpy, parameter dtype) in `layout`, in module order.
+    ValueError for a model with quantized weights (they are not parameters: the dict would miss them)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    scheme = quantized_scheme(model)
+    if scheme is not None:
+        raise ValueError(f"the model holds {scheme} weights (`quantize`), which a checkpoint does not store; save "
+                         "the float model and quantize it after loading.")
     out = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, transpose = _model_key(path, layout)
