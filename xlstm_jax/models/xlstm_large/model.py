@@ -15,6 +15,7 @@ the residual stream, norm statistics, gate pre-activations, mLSTM states and log
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -244,8 +245,8 @@ class mLSTMBlock(nnx.Module):
         self.norm_ffn = RMSNorm(c.embedding_dim, **norm)
         self.ffn = FeedForward(c, rngs=rngs)
 
-    def __call__(self, x: jax.Array, **kwargs: Any) -> tuple[jax.Array, State]:
-        y, state = self.mlstm_layer(self.norm_mlstm(x), **kwargs)
+    def __call__(self, x: jax.Array, state: State | None = None, **kwargs: Any) -> tuple[jax.Array, State]:
+        y, state = self.mlstm_layer(self.norm_mlstm(x), state=state, **kwargs)
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
 
@@ -363,9 +364,9 @@ class xLSTMLarge(nnx.Module):
             name, chunk_size = planned_backend(backend or c.backend, chunk_size or c.chunk_size,
                                                None if sequence_axis_name else shape[1])
 
-        def run_block(block: mLSTMBlock, x: jax.Array, state: State | None) -> tuple[jax.Array, State]:
-            return block(x, state=state, reset=reset, token_mask=token_mask, backend=name, chunk_size=chunk_size,
-                         sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes)
+        run_block = functools.partial(mLSTMBlock.__call__, reset=reset, token_mask=token_mask, backend=name,
+                                      chunk_size=chunk_size, sequence_axis_name=sequence_axis_name,
+                                      mesh_axes=mesh_axes)  # (block, x, state) -> (x, state)
 
         if isinstance(remat, bool):
             remat = "block" if remat else "none"
