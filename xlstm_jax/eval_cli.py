@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from xlstm_jax.generate_cli import positive_int
+from xlstm_jax.generate_cli import WEIGHT_SCHEMES, add_weights_argument, positive_int, weights_error
 from xlstm_jax.train.cli import fail, parse_separator
 
 EVAL_DESCRIPTION = (
@@ -53,6 +53,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: one device)")
     parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "bfloat16", "float16"),
                         help="matmul dtype (default: the checkpoint's)")
+    add_weights_argument(parser, "evaluate")
     parser.add_argument("--backend", default=argparse.SUPPRESS, metavar="NAME",
                         help="mLSTM backend (default: auto)")
     parser.add_argument("--json", dest="json_out", action="store_true", help="print the metrics as one JSON object")
@@ -106,6 +107,9 @@ def run_eval(args: argparse.Namespace) -> int:
             check_backend(args.backend, field="backend")
     except ConfigError as err:
         return fail("--backend", err.reason)
+    weights = getattr(args, "weights", None)
+    if weights is not None and weights not in WEIGHT_SCHEMES:
+        return fail("--weights", weights_error(weights))
     try:
         run_config = read_run_config(args.model) if os.path.isdir(args.model) else None
         model_dir = training_export(args.model)
@@ -125,6 +129,10 @@ def run_eval(args: argparse.Namespace) -> int:
         model = from_pretrained(model_dir, getattr(args, "dtype", None), backend=getattr(args, "backend", None))
     except (ValueError, OSError) as err:
         return fail("MODEL", f"cannot load {args.model!r}: {err}")
+    if weights is not None:
+        from xlstm_jax.models.xlstm_large.quantize import quantize
+
+        model = quantize(model, weights, backend="xla")  # dequantize-then-matmul: any row count, shards on a mesh
     try:
         mesh = None if sizes is None else _mesh(sizes, model.config, seq_len, batch_size)
     except ValueError as err:

@@ -61,6 +61,21 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"token ids must be ints, space- or comma-separated, got {text!r}") from None
 
 
+def add_weights_argument(parser: argparse.ArgumentParser, verb: str, note: str = "") -> None:
+    """--weights SCHEME (absent: the checkpoint's float weights), shared by `generate` and `eval`; a command checks
+    the value itself (`weights_error`) to fail with one error line before anything loads."""
+    parser.add_argument("--weights", default=argparse.SUPPRESS, metavar="SCHEME",
+                        help=f"{verb} with weight-only quantized projections and LM head: int8 or fp8 (e4m3), one "
+                             f"scale per output channel{note} (docs/precision.md has the error; default: the "
+                             "checkpoint's float weights)")
+
+
+def weights_error(weights: str) -> str:
+    """The reason a --weights value outside WEIGHT_SCHEMES is refused."""
+    return (f"must be one of {list(WEIGHT_SCHEMES)} (leave it out for the checkpoint's float weights), got "
+            f"{weights!r}.")
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `xlstm-jax generate`."""
     parser.add_argument("model", help="checkpoint directory (HF or plain xlstm_large safetensors layout), or the "
@@ -89,10 +104,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight layout to decode with: fused (q|k|v|o, i|f and the FFN's gate|up as one matrix "
                              "each: fewer, larger matmuls, faster per token; docs/benchmarks.md) or "
                              "single")
-    parser.add_argument("--weights", default=argparse.SUPPRESS, metavar="SCHEME",
-                        help="decode with weight-only quantized projections and LM head: int8 or fp8 (e4m3), one "
-                             "scale per output channel, half the bytes per token of bf16 (docs/precision.md has the "
-                             "error; default: the checkpoint's float weights)")
+    add_weights_argument(parser, "decode", ", half the bytes per token of bf16")
     parser.add_argument("--backend", default=argparse.SUPPRESS, metavar="NAME",
                         help="prefill backend (default: the checkpoint config's, auto)")
     parser.add_argument("--step-backend", default=argparse.SUPPRESS, metavar="NAME",
@@ -127,8 +139,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return fail(flag(err.field), err.reason)
     weights = getattr(args, "weights", None)
     if weights is not None and weights not in WEIGHT_SCHEMES:
-        return fail("--weights", f"must be one of {list(WEIGHT_SCHEMES)} (leave it out for the checkpoint's float "
-                                 f"weights), got {weights!r}.")
+        return fail("--weights", weights_error(weights))
     if args.prompt_ids and (args.prompt or args.prompt_file):
         return fail("--prompt-ids", "give token ids or text prompts (--prompt, --prompt-file), not both.")
     try:

@@ -1,9 +1,12 @@
 """Weight-only int8 / fp8 decoding of the xLSTM-7B model (`xlstm_jax.models.xlstm_large.quantize`): a quantized
 model generates exactly what a float model holding its dequantized weights generates (XLA path: the same logits
 bit for bit; the Triton kernel through the interpreter: within float32 rounding); what is and is not quantized;
-clear errors for bad input, from `quantize`, `Generator` and `xlstm-jax generate --weights`."""
+clear errors for bad input, from `quantize`, `Generator` and `xlstm-jax generate --weights`; `xlstm-jax eval
+--weights`."""
 
 from __future__ import annotations
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +121,29 @@ def test_cli_weights_option(model, tmp_path, capsys):
                      "--max-new-tokens", "3"]) == 0
     want = Generator(model, weights="int8")([[3, 1, 4]], max_new_tokens=3).tokens[0].tolist()
     assert capsys.readouterr().out.strip() == f"prompt [3, 1, 4] -> {want}"
+
+
+def test_eval_refuses_a_bad_weights_value_before_anything_loads(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "absent"), "--data", "absent.npy", "--weights", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("error: --weights: must be one of ['int8', 'fp8'] (leave it out for the checkpoint's float "
+                    "weights), got 'bf16'.")]
+
+
+@pytest.mark.slow
+def test_eval_with_int8_weights_evaluates_the_quantized_model(model, tmp_path, capsys):
+    """`xlstm-jax eval --weights int8`: the loss of the float model holding the dequantized weights, near the float
+    loss and not equal to it."""
+    tokens = str(tmp_path / "tokens.npy")
+    np.save(tokens, np.random.default_rng(0).integers(0, model.config.vocab_size, 600, dtype=np.int32))
+    save_pretrained(model, str(tmp_path / "float"))
+    save_pretrained(dequantized(quantize(model, "int8")), str(tmp_path / "dequantized"))
+
+    def loss(name, *weights):
+        argv = ["eval", str(tmp_path / name), "--data", tokens, "--seq-len", "32", "--batch-size", "4", "--json"]
+        assert cli.main([*argv, *weights]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)["loss"]
+
+    float_loss, int8_loss = loss("float"), loss("float", "--weights", "int8")
+    assert int8_loss == loss("dequantized")
+    assert int8_loss != float_loss and abs(int8_loss - float_loss) < 1e-3 * float_loss
