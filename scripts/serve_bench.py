@@ -35,7 +35,8 @@ from flax import nnx
 
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.generation import Generator
-from xlstm_jax.serve.engine import Engine, Event, Request, SamplingParams
+from xlstm_jax.serve.engine import Engine
+from xlstm_jax.serve.requests import Event, Request, SamplingParams
 
 
 def _range(text: str) -> tuple[int, int]:

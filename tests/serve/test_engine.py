@@ -15,7 +15,8 @@ from tests.serve.conftest import ENGINE
 from xlstm_jax.models.xlstm_large.generation import filter_logits
 from xlstm_jax.serve import steps
 from xlstm_jax.serve.cli import load_served
-from xlstm_jax.serve.engine import Engine, Event, Request, SamplingParams, prefill_buckets
+from xlstm_jax.serve.engine import Engine, prefill_buckets
+from xlstm_jax.serve.requests import Event, Request, SamplingParams
 from xlstm_jax.serve.sampling import filter_rows
 
 COMPILED = (steps.decode_step, steps.prefill_chunk, steps.mixed_step, steps.insert)

@@ -29,7 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from xlstm_jax.serve.engine import Engine, Event, QueueFull, Request, SamplingParams
+from xlstm_jax.serve.engine import Engine
+from xlstm_jax.serve.requests import Event, QueueFull, Request, SamplingParams
 from xlstm_jax.serve.schemas import MAX_STOP, ChatRequest, CompletionRequest
 from xlstm_jax.serve.text import ChatTemplate, TextStream
 

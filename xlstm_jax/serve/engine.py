@@ -27,11 +27,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import secrets
 import threading
 import time
 import traceback
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,61 +42,12 @@ from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 from xlstm_jax.serve.mesh import mesh_sizes, place_params, place_states
 from xlstm_jax.serve.metrics import Metrics
 from xlstm_jax.serve.prefix_cache import PrefixCache
+from xlstm_jax.serve.requests import Event, QueueFull, Request
 from xlstm_jax.serve.steps import decode_step, empty_states, insert, mixed_step, prefill_chunk
 
 STATE_DTYPES = ("float32", "bfloat16")
 MIN_BUCKET = 16  # the shortest prefill shape (shorter chunks are left-padded to it)
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The waiting queue cannot take the request (HTTP 429)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How one sequence is generated. temperature 0: greedy; top_k None: all tokens; seed None: a random one;
-    choice: which of a request's n sequences this is (folded into the sampling key, so the n differ)."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    seed: int | None = None
-    choice: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """What a request receives from the engine's thread: its next token, and with the last one the finish reason
-    ("stop", "length", "error"; `error` then says why, with no token)."""
-
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-class Request:
-    """One sequence to generate after `prompt` (token ids). `on_event(Event)` is called from the engine's thread for
-    every token and must not block (hand the event over, e.g. with `loop.call_soon_threadsafe`). A cancelled request
-    gets no further events."""
-
-    def __init__(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]):
-        self.prompt = [int(t) for t in prompt]
-        self.params = params
-        self.on_event = on_event
-        seed = secrets.randbits(64) if params.seed is None else params.seed % 2**64
-        self.key_data = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
-        self.arrived = time.monotonic()
-        self.last_token_at: float | None = None
-        self.generated = 0
-        self.finished = False
-        self.cancelled = False
-
-    @property
-    def done(self) -> bool:
-        return self.finished or self.cancelled
 
 
 @dataclasses.dataclass
@@ -208,14 +158,10 @@ class Engine:
     def warm_up(self) -> None:
         """Compile every shape the engine runs: the decode step, each prefill bucket alone and with the decode
         step, the slot copy."""
-        M = self.max_slots
         for bucket in self.buckets:
             chunk = (np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool))
             self._chunk(self._zero, *chunk)
-            _, self._pool, _, _ = mixed_step(self._params, self._pool, self._previous, *self._idle_inputs(),
-                                             self._zero, *map(jnp.asarray, chunk),
-                                             step_backend=self.config.step_backend, backend=self.config.backend,
-                                             chunk_size=self.config.chunk_size, **self._static)
+            self._mixed(self._idle_inputs() + (None,), self._zero, *chunk)
         self._dispatch(self._idle_inputs() + (None,))
         self._pool = insert(self._pool, 0, self._zero)
         jax.block_until_ready(self._pool)
@@ -338,10 +284,7 @@ class Engine:
             return
         tokens, mask, stop = piece
         try:
-            new, self._pool, bad, state = mixed_step(
-                self._params, self._pool, self._previous, *inputs[:-1], slot.state, jnp.asarray(tokens),
-                jnp.asarray(mask), step_backend=self.config.step_backend, backend=self.config.backend,
-                chunk_size=self.config.chunk_size, **self._static)
+            pending, state = self._mixed(inputs, slot.state, tokens, mask)
         except Exception:
             log.warning("the combined decode and prefill pass failed; running them apart:\n%s",
                         traceback.format_exc())
@@ -352,8 +295,7 @@ class Engine:
                 self._prefill_failed(index, err)
                 return
         else:
-            self._previous = new
-            self._pending = (new, bad, inputs[-1])
+            self._pending = pending
         self._advance(slot, stop, state)
         if self._next_chunk(slot) is None:
             self._decode_next(index)
@@ -420,6 +362,16 @@ class Engine:
             slot.dispatched += 1
         requests = [self._slots[i].request if active[i] else None for i in range(M)]
         return fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k, top_p, requests
+
+    def _mixed(self, inputs: tuple, state: list, tokens: np.ndarray, mask: np.ndarray) -> tuple[tuple, list]:
+        """Dispatch the decode step with a prefill chunk from `state` in one pass: ((tokens, bad, requests) to
+        deliver once it is done, the chunk's last state)."""
+        new, self._pool, bad, state = mixed_step(
+            self._params, self._pool, self._previous, *inputs[:-1], state, jnp.asarray(tokens), jnp.asarray(mask),
+            step_backend=self.config.step_backend, backend=self.config.backend, chunk_size=self.config.chunk_size,
+            **self._static)
+        self._previous = new
+        return (new, bad, inputs[-1]), state
 
     def _dispatch(self, inputs: tuple) -> tuple:
         """Dispatch the decode step; (tokens, bad, requests) to deliver once it is done."""

@@ -14,7 +14,8 @@ import numpy as np
 from tests.support.xlstm_large_helpers import random_model, tiny_config
 from xlstm_jax.models.xlstm_large.checkpoint import save_pretrained
 from xlstm_jax.serve.cli import load_served
-from xlstm_jax.serve.engine import Engine, Request, SamplingParams
+from xlstm_jax.serve.engine import Engine
+from xlstm_jax.serve.requests import Request, SamplingParams
 from xlstm_jax.serve.mesh import serving_mesh
 
 directory = tempfile.mkdtemp()
