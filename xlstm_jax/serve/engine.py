@@ -25,6 +25,7 @@ no request compiles anything after it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -155,14 +156,28 @@ class Engine:
             return {"active": sum(s.request is not None for s in self._slots), "waiting": len(self._waiting),
                     "slots": self.max_slots, "prefix_entries": len(self.cache), "prefix_bytes": self.cache.bytes}
 
-    def warm_up(self) -> None:
+    def warm_up(self, threads: int = 4) -> None:
         """Compile every shape the engine runs: the decode step, each prefill bucket alone and with the decode
-        step, the slot copy."""
-        for bucket in self.buckets:
-            chunk = (np.zeros((1, bucket), np.int32), np.zeros((1, bucket), bool))
+        step, the slot copy. The shapes are run once each on scratch states placed like the pool's, from
+        `threads` threads: tracing takes turns, XLA's compilations run side by side."""
+        idle = self._idle_inputs()
+
+        def decode():
+            decode_step(self._params, self._empty(self.max_slots), self._previous, *idle,
+                        backend=self.config.step_backend, **self._static)
+
+        def bucket(length: int):
+            chunk = (np.zeros((1, length), np.int32), np.zeros((1, length), bool))  # as requests bring them
             self._chunk(self._zero, *chunk)
-            self._mixed(self._idle_inputs() + (None,), self._zero, *chunk)
-        self._dispatch(self._idle_inputs() + (None,))
+            mixed_step(self._params, self._empty(self.max_slots), self._previous, *idle, self._zero,
+                       *map(jnp.asarray, chunk),
+                       step_backend=self.config.step_backend, backend=self.config.backend,
+                       chunk_size=self.config.chunk_size, **self._static)
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            jobs = [pool.submit(decode)] + [pool.submit(bucket, length) for length in self.buckets]
+            for job in jobs:
+                job.result()
         self._pool = insert(self._pool, 0, self._zero)
         jax.block_until_ready(self._pool)
 
