@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 import time
 import traceback
@@ -156,10 +157,11 @@ class Engine:
             return {"active": sum(s.request is not None for s in self._slots), "waiting": len(self._waiting),
                     "slots": self.max_slots, "prefix_entries": len(self.cache), "prefix_bytes": self.cache.bytes}
 
-    def warm_up(self, threads: int = 4) -> None:
+    def warm_up(self, threads: int | None = None) -> None:
         """Compile every shape the engine runs: the decode step, each prefill bucket alone and with the decode
         step, the slot copy. The shapes are run once each on scratch states placed like the pool's, from
-        `threads` threads: tracing takes turns, XLA's compilations run side by side."""
+        `threads` threads (None: the CPU count, at most 8): tracing takes turns, XLA's compilations run side by
+        side."""
         idle = self._idle_inputs()
 
         def decode():
@@ -174,7 +176,8 @@ class Engine:
                        step_backend=self.config.step_backend, backend=self.config.backend,
                        chunk_size=self.config.chunk_size, **self._static)
 
-        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        threads = min(8, os.cpu_count() or 1) if threads is None else max(1, threads)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             jobs = [pool.submit(decode)] + [pool.submit(bucket, length) for length in self.buckets]
             for job in jobs:
                 job.result()
