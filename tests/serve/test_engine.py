@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.serve.conftest import ENGINE
 from xlstm_jax.models.xlstm_large.generation import filter_logits
@@ -141,11 +142,17 @@ def test_decode_and_prefill_in_one_pass_equal_them_apart(model):
     chunk, mask = jnp.asarray(rng.integers(0, V, (1, 16)), jnp.int32), jnp.asarray(np.arange(16) >= 3)[None]
     backends = dict(step_backend=model.config.step_backend, backend=model.config.backend,
                     chunk_size=model.config.chunk_size)
-    logits, new_pool, new_state = steps.decode_and_prefill(model, tokens, active, pool, chunk, mask, state,
-                                                           **backends)
-    alone, alone_pool = model(tokens[:, None], states=pool, token_mask=active[:, None], return_states=True,
-                              backend=model.config.step_backend)
-    _, alone_state = model(chunk, states=state, token_mask=mask, return_states=True)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def both(params, pool, state):  # one compilation: op-by-op calls on a CPU compile every op
+        model = nnx.merge(graphdef, params)
+        together = steps.decode_and_prefill(model, tokens, active, pool, chunk, mask, state, **backends)
+        alone = model(tokens[:, None], states=pool, token_mask=active[:, None], return_states=True,
+                      backend=model.config.step_backend)
+        return together, alone, model(chunk, states=state, token_mask=mask, return_states=True)[1]
+
+    (logits, new_pool, new_state), (alone, alone_pool), alone_state = both(params, pool, state)
     np.testing.assert_allclose(logits, alone[:, 0], rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves((new_pool, new_state)), jax.tree.leaves((alone_pool, alone_state))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
