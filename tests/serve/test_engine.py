@@ -175,7 +175,7 @@ def test_a_failing_combined_pass_runs_apart_and_ends_only_the_failing_prefill(en
             raise RuntimeError("out of memory (a stand-in)")
         return chunk(state, tokens, mask)
 
-    monkeypatch.setattr("xlstm_jax.serve.engine.mixed_step", mixed_fails)
+    monkeypatch.setattr(engine, "_mixed_step", mixed_fails)
     monkeypatch.setattr(engine, "_chunk", fails_on_sevens)
     running, bad, good = Collector(), Collector(), Collector()
     stream = Request([8] * 3, SamplingParams(max_tokens=10**6), running)  # decodes until cancelled

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import dataclasses
 import logging
 import os
@@ -45,7 +46,8 @@ from xlstm_jax.serve.mesh import mesh_sizes, place_params, place_states
 from xlstm_jax.serve.metrics import Metrics
 from xlstm_jax.serve.prefix_cache import PrefixCache
 from xlstm_jax.serve.requests import Event, QueueFull, Request
-from xlstm_jax.serve.steps import decode_step, empty_states, insert, mixed_step, prefill_chunk
+from xlstm_jax.serve import steps
+from xlstm_jax.serve.steps import empty_states, insert
 
 STATE_DTYPES = ("float32", "bfloat16")
 MIN_BUCKET = 16  # the shortest prefill shape (shorter chunks are left-padded to it)
@@ -100,7 +102,12 @@ class Engine:
         self._graphdef, self._params = nnx.split(model)
         if mesh is not None:
             self._params = place_params(self._params, mesh)
-        self._static = dict(graphdef=self._graphdef, state_dtype=state_dtype)
+        static = dict(graphdef=self._graphdef, state_dtype=state_dtype)  # the device functions, settings bound
+        self._decode_step = functools.partial(steps.decode_step, backend=self.config.step_backend, **static)
+        self._prefill_chunk = functools.partial(steps.prefill_chunk, backend=self.config.backend,
+                                                chunk_size=self.config.chunk_size, **static)
+        self._mixed_step = functools.partial(steps.mixed_step, step_backend=self.config.step_backend,
+                                             backend=self.config.backend, chunk_size=self.config.chunk_size, **static)
         self._pool = self._empty(max_slots)
         self._zero = self._empty(1)
         self._previous = jnp.zeros((max_slots,), jnp.int32)
@@ -165,16 +172,13 @@ class Engine:
         idle = self._idle_inputs()
 
         def decode():
-            decode_step(self._params, self._empty(self.max_slots), self._previous, *idle,
-                        backend=self.config.step_backend, **self._static)
+            self._decode_step(self._params, self._empty(self.max_slots), self._previous, *idle)
 
         def bucket(length: int):
             chunk = (np.zeros((1, length), np.int32), np.zeros((1, length), bool))  # as requests bring them
             self._chunk(self._zero, *chunk)
-            mixed_step(self._params, self._empty(self.max_slots), self._previous, *idle, self._zero,
-                       *map(jnp.asarray, chunk),
-                       step_backend=self.config.step_backend, backend=self.config.backend,
-                       chunk_size=self.config.chunk_size, **self._static)
+            self._mixed_step(self._params, self._empty(self.max_slots), self._previous, *idle, self._zero,
+                             *map(jnp.asarray, chunk))
 
         threads = min(8, os.cpu_count() or 1) if threads is None else max(1, threads)
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -359,8 +363,7 @@ class Engine:
         self._emit(request, Event((), "error", f"the prefill failed: {type(err).__name__}: {err}"))
 
     def _chunk(self, state: list, tokens: np.ndarray, mask: np.ndarray) -> list:
-        return prefill_chunk(self._params, state, jnp.asarray(tokens), jnp.asarray(mask),
-                             backend=self.config.backend, chunk_size=self.config.chunk_size, **self._static)
+        return self._prefill_chunk(self._params, state, jnp.asarray(tokens), jnp.asarray(mask))
 
     def _decode_inputs(self, running: list[int]) -> tuple:
         """The decode step's per-slot arrays for the slots `running` (each counted as dispatched), and the
@@ -384,17 +387,14 @@ class Engine:
     def _mixed(self, inputs: tuple, state: list, tokens: np.ndarray, mask: np.ndarray) -> tuple[tuple, list]:
         """Dispatch the decode step with a prefill chunk from `state` in one pass: ((tokens, bad, requests) to
         deliver once it is done, the chunk's last state)."""
-        new, self._pool, bad, state = mixed_step(
-            self._params, self._pool, self._previous, *inputs[:-1], state, jnp.asarray(tokens), jnp.asarray(mask),
-            step_backend=self.config.step_backend, backend=self.config.backend, chunk_size=self.config.chunk_size,
-            **self._static)
+        new, self._pool, bad, state = self._mixed_step(self._params, self._pool, self._previous, *inputs[:-1], state,
+                                                       jnp.asarray(tokens), jnp.asarray(mask))
         self._previous = new
         return (new, bad, inputs[-1]), state
 
     def _dispatch(self, inputs: tuple) -> tuple:
         """Dispatch the decode step; (tokens, bad, requests) to deliver once it is done."""
-        tokens, self._pool, bad = decode_step(self._params, self._pool, self._previous, *inputs[:-1],
-                                              backend=self.config.step_backend, **self._static)
+        tokens, self._pool, bad = self._decode_step(self._params, self._pool, self._previous, *inputs[:-1])
         self._previous = tokens
         return tokens, bad, inputs[-1]
 
