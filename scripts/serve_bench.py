@@ -254,6 +254,13 @@ def main(argv=None) -> None:
     print(f"static batch {args.static_batch}: {step_s * 1e3:.2f} ms/step, "
           f"{results['static_decode_tokens_per_s']:,.0f} decode tok/s; unloaded TTFT p50/p99 "
           f"{results['unloaded_ttft_ms']['p50_ms']:.1f}/{results['unloaded_ttft_ms']['p99_ms']:.1f} ms", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+
+    def save():  # after every stage, so a run cut short keeps what it measured
+        with open(os.path.join(args.out, "serve_bench.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+
+    save()
     zero = np.zeros(count)
     results["saturation"] = {"engine": run_engine(engine, work, zero), "static": static_timeline(runs, work, zero)}
     saturation = count / results["saturation"]["engine"]["makespan_s"]
@@ -267,6 +274,7 @@ def main(argv=None) -> None:
         row = {"load": load, "rate": rate, "engine": run_engine(engine, work, arrivals),
                "static": static_timeline(runs, work, arrivals)}
         results["rates"].append(row)
+        save()
         print(f"load {load:4.2f} = {rate:6.2f} req/s | " + " | ".join(report(k, row[k]) for k in ("engine", "static")),
               flush=True)
     engine.stop()
@@ -274,9 +282,7 @@ def main(argv=None) -> None:
     for name, check in results["targets"].items():
         print(f"target {name}: {check['measured']:,.1f} vs bound {check['bound']:,.1f}: "
               f"{'met' if check['met'] else 'NOT met'}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serve_bench.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+    save()
     plot(results, os.path.join(args.out, "serve_latency.png"))
     print(f"wrote {os.path.join(args.out, 'serve_bench.json')} and serve_latency.png", flush=True)
 
