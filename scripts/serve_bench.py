@@ -5,7 +5,8 @@ times scale): random prompts of 128-4,096 tokens and 128-512 new tokens (greedy,
 generates exactly its count), on the xLSTM-7B architecture with random bf16 weights. For each rate:
 
 - the engine (`xlstm_jax.serve.engine.Engine`, driven in process, without HTTP) in real time: throughput (generated
-  tokens / time from the first arrival to the last token), time to first token and inter-token latency p50/p99,
+  tokens / time from the first arrival to the last token, and over the saturated part of the run alone:
+  `steady_throughput`), time to first token and inter-token latency p50/p99,
   and slot occupancy (the mean share of slots holding a request over the run);
 - static batches of 16 (`Generator`) in arrival order, each starting when its 16th request has arrived and the
   batch before has finished, prompts padded to the batch's power-of-two length and every row decoding to the
@@ -61,14 +62,27 @@ def percentiles(values: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(values, 50) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3)}
 
 
-def summary(arrivals: np.ndarray, token_times: list[list[float]]) -> dict:
-    """Throughput, TTFT and ITL of requests arriving at `arrivals` (s) whose tokens came out at `token_times`."""
+def steady_throughput(token_times: list[list[float]], slots: int) -> float | None:
+    """Tokens/s while the server is saturated: from the first token of the `slots`-th request to start (the pool
+    is full) to the first token of the last request to start (the queue is empty; after it the pool drains, which
+    only a finite workload has). None when fewer than slots + 1 requests ran."""
+    firsts = sorted(times[0] for times in token_times)
+    if len(firsts) <= slots or firsts[-1] <= firsts[slots - 1]:
+        return None
+    begin, end = firsts[slots - 1], firsts[-1]
+    tokens = sum(np.count_nonzero((np.asarray(times) > begin) & (np.asarray(times) <= end)) for times in token_times)
+    return float(tokens / (end - begin))
+
+
+def summary(arrivals: np.ndarray, token_times: list[list[float]], slots: int) -> dict:
+    """Throughput (over the whole run, and `steady_throughput`), TTFT and ITL of requests arriving at `arrivals`
+    (s) whose tokens came out at `token_times`, on a server of `slots` rows."""
     end = max(times[-1] for times in token_times)
     tokens = sum(len(times) for times in token_times)
     ttft = [times[0] - arrival for arrival, times in zip(arrivals, token_times)]
     itl = [float(gap) for times in token_times for gap in np.diff(times)]
-    return {"tokens_per_s": tokens / (end - arrivals[0]), "ttft": percentiles(ttft), "itl": percentiles(itl),
-            "makespan_s": end - arrivals[0]}
+    return {"tokens_per_s": tokens / (end - arrivals[0]), "steady_tokens_per_s": steady_throughput(token_times, slots),
+            "ttft": percentiles(ttft), "itl": percentiles(itl), "makespan_s": end - arrivals[0]}
 
 
 def run_engine(engine: Engine, work: list[tuple[list[int], int]], arrivals: np.ndarray) -> dict:
@@ -103,7 +117,7 @@ def run_engine(engine: Engine, work: list[tuple[list[int], int]], arrivals: np.n
         finished.acquire()
     running.clear()
     sampler.join()
-    result = summary(arrivals, [[t - start for t in ts] for ts in times])
+    result = summary(arrivals, [[t - start for t in ts] for ts in times], engine.max_slots)
     result["occupancy"] = float(np.mean(samples))
     return result
 
@@ -151,7 +165,7 @@ def static_timeline(runs: list[dict], work: list[tuple[list[int], int]], arrival
             token_times[index] = [start + t for t in run["steps_s"][:work[index][1]]]
         free = start + run["duration_s"]
     decoded = sum(r["rows"] * len(r["steps_s"]) for r in runs)
-    return {**summary(arrivals, token_times), "occupancy": sum(n for _, n in work) / decoded}
+    return {**summary(arrivals, token_times, runs[0]["rows"]), "occupancy": sum(n for _, n in work) / decoded}
 
 
 def unloaded_ttft(engine: Engine, work: list[tuple[list[int], int]]) -> dict:
@@ -161,12 +175,13 @@ def unloaded_ttft(engine: Engine, work: list[tuple[list[int], int]]) -> dict:
 
 
 def targets(results: dict) -> dict:
-    """The issue's targets, each as (measured, bound, met): throughput at saturation >= 90% of the static batch's
-    decode throughput, p99 inter-token latency at saturation <= 2 static steps, time to first token p50 at half
+    """The issue's targets, each as (measured, bound, met): throughput at saturation (`steady_throughput` of the
+    run with every request at once) >= 90% of the static batch's decode throughput, p99 inter-token latency at saturation <= 2 static steps, time to first token p50 at half
     of saturation <= 2x the unloaded one."""
     saturated = results["saturation"]["engine"]
     half = next(r for r in results["rates"] if r["load"] == 0.5)["engine"]
-    checks = {"throughput_tokens_per_s": (saturated["tokens_per_s"], 0.9 * results["static_decode_tokens_per_s"]),
+    rate = saturated["steady_tokens_per_s"] or saturated["tokens_per_s"]
+    checks = {"throughput_tokens_per_s": (rate, 0.9 * results["static_decode_tokens_per_s"]),
               "itl_p99_ms": (saturated["itl"]["p99_ms"], 2 * results["static_step_ms"]),
               "ttft_p50_half_load_ms": (half["ttft"]["p50_ms"], 2 * results["unloaded_ttft_ms"]["p50_ms"])}
     return {name: {"measured": got, "bound": bound,
@@ -203,7 +218,8 @@ def plot(results: dict, path: str) -> None:
 
 
 def report(kind: str, figures: dict) -> str:
-    return (f"{kind} {figures['tokens_per_s']:9,.0f} tok/s TTFT p50/p99 {figures['ttft']['p50_ms']:8.1f}/"
+    steady = figures["steady_tokens_per_s"]
+    return (f"{kind} {figures['tokens_per_s']:9,.0f} tok/s (saturated {steady or float('nan'):9,.0f}) TTFT p50/p99 {figures['ttft']['p50_ms']:8.1f}/"
             f"{figures['ttft']['p99_ms']:8.1f} ms ITL p50/p99 {figures['itl']['p50_ms']:7.2f}/"
             f"{figures['itl']['p99_ms']:7.2f} ms occupancy {figures['occupancy']:.2f}")
 
