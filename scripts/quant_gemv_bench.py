@@ -1,5 +1,6 @@
 """The xLSTM-7B's decode projections as single matmuls on one GPU: bf16 weights in XLA against int8 / fp8 weights
-through the dequantizing Triton kernel and through XLA (dequantize, then the bf16 matmul), at M = 1 and 16 rows.
+through the dequantizing Triton kernel and through XLA (dequantize, then the bf16 matmul), at M = 1 and 16 rows;
+also the bf16 weights through that kernel (column scales of 1: does a streaming Triton GEMV beat XLA's?).
 
 Each timed call runs the projection over COPIES distinct weight copies in one jitted function (more bytes than
 the L2 cache holds, as a decode step streams 32 blocks), so a row's figure is per matmul: microseconds and the
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from xlstm_jax.bench.measure import time_jax
 from xlstm_jax.kernels.quantized_matmul import quantize_weight, quantized_matmul
+from xlstm_jax.kernels.quantized_matmul.triton_gemv import matmul_triton
 from xlstm_jax.models.xlstm_large import xLSTMLargeConfig
 
 COPIES = 8
@@ -64,6 +66,10 @@ def main(argv=None) -> None:
             rows.append(row(f"{name} bf16 xla", M, K, N, 2 * K * N,
                             chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
                             (x, tuple((v,) for v in w)), args.reps))
+            ones = jnp.ones((N,), jnp.float32)  # bf16 weights through the same streaming kernel (issue 34, item 3)
+            rows.append(row(f"{name} bf16 triton", M, K, N, 2 * K * N,
+                            chain(lambda x, w, s: matmul_triton(x, w, s, jnp.float32)),
+                            (x, tuple((v, ones) for v in w)), args.reps))
             for scheme, weights in quantized.items():
                 for backend in ("triton", "xla"):
                     fn = chain(lambda x, wq, s, b=backend: quantized_matmul(x, wq, s, backend=b,
