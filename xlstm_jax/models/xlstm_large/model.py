@@ -28,6 +28,7 @@ from xlstm_jax.mlstm.api import MLSTMCall, dispatch, planned_backend
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
 from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.mixed_matmul import mixed_matmul
 
 F32 = jnp.float32
 State = tuple[jax.Array, jax.Array, jax.Array]  # C (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH); float32
@@ -57,7 +58,8 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel (in, out) with logical axis names `axes`, in the parameter dtype, operands cast
-    to the compute dtype, float32 accumulation and float32 result."""
+    to the compute dtype, float32 accumulation and float32 result; the backward's matmuls in the compute dtype too
+    (`mixed_matmul`)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None], use_bias: bool,
                  kernel_init, bias_init=None, param_dtype: Any, rngs: nnx.Rngs):
@@ -67,8 +69,7 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        y = jnp.einsum("...d,df->...f", x.astype(dtype), self.kernel[...].astype(dtype),
-                       preferred_element_type=F32, precision=matmul_precision(dtype))
+        y = mixed_matmul(x, self.kernel[...], dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y

@@ -1,0 +1,75 @@
+"""The projection matmul's bfloat16 backward (xlstm_jax/models/xlstm_large/mixed_matmul.py): the forward is the
+plain mixed-precision einsum bit for bit, the gradients match float64 within bfloat16 rounding, and the backward
+holds no float32 matmul (the TF32 GEMMs a float32 cotangent gave under plain autodiff)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xlstm_jax.models.xlstm_large.mixed_matmul import mixed_matmul
+
+
+def _inputs(x_dtype=jnp.float32, w_dtype=jnp.float32):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 5, 48), x_dtype)
+    w = (0.2 * jax.random.normal(kw, (48, 40))).astype(w_dtype)
+    g = jax.random.normal(kg, (2, 5, 40), jnp.float32)
+    return x, w, g
+
+
+def _plain(x, w, dtype):
+    return jnp.einsum("...k,kn->...n", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _rel(a, ref):
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(a - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_forward_equals_the_plain_einsum(dtype):
+    x, w, _ = _inputs()
+    np.testing.assert_array_equal(mixed_matmul(x, w, dtype), _plain(x, w, dtype))
+
+
+def test_bfloat16_gradients_match_float64_and_keep_the_primal_dtypes():
+    x, w, g = _inputs(w_dtype=jnp.float32)
+    _, vjp = jax.vjp(lambda a, b: mixed_matmul(a, b, jnp.bfloat16), x, w)
+    dx, dw = vjp(g)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    assert _rel(dx, g64 @ w64.T) < 1e-2
+    assert _rel(dw, np.einsum("bsk,bsn->kn", x64, g64)) < 1e-2
+    # bfloat16 primal inputs get bfloat16 gradients
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    _, vjp = jax.vjp(lambda a, b: mixed_matmul(a, b, jnp.bfloat16), xb, wb)
+    assert [t.dtype for t in vjp(g)] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_float32_gradients_are_the_plain_autodiff_ones():
+    x, w, g = _inputs()
+    got = jax.vjp(lambda a, b: mixed_matmul(a, b, jnp.float32), x, w)[1](g)
+    want = jax.vjp(lambda a, b: _plain(a, b, jnp.float32), x, w)[1](g)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def _dot_operand_types(fn, *args):
+    """The operand types of every dot_general in fn's StableHLO, e.g. "tensor<2x5x40xbf16>, tensor<48x40xbf16>"."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line.split(": (")[1].split(")")[0] for line in text.splitlines() if "stablehlo.dot_general" in line]
+
+
+def test_the_bfloat16_backward_has_no_float32_matmul():
+    x, w, g = _inputs()
+
+    def grads(fn):
+        return lambda a, b, c: jax.vjp(fn, a, b)[1](c)
+
+    plain = _dot_operand_types(grads(lambda a, b: _plain(a, b, jnp.bfloat16)), x, w, g)
+    mixed = _dot_operand_types(grads(lambda a, b: mixed_matmul(a, b, jnp.bfloat16)), x, w, g)
+    assert any("f32" in operands for operands in plain)  # what the custom backward removes
+    assert mixed and not any("f32" in operands for operands in mixed), mixed

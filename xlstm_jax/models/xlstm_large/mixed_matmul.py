@@ -1,0 +1,58 @@
+"""The model's projection matmul in mixed precision, with its backward in the compute dtype as well.
+
+Forward: y = x @ w with both operands cast to the compute dtype, float32 accumulation and a float32 result (the
+residual stream stays float32). Under plain autodiff the cotangent of that float32 result is float32, so the two
+backward matmuls (dx = g @ wᵀ, dw = xᵀ @ g) meet a float32 operand and a bfloat16 one and XLA runs them as float32
+(TF32) GEMMs: on an H100 they were 23.5 of the 38 ms of matmul time in a 125M training step (docs/benchmarks.md,
+"Training step profile"). Here the backward rounds the cotangent to bfloat16, as mixed-precision training does,
+and both matmuls run in bfloat16 with float32 accumulation. float16 keeps the plain backward (a float16 cotangent
+could overflow without loss scaling), float32 is exact as before.
+
+Shapes: x (..., K), w (K, N) -> y (..., N) float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.base import matmul_precision
+
+F32 = jnp.float32
+
+
+def _dot(a: jax.Array, b: jax.Array, spec: str, dtype: Any) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32,
+                      precision=matmul_precision(dtype))
+
+
+def mixed_matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """x (..., K) @ w (K, N) in `dtype` with float32 accumulation -> (..., N) float32; gradients for x and w in
+    their own dtypes (bfloat16: computed by bfloat16 matmuls, see the module docstring)."""
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return _bf16_matmul(x, w)
+    return _dot(x, w, "...k,kn->...n", dtype)
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _dot(x, w, "...k,kn->...n", jnp.bfloat16)
+
+
+def _forward(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    # the primal dtypes travel as empty arrays (residuals must be arrays)
+    return _dot(xb, wb, "...k,kn->...n", jnp.bfloat16), (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _backward(residuals, g):
+    xb, wb, x_dtype, w_dtype = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = _dot(gb, wb, "...n,kn->...k", jnp.bfloat16)
+    dw = _dot(xb.reshape(-1, xb.shape[-1]), gb.reshape(-1, gb.shape[-1]), "mk,mn->kn", jnp.bfloat16)
+    return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
+
+
+_bf16_matmul.defvjp(_forward, _backward)
