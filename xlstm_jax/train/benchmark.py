@@ -33,7 +33,7 @@ class SyntheticStep:
 
 
 def synthetic_step(size: str, backend: str, batch: int, seq_len: int, dtype: str = "bfloat16",
-                   mesh_text: str | None = None, loss: str = "plain", remat: str = "none",
+                   mesh_text: str | None = None, loss: str = "fused", remat: str = "none",
                    loss_block: int | None = None) -> SyntheticStep:
     """The step of `SIZES[size]` (tied embeddings) with AdamW, on `batch` random sequences of `seq_len` tokens
     packed with about two document starts per 2048 tokens, all positions scored; placed on `mesh_text` (a --mesh

@@ -134,7 +134,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 "gates, activations and the mLSTM cell")
     option(dist, "--loss", metavar="{plain,fused}",
            help="the training and evaluation loss: plain computes the (batch x seq-len, vocab) float32 logits, "
-                "fused the same cross-entropy in vocabulary blocks without storing them (less memory)")
+                "fused (the default) the same cross-entropy in vocabulary blocks without storing them (less memory, faster)")
     dist.add_argument("--coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
                       help="several processes: process 0's address, with --num-processes and --process-id "
                            "(default: from SLURM / Open MPI when the job has several processes, else one process)")

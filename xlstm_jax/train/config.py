@@ -192,7 +192,7 @@ class TrainConfig:
     log_every: int = 10
     mesh: str | None = None
     remat: str = "none"
-    loss: str = "plain"
+    loss: str = "fused"
     data: tuple[str, ...] | None = None
     tokenizer: str | None = None
     token_dtype: str = "uint16"
@@ -363,6 +363,8 @@ class TrainConfig:
             fields["data"] = tuple(fields["data"])
         if isinstance(fields.get("fgate_bias_init_range"), list):
             fields["fgate_bias_init_range"] = tuple(fields["fgate_bias_init_range"])
+        if stored and "loss" not in stored:  # stored before the choice existed: it trained with the plain loss
+            fields["loss"] = "plain"
         fields.update(given)
         return cls(**{**fields, "output_dir": output_dir, "resume": True})
 
