@@ -60,7 +60,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=32768,
                         help="the longest prompt accepted, in tokens")
-    parser.add_argument("--prefill-chunk", type=_power_of_two, default=512,
+    parser.add_argument("--prefill-chunk", type=_power_of_two, default=256,
                         help="prompt tokens prefilled between two decode steps (a power of two; the compiled "
                              "prefill lengths are the powers of two up to it)")
     parser.add_argument("--prefix-cache-mb", type=_megabytes, default=1024.0,

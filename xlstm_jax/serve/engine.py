@@ -81,7 +81,7 @@ class Engine:
     axes data and tensor (`xlstm_jax.serve.mesh.serving_mesh`): slots split over data, heads over tensor."""
 
     def __init__(self, model: xLSTMLarge, *, max_slots: int = 16, max_queue: int = 256,
-                 state_dtype: str = "float32", prefill_chunk: int = 512, prefix_cache_mb: float = 1024.0,
+                 state_dtype: str = "float32", prefill_chunk: int = 256, prefix_cache_mb: float = 1024.0,
                  metrics: Metrics | None = None, mesh: Mesh | None = None):
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
