@@ -51,7 +51,7 @@ def _backward(residuals, g):
     xb, wb, x_dtype, w_dtype = residuals
     gb = g.astype(jnp.bfloat16)
     dx = _dot(gb, wb, "...n,kn->...k", jnp.bfloat16)
-    dw = _dot(xb.reshape(-1, xb.shape[-1]), gb.reshape(-1, gb.shape[-1]), "mk,mn->kn", jnp.bfloat16)
+    dw = _dot(xb, gb, "...k,...n->kn", jnp.bfloat16)  # no reshape: the leading axes may be sharded apart
     return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
 
 
