@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xlstm_jax.bench.models import random_weights
 from xlstm_jax.models.xlstm_large import from_pretrained, xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.generation import Generator
 from xlstm_jax.models.xlstm_large.quantize import quantize
@@ -69,18 +70,6 @@ def errors(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {"max_abs": float(np.max(np.abs(diff))),
             "relative": float(np.linalg.norm(diff) / np.linalg.norm(reference)),
             "top1_agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)))}
-
-
-def random_weights(config: xLSTMLargeConfig, seed: int) -> xLSTMLarge:
-    """The initialisation in float32, every all-zero matrix column drawn N(0, 2 / 5D) instead."""
-    model = xLSTMLarge(config, rngs=nnx.Rngs(seed))
-    std = float(np.sqrt(2.0 / (5.0 * config.embedding_dim)))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
-    for _, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        w = param[...]
-        if w.ndim == 2 and not bool(jnp.all(jnp.any(w != 0, axis=0))):
-            param[...] = jnp.where(jnp.any(w != 0, axis=0), w, std * jax.random.normal(next(keys), w.shape))
-    return model
 
 
 def random_part(args) -> dict:

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from xlstm_jax import mlstm_step
+from xlstm_jax.bench.models import random_weights
 from xlstm_jax.mlstm.reference import mlstm_recurrent_reference
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.generation import Generator, _carried
@@ -144,19 +145,6 @@ def with_dtypes(model: xLSTMLarge, compute_dtype: str, param_dtype: str) -> xLST
     out = nnx.eval_shape(lambda: xLSTMLarge(config, rngs=nnx.Rngs(0)))
     nnx.update(out, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(model)))
     return out
-
-
-def random_weights(config: xLSTMLargeConfig, seed: int) -> xLSTMLarge:
-    """The initialisation in float32, every all-zero matrix column drawn N(0, 2 / 5D) instead (as
-    scripts/measure_quantization.py: the output gate and the i / f gate projections then depend on the input)."""
-    model = xLSTMLarge(config, rngs=nnx.Rngs(seed))
-    std = float(np.sqrt(2.0 / (5.0 * config.embedding_dim)))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
-    for _, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        w = param[...]
-        if w.ndim == 2 and not bool(jnp.all(jnp.any(w != 0, axis=0))):
-            param[...] = jnp.where(jnp.any(w != 0, axis=0), w, std * jax.random.normal(next(keys), w.shape))
-    return model
 
 
 def teacher_forced(model: xLSTMLarge, tokens: np.ndarray, state_dtype: str, segment: int, marks: list[int]):
