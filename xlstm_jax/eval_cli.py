@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from xlstm_jax.generate_cli import WEIGHT_SCHEMES, add_weights_argument, positive_int, weights_error
+from xlstm_jax.generate_cli import add_weights_argument, positive_int, weights_error
 from xlstm_jax.train.cli import fail, parse_separator
 
 EVAL_DESCRIPTION = (
@@ -108,8 +108,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return fail("--backend", err.reason)
     weights = getattr(args, "weights", None)
-    if weights is not None and weights not in WEIGHT_SCHEMES:
-        return fail("--weights", weights_error(weights))
+    if (reason := weights_error(weights)) is not None:
+        return fail("--weights", reason)
     try:
         run_config = read_run_config(args.model) if os.path.isdir(args.model) else None
         model_dir = training_export(args.model)

@@ -70,8 +70,10 @@ def add_weights_argument(parser: argparse.ArgumentParser, verb: str, note: str =
                              "checkpoint's float weights)")
 
 
-def weights_error(weights: str) -> str:
-    """The reason a --weights value outside WEIGHT_SCHEMES is refused."""
+def weights_error(weights: str | None) -> str | None:
+    """Why a --weights value is refused (one outside WEIGHT_SCHEMES), or None (absent or valid)."""
+    if weights is None or weights in WEIGHT_SCHEMES:
+        return None
     return (f"must be one of {list(WEIGHT_SCHEMES)} (leave it out for the checkpoint's float weights), got "
             f"{weights!r}.")
 
@@ -138,8 +140,8 @@ def run_generate(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return fail(flag(err.field), err.reason)
     weights = getattr(args, "weights", None)
-    if weights is not None and weights not in WEIGHT_SCHEMES:
-        return fail("--weights", weights_error(weights))
+    if (reason := weights_error(weights)) is not None:
+        return fail("--weights", reason)
     if args.prompt_ids and (args.prompt or args.prompt_file):
         return fail("--prompt-ids", "give token ids or text prompts (--prompt, --prompt-file), not both.")
     try:
