@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -42,12 +42,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
+from xlstm_jax.serve import steps
 from xlstm_jax.serve.mesh import mesh_sizes, place_params, place_states
 from xlstm_jax.serve.metrics import Metrics
 from xlstm_jax.serve.prefix_cache import PrefixCache
 from xlstm_jax.serve.requests import Event, QueueFull, Request
-from xlstm_jax.serve import steps
-from xlstm_jax.serve.steps import empty_states, insert
 
 STATE_DTYPES = ("float32", "bfloat16")
 MIN_BUCKET = 16  # the shortest prefill shape (shorter chunks are left-padded to it)
@@ -121,7 +120,7 @@ class Engine:
 
     def _empty(self, rows: int) -> list:
         """Zero states for `rows` rows, placed on the mesh (rows split over data when they are the pool's)."""
-        states = empty_states(self.config, rows, self.state_dtype)
+        states = steps.empty_states(self.config, rows, self.state_dtype)
         return states if self.mesh is None else place_states(states, self.mesh, split_rows=rows > 1)
 
     # --- the caller's side (any thread) ---
@@ -185,7 +184,7 @@ class Engine:
             jobs = [pool.submit(decode)] + [pool.submit(bucket, length) for length in self.buckets]
             for job in jobs:
                 job.result()
-        self._pool = insert(self._pool, 0, self._zero)
+        self._pool = steps.insert(self._pool, 0, self._zero)
         jax.block_until_ready(self._pool)
 
     def _idle_inputs(self) -> tuple:
@@ -352,7 +351,7 @@ class Engine:
     def _decode_next(self, index: int) -> None:
         """Slot `index` is prefilled: its state goes into the pool and it decodes from the next step on."""
         slot = self._slots[index]
-        self._pool = insert(self._pool, index, slot.state)
+        self._pool = steps.insert(self._pool, index, slot.state)
         slot.state, slot.decoding = None, True
         self._prefilling.remove(index)
 
