@@ -13,6 +13,7 @@ Shapes: x (..., K), w (K, N) -> y (..., N) float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -32,27 +33,27 @@ def mixed_matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     """x (..., K) @ w (K, N) in `dtype` with float32 accumulation -> (..., N) float32; gradients for x and w in
     their own dtypes (bfloat16: computed by bfloat16 matmuls, see the module docstring)."""
     if jnp.dtype(dtype) == jnp.bfloat16:
-        return _bf16_matmul(x, w)
+        return _bf16_matmul(x, w, jnp.dtype(x.dtype), jnp.dtype(w.dtype))
     return _dot(x, w, "...k,kn->...n", dtype)
 
 
-@jax.custom_vjp
-def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bf16_matmul(x: jax.Array, w: jax.Array, x_dtype: Any, w_dtype: Any) -> jax.Array:
+    """x_dtype, w_dtype: x's and w's dtypes, which their gradients take."""
     return _dot(x, w, "...k,kn->...n", jnp.bfloat16)
 
 
-def _forward(x, w):
+def _forward(x, w, x_dtype, w_dtype):
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    # the primal dtypes travel as empty arrays (residuals must be arrays)
-    return _dot(xb, wb, "...k,kn->...n", jnp.bfloat16), (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return _dot(xb, wb, "...k,kn->...n", jnp.bfloat16), (xb, wb)
 
 
-def _backward(residuals, g):
-    xb, wb, x_dtype, w_dtype = residuals
+def _backward(x_dtype, w_dtype, residuals, g):
+    xb, wb = residuals
     gb = g.astype(jnp.bfloat16)
     dx = _dot(gb, wb, "...n,kn->...k", jnp.bfloat16)
     dw = _dot(xb, gb, "...k,...n->kn", jnp.bfloat16)  # no reshape: the leading axes may be sharded apart
-    return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
 _bf16_matmul.defvjp(_forward, _backward)
