@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.generation import _carried
 from xlstm_jax.models.xlstm_large.model import zero_states
 
 STEPS = 16
@@ -39,7 +40,8 @@ SETTINGS = {
 
 
 def decode_loop(graphdef, state_dtype):
-    """(params, token (B,), states) -> (last token, states) after STEPS greedy steps."""
+    """(params, token (B,), states) -> (last token, states) after STEPS greedy steps, the states carried as
+    `Generator` carries them (`_carried`)."""
 
     def run(params, token, states):
         model = nnx.merge(graphdef, params)
@@ -47,8 +49,7 @@ def decode_loop(graphdef, state_dtype):
         def body(_, carry):
             tok, st = carry
             logits, st = model(tok[:, None], states=st, return_states=True, backend="mlstm_step")
-            st = [(c.astype(state_dtype), n.astype(state_dtype), m) for c, n, m in st]
-            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), st
+            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), _carried(st, state_dtype)
 
         return jax.lax.fori_loop(0, STEPS, body, (token, states))
 
@@ -83,13 +84,11 @@ def main(argv=None) -> None:
     dtype = "float32" if args.tiny else "bfloat16"
     config = xLSTMLargeConfig(**size, param_dtype=dtype, compute_dtype=dtype, weight_mode="fused")
     graphdef, params = nnx.split(xLSTMLarge(config, rngs=nnx.Rngs(0)))
-    run = jax.jit(decode_loop(graphdef, jnp.dtype(args.state_dtype)), donate_argnums=(2,))
+    run = jax.jit(decode_loop(graphdef, args.state_dtype), donate_argnums=(2,))
     rows = []
     for B in args.batches:
         def fresh():
-            states = [(c.astype(args.state_dtype), n.astype(args.state_dtype), m)
-                      for c, n, m in zero_states(config, B)]
-            return params, jnp.zeros((B,), jnp.int32), states
+            return params, jnp.zeros((B,), jnp.int32), _carried(zero_states(config, B), args.state_dtype)
 
         lowered = run.lower(*fresh())
         for name in args.settings:
