@@ -36,6 +36,7 @@ import time
 
 import jax
 
+from xlstm_jax.bench.hlo import MATMUL_KERNELS, busy_us, instruction_of, is_matmul, op_name, parse_hlo
 from xlstm_jax.bench.measure import timed_runs, timing_stats
 from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.train.benchmark import SIZES, synthetic_step
@@ -44,73 +45,7 @@ from xlstm_jax.train.metrics import model_flops_per_token, peak_flops
 
 CATEGORIES = ("matmul", "mlstm_fw", "mlstm_bw", "lm_head_matmul", "loss", "optimizer", "collective",
               "transpose_copy", "other_fusion", "other")
-MATMUL_KERNELS = ("gemm", "cublas", "cutlass", "nvjet", "xmma", "matmul")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "nccl")
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\(")
-
-
-def parse_hlo(text: str) -> dict[str, dict]:
-    """Instruction name -> {opcode, op_name (JAX name stack), calls (called computations), target (custom-call
-    target), computation, root} of a compiled module's HLO text; computations under "computation:NAME" ->
-    {instructions, root}."""
-    table: dict[str, dict] = {}
-    computation = None
-    for line in text.splitlines():
-        if line.rstrip().endswith("{") and " = " not in line:
-            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            table[f"computation:{computation}"] = {"instructions": [], "root": None}
-            continue
-        match = _INSTRUCTION.match(line)
-        if match is None or computation is None:
-            continue
-        root, name, opcode = match.groups()
-        op_name = re.search(r'op_name="([^"]*)"', line)
-        target = re.search(r'custom_call_target="([^"]*)"', line)
-        table[name] = {"opcode": opcode, "op_name": op_name[1] if op_name else "",
-                       "calls": re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line),
-                       "target": target[1] if target else "", "computation": computation}
-        table[f"computation:{computation}"]["instructions"].append(name)
-        if root:
-            table[f"computation:{computation}"]["root"] = name
-    return table
-
-
-def _is_matmul(hlo: dict[str, dict], name: str, seen: set | None = None) -> bool:
-    info = hlo.get(name)
-    if info is None:
-        return False
-    if info["opcode"] in ("dot", "convolution") or any(k in info["target"].lower() for k in MATMUL_KERNELS):
-        return True
-    seen = set() if seen is None else seen
-    if info["opcode"] != "fusion" or name in seen:
-        return False
-    seen.add(name)
-    return any(_is_matmul(hlo, inner, seen) for called in info["calls"]
-               for inner in hlo.get(f"computation:{called}", {}).get("instructions", ()))
-
-
-def _op_name(hlo: dict[str, dict], name: str) -> str:
-    """The instruction's JAX name stack; a fusion without one takes its root's (or its first named one's)."""
-    info = hlo.get(name, {})
-    if info.get("op_name") or info.get("opcode") != "fusion":
-        return info.get("op_name", "")
-    for called in info["calls"]:
-        comp = hlo.get(f"computation:{called}", {})
-        names = [comp.get("root")] + comp.get("instructions", [])
-        named = [hlo[n]["op_name"] for n in names if n in hlo and hlo[n]["op_name"]]
-        if named:
-            return named[0]
-    return ""
-
-
-def instruction_of(event: dict, hlo: dict[str, dict]) -> str | None:
-    """The HLO instruction an event ran: its `hlo_op`, or its kernel name (XLA names a fusion's kernel after it,
-    with "_N" for ".N")."""
-    name = event["name"]
-    for candidate in (event.get("args", {}).get("hlo_op"), name, re.sub(r"_(\d+)$", r".\1", name)):
-        if candidate in hlo:
-            return candidate
-    return None
 
 
 def category(event: dict, hlo: dict[str, dict]) -> tuple[str, str]:
@@ -118,13 +53,13 @@ def category(event: dict, hlo: dict[str, dict]) -> tuple[str, str]:
     kernel = event["name"].lower()
     name = instruction_of(event, hlo)
     info = hlo.get(name, {"opcode": "", "target": ""})
-    scope = _op_name(hlo, name) if name else ""
+    scope = op_name(hlo, name) if name else ""
     opcode = info["opcode"]
     if any(c in opcode or c in kernel for c in COLLECTIVES):
         return "collective", scope
     if "mlstm" in kernel:
         return ("mlstm_bw" if "_bw" in kernel else "mlstm_fw"), scope
-    matmul = any(k in kernel for k in MATMUL_KERNELS) or (name is not None and _is_matmul(hlo, name))
+    matmul = any(k in kernel for k in MATMUL_KERNELS) or (name is not None and is_matmul(hlo, name))
     if "/optimizer/" in scope:
         return "optimizer", scope
     if "lm_head_loss" in scope:
@@ -138,16 +73,6 @@ def category(event: dict, hlo: dict[str, dict]) -> tuple[str, str]:
     if opcode == "fusion" or "fusion" in kernel:
         return "other_fusion", scope
     return "other", scope
-
-
-def busy_us(events: list[dict]) -> float:
-    """Microseconds covered by at least one event (the union of their intervals)."""
-    total, end = 0.0, float("-inf")
-    for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return total
 
 
 def profile(args: argparse.Namespace) -> dict:

@@ -149,3 +149,21 @@ def test_multi_gpu_scripts_run_on_fake_devices(tmp_path):
     """Issue 22's scripts at tiny sizes on 4 CPU devices: context-parallel scaling rows (8 devices skipped, not
     faked) and the weak-scaling batch of the throughput script."""
     run_on_devices("multi_gpu_scripts.py", 4, oks=2, args=[SCRIPTS, tmp_path / "cp.json", tmp_path / "tp.json"])
+
+
+@pytest.mark.slow
+def test_serve_step_profile_splits_each_step_by_kind_and_place(tmp_path):
+    out = tmp_path / "serve_step.json"
+    rows = _load("profile_serve_step").main(["--tiny", "--variants", "decode,mixed:32:native_chunkwise:16,prefill:32",
+                                             "--slots", "2", "--calls", "1", "--reps", "2", "--json", str(out)])
+    assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["decode", "mixed:32:native_chunkwise:16",
+                                                                           "prefill:32"]
+    for row in rows:
+        assert row["step_ms"] > 0 and row["device_busy_ms"] > 0
+        places = row["by_place_ms"]
+        for place in ("project", "mlstm_cell", "output", "ffn"):
+            assert places[place] > 0, (row["variant"], place)
+        assert row["by_kind_ms"]["matmul"] > 0 and sum(row["kind_place_ms"].values()) > 0
+    decode, mixed, prefill = rows
+    assert decode["by_place_ms"]["sample"] > 0 and mixed["by_place_ms"]["sample"] > 0
+    assert prefill["by_place_ms"]["sample"] == 0  # a prefill chunk samples nothing

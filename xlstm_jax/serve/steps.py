@@ -37,6 +37,7 @@ def states_bytes(states: States) -> int:
     return sum(x.nbytes for block in states for x in block)
 
 
+@jax.named_scope("sample")
 def _sample(logits, active, key_data, choice, position, temperature, top_k, top_p):
     """(tokens (M,) int32, bad (M,)) from the decode rows' logits (M, V); see `decode_step`."""
     keys = jax.random.wrap_key_data(key_data, impl="threefry2x32")

@@ -148,6 +148,7 @@ class mLSTMLayer(nnx.Module):
         self.out_proj = Dense(c.v_dim, D, axes=("heads", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt,
                               rngs=rngs)
 
+    @jax.named_scope("project")
     def project(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """x (B, S, D) float32 (normed) -> q, k (B, S, NH * DHQK), v, o (B, S, NH * DHV) float32, and the
         soft-capped gate pre-activations i, f (B, S, NH) float32. Per token: rows of x may be any tokens."""
@@ -162,6 +163,7 @@ class mLSTMLayer(nnx.Module):
             i, f = jnp.split(soft_cap(self.ifgate_preact(x, F32), c.gate_soft_cap), 2, axis=-1)
         return q, k, v, o, i, f
 
+    @jax.named_scope("mlstm_cell")
     def cell(self, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, state: State | None, *,
              backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
              ) -> tuple[jax.Array, State]:
@@ -184,6 +186,7 @@ class mLSTMLayer(nnx.Module):
                                           sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes))
         return h.transpose(0, 2, 1, 3), new_state
 
+    @jax.named_scope("output")
     def output(self, h: jax.Array, o: jax.Array) -> jax.Array:
         """h (B, S, NH, DHV), o (B, S, NH * DHV) -> out_proj(sigmoid(o) * norm(h)) (B, S, D) float32."""
         return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h), self.config.compute_jnp_dtype)
@@ -226,6 +229,7 @@ class FeedForward(nnx.Module):
             self.proj_up_gate_z = Dense(D, 2 * F, axes=("embed", None), **up)
         self.proj_down = Dense(F, D, axes=("ffn", "embed"), use_bias=bias, kernel_init=wang, param_dtype=pdt, rngs=rngs)
 
+    @jax.named_scope("ffn")
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.config.compute_jnp_dtype
         if self.config.weight_mode == "single":
@@ -384,6 +388,7 @@ class xLSTMLarge(nnx.Module):
         out = x if return_hidden else self.head(x)
         return (out, new_states) if return_states else out
 
+    @jax.named_scope("head")
     def head(self, x: jax.Array) -> jax.Array:
         """The last block's output x (..., D) float32 -> soft-capped logits (..., V) float32 (the final norm, then
         the LM head or the tied embedding)."""

@@ -1,0 +1,84 @@
+"""Device events matched to a compiled module's HLO: the instruction table of its text, which instructions are
+matmuls, their JAX name stacks, and the device time the events cover. Shared by the profilers
+(scripts/profile_train.py, scripts/profile_serve_step.py)."""
+
+from __future__ import annotations
+
+import re
+
+MATMUL_KERNELS = ("gemm", "cublas", "cutlass", "nvjet", "xmma", "matmul")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\(")
+
+
+def parse_hlo(text: str) -> dict[str, dict]:
+    """Instruction name -> {opcode, op_name (JAX name stack), calls (called computations), target (custom-call
+    target), computation, root} of a compiled module's HLO text; computations under "computation:NAME" ->
+    {instructions, root}."""
+    table: dict[str, dict] = {}
+    computation = None
+    for line in text.splitlines():
+        if line.rstrip().endswith("{") and " = " not in line:
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            table[f"computation:{computation}"] = {"instructions": [], "root": None}
+            continue
+        match = _INSTRUCTION.match(line)
+        if match is None or computation is None:
+            continue
+        root, name, opcode = match.groups()
+        stack = re.search(r'op_name="([^"]*)"', line)
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        table[name] = {"opcode": opcode, "op_name": stack[1] if stack else "",
+                       "calls": re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line),
+                       "target": target[1] if target else "", "computation": computation}
+        table[f"computation:{computation}"]["instructions"].append(name)
+        if root:
+            table[f"computation:{computation}"]["root"] = name
+    return table
+
+
+def is_matmul(hlo: dict[str, dict], name: str, seen: set | None = None) -> bool:
+    info = hlo.get(name)
+    if info is None:
+        return False
+    if info["opcode"] in ("dot", "convolution") or any(k in info["target"].lower() for k in MATMUL_KERNELS):
+        return True
+    seen = set() if seen is None else seen
+    if info["opcode"] != "fusion" or name in seen:
+        return False
+    seen.add(name)
+    return any(is_matmul(hlo, inner, seen) for called in info["calls"]
+               for inner in hlo.get(f"computation:{called}", {}).get("instructions", ()))
+
+
+def op_name(hlo: dict[str, dict], name: str) -> str:
+    """The instruction's JAX name stack; a fusion without one takes its root's (or its first named one's)."""
+    info = hlo.get(name, {})
+    if info.get("op_name") or info.get("opcode") != "fusion":
+        return info.get("op_name", "")
+    for called in info["calls"]:
+        comp = hlo.get(f"computation:{called}", {})
+        names = [comp.get("root")] + comp.get("instructions", [])
+        named = [hlo[n]["op_name"] for n in names if n in hlo and hlo[n]["op_name"]]
+        if named:
+            return named[0]
+    return ""
+
+
+def instruction_of(event: dict, hlo: dict[str, dict]) -> str | None:
+    """The HLO instruction an event ran: its `hlo_op`, or its kernel name (XLA names a fusion's kernel after it,
+    with "_N" for ".N")."""
+    name = event["name"]
+    for candidate in (event.get("args", {}).get("hlo_op"), name, re.sub(r"_(\d+)$", r".\1", name)):
+        if candidate in hlo:
+            return candidate
+    return None
+
+
+def busy_us(events: list[dict]) -> float:
+    """Microseconds covered by at least one event (the union of their intervals)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
