@@ -73,3 +73,23 @@ def test_the_bfloat16_backward_has_no_float32_matmul():
     mixed = _dot_operand_types(grads(lambda a, b: mixed_matmul(a, b, jnp.bfloat16)), x, w, g)
     assert any("f32" in operands for operands in plain)  # what the custom backward removes
     assert mixed and not any("f32" in operands for operands in mixed), mixed
+
+
+def test_the_tied_head_backward_has_no_float32_matmul():
+    """The tied LM head (logits = x @ embeddingᵀ) goes through mixed_matmul too: its logits' float32 cotangent
+    once made both of its backward matmuls float32."""
+    from flax import nnx
+
+    from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
+
+    config = xLSTMLargeConfig(embedding_dim=32, num_heads=2, num_blocks=1, vocab_size=64, tie_word_embeddings=True,
+                              compute_dtype="bfloat16")
+    graphdef, params = nnx.split(xLSTMLarge(config, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    g = jnp.ones((2, 3, 64), jnp.float32)
+
+    def grads(p, a, c):
+        return jax.vjp(lambda p_, a_: nnx.merge(graphdef, p_).head(a_), p, a)[1](c)
+
+    operands = _dot_operand_types(grads, params, x, g)
+    assert len(operands) == 3 and not any("f32" in o for o in operands), operands

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, matmul_precision, validated
+from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, validated
 from xlstm_jax.mlstm.api import MLSTMCall, dispatch, planned_backend
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
@@ -397,9 +397,7 @@ class xLSTMLarge(nnx.Module):
             x = self.backbone.out_norm(x)
         dt = c.compute_jnp_dtype
         if self.lm_head is None:
-            table = self.backbone.embeddings.weight[...]
-            logits = jnp.einsum("...d,vd->...v", x.astype(dt), table.astype(dt), preferred_element_type=F32,
-                                precision=matmul_precision(dt))
+            logits = mixed_matmul(x, self.backbone.embeddings.weight[...].T, dt)
         else:
             logits = self.lm_head(x, dt)
         return soft_cap(logits, c.output_logit_soft_cap)
