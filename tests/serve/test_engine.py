@@ -1,4 +1,5 @@
-"""The serving engine without HTTP: slots are reused, nothing compiles after warm-up, a prefix from the cache gives
+"""The serving engine without HTTP: slots are reused, nothing compiles after warm-up, a request waiting for a slot is
+prefilled before one frees, a prefix from the cache gives
 the tokens of a full prefill, inactive slots keep their states exactly, the per-row sampling filter is
 `filter_logits` row by row, and a request whose receiver fails does not disturb the others."""
 
@@ -90,6 +91,29 @@ def test_slots_are_reused_and_nothing_compiles_after_warm_up(engine):
     assert all(len(tokens) == 3 for tokens, _ in sampled)
     assert alone == together[::3]
     assert engine.stats()["active"] == 0 and engine.stats()["waiting"] == 0
+
+
+def test_a_request_waiting_for_a_slot_is_prefilled_before_one_frees(engine):
+    """Four slots busy for 12 tokens each and a fifth request with a 75-token prompt (three chunks): it prefills in
+    the staging slot while the four decode, so when the first slot frees its state is complete; its tokens are those
+    it gets alone."""
+    busy = prompts_of([3, 4, 5, 6], engine.config.vocab_size, seed=2)
+    (late,) = prompts_of([75], engine.config.vocab_size, seed=3)
+    seen = []
+
+    class FirstToFinish(Collector):
+        def __call__(self, event):
+            if event.finish_reason is not None and not seen:
+                stage = engine._slots[engine.max_slots]
+                seen.append((stage.request is not None and stage.request.prompt == late, stage.position))
+            super().__call__(event)
+
+    collectors = [FirstToFinish() for _ in busy] + [Collector()]
+    engine.submit([Request(p, SamplingParams(max_tokens=12 if p in busy else 5), c)
+                   for p, c in zip(busy + [late], collectors)])
+    results = [c.wait() for c in collectors]
+    assert seen == [(True, len(late) - 1)]
+    assert results[-1] == run(engine, [late])[0]
 
 
 def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(model, engine):

@@ -3,7 +3,9 @@
 An xLSTM's state is the same size after any number of tokens, so the engine holds `max_slots` states on the device
 (the pool: per block C, n, m with a leading slot axis) and never pages anything. Each iteration of its thread:
 
-1. frees the slots of cancelled requests and admits waiting requests into free slots;
+1. frees the slots of cancelled requests and admits waiting requests into free slots; while every slot is taken,
+   the next waiting request is admitted into a staging slot outside the pool (`PREFILL_AHEAD`), prefills there
+   and moves into the first slot that frees, so a slot waits one step for a new stream, not for its prefill;
 2. while some slots decode: dispatches one decode step of shape (max_slots, 1) for them (per-slot sampling
    settings as arrays) with the oldest admitted request's next prefill chunk in the same pass (`mixed_step`: the
    chunk's tokens share the step's matmuls, so a running stream waits for one slightly longer step, and the chunk
@@ -50,6 +52,7 @@ from xlstm_jax.serve.requests import Event, QueueFull, Request
 
 STATE_DTYPES = ("float32", "bfloat16")
 MIN_BUCKET = 16  # the shortest prefill shape (shorter chunks are left-padded to it)
+PREFILL_AHEAD = 1  # staging slots: requests prefilled while every pool slot is taken
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +113,7 @@ class Engine:
         self._pool = self._empty(max_slots)
         self._zero = self._empty(1)
         self._previous = jnp.zeros((max_slots,), jnp.int32)
-        self._slots = [_Slot() for _ in range(max_slots)]
+        self._slots = [_Slot() for _ in range(max_slots + PREFILL_AHEAD)]  # the pool's, then the staging ones
         self._prefilling: collections.deque[int] = collections.deque()  # slot indices in admission order
         self._waiting: collections.deque[Request] = collections.deque()
         self._pending: tuple | None = None  # (tokens, bad, requests) of the step dispatched last, not yet read
@@ -158,7 +161,8 @@ class Engine:
             self._cond.notify()
 
     def stats(self) -> dict:
-        """Slots in use (prefilling and decoding), requests waiting, prefix snapshots held."""
+        """Requests admitted (decoding, prefilling, or prefilled in a staging slot), requests waiting, prefix
+        snapshots held."""
         with self._cond:
             return {"active": sum(s.request is not None for s in self._slots), "waiting": len(self._waiting),
                     "slots": self.max_slots, "prefix_entries": len(self.cache), "prefix_bytes": self.cache.bytes}
@@ -227,7 +231,7 @@ class Engine:
             except Exception as err:  # a failed step: its requests end with the error, the engine goes on
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_all(f"the engine step failed: {type(err).__name__}: {err}")
-            self.metrics.active_slots.set(sum(s.request is not None for s in self._slots))
+            self.metrics.active_slots.set(sum(s.request is not None for s in self._slots[:self.max_slots]))
 
     def _busy(self) -> bool:
         return self._pending is not None or any(s.request is not None for s in self._slots)
@@ -238,14 +242,28 @@ class Engine:
                 self._free(index, "cancelled")
 
     def _admit(self) -> None:
+        """Fill free slots: first from the staging slots (admitted earlier), then from the queue; then, while
+        requests wait, the free staging slots."""
+        free = [i for i, s in enumerate(self._slots[:self.max_slots]) if s.request is None]
+        for stage in range(self.max_slots, len(self._slots)):
+            if free and self._slots[stage].request is not None:
+                self._move(stage, free.pop(0))
         with self._cond:
-            for index, slot in enumerate(self._slots):
+            for index in free + [i for i in range(self.max_slots, len(self._slots)) if self._slots[i].request is None]:
                 if not self._waiting:
                     break
-                if slot.request is None:
-                    self._slots[index] = _Slot(request=self._waiting.popleft())
-                    self._prefilling.append(index)
+                self._slots[index] = _Slot(request=self._waiting.popleft())
+                self._prefilling.append(index)
             self.metrics.queue_depth.set(len(self._waiting))
+
+    def _move(self, stage: int, index: int) -> None:
+        """The request of staging slot `stage` into the free pool slot `index`: its prefill goes on there, or its
+        finished prefill goes into the pool."""
+        self._slots[index], self._slots[stage] = self._slots[stage], _Slot()
+        if stage in self._prefilling:
+            self._prefilling[self._prefilling.index(stage)] = index
+        else:
+            self._decode_next(index)
 
     def _iterate(self) -> None:
         """One pass: while slots decode, one decode step for them with the next prefill chunk riding along
@@ -349,11 +367,15 @@ class Engine:
         self.cache.put(slot.request.prompt[:stop], state)
 
     def _decode_next(self, index: int) -> None:
-        """Slot `index` is prefilled: its state goes into the pool and it decodes from the next step on."""
+        """Slot `index` is prefilled: its state goes into the pool and it decodes from the next step on (a
+        staging slot keeps it until `_admit` moves it to a free pool slot)."""
+        if index in self._prefilling:
+            self._prefilling.remove(index)
+        if index >= self.max_slots:
+            return
         slot = self._slots[index]
         self._pool = steps.insert(self._pool, index, slot.state)
         slot.state, slot.decoding = None, True
-        self._prefilling.remove(index)
 
     def _prefill_failed(self, index: int, err: Exception) -> None:
         request = self._slots[index].request
