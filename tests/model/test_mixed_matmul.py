@@ -75,6 +75,33 @@ def test_the_bfloat16_backward_has_no_float32_matmul():
     assert mixed and not any("f32" in operands for operands in mixed), mixed
 
 
+def test_a_weight_stored_as_n_by_k_gives_the_gradients_of_its_transpose():
+    """w_layout "nk" (the tied head's table as stored): gradients against float64 within bf16 rounding, the float32
+    forward equal to the (K, N) form's, an unknown layout refused."""
+    table = 0.1 * jax.random.normal(jax.random.key(0), (256, 64))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64))
+    g = jax.random.normal(jax.random.key(2), (2, 64, 256))
+    dx, dt = jax.jit(lambda a, t: jax.vjp(lambda a_, t_: mixed_matmul(a_, t_, jnp.bfloat16, w_layout="nk"),
+                                          a, t)[1](g))(x, table)
+    x64, t64, g64 = (np.asarray(a, np.float64) for a in (x, table, g))
+    assert _rel(dx, g64 @ t64) < 1e-2
+    assert _rel(dt, np.einsum("bsv,bsd->vd", g64, x64)) < 1e-2
+    np.testing.assert_array_equal(mixed_matmul(x, table, jnp.float32, w_layout="nk"),
+                                  mixed_matmul(x, table.T, jnp.float32))
+    with pytest.raises(ValueError, match="w_layout"):
+        mixed_matmul(x, table, jnp.bfloat16, w_layout="kv")
+
+
+def test_a_bfloat16_training_step_with_the_tied_head_runs_on_a_cpu():
+    """The training step at the tiny size with the plain loss (the tied head's logits): with the table's transposed
+    view as the weight, XLA's CPU runtime met a bf16 x bf16 -> f32 dot it cannot run (DotThunk UNIMPLEMENTED)."""
+    from xlstm_jax.train.benchmark import synthetic_step
+
+    step = synthetic_step("tiny", "native_chunkwise", 2, 64, "bfloat16", None, "plain", "none", None)
+    leaves = jax.tree.leaves(jax.block_until_ready(step.train_step(*step.args)))
+    assert leaves and all(bool(jnp.all(jnp.isfinite(x))) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
+
+
 def test_the_tied_head_backward_has_no_float32_matmul():
     """The tied LM head (logits = x @ embeddingᵀ) goes through mixed_matmul too: its logits' float32 cotangent
     once made both of its backward matmuls float32."""

@@ -8,7 +8,7 @@ backward matmuls (dx = g @ wᵀ, dw = xᵀ @ g) meet a float32 operand and a bfl
 and both matmuls run in bfloat16 with float32 accumulation. float16 keeps the plain backward (a float16 cotangent
 could overflow without loss scaling), float32 is exact as before.
 
-Shapes: x (..., K), w (K, N) -> y (..., N) float32.
+Shapes: x (..., K), w (K, N) (or (N, K), `w_layout="nk"`) -> y (..., N) float32.
 """
 
 from __future__ import annotations
@@ -29,30 +29,42 @@ def _dot(a: jax.Array, b: jax.Array, spec: str, dtype: Any) -> jax.Array:
                       precision=matmul_precision(dtype))
 
 
-def mixed_matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
-    """x (..., K) @ w (K, N) in `dtype` with float32 accumulation -> (..., N) float32; gradients for x and w in
-    their own dtypes (bfloat16: computed by bfloat16 matmuls, see the module docstring)."""
+_SPECS = {  # w's layout -> (forward, dx, dw) einsum specs
+    "kn": ("...k,kn->...n", "...n,kn->...k", "...k,...n->kn"),
+    "nk": ("...k,nk->...n", "...n,nk->...k", "...n,...k->nk"),
+}
+
+
+def mixed_matmul(x: jax.Array, w: jax.Array, dtype: Any, w_layout: str = "kn") -> jax.Array:
+    """x (..., K) @ w in `dtype` with float32 accumulation -> (..., N) float32; w (K, N), or (N, K) with
+    `w_layout="nk"` (a tied embedding table: each matmul then takes the table as stored, where a transposed view
+    gave the CPU runtime a bf16 dot layout it cannot run). Gradients for x and w in their own dtypes (bfloat16:
+    computed by bfloat16 matmuls, see the module docstring)."""
+    if w_layout not in _SPECS:
+        raise ValueError(f"w_layout must be one of {list(_SPECS)}, got {w_layout!r}.")
     if jnp.dtype(dtype) == jnp.bfloat16:
-        return _bf16_matmul(x, w, jnp.dtype(x.dtype), jnp.dtype(w.dtype))
-    return _dot(x, w, "...k,kn->...n", dtype)
+        return _bf16_matmul(x, w, jnp.dtype(x.dtype), jnp.dtype(w.dtype), w_layout)
+    return _dot(x, w, _SPECS[w_layout][0], dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _bf16_matmul(x: jax.Array, w: jax.Array, x_dtype: Any, w_dtype: Any) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _bf16_matmul(x: jax.Array, w: jax.Array, x_dtype: Any, w_dtype: Any, w_layout: str) -> jax.Array:
     """x_dtype, w_dtype: x's and w's dtypes, which their gradients take."""
-    return _dot(x, w, "...k,kn->...n", jnp.bfloat16)
+    return _dot(x, w, _SPECS[w_layout][0], jnp.bfloat16)
 
 
-def _forward(x, w, x_dtype, w_dtype):
+def _forward(x, w, x_dtype, w_dtype, w_layout):
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    return _dot(xb, wb, "...k,kn->...n", jnp.bfloat16), (xb, wb)
+    return _dot(xb, wb, _SPECS[w_layout][0], jnp.bfloat16), (xb, wb)
 
 
-def _backward(x_dtype, w_dtype, residuals, g):
+def _backward(x_dtype, w_dtype, w_layout, residuals, g):
     xb, wb = residuals
     gb = g.astype(jnp.bfloat16)
-    dx = _dot(gb, wb, "...n,kn->...k", jnp.bfloat16)
-    dw = _dot(xb, gb, "...k,...n->kn", jnp.bfloat16)  # no reshape: the leading axes may be sharded apart
+    _, dx_spec, dw_spec = _SPECS[w_layout]
+    dx = _dot(gb, wb, dx_spec, jnp.bfloat16)
+    # no reshape: the leading axes may be sharded apart
+    dw = _dot(xb, gb, dw_spec, jnp.bfloat16) if w_layout == "kn" else _dot(gb, xb, dw_spec, jnp.bfloat16)
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 

@@ -397,7 +397,7 @@ class xLSTMLarge(nnx.Module):
             x = self.backbone.out_norm(x)
         dt = c.compute_jnp_dtype
         if self.lm_head is None:
-            logits = mixed_matmul(x, self.backbone.embeddings.weight[...].T, dt)
+            logits = mixed_matmul(x, self.backbone.embeddings.weight[...], dt, w_layout="nk")
         else:
             logits = self.lm_head(x, dt)
         return soft_cap(logits, c.output_logit_soft_cap)
