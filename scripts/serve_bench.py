@@ -236,6 +236,8 @@ def main(argv=None) -> None:
     parser.add_argument("--static-batch", type=int, default=16)
     parser.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (a power of two)")
+    parser.add_argument("--prefill-backend", help="the prompt chunks' mLSTM cells (Engine's prefill_backend; "
+                        "mlstm_prefill: the forward-only fused kernel)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="serve_bench", help="folder for serve_bench.json and serve_latency.png")
     args = parser.parse_args(argv)
@@ -252,7 +254,8 @@ def main(argv=None) -> None:
     model = xLSTMLarge(config, rngs=nnx.Rngs(0))
     V = config.vocab_size
     engine = Engine(model, max_slots=args.max_slots, max_queue=count, state_dtype=args.state_dtype,
-                    prefill_chunk=prefill_chunk, prefix_cache_mb=0)  # random prompts share no prefix
+                    prefill_chunk=prefill_chunk, prefix_cache_mb=0,  # random prompts share no prefix
+                    prefill_backend=args.prefill_backend)
     began = time.perf_counter()
     engine.warm_up()
     print(f"engine compiled ({len(engine.buckets)} prefill lengths, alone and with the step) in "
@@ -264,7 +267,7 @@ def main(argv=None) -> None:
     step_s = float(np.median(np.diff(longest["steps_s"])))
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
                "max_slots": args.max_slots, "static_batch": args.static_batch, "state_dtype": args.state_dtype,
-               "prefill_chunk": prefill_chunk, "requests": count, "prompt_tokens": prompts, "new_tokens": new_tokens,
+               "prefill_chunk": prefill_chunk, "prefill_backend": args.prefill_backend, "requests": count, "prompt_tokens": prompts, "new_tokens": new_tokens,
                "static_step_ms": step_s * 1e3, "static_decode_tokens_per_s": args.static_batch / step_s,
                "unloaded_ttft_ms": unloaded_ttft(engine, work), "rates": []}
     print(f"static batch {args.static_batch}: {step_s * 1e3:.2f} ms/step, "

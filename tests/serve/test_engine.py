@@ -116,6 +116,19 @@ def test_a_request_waiting_for_a_slot_is_prefilled_before_one_frees(engine):
     assert results[-1] == run(engine, [late])[0]
 
 
+def test_prompt_chunks_through_mlstm_prefill_give_the_same_tokens(model, engine):
+    """An engine whose prompt chunks run through `mlstm_prefill` (alone and beside decode steps) answers as the
+    default one: prompts of one to three chunks, several at once."""
+    prompts = prompts_of([5, 40, 75, 33], engine.config.vocab_size, seed=4)
+    fused = Engine(model, **ENGINE, prefix_cache_mb=0, prefill_backend="mlstm_prefill")
+    fused.warm_up()
+    fused.start()
+    try:
+        assert run(fused, prompts, max_tokens=6) == run(engine, prompts, max_tokens=6)
+    finally:
+        fused.stop()
+
+
 def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(model, engine):
     """A prompt sharing 64 tokens (two chunks) with an earlier one starts from the stored state at 64; one that
     extends an earlier prompt starts from the state after that prompt[:-1]; both give the tokens of an engine
@@ -155,16 +168,18 @@ def test_inactive_slots_keep_their_states_exactly(model):
         assert not np.array_equal(old[active], new[active])
 
 
-def test_decode_and_prefill_in_one_pass_equal_them_apart(model):
+@pytest.mark.parametrize("chunk_backend", [None, "mlstm_prefill"])
+def test_decode_and_prefill_in_one_pass_equal_them_apart(model, chunk_backend):
     """`decode_and_prefill`: the pool's logits and states (slot 1 inactive, kept exactly) and a left-padded chunk's
-    state equal a decode step and a prefill run on their own."""
+    state equal a decode step and a prefill run on their own; the chunk's cell on the config's backend or on
+    `mlstm_prefill`."""
     rng = np.random.default_rng(3)
     V = model.config.vocab_size
     _, pool = model(jnp.asarray(rng.integers(0, V, (4, 9))), return_states=True)
     _, state = model(jnp.asarray(rng.integers(0, V, (1, 5))), return_states=True)
     tokens, active = jnp.asarray(rng.integers(0, V, (4,)), jnp.int32), jnp.asarray([True, False, True, True])
     chunk, mask = jnp.asarray(rng.integers(0, V, (1, 16)), jnp.int32), jnp.asarray(np.arange(16) >= 3)[None]
-    backends = dict(step_backend=model.config.step_backend, backend=model.config.backend,
+    backends = dict(step_backend=model.config.step_backend, backend=chunk_backend or model.config.backend,
                     chunk_size=model.config.chunk_size)
     graphdef, params = nnx.split(model)
 
@@ -263,6 +278,10 @@ def test_bad_settings_and_prompts_are_refused(model, engine):
         prefill_buckets(48)
     with pytest.raises(ValueError, match="state_dtype"):
         Engine(model, state_dtype="float16")
+    with pytest.raises(ValueError, match="prefill_backend must be one of"):
+        Engine(model, prefill_backend="cuda")
+    with pytest.raises(ValueError, match="chunks of 16 to 512"):
+        Engine(model, prefill_backend="mlstm_prefill", prefill_chunk=8)
     with pytest.raises(ValueError, match="token id"):
         engine.submit([Request([engine.config.vocab_size], SamplingParams(max_tokens=1), print)])
     with pytest.raises(ValueError, match="token id"):

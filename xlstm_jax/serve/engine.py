@@ -43,6 +43,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from xlstm_jax.kernels.triton.prefill import MAX_PREFILL
+from xlstm_jax.mlstm.api import BACKEND_NAMES
+from xlstm_jax.models.xlstm_large.config import PREFILL_BACKEND
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 from xlstm_jax.serve import steps
 from xlstm_jax.serve.mesh import mesh_sizes, place_params, place_states
@@ -79,17 +82,26 @@ def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
 class Engine:
     """The slot pool and its step loop for one model; `start()` runs it in a thread, `submit` / `cancel` are
     thread-safe. Sizes: `max_slots` sequences decode together, `max_queue` more wait; `state_dtype` "bfloat16"
-    halves the pool (C and n; m stays float32); `prefix_cache_mb` bounds the prefix snapshots. `mesh`: a mesh with
+    halves the pool (C and n; m stays float32); `prefix_cache_mb` bounds the prefix snapshots; `prefill_backend`
+    runs the prompt chunks' mLSTM cells (None: the model's backend; "mlstm_prefill": the forward-only fused
+    kernel, `xlstm_jax.mlstm.prefill`). `mesh`: a mesh with
     axes data and tensor (`xlstm_jax.serve.mesh.serving_mesh`): slots split over data, heads over tensor."""
 
     def __init__(self, model: xLSTMLarge, *, max_slots: int = 16, max_queue: int = 256,
                  state_dtype: str = "float32", prefill_chunk: int = 256, prefix_cache_mb: float = 1024.0,
-                 metrics: Metrics | None = None, mesh: Mesh | None = None):
+                 prefill_backend: str | None = None, metrics: Metrics | None = None, mesh: Mesh | None = None):
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}.")
         for name, value in (("max_slots", max_slots), ("max_queue", max_queue)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
+        prefill_backend = prefill_backend or model.config.backend
+        if prefill_backend not in (*BACKEND_NAMES, PREFILL_BACKEND):
+            raise ValueError(f"prefill_backend must be one of {[*BACKEND_NAMES, PREFILL_BACKEND]}, got "
+                             f"{prefill_backend!r}.")
+        if prefill_backend == PREFILL_BACKEND and not 16 <= prefill_chunk <= MAX_PREFILL:
+            raise ValueError(f"prefill_backend {PREFILL_BACKEND!r} takes chunks of 16 to {MAX_PREFILL} tokens, got "
+                             f"prefill_chunk={prefill_chunk}.")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}.")
         if mesh is not None and max_slots % mesh_sizes(mesh).get("data", 1):
@@ -106,10 +118,10 @@ class Engine:
             self._params = place_params(self._params, mesh)
         static = dict(graphdef=self._graphdef, state_dtype=state_dtype)  # the device functions, settings bound
         self._decode_step = functools.partial(steps.decode_step, backend=self.config.step_backend, **static)
-        self._prefill_chunk = functools.partial(steps.prefill_chunk, backend=self.config.backend,
+        self._prefill_chunk = functools.partial(steps.prefill_chunk, backend=prefill_backend,
                                                 chunk_size=self.config.chunk_size, **static)
         self._mixed_step = functools.partial(steps.mixed_step, step_backend=self.config.step_backend,
-                                             backend=self.config.backend, chunk_size=self.config.chunk_size, **static)
+                                             backend=prefill_backend, chunk_size=self.config.chunk_size, **static)
         self._pool = self._empty(max_slots)
         self._zero = self._empty(1)
         self._previous = jnp.zeros((max_slots,), jnp.int32)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xlstm_jax.mlstm.api import planned_backend
-from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.config import PREFILL_BACKEND, STEP_BACKEND, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.model import neutral_where_masked, xLSTMLarge, zero_states
 from xlstm_jax.serve.sampling import sample_rows
 
@@ -76,7 +76,8 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
     M, L = tokens.shape[0], chunk.shape[1]
     if step_backend != STEP_BACKEND:
         step_backend = planned_backend(step_backend, None, 1)[0]
-    chunk_backend, chunk_size = planned_backend(backend, chunk_size, L)
+    chunk_backend, chunk_size = ((backend, None) if backend == PREFILL_BACKEND
+                                 else planned_backend(backend, chunk_size, L))
     x = model.backbone.embeddings(jnp.concatenate([tokens, chunk[0]]))[None]  # (1, M + L, D)
     keep = jnp.concatenate([active, mask[0]])[None]
     new_pool, new_state = [], []

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 _DTYPES = ("float32", "bfloat16", "float16")
 _WEIGHT_MODES = ("single", "fused")
 STEP_BACKEND = "mlstm_step"  # decoding steps through `xlstm_jax.mlstm_step` (the fused Triton step on a GPU)
+PREFILL_BACKEND = "mlstm_prefill"  # forward-only prompt chunks from a state through `mlstm_prefill` (serving)
 
 
 def _round_up(x: int, multiple: int) -> int:

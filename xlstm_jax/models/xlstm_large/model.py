@@ -25,9 +25,10 @@ from flax import nnx
 
 from xlstm_jax.kernels.base import NEUTRAL_FGATE, NEUTRAL_IGATE, validated
 from xlstm_jax.mlstm.api import MLSTMCall, dispatch, planned_backend
+from xlstm_jax.mlstm.prefill import mlstm_prefill
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
-from xlstm_jax.models.xlstm_large.config import STEP_BACKEND, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.config import PREFILL_BACKEND, STEP_BACKEND, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.mixed_matmul import mixed_matmul
 
 F32 = jnp.float32
@@ -168,7 +169,8 @@ class mLSTMLayer(nnx.Module):
              backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
              ) -> tuple[jax.Array, State]:
         """The mLSTM cell on `project`'s outputs (B, S, ...) from `state` (None: zeros): h (B, S, NH, DHV) in the
-        compute dtype and the last state. backend "mlstm_step" runs one token (S = 1) through `mlstm_step`."""
+        compute dtype and the last state. backend "mlstm_step" runs one token (S = 1) through `mlstm_step`,
+        "mlstm_prefill" a short chunk forward only through `mlstm_prefill`."""
         c = self.config
         B, S, _ = q.shape
         NH, DHQK, DHV, dt = c.num_heads, c.qk_head_dim, c.v_head_dim, c.compute_jnp_dtype
@@ -180,6 +182,11 @@ class mLSTMLayer(nnx.Module):
             h, new_state = mlstm_step(heads(q, DHQK)[:, :, 0], heads(k, DHQK)[:, :, 0], heads(v, DHV)[:, :, 0],
                                       i[:, 0], f[:, 0], *(state or (None,) * 3), eps=c.eps, input_gate=c.input_gate)
             return h[:, None], new_state
+        if backend == PREFILL_BACKEND:
+            h, new_state = mlstm_prefill(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
+                                         f.transpose(0, 2, 1), *(state or (None,) * 3), eps=c.eps,
+                                         input_gate=c.input_gate)
+            return h.transpose(0, 2, 1, 3), new_state
         cell, options = validated(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
                                   f.transpose(0, 2, 1), *(state or (None,) * 3), return_last_states=True, eps=c.eps)
         h, new_state = dispatch(MLSTMCall(cell, options, backend, chunk_size, input_gate=c.input_gate,
@@ -332,7 +339,8 @@ class xLSTMLarge(nnx.Module):
         token_mask (B, S) bool: False marks padding steps, given neutral gates so they leave the states exactly
         unchanged (left padding of batched prompts); their logits are meaningless.
         backend / chunk_size override the config's; backend "mlstm_step" runs one token (S = 1) through
-        `xlstm_jax.mlstm_step`. sequence_axis_name: inside shard_map with the sequence split
+        `xlstm_jax.mlstm_step`, "mlstm_prefill" a chunk of S = 16..512 (a power of two) forward only through
+        `mlstm_prefill` (serving). sequence_axis_name: inside shard_map with the sequence split
         along that mesh axis, the mLSTM layers run context-parallel (`xlstm_jax.mlstm`) and document starts look
         across shard borders; the last states are those after the whole sequence. mesh_axes: under `jax.set_mesh`
         on a mesh with Auto axes, the mesh axes (B, NH, S) the mLSTM cells split their inputs over (a split S runs
@@ -364,6 +372,8 @@ class xLSTMLarge(nnx.Module):
         if backend == STEP_BACKEND:
             if shape[1] != 1:
                 raise ValueError(f"backend {STEP_BACKEND!r} runs one token per call (S = 1), got S = {shape[1]}.")
+            name, chunk_size = backend, None
+        elif backend == PREFILL_BACKEND:
             name, chunk_size = backend, None
         else:
             name, chunk_size = planned_backend(backend or c.backend, chunk_size or c.chunk_size,
