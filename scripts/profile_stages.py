@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.bench.measure import mlstm_inputs, timed_runs, timing_stats
-from xlstm_jax.kernels.triton import core as triton_core, families as triton_families, launch_table
+from xlstm_jax.kernels.triton import core as triton_core, families as triton_families
 from xlstm_jax.kernels.native.chunk_math import denominator_cotangent
 
 SWEEP_TOL = 2e-2
