@@ -28,7 +28,7 @@ from xlstm_jax.kernels.base import log_forget_floor, qk_scale
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.sharding import per_batch_head
 
-MAX_PREFILL = 512  # the longest sequence: the gate prefix sums are S x S masked reductions
+MAX_PREFILL = 512  # the longest sequence: every program holds the whole sequence's gates in registers
 
 
 @triton.jit
@@ -37,22 +37,29 @@ def _max(a, b):
 
 
 @triton.jit
-def _gate_sums(I, F, bh, at, S: tl.constexpr, FLOOR: tl.constexpr):
-    """(b_at, i_at, g_at) for token indices `at`: b the inclusive prefix sum of log σ(f) (floored as
-    base.log_forget), i the input gate, g = max_{s<=at}(i_s − b_s). Every caller forms them the same way, so the
-    exponents w_ts never exceed 0 by more than rounding."""
+def _log_forget(F, at, FLOOR: tl.constexpr):
+    f = tl.load(F + at).to(tl.float32)
+    log_f = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))  # log σ(f), floored as base.log_forget
+    return tl.where(log_f < FLOOR, FLOOR, log_f)
+
+
+@triton.jit
+def _gate_sums(I, F, bh, t0, X: tl.constexpr, S: tl.constexpr, FLOOR: tl.constexpr):
+    """(b, i, g) of the tokens t0..t0+X-1: b the inclusive prefix sum of log σ(f), i the input gate, g the running
+    max of i_s − b_s over s <= t. What lies before t0 enters as two scalars (a masked sum and max over the whole
+    sequence), so a tile costs O(S + X), and every tile's b is formed the same way."""
     t = tl.arange(0, S)
-    f = tl.load(F + bh * S + t).to(tl.float32)
-    log_f = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))
-    log_f = tl.where(log_f < FLOOR, FLOOR, log_f)
+    log_f_all = _log_forget(F + bh * S, t, FLOOR)
+    b_all = tl.cumsum(log_f_all, 0)
+    before = t < t0
+    b_before = tl.sum(tl.where(before, log_f_all, 0.0), 0)
     i_all = tl.load(I + bh * S + t).to(tl.float32)
-    b_all = tl.cumsum(log_f, 0)
-    g_all = tl.associative_scan(i_all - b_all, 0, _max)
-    before = t[None, :] <= at[:, None]
-    b_at = tl.sum(tl.where(before, log_f[None, :], 0.0), 1)
-    g_at = tl.max(tl.where(t[None, :] == at[:, None], g_all[None, :], float("-inf")), 1)
-    i_at = tl.load(I + bh * S + at).to(tl.float32)
-    return b_at, i_at, g_at
+    g_before = tl.max(tl.where(before, i_all - b_all, float("-inf")), 0)
+    at = t0 + tl.arange(0, X)
+    b = b_before + tl.cumsum(_log_forget(F + bh * S, at, FLOOR), 0)
+    i = tl.load(I + bh * S + at).to(tl.float32)
+    g = tl.maximum(g_before, tl.associative_scan(i - b, 0, _max))
+    return b, i, g
 
 
 @triton.jit
@@ -68,7 +75,7 @@ def _prefill_kernel(Q, K, V, I, F, C, N, M, H, C_OUT, N_OUT, M_OUT, SCALE: tl.co
     cols = j * BV + tl.arange(0, BV)
     col_ok = cols < DHHV
     rows = tq * LQ + tl.arange(0, LQ)
-    b_q, _, g_q = _gate_sums(I, F, bh, rows, S, FLOOR)
+    b_q, _, g_q = _gate_sums(I, F, bh, tq * LQ, LQ, S, FLOOR)
     m_q = b_q + tl.maximum(m0, g_q)
     inter = tl.exp(b_q + m0 - m_q)
     qk_base = bh * S * DHQK
@@ -89,7 +96,7 @@ def _prefill_kernel(Q, K, V, I, F, C, N, M, H, C_OUT, N_OUT, M_OUT, SCALE: tl.co
     # the part within the sequence, key tiles up to the diagonal
     for s0 in range(0, (tq + 1) * LQ, LQ):
         keys = s0 + tl.arange(0, LQ)
-        b_k, i_k, _ = _gate_sums(I, F, bh, keys, S, FLOOR)
+        b_k, i_k, _ = _gate_sums(I, F, bh, s0, LQ, S, FLOOR)
         scores = tl.zeros((LQ, LQ), dtype=tl.float32)
         for r0 in range(0, DHQK, BK):
             dims = r0 + tl.arange(0, BK)
@@ -107,10 +114,10 @@ def _prefill_kernel(Q, K, V, I, F, C, N, M, H, C_OUT, N_OUT, M_OUT, SCALE: tl.co
     tl.store(H + bh * S * DHHV + rows[:, None] * DHHV + cols[None, :], (num / den[:, None]).to(H.dtype.element_ty),
              mask=col_ok[None, :])
     if tq == NQ - 1:  # the last state's columns j·BV..: C_S = e^{b_S + m₀ − m_S} C₀ + Σ_s w_Ss k_s v_sᵀ
-        last = S - 1 + tl.zeros((1,), dtype=tl.int32)
-        b_last, _, g_last = _gate_sums(I, F, bh, last, S, FLOOR)
-        m_last = tl.sum(b_last + tl.maximum(m0, g_last), 0)
-        decay = tl.exp(tl.sum(b_last, 0) + m0 - m_last)
+        last = tl.arange(0, LQ) == LQ - 1  # the last row of this (the last) tile
+        b_last = tl.sum(tl.where(last, b_q, 0.0), 0)
+        m_last = tl.sum(tl.where(last, m_q, 0.0), 0)
+        decay = tl.exp(b_last + m0 - m_last)
         for r0 in range(0, DHQK, BK):
             dims = r0 + tl.arange(0, BK)
             dim_ok = dims < DHQK
@@ -120,8 +127,8 @@ def _prefill_kernel(Q, K, V, I, F, C, N, M, H, C_OUT, N_OUT, M_OUT, SCALE: tl.co
             n = decay * tl.load(N + bh * DHQK + dims, mask=dim_ok, other=0.0).to(tl.float32)
             for s0 in range(0, S, LQ):
                 keys = s0 + tl.arange(0, LQ)
-                b_k, i_k, _ = _gate_sums(I, F, bh, keys, S, FLOOR)
-                w = tl.exp(tl.sum(b_last, 0) - b_k + i_k - m_last)
+                b_k, i_k, _ = _gate_sums(I, F, bh, s0, LQ, S, FLOOR)
+                w = tl.exp(b_last - b_k + i_k - m_last)
                 k = tl.load(K + qk_base + keys[:, None] * DHQK + dims[None, :], mask=dim_ok[None, :],
                             other=0.0).to(tl.float32) * w[:, None]
                 v = tl.load(V + bh * S * DHHV + keys[:, None] * DHHV + cols[None, :], mask=col_ok[None, :],
