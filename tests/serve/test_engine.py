@@ -168,17 +168,17 @@ def test_inactive_slots_keep_their_states_exactly(model):
         assert not np.array_equal(old[active], new[active])
 
 
-@pytest.mark.parametrize("chunk_backend", [None, "mlstm_prefill"])
-def test_decode_and_prefill_in_one_pass_equal_them_apart(model, chunk_backend):
+@pytest.mark.parametrize("chunk_backend,L", [(None, 16), ("mlstm_prefill", 16), (None, 12), ("mlstm_prefill", 12)])
+def test_decode_and_prefill_in_one_pass_equal_them_apart(model, chunk_backend, L):
     """`decode_and_prefill`: the pool's logits and states (slot 1 inactive, kept exactly) and a left-padded chunk's
     state equal a decode step and a prefill run on their own; the chunk's cell on the config's backend or on
-    `mlstm_prefill`."""
+    `mlstm_prefill`; a chunk of L = 12 tokens (not a power of two) too."""
     rng = np.random.default_rng(3)
     V = model.config.vocab_size
     _, pool = model(jnp.asarray(rng.integers(0, V, (4, 9))), return_states=True)
     _, state = model(jnp.asarray(rng.integers(0, V, (1, 5))), return_states=True)
     tokens, active = jnp.asarray(rng.integers(0, V, (4,)), jnp.int32), jnp.asarray([True, False, True, True])
-    chunk, mask = jnp.asarray(rng.integers(0, V, (1, 16)), jnp.int32), jnp.asarray(np.arange(16) >= 3)[None]
+    chunk, mask = jnp.asarray(rng.integers(0, V, (1, L)), jnp.int32), jnp.asarray(np.arange(L) >= 3)[None]
     backends = dict(step_backend=model.config.step_backend, backend=chunk_backend or model.config.backend,
                     chunk_size=model.config.chunk_size)
     graphdef, params = nnx.split(model)
