@@ -81,7 +81,7 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
     """The decode rows `tokens` (M,) from `pool` and a prefill chunk `chunk` (1, L) (left-padded where `mask`
     (1, L) is False) from `state` (B = 1) through the model in one pass: the M + L tokens go through each
     projection, norm and FFN together; only the mLSTM cells run apart (the step kernel on the pool, the chunkwise
-    backend on the chunk, in float32 states). L need not be a power of two (M + L can then fill whole matmul
+    backend on the chunk, in float32 states); past the last cell only the decode rows go on. L need not be a power of two (M + L can then fill whole matmul
     tiles): the chunk's cell runs on the next power of two, front-padded with neutral gates. Returns (logits
     (M, V) float32, the pool's new states, the chunk's last state)."""
     M, L = tokens.shape[0], chunk.shape[1]
@@ -93,7 +93,8 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
     x = model.backbone.embeddings(jnp.concatenate([tokens, chunk[0]]))[None]  # (1, M + L, D)
     keep = jnp.concatenate([active, mask[0]])[None]
     new_pool, new_state = [], []
-    for block, slots, start in zip(model.backbone.blocks, pool, state):
+    last = len(model.backbone.blocks) - 1
+    for index, (block, slots, start) in enumerate(zip(model.backbone.blocks, pool, state)):
         layer = block.mlstm_layer
         q, k, v, o, i, f = layer.project(block.norm_mlstm(x))
         i, f = neutral_where_masked(i, f, keep)
@@ -101,8 +102,10 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
         h_slots, slots = layer.cell(*rows, slots, backend=step_backend, chunk_size=None)
         h_chunk, start = layer.cell(*_front_padded([a[:, M:] for a in (q, k, v, i, f)], pad),
                                     in_dtype([start], "float32")[0], backend=chunk_backend, chunk_size=chunk_size)
-        h_chunk = h_chunk[:, pad:]
-        h = jnp.concatenate([h_slots[:, 0][None], h_chunk.astype(h_slots.dtype)], axis=1)
+        if index == last:  # past the last cell the chunk's rows feed nothing: only the decode rows go on
+            x, o, h = x[:, :M], o[:, :M], h_slots[:, 0][None]
+        else:
+            h = jnp.concatenate([h_slots[:, 0][None], h_chunk[:, pad:].astype(h_slots.dtype)], axis=1)
         x = x + layer.output(h, o)
         x = x + block.ffn(block.norm_ffn(x))
         new_pool.append(slots)
