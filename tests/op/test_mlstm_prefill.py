@@ -1,6 +1,6 @@
 """`mlstm_prefill` (xlstm_jax/mlstm/prefill.py): S tokens from random states equal the float64 recurrence (native,
 and the fused Triton kernel through the interpreter) for float32 / bfloat16 inputs and bfloat16 states, several
-row tiles, neutral (padding) gates at the front, the sigmoid input gate; bad input gets clear errors; the GPU test
+row tiles, any length up to the limit, neutral (padding) gates at the front, the sigmoid input gate; bad input gets clear errors; the GPU test
 runs the kernel at the 7B head shape."""
 
 from __future__ import annotations
@@ -66,6 +66,18 @@ def test_the_kernel_over_several_row_tiles_and_batch_rows():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S", [5, 24, 40])
+def test_any_length_up_to_the_limit(backend, S):
+    """S not a power of two (a serving chunk sized to fill whole matmul tiles with the decode rows) runs as the next
+    power of two >= 16 with neutral steps after it: outputs and last states are the recurrence's on the S tokens."""
+    args = _inputs(7, S=S)
+    h, states = jax.jit(lambda *a: mlstm_prefill(*a, backend=backend))(*args)
+    assert h.shape == (1, 2, S, 32)
+    for name, got, ref in zip("hcnm", (h, *states), _reference(*args)):
+        assert _rel(got, ref) < 2e-5, (name, _rel(got, ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_neutral_gates_at_the_front_leave_the_state_as_given(backend):
     """Left padding (a serving chunk shorter than its bucket): tokens with neutral gates before the real ones give
     the real ones' outputs and last state, as a call without them."""
@@ -104,8 +116,9 @@ def test_bad_input_is_refused_before_any_kernel_runs():
     q, k, v, i, f, c, n, m = _inputs(5)
     with pytest.raises(ValueError, match="backend"):
         mlstm_prefill(q, k, v, i, f, c, n, m, backend="cuda")
-    with pytest.raises(ValueError, match="power of two"):
-        mlstm_prefill(q[:, :, :24], k[:, :, :24], v[:, :, :24], i[..., :24], f[..., :24], c, n, m)
+    with pytest.raises(ValueError, match=r"1 to 512 tokens \(q.shape\[2\]\), got 520"):
+        long = [jnp.concatenate([a] * 17, axis=2)[:, :, :520] for a in (q, k, v, i, f)]
+        mlstm_prefill(*long, c, n, m)
     with pytest.raises(TypeError, match="m must be float32"):
         mlstm_prefill(q, k, v, i, f, c, n, m.astype(jnp.bfloat16))
     with pytest.raises(TypeError, match="c must be float32 or bfloat16"):

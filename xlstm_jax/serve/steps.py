@@ -16,8 +16,7 @@ from flax import nnx
 
 from xlstm_jax.mlstm.api import planned_backend
 from xlstm_jax.models.xlstm_large.config import PREFILL_BACKEND, STEP_BACKEND, xLSTMLargeConfig
-from xlstm_jax.models.xlstm_large.model import (NEUTRAL_FGATE, NEUTRAL_IGATE, neutral_where_masked, xLSTMLarge,
-                                                zero_states)
+from xlstm_jax.models.xlstm_large.model import neutral_where_masked, xLSTMLarge, zero_states
 from xlstm_jax.serve.sampling import sample_rows
 
 F32 = jnp.float32
@@ -67,29 +66,19 @@ def decode_step(params, pool, previous, fresh_tokens, fresh, active, key_data, c
     return new, in_dtype(states, state_dtype), bad
 
 
-def _front_padded(qkvif: list, pad: int) -> list:
-    """q, k, v (1, L, NH, D*) and gates i, f (1, L, NH) with `pad` tokens before them that leave a state unchanged."""
-    if not pad:
-        return qkvif
-    fills = (0, 0, 0, NEUTRAL_IGATE, NEUTRAL_FGATE)
-    return [jnp.concatenate([jnp.full((a.shape[0], pad) + a.shape[2:], fill, a.dtype), a], axis=1)
-            for a, fill in zip(qkvif, fills)]
-
-
 def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, state, *, step_backend: str,
                        backend: str, chunk_size: int | None):
     """The decode rows `tokens` (M,) from `pool` and a prefill chunk `chunk` (1, L) (left-padded where `mask`
     (1, L) is False) from `state` (B = 1) through the model in one pass: the M + L tokens go through each
     projection, norm and FFN together; only the mLSTM cells run apart (the step kernel on the pool, the chunkwise
-    backend on the chunk, in float32 states); past the last cell only the decode rows go on. L need not be a power of two (M + L can then fill whole matmul
-    tiles): the chunk's cell runs on the next power of two, front-padded with neutral gates. Returns (logits
-    (M, V) float32, the pool's new states, the chunk's last state)."""
+    backend on the chunk, in float32 states); past the last cell only the decode rows go on. L need not be a power
+    of two (M + L can then fill whole matmul tiles). Returns (logits (M, V) float32, the pool's new states, the
+    chunk's last state)."""
     M, L = tokens.shape[0], chunk.shape[1]
-    pad = (1 << (L - 1).bit_length()) - L
     if step_backend != STEP_BACKEND:
         step_backend = planned_backend(step_backend, None, 1)[0]
     chunk_backend, chunk_size = ((backend, None) if backend == PREFILL_BACKEND
-                                 else planned_backend(backend, chunk_size, L + pad))
+                                 else planned_backend(backend, chunk_size, L))
     x = model.backbone.embeddings(jnp.concatenate([tokens, chunk[0]]))[None]  # (1, M + L, D)
     keep = jnp.concatenate([active, mask[0]])[None]
     new_pool, new_state = [], []
@@ -100,12 +89,12 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
         i, f = neutral_where_masked(i, f, keep)
         rows = [a[0, :M, None] for a in (q, k, v, i, f)]  # (M, 1, ...): one token per slot
         h_slots, slots = layer.cell(*rows, slots, backend=step_backend, chunk_size=None)
-        h_chunk, start = layer.cell(*_front_padded([a[:, M:] for a in (q, k, v, i, f)], pad),
-                                    in_dtype([start], "float32")[0], backend=chunk_backend, chunk_size=chunk_size)
+        h_chunk, start = layer.cell(*(a[:, M:] for a in (q, k, v, i, f)), in_dtype([start], "float32")[0],
+                                    backend=chunk_backend, chunk_size=chunk_size)
         if index == last:  # past the last cell the chunk's rows feed nothing: only the decode rows go on
             x, o, h = x[:, :M], o[:, :M], h_slots[:, 0][None]
         else:
-            h = jnp.concatenate([h_slots[:, 0][None], h_chunk[:, pad:].astype(h_slots.dtype)], axis=1)
+            h = jnp.concatenate([h_slots[:, 0][None], h_chunk.astype(h_slots.dtype)], axis=1)
         x = x + layer.output(h, o)
         x = x + block.ffn(block.norm_ffn(x))
         new_pool.append(slots)
