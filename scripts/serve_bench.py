@@ -235,7 +235,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-slots", type=int, default=16)
     parser.add_argument("--static-batch", type=int, default=16)
     parser.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (a power of two)")
+    parser.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (tokens)")
     parser.add_argument("--prefill-backend", help="the prompt chunks' mLSTM cells (Engine's prefill_backend; "
                         "mlstm_prefill: the forward-only fused kernel)")
     parser.add_argument("--seed", type=int, default=0)

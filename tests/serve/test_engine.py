@@ -116,11 +116,14 @@ def test_a_request_waiting_for_a_slot_is_prefilled_before_one_frees(engine):
     assert results[-1] == run(engine, [late])[0]
 
 
-def test_prompt_chunks_through_mlstm_prefill_give_the_same_tokens(model, engine):
-    """An engine whose prompt chunks run through `mlstm_prefill` (alone and beside decode steps) answers as the
-    default one: prompts of one to three chunks, several at once."""
+@pytest.mark.parametrize("prefill_backend,prefill_chunk", [("mlstm_prefill", 32), (None, 28), ("mlstm_prefill", 28)])
+def test_other_prefill_settings_give_the_same_tokens(model, engine, prefill_backend, prefill_chunk):
+    """An engine whose prompt chunks run through `mlstm_prefill`, or in chunks of 28 tokens (4 decode rows + 28 =
+    32 matmul rows; buckets 16 and 28), alone and beside decode steps, answers as the default one: prompts of one
+    to three chunks, several at once."""
     prompts = prompts_of([5, 40, 75, 33], engine.config.vocab_size, seed=4)
-    fused = Engine(model, **ENGINE, prefix_cache_mb=0, prefill_backend="mlstm_prefill")
+    config = {**ENGINE, "prefill_chunk": prefill_chunk}
+    fused = Engine(model, **config, prefix_cache_mb=0, prefill_backend=prefill_backend)
     fused.warm_up()
     fused.start()
     try:
@@ -274,14 +277,15 @@ def test_a_failing_prefill_ends_only_its_request(engine, monkeypatch):
 
 def test_bad_settings_and_prompts_are_refused(model, engine):
     assert prefill_buckets(64) == (16, 32, 64) and prefill_buckets(8) == (8,)
-    with pytest.raises(ValueError, match="power of two"):
-        prefill_buckets(48)
+    assert prefill_buckets(240) == (16, 32, 64, 128, 240) and prefill_buckets(20) == (16, 20)
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        prefill_buckets(0)
     with pytest.raises(ValueError, match="state_dtype"):
         Engine(model, state_dtype="float16")
     with pytest.raises(ValueError, match="prefill_backend must be one of"):
         Engine(model, prefill_backend="cuda")
-    with pytest.raises(ValueError, match="chunks of 16 to 512"):
-        Engine(model, prefill_backend="mlstm_prefill", prefill_chunk=8)
+    with pytest.raises(ValueError, match="chunks of 1 to 512"):
+        Engine(model, prefill_backend="mlstm_prefill", prefill_chunk=600)
     with pytest.raises(ValueError, match="token id"):
         engine.submit([Request([engine.config.vocab_size], SamplingParams(max_tokens=1), print)])
     with pytest.raises(ValueError, match="token id"):

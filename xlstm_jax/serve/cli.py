@@ -21,13 +21,6 @@ SERVE_DESCRIPTION = (
 )
 
 
-def _power_of_two(text: str) -> int:
-    value = positive_int(text)
-    if value & (value - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
-    return value
-
-
 def _megabytes(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
@@ -60,9 +53,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=32768,
                         help="the longest prompt accepted, in tokens")
-    parser.add_argument("--prefill-chunk", type=_power_of_two, default=256,
-                        help="prompt tokens prefilled between two decode steps (a power of two; the compiled "
-                             "prefill lengths are the powers of two up to it)")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=256,
+                        help="prompt tokens prefilled between two decode steps (the compiled prefill lengths are "
+                             "the powers of two below it and itself; --max-slots + it rows share each matmul)")
     parser.add_argument("--prefix-cache-mb", type=_megabytes, default=1024.0,
                         help="device memory for states after seen prompt prefixes (0: no prefix reuse)")
     parser.add_argument("--mesh", metavar="AXES",

@@ -14,8 +14,8 @@ An xLSTM's state is the same size after any number of tokens, so the engine hold
 3. reads the tokens of the step dispatched before: the device computes step k + 1 while the host hands out the
    tokens of step k, and a request that finished at step k has its token of step k + 1 dropped.
 
-Prefill: prompt[:-1] in chunks ending at multiples of `prefill_chunk` (left-padded to a power-of-two bucket,
-B = 1), from zeros or from the longest prefix in the prefix cache; a finished prefill is copied into its slot, and
+Prefill: prompt[:-1] in chunks ending at multiples of `prefill_chunk` (left-padded to a bucket: a power of two
+or `prefill_chunk`; B = 1), from zeros or from the longest prefix in the prefix cache; a finished prefill is copied into its slot, and
 the prompt's last token becomes the slot's first decode input.
 
 A request ends at one of its stop tokens ("stop"), at max_tokens ("length"), when cancelled, or with an error (NaN
@@ -30,6 +30,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -72,11 +73,12 @@ class _Slot:
 
 
 def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
-    """The compiled prefill lengths: powers of two from MIN_BUCKET (or `prefill_chunk` if smaller) up to it."""
-    if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
-        raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}.")
-    smallest = min(MIN_BUCKET, prefill_chunk)
-    return tuple(smallest << k for k in range((prefill_chunk // smallest).bit_length()))
+    """The compiled prefill lengths: the powers of two from MIN_BUCKET below `prefill_chunk`, then `prefill_chunk`
+    (any length: 240 chunk tokens beside 16 decode rows fill 256-row matmul tiles)."""
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
+    powers = itertools.takewhile(lambda b: b < prefill_chunk, (MIN_BUCKET << k for k in itertools.count()))
+    return (*powers, prefill_chunk)
 
 
 class Engine:
@@ -99,8 +101,8 @@ class Engine:
         if prefill_backend not in (*BACKEND_NAMES, PREFILL_BACKEND):
             raise ValueError(f"prefill_backend must be one of {[*BACKEND_NAMES, PREFILL_BACKEND]}, got "
                              f"{prefill_backend!r}.")
-        if prefill_backend == PREFILL_BACKEND and not 16 <= prefill_chunk <= MAX_PREFILL:
-            raise ValueError(f"prefill_backend {PREFILL_BACKEND!r} takes chunks of 16 to {MAX_PREFILL} tokens, got "
+        if prefill_backend == PREFILL_BACKEND and not 1 <= prefill_chunk <= MAX_PREFILL:
+            raise ValueError(f"prefill_backend {PREFILL_BACKEND!r} takes chunks of 1 to {MAX_PREFILL} tokens, got "
                              f"prefill_chunk={prefill_chunk}.")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}.")
