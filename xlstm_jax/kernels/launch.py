@@ -208,11 +208,11 @@ def _fix_interpreter() -> None:
     def as_bool(mask):
         return interpreter.TensorHandle(np.asarray(mask.data).astype(bool), tl.int1)
 
-    def create_masked_load_bool(self, ptrs, mask, *args):
-        return masked_load(self, ptrs, as_bool(mask), *args)
+    def create_masked_load_bool(self, ptrs, mask, *args, **kwargs):
+        return masked_load(self, ptrs, as_bool(mask), *args, **kwargs)
 
-    def create_masked_store_bool(self, ptrs, value, mask, *args):
-        return masked_store(self, ptrs, value, as_bool(mask), *args)
+    def create_masked_store_bool(self, ptrs, value, mask, *args, **kwargs):
+        return masked_store(self, ptrs, value, as_bool(mask), *args, **kwargs)
 
     interpreter.InterpreterBuilder.create_masked_load = create_masked_load_bool
     interpreter.InterpreterBuilder.create_masked_store = create_masked_store_bool
