@@ -81,6 +81,19 @@ def triton_availability() -> tuple[bool, str]:
 
 
 @functools.cache
+def tma_available() -> bool:
+    """Whether kernels may read through TMA tensor descriptors (`tl.make_tensor_descriptor`) here: in Triton's
+    interpreter (which implements them), or on a GPU and toolchain `compat.tma_support` accepts."""
+    if interpret_mode():
+        return True
+    if not triton_availability()[0]:
+        return False
+    from xlstm_jax.compat import installed_versions, tma_support
+
+    return tma_support(installed_versions())[0]
+
+
+@functools.cache
 def _jax_triton():
     saved = os.environ.get("TRITON_CACHE_DIR")
     import triton.backends.nvidia.driver as nvidia_driver

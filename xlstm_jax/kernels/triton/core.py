@@ -23,7 +23,7 @@ from xlstm_jax.kernels.base import (
     pad_to_multiple,
     qk_scale,
 )
-from xlstm_jax.kernels.launch import launch
+from xlstm_jax.kernels.launch import launch, tma_available
 from xlstm_jax.kernels.native.chunk_math import denominator_cotangent, gate_gradients
 from xlstm_jax.kernels.triton.gates_kernel import mlstm_chunk_gates_kernel
 from xlstm_jax.kernels.triton import launch_table, sequence_groups
@@ -209,15 +209,22 @@ def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
     return F32 if compute_dtype == jnp.float16 else compute_dtype
 
 
-def recurrent_launch(BH: int, NC: int, DHQK: int, DHHV: int, cfg: KernelConfig) -> dict:
+def tma_rows(*arrays: jax.Array) -> bool:
+    """Whether the token rows of `arrays` (BH, S, D) can be read through TMA tensor descriptors here: the hardware
+    needs every row to start at a multiple of 16 bytes."""
+    return tma_available() and all(x.shape[-1] * x.dtype.itemsize % 16 == 0 for x in arrays)
+
+
+def recurrent_launch(BH: int, NC: int, DHQK: int, DHHV: int, cfg: KernelConfig, rows: tuple = ()) -> dict:
     """Grid, head-dim tiles, sequence groups (sequence_groups.py) and launch parameters of a state-recurrence kernel
-    over NC chunks: one (BK, BV) tile of C of one group a program."""
+    over NC chunks: one (BK, BV) tile of C of one group a program; the token tiles of `rows` (its (BH, S, D)
+    operands) through TMA descriptors where the table says so and `tma_rows` allows."""
     p = launch_params(DHQK, DHHV, cfg)["recurrent"]
     BK, BV = block(DHQK, p.block), block(DHHV, p.block)
     tiles = -(-DHQK // BK) * -(-DHHV // BV)
     groups = sequence_groups.num_groups(BH * tiles, NC, p.programs)
     return dict(grid=(groups, tiles), num_warps=p.warps, num_stages=p.stages, DHQK=DHQK,
-                DHHV=DHHV, BK=BK, BV=BV, GROUPS=groups)
+                DHHV=DHHV, BK=BK, BV=BV, GROUPS=groups, TMA=bool(p.tma and rows) and tma_rows(*rows))
 
 
 def _recurrent_gates(i, f, cfg: KernelConfig, gates):
@@ -236,7 +243,7 @@ def chunk_states(k, v, i, f, c0, n0, m0, cfg: KernelConfig, gates=None):
     Lr = cfg.recurrent_chunk
     every = cfg.chunk_size // Lr
     _, _, vec_a, sca_g = _recurrent_gates(i, f, cfg, gates)
-    kw = recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
+    kw = recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg, (k, v))
     if not cfg.max_state:
         m0 = jnp.zeros_like(m0)
     c0, n0, m0 = sequence_groups.incoming_states(k, v, vec_a, sca_g, c0, n0, m0, kw["GROUPS"])
@@ -284,7 +291,7 @@ def state_cotangents(qf, dh, i_f, f_f, m_out, norm, dden, m_sub, dc_last, dn_las
     Lr = cfg.recurrent_chunk
     NC = S // cfg.chunk_size
     vec_b_sub, _, _, sca_g_sub = _recurrent_gates(i_f, f_f, cfg, gates)
-    kw = recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg)
+    kw = recurrent_launch(BH, S // Lr, DHQK, DHHV, cfg, (qf, dh))
     dc_last, dn_last = sequence_groups.outgoing_cotangents(qf, dh, vec_b_sub, sca_g_sub, m_sub, m_out, norm, dden,
                                                            dc_last, dn_last, kw["GROUPS"], qk_scale(DHQK))
     return launch(

@@ -37,12 +37,13 @@ KINDS = {
     "warps": (lambda value: value in WARPS, f"one of {', '.join(map(str, WARPS))}"),
     "stages": (lambda value: 1 <= value <= MAX_STAGES, f"in [1, {MAX_STAGES}]"),
     "count": (lambda value: value >= 1, "a positive integer"),
+    "flag": (lambda value: value in (0, 1), "0 or 1"),
 }
 
 
 def param(kind: str) -> dataclasses.Field:
     """A field of a LaunchParams class: "tile" (a head-dim tile, a power of two capped at the head dim by
-    core.block), "warps", "stages" (software-pipelining stages of a kernel's loops) or "count"."""
+    core.block), "warps", "stages" (software-pipelining stages of a kernel's loops), "count" or "flag" (0 / 1)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}.")
     return dataclasses.field(metadata={"kind": kind})

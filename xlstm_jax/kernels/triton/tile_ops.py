@@ -1,6 +1,7 @@
 """Triton device functions both chunkwise families and the state recurrences use inside their kernels: the
 intra-chunk log weights, matmuls whose operands stay inside float16's range, value rows that hold a NaN or inf, the
-output epilogue (`normalized`) and the tile address arithmetic of the state recurrences (`state_tile`).
+output epilogue (`normalized`) and the tiles of the state recurrences (`state_tile`; token rows read through pointers
+or TMA tensor descriptors: `token_rows`, `row_tile`, `row_tile_t`).
 
 Tiles are 2-D blocks of query rows t by key columns s (or transposed, as the caller broadcasts them). Chunks whose
 k or v hold a NaN or inf (chunk_math.nonfinite_chunks) take a careful path in the output kernels: acausal entries are
@@ -91,7 +92,7 @@ def normalized(num, den, m_t, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.co
 @triton.jit
 def state_tile(GROUPS: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """This program of a state-recurrence grid (BH, GROUPS, cdiv(DHQK, BK) * cdiv(DHHV, BV)): its bh (int64), its
-    sequence group, the rows rk (BK,) and columns rv (BV,) of its tile of C, whether the tile is in the first
+    sequence group, the first row k0 and column v0 of its (BK, BV) tile of C, whether the tile is in the first
     column block (it writes n) and whether it is the first tile (it writes m)."""
     bh = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(2)
@@ -100,6 +101,34 @@ def state_tile(GROUPS: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: t
     else:
         grp = tl.program_id(1)
     NBV: tl.constexpr = (DHHV + BV - 1) // BV
-    rk = (pid // NBV) * BK + tl.arange(0, BK)
-    rv = (pid % NBV) * BV + tl.arange(0, BV)
-    return bh, grp, rk, rv, pid % NBV == 0, pid == 0
+    return bh, grp, (pid // NBV) * BK, (pid % NBV) * BV, pid % NBV == 0, pid == 0
+
+
+@triton.jit
+def token_rows(X, bh, S: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
+    """Where `row_tile` reads (L, BC) tiles of the token rows of X (BH, S, D) at `bh`: a TMA tensor descriptor
+    (TMA) or the rows' base pointer. Made once, before a kernel's loop."""
+    if TMA:
+        return tl.make_tensor_descriptor(X + bh * S * D, shape=[S, D], strides=[D, 1], block_shape=[L, BC])
+    else:
+        return X + bh * S * D
+
+
+@triton.jit
+def row_tile(rows, t0, c0, D: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
+    """The (L, BC) tile at token t0, column c0 of `token_rows`' rows; columns past D read 0."""
+    if TMA:
+        return rows.load([t0, c0])
+    else:
+        rc = c0 + tl.arange(0, BC)
+        return tl.load(rows + (t0 + tl.arange(0, L))[:, None] * D + rc[None, :], mask=(rc < D)[None, :], other=0.0)
+
+
+@triton.jit
+def row_tile_t(rows, t0, c0, D: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
+    """`row_tile` transposed, (BC, L): pointers load it in that layout, a descriptor's tile is transposed."""
+    if TMA:
+        return tl.trans(rows.load([t0, c0]))
+    else:
+        rc = c0 + tl.arange(0, BC)
+        return tl.load(rows + (t0 + tl.arange(0, L))[None, :] * D + rc[:, None], mask=(rc < D)[:, None], other=0.0)

@@ -1,0 +1,55 @@
+"""The state recurrences reading their token tiles (k, v forward; q, dh backward) through TMA tensor descriptors
+(launch table field recurrent.tma): through Triton's interpreter on CPU, both families, against the float64
+reference (outputs, last states, gradients of all eight inputs) where the head dims end inside a tile (the
+descriptor reads zeros past them) and with sequence groups; and which rows may take descriptors on a GPU."""
+
+import jax.numpy as jnp
+import pytest
+
+from tests.support.helpers import (
+    assert_matches_reference,
+    make_inputs,
+    make_weights,
+    outputs_and_grads,
+    reference_outputs_and_grads,
+    triton_core_fn,
+)
+from xlstm_jax.kernels.triton import core as triton_core
+from xlstm_jax.kernels.triton import families as triton_families
+
+pytestmark = pytest.mark.slow  # the Triton kernels through the interpreter
+
+
+@pytest.mark.parametrize("family, programs", [("limit", 1), ("limit", 8), ("xl", 1)])
+def test_descriptor_reads_match_the_float64_reference(family, programs):
+    """DHQK = 24 and DHHV = 40 in 16-wide tiles (the last tile of each half outside the head dims); programs 8:
+    four sequence groups of the 250-token (16-chunk) sequence."""
+    x = make_inputs(11, 1, 2, 250, 24, 40, with_state=True)
+    w = make_weights(11, x)
+    cfg = triton_families.config(family, 16 if family == "limit" else 32, "float32",
+                                 **({"tiles": (16, 16, 16)} if family == "xl" else {}))
+    cfg = cfg.with_launch({"recurrent.tma": 1, "recurrent.block": 16, "recurrent.programs": programs})
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
+
+
+def test_rows_take_descriptors_only_at_16_byte_strides():
+    """A descriptor's rows must start at multiples of 16 bytes: bf16 rows of 24 elements (48 bytes) may, of 20 (40
+    bytes) may not; float32 rows of 20 (80 bytes) may."""
+    rows = lambda d, dtype: jnp.zeros((2, 32, d), dtype)  # noqa: E731
+    assert triton_core.tma_rows(rows(24, jnp.bfloat16), rows(64, jnp.bfloat16))
+    assert not triton_core.tma_rows(rows(24, jnp.bfloat16), rows(20, jnp.bfloat16))
+    assert triton_core.tma_rows(rows(20, jnp.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["limit", "xl"])
+@pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
+def test_descriptor_reads_on_gpu_match_the_float64_reference(family, DHQK, DHHV):
+    """float32 at the 16-head and 7B head dims, 1,024 tokens in four sequence groups: outputs, last states and every
+    gradient as tight as the pointer loads' GPU parity tests."""
+    x = make_inputs(12, 1, 2, 1024, DHQK, DHHV, with_state=True)
+    w = make_weights(12, x)
+    cfg = triton_families.config(family, 64, "float32").with_launch({"recurrent.tma": 1, "recurrent.programs": 64})
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-4, bw_tol=1e-3)
