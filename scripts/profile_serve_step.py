@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import time
 
@@ -79,23 +78,23 @@ class Steps:
         backend = rest[1] if len(rest) > 1 else self.config.backend
         chunk_size = int(rest[2]) if len(rest) > 2 else self.config.chunk_size
         if kind == "decode":
-            fn = functools.partial(steps.decode_step, backend=self.config.step_backend, **static)
+            fn = steps.compiled(steps.decode_step, backend=self.config.step_backend, **static)
             args = lambda: (self.params, self.pool, self.previous, *self.inputs)  # noqa: E731
         else:
             L = int(rest[0])
             chunk, mask = jnp.ones((1, L), jnp.int32), jnp.ones((1, L), bool)
             state = steps.empty_states(self.config, 1, self.state_dtype)
             if kind == "mixed":
-                fn = functools.partial(steps.mixed_step, step_backend=self.config.step_backend, backend=backend,
-                                       chunk_size=chunk_size, **static)
+                fn = steps.compiled(steps.mixed_step, step_backend=self.config.step_backend, backend=backend,
+                                    chunk_size=chunk_size, **static)
                 args = lambda: (self.params, self.pool, self.previous, *self.inputs, state, chunk, mask)  # noqa
             elif kind == "prefill":
-                fn = functools.partial(steps.prefill_chunk, backend=backend, chunk_size=chunk_size, **static)
+                fn = steps.compiled(steps.prefill_chunk, backend=backend, chunk_size=chunk_size, **static)
                 args = lambda: (self.params, state, chunk, mask)  # noqa: E731
             else:
                 raise ValueError(f"unknown variant {variant!r}: expected decode, mixed:L[:BACKEND[:CHUNK]] or "
                                  "prefill:L[:BACKEND[:CHUNK]].")
-        text = fn.func.lower(*args(), **fn.keywords).compile().as_text()
+        text = fn.lower(*args()).compile().as_text()
 
         def run():
             out = fn(*args())

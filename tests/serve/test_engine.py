@@ -22,7 +22,6 @@ from xlstm_jax.serve.engine import Engine, prefill_buckets
 from xlstm_jax.serve.requests import Event, Request, SamplingParams
 from xlstm_jax.serve.sampling import filter_rows
 
-COMPILED = (steps.decode_step, steps.prefill_chunk, steps.mixed_step, steps.insert)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,8 @@ def test_slots_are_reused_and_nothing_compiles_after_warm_up(engine):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(duration)
 
-    sizes = [f._cache_size() for f in COMPILED]
+    compiled = (engine._decode_step, engine._prefill_chunk, engine._mixed_step, steps.insert)
+    sizes = [f._cache_size() for f in compiled]
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         prompts = prompts_of([1, 2, 7, 16, 17, 31, 32, 33, 50, 64, 65, 75], engine.config.vocab_size)
@@ -86,7 +86,7 @@ def test_slots_are_reused_and_nothing_compiles_after_warm_up(engine):
         alone = [run(engine, [p], max_tokens=6)[0] for p in prompts[::3]]
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    assert [f._cache_size() for f in COMPILED] == sizes and compiles == []
+    assert [f._cache_size() for f in compiled] == sizes and compiles == []
     assert all(len(tokens) == 6 and finish == "length" for tokens, finish in together)
     assert all(len(tokens) == 3 for tokens, _ in sampled)
     assert alone == together[::3]
@@ -162,10 +162,9 @@ def test_inactive_slots_keep_their_states_exactly(model):
     pool = jax.tree.map(jnp.asarray, before)
     active = np.array([True, False, True, False])
     ints = np.arange(M, dtype=np.int32)
-    _, after, _ = steps.decode_step(engine._params, pool, jnp.zeros((M,), jnp.int32), ints + 5, np.ones(M, bool),
-                                    active, np.zeros((M, 2), np.uint32), ints, ints, np.zeros(M, np.float32),
-                                    ints * 0 + V, np.ones(M, np.float32), backend=engine.config.step_backend,
-                                    graphdef=engine._graphdef, state_dtype="float32")
+    _, after, _ = engine._decode_step(engine._params, pool, jnp.zeros((M,), jnp.int32), ints + 5, np.ones(M, bool),
+                                      active, np.zeros((M, 2), np.uint32), ints, ints, np.zeros(M, np.float32),
+                                      ints * 0 + V, np.ones(M, np.float32))
     for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(after))):
         assert np.array_equal(old[~active], new[~active])
         assert not np.array_equal(old[active], new[active])

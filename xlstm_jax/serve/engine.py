@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import logging
 import os
@@ -119,11 +118,11 @@ class Engine:
         if mesh is not None:
             self._params = place_params(self._params, mesh)
         static = dict(graphdef=self._graphdef, state_dtype=state_dtype)  # the device functions, settings bound
-        self._decode_step = functools.partial(steps.decode_step, backend=self.config.step_backend, **static)
-        self._prefill_chunk = functools.partial(steps.prefill_chunk, backend=prefill_backend,
-                                                chunk_size=self.config.chunk_size, **static)
-        self._mixed_step = functools.partial(steps.mixed_step, step_backend=self.config.step_backend,
-                                             backend=prefill_backend, chunk_size=self.config.chunk_size, **static)
+        self._decode_step = steps.compiled(steps.decode_step, backend=self.config.step_backend, **static)
+        self._prefill_chunk = steps.compiled(steps.prefill_chunk, backend=prefill_backend,
+                                             chunk_size=self.config.chunk_size, **static)
+        self._mixed_step = steps.compiled(steps.mixed_step, step_backend=self.config.step_backend,
+                                          backend=prefill_backend, chunk_size=self.config.chunk_size, **static)
         self._pool = self._empty(max_slots)
         self._zero = self._empty(1)
         self._previous = jnp.zeros((max_slots,), jnp.int32)
