@@ -123,8 +123,8 @@ def test_fallback_parser_without_packaging(monkeypatch):
                                             ("0.5.0", False)])
 def test_aliasing_follows_the_jax_triton_version(version, takes):
     """jax-triton 0.3 gives an aliased output a kernel parameter of its own, 0.4 does not (our kernels take every
-    output as a parameter, so there the launch layer passes no aliases; with them the fused step failed on the GPU:
-    'out_type has 3 unaliased outputs, but 4 kernel parameters are missing an argument')."""
+    output as a parameter; passed as they are, the fused step failed on the GPU: 'out_type has 3 unaliased
+    outputs, but 4 kernel parameters are missing an argument'; the launch layer rearranges them, test_launch.py)."""
     from types import SimpleNamespace
 
     from xlstm_jax.kernels.launch import _aliased_outputs_take_parameters

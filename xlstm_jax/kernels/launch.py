@@ -245,12 +245,14 @@ def _unwritten(out: jax.ShapeDtypeStruct) -> np.ndarray:
     return np.full(out.shape, fill, dtype)
 
 
-def _interpret(kernel, grid, out_shapes, constexprs, *inputs):
+def _interpret(kernel, grid, out_shapes, aliases, constexprs, *inputs):
     _fix_interpreter()
 
     def host(*arrays):
         ins = [np.ascontiguousarray(a) for a in arrays]
         outs = [_unwritten(o) for o in out_shapes]
+        for i, o in aliases:  # an aliased output starts as its input, as in the input's buffer on the GPU
+            outs[o] = ins[i].copy()
         with _INTERPRETER_LOCK:
             _interpreted(kernel)[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
         return tuple(outs)
@@ -262,7 +264,7 @@ def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, alia
     bh = inputs[0].shape[0]
     grid = (bh, *grid_rest)
     if interpret_mode():
-        return _interpret(kernel, grid, out_shapes, constexprs, *inputs)
+        return _interpret(kernel, grid, out_shapes, aliases, constexprs, *inputs)
     ok, why = triton_availability()
     if not ok:
         raise RuntimeError(
@@ -270,14 +272,22 @@ def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, alia
             "'native_recurrent') instead."
         )
     jt, out_kw, aliases_take_parameters = _jax_triton()
-    # our kernels take every output as a parameter; where jax-triton would drop an aliased one's parameter the
-    # outputs get buffers of their own (the same traffic: the kernel reads the input and writes the output)
+    inputs, io_aliases = (inputs, dict(aliases)) if aliases_take_parameters else _aliased_last(bh, inputs, aliases)
     outs = jt.triton_call(
         *inputs, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-        input_output_aliases=dict(aliases) if aliases_take_parameters else {}, **{out_kw: tuple(out_shapes)},
-        **constexprs,
+        input_output_aliases=io_aliases, **{out_kw: tuple(out_shapes)}, **constexprs,
     )
     return tuple(outs)
+
+
+def _aliased_last(bh: int, inputs: Sequence[jax.Array], aliases: tuple[tuple[int, int], ...]):
+    """jax-triton >= 0.4's arguments for our kernel convention: an aliased output has no parameter of its own
+    there but is written through its input's, so each aliased input moves to the end of the inputs (where the
+    kernel's first outputs, the aliased ones, have their parameters) and a one-byte-per-row placeholder takes its
+    place. Returns (inputs, input_output_aliases)."""
+    moved = [i for i, _ in sorted(aliases, key=lambda pair: pair[1])]
+    kept = [jnp.zeros((bh,), jnp.uint8) if index in moved else x for index, x in enumerate(inputs)]
+    return (*kept, *(inputs[i] for i in moved)), {len(kept) + o: o for o, _ in enumerate(moved)}
 
 
 def launch(
@@ -294,10 +304,11 @@ def launch(
     """Launch `kernel` over grid (BH, *grid) where BH = inputs[0].shape[0] = every array's leading axis.
 
     All scalars are compile-time constants (`constexprs`). The kernel's parameters are the inputs, then every
-    output. `aliases` {input index: output index}: the output may take the input's buffer (CUDA with jax-triton
-    0.3; XLA copies the input first when it is still needed; jax-triton 0.4 drops an aliased output's parameter,
-    so there the output gets a buffer of its own). Returns the outputs
-    (uninitialised memory on CUDA: kernels write every element they own). Supports `jax.vmap` (mapped axes are
+    output. `aliases` {input index: output index}: the output takes the input's buffer and starts as the input
+    (XLA copies the input first when it is still needed). The aliased outputs must be the first outputs, and the
+    kernel reads an aliased array through the output's parameter only (with jax-triton >= 0.4 the input's own
+    parameter receives a placeholder: `_aliased_last`). Returns the outputs (other outputs are uninitialised
+    memory on CUDA: kernels write every element they own). Supports `jax.vmap` (mapped axes are
     folded into BH) and `shard_map` (outputs vary over the mesh axes the inputs vary over).
     """
     out_shapes = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_shapes)
@@ -306,6 +317,8 @@ def launch(
         if x.shape[0] != bh:
             raise ValueError(f"every kernel operand must lead with the BH axis {bh}, got shape {x.shape}.")
     aliases = tuple(sorted((aliases or {}).items()))
+    if sorted(o for _, o in aliases) != list(range(len(aliases))):
+        raise ValueError(f"aliased outputs must be the first outputs, got aliases {dict(aliases)}.")
     call = functools.partial(_launch_unbatched, kernel, tuple(grid), out_shapes, num_warps, num_stages, aliases,
                              constexprs)
 

@@ -1,6 +1,7 @@
 """The fused Triton mLSTM step (`xlstm_jax.mlstm_step(backend="triton")`); the math is in native.py. The kernel
 reads C once and writes C' once (a grid of B·NH × DHHV/BV programs, each walking DHQK in BK rows), which is all the
-memory traffic a step needs; C' can take C's buffer (input/output aliasing).
+memory traffic a step needs; C' takes C's buffer (input/output aliasing: updated in place when the caller does not
+keep C, e.g. a donated pool or a decode loop's carry; XLA copies C first otherwise).
 Shapes: q, k (B, NH, DHQK); v (B, NH, DHHV); C (B, NH, DHQK, DHHV); n (B, NH, DHQK); m and the gates (B, NH).
 """
 
@@ -17,10 +18,11 @@ from xlstm_jax.kernels.sharding import per_batch_head
 
 
 @triton.jit
-def _step_kernel(Q, K, V, C, N, M, I, F, H, C_OUT, N_OUT, M_OUT, SCALE: tl.constexpr, EPS: tl.constexpr,
+def _step_kernel(Q, K, V, C, N, M, I, F, C_OUT, H, N_OUT, M_OUT, SCALE: tl.constexpr, EPS: tl.constexpr,
                  FLOOR: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Grid (BH, cdiv(DHHV, BV)): program (bh, j) forms the gate factors of (b, h), updates C's columns j·BV.. and
-    writes their h; the programs j = 0 also write n' and m'."""
+    """Grid (BH, cdiv(DHHV, BV)): program (bh, j) forms the gate factors of (b, h), updates C's columns j·BV.. in
+    place and writes their h; the programs j = 0 also write n' and m'. C_OUT is aliased to C and starts as C (the
+    launch layer's convention: C itself is not read)."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
     i = tl.load(I + bh).to(tl.float32)
@@ -43,7 +45,7 @@ def _step_kernel(Q, K, V, C, N, M, I, F, H, C_OUT, N_OUT, M_OUT, SCALE: tl.const
         k = tl.load(K + bh * DHQK + rows, mask=row_ok, other=0.0).to(tl.float32)
         at = bh * DHQK * DHHV + rows[:, None] * DHHV + cols[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
-        c = tl.load(C + at, mask=ok, other=0.0).to(tl.float32)
+        c = tl.load(C_OUT + at, mask=ok, other=0.0).to(tl.float32)
         c = f_bar * c + i_bar * (k[:, None] * v[None, :])
         tl.store(C_OUT + at, c.to(C_OUT.dtype.element_ty), mask=ok)
         num += tl.sum(q[:, None] * c, axis=0)
@@ -70,11 +72,11 @@ def _step_arrays(eps: float, tiles: tuple[int, int, int, int], q, k, v, c, n, m,
     block_v, block_k, num_warps, num_stages = tiles
     BV, BK = _block(DHHV, block_v), _block(DHQK, block_k)
     flat = [a.reshape(BH, *a.shape[2:]) for a in (q, k, v, c, n, m)] + [g.reshape(BH) for g in (i, f)]
-    h, c_new, n_new, m_new = launch(
+    c_new, h, n_new, m_new = launch(
         _step_kernel, flat,
-        [jax.ShapeDtypeStruct((BH, DHHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHHV), c.dtype),
+        [jax.ShapeDtypeStruct((BH, DHQK, DHHV), c.dtype), jax.ShapeDtypeStruct((BH, DHHV), q.dtype),
          jax.ShapeDtypeStruct((BH, DHQK), n.dtype), jax.ShapeDtypeStruct((BH,), jnp.float32)],
-        grid=(triton.cdiv(DHHV, BV),), num_warps=num_warps, num_stages=num_stages, aliases={3: 1},
+        grid=(triton.cdiv(DHHV, BV),), num_warps=num_warps, num_stages=num_stages, aliases={3: 0},
         SCALE=qk_scale(DHQK), EPS=float(eps), FLOOR=log_forget_floor(jnp.float32), DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
     )
     return h.reshape(B, NH, DHHV), c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape)
