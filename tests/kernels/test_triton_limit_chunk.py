@@ -201,3 +201,15 @@ def test_gpu_extreme_gates_stay_finite(chunk_size):
     out, grads = outputs_and_grads(_limit_chunk(chunk_size=chunk_size, autocast_kernel_dtype=None), x, w)
     assert np.all(np.isfinite(out[0])) and all(np.all(np.isfinite(s)) for s in out[1])
     assert all(np.all(np.isfinite(g)) for g in grads.values())
+
+
+@pytest.mark.gpu
+def test_gpu_two_compilations_agree_at_the_7b_heads():
+    """B8 NH8 S8192 256/512 bf16, the limit-chunk forward with its last states, compiled twice: bit for bit the same
+    (a launch sweep on an H100 saw two runs of one configuration differ by 0.11 there)."""
+    x = make_inputs(2, 8, 8, 8192, 256, 512, dtype="bfloat16", with_state=True)
+    args = {name: jnp.asarray(value) for name, value in x.items()}
+    runs = [jax.jit(lambda a, r=r: _limit_chunk(chunk_size=64)(**a))(args) for r in range(2)]
+    for got, want in zip(*(jax.tree.leaves(run) for run in runs)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert np.isfinite(np.asarray(got, np.float32)).all()
