@@ -1,7 +1,7 @@
 """`mlstm_prefill` (xlstm_jax/mlstm/prefill.py): S tokens from random states equal the float64 recurrence (native,
 and the fused Triton kernel through the interpreter) for float32 / bfloat16 inputs and bfloat16 states, several
-row tiles, any length up to the limit, neutral (padding) gates at the front, the sigmoid input gate; bad input gets clear errors; the GPU test
-runs the kernel at the 7B head shape."""
+row tiles, any length up to the limit, neutral (padding) gates at the front, the sigmoid input gate; bad input
+gets clear errors; the GPU test runs the kernel at the 7B head shape."""
 
 from __future__ import annotations
 

@@ -44,9 +44,10 @@ def mlstm_prefill(
     """S tokens from the states (c, n, m) (None: zeros), forward only: the outputs and the last states.
 
     q, k (B, NH, S, DHQK); v (B, NH, S, DHHV); i, f (B, NH, S) gate pre-activations; 1 <= S <= MAX_PREFILL (run
-    as the next power of two >= 16, the added steps neutral); states as `mlstm_step` takes them (c, n float32 or bfloat16, m float32). Gate and state math
-    run in float32. backend "native" (`mlstm`'s chunkwise XLA form, one chunk), "triton" (one fused launch) or
-    "auto". input_gate "sigmoid": the mLSTMsig cell. Not differentiable with backend "triton" (serving only).
+    as the next power of two >= 16, the added steps neutral); states as `mlstm_step` takes them (c, n float32 or
+    bfloat16, m float32). Gate and state math run in float32. backend "native" (`mlstm`'s chunkwise XLA form, one
+    chunk), "triton" (one fused launch) or "auto". input_gate "sigmoid": the mLSTMsig cell. Not differentiable with
+    backend "triton" (serving only).
     Returns (h (B, NH, S, DHHV) in q's dtype, (c, n, m) in the states' dtypes).
     """
     x, _ = checked_inputs(q, k, v, i, f, c, n, m)

@@ -15,8 +15,8 @@ An xLSTM's state is the same size after any number of tokens, so the engine hold
    tokens of step k, and a request that finished at step k has its token of step k + 1 dropped.
 
 Prefill: prompt[:-1] in chunks ending at multiples of `prefill_chunk` (left-padded to a bucket: a power of two
-or `prefill_chunk`; B = 1), from zeros or from the longest prefix in the prefix cache; a finished prefill is copied into its slot, and
-the prompt's last token becomes the slot's first decode input.
+or `prefill_chunk`; B = 1), from zeros or from the longest prefix in the prefix cache; a finished prefill is copied
+into its slot, and the prompt's last token becomes the slot's first decode input.
 
 A request ends at one of its stop tokens ("stop"), at max_tokens ("length"), when cancelled, or with an error (NaN
 logits, a failed prefill); its slot is free before its last event is sent, for the next iteration. Compiled shapes:

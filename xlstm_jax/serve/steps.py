@@ -109,7 +109,7 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
         x = x + block.ffn(block.norm_ffn(x))
         new_pool.append(slots)
         new_state.append(start)
-    return model.head(x[0, :M]), new_pool, new_state
+    return model.head(x[0]), new_pool, new_state  # x holds the decode rows alone after the last block
 
 
 def mixed_step(params, pool, previous, fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k,
