@@ -21,6 +21,8 @@ import numpy as np
 # log(sigmoid(f)) == 0 exactly in float32, i.e. no decay.
 NEUTRAL_IGATE = -1e30
 NEUTRAL_FGATE = 1e30
+# The longest sequence the fused prefill kernel (triton/prefill.py) runs: its programs hold every gate in registers.
+MAX_PREFILL = 512
 # Log forget gates are floored here: exp(-2^100 + x) is exactly 0 for every |x| < 2^99, so a gate at the floor is the
 # same full reset as log(sigmoid(-inf)) = -inf, but sums and differences of log gates stay finite (no -inf - -inf).
 # The floor is a power of two so that a sum of k floors (k adjacent document starts) is exact in float32 for k < 2^24:

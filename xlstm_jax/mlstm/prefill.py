@@ -6,9 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.base import checked_inputs, check_eps, pad_to_multiple
+from xlstm_jax.kernels.base import MAX_PREFILL, checked_inputs, check_eps, pad_to_multiple
 from xlstm_jax.kernels.launch import triton_availability
-from xlstm_jax.kernels.triton.prefill import MAX_PREFILL
 from xlstm_jax.mlstm import input_gates
 from xlstm_jax.mlstm.step import STATE_DTYPES
 

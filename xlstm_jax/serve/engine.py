@@ -43,8 +43,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from xlstm_jax.kernels.triton.prefill import MAX_PREFILL
 from xlstm_jax.mlstm.api import BACKEND_NAMES
+from xlstm_jax.mlstm.prefill import MAX_PREFILL
 from xlstm_jax.models.xlstm_large.config import PREFILL_BACKEND
 from xlstm_jax.models.xlstm_large.model import xLSTMLarge
 from xlstm_jax.serve import steps

@@ -24,11 +24,9 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.base import log_forget_floor, qk_scale
+from xlstm_jax.kernels.base import MAX_PREFILL, log_forget_floor, qk_scale
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.sharding import per_batch_head
-
-MAX_PREFILL = 512  # the longest sequence: every program holds the whole sequence's gates in registers
 
 
 @triton.jit
