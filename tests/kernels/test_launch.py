@@ -5,6 +5,8 @@ parameters in the places jax-triton >= 0.4 gives them."""
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,8 @@ import triton
 import triton.language as tl
 
 from xlstm_jax.compat import installed_versions, tma_support
-from xlstm_jax.kernels.launch import _aliased_last, interpret_mode, launch
+from xlstm_jax.kernels import launch as launch_mod
+from xlstm_jax.kernels.launch import interpret_mode, launch
 
 
 @triton.jit
@@ -52,13 +55,54 @@ def test_an_aliased_output_starts_as_its_input():
     np.testing.assert_allclose(np.asarray(y), np.asarray(x + d), rtol=1e-6)
 
 
-def test_aliased_inputs_take_the_aliased_outputs_parameters_under_jax_triton_0_4():
-    """jax-triton 0.4 passes the inputs, then the outputs not aliased: each aliased input moves to the end of the
-    inputs, where the kernel's first outputs (the aliased ones) have their parameters; a placeholder keeps its own
-    place. Aliased outputs that are not the first outputs are refused."""
-    a, b, c = (jnp.full((2, 3), value) for value in (1.0, 2.0, 3.0))
-    inputs, io = _aliased_last(2, [a, b, c], ((2, 1), (0, 0)))
-    assert [x.shape for x in inputs] == [(2,), (2, 3), (2,), (2, 3), (2, 3)]
-    assert inputs[1] is b and inputs[3] is a and inputs[4] is c and io == {3: 0, 4: 1}
+class _JaxTriton04:
+    """jax-triton 0.4.1's `triton_call` and jaxlib's launch as they treat buffers, on the host: the operands bind
+    the kernel's first parameters, the outputs not aliased fill the parameters left over, an aliased output is the
+    buffer of its operand, and the runtime passes the operands' buffers and then every output's (in output order)
+    to the kernel's pointer parameters in order (jaxlib/gpu/triton_kernels.cc, KernelCall::Launch)."""
+
+    __version__ = "0.4.1"
+
+    def triton_call(self, *operands, kernel, grid, num_warps, num_stages, input_output_aliases, out_type,
+                    **constexprs):
+        params = [p for p in inspect.signature(kernel.fn).parameters if p not in constexprs]
+        assert len(params) - len(operands) == len(out_type) - len(input_output_aliases)
+        operand_of = {o: i for i, o in input_output_aliases.items()}
+
+        def host(*arrays):
+            ins = [np.array(a) for a in arrays]
+            outs = [ins[operand_of[o]] if o in operand_of else launch_mod._unwritten(s) for o, s in enumerate(out_type)]
+            buffers = (ins + outs)[:len(params)]
+            with launch_mod._INTERPRETER_LOCK:
+                launch_mod._interpreted(kernel)[grid](*map(launch_mod._HostTensor, buffers), **constexprs)
+            return tuple(outs)
+
+        launch_mod._fix_interpreter()
+        return jax.pure_callback(host, tuple(out_type), *operands, vmap_method="sequential")
+
+
+@triton.jit
+def _add_in_place_and_sum(X, D, X_OUT, TOTAL, S: tl.constexpr):
+    """X_OUT (aliased to X) += D and TOTAL = the sum of the new X_OUT row; grid (BH,)."""
+    bh = tl.program_id(0).to(tl.int64)
+    at = bh * S + tl.arange(0, S)
+    x = tl.load(X_OUT + at) + tl.load(D + at)
+    tl.store(X_OUT + at, x)
+    tl.store(TOTAL + bh, tl.sum(x, axis=0))
+
+
+def test_aliased_outputs_reach_their_parameters_under_jax_triton_0_4(monkeypatch):
+    """Under jax-triton >= 0.4 the launch layer reorders arguments and outputs so that each pointer parameter gets
+    its own buffer (before the fix an unaliased output's parameter received the aliased output's buffer: the decode
+    step's h came back NaN on the GPU); aliased outputs not first are refused."""
+    monkeypatch.setattr(launch_mod, "interpret_mode", lambda: False)
+    monkeypatch.setattr(launch_mod, "triton_availability", lambda: (True, "emulated jax-triton 0.4.1"))
+    monkeypatch.setattr(launch_mod, "_jax_triton", lambda: (_JaxTriton04(), "out_type", False))
+    x, d = (jax.random.normal(key, (3, 16)) for key in jax.random.split(jax.random.key(2)))
+    y, total = jax.jit(lambda x, d: launch(
+        _add_in_place_and_sum, [x, d], [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((3,), x.dtype)],
+        grid=(), aliases={0: 0}, S=16))(x, d)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x + d), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(total), np.asarray((x + d).sum(-1)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="aliased outputs must be the first outputs"):
-        launch(_add_in_place, [a, b], [jax.ShapeDtypeStruct((2, 3), jnp.float32)] * 2, grid=(), aliases={0: 1}, S=3)
+        launch(_add_in_place, [x, d], [jax.ShapeDtypeStruct(x.shape, jnp.float32)] * 2, grid=(), aliases={0: 1}, S=16)

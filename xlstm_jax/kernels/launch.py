@@ -128,7 +128,7 @@ class _HostTensor:
     # operands turning into float32 at random).
     _DTYPES = {
         name: type("dtype", (), {"__str__": lambda _, name=name: f"torch.{name}"})()
-        for name in ("float64", "float32", "float16", "bfloat16", "int32", "int64", "int8", "float8_e4m3fn")
+        for name in ("float64", "float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "float8_e4m3fn")
     }
 
     def __init__(self, array: np.ndarray):
@@ -272,22 +272,27 @@ def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, alia
             "'native_recurrent') instead."
         )
     jt, out_kw, aliases_take_parameters = _jax_triton()
-    inputs, io_aliases = (inputs, dict(aliases)) if aliases_take_parameters else _aliased_last(bh, inputs, aliases)
-    outs = jt.triton_call(
-        *inputs, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-        input_output_aliases=io_aliases, **{out_kw: tuple(out_shapes)}, **constexprs,
-    )
-    return tuple(outs)
+    call = functools.partial(jt.triton_call, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages)
+    if aliases_take_parameters:
+        return tuple(call(*inputs, input_output_aliases=dict(aliases), **{out_kw: out_shapes}, **constexprs))
+    inputs, io_aliases, order = _aliased_last(bh, inputs, aliases, len(out_shapes))
+    outs = call(*inputs, input_output_aliases=io_aliases, **{out_kw: tuple(out_shapes[o] for o in order)},
+                **constexprs)
+    return tuple(outs[order.index(o)] for o in range(len(out_shapes)))
 
 
-def _aliased_last(bh: int, inputs: Sequence[jax.Array], aliases: tuple[tuple[int, int], ...]):
-    """jax-triton >= 0.4's arguments for our kernel convention: an aliased output has no parameter of its own
-    there but is written through its input's, so each aliased input moves to the end of the inputs (where the
-    kernel's first outputs, the aliased ones, have their parameters) and a one-byte-per-row placeholder takes its
-    place. Returns (inputs, input_output_aliases)."""
+def _aliased_last(bh: int, inputs: Sequence[jax.Array], aliases: tuple[tuple[int, int], ...], n_out: int):
+    """jax-triton >= 0.4's arguments for our kernel convention (inputs, then every output, the aliased outputs
+    first). There an aliased output has no parameter of its own but is written through its input's, the other
+    outputs take the parameters left over, and the runtime hands the kernel its operands' buffers, then every
+    output's, in parameter order. So each aliased input moves to the end of the inputs (the aliased outputs'
+    parameters), a one-byte-per-row placeholder takes its place, and the aliased outputs go after the others.
+    Returns (inputs, input_output_aliases, the outputs' order for jax-triton)."""
     moved = [i for i, _ in sorted(aliases, key=lambda pair: pair[1])]
     kept = [jnp.zeros((bh,), jnp.uint8) if index in moved else x for index, x in enumerate(inputs)]
-    return (*kept, *(inputs[i] for i in moved)), {len(kept) + o: o for o, _ in enumerate(moved)}
+    order = (*range(len(moved), n_out), *range(len(moved)))
+    io_aliases = {len(kept) + j: n_out - len(moved) + j for j in range(len(moved))}
+    return (*kept, *(inputs[i] for i in moved)), io_aliases, order
 
 
 def launch(
