@@ -57,6 +57,21 @@ def test_float32_gradients_are_the_plain_autodiff_ones():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_bfloat16_result_is_the_float32_one_rounded_with_the_same_gradients():
+    """out_dtype bfloat16 (q, k, v, o and the FFN's gate and up): the float32 result rounded once, and gradients
+    for a bfloat16 cotangent equal to those of the float32 result's (whose backward rounds the cotangent first)."""
+    x, w, g = _inputs()
+    y = mixed_matmul(x, w, jnp.bfloat16, out_dtype=jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, _plain(x, w, jnp.bfloat16).astype(jnp.bfloat16))
+    gb = g.astype(jnp.bfloat16)
+    got = jax.vjp(lambda a, b: mixed_matmul(a, b, jnp.bfloat16, out_dtype=jnp.bfloat16), x, w)[1](gb)
+    want = jax.vjp(lambda a, b: mixed_matmul(a, b, jnp.bfloat16), x, w)[1](gb.astype(jnp.float32))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)
+
+
 def _dot_operand_types(fn, *args):
     """The operand types of every dot_general in fn's StableHLO, e.g. "tensor<2x5x40xbf16>, tensor<48x40xbf16>"."""
     text = jax.jit(fn).lower(*args).as_text()

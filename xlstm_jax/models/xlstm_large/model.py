@@ -59,8 +59,8 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel (in, out) with logical axis names `axes`, in the parameter dtype, operands cast
-    to the compute dtype, float32 accumulation and float32 result; the backward's matmuls in the compute dtype too
-    (`mixed_matmul`)."""
+    to the compute dtype, float32 accumulation and the result in `out_dtype` (default float32); the backward's
+    matmuls in the compute dtype too (`mixed_matmul`)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None], use_bias: bool,
                  kernel_init, bias_init=None, param_dtype: Any, rngs: nnx.Rngs):
@@ -69,11 +69,10 @@ class Dense(nnx.Module):
         init = bias_init or _constant(0.0)
         self.bias = nnx.Param(init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        y = mixed_matmul(x, self.kernel[...], dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(F32)
-        return y
+    def __call__(self, x: jax.Array, dtype: Any, out_dtype: Any = F32) -> jax.Array:
+        if self.bias is None:
+            return mixed_matmul(x, self.kernel[...], dtype, out_dtype=out_dtype)
+        return (mixed_matmul(x, self.kernel[...], dtype) + self.bias[...].astype(F32)).astype(out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -151,16 +150,16 @@ class mLSTMLayer(nnx.Module):
 
     @jax.named_scope("project")
     def project(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """x (B, S, D) float32 (normed) -> q, k (B, S, NH * DHQK), v, o (B, S, NH * DHV) float32, and the
-        soft-capped gate pre-activations i, f (B, S, NH) float32. Per token: rows of x may be any tokens."""
+        """x (B, S, D) float32 (normed) -> q, k (B, S, NH * DHQK), v, o (B, S, NH * DHV) in the compute dtype, and
+        the soft-capped gate pre-activations i, f (B, S, NH) float32. Per token: rows of x may be any tokens."""
         c = self.config
         dt = c.compute_jnp_dtype
         if c.weight_mode == "single":
-            q, k, v, o = (proj(x, dt) for proj in (self.q, self.k, self.v, self.ogate_preact))
+            q, k, v, o = (proj(x, dt, dt) for proj in (self.q, self.k, self.v, self.ogate_preact))
             i = soft_cap(self.igate_preact(x, F32), c.gate_soft_cap)
             f = soft_cap(self.fgate_preact(x, F32), c.gate_soft_cap)
         else:
-            q, k, v, o = jnp.split(self.qkv_opreact(x, dt), np.cumsum([c.qk_dim, c.qk_dim, c.v_dim]), axis=-1)
+            q, k, v, o = jnp.split(self.qkv_opreact(x, dt, dt), np.cumsum([c.qk_dim, c.qk_dim, c.v_dim]), axis=-1)
             i, f = jnp.split(soft_cap(self.ifgate_preact(x, F32), c.gate_soft_cap), 2, axis=-1)
         return q, k, v, o, i, f
 
@@ -196,7 +195,8 @@ class mLSTMLayer(nnx.Module):
     @jax.named_scope("output")
     def output(self, h: jax.Array, o: jax.Array) -> jax.Array:
         """h (B, S, NH, DHV), o (B, S, NH * DHV) -> out_proj(sigmoid(o) * norm(h)) (B, S, D) float32."""
-        return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h), self.config.compute_jnp_dtype)
+        dt = self.config.compute_jnp_dtype
+        return self.out_proj((jax.nn.sigmoid(o.astype(F32)) * self.multihead_norm(h)).astype(dt), dt)
 
     def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
                  backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
@@ -221,7 +221,8 @@ def neutral_where_masked(i: jax.Array, f: jax.Array, token_mask: jax.Array) -> t
 
 
 class FeedForward(nnx.Module):
-    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down."""
+    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down; the gate and up projections and their product (formed in float32)
+    in the compute dtype, as W_down's matmul takes it (its gradient then comes back in that dtype too)."""
 
     def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
         c = config
@@ -240,10 +241,10 @@ class FeedForward(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.config.compute_jnp_dtype
         if self.config.weight_mode == "single":
-            gate, up = self.proj_up_gate(x, dt), self.proj_up(x, dt)
+            gate, up = self.proj_up_gate(x, dt, dt), self.proj_up(x, dt, dt)
         else:
-            gate, up = jnp.split(self.proj_up_gate_z(x, dt), 2, axis=-1)
-        return self.proj_down(jax.nn.silu(gate) * up, dt)
+            gate, up = jnp.split(self.proj_up_gate_z(x, dt, dt), 2, axis=-1)
+        return self.proj_down((jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt), dt)
 
 
 class mLSTMBlock(nnx.Module):

@@ -48,11 +48,12 @@ class QuantizedDense(nnx.Module):
         self.scale = QuantizedWeight(scale)
         self.bias = dense.bias
 
-    def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
+    def __call__(self, x: jax.Array, dtype: Any, out_dtype: Any = F32) -> jax.Array:
+        if self.bias is None:
+            return quantized_matmul(x.astype(dtype), self.weight[...], self.scale[...], backend=self.backend,
+                                    out_dtype=out_dtype)
         y = quantized_matmul(x.astype(dtype), self.weight[...], self.scale[...], backend=self.backend, out_dtype=F32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(F32)
-        return y
+        return (y + self.bias[...].astype(F32)).astype(out_dtype)
 
 
 def quantized_scheme(model: xLSTMLarge) -> str | None:
