@@ -2,7 +2,9 @@
 
 The step is the training job's own (`xlstm_jax.train.benchmark.synthetic_step`: AdamW, packed documents, random
 tokens) at a benchmark size, with the job's `--loss` and `--remat` choices. It is compiled, timed without the
-profiler (median of `--reps` steps: the step's wall time), then `--steps` steps are traced
+profiler as the training loop runs it (params and optimizer state donated and carried, BACK_TO_BACK steps
+dispatched before one wait: the step time and tokens/s; and once with a wait after every step: the blocked step
+time, where the host's dispatch of each step's kernels adds to it), then `--steps` steps are traced
 (`jax.profiler.trace`); the device events of the trace (`xlstm_jax.bench.trace.device_events`) are matched to the
 compiled HLO (`hlo_op` of each event, or its kernel name) and summed per category:
 
@@ -15,8 +17,8 @@ compiled HLO (`hlo_op` of each event, or its kernel name) and summed per categor
 - transpose_copy: transposes, copies, memcpy / memset; other_fusion: the other XLA fusions (norms, gates,
   activations, residual adds, converts); other: the rest.
 
-Also printed: device busy time (the union of the events' intervals) and the host gap (step wall time minus busy
-time), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory and
+Also printed: device busy time (the union of the events' intervals) and the host gap (step time minus busy
+time, for both timings), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory and
 the device's peak memory. On a CPU (`--tiny`) the events are XLA's CPU thunks, possibly on several threads at once
 and slowed down by the profiler: the categories are coarse there and the host gap meaningless.
 
@@ -37,9 +39,9 @@ import time
 import jax
 
 from xlstm_jax.bench.hlo import MATMUL_KERNELS, busy_us, instruction_of, is_matmul, op_name, parse_hlo
-from xlstm_jax.bench.measure import timed_runs, timing_stats
+from xlstm_jax.bench.measure import timing_stats
 from xlstm_jax.bench.trace import traced_events
-from xlstm_jax.train.benchmark import SIZES, synthetic_step
+from xlstm_jax.train.benchmark import BACK_TO_BACK, SIZES, synthetic_step
 from xlstm_jax.train.config import LOSS_CHOICES, REMAT_CHOICES
 from xlstm_jax.train.metrics import model_flops_per_token, peak_flops
 
@@ -83,12 +85,12 @@ def profile(args: argparse.Namespace) -> dict:
         compiled = step.train_step.lower(*step.args).compile()
     compile_s = time.perf_counter() - start
     hlo = parse_hlo(compiled.as_text())
-    seconds, _ = timed_runs(lambda: compiled(*step.args), jax.block_until_ready, args.reps)
-    timing = timing_stats(seconds)
+    timing = timing_stats(step.seconds(compiled, args.reps, BACK_TO_BACK))
+    blocked = timing_stats(step.seconds(compiled, args.reps, 1))
 
     def run():
         for _ in range(args.steps):
-            out = compiled(*step.args)
+            out = step.run(compiled)
         return out
 
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_train-")
@@ -113,8 +115,10 @@ def profile(args: argparse.Namespace) -> dict:
         "size": args.size, "backend": args.backend, "mesh": args.mesh, "batch": args.batch, "seq_len": args.seq_len,
         "dtype": args.dtype, "loss": args.loss, "remat": args.remat, "loss_block": args.loss_block,
         "params_M": step.n_params / 1e6, "step_ms": timing["ms_median"], "step_iqr_ms": timing["ms_iqr"],
+        "blocked_step_ms": blocked["ms_median"],
         "tokens_per_s": tokens_per_s, "mfu": None if peak is None else tokens_per_s * flops / peak,
         "device_busy_ms": busy, "host_gap_ms": timing["ms_median"] - busy,
+        "blocked_host_gap_ms": blocked["ms_median"] - busy,
         "category_ms": {kind: per_category.get(kind, 0.0) for kind in CATEGORIES},
         "top_kernels": [{"kernel": k, "category": c, "ms": v[0], "calls": v[1] / args.steps}
                         for (k, c), v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]],
@@ -155,7 +159,8 @@ def main(argv=None) -> dict:
     print(f"{row['size']} B={row['batch']} S={row['seq_len']} {row['dtype']} backend {row['backend']} loss "
           f"{row['loss']} remat {row['remat']}: step {step:.2f} ms (± {row['step_iqr_ms']:.2f}), "
           f"{row['tokens_per_s']:,.0f} tokens/s{mfu}, device busy {row['device_busy_ms']:.2f} ms, host gap "
-          f"{row['host_gap_ms']:.2f} ms, XLA temporaries {row['temp_mb']:,.0f} MB{memory}", flush=True)
+          f"{row['host_gap_ms']:.2f} ms (blocked step {row['blocked_step_ms']:.2f} ms, gap "
+          f"{row['blocked_host_gap_ms']:.2f} ms), XLA temporaries {row['temp_mb']:,.0f} MB{memory}", flush=True)
     for kind, ms in row["category_ms"].items():
         print(f"  {kind:15s} {ms:9.3f} ms  {100 * ms / step:5.1f}%")
     print("top kernels:")

@@ -1,8 +1,9 @@
 """Training-step throughput (tokens/s, MFU) of xLSTM language models with each mLSTM backend, measured in one run.
 
 The step is the training job's own (`xlstm_jax.train.steps`: AdamW with clipping, masked next-token cross-entropy,
-packed documents), on random tokens; jitted once, warmed up, median of >= 10 timed steps
-(`xlstm_jax.bench.measure.time_jax`). `--mesh data=1` (repeatable with other meshes) runs the same step placed on a
+packed documents), on random tokens; compiled once, warmed up, and timed as the training loop runs it (parameters
+and optimizer state donated and carried, BACK_TO_BACK steps dispatched before one wait;
+`xlstm_jax.train.benchmark.SyntheticStep.seconds`): median of >= 10 timed runs. `--mesh data=1` (repeatable with other meshes) runs the same step placed on a
 device mesh, as `xlstm-jax train --mesh` does; "none" is the plain one-device path. `--batch-per-device` scales
 the batch with the mesh's device count (weak scaling, issue 22). MFU counts the model FLOPs of
 `xlstm_jax.train.metrics.model_flops_per_token` against the device's bf16 peak (recomputation under --remat is
@@ -21,11 +22,12 @@ import contextlib
 import itertools
 import json
 import math
+import time
 
 import jax
 
-from xlstm_jax.bench.measure import time_jax
-from xlstm_jax.train.benchmark import SIZES, synthetic_step
+from xlstm_jax.bench.measure import peak_bytes, timing_stats, xla_bytes
+from xlstm_jax.train.benchmark import BACK_TO_BACK, SIZES, synthetic_step
 from xlstm_jax.train.config import LOSS_CHOICES, REMAT_CHOICES
 from xlstm_jax.train.mesh import parse_mesh
 from xlstm_jax.train.metrics import model_flops_per_token, peak_flops
@@ -33,9 +35,16 @@ from xlstm_jax.train.metrics import model_flops_per_token, peak_flops
 
 def measure(size: str, backend: str, mesh_text: str | None, batch: int, seq_len: int, dtype: str, reps: int,
             loss: str = "plain", remat: str = "none", loss_block: int | None = None) -> dict:
+    before = peak_bytes()
     step = synthetic_step(size, backend, batch, seq_len, dtype, mesh_text, loss, remat, loss_block)
     with jax.set_mesh(step.mesh) if step.mesh is not None else contextlib.nullcontext():
-        timing = time_jax(step.train_step, lambda: step.args, reps)
+        start = time.perf_counter()
+        compiled = step.train_step.lower(*step.args).compile()
+        compile_s = time.perf_counter() - start
+        timing = timing_stats(step.seconds(compiled, reps, BACK_TO_BACK))
+    after, xla = peak_bytes(), xla_bytes(compiled)
+    timing.update(compile_s=compile_s, xla_mb=None if xla is None else xla / 2**20,
+                  peak_mb=None if after is None or (before is not None and after <= before) else after / 2**20)
     tokens_per_s = batch * seq_len / (timing["ms_median"] / 1e3)
     peak = peak_flops(jax.devices()[0], dtype)
     flops = model_flops_per_token(step.model_config, step.model_config.chunk_size or 64)

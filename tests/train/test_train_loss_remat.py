@@ -47,6 +47,7 @@ def tiny():
 def _step(graphdef, params, batch, loss, remat):
     """(loss, accuracy, gradients) of the training step with this loss and remat choice."""
     train_step = build_steps(graphdef, KEEP_GRADS, None, remat, loss, loss_block=8)[0]  # 23 columns: 3 blocks
+    params = jax.tree.map(jnp.copy, params)  # the step donates its parameters; the fixture's are shared
     _, grads, value, acc, finite = train_step(params, KEEP_GRADS.init(params), batch)
     assert bool(finite)
     return float(value), float(acc), grads

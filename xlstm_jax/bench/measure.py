@@ -72,12 +72,12 @@ def timing_stats(seconds: list[float]) -> dict[str, float]:
             "ms_iqr": float(p75 - p25)}
 
 
-def _peak_bytes() -> int | None:
+def peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def _xla_bytes(compiled: Any) -> float | None:
+def xla_bytes(compiled: Any) -> float | None:
     try:
         m = compiled.memory_analysis()
     except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
@@ -91,14 +91,14 @@ def time_jax(fn: Callable[..., Any], make_args: Callable[[], tuple], reps: int) 
     """Compile `fn` once for the arguments `make_args()` builds, warm up and time `reps` calls."""
     if reps < MIN_REPS:
         raise ValueError(f"reps must be >= {MIN_REPS} timed runs, got {reps}.")
-    before = _peak_bytes()
+    before = peak_bytes()
     args = make_args()
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     seconds, inner = timed_runs(lambda: compiled(*args), jax.block_until_ready, reps)
-    after = _peak_bytes()
-    xla = _xla_bytes(compiled)
+    after = peak_bytes()
+    xla = xla_bytes(compiled)
     del args, compiled
     return {
         **timing_stats(seconds), "calls_per_run": inner, "compile_s": compile_s,

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.bench.measure import WARMUP
 from xlstm_jax.train.config import TrainConfig
 from xlstm_jax.train.mesh import batch_sharding, build_mesh, parse_mesh
 from xlstm_jax.train.steps import build_steps, init_params, make_optimizer
 
+BACK_TO_BACK = 5  # steps dispatched before one wait when timing steps as the training loop runs them
 SIZES = {  # tied embeddings; vocabulary 50304 (256 for tiny)
     "125m": dict(embedding_dim=768, num_heads=4, num_blocks=12),
     "1.3b": dict(embedding_dim=2048, num_heads=8, num_blocks=24),
@@ -30,6 +33,29 @@ class SyntheticStep:
     model_config: Any
     n_params: int
     mesh: Any
+
+    def run(self, step: Callable[..., Any] | None = None) -> tuple:
+        """One training step from the current state as the training loop runs it: params and opt_state are
+        donated, and the step's new ones are the next step's arguments. `step`: `train_step` or its compiled
+        form. Returns the step's outputs (params, opt_state, loss, accuracy, finite)."""
+        out = (step or self.train_step)(*self.args)
+        self.args = (out[0], out[1], self.args[2])
+        return out
+
+    def seconds(self, step: Callable[..., Any], reps: int, back_to_back: int) -> list[float]:
+        """Seconds per step of `reps` timed runs of `back_to_back` steps dispatched one after the other with one
+        wait at the end (the training loop reads the loss only at log lines, so the host dispatches ahead; 1: the
+        host waits for every step), after WARMUP untimed steps."""
+        for _ in range(WARMUP):
+            jax.block_until_ready(self.run(step))
+        seconds = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(back_to_back):
+                out = self.run(step)
+            jax.block_until_ready(out)
+            seconds.append((time.perf_counter() - start) / back_to_back)
+        return seconds
 
 
 def synthetic_step(size: str, backend: str, batch: int, seq_len: int, dtype: str = "bfloat16",

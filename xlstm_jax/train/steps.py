@@ -3,6 +3,7 @@ parameters initialised on a device mesh (`xlstm_jax.train.mesh`)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -79,6 +80,7 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
                 loss: str = "plain", loss_block: int | None = None) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The jitted train step (params, opt_state, mean loss and accuracy of the batch, and whether the loss and the
     gradient norm were finite: a step where they are not changes nothing) and the evaluation sums of one batch.
+    The step donates params and opt_state (updated in place: the caller keeps only the returned ones).
     `placement` (param shardings, opt-state shardings): the step keeps parameters and optimizer states where they
     are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`). `remat` ("none", "block", "dots"; a
     bool: "block" / "none"): what each block keeps for the backward (`xLSTMLarge.__call__`). `loss` "plain" or
@@ -94,16 +96,19 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
     def place(tree, which):
         return tree if placement is None else jax.lax.with_sharding_constraint(tree, placement[which])
 
-    @jax.jit
+    def update(grads, params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         with jax.named_scope("optimizer"):
-            updates, new_opt_state = tx.update(grads, opt_state, params)
             finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-            # a non-finite step leaves parameters and optimizer state as they were (the loop stops the run)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            params = keep(optax.apply_updates(params, updates), params)
-            return place(params, 0), place(keep(new_opt_state, opt_state), 1), loss, acc, finite
+            # a non-finite step leaves parameters and optimizer state as they were (the loop stops the run): the
+            # update runs only where it is finite, in place of the donated buffers, with no select over every array
+            params, opt_state = jax.lax.cond(finite, update, lambda _, *state: state, grads, params, opt_state)
+            return place(params, 0), place(opt_state, 1), loss, acc, finite
 
     return train_step, eval_step(graphdef, placement is not None, loss, loss_block)
 
