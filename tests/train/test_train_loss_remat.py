@@ -102,3 +102,21 @@ def test_bad_remat_and_loss_flags_are_one_error_line(argv, reason, capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {argv[0]}: {reason}") and captured.err.count("\n") == 1
     assert captured.out == ""
+
+
+def test_a_step_updates_in_place_and_a_non_finite_one_changes_nothing(tiny):
+    """The step donates params and optimizer state; AdamW moves every parameter where the loss is finite, and
+    where it is not (a NaN weight) returns params and optimizer state exactly as they came."""
+    graphdef, params, batch, _ = tiny
+    tx = optax.adamw(1e-2)
+    train_step = build_steps(graphdef, tx, None, "none", "plain")[0]
+    start = jax.tree.map(jnp.copy, params)
+    new, opt_state, _, _, finite = train_step(jax.tree.map(jnp.copy, start), tx.init(start), batch)
+    assert bool(finite)
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(start)))
+    poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), start)
+    before = [np.asarray(x) for x in jax.tree.leaves((poisoned, opt_state))]
+    out = train_step(jax.tree.map(jnp.copy, poisoned), jax.tree.map(jnp.copy, opt_state), batch)
+    assert not bool(out[4])
+    for got, want in zip(jax.tree.leaves(out[:2]), before):
+        np.testing.assert_array_equal(np.asarray(got), want)
