@@ -5,6 +5,8 @@
 # SET: loss        plain and fused loss, no remat, both sizes (4 runs; the default)
 #      remat       the fused loss with --remat dots and --remat block, both sizes (4 runs)
 #      throughput  scripts/train_throughput.py, both sizes, plain and fused loss, no remat (one process)
+#      peer        the PyTorch xLSTMLarge (scripts/train_peer_torch.py) and ours (train_throughput.py, fused loss),
+#                  each size in its own process, side by side (issue 35's table)
 # Every run is its own process (its own peak memory) under a timeout, so one failure does not stop the rest; no
 # run starts once BUDGET_S seconds (default 330) have passed. Each run writes NAME.json and NAME.log; summary.txt
 # gets one line per run. BATCH (default 8) and BACKEND (default triton_limit_chunk) change the step; EXTRA adds
@@ -55,8 +57,14 @@ case "$set_name" in
   throughput)
     run throughput 320 python3 scripts/train_throughput.py --sizes 125m 1.3b --backends "$backend" --batch "$batch" \
       --loss plain fused --json "$out/throughput.json" ;;
+  peer)
+    for size in 125m 1.3b; do
+      run "peer-$size" 150 python3 scripts/train_peer_torch.py --size "$size" --batch "$batch" --json "$out/peer-$size.json"
+      run "ours-$size" 150 python3 scripts/train_throughput.py --sizes "$size" --backends "$backend" --batch "$batch" \
+        --loss fused --json "$out/ours-$size.json"
+    done ;;
   *)
-    echo "unknown set $set_name: loss, remat or throughput" >&2
+    echo "unknown set $set_name: loss, remat, throughput or peer" >&2
     exit 2 ;;
 esac
 echo "done in $((SECONDS - start)) s; results in $out"
