@@ -3,7 +3,10 @@
 The parity check runs every runnable backend through `xlstm_jax.mlstm` (float32 inputs, initial states,
 return_last_states) forward and backward, and compares h, the last states (C, n, m) and the gradients of
 q, k, v, i, f, c_initial, n_initial, m_initial under the loss sum(W_h*h) + sum(W_C*C) + sum(W_n*n) + sum(W_m*m)
-(random weights) with the float64 recurrence of `xlstm_jax.mlstm.reference`.
+(random weights) with the float64 recurrence of `xlstm_jax.mlstm.reference`. The decode step
+(`xlstm_jax.mlstm_step`, each runnable step backend) is compared the same way, forward: h and the new states after
+two steps from random states, the state updated in place by the Triton kernel (a wrong launch once returned NaN
+there on a GPU while every chunkwise check passed).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from xlstm_jax import compat
+from xlstm_jax.kernels.launch import triton_availability
 from xlstm_jax.mlstm import api
 from xlstm_jax.mlstm.reference import mlstm_recurrent_reference
+from xlstm_jax.mlstm.step import mlstm_step
 
 FW_TOL = 1e-4  # relative Frobenius error of h and of each last state (float32 inputs)
 BW_TOL = 1e-3  # relative Frobenius error of each gradient
@@ -182,6 +187,51 @@ def check_backend(name: str, cases: tuple[Case, ...], seed: int = 0) -> Result:
     return result
 
 
+def step_errors(backend: str, seed: int = 0) -> dict[str, float]:
+    """Max relative errors of h, C, n, m of two `mlstm_step` calls on `backend` (float32, B 2, NH 3, DHQK 40,
+    DHHV 72: masked tiles; the second step from the first one's states, so C is read after the kernel wrote it)
+    against the float64 recurrence over the same two tokens."""
+    rng = np.random.default_rng(seed)
+    B, NH, DHQK, DHHV = 2, 3, 40, 72
+
+    def normal(*shape, scale=1.0, shift=0.0):
+        return (rng.standard_normal(shape) * scale + shift).astype(np.float32)
+
+    q, k = normal(B, NH, 2, DHQK), normal(B, NH, 2, DHQK)
+    v, i, f = normal(B, NH, 2, DHHV), normal(B, NH, 2, scale=3.0), normal(B, NH, 2, scale=3.0, shift=2.0)
+    state = (normal(B, NH, DHQK, DHHV), normal(B, NH, DHQK), normal(B, NH, scale=2.0))
+    step = jax.jit(functools.partial(mlstm_step, backend=backend), donate_argnums=(5, 6, 7))
+    hs, got = [], tuple(jnp.asarray(x) for x in state)
+    for t in range(2):
+        h, got = step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], *got)
+        hs.append(h)
+    with jax.enable_x64(True):
+        want_h, want_state = mlstm_recurrent_reference(*(np.asarray(x, np.float64) for x in (q, k, v, i, f, *state)))
+    got_all = (jnp.stack(hs, axis=2), *got)
+    want_all = (want_h, *want_state)
+    return {name: rel_err(a, b) for name, a, b in zip(("h", "C", "n", "m"), got_all, want_all)}
+
+
+def _print_step_parity(console: Console) -> bool:
+    """The decode step's table; True on a FAIL."""
+    table = Table(title=f"Decode step (mlstm_step) vs float64 reference (h, states <= {FW_TOL:.0e})")
+    for column in ("step backend", "h", "C", "n", "m", "result"):
+        table.add_column(column)
+    failed = False
+    for backend in ("native", "triton"):
+        ok, why = (True, "") if backend == "native" else triton_availability()
+        if not ok:
+            table.add_row(backend, "-", "-", "-", "-", "SKIP")
+            continue
+        errors = step_errors(backend)
+        bad = not all(e <= FW_TOL for e in errors.values())  # NaN fails too
+        failed = failed or bad
+        table.add_row(backend, *(_fmt(errors[n]) for n in ("h", "C", "n", "m")),
+                      "[bold red]FAIL[/bold red]" if bad else "[green]PASS[/green]")
+    console.print(table)
+    return failed
+
+
 def _versions_table(versions: dict[str, Any]) -> Table:
     table = Table(title="Versions", show_header=False)
     cc = versions["compute_capability"]
@@ -271,5 +321,6 @@ def run_doctor(backends: list[str] | None = None, quick: bool = False, console: 
         grads = f"{_fmt(res.grad_err)} {res.worst_grad}".strip()
         parity.add_row(name, _fmt(res.h_err), _fmt(res.state_err), grads, f"{res.seconds:.1f}s", mark)
     console.print(parity)
+    failed = _print_step_parity(console) or failed
     console.print("[bold red]doctor: FAIL[/bold red]" if failed else "[green]doctor: OK[/green]")
     return int(failed)

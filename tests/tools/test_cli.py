@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.backend_cases import NATIVE_BACKENDS
 from xlstm_jax import cli, compat, doctor
+from xlstm_jax.mlstm import step as step_module
 from xlstm_jax.kernels.native.recurrent import mlstm_recurrent
 from xlstm_jax.mlstm import IMPLEMENTATIONS
 
@@ -34,7 +35,14 @@ def test_doctor_quick_passes_for_native_backends(capsys):
         assert "PASS" in rows[name], rows.get(name)
     for name in IMPLEMENTATIONS:
         assert name in rows and ("PASS" in rows[name] or "SKIP" in rows[name]), rows.get(name)
+    assert "PASS" in _step_rows(text)["native"]
     assert "doctor: OK" in text
+
+
+def _step_rows(text):
+    """step backend -> its line in the decode step's table."""
+    table = text.split("Decode step (mlstm_step) vs float64 reference", 1)[1]
+    return {name: line for line in table.splitlines() for name in ("native", "triton") if f" {name} " in line}
 
 
 def test_doctor_console_script_selected_backends():
@@ -70,6 +78,21 @@ def test_doctor_fails_on_a_wrong_backend(monkeypatch, capsys):
     assert cli.main(["doctor", "--quick", "--backends", "native_recurrent"]) == 1
     text = capsys.readouterr().out
     assert "FAIL" in _rows(text)["native_recurrent"]
+    assert "doctor: FAIL" in text
+
+
+def test_doctor_fails_on_a_wrong_decode_step(monkeypatch, capsys):
+    """A step whose h is NaN (as the Triton step's was on a GPU under a wrong launch) fails the doctor."""
+    real = step_module.step_native
+
+    def nan_h(*args, **kwargs):
+        h, states = real(*args, **kwargs)
+        return h * jnp.nan, states
+
+    monkeypatch.setattr(step_module, "step_native", nan_h)
+    assert cli.main(["doctor", "--quick", "--backends", "native_recurrent"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL" in _step_rows(text)["native"] and "PASS" in _rows(text)["native_recurrent"]
     assert "doctor: FAIL" in text
 
 
