@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-machine checks, one step per call so each fits a bounded session; logs and results go to OUT_DIR.
 #   bash scripts/gpu_checks.sh STEP OUT_DIR [PRESET ...]
-# STEP: tests       GPU-marked tests (kernel parity at realistic shapes, extreme gates) and `xlstm-jax doctor`
+# STEP: tests       the launch layer's and the decode step's tests, the GPU-marked tests (kernel parity at realistic
+#                   shapes, extreme gates) and `xlstm-jax doctor`
 #       bench       the issue shapes (16-head and 7B-head, 65536 tokens) for every backend and chunk size, with peers
 #       presets     the four H100/H200 presets of docs/benchmarks.md (in-process; one subprocess per peer), or the
 #                   ones named after OUT_DIR; results files grow case by case, and running the step again with the
@@ -13,6 +14,8 @@
 #                   a larger tile or chunk than the default (64 x 64 tiles) faster? (issue 5)
 #       xlblocks    sweeps of the xl launch parameters at both head shapes (xl L=128): the bw kernels' output column
 #                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
+#       serve       issue 36: the serving engine's steps (scripts/profile_serve_step.py: decode, decode + a
+#                   240-token chunk) and scripts/serve_bench.py with --prefill-chunk 240 at half load and saturation
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
 #       train       the training job on one GPU: the step on the plain path against --mesh data=1 (125M and 1.3B,
 #                   two alternating rounds), a 60-step `xlstm-jax train --data` run on random tokens (tokens/s and
@@ -40,6 +43,8 @@ BACKENDS=${BACKENDS:-triton_limit_chunk,triton_xl_chunk,native_chunkwise}
 PEERS=${PEERS:-cudnn_attention,mk_jax_xl_chunk,mk_jax_native,mk_torch_limit_chunk,mk_jax_native_step,mk_jax_triton_step}
 case "$step" in
   tests)
+    # the launch layer and the decode step at small shapes run on the GPU unmarked (they also run on CPU)
+    python3 -m pytest -q tests/kernels/test_launch.py tests/op/test_mlstm_step.py 2>&1 | tee "$out/launch_tests.log"
     python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
     python3 -m xlstm_jax.cli doctor 2>&1 | tee "$out/doctor.log" ;;
   bench)
@@ -105,6 +110,11 @@ print('plain', one.eval_loss, 'mesh data=1', mesh.eval_loss, 'rel', abs(one.eval
         --backends triton_limit_chunk --meshes $meshes --batch-per-device 4 --seq-len 2048 \
         --json "$out/weak_scaling_$n.json" 2>&1 | tee -a "$out/weak_scaling.log"
     done ;;
+  serve)
+    python3 scripts/profile_serve_step.py --calls 2 --reps 5 --variants decode,mixed:240 --json "$out/serve_step.json" \
+      2>&1 | tee "$out/serve_step.log"
+    python3 scripts/serve_bench.py --loads 0.5 --prefill-chunk 240 --out "$out/serve_bench" 2>&1 \
+      | tee "$out/serve_bench.log" ;;
   ab)
     base=$(cd "${1:?BASE_DIR with an older xlstm_jax package}" && pwd); root=$PWD
     for round in 1 2; do
