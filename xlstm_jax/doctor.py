@@ -188,7 +188,7 @@ def check_backend(name: str, cases: tuple[Case, ...], seed: int = 0) -> Result:
 
 
 def step_errors(backend: str, seed: int = 0) -> dict[str, float]:
-    """Max relative errors of h, C, n, m of two `mlstm_step` calls on `backend` (float32, B 2, NH 3, DHQK 40,
+    """Relative errors (`rel_err`) of h, C, n, m of two `mlstm_step` calls on `backend` (float32, B 2, NH 3, DHQK 40,
     DHHV 72: masked tiles; the second step from the first one's states, so C is read after the kernel wrote it)
     against the float64 recurrence over the same two tokens."""
     rng = np.random.default_rng(seed)
@@ -219,7 +219,7 @@ def _print_step_parity(console: Console) -> bool:
         table.add_column(column)
     failed = False
     for backend in ("native", "triton"):
-        ok, why = (True, "") if backend == "native" else triton_availability()
+        ok = backend == "native" or triton_availability()[0]
         if not ok:
             table.add_row(backend, "-", "-", "-", "-", "SKIP")
             continue
