@@ -17,10 +17,10 @@ compiled HLO (`hlo_op` of each event, or its kernel name) and summed per categor
 - transpose_copy: transposes, copies, memcpy / memset; other_fusion: the other XLA fusions (norms, gates,
   activations, residual adds, converts); other: the rest.
 
-Also printed: device busy time (the union of the events' intervals) and the host gap (step time minus busy
-time, for both timings), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory and
-the device's peak memory. On a CPU (`--tiny`) the events are XLA's CPU thunks, possibly on several threads at once
-and slowed down by the profiler: the categories are coarse there and the host gap meaningless.
+Also printed: device busy time (the union of the events' intervals) and the host gap (step time minus busy time, for
+both timings), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory
+and the device's peak memory. On a CPU (`--tiny`) the events are XLA's CPU thunks, possibly on several threads at
+once and slowed down by the profiler: the categories are coarse there and the host gap meaningless.
 
     python scripts/profile_train.py --size 1.3b --batch 8 --loss fused --remat dots --json profile.json
 """
