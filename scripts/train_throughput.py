@@ -4,11 +4,11 @@ The step is the training job's own (`xlstm_jax.train.steps`: AdamW with clipping
 packed documents), on random tokens; compiled once, warmed up, and timed as the training loop runs it (parameters
 and optimizer state donated and carried, BACK_TO_BACK steps dispatched before one wait;
 `xlstm_jax.train.benchmark.SyntheticStep.seconds`): median of >= 10 timed runs. `--mesh data=1` (repeatable with
-other meshes) runs the same step placed on a device mesh, as `xlstm-jax train --mesh` does; "none" is the plain one-
-device path. `--batch-per-device` scales the batch with the mesh's device count (weak scaling, issue 22). MFU counts
-the model FLOPs of `xlstm_jax.train.metrics.model_flops_per_token` against the device's bf16 peak (recomputation
-under --remat is not counted). `--loss` and `--remat` (each taking several values) measure the training job's
-choices.
+other meshes) runs the same step placed on a device mesh, as `xlstm-jax train --mesh` does; "none" is the plain
+one-device path. `--batch-per-device` scales the batch with the mesh's device count (weak scaling, issue 22). MFU
+counts the model FLOPs of `xlstm_jax.train.metrics.model_flops_per_token` against the device's bf16 peak
+(recomputation under --remat is not counted). `--loss` and `--remat` (each taking several values) measure the
+training job's choices.
 
     python scripts/train_throughput.py --sizes 125m 1.3b --backends triton_limit_chunk native_chunkwise \\
         --meshes none data=1 --loss plain fused --remat none dots
