@@ -115,13 +115,8 @@ def profile(model: xLSTMLarge, variant: str, slots: int, state_dtype: str, calls
     compile_s = time.perf_counter() - start
     hlo = parse_hlo(text)
     timing = timing_stats(timed_runs(run, jax.block_until_ready, reps)[0])
-    ahead = []  # as the engine runs: the next step is dispatched before the host waits for the one before
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(AHEAD):
-            out = run()
-        jax.block_until_ready(out)
-        ahead.append((time.perf_counter() - start) / AHEAD)
+    # as the engine runs: the next step is dispatched before the host waits for the one before
+    ahead = timed_runs(run, jax.block_until_ready, reps, calls=AHEAD)[0]
 
     def traced():
         for _ in range(calls):

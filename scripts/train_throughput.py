@@ -27,7 +27,7 @@ import time
 
 import jax
 
-from xlstm_jax.bench.measure import peak_bytes, timing_stats, xla_bytes
+from xlstm_jax.bench.measure import memory_mb, peak_bytes, timing_stats
 from xlstm_jax.train.benchmark import BACK_TO_BACK, SIZES, synthetic_step
 from xlstm_jax.train.config import LOSS_CHOICES, REMAT_CHOICES
 from xlstm_jax.train.mesh import parse_mesh
@@ -42,10 +42,8 @@ def measure(size: str, backend: str, mesh_text: str | None, batch: int, seq_len:
         start = time.perf_counter()
         compiled = step.train_step.lower(*step.args).compile()
         compile_s = time.perf_counter() - start
-        timing = timing_stats(step.seconds(compiled, reps, BACK_TO_BACK))
-    after, xla = peak_bytes(), xla_bytes(compiled)
-    timing.update(compile_s=compile_s, xla_mb=None if xla is None else xla / 2**20,
-                  peak_mb=None if after is None or (before is not None and after <= before) else after / 2**20)
+        timing = {**timing_stats(step.seconds(compiled, reps, BACK_TO_BACK)), "compile_s": compile_s}
+    timing.update(memory_mb(before, compiled))
     tokens_per_s = batch * seq_len / (timing["ms_median"] / 1e3)
     peak = peak_flops(jax.devices()[0], dtype)
     flops = model_flops_per_token(step.model_config, step.model_config.chunk_size or 64)

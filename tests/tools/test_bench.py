@@ -97,6 +97,9 @@ def test_short_calls_are_repeated_within_a_timed_run():
     assert len(seconds) == 10 and inner > 1
     assert len(calls) == measure.WARMUP + 10 * inner
     assert all(5e-4 <= s < 5e-2 for s in seconds)
+    calls.clear()  # a fixed count (steps a loop dispatches before it waits) overrides the probe
+    seconds, inner = measure.timed_runs(lambda: calls.append(1) or time.sleep(5e-4), lambda out: out, reps=4, calls=3)
+    assert inner == 3 and len(seconds) == 4 and len(calls) == measure.WARMUP + 4 * 3
 
 
 def test_roofline_fractions_and_device_table():

@@ -42,18 +42,20 @@ def calls_per_run(seconds_per_call: float) -> int:
     return max(1, min(MAX_CALLS_PER_RUN, int(MIN_RUN_S / max(seconds_per_call, 1e-9)) + 1))
 
 
-def timed_runs(call: Callable[[], Any], wait: Callable[[Any], Any], reps: int) -> tuple[list[float], int]:
+def timed_runs(call: Callable[[], Any], wait: Callable[[Any], Any], reps: int,
+               calls: int | None = None) -> tuple[list[float], int]:
     """Per-call seconds of `reps` timed runs of `call` (after WARMUP untimed calls), and the calls per run.
 
-    The calls per run come from the fastest warm-up call after the first (which may compile), so that one call
-    slowed by a busy host does not make short calls look long.
+    The calls per run are `calls` (e.g. the steps a loop dispatches before it waits) or come from the fastest
+    warm-up call after the first (which may compile), so that one call slowed by a busy host does not make short
+    calls look long.
     """
     probes = []
     for _ in range(WARMUP):
         start = time.perf_counter()
         wait(call())
         probes.append(time.perf_counter() - start)
-    inner = calls_per_run(min(probes[1:] or probes))
+    inner = calls or calls_per_run(min(probes[1:] or probes))
     seconds = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -77,7 +79,7 @@ def peak_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def xla_bytes(compiled: Any) -> float | None:
+def _xla_bytes(compiled: Any) -> float | None:
     try:
         m = compiled.memory_analysis()
     except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
@@ -97,15 +99,17 @@ def time_jax(fn: Callable[..., Any], make_args: Callable[[], tuple], reps: int) 
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     seconds, inner = timed_runs(lambda: compiled(*args), jax.block_until_ready, reps)
-    after = peak_bytes()
-    xla = xla_bytes(compiled)
+    memory = memory_mb(before, compiled)
     del args, compiled
-    return {
-        **timing_stats(seconds), "calls_per_run": inner, "compile_s": compile_s,
-        "xla_mb": None if xla is None else xla / 2**20,
-        "peak_mb": None if after is None else after / 2**20,
-        "peak_exact": after is not None and (before is None or after > before),
-    }
+    return {**timing_stats(seconds), "calls_per_run": inner, "compile_s": compile_s, **memory}
+
+
+def memory_mb(before: int | None, compiled: Any) -> dict[str, Any]:
+    """xla_mb, peak_mb and peak_exact (module docstring) of a case run with `compiled`, the device's peak having
+    been `before` (`peak_bytes()`) when the case began."""
+    after, xla = peak_bytes(), _xla_bytes(compiled)
+    return {"xla_mb": None if xla is None else xla / 2**20, "peak_mb": None if after is None else after / 2**20,
+            "peak_exact": after is not None and (before is None or after > before)}
 
 
 def mlstm_inputs(B: int, NH: int, S: int, DHQK: int, DHHV: int, dtype: Any, seed: int = 0) -> tuple:

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.bench.measure import WARMUP
+from xlstm_jax.bench.measure import timed_runs
 from xlstm_jax.train.config import TrainConfig
 from xlstm_jax.train.mesh import batch_sharding, build_mesh, parse_mesh
 from xlstm_jax.train.steps import build_steps, init_params, make_optimizer
@@ -45,17 +44,8 @@ class SyntheticStep:
     def seconds(self, step: Callable[..., Any], reps: int, back_to_back: int) -> list[float]:
         """Seconds per step of `reps` timed runs of `back_to_back` steps dispatched one after the other with one
         wait at the end (the training loop reads the loss only at log lines, so the host dispatches ahead; 1: the
-        host waits for every step), after WARMUP untimed steps."""
-        for _ in range(WARMUP):
-            jax.block_until_ready(self.run(step))
-        seconds = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            for _ in range(back_to_back):
-                out = self.run(step)
-            jax.block_until_ready(out)
-            seconds.append((time.perf_counter() - start) / back_to_back)
-        return seconds
+        host waits for every step), after `timed_runs`' untimed warm-up steps."""
+        return timed_runs(lambda: self.run(step), jax.block_until_ready, reps, calls=back_to_back)[0]
 
 
 def synthetic_step(size: str, backend: str, batch: int, seq_len: int, dtype: str = "bfloat16",
