@@ -7,7 +7,9 @@ generates exactly its count), on the xLSTM-7B architecture with random bf16 weig
 - the engine (`xlstm_jax.serve.engine.Engine`, driven in process, without HTTP) in real time: throughput (generated
   tokens / time from the first arrival to the last token, and over the saturated part of the run alone:
   `steady_throughput`), time to first token and inter-token latency p50/p99,
-  and slot occupancy (the mean share of slots holding a request over the run);
+  and slot occupancy (the mean share of slots holding a request over the run); and its iterations by kind from
+  `Engine.step_log` (`steps`: count, share, p50/p99 of decode steps alone, decode steps with a prefill chunk
+  ("mixed"), prefill chunks alone), with `mixed_share`, the mixed steps' share of all decode steps;
 - static batches of 16 (`Generator`) in arrival order, each starting when its 16th request has arrived and the
   batch before has finished, prompts padded to the batch's power-of-two length and every row decoding to the
   batch's longest count (rounded up to a multiple of 128): the same figures, on a timeline built from the measured
@@ -37,6 +39,7 @@ from flax import nnx
 from xlstm_jax.models.xlstm_large import xLSTMLarge, xLSTMLargeConfig
 from xlstm_jax.models.xlstm_large.generation import Generator
 from xlstm_jax.serve.engine import Engine
+from xlstm_jax.serve.metrics import STEP_KINDS
 from xlstm_jax.serve.requests import Event, Request, SamplingParams
 
 
@@ -85,8 +88,16 @@ def summary(arrivals: np.ndarray, token_times: list[list[float]], slots: int) ->
             "ttft": percentiles(ttft), "itl": percentiles(itl), "makespan_s": end - arrivals[0]}
 
 
+def step_summary(log: list[tuple[str, float]]) -> dict:
+    """Per kind of engine iteration (`Engine.step_log`): count, share of the iterations, p50 / p99 in ms."""
+    seconds = {kind: [s for k, s in log if k == kind] for kind in STEP_KINDS}
+    return {kind: {"count": len(values), "share": len(values) / max(1, len(log)), **percentiles(values)}
+            for kind, values in seconds.items()}
+
+
 def run_engine(engine: Engine, work: list[tuple[list[int], int]], arrivals: np.ndarray) -> dict:
-    """Submit each request at its arrival time (real time) and record when each token came out."""
+    """Submit each request at its arrival time (real time) and record when each token came out, and the engine's
+    iterations by kind (`step_summary`, `mixed_share`: mixed steps / decode steps of either kind)."""
     times: list[list[float]] = [[] for _ in work]
     finished = threading.Semaphore(0)
 
@@ -106,6 +117,7 @@ def run_engine(engine: Engine, work: list[tuple[list[int], int]], arrivals: np.n
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample_occupancy, daemon=True)
+    engine.step_log.clear()
     start = time.perf_counter()
     sampler.start()
     for index, ((prompt, count), arrival) in enumerate(zip(work, arrivals)):
@@ -119,6 +131,9 @@ def run_engine(engine: Engine, work: list[tuple[list[int], int]], arrivals: np.n
     sampler.join()
     result = summary(arrivals, [[t - start for t in ts] for ts in times], engine.max_slots)
     result["occupancy"] = float(np.mean(samples))
+    steps = result["steps"] = step_summary(list(engine.step_log))
+    decoded = steps["decode"]["count"] + steps["mixed"]["count"]
+    result["mixed_share"] = steps["mixed"]["count"] / decoded if decoded else None
     return result
 
 
@@ -224,6 +239,16 @@ def report(kind: str, figures: dict) -> str:
             f"{figures['itl']['p99_ms']:7.2f} ms occupancy {figures['occupancy']:.2f}")
 
 
+def step_report(figures: dict) -> str:
+    """The engine run's iterations by kind, for the line below its figures."""
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    kinds = " | ".join(f"{kind} {f['count']} ({f['share']:.0%}) p50/p99 {number(f['p50_ms'])}/{number(f['p99_ms'])} ms"
+                       for kind, f in figures["steps"].items())
+    return f"    engine steps: {kinds} | mixed_share {number(figures['mixed_share'])}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model and small requests (CPU, under a minute)")
@@ -286,6 +311,7 @@ def main(argv=None) -> None:
     results["saturation_rate"] = saturation
     print(f"saturation (every request at once): {saturation:.2f} req/s | "
           + " | ".join(report(k, results["saturation"][k]) for k in ("engine", "static")), flush=True)
+    print(step_report(results["saturation"]["engine"]), flush=True)
     gaps = np.random.default_rng(args.seed + 1).exponential(1.0, count)
     for load in loads:
         rate = load * saturation
@@ -296,6 +322,7 @@ def main(argv=None) -> None:
         save()
         print(f"load {load:4.2f} = {rate:6.2f} req/s | " + " | ".join(report(k, row[k]) for k in ("engine", "static")),
               flush=True)
+        print(step_report(row["engine"]), flush=True)
     engine.stop()
     results["targets"] = targets(results)
     for name, check in results["targets"].items():

@@ -201,6 +201,37 @@ def test_decode_and_prefill_in_one_pass_equal_them_apart(model, chunk_backend, L
         assert np.array_equal(got[1], old[1])
 
 
+def test_step_log_and_histogram_record_each_iteration_by_kind(engine):
+    """A stream of 20 tokens (its 19-token prefill runs alone) and, submitted at its first token, a 75-token prompt
+    whose three chunks ride on its steps 3 to 5: the steps delivered after one delivered before (2 to 20) are 3 mixed
+    and 16 decode, each with its positive wait; the `xlstm_serve_step_seconds` histogram counts the same."""
+    while engine._busy() or engine.stats()["waiting"]:  # the shared engine idle: no other request's steps here
+        time.sleep(0.01)
+    stream_prompt, late_prompt = prompts_of([20, 75], engine.config.vocab_size, seed=7)
+    late = Collector()
+
+    class SubmitsLate(Collector):
+        def __call__(self, event):
+            if not self.tokens:
+                engine.submit([Request(late_prompt, SamplingParams(max_tokens=4), late)])
+            super().__call__(event)
+
+    def counts():
+        get = engine.metrics.registry.get_sample_value
+        return {kind: get("xlstm_serve_step_seconds_count", {"kind": kind}) for kind in ("decode", "mixed", "prefill")}
+
+    before, logged = counts(), len(engine.step_log)
+    stream = SubmitsLate()
+    engine.submit([Request(stream_prompt, SamplingParams(max_tokens=20), stream)])
+    assert len(stream.wait()[0]) == 20 and len(late.wait()[0]) == 4
+    new = list(engine.step_log)[logged:]
+    by_kind = {kind: [s for k, s in new if k == kind] for kind in ("decode", "mixed", "prefill")}
+    assert {kind: len(s) for kind, s in by_kind.items()} == {"decode": 16, "mixed": 3, "prefill": 1}
+    assert all(s > 0 for _, s in new)
+    assert {kind: counts()[kind] - before[kind] for kind in by_kind} == {k: len(s) for k, s in by_kind.items()}
+    assert b'xlstm_serve_step_seconds_bucket{kind="mixed",le="0.0075"}' in engine.metrics.text()
+
+
 def test_a_failing_combined_pass_runs_apart_and_ends_only_the_failing_prefill(engine, monkeypatch):
     """While a request decodes, a prompt's chunks ride on its steps; when that combined pass fails, the step and the
     chunk run apart: the decoding request goes on and the request whose chunk fails ends alone with an error."""

@@ -51,7 +51,7 @@ from xlstm_jax.serve import steps
 from xlstm_jax.serve.mesh import mesh_sizes, place_params, place_states
 from xlstm_jax.serve.metrics import Metrics
 from xlstm_jax.serve.prefix_cache import PrefixCache
-from xlstm_jax.serve.requests import Event, QueueFull, Request
+from xlstm_jax.serve.requests import Event, QueueFull, Request, decode_inputs
 
 STATE_DTYPES = ("float32", "bfloat16")
 MIN_BUCKET = 16  # the shortest prefill shape (shorter chunks are left-padded to it)
@@ -86,7 +86,12 @@ class Engine:
     halves the pool (C and n; m stays float32); `prefix_cache_mb` bounds the prefix snapshots; `prefill_backend`
     runs the prompt chunks' mLSTM cells (None: the model's backend; "mlstm_prefill": the forward-only fused
     kernel, `xlstm_jax.mlstm.prefill`). `mesh`: a mesh with
-    axes data and tensor (`xlstm_jax.serve.mesh.serving_mesh`): slots split over data, heads over tensor."""
+    axes data and tensor (`xlstm_jax.serve.mesh.serving_mesh`): slots split over data, heads over tensor.
+
+    `step_log`: (kind, seconds) of the last 100,000 iterations, as observed by the `xlstm_serve_step_seconds`
+    histogram (for benchmarks; clear it between runs): "decode" or "mixed" (a decode step alone or with a prefill
+    chunk), from the delivery of the previous step's tokens to this step's, when the iteration before delivered too;
+    "prefill", the wall time of a `_prefill()` that ran chunks alone (dispatch only, where the device runs behind)."""
 
     def __init__(self, model: xLSTMLarge, *, max_slots: int = 16, max_queue: int = 256,
                  state_dtype: str = "float32", prefill_chunk: int = 256, prefix_cache_mb: float = 1024.0,
@@ -129,7 +134,9 @@ class Engine:
         self._slots = [_Slot() for _ in range(max_slots + PREFILL_AHEAD)]  # the pool's, then the staging ones
         self._prefilling: collections.deque[int] = collections.deque()  # slot indices in admission order
         self._waiting: collections.deque[Request] = collections.deque()
-        self._pending: tuple | None = None  # (tokens, bad, requests) of the step dispatched last, not yet read
+        self._pending: tuple | None = None  # (tokens, bad, requests, kind) of the step dispatched last, not yet read
+        self._delivered_at: float | None = None  # when the iteration before delivered a step's tokens, else None
+        self.step_log: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -283,11 +290,15 @@ class Engine:
         (`mixed_step`); while none does, prefill chunks alone (up to `prefill_chunk` tokens) and then the first
         decode step of those ready. Then the tokens of the step dispatched before are handed out."""
         pending, self._pending = self._pending, None
+        if pending is None:
+            self._delivered_at = None  # no step delivered last iteration: the next interval would span an idle gap
         running = self._running()
         if running and self._prefilling:
             self._step_with_chunk(running)
         else:
-            self._prefill()
+            began = time.monotonic()
+            if self._prefill():
+                self._record("prefill", time.monotonic() - began)
             running = self._running()
             if running:
                 self._pending = self._dispatch(self._decode_inputs(running))
@@ -298,9 +309,9 @@ class Engine:
         return [i for i, s in enumerate(self._slots)
                 if s.decoding and not s.request.done and s.dispatched < s.request.params.max_tokens]
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> int:
         """Prefill chunks of admitted requests, oldest first, up to `prefill_chunk` padded tokens in all; a request
-        whose prefill fails ends with the error, alone."""
+        whose prefill fails ends with the error, alone. Returns the padded tokens run."""
         spent = 0
         while self._prefilling:
             index = self._prefilling[0]
@@ -310,12 +321,13 @@ class Engine:
                 while (piece := self._next_chunk(slot)) is not None:
                     tokens, mask, stop = piece
                     if spent and spent + tokens.shape[1] > self.prefill_chunk:
-                        return
+                        return spent
                     self._advance(slot, stop, self._chunk(slot.state, tokens, mask))
                     spent += tokens.shape[1]
                 self._decode_next(index)
             except Exception as err:
                 self._prefill_failed(index, err)
+        return spent
 
     def _step_with_chunk(self, running: list[int]) -> None:
         """The decode step for `running` with the oldest admitted request's next prefill chunk in the same pass;
@@ -400,41 +412,32 @@ class Engine:
         return self._prefill_chunk(self._params, state, jnp.asarray(tokens), jnp.asarray(mask))
 
     def _decode_inputs(self, running: list[int]) -> tuple:
-        """The decode step's per-slot arrays for the slots `running` (each counted as dispatched), and the
-        requests by slot (None where inactive)."""
-        M, V = self.max_slots, self.config.vocab_size
-        fresh_tokens, choice, position, top_k = (np.zeros((M,), np.int32) for _ in range(4))
-        fresh, active = np.zeros((M,), bool), np.zeros((M,), bool)
-        key_data = np.zeros((M, 2), np.uint32)
-        temperature, top_p = np.zeros((M,), np.float32), np.ones((M,), np.float32)
-        top_k += V
+        """`decode_inputs` for the slots `running`, each counted as dispatched."""
+        rows = [(i, self._slots[i].request, self._slots[i].dispatched) for i in running]
         for i in running:
-            slot, params = self._slots[i], self._slots[i].request.params
-            active[i], fresh[i], fresh_tokens[i] = True, slot.dispatched == 0, slot.request.prompt[-1]
-            key_data[i], choice[i], position[i] = slot.request.key_data, params.choice, slot.dispatched
-            temperature[i], top_p[i] = params.temperature, params.top_p
-            top_k[i] = min(params.top_k or V, V)
-            slot.dispatched += 1
-        requests = [self._slots[i].request if active[i] else None for i in range(M)]
-        return fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k, top_p, requests
+            self._slots[i].dispatched += 1
+        return decode_inputs(rows, self.max_slots, self.config.vocab_size)
 
     def _mixed(self, inputs: tuple, state: list, tokens: np.ndarray, mask: np.ndarray) -> tuple[tuple, list]:
-        """Dispatch the decode step with a prefill chunk from `state` in one pass: ((tokens, bad, requests) to
-        deliver once it is done, the chunk's last state)."""
+        """Dispatch the decode step with a prefill chunk from `state` in one pass: ((tokens, bad, requests, "mixed")
+        to deliver once it is done, the chunk's last state)."""
         new, self._pool, bad, state = self._mixed_step(self._params, self._pool, self._previous, *inputs[:-1], state,
                                                        jnp.asarray(tokens), jnp.asarray(mask))
         self._previous = new
-        return (new, bad, inputs[-1]), state
+        return (new, bad, inputs[-1], "mixed"), state
 
     def _dispatch(self, inputs: tuple) -> tuple:
-        """Dispatch the decode step; (tokens, bad, requests) to deliver once it is done."""
+        """Dispatch the decode step; (tokens, bad, requests, "decode") to deliver once it is done."""
         tokens, self._pool, bad = self._decode_step(self._params, self._pool, self._previous, *inputs[:-1])
         self._previous = tokens
-        return tokens, bad, inputs[-1]
+        return tokens, bad, inputs[-1], "decode"
 
-    def _deliver(self, tokens: jax.Array, bad: jax.Array, requests: list[Request | None]) -> None:
+    def _deliver(self, tokens: jax.Array, bad: jax.Array, requests: list[Request | None], kind: str) -> None:
         tokens, bad = np.asarray(tokens), np.asarray(bad)  # waits for that step
         now, count = time.monotonic(), 0
+        if self._delivered_at is not None:
+            self._record(kind, now - self._delivered_at)
+        self._delivered_at = now
         for index, request in enumerate(requests):
             if request is None or request.done:
                 continue
@@ -457,6 +460,10 @@ class Engine:
                 self._free(index, finish)
             self._emit(request, Event((token,), finish))
         self.metrics.generated(count)
+
+    def _record(self, kind: str, seconds: float) -> None:
+        self.step_log.append((kind, seconds))
+        self.metrics.step_seconds[kind].observe(seconds)
 
     def _emit(self, request: Request, event: Event) -> None:
         try:

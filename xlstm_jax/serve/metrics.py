@@ -10,12 +10,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this many seconds
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STEP_BUCKETS = tuple(sorted({*_LATENCY_BUCKETS, 0.0075, 0.0125, 0.015, 0.02, 0.035}))
+STEP_KINDS = ("decode", "mixed", "prefill")  # a decode step alone, one with a prefill chunk, prefill chunks alone
 
 
 class Metrics:
     """Queue depth, slots in use, tokens (generated, prompt, read from the prefix cache), finished and refused
     requests, generated tokens/s over the last RATE_WINDOW_S seconds, time to first token and inter-token latency
-    histograms. Updated from the engine's thread, read by the scrape."""
+    histograms, and the engine's iterations by kind (`step_seconds`, children by STEP_KINDS; see `Engine.step_log`).
+    Updated from the engine's thread, read by the scrape."""
 
     def __init__(self, max_slots: int):
         self.registry = CollectorRegistry()
@@ -40,6 +43,10 @@ class Metrics:
         self.inter_token_latency = Histogram("xlstm_serve_inter_token_latency_seconds",
                                              "between consecutive generated tokens of a request",
                                              buckets=_LATENCY_BUCKETS, registry=r)
+        steps = Histogram("xlstm_serve_step_seconds", "engine iterations by kind: decode or mixed, from the previous "
+                          "step's tokens to this step's; prefill, prefill chunks run alone", ["kind"],
+                          buckets=_STEP_BUCKETS, registry=r)
+        self.step_seconds = {kind: steps.labels(kind=kind) for kind in STEP_KINDS}
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 

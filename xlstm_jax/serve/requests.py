@@ -1,5 +1,6 @@
-"""What a request to the serving engine is: its sampling settings, the events it receives, and the request object
-the engine's thread and the HTTP side share (`xlstm_jax.serve.engine`)."""
+"""What a request to the serving engine is: its sampling settings, the events it receives, the request object the
+engine's thread and the HTTP side share (`xlstm_jax.serve.engine`), and the decode step's per-slot arrays built from
+the requests of a step (`decode_inputs`)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,23 @@ class Request:
     @property
     def done(self) -> bool:
         return self.finished or self.cancelled
+
+
+def decode_inputs(rows: Sequence[tuple[int, Request, int]], slots: int, vocab: int) -> tuple:
+    """The decode step's per-slot arrays for `slots` slots from `rows` (slot, request, steps dispatched for it before;
+    at 0 its input is the prompt's last token), and the requests by slot (None where inactive): fresh tokens, fresh,
+    active, key data, choice, position, temperature, top_k, top_p, requests."""
+    fresh_tokens, choice, position, top_k = (np.zeros((slots,), np.int32) for _ in range(4))
+    fresh, active = np.zeros((slots,), bool), np.zeros((slots,), bool)
+    key_data = np.zeros((slots, 2), np.uint32)
+    temperature, top_p = np.zeros((slots,), np.float32), np.ones((slots,), np.float32)
+    top_k += vocab
+    requests: list[Request | None] = [None] * slots
+    for i, request, dispatched in rows:
+        params = request.params
+        active[i], fresh[i], fresh_tokens[i] = True, dispatched == 0, request.prompt[-1]
+        key_data[i], choice[i], position[i] = request.key_data, params.choice, dispatched
+        temperature[i], top_p[i] = params.temperature, params.top_p
+        top_k[i] = min(params.top_k or vocab, vocab)
+        requests[i] = request
+    return fresh_tokens, fresh, active, key_data, choice, position, temperature, top_k, top_p, requests
