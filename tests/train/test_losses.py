@@ -1,16 +1,18 @@
 """`blocked_cross_entropy` (the fused LM-head loss) against optax's softmax cross-entropy on the full logits: values
 and gradients of x, w and the weights in float64 and float32, with masks, a vocabulary that is not a multiple of the
-block, the logit soft cap, argmax ties across blocks, and bfloat16 operands; bad input is a ValueError naming it."""
+block, rows in several blocks (the gradient pass), the logit soft cap, argmax ties across blocks, and bfloat16
+operands; bad input is a ValueError naming it."""
 
 from __future__ import annotations
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from xlstm_jax.train.losses import blocked_cross_entropy, vocab_blocks
+from xlstm_jax.train.losses import blocked_cross_entropy, row_blocks, vocab_blocks
 
 N, D, V = 13, 8, 37  # N and V prime: no block divides them
 
@@ -53,12 +55,14 @@ def _assert_close(got, want, rtol, atol):
         np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("cap, block_size", [(None, None), (3.0, 8), (None, 5)])
-def test_equals_the_plain_loss_in_float64(cap, block_size):
+@pytest.mark.parametrize("cap, block_size, row_block", [(None, None, None), (3.0, 8, 4), (None, 5, 13), (3.0, 5, 1)])
+def test_equals_the_plain_loss_in_float64(cap, block_size, row_block):
     assert vocab_blocks(V, N, 8) == (5, 8) and vocab_blocks(V, N, 5) == (8, 5)  # the last block overlaps
+    assert row_blocks(N, V, 4) == (4, 4) and row_blocks(N, V) == (1, N)  # 4 x 4 rows: 3 padding rows
     with jax.enable_x64(True):
         x, w, targets, weights = _inputs(jnp.float64)
-        got = _sums_and_grads(blocked_cross_entropy, x, w, targets, weights, soft_cap=cap, block_size=block_size)
+        got = _sums_and_grads(blocked_cross_entropy, x, w, targets, weights, soft_cap=cap, block_size=block_size,
+                              row_block=row_block)
         want = _sums_and_grads(_plain, x, w, targets, weights, cap=cap)
         assert got[0][0].dtype == jnp.float64 and got[1][1].shape == (V, D)
         assert float(want[0][1]) >= 3  # the rows set to their argmax count (where their weight is 1)
@@ -73,6 +77,28 @@ def test_equals_the_plain_loss_in_float32_with_the_model_cap():
     want = _sums_and_grads(_plain, x, w, targets, weights, cap=30.0)
     _assert_close(got, want, rtol=2e-5, atol=2e-5)
     assert got[0][1] == want[0][1]
+
+
+def test_gradients_take_three_head_matmuls_and_no_backward_pass_over_the_logits():
+    """Under differentiation the forward forms the gradients: three (rows x V x D) matmuls in all (logits, dx, dw)
+    in one scan, and the backward only scales them (a backward recomputing the logits would take four)."""
+    x, w, targets, weights = _inputs(jnp.float32)
+
+    def ce_sum(x, w):
+        return blocked_cross_entropy(x, w, targets, weights)[0]
+
+    jaxpr = jax.make_jaxpr(jax.grad(ce_sum, argnums=(0, 1)))(x, w)
+    dots = []
+
+    def walk(jaxpr, depth):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(depth)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub, depth + 1)
+
+    walk(jaxpr.jaxpr, 0)
+    assert len(dots) == 3 and all(depth > 0 for depth in dots)  # all three inside the one scan
 
 
 def test_argmax_ties_across_blocks_go_to_the_lowest_index():
@@ -114,6 +140,7 @@ def test_bfloat16_operands_are_as_close_to_exact_as_the_plain_loss():
     (dict(weights=np.zeros((N, 1))), "weights must"),
     (dict(soft_cap=0.0), "soft_cap must"),
     (dict(block_size=0), "block_size must"),
+    (dict(row_block=True), "row_block must"),
 ])
 def test_bad_input_is_a_value_error_naming_the_argument(change, name):
     args = dict(x=np.zeros((N, D), np.float32), w=np.zeros((V, D), np.float32), targets=np.zeros((N,), np.int32),

@@ -1,10 +1,12 @@
-"""The LM head's softmax cross-entropy computed in vocabulary blocks: the (N, V) logits are never materialised.
+"""The LM head's softmax cross-entropy without the (N, V) logits in memory.
 
 `blocked_cross_entropy` is the training step's loss (`xlstm_jax.train.steps`, `--loss fused`) for the logits the
 model forms (`xLSTMLarge.__call__`): `soft_cap(x @ w.T)` with the matmul operands in the compute dtype and float32
-accumulation. It scans over blocks of vocabulary columns with an online logsumexp (and a running argmax for the
-accuracy), and its backward (`jax.custom_vjp`) recomputes each block's logits instead of keeping them: per block the
-memory of one (N, block) float32 tile, against (N, V) float32 logits and their cotangent for the plain loss.
+accumulation. Evaluated alone it scans over blocks of vocabulary columns with an online logsumexp (and a running
+argmax for the accuracy): the memory of one (N, block) float32 tile. Under differentiation (`jax.custom_vjp`) its
+forward scans over blocks of rows instead, each with every vocabulary column: a block's logsumexp is then final, so
+the same pass forms the logits' cotangent and the gradients of x and w (three matmuls of the head's size in all,
+where a backward that recomputed the logits would take four); the backward only scales them by the cotangent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from xlstm_jax.kernels.base import matmul_precision
 
 BLOCK_ELEMENTS = 2**26  # automatic block width: one block's logits take about 256 MiB of float32
 BLOCK_LIMITS = (1024, 8192)  # ... within these widths (a narrower vocabulary is one block)
+ROW_ELEMENTS = 2**28  # automatic rows per block of the gradient pass: a block's logits take about 1 GiB of float32
 
 
 def vocab_blocks(vocab: int, rows: int, block_size: int | None = None) -> tuple[int, int]:
@@ -35,17 +38,27 @@ def vocab_blocks(vocab: int, rows: int, block_size: int | None = None) -> tuple[
     return -(-vocab // width), width
 
 
+def row_blocks(rows: int, vocab: int, row_block: int | None = None) -> tuple[int, int]:
+    """(blocks, height) of the gradient pass over `rows` rows of `vocab` logits each: at most `row_block` rows a
+    block (None: 2^28 / vocab, at least 8), heights evened out; the rows are padded to blocks x height."""
+    if row_block is None:
+        row_block = max(ROW_ELEMENTS // max(vocab, 1), 8)
+    count = -(-rows // max(min(row_block, rows), 1))
+    return count, -(-rows // count)
+
+
 def blocked_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                          soft_cap: float | None = None, compute_dtype: Any = None, block_size: int | None = None
-                          ) -> tuple[jax.Array, jax.Array]:
+                          soft_cap: float | None = None, compute_dtype: Any = None, block_size: int | None = None,
+                          row_block: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of weights x cross-entropy, sum of weights x [argmax == target]) for logits = cap tanh(x w^T / cap).
 
     x (N, D) floating (hidden states after the final norm), w (V, D) floating (the LM head: the tied embedding, or
     the head's (D, V) kernel transposed), targets (N,) int in [0, V), weights (N,) (the mask; any real dtype).
     soft_cap: the logit soft cap (None: none). compute_dtype: the matmul operands' dtype (None: x's); accumulation,
     logits and sums in float32 (float64 for float64 inputs). block_size: vocabulary columns per block (None:
-    automatic, `vocab_blocks`). Ties of the argmax go to the lowest index, as `jnp.argmax`. Differentiable in x, w
-    and weights (not targets); the backward recomputes each block's logits. Returns two scalars.
+    automatic, `vocab_blocks`) when evaluated alone. row_block: rows per block of the pass that forms the gradients
+    under differentiation (None: automatic, `row_blocks`). Ties of the argmax go to the lowest index, as
+    `jnp.argmax`. Differentiable in x, w and weights (not targets). Returns two scalars.
     """
     for name, value in (("x", x), ("w", w)):
         if np.ndim(value) != 2 or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
@@ -61,40 +74,40 @@ def blocked_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, weight
         raise ValueError(f"weights must be real with shape ({N},) (x's rows), got shape {np.shape(weights)}.")
     if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and 0 < soft_cap < math.inf):
         raise ValueError(f"soft_cap must be a finite number > 0 or None, got {soft_cap!r}.")
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}.")
+    for name, value in (("block_size", block_size), ("row_block", row_block)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
     dtype = jnp.dtype(compute_dtype or jnp.result_type(x))
     acc = jnp.promote_types(jnp.float32, jnp.promote_types(jnp.result_type(x), jnp.result_type(w)))
     blocks = vocab_blocks(np.shape(w)[0], N, block_size)
+    rows = row_blocks(N, np.shape(w)[0], row_block)
     cap = None if soft_cap is None else float(soft_cap)
-    return _blocked_ce(x, w, jnp.asarray(targets, jnp.int32), jnp.asarray(weights, acc), cap, dtype, blocks)
+    return _blocked_ce(x, w, jnp.asarray(targets, jnp.int32), jnp.asarray(weights, acc), cap, dtype, blocks, rows)
 
 
 def _block(k: jax.Array, xc: jax.Array, wc: jax.Array, targets: jax.Array, cap: float | None,
            blocks: tuple[int, int], acc: Any) -> tuple[jax.Array, ...]:
-    """Block k: its head rows wb (width, D), logits (N, width) in `acc`, their tanh(z / cap) (None without a cap),
-    the columns' indices (width,), which of them are new (not in block k - 1: the last block may overlap it) and
-    the target one-hot (N, width) over the new ones."""
+    """Vocabulary block k: its logits (N, width) in `acc`, the columns' indices (width,), which of them are new (not
+    in block k - 1: the last block may overlap it) and the target one-hot (N, width) over the new ones."""
     width, vocab = blocks[1], wc.shape[0]
     start = jnp.minimum(k * width, vocab - width)
     wb = jax.lax.dynamic_slice_in_dim(wc, start, width, axis=0)
     z = jnp.einsum("nd,vd->nv", xc, wb, preferred_element_type=acc, precision=matmul_precision(xc.dtype))
-    tanh = None if cap is None else jnp.tanh(z / cap)
-    logits = z if cap is None else cap * tanh
+    logits = z if cap is None else cap * jnp.tanh(z / cap)
     cols = start + jnp.arange(width, dtype=jnp.int32)
     fresh = cols >= k * width
     hit = (cols[None, :] == targets[:, None]) & fresh[None, :]
-    return wb, logits, tanh, cols, fresh, hit
+    return logits, cols, fresh, hit
 
 
 def _forward(x, w, targets, weights, cap, dtype, blocks):
-    """The two sums, and (logsumexp, cross-entropy) per row for the backward."""
+    """The two sums, in one scan over vocabulary blocks (the evaluation's pass)."""
     acc, N = weights.dtype, x.shape[0]
     xc, wc = x.astype(dtype), w.astype(dtype)
 
     def body(carry, k):
         m, s, t, best, arg = carry  # running max, sum of exp(logit - m), target logit, argmax value and index
-        _, logits, _, cols, fresh, hit = _block(k, xc, wc, targets, cap, blocks, acc)
+        logits, cols, fresh, hit = _block(k, xc, wc, targets, cap, blocks, acc)
         masked = jnp.where(fresh[None, :], logits, -jnp.inf)
         index = jnp.argmax(masked, axis=1)  # one pass over the block for the max and where it is
         top = jnp.take_along_axis(masked, index[:, None], axis=1)[:, 0]
@@ -108,45 +121,61 @@ def _forward(x, w, targets, weights, cap, dtype, blocks):
     lowest = jnp.full((N,), -jnp.inf, acc)
     init = (lowest, jnp.zeros((N,), acc), jnp.zeros((N,), acc), lowest, jnp.zeros((N,), jnp.int32))
     (m, s, t, _, arg), _ = jax.lax.scan(body, init, jnp.arange(blocks[0], dtype=jnp.int32))
-    lse = m + jnp.log(s)
-    ce = lse - t
-    sums = (jnp.sum(weights * ce), jnp.sum(weights * (arg == targets).astype(acc)))
-    return sums, (lse, ce)
+    ce = m + jnp.log(s) - t
+    return jnp.sum(weights * ce), jnp.sum(weights * (arg == targets).astype(acc))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blocked_ce(x, w, targets, weights, cap, dtype, blocks):
-    return _forward(x, w, targets, weights, cap, dtype, blocks)[0]
-
-
-def _blocked_ce_fwd(x, w, targets, weights, cap, dtype, blocks):
-    sums, (lse, ce) = _forward(x, w, targets, weights, cap, dtype, blocks)
-    return sums, (x, w, targets, weights, lse, ce)
-
-
-def _blocked_ce_bwd(cap, dtype, blocks, residuals, cotangents):
-    """d(ce sum) / dlogits = weight x (softmax - one-hot), times 1 - tanh^2 under the cap, recomputed per block;
-    the accuracy sum is piecewise constant (no cotangent)."""
-    x, w, targets, weights, lse, ce = residuals
-    acc, (n, width), vocab = weights.dtype, blocks, w.shape[0]
+def _with_gradients(x, w, targets, weights, cap, dtype, rows):
+    """The two sums, each row's cross-entropy (N,), and its sum's gradients in x (N, D) and w (V, D) (float32 or
+    float64, as the sums), in one scan over `rows` = (blocks, height) blocks of rows with every column: per block
+    the logits, their logsumexp, argmax and target entry, the cotangent weight x (softmax - one-hot) (x (1 - tanh^2)
+    under the cap) in the compute dtype, and its two matmuls with the head and the block's rows."""
+    acc, (N, D), V = weights.dtype, x.shape, w.shape[0]
+    count, height = rows
+    pad = count * height - N
     xc, wc = x.astype(dtype), w.astype(dtype)
-    scale = cotangents[0] * weights
+    blocked = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(count, height, *a.shape[1:])  # noqa
     precision = matmul_precision(dtype)
 
-    def body(dx, k):
-        wb, logits, tanh, _, fresh, hit = _block(k, xc, wc, targets, cap, blocks, acc)
-        p = jnp.where(fresh[None, :], jnp.exp(logits - lse[:, None]), 0.0)
-        dz = (p - hit.astype(acc)) * scale[:, None]
+    def body(dw, block):
+        xb, tb, mb = block  # padded rows have weight 0: no loss, no gradient
+        z = jnp.einsum("nd,vd->nv", xb, wc, preferred_element_type=acc, precision=precision)
+        tanh = None if cap is None else jnp.tanh(z / cap)
+        logits = z if cap is None else cap * tanh
+        top = jnp.max(logits, axis=1)
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=1))
+        ce = lse - jnp.take_along_axis(logits, tb[:, None], axis=1)[:, 0]
+        hit = jnp.arange(V, dtype=jnp.int32)[None, :] == tb[:, None]
+        dz = (jnp.exp(logits - lse[:, None]) - hit.astype(acc)) * mb[:, None]
         if cap is not None:
             dz = dz * (1.0 - jnp.square(tanh))
         dz = dz.astype(dtype)
-        dx = dx + jnp.einsum("nv,vd->nd", dz, wb, preferred_element_type=acc, precision=precision)
-        return dx, jnp.einsum("nv,nd->vd", dz, xc, preferred_element_type=acc, precision=precision)
+        dx = jnp.einsum("nv,vd->nd", dz, wc, preferred_element_type=acc, precision=precision)
+        dw = dw + jnp.einsum("nv,nd->vd", dz, xb, preferred_element_type=acc, precision=precision)
+        right = (jnp.argmax(logits, axis=1).astype(jnp.int32) == tb).astype(acc)
+        return dw, (ce, right, dx)
 
-    dx, dw_blocks = jax.lax.scan(body, jnp.zeros(x.shape, acc), jnp.arange(n, dtype=jnp.int32))
-    # the last block ends at `vocab`: its first n * width - vocab rows repeat the block before (and are zero)
-    dw = jnp.concatenate([dw_blocks[:-1].reshape(-1, x.shape[1]), dw_blocks[-1, n * width - vocab:]])
-    return dx.astype(x.dtype), dw.astype(w.dtype), None, (cotangents[0] * ce).astype(acc)
+    dw, (ce, right, dx) = jax.lax.scan(body, jnp.zeros((V, D), acc), (blocked(xc), blocked(targets), blocked(weights)))
+    ce, right, dx = ce.reshape(-1)[:N], right.reshape(-1)[:N], dx.reshape(-1, D)[:N]
+    return (jnp.sum(weights * ce), jnp.sum(weights * right)), ce, dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _blocked_ce(x, w, targets, weights, cap, dtype, blocks, rows):
+    return _forward(x, w, targets, weights, cap, dtype, blocks)
+
+
+def _blocked_ce_fwd(x, w, targets, weights, cap, dtype, blocks, rows):
+    sums, ce, dx, dw = _with_gradients(x, w, targets, weights, cap, dtype, rows)
+    return sums, (ce, dx.astype(x.dtype), dw.astype(w.dtype))
+
+
+def _blocked_ce_bwd(cap, dtype, blocks, rows, residuals, cotangents):
+    """The gradients formed in the forward times the cross-entropy sum's cotangent; the accuracy sum is piecewise
+    constant (no cotangent)."""
+    ce, dx, dw = residuals
+    g = cotangents[0]
+    return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), None, (g * ce).astype(ce.dtype)
 
 
 _blocked_ce.defvjp(_blocked_ce_fwd, _blocked_ce_bwd)

@@ -42,16 +42,30 @@ def lr_schedule(config: TrainConfig) -> optax.Schedule:
     return optax.join_schedules(pieces, boundaries) if boundaries else schedule
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (same empty state, same result) that takes the gradients' global norm as the
+    keyword `grad_norm` when the caller has it (the train step computes it once for its finite check too; a norm
+    is a full pass over the gradients)."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        keep = norm < max_norm
+        return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
     """clip_by_global_norm then AdamW(b1 0.9, b2 0.95, eps 1e-8) on `lr_schedule`; weight decay only on Dense
-    kernels."""
+    kernels. `update` takes the gradients' global norm as the keyword `grad_norm` (optional)."""
 
     def decay_mask(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), params)
 
     return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
+        clip_by_global_norm(config.clip_norm),
         optax.adamw(lr_schedule(config), b1=0.9, b2=0.95, eps=1e-8, weight_decay=config.weight_decay,
                     mask=decay_mask),
     )
@@ -87,6 +101,7 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
     "fused" (`fused_masked_sums`, vocabulary blocks of `loss_block`). The LM head with the loss and the optimizer
     update run under the named scopes "lm_head_loss" and "optimizer" (profiles tell them apart by these)."""
     sums = batch_sums(graphdef, None if placement is None else MLSTM_AXES, loss, loss_block)
+    tx = optax.with_extra_args_support(tx)  # the global norm goes to a clip that takes it; others ignore it
 
     def loss_fn(params, batch):
         ce, correct, count = sums(params, batch, remat)
@@ -96,18 +111,20 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
     def place(tree, which):
         return tree if placement is None else jax.lax.with_sharding_constraint(tree, placement[which])
 
-    def update(grads, params, opt_state):
-        updates, opt_state = tx.update(grads, opt_state, params)
+    def update(grads, norm, params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params, grad_norm=norm)
         return optax.apply_updates(params, updates), opt_state
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         with jax.named_scope("optimizer"):
-            finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+            norm = optax.global_norm(grads)  # one pass: the finite check's and the clip's
+            finite = jnp.isfinite(loss) & jnp.isfinite(norm)
             # a non-finite step leaves parameters and optimizer state as they were (the loop stops the run): the
             # update runs only where it is finite, in place of the donated buffers, with no select over every array
-            params, opt_state = jax.lax.cond(finite, update, lambda _, *state: state, grads, params, opt_state)
+            params, opt_state = jax.lax.cond(finite, update, lambda _, __, *state: state, grads, norm, params,
+                                             opt_state)
             return place(params, 0), place(opt_state, 1), loss, acc, finite
 
     return train_step, eval_step(graphdef, placement is not None, loss, loss_block)
