@@ -16,8 +16,9 @@ generates exactly its count), on the xLSTM-7B architecture with random bf16 weig
   duration and per-step times of each batch (which do not depend on the rate); occupancy is the share of decoded
   rows that a request still wanted.
 
-Also: the static batch-16 decode throughput and step time, and the unloaded time to first token of a lone request
-(the issue's targets compare against these). Writes serve_bench.json and serve_latency.png (latency and throughput
+Also: the static batch-16 decode throughput and step time, the unloaded time to first token of a lone request
+(the issue's targets compare against these), and the prefill ceiling (`prefill_ceiling`: the throughput no schedule
+can pass once every prompt token goes through the model, from what a chunk adds to a step). Writes serve_bench.json and serve_latency.png (latency and throughput
 against offered load) to --out.
 
     python scripts/serve_bench.py --out serve_bench                  # GPU: xLSTM-7B architecture, random weights
@@ -189,6 +190,22 @@ def unloaded_ttft(engine: Engine, work: list[tuple[list[int], int]]) -> dict:
                         for prompt, _ in work])
 
 
+def prefill_ceiling(results: dict, work: list[tuple[list[int], int]], chunk: int) -> dict | None:
+    """The most tokens/s any schedule of this workload can generate on the slots, every prompt token passing through
+    the model once: the static decode rate x D / (D + P), D the decode time of every generated token at the static
+    rate, P the prompt chunks' time, each costing what a chunk adds to a decode step (mixed p50 - decode p50 of the
+    saturated run). None without both kinds of step."""
+    steps = results["saturation"]["engine"]["steps"]
+    if not (steps["mixed"]["count"] and steps["decode"]["count"]):
+        return None
+    per_chunk = max(0.0, steps["mixed"]["p50_ms"] - steps["decode"]["p50_ms"]) / 1e3
+    rate = results["static_decode_tokens_per_s"]
+    decode = sum(n for _, n in work) / rate
+    prefill = sum(-(-(len(p) - 1) // chunk) for p, _ in work) * per_chunk
+    return {"chunk_ms": per_chunk * 1e3, "tokens_per_s": rate * decode / (decode + prefill),
+            "share_of_static": decode / (decode + prefill)}
+
+
 def targets(results: dict) -> dict:
     """The issue's targets, each as (measured, bound, met): throughput at saturation (`steady_throughput` of the
     run with every request at once) >= 90% of the static batch's decode throughput, p99 inter-token latency at saturation <= 2 static steps, time to first token p50 at half
@@ -312,6 +329,11 @@ def main(argv=None) -> None:
     print(f"saturation (every request at once): {saturation:.2f} req/s | "
           + " | ".join(report(k, results["saturation"][k]) for k in ("engine", "static")), flush=True)
     print(step_report(results["saturation"]["engine"]), flush=True)
+    ceiling = results["prefill_ceiling"] = prefill_ceiling(results, work, prefill_chunk)
+    if ceiling is not None:
+        print(f"prefill ceiling: a chunk adds {ceiling['chunk_ms']:.2f} ms to a step; no schedule generates more "
+              f"than {ceiling['tokens_per_s']:,.0f} tok/s = {ceiling['share_of_static']:.0%} of the static decode "
+              "rate on this workload", flush=True)
     gaps = np.random.default_rng(args.seed + 1).exponential(1.0, count)
     for load in loads:
         rate = load * saturation
