@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -191,7 +192,9 @@ class Engine:
         """Compile every shape the engine runs: the decode step, each prefill bucket alone and with the decode
         step, the slot copy. The shapes are run once each on scratch states placed like the pool's, from
         `threads` threads (None: the CPU count, at most 8): tracing takes turns, XLA's compilations run side by
-        side."""
+        side. Then the objects alive (the process's modules, the model, the compiled steps) are frozen out of
+        Python's cyclic collector (`gc.freeze`): a full collection while serving scans only what serving
+        allocated, not the ~260k objects a JAX process holds (about 0.2 s a full collection on a CI CPU)."""
         idle = self._idle_inputs()
 
         def decode():
@@ -210,6 +213,8 @@ class Engine:
                 job.result()
         self._pool = steps.insert(self._pool, 0, self._zero)
         jax.block_until_ready(self._pool)
+        gc.collect()
+        gc.freeze()
 
     def _idle_inputs(self) -> tuple:
         """Decode-step inputs with every slot inactive (they keep their states exactly)."""
