@@ -23,7 +23,7 @@ from xlstm_jax.kernels.base import matmul_precision
 
 BLOCK_ELEMENTS = 2**26  # automatic block width: one block's logits take about 256 MiB of float32
 BLOCK_LIMITS = (1024, 8192)  # ... within these widths (a narrower vocabulary is one block)
-ROW_ELEMENTS = 2**28  # automatic rows per block of the gradient pass: a block's logits take about 1 GiB of float32
+ROW_ELEMENTS = 2**27  # automatic rows per block of the gradient pass: a block's logits take about 512 MiB of float32
 
 
 def vocab_blocks(vocab: int, rows: int, block_size: int | None = None) -> tuple[int, int]:
@@ -39,12 +39,15 @@ def vocab_blocks(vocab: int, rows: int, block_size: int | None = None) -> tuple[
 
 
 def row_blocks(rows: int, vocab: int, row_block: int | None = None) -> tuple[int, int]:
-    """(blocks, height) of the gradient pass over `rows` rows of `vocab` logits each: at most `row_block` rows a
-    block (None: 2^28 / vocab, at least 8), heights evened out; the rows are padded to blocks x height."""
+    """(blocks, height) of the gradient pass over `rows` rows of `vocab` logits each: one block when `row_block`
+    (None: 2^27 / vocab, at least 8) covers every row, else blocks of the largest power of two <= row_block rows
+    (whole matmul tiles), the rows padded to blocks x height."""
     if row_block is None:
         row_block = max(ROW_ELEMENTS // max(vocab, 1), 8)
-    count = -(-rows // max(min(row_block, rows), 1))
-    return count, -(-rows // count)
+    if row_block >= rows:
+        return 1, rows
+    height = 1 << (row_block.bit_length() - 1)
+    return -(-rows // height), height
 
 
 def blocked_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, *,
