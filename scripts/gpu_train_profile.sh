@@ -7,6 +7,12 @@
 #      throughput  scripts/train_throughput.py, both sizes, plain and fused loss, no remat (one process)
 #      peer        the PyTorch xLSTMLarge (scripts/train_peer_torch.py) and ours (train_throughput.py, fused loss),
 #                  each size in its own process, side by side (issue 35's table)
+#      ab          train_throughput.py (fused loss) for the package in BASE_DIR (e.g. `mkdir -p .ab_base && git
+#                  archive REV xlstm_jax | tar -x -C .ab_base`, carried) and the working tree, alternating, each size
+#                  and tree in its own process: a before/after table within one machine
+#      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
+#                  125M at B=8, S=2048, fused loss), for BASE_DIR and the working tree: the loss curves
+#                  (metrics.jsonl) of the same seed and data, copied to OUT_DIR as curve-base.jsonl, curve-new.jsonl
 # Every run is its own process (its own peak memory) under a timeout, so one failure does not stop the rest; no
 # run starts once BUDGET_S seconds (default 330) have passed. Each run writes NAME.json and NAME.log; summary.txt
 # gets one line per run. BATCH (default 8) and BACKEND (default triton_limit_chunk) change the step; EXTRA adds
@@ -63,8 +69,31 @@ case "$set_name" in
       run "ours-$size" 150 python3 scripts/train_throughput.py --sizes "$size" --backends "$backend" --batch "$batch" \
         --loss fused --json "$out/ours-$size.json"
     done ;;
+  ab)
+    base=$(cd "${BASE_DIR:?BASE_DIR with an older xlstm_jax package}" && pwd)
+    for size in 1.3b 125m; do
+      for tree in base new; do
+        path=$PWD; [ "$tree" = base ] && path=$base
+        PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 150 python3 scripts/train_throughput.py \
+          --sizes "$size" --backends "$backend" --batch "$batch" --loss fused --json "$out/ab-$tree-$size.json"
+      done
+    done ;;
+  curve)
+    base=$(cd "${BASE_DIR:?BASE_DIR with an older xlstm_jax package}" && pwd)
+    python3 -c "
+import glob, sysconfig, numpy as np
+files = sorted(glob.glob(sysconfig.get_paths()['stdlib'] + '/**/*.py', recursive=True))
+np.save('/tmp/stdlib_bytes.npy', np.frombuffer(b''.join(open(f, 'rb').read() for f in files), np.uint8).astype(np.int32))"
+    for tree in base new; do
+      path=$PWD; [ "$tree" = base ] && path=$base
+      PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "curve-$tree" 150 python3 -m xlstm_jax.cli train \
+        --data /tmp/stdlib_bytes.npy --vocab-size 50304 --seq-len 2048 --batch-size "$batch" --embedding-dim 768 \
+        --num-heads 4 --num-blocks 12 --steps 200 --log-every 10 --eval-every 50 --eval-batches 4 --loss fused \
+        --backend "$backend" --output-dir "/tmp/curve-$tree" --no-progress --json
+      cp "/tmp/curve-$tree/metrics.jsonl" "$out/curve-$tree.jsonl" 2>/dev/null
+    done ;;
   *)
-    echo "unknown set $set_name: loss, remat, throughput or peer" >&2
+    echo "unknown set $set_name: loss, remat, throughput, peer, ab or curve" >&2
     exit 2 ;;
 esac
 echo "done in $((SECONDS - start)) s; results in $out"
