@@ -322,9 +322,14 @@ def test_bad_settings_and_prompts_are_refused(model, engine):
         engine.submit([Request([], SamplingParams(max_tokens=1), print)])
 
 
-def test_warm_up_freezes_what_is_alive_out_of_the_cyclic_collector(engine):
-    """After warm_up the process's objects are frozen (gc.freeze): a full collection while serving does not scan
-    them again."""
+def test_warm_up_freezes_what_is_alive_and_stop_returns_it_to_the_collector(model):
+    """After warm_up the process's objects are frozen out of the cyclic collector (a full collection while serving
+    does not scan them again); after stop they are back (a stopped engine can be collected)."""
     import gc
 
+    engine = Engine(model, **ENGINE)
+    engine.warm_up()
     assert gc.get_freeze_count() > 10_000
+    engine.start()
+    engine.stop()
+    assert gc.get_freeze_count() == 0

@@ -229,7 +229,8 @@ class Engine:
         self._thread.start()
 
     def stop(self, drain: bool = True) -> None:
-        """Stop taking requests; with `drain`, finish those admitted or waiting first, else cancel them."""
+        """Stop taking requests; with `drain`, finish those admitted or waiting first, else cancel them. The objects
+        `warm_up` froze go back to the cyclic collector (`gc.unfreeze`), so a stopped engine can be collected."""
         with self._cond:
             self._stopping = True
             if not drain:
@@ -239,6 +240,7 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        gc.unfreeze()
 
     # --- the engine's thread ---
 
