@@ -81,8 +81,10 @@ case "$step" in
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
   train)
-    python3 scripts/train_throughput.py --sizes 125m 1.3b --backends triton_limit_chunk --meshes none data=1 \
-      --rounds 2 --json "$out/mesh_overhead.json" 2>&1 | tee "$out/mesh_overhead.log"
+    for size in 125m 1.3b; do  # each size in its own process: after the 125M the 1.3B's temporaries did not fit an H100
+      python3 scripts/train_throughput.py --sizes "$size" --backends triton_limit_chunk --meshes none data=1 \
+        --rounds 2 --json "$out/mesh_overhead_$size.json" 2>&1 | tee -a "$out/mesh_overhead.log"
+    done
     python3 scripts/train_throughput.py --sizes 125m --backends triton_xl_chunk native_chunkwise \
       --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log"
     python3 -c "import numpy as np; np.save('/tmp/tokens.npy', np.random.default_rng(0).integers(0, 50304, 20_000_000, dtype=np.int32))"
