@@ -4,7 +4,7 @@
 #   bash scripts/gpu_train_profile.sh [SET] [OUT_DIR]      (OUT_DIR default: $OUT)
 # SET: loss        plain and fused loss, no remat, both sizes (4 runs; the default)
 #      remat       the fused loss with --remat dots and --remat block, both sizes (4 runs)
-#      throughput  scripts/train_throughput.py, both sizes, plain and fused loss, no remat (one process)
+#      throughput  scripts/train_throughput.py, plain and fused loss, no remat (one process per size)
 #      peer        the PyTorch xLSTMLarge (scripts/train_peer_torch.py) and ours (train_throughput.py, fused loss),
 #                  each size in its own process, side by side (issue 35's table)
 #      ab          train_throughput.py (fused loss) for the package in BASE_DIR (e.g. `mkdir -p .ab_base && git
@@ -60,9 +60,11 @@ case "$set_name" in
     profile 1.3b fused dots 160
     profile 125m fused block 110
     profile 1.3b fused block 160 ;;
-  throughput)
-    run throughput 320 python3 scripts/train_throughput.py --sizes 125m 1.3b --backends "$backend" --batch "$batch" \
-      --loss plain fused --json "$out/throughput.json" ;;
+  throughput)  # each size in its own process (one process for both ran out of memory at the 1.3B on an H100)
+    for size in 125m 1.3b; do
+      run "throughput-$size" 200 python3 scripts/train_throughput.py --sizes "$size" --backends "$backend" \
+        --batch "$batch" --loss plain fused --json "$out/throughput-$size.json"
+    done ;;
   peer)
     for size in 125m 1.3b; do
       run "peer-$size" 150 python3 scripts/train_peer_torch.py --size "$size" --batch "$batch" --json "$out/peer-$size.json"
