@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import re
 import tempfile
-import time
 
 import jax
 
@@ -80,10 +78,7 @@ def category(event: dict, hlo: dict[str, dict]) -> tuple[str, str]:
 def profile(args: argparse.Namespace) -> dict:
     step = synthetic_step(args.size, args.backend, args.batch, args.seq_len, args.dtype, args.mesh, args.loss,
                           args.remat, args.loss_block)
-    start = time.perf_counter()
-    with jax.set_mesh(step.mesh) if step.mesh is not None else contextlib.nullcontext():
-        compiled = step.train_step.lower(*step.args).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = step.compile()
     hlo = parse_hlo(compiled.as_text())
     timing = timing_stats(step.seconds(compiled, args.reps, BACK_TO_BACK))
     blocked = timing_stats(step.seconds(compiled, args.reps, 1))

@@ -18,8 +18,8 @@ generates exactly its count), on the xLSTM-7B architecture with random bf16 weig
 
 Also: the static batch-16 decode throughput and step time, the unloaded time to first token of a lone request
 (the issue's targets compare against these), and the prefill ceiling (`prefill_ceiling`: the throughput no schedule
-can pass once every prompt token goes through the model, from what a chunk adds to a step). Writes serve_bench.json and serve_latency.png (latency and throughput
-against offered load) to --out.
+can pass once every prompt token goes through the model, from what a chunk adds to a step). Writes serve_bench.json
+and serve_latency.png (latency and throughput against offered load) to --out.
 
     python scripts/serve_bench.py --out serve_bench                  # GPU: xLSTM-7B architecture, random weights
     python scripts/serve_bench.py --tiny --out /tmp/serve_bench      # a tiny model on a CPU, under a minute
@@ -208,8 +208,8 @@ def prefill_ceiling(results: dict, work: list[tuple[list[int], int]], chunk: int
 
 def targets(results: dict) -> dict:
     """The issue's targets, each as (measured, bound, met): throughput at saturation (`steady_throughput` of the
-    run with every request at once) >= 90% of the static batch's decode throughput, p99 inter-token latency at saturation <= 2 static steps, time to first token p50 at half
-    of saturation <= 2x the unloaded one."""
+    run with every request at once) >= 90% of the static batch's decode throughput, p99 inter-token latency at
+    saturation <= 2 static steps, time to first token p50 at half of saturation <= 2x the unloaded one."""
     saturated = results["saturation"]["engine"]
     half = next(r for r in results["rates"] if r["load"] == 0.5)["engine"]
     rate = saturated["steady_tokens_per_s"] or saturated["tokens_per_s"]
@@ -251,7 +251,8 @@ def plot(results: dict, path: str) -> None:
 
 def report(kind: str, figures: dict) -> str:
     steady = figures["steady_tokens_per_s"]
-    return (f"{kind} {figures['tokens_per_s']:9,.0f} tok/s (saturated {steady or float('nan'):9,.0f}) TTFT p50/p99 {figures['ttft']['p50_ms']:8.1f}/"
+    return (f"{kind} {figures['tokens_per_s']:9,.0f} tok/s (saturated {steady or float('nan'):9,.0f}) TTFT p50/p99 "
+            f"{figures['ttft']['p50_ms']:8.1f}/"
             f"{figures['ttft']['p99_ms']:8.1f} ms ITL p50/p99 {figures['itl']['p50_ms']:7.2f}/"
             f"{figures['itl']['p99_ms']:7.2f} ms occupancy {figures['occupancy']:.2f}")
 
@@ -309,7 +310,8 @@ def main(argv=None) -> None:
     step_s = float(np.median(np.diff(longest["steps_s"])))
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": tiny,
                "max_slots": args.max_slots, "static_batch": args.static_batch, "state_dtype": args.state_dtype,
-               "prefill_chunk": prefill_chunk, "prefill_backend": args.prefill_backend, "requests": count, "prompt_tokens": prompts, "new_tokens": new_tokens,
+               "prefill_chunk": prefill_chunk, "prefill_backend": args.prefill_backend, "requests": count,
+               "prompt_tokens": prompts, "new_tokens": new_tokens,
                "static_step_ms": step_s * 1e3, "static_decode_tokens_per_s": args.static_batch / step_s,
                "unloaded_ttft_ms": unloaded_ttft(engine, work), "rates": []}
     print(f"static batch {args.static_batch}: {step_s * 1e3:.2f} ms/step, "

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from typing import Any, Callable
 
 import jax
@@ -32,6 +34,13 @@ class SyntheticStep:
     model_config: Any
     n_params: int
     mesh: Any
+
+    def compile(self) -> tuple[Any, float]:
+        """(`train_step` compiled for `args`, under the step's mesh where it has one; seconds the compilation took)."""
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            compiled = self.train_step.lower(*self.args).compile()
+        return compiled, time.perf_counter() - start
 
     def run(self, step: Callable[..., Any] | None = None) -> tuple:
         """One training step from the current state as the training loop runs it: params and opt_state are

@@ -220,12 +220,17 @@ def neutral_where_masked(i: jax.Array, f: jax.Array, token_mask: jax.Array) -> t
     return (jnp.where(token_mask[..., None], i, NEUTRAL_IGATE), jnp.where(token_mask[..., None], f, NEUTRAL_FGATE))
 
 
+def _gate_and_up(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z (..., 2F) -> its halves (..., F) in float32 (or z's dtype where wider)."""
+    return jnp.split(z.astype(jnp.promote_types(z.dtype, F32)), 2, axis=-1)
+
+
 @jax.custom_vjp
 def swiglu(z: jax.Array) -> jax.Array:
-    """z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype, formed in float32 (or wider). Its backward reads z
-    and writes the cotangent of z (gate | up) in one pass (autodiff of the split wrote the two halves apart and
-    joined them)."""
-    gate, up = jnp.split(z.astype(jnp.promote_types(z.dtype, F32)), 2, axis=-1)
+    """z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype, formed in float32 (or wider). Its backward
+    reads z and writes the cotangent of z (gate | up) in one pass (autodiff of the split wrote the two halves apart
+    and joined them)."""
+    gate, up = _gate_and_up(z)
     return (jax.nn.silu(gate) * up).astype(z.dtype)
 
 
@@ -234,7 +239,7 @@ def _swiglu_fwd(z):
 
 
 def _swiglu_bwd(z, g):
-    gate, up = jnp.split(z.astype(jnp.promote_types(z.dtype, F32)), 2, axis=-1)
+    gate, up = _gate_and_up(z)
     sig, g = jax.nn.sigmoid(gate), g.astype(gate.dtype)
     dgate = g * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
     return (jnp.concatenate([dgate, g * gate * sig], axis=-1).astype(z.dtype),)
