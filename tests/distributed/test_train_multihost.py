@@ -23,9 +23,10 @@ COMMON = ["train", "--steps", "6", "--batch-size", "8", "--eval-batches", "2", "
 
 # gloo's own connection report on stdout, "[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected
 # peer ranks is : 1", comes in the pieces of its C++ stream writes, which reach the pipe split by newlines and in
-# between each other's: taken out piece by piece, whatever is left was printed by us
-GLOO_PIECES = re.compile(r"\[Gloo\] Rank | is connected to | peer ranks\. Expected number of connected peer ranks is : "
-                         r"|\d+|\s")
+# between each other's (" peer ranks. " and "Expected number ... is : " are two writes, and another process's line
+# can land between them): taken out piece by piece, whatever is left was printed by us
+GLOO_PIECES = re.compile(r"\[Gloo\] Rank | is connected to | peer ranks\. "
+                         r"|Expected number of connected peer ranks is : |\d+|\s")
 
 
 def test_two_processes_follow_the_one_process_run(tmp_path):
