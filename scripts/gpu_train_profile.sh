@@ -7,9 +7,10 @@
 #      throughput  scripts/train_throughput.py, plain and fused loss, no remat (one process per size)
 #      peer        the PyTorch xLSTMLarge (scripts/train_peer_torch.py) and ours (train_throughput.py, fused loss),
 #                  each size in its own process, side by side (issue 35's table)
-#      ab          train_throughput.py (fused loss) for the package in BASE_DIR (e.g. `mkdir -p .ab_base && git
-#                  archive REV xlstm_jax | tar -x -C .ab_base`, carried) and the working tree, alternating, each size
-#                  and tree in its own process: a before/after table within one machine
+#      ab          profile_train.py (fused loss) for the tree in BASE_DIR (e.g. `mkdir -p .ab_base && git archive
+#                  REV xlstm_jax scripts | tar -x -C .ab_base`, carried; each tree runs its own script) and the
+#                  working tree, alternating, each size and tree in its own process: a before/after table within one
+#                  machine, with both trees' device time by category
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
 #                  125M at B=8, S=2048, fused loss), for BASE_DIR and the working tree: the loss curves
 #                  (metrics.jsonl) of the same seed and data, copied to OUT_DIR as curve-base.jsonl, curve-new.jsonl
@@ -22,6 +23,10 @@ set_name=${1:-loss}
 out=${2:-${OUT:?give OUT_DIR or set OUT}}
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# without preallocation JAX's allocator still stops at its memory fraction (75% of the card: 60 GB on an H100, where
+# the 1.3B at B=8 peaks near 58 GB); let it use the card
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+export XLA_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION
 budget=${BUDGET_S:-330}
 batch=${BATCH:-8}
 backend=${BACKEND:-triton_limit_chunk}
@@ -72,12 +77,12 @@ case "$set_name" in
         --loss fused --json "$out/ours-$size.json"
     done ;;
   ab)
-    base=$(cd "${BASE_DIR:?BASE_DIR with an older xlstm_jax package}" && pwd)
+    base=$(cd "${BASE_DIR:?BASE_DIR with an older tree (xlstm_jax and scripts)}" && pwd)
     for size in 1.3b 125m; do
       for tree in base new; do
         path=$PWD; [ "$tree" = base ] && path=$base
-        PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 150 python3 scripts/train_throughput.py \
-          --sizes "$size" --backends "$backend" --batch "$batch" --loss fused --json "$out/ab-$tree-$size.json"
+        PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 200 python3 "$path/scripts/profile_train.py" \
+          --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/ab-$tree-$size.json"
       done
     done ;;
   curve)
