@@ -5,8 +5,9 @@
 # SET: loss        plain and fused loss, no remat, both sizes (4 runs; the default)
 #      remat       the fused loss with --remat dots and --remat block, both sizes (4 runs)
 #      throughput  scripts/train_throughput.py, plain and fused loss, no remat (one process per size)
-#      peer        the PyTorch xLSTMLarge (scripts/train_peer_torch.py) and ours (train_throughput.py, fused loss),
-#                  each size in its own process, side by side (issue 35's table)
+#      peer        the PyTorch xLSTMLarge (scripts/train_peer_torch.py) and ours (profile_train.py, fused loss: the
+#                  pipelined step and its device time by category), each size in its own process, side by side
+#                  (issue 35's table)
 #      ab          profile_train.py (fused loss) for the tree in BASE_DIR (e.g. `mkdir -p .ab_base && git archive
 #                  REV xlstm_jax scripts | tar -x -C .ab_base`, carried; each tree runs its own script) and the
 #                  working tree, alternating, each size and tree in its own process: a before/after table within one
@@ -73,8 +74,8 @@ case "$set_name" in
   peer)
     for size in 125m 1.3b; do
       run "peer-$size" 150 python3 scripts/train_peer_torch.py --size "$size" --batch "$batch" --json "$out/peer-$size.json"
-      run "ours-$size" 150 python3 scripts/train_throughput.py --sizes "$size" --backends "$backend" --batch "$batch" \
-        --loss fused --json "$out/ours-$size.json"
+      run "ours-$size" 200 python3 scripts/profile_train.py --size "$size" --batch "$batch" --backend "$backend" \
+        --loss fused --remat none --json "$out/ours-$size.json"
     done ;;
   ab)
     base=$(cd "${BASE_DIR:?BASE_DIR with an older tree (xlstm_jax and scripts)}" && pwd)
