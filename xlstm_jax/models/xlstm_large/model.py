@@ -29,6 +29,7 @@ from xlstm_jax.mlstm.prefill import mlstm_prefill
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
 from xlstm_jax.models.xlstm_large.config import PREFILL_BACKEND, STEP_BACKEND, xLSTMLargeConfig
+from xlstm_jax.models.xlstm_large.fused import gated_head_norm, rms_norm, swiglu
 from xlstm_jax.models.xlstm_large.mixed_matmul import mixed_matmul
 
 F32 = jnp.float32
@@ -76,7 +77,8 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight (+ bias) over the last axis, statistics in float32; returns float32."""
+    """x * rsqrt(mean(x^2) + eps) * weight (+ bias) over the last axis, statistics in float32; returns float32
+    (`fused.rms_norm`)."""
 
     def __init__(self, dim: int, *, eps: float, use_bias: bool, param_dtype: Any):
         self.eps = eps
@@ -84,28 +86,23 @@ class RMSNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(F32)
-        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        y = y * self.weight[...].astype(F32)
-        return y if self.bias is None else y + self.bias[...].astype(F32)
+        return rms_norm(x, self.weight[...], None if self.bias is None else self.bias[...], self.eps)
 
 
 class MultiHeadLayerNorm(nnx.Module):
-    """Per-head LayerNorm over DHV (mean subtracted, biased variance, float32), then a flat (NH * DHV) weight.
+    """Per-head LayerNorm over DHV (mean subtracted, biased variance, float32), then a flat (NH * DHV) weight, and
+    the mLSTM layer's sigmoid output gate on it (`fused.gated_head_norm`).
 
-    (B, S, NH, DHV) -> (B, S, NH * DHV) float32."""
+    h (B, S, NH, DHV), gate (B, S, NH * DHV) -> sigmoid(gate) * norm(h) (B, S, NH * DHV) in out_dtype."""
 
     def __init__(self, num_heads: int, head_dim: int, *, eps: float, use_bias: bool, param_dtype: Any):
         self.eps = eps
         self.weight = nnx.Param(jnp.ones((num_heads * head_dim,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_heads * head_dim,), param_dtype)) if use_bias else None
 
-    def __call__(self, h: jax.Array) -> jax.Array:
-        h = h.astype(F32)
-        centred = h - jnp.mean(h, axis=-1, keepdims=True)
-        y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
-        y = y.reshape(*y.shape[:-2], -1) * self.weight[...].astype(F32)
-        return y if self.bias is None else y + self.bias[...].astype(F32)
+    def __call__(self, h: jax.Array, gate: jax.Array, out_dtype: Any = F32) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return gated_head_norm(h, gate, self.weight[...], bias, self.eps, jnp.dtype(out_dtype))
 
 
 class mLSTMLayer(nnx.Module):
@@ -196,7 +193,7 @@ class mLSTMLayer(nnx.Module):
     def output(self, h: jax.Array, o: jax.Array) -> jax.Array:
         """h (B, S, NH, DHV), o (B, S, NH * DHV) -> out_proj(sigmoid(o) * norm(h)) (B, S, D) float32."""
         dt = self.config.compute_jnp_dtype
-        return self.out_proj((jax.nn.sigmoid(o.astype(F32)) * self.multihead_norm(h)).astype(dt), dt)
+        return self.out_proj(self.multihead_norm(h, o, dt), dt)
 
     def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
                  backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
@@ -218,34 +215,6 @@ def neutral_where_masked(i: jax.Array, f: jax.Array, token_mask: jax.Array) -> t
     """Gate pre-activations i, f (..., NH) with neutral values where `token_mask` (...) is False (those tokens
     leave the states exactly unchanged)."""
     return (jnp.where(token_mask[..., None], i, NEUTRAL_IGATE), jnp.where(token_mask[..., None], f, NEUTRAL_FGATE))
-
-
-def _gate_and_up(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """z (..., 2F) -> its halves (..., F) in float32 (or z's dtype where wider)."""
-    return jnp.split(z.astype(jnp.promote_types(z.dtype, F32)), 2, axis=-1)
-
-
-@jax.custom_vjp
-def swiglu(z: jax.Array) -> jax.Array:
-    """z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype, formed in float32 (or wider). Its backward
-    reads z and writes the cotangent of z (gate | up) in one pass (autodiff of the split wrote the two halves apart
-    and joined them)."""
-    gate, up = _gate_and_up(z)
-    return (jax.nn.silu(gate) * up).astype(z.dtype)
-
-
-def _swiglu_fwd(z):
-    return swiglu(z), z
-
-
-def _swiglu_bwd(z, g):
-    gate, up = _gate_and_up(z)
-    sig, g = jax.nn.sigmoid(gate), g.astype(gate.dtype)
-    dgate = g * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
-    return (jnp.concatenate([dgate, g * gate * sig], axis=-1).astype(z.dtype),)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class FeedForward(nnx.Module):

@@ -1,0 +1,147 @@
+"""The block's memory-bound elementwise ops, each with a backward of its own (`jax.custom_vjp`).
+
+Under plain autodiff these ops kept several float32 intermediates of the activation's size for the backward (the
+normalised x, x times the weight, the sigmoid of the gate, ...: six (B, S, NH * DHV) float32 arrays per block for
+the output gate and its norm alone) and their backward read them back. Here each forward keeps only its inputs and a
+float32 statistic per row (per head), and its backward recomputes the rest in the pass that forms the cotangents:
+fewer bytes written, kept and read per training step. Statistics and arithmetic in float32 (float64 for float64
+inputs); cotangents come back in their primal's dtype.
+
+- `rms_norm(x, weight, bias, eps)`: x (..., D) -> x rsqrt(mean(x^2) + eps) weight (+ bias), float32 (..., D).
+- `gated_head_norm(h, gate, weight, bias, eps, out_dtype)`: h (..., NH, DHV), gate (..., NH * DHV) ->
+  sigmoid(gate) * (LayerNorm over each head's DHV, flattened, times weight (+ bias)), (..., NH * DHV) in out_dtype.
+- `swiglu(z)`: z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def _wide(a: jax.Array) -> jax.Array:
+    """a in float32, or in its own dtype where wider (float64)."""
+    return a.astype(jnp.promote_types(a.dtype, F32))
+
+
+def _rows_sum(a: jax.Array, like: jax.Array) -> jax.Array:
+    """a (..., D) summed over every axis but the last, in `like`'s dtype (a parameter's gradient)."""
+    return a.reshape(-1, a.shape[-1]).sum(axis=0).astype(like.dtype)
+
+
+def _affine(y: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
+    y = y * _wide(weight)
+    return y if bias is None else y + _wide(bias)
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------------------------
+
+def _rms_statistic(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """x (..., D) -> (x widened, rsqrt(mean(x^2) + eps) (..., 1))."""
+    x = _wide(x)
+    return x, jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rms_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+    """x (..., D) -> x rsqrt(mean(x^2) + eps) * weight (+ bias) (..., D) in float32 (or x's wider dtype); weight,
+    bias (D,). The backward keeps x and the per-row rsqrt only."""
+    return _rms_norm_fwd(x, weight, bias, eps)[0]
+
+
+def _rms_norm_fwd(x, weight, bias, eps):
+    xw, rstd = _rms_statistic(x, eps)
+    return _affine(xw * rstd, weight, bias), (x, rstd, weight, bias)
+
+
+def _rms_norm_bwd(eps, residuals, g):
+    x, rstd, weight, bias = residuals
+    xhat = _wide(x) * rstd
+    g = g.astype(xhat.dtype)
+    gw = g * _wide(weight)
+    dx = rstd * (gw - xhat * jnp.mean(gw * xhat, axis=-1, keepdims=True))
+    dbias = None if bias is None else _rows_sum(g, bias)
+    return dx.astype(x.dtype), _rows_sum(g * xhat, weight), dbias
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+# ---- the output gate on the per-head LayerNorm ----------------------------------------------------------------
+
+def _head_statistics(h: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """h (..., NH, DHV) -> (mean, rsqrt(variance + eps)), each (..., NH, 1) float32 (biased variance)."""
+    h = _wide(h)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True) + eps)
+
+
+def _flat(a: jax.Array) -> jax.Array:
+    return a.reshape(*a.shape[:-2], -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def gated_head_norm(h: jax.Array, gate: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float,
+                    out_dtype: Any) -> jax.Array:
+    """h (..., NH, DHV), gate (..., NH * DHV) -> sigmoid(gate) * (((h - mean) rsqrt(var + eps)) flattened * weight
+    (+ bias)) (..., NH * DHV) in out_dtype, the statistics over each head's DHV; weight, bias (NH * DHV,). The
+    backward keeps h, gate and two float32 statistics per head."""
+    return _gated_head_norm_fwd(h, gate, weight, bias, eps, out_dtype)[0]
+
+
+def _gated_head_norm_fwd(h, gate, weight, bias, eps, out_dtype):
+    mean, rstd = _head_statistics(h, eps)
+    normed = _affine(_flat((_wide(h) - mean) * rstd), weight, bias)
+    return (jax.nn.sigmoid(_wide(gate)) * normed).astype(out_dtype), (h, gate, weight, bias, mean, rstd)
+
+
+def _gated_head_norm_bwd(eps, out_dtype, residuals, g):
+    h, gate, weight, bias, mean, rstd = residuals
+    xhat = (_wide(h) - mean) * rstd  # (..., NH, DHV)
+    sig = jax.nn.sigmoid(_wide(gate))
+    g = g.astype(xhat.dtype)
+    normed = _affine(_flat(xhat), weight, bias)
+    dgate = g * normed * sig * (1.0 - sig)
+    gn = g * sig  # the cotangent of the normalised, weighted h
+    gx = (gn * _wide(weight)).reshape(xhat.shape)
+    dh = rstd * (gx - jnp.mean(gx, axis=-1, keepdims=True) - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True))
+    dbias = None if bias is None else _rows_sum(gn, bias)
+    return dh.astype(h.dtype), dgate.astype(gate.dtype), _rows_sum(gn * _flat(xhat), weight), dbias
+
+
+gated_head_norm.defvjp(_gated_head_norm_fwd, _gated_head_norm_bwd)
+
+
+# ---- SwiGLU ---------------------------------------------------------------------------------------------------
+
+def _gate_and_up(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z (..., 2F) -> its halves (..., F) in float32 (or z's dtype where wider)."""
+    return jnp.split(_wide(z), 2, axis=-1)
+
+
+@jax.custom_vjp
+def swiglu(z: jax.Array) -> jax.Array:
+    """z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype, formed in float32 (or wider). Its backward
+    reads z and writes the cotangent of z (gate | up) in one pass (autodiff of the split wrote the two halves apart
+    and joined them)."""
+    gate, up = _gate_and_up(z)
+    return (jax.nn.silu(gate) * up).astype(z.dtype)
+
+
+def _swiglu_fwd(z):
+    return swiglu(z), z
+
+
+def _swiglu_bwd(z, g):
+    gate, up = _gate_and_up(z)
+    sig, g = jax.nn.sigmoid(gate), g.astype(gate.dtype)
+    dgate = g * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
+    return (jnp.concatenate([dgate, g * gate * sig], axis=-1).astype(z.dtype),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
