@@ -12,6 +12,8 @@
 #                  REV xlstm_jax scripts | tar -x -C .ab_base`, carried; each tree runs its own script) and the
 #                  working tree, alternating, each size and tree in its own process: a before/after table within one
 #                  machine, with both trees' device time by category
+#      flags       profile_train.py (fused loss) for the working tree with XLA_FLAGS=$FLAGS (e.g.
+#                  --xla_gpu_enable_triton_gemm=false), SIZES (default: 1.3b 125m) each in its own process
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
 #                  125M at B=8, S=2048, fused loss), for BASE_DIR and the working tree: the loss curves
 #                  (metrics.jsonl) of the same seed and data, copied to OUT_DIR as curve-base.jsonl, curve-new.jsonl
@@ -86,6 +88,11 @@ case "$set_name" in
           --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/ab-$tree-$size.json"
       done
     done ;;
+  flags)
+    for size in ${SIZES:-1.3b 125m}; do
+      XLA_FLAGS="${FLAGS:?FLAGS: the XLA flags to try}" run "flags-$size" 200 python3 scripts/profile_train.py \
+        --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/flags-$size.json"
+    done ;;
   curve)
     base=$(cd "${BASE_DIR:?BASE_DIR with an older xlstm_jax package}" && pwd)
     python3 -c "
@@ -101,7 +108,7 @@ np.save('/tmp/stdlib_bytes.npy', np.frombuffer(b''.join(open(f, 'rb').read() for
       cp "/tmp/curve-$tree/metrics.jsonl" "$out/curve-$tree.jsonl" 2>/dev/null
     done ;;
   *)
-    echo "unknown set $set_name: loss, remat, throughput, peer, ab or curve" >&2
+    echo "unknown set $set_name: loss, remat, throughput, peer, ab, flags or curve" >&2
     exit 2 ;;
 esac
 echo "done in $((SECONDS - start)) s; results in $out"
