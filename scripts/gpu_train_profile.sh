@@ -17,6 +17,7 @@
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
 #                  125M at B=8, S=2048, fused loss), for BASE_DIR and the working tree: the loss curves
 #                  (metrics.jsonl) of the same seed and data, copied to OUT_DIR as curve-base.jsonl, curve-new.jsonl
+#                  (TREES=new: the working tree's only)
 # Every run is its own process (its own peak memory) under a timeout, so one failure does not stop the rest; no
 # run starts once BUDGET_S seconds (default 330) have passed. Each run writes NAME.json and NAME.log; summary.txt
 # gets one line per run. BATCH (default 8) and BACKEND (default triton_limit_chunk) change the step; EXTRA adds
@@ -28,8 +29,7 @@ mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # without preallocation JAX's allocator still stops at its memory fraction (75% of the card: 60 GB on an H100, where
 # the 1.3B at B=8 peaks near 58 GB); let it use the card
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
-export XLA_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION
+export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-0.94}  # jaxlib refuses it beside the older XLA_PYTHON_ name
 budget=${BUDGET_S:-330}
 batch=${BATCH:-8}
 backend=${BACKEND:-triton_limit_chunk}
@@ -99,7 +99,7 @@ case "$set_name" in
 import glob, sysconfig, numpy as np
 files = sorted(glob.glob(sysconfig.get_paths()['stdlib'] + '/**/*.py', recursive=True))
 np.save('/tmp/stdlib_bytes.npy', np.frombuffer(b''.join(open(f, 'rb').read() for f in files), np.uint8).astype(np.int32))"
-    for tree in base new; do
+    for tree in ${TREES:-base new}; do
       path=$PWD; [ "$tree" = base ] && path=$base
       PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "curve-$tree" 150 python3 -m xlstm_jax.cli train \
         --data /tmp/stdlib_bytes.npy --vocab-size 50304 --seq-len 2048 --batch-size "$batch" --embedding-dim 768 \

@@ -50,6 +50,7 @@ def _rms_plain(x, weight, bias, eps):
 
 
 def _gated_plain(h, gate, weight, bias, eps):
+    h = jnp.swapaxes(h, -3, -2)  # the cell's (..., NH, S, DHV) -> (..., S, NH, DHV)
     centred = h - jnp.mean(h, axis=-1, keepdims=True)
     y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
     y = y.reshape(*y.shape[:-2], -1) * weight
@@ -82,7 +83,7 @@ def test_rms_norm_values_and_gradients_equal_autodiff_in_float64(with_bias):
 def test_gated_head_norm_values_and_gradients_equal_autodiff_in_float64(with_bias):
     with jax.enable_x64(True):
         keys = jax.random.split(jax.random.key(5), 5)
-        h = 3.0 * jax.random.normal(keys[0], (2, 5, 3, 8), jnp.float64) - 1.0
+        h = 3.0 * jax.random.normal(keys[0], (2, 3, 5, 8), jnp.float64) - 1.0
         gate = 2.0 * jax.random.normal(keys[1], (2, 5, 24), jnp.float64)
         weight = jax.random.normal(keys[2], (24,), jnp.float64)
         bias = jax.random.normal(keys[3], (24,), jnp.float64) if with_bias else None
@@ -97,7 +98,7 @@ def test_gated_head_norm_values_and_gradients_equal_autodiff_in_float64(with_bia
 
 def test_gated_head_norm_in_bfloat16_keeps_dtypes_and_matches_float64():
     keys = jax.random.split(jax.random.key(6), 4)
-    h = (3.0 * jax.random.normal(keys[0], (4, 2, 16))).astype(jnp.bfloat16)
+    h = (3.0 * jax.random.normal(keys[0], (2, 4, 16))).astype(jnp.bfloat16)
     gate = jax.random.normal(keys[1], (4, 32)).astype(jnp.bfloat16)
     weight = 1.0 + 0.1 * jax.random.normal(keys[2], (32,))
     g = jax.random.normal(keys[3], (4, 32)).astype(jnp.bfloat16)
@@ -120,7 +121,7 @@ def test_forward_keeps_one_statistic_per_row_and_head():
     _, residuals = jax.vjp(lambda x: rms_norm(x, w, None, 1e-6), x)
     activations = [a.shape for a in jax.tree.leaves(residuals) if a.size > 4 * 6 * 2]  # more than a statistic
     assert activations == [(4, 6, 32)]
-    h, o = jnp.ones((4, 6, 2, 16), jnp.bfloat16), jnp.ones((4, 6, 32), jnp.bfloat16)
+    h, o = jnp.ones((4, 2, 6, 16), jnp.bfloat16), jnp.ones((4, 6, 32), jnp.bfloat16)
     _, residuals = jax.vjp(lambda h, o: gated_head_norm(h, o, w, None, 1e-5, jnp.dtype(jnp.bfloat16)), h, o)
     activations = sorted(a.shape for a in jax.tree.leaves(residuals) if a.size > 4 * 6 * 2)
-    assert activations == [(4, 6, 2, 16), (4, 6, 32)]
+    assert activations == [(4, 2, 6, 16), (4, 6, 32)]

@@ -101,10 +101,11 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
         h_slots, slots = layer.cell(*rows, slots, backend=step_backend, chunk_size=None)
         h_chunk, start = layer.cell(*(a[:, M:] for a in (q, k, v, i, f)), in_dtype([start], "float32")[0],
                                     backend=chunk_backend, chunk_size=chunk_size)
+        h_slots = jnp.swapaxes(h_slots[:, :, 0], 0, 1)[None]  # (M, NH, 1, DHV) -> (1, NH, M, DHV): the slots as tokens
         if index == last:  # past the last cell the chunk's rows feed nothing: only the decode rows go on
-            x, o, h = x[:, :M], o[:, :M], h_slots[:, 0][None]
+            x, o, h = x[:, :M], o[:, :M], h_slots
         else:
-            h = jnp.concatenate([h_slots[:, 0][None], h_chunk.astype(h_slots.dtype)], axis=1)
+            h = jnp.concatenate([h_slots, h_chunk.astype(h_slots.dtype)], axis=2)
         x = x + layer.output(h, o)
         x = x + block.ffn(block.norm_ffn(x))
         new_pool.append(slots)

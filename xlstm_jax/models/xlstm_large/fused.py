@@ -8,8 +8,9 @@ fewer bytes written, kept and read per training step. Statistics and arithmetic 
 inputs); cotangents come back in their primal's dtype.
 
 - `rms_norm(x, weight, bias, eps)`: x (..., D) -> x rsqrt(mean(x^2) + eps) weight (+ bias), float32 (..., D).
-- `gated_head_norm(h, gate, weight, bias, eps, out_dtype)`: h (..., NH, DHV), gate (..., NH * DHV) ->
-  sigmoid(gate) * (LayerNorm over each head's DHV, flattened, times weight (+ bias)), (..., NH * DHV) in out_dtype.
+- `gated_head_norm(h, gate, weight, bias, eps, out_dtype)`: h (..., NH, S, DHV) (the cell's layout), gate
+  (..., S, NH * DHV) -> sigmoid(gate) * (LayerNorm over each head's DHV, token-major, flattened, times weight
+  (+ bias)), (..., S, NH * DHV) in out_dtype.
 - `swiglu(z)`: z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype.
 """
 
@@ -30,8 +31,19 @@ def _wide(a: jax.Array) -> jax.Array:
 
 
 def _rows_sum(a: jax.Array, like: jax.Array) -> jax.Array:
-    """a (..., D) summed over every axis but the last, in `like`'s dtype (a parameter's gradient)."""
-    return a.reshape(-1, a.shape[-1]).sum(axis=0).astype(like.dtype)
+    """a (..., D) summed over every axis but the last, in `like`'s dtype: a parameter's gradient. Inside
+    `shard_map` the rows may be split over mesh axes the parameter is not (a split sequence): the sum then runs
+    over those axes too (`psum`), as autodiff's transpose of the parameter's broadcast does."""
+    total = a.reshape(-1, a.shape[-1]).sum(axis=0).astype(like.dtype)
+    split = tuple(sorted(_varying(total) - _varying(like)))
+    return jax.lax.psum(total, split) if split else total
+
+
+def _varying(a: jax.Array) -> frozenset:
+    """The shard_map axes `a` varies over (jax >= 0.10: `manual_axis_type.varying`; earlier: `vma`)."""
+    aval = jax.typeof(a)
+    kind = getattr(aval, "manual_axis_type", None)
+    return frozenset(kind.varying if kind is not None else getattr(aval, "vma", ()))
 
 
 def _affine(y: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -75,43 +87,47 @@ rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 # ---- the output gate on the per-head LayerNorm ----------------------------------------------------------------
 
 def _head_statistics(h: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """h (..., NH, DHV) -> (mean, rsqrt(variance + eps)), each (..., NH, 1) float32 (biased variance)."""
+    """h (..., DHV) -> (mean, rsqrt(variance + eps)), each (..., 1) float32 (biased variance)."""
     h = _wide(h)
     mean = jnp.mean(h, axis=-1, keepdims=True)
     return mean, jax.lax.rsqrt(jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True) + eps)
 
 
-def _flat(a: jax.Array) -> jax.Array:
+def _token_major(a: jax.Array) -> jax.Array:
+    """(..., NH, S, DHV) -> (..., S, NH * DHV)."""
+    a = jnp.swapaxes(a, -3, -2)
     return a.reshape(*a.shape[:-2], -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def gated_head_norm(h: jax.Array, gate: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float,
                     out_dtype: Any) -> jax.Array:
-    """h (..., NH, DHV), gate (..., NH * DHV) -> sigmoid(gate) * (((h - mean) rsqrt(var + eps)) flattened * weight
-    (+ bias)) (..., NH * DHV) in out_dtype, the statistics over each head's DHV; weight, bias (NH * DHV,). The
-    backward keeps h, gate and two float32 statistics per head."""
+    """h (..., NH, S, DHV) in the mLSTM cell's layout, gate (..., S, NH * DHV) -> sigmoid(gate) * (((h - mean)
+    rsqrt(var + eps)) token-major and flattened * weight (+ bias)) (..., S, NH * DHV) in out_dtype, the statistics
+    over each head's DHV; weight, bias (NH * DHV,). The backward keeps h (the cell's output as it is: no
+    transposed copy), gate and two float32 statistics per head and token, and returns h's cotangent in h's layout."""
     return _gated_head_norm_fwd(h, gate, weight, bias, eps, out_dtype)[0]
 
 
 def _gated_head_norm_fwd(h, gate, weight, bias, eps, out_dtype):
     mean, rstd = _head_statistics(h, eps)
-    normed = _affine(_flat((_wide(h) - mean) * rstd), weight, bias)
+    normed = _affine(_token_major((_wide(h) - mean) * rstd), weight, bias)
     return (jax.nn.sigmoid(_wide(gate)) * normed).astype(out_dtype), (h, gate, weight, bias, mean, rstd)
 
 
 def _gated_head_norm_bwd(eps, out_dtype, residuals, g):
     h, gate, weight, bias, mean, rstd = residuals
-    xhat = (_wide(h) - mean) * rstd  # (..., NH, DHV)
+    xhat = (_wide(h) - mean) * rstd  # (..., NH, S, DHV)
+    flat = _token_major(xhat)
     sig = jax.nn.sigmoid(_wide(gate))
     g = g.astype(xhat.dtype)
-    normed = _affine(_flat(xhat), weight, bias)
-    dgate = g * normed * sig * (1.0 - sig)
+    dgate = g * _affine(flat, weight, bias) * sig * (1.0 - sig)
     gn = g * sig  # the cotangent of the normalised, weighted h
-    gx = (gn * _wide(weight)).reshape(xhat.shape)
+    gx = gn * _wide(weight)  # (..., S, NH * DHV) -> the cell's layout
+    gx = jnp.swapaxes(gx.reshape(*gx.shape[:-1], xhat.shape[-3], xhat.shape[-1]), -3, -2)
     dh = rstd * (gx - jnp.mean(gx, axis=-1, keepdims=True) - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True))
     dbias = None if bias is None else _rows_sum(gn, bias)
-    return dh.astype(h.dtype), dgate.astype(gate.dtype), _rows_sum(gn * _flat(xhat), weight), dbias
+    return dh.astype(h.dtype), dgate.astype(gate.dtype), _rows_sum(gn * flat, weight), dbias
 
 
 gated_head_norm.defvjp(_gated_head_norm_fwd, _gated_head_norm_bwd)

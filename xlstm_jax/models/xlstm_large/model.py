@@ -93,7 +93,8 @@ class MultiHeadLayerNorm(nnx.Module):
     """Per-head LayerNorm over DHV (mean subtracted, biased variance, float32), then a flat (NH * DHV) weight, and
     the mLSTM layer's sigmoid output gate on it (`fused.gated_head_norm`).
 
-    h (B, S, NH, DHV), gate (B, S, NH * DHV) -> sigmoid(gate) * norm(h) (B, S, NH * DHV) in out_dtype."""
+    h (B, NH, S, DHV) (the cell's layout), gate (B, S, NH * DHV) -> sigmoid(gate) * norm(h) (B, S, NH * DHV) in
+    out_dtype."""
 
     def __init__(self, num_heads: int, head_dim: int, *, eps: float, use_bias: bool, param_dtype: Any):
         self.eps = eps
@@ -164,8 +165,8 @@ class mLSTMLayer(nnx.Module):
     def cell(self, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array, state: State | None, *,
              backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
              ) -> tuple[jax.Array, State]:
-        """The mLSTM cell on `project`'s outputs (B, S, ...) from `state` (None: zeros): h (B, S, NH, DHV) in the
-        compute dtype and the last state. backend "mlstm_step" runs one token (S = 1) through `mlstm_step`,
+        """The mLSTM cell on `project`'s outputs (B, S, ...) from `state` (None: zeros): h (B, NH, S, DHV) in the
+        compute dtype (the kernels' layout, which `output` takes) and the last state. backend "mlstm_step" runs one token (S = 1) through `mlstm_step`,
         "mlstm_prefill" a short chunk forward only through `mlstm_prefill`."""
         c = self.config
         B, S, _ = q.shape
@@ -177,21 +178,21 @@ class mLSTMLayer(nnx.Module):
         if backend == STEP_BACKEND:
             h, new_state = mlstm_step(heads(q, DHQK)[:, :, 0], heads(k, DHQK)[:, :, 0], heads(v, DHV)[:, :, 0],
                                       i[:, 0], f[:, 0], *(state or (None,) * 3), eps=c.eps, input_gate=c.input_gate)
-            return h[:, None], new_state
+            return h[:, :, None], new_state
         if backend == PREFILL_BACKEND:
             h, new_state = mlstm_prefill(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
                                          f.transpose(0, 2, 1), *(state or (None,) * 3), eps=c.eps,
                                          input_gate=c.input_gate)
-            return h.transpose(0, 2, 1, 3), new_state
+            return h, new_state
         cell, options = validated(heads(q, DHQK), heads(k, DHQK), heads(v, DHV), i.transpose(0, 2, 1),
                                   f.transpose(0, 2, 1), *(state or (None,) * 3), return_last_states=True, eps=c.eps)
         h, new_state = dispatch(MLSTMCall(cell, options, backend, chunk_size, input_gate=c.input_gate,
                                           sequence_axis_name=sequence_axis_name, mesh_axes=mesh_axes))
-        return h.transpose(0, 2, 1, 3), new_state
+        return h, new_state
 
     @jax.named_scope("output")
     def output(self, h: jax.Array, o: jax.Array) -> jax.Array:
-        """h (B, S, NH, DHV), o (B, S, NH * DHV) -> out_proj(sigmoid(o) * norm(h)) (B, S, D) float32."""
+        """h (B, NH, S, DHV), o (B, S, NH * DHV) -> out_proj(sigmoid(o) * norm(h)) (B, S, D) float32."""
         dt = self.config.compute_jnp_dtype
         return self.out_proj(self.multihead_norm(h, o, dt), dt)
 
