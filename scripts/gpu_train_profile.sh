@@ -11,7 +11,7 @@
 #      ab          profile_train.py (fused loss) for the tree in BASE_DIR (e.g. `mkdir -p .ab_base && git archive
 #                  REV xlstm_jax scripts | tar -x -C .ab_base`, carried; each tree runs its own script) and the
 #                  working tree, alternating, each size and tree in its own process: a before/after table within one
-#                  machine, with both trees' device time by category (SIZES: default 1.3b 125m)
+#                  machine, with both trees' device time by category (SIZES: default 1.3b 125m; TREES: default base new)
 #      flags       profile_train.py (fused loss) for the working tree with XLA_FLAGS=$FLAGS (e.g.
 #                  --xla_gpu_enable_triton_gemm=false), SIZES (default: 1.3b 125m) each in its own process
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
@@ -82,7 +82,7 @@ case "$set_name" in
   ab)
     base=$(cd "${BASE_DIR:?BASE_DIR with an older tree (xlstm_jax and scripts)}" && pwd)
     for size in ${SIZES:-1.3b 125m}; do
-      for tree in base new; do
+      for tree in ${TREES:-base new}; do
         path=$PWD; [ "$tree" = base ] && path=$base
         PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 200 python3 "$path/scripts/profile_train.py" \
           --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/ab-$tree-$size.json"
