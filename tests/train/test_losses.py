@@ -101,6 +101,38 @@ def test_gradients_take_three_head_matmuls_and_no_backward_pass_over_the_logits(
     assert len(dots) == 3 and all(depth > 0 for depth in dots)  # all three inside the one scan
 
 
+def test_the_gradient_pass_reads_the_logits_in_one_reduction():
+    """Max, sum of exponentials, argmax and target logit of each row come from one reduction over the (rows, V)
+    logits (four reductions read them before), beside the pass that forms their cotangent."""
+    x, w, targets, weights = _inputs(jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: blocked_cross_entropy(x, w, targets, weights)[0]))(x)
+    reductions = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if (name.startswith("reduce") or name.startswith("arg")) and eqn.invars[0].aval.shape[-1:] == (V,):
+                reductions.append(name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert reductions == ["reduce"]
+
+
+def test_argmax_ties_under_differentiation_go_to_the_lowest_index():
+    x, w, targets, _ = _inputs(jnp.float32, seed=2)
+    x = jnp.broadcast_to(x[0], x.shape)
+    w = w.at[3].set(2.0 * x[0]).at[30].set(2.0 * x[0])  # columns 3 and 30 tie at the top
+    targets = jnp.full((N,), 30).at[::2].set(3)
+    ones = jnp.ones((N,), jnp.float32)
+    for row_block in (None, 4):
+        (ce, correct), _ = _sums_and_grads(blocked_cross_entropy, x, w, targets, ones, row_block=row_block)
+        want = _plain(x, w, targets, ones)
+        assert float(correct) == float(want[1]) == 7.0  # the even rows, whose target is column 3
+        np.testing.assert_allclose(float(ce), float(want[0]), rtol=1e-6)
+
+
 def test_argmax_ties_across_blocks_go_to_the_lowest_index():
     x, w, targets, _ = _inputs(jnp.float32, seed=2)
     x = jnp.broadcast_to(x[0], x.shape)

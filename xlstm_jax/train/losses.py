@@ -128,6 +128,25 @@ def _forward(x, w, targets, weights, cap, dtype, blocks):
     return jnp.sum(weights * ce), jnp.sum(weights * (arg == targets).astype(acc))
 
 
+def _row_statistics(logits: jax.Array, hit: jax.Array) -> tuple[jax.Array, ...]:
+    """logits (n, V), hit (n, V) bool (the target's column) -> per row (max, sum of exp(logit - max), the argmax
+    (the lowest column among ties, as `jnp.argmax`), the target's logit), each (n,), in one reduction: one read of
+    the logits where a max, a sum of exponentials, an argmax and a masked sum took a pass each."""
+    def combine(a, b):
+        (ma, sa, ia, ta), (mb, sb, ib, tb) = a, b
+        m = jnp.maximum(ma, mb)
+        # an empty side (s = 0, m = -inf) adds nothing (exp(-inf - -inf) would be NaN)
+        s = jnp.where(sa > 0, sa * jnp.exp(ma - m), 0.0) + jnp.where(sb > 0, sb * jnp.exp(mb - m), 0.0)
+        index = jnp.where(ma > mb, ia, jnp.where(mb > ma, ib, jnp.minimum(ia, ib)))
+        return m, s, index, ta + tb
+
+    cols = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    operands = (logits, jnp.ones_like(logits), cols, jnp.where(hit, logits, 0.0))
+    zero, last = jnp.zeros((), logits.dtype), jnp.asarray(logits.shape[1], jnp.int32)
+    init = (jnp.asarray(-jnp.inf, logits.dtype), zero, last, zero)
+    return jax.lax.reduce(operands, init, combine, (1,))
+
+
 def _with_gradients(x, w, targets, weights, cap, dtype, rows):
     """The two sums, each row's cross-entropy (N,), and its sum's gradients in x (N, D) and w (V, D) (float32 or
     float64, as the sums), in one scan over `rows` = (blocks, height) blocks of rows with every column: per block
@@ -145,18 +164,17 @@ def _with_gradients(x, w, targets, weights, cap, dtype, rows):
         z = jnp.einsum("nd,vd->nv", xb, wc, preferred_element_type=acc, precision=precision)
         tanh = None if cap is None else jnp.tanh(z / cap)
         logits = z if cap is None else cap * tanh
-        top = jnp.max(logits, axis=1)
-        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=1))
         hit = jnp.arange(V, dtype=jnp.int32)[None, :] == tb[:, None]
-        ce = lse - jnp.sum(jnp.where(hit, logits, 0.0), axis=1)  # as the evaluation's pass forms it
+        top, total, arg, target = _row_statistics(logits, hit)
+        lse = top + jnp.log(total)
+        ce = lse - target  # as the evaluation's pass forms it
         dz = (jnp.exp(logits - lse[:, None]) - hit.astype(acc)) * mb[:, None]
         if cap is not None:
             dz = dz * (1.0 - jnp.square(tanh))
         dz = dz.astype(dtype)
         dx = jnp.einsum("nv,vd->nd", dz, wc, preferred_element_type=acc, precision=precision)
         dw = dw + jnp.einsum("nv,nd->vd", dz, xb, preferred_element_type=acc, precision=precision)
-        right = (jnp.argmax(logits, axis=1).astype(jnp.int32) == tb).astype(acc)
-        return dw, (ce, right, dx)
+        return dw, (ce, (arg == tb).astype(acc), dx)
 
     dw, (ce, right, dx) = jax.lax.scan(body, jnp.zeros((V, D), acc), (blocked(xc), blocked(targets), blocked(weights)))
     ce, right, dx = ce.reshape(-1)[:N], right.reshape(-1)[:N], dx.reshape(-1, D)[:N]
