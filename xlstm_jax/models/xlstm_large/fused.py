@@ -1,11 +1,12 @@
 """The block's memory-bound elementwise ops, each with a backward of its own (`jax.custom_vjp`).
 
-Under plain autodiff these ops kept several float32 intermediates of the activation's size for the backward (the
+Autodiff's jaxpr of these ops keeps several float32 intermediates of the activation's size for the backward (the
 normalised x, x times the weight, the sigmoid of the gate, ...: six (B, S, NH * DHV) float32 arrays per block for
-the output gate and its norm alone) and their backward read them back. Here each forward keeps only its inputs and a
-float32 statistic per row (per head), and its backward recomputes the rest in the pass that forms the cotangents:
-fewer bytes written, kept and read per training step. Statistics and arithmetic in float32 (float64 for float64
-inputs); cotangents come back in their primal's dtype.
+the output gate and its norm alone). Here each forward keeps only its inputs and a float32 statistic per row (per
+head), and its backward recomputes the rest in the pass that forms the cotangents. XLA had recomputed most of those
+intermediates in its fusions already, so on an H100 this took 2.7 GB of temporaries off the 1.3B training step at
+B=8 (0.5 GB off the 125M) and no time (docs/benchmarks.md, fifth session). Statistics and arithmetic in float32
+(float64 for float64 inputs); cotangents come back in their primal's dtype.
 
 - `rms_norm(x, weight, bias, eps)`: x (..., D) -> x rsqrt(mean(x^2) + eps) weight (+ bias), float32 (..., D).
 - `gated_head_norm(h, gate, weight, bias, eps, out_dtype)`: h (..., NH, S, DHV) (the cell's layout), gate

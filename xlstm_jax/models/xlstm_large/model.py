@@ -166,8 +166,8 @@ class mLSTMLayer(nnx.Module):
              backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
              ) -> tuple[jax.Array, State]:
         """The mLSTM cell on `project`'s outputs (B, S, ...) from `state` (None: zeros): h (B, NH, S, DHV) in the
-        compute dtype (the kernels' layout, which `output` takes) and the last state. backend "mlstm_step" runs one token (S = 1) through `mlstm_step`,
-        "mlstm_prefill" a short chunk forward only through `mlstm_prefill`."""
+        compute dtype (the kernels' layout, which `output` takes) and the last state. backend "mlstm_step" runs one
+        token (S = 1) through `mlstm_step`, "mlstm_prefill" a short chunk forward only through `mlstm_prefill`."""
         c = self.config
         B, S, _ = q.shape
         NH, DHQK, DHV, dt = c.num_heads, c.qk_head_dim, c.v_head_dim, c.compute_jnp_dtype
