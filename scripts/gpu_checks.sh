@@ -16,6 +16,10 @@
 #                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
 #       serve       issue 36: the serving engine's steps (scripts/profile_serve_step.py: decode, decode + a
 #                   240-token chunk) and scripts/serve_bench.py with --prefill-chunk 240 at half load and saturation
+#       servegraphs the engine's steps (profile_serve_step.py) with XLA's defaults and with command buffers (CUDA
+#                   graphs) forced for fusions, GEMMs and custom calls (jaxlib >= 0.10.1 marks jax-triton's FFI kernel
+#                   call graph-compatible), each in its own process: is the step's wall time above its device time
+#                   the host launching ~700-1000 kernels one by one?
 #       throughput  scripts/train_throughput.py (125M xLSTM, S=2048) for the Triton backends and native_chunkwise
 #       train       the training job on one GPU: the step on the plain path against --mesh data=1 (125M and 1.3B,
 #                   two alternating rounds), a 60-step `xlstm-jax train --data` run on random tokens (tokens/s and
@@ -80,6 +84,17 @@ case "$step" in
       --sweep xl_out_block=128,256 xl_warps=4,8
     sweep --shape 8,8,8192,256,512 --stages fw.total --out "$out/xlblocks_fw_dh512.json" \
       --sweep xl_out_block=128,256 xl_warps=4,8 ;;
+  servegraphs)
+    graphs="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,DYNAMIC_SLICE_FUSION"
+    for name in defaults graphs graphs1; do
+      case $name in
+        defaults) flags="" ;;
+        graphs) flags="$graphs" ;;
+        graphs1) flags="$graphs --xla_gpu_graph_min_graph_size=1" ;;
+      esac
+      XLA_FLAGS="$flags" python3 scripts/profile_serve_step.py --calls 2 --reps 5 --variants decode,mixed:240 \
+        --json "$out/serve_step_$name.json" 2>&1 | tee "$out/serve_step_$name.log"
+    done ;;
   throughput)
     python3 scripts/train_throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log" ;;
   train)
