@@ -11,8 +11,11 @@ command runs, so `xlstm-jax --help` and `xlstm-jax train --help` answer at once.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any, Callable, Sequence
 
+from xlstm_jax import compat
 from xlstm_jax.eval_cli import EVAL_DESCRIPTION, add_eval_arguments
 from xlstm_jax.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments
 from xlstm_jax.serve.cli import SERVE_DESCRIPTION, add_serve_arguments
@@ -93,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `xlstm-jax` console script; returns the exit status (2: a usage error, reported as one
     `error:` line on stderr)."""
     args = build_parser().parse_args(argv)
+    if args.command != "doctor":  # the doctor reports these; the rest would run JAX on the wrong device
+        for severity, message in compat.environment_problems(os.environ, compat.cuda_plugin_installed()):
+            if severity == "error":
+                print(f"error: {message}", file=sys.stderr)
+                return 2
     if args.command == "doctor":
         from xlstm_jax.doctor import run_doctor
 

@@ -1,4 +1,5 @@
-"""Known-bad version combinations of jax, triton and jax-triton, and the versions installed here.
+"""Known-bad version combinations of jax, triton and jax-triton, the versions installed here, and JAX GPU memory
+settings that defeat themselves (`environment_problems`).
 
 `version_problems` is a pure function of version strings: the Triton launch layer calls it before the first
 CUDA launch and `xlstm-jax doctor` prints its findings. Severity "error" means the Triton kernels must not run
@@ -11,7 +12,7 @@ from __future__ import annotations
 import platform
 import re
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Mapping
 
 try:
     from packaging.version import InvalidVersion, Version
@@ -123,6 +124,33 @@ def version_problems(
             "that pattern and are parity-tested on H100.",
         ))
     return problems
+
+
+MEM_FRACTION, OLD_MEM_FRACTION = "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def environment_problems(environ: Mapping[str, str], cuda_plugin: bool) -> list[tuple[str, str]]:
+    """(severity, message) for JAX's GPU memory settings in `environ` (an os.environ-like mapping); cuda_plugin:
+    whether jax's CUDA plugin is installed (without it the settings do nothing)."""
+    if not cuda_plugin:
+        return []
+    problems = []
+    if MEM_FRACTION in environ and OLD_MEM_FRACTION in environ:
+        problems.append(("error", f"{MEM_FRACTION} and the older {OLD_MEM_FRACTION} are both set: jaxlib's CUDA "
+                                  f"plugin then refuses to start (seen with jaxlib 0.11.2) and JAX runs on the CPU. "
+                                  f"Unset {OLD_MEM_FRACTION}."))
+    preallocate = environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").strip().lower()
+    if preallocate in ("false", "0") and MEM_FRACTION not in environ and OLD_MEM_FRACTION not in environ:
+        problems.append(("warning", f"XLA_PYTHON_CLIENT_PREALLOCATE={preallocate} without {MEM_FRACTION}: JAX's "
+                                    f"allocator still stops at 75% of the GPU's memory (60 GB on an 80 GB card); set "
+                                    f"{MEM_FRACTION} (e.g. 0.94) where a model needs more."))
+    return problems
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether a CUDA plugin of jax (jax-cuda12-plugin, jax-cuda13-plugin) is installed (package metadata; nothing
+    is imported)."""
+    return _distribution_version("jax-cuda12-plugin", "jax-cuda13-plugin") is not None
 
 
 def _distribution_version(*names: str) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any
 
@@ -262,7 +263,8 @@ def _chunk_text(impl: api.Implementation) -> str:
 
 
 def _print_versions(console: Console) -> bool:
-    """Print the versions and known problems; True when the combination is refused."""
+    """Print the versions, known problems and self-defeating GPU memory settings; True when the combination is
+    refused or a setting keeps JAX off the GPU."""
     versions = compat.installed_versions()
     console.print(_versions_table(versions))
     problems = compat.installed_problems(versions)
@@ -274,7 +276,11 @@ def _print_versions(console: Console) -> bool:
         console.print("[bold red]refused[/bold red]: the Triton kernels will not run with these versions.")
     elif not problems:
         console.print("no known version problems.")
-    return refused
+    settings = compat.environment_problems(os.environ, compat.cuda_plugin_installed())
+    for severity, message in settings:
+        style = "bold red" if severity == "error" else "yellow"
+        console.print(f"[{style}]{severity}[/{style}]: {message}", highlight=False)
+    return refused or any(severity == "error" for severity, _ in settings)
 
 
 def _print_backends(console: Console) -> dict[str, bool]:

@@ -149,3 +149,31 @@ def _versions(cc, jax_triton, triton="3.6.0", jax="0.11.2"):
 def test_tma_support_names_what_is_missing(versions, available, says):
     ok, why = compat.tma_support(versions)
     assert ok is available and says in why
+
+
+def test_both_memory_fraction_variables_are_an_error_only_with_the_cuda_plugin():
+    both = {"XLA_CLIENT_MEM_FRACTION": "0.9", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+    problems = compat.environment_problems(both, cuda_plugin=True)
+    assert [severity for severity, _ in problems] == ["error"]
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in problems[0][1] and "CPU" in problems[0][1]
+    assert compat.environment_problems(both, cuda_plugin=False) == []
+    assert compat.environment_problems({"XLA_CLIENT_MEM_FRACTION": "0.9"}, cuda_plugin=True) == []
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0"])
+def test_no_preallocation_without_a_memory_fraction_warns_of_the_75_percent_limit(value):
+    problems = compat.environment_problems({"XLA_PYTHON_CLIENT_PREALLOCATE": value}, cuda_plugin=True)
+    assert [severity for severity, _ in problems] == ["warning"] and "75%" in problems[0][1]
+    with_fraction = {"XLA_PYTHON_CLIENT_PREALLOCATE": value, "XLA_CLIENT_MEM_FRACTION": "0.94"}
+    assert compat.environment_problems(with_fraction, cuda_plugin=True) == []
+
+
+def test_the_cli_refuses_conflicting_memory_fractions_before_running_jax(monkeypatch, capsys):
+    from xlstm_jax import cli
+
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.9")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    monkeypatch.setattr(compat, "cuda_plugin_installed", lambda: True)
+    assert cli.main(["train", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: XLA_CLIENT_MEM_FRACTION and the older")
