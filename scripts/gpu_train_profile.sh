@@ -21,7 +21,7 @@
 # Every run is its own process (its own peak memory) under a timeout, so one failure does not stop the rest; no
 # run starts once BUDGET_S seconds (default 330) have passed. Each run writes NAME.json and NAME.log; summary.txt
 # gets one line per run. BATCH (default 8) and BACKEND (default triton_limit_chunk) change the step; EXTRA adds
-# options to every profile run (EXTRA=--tiny BACKEND=native_chunkwise: a dry run of the script on a CPU).
+# options to every profile_train run (EXTRA=--tiny BACKEND=native_chunkwise: a dry run of the script on a CPU).
 set -uo pipefail
 set_name=${1:-loss}
 out=${2:-${OUT:?give OUT_DIR or set OUT}}
@@ -85,13 +85,15 @@ case "$set_name" in
       for tree in ${TREES:-base new}; do
         path=$PWD; [ "$tree" = base ] && path=$base
         PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 200 python3 "$path/scripts/profile_train.py" \
-          --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/ab-$tree-$size.json"
+          --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/ab-$tree-$size.json" \
+          ${EXTRA:-}
       done
     done ;;
   flags)
     for size in ${SIZES:-1.3b 125m}; do
       XLA_FLAGS="${FLAGS:?FLAGS: the XLA flags to try}" run "flags-$size" 200 python3 scripts/profile_train.py \
-        --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/flags-$size.json"
+        --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/flags-$size.json" \
+        ${EXTRA:-}
     done ;;
   curve)
     base=$(cd "${BASE_DIR:?BASE_DIR with an older xlstm_jax package}" && pwd)
