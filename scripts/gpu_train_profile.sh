@@ -12,6 +12,9 @@
 #                  REV xlstm_jax scripts | tar -x -C .ab_base`, carried; each tree runs its own script) and the
 #                  working tree, alternating, each size and tree in its own process: a before/after table within one
 #                  machine, with both trees' device time by category (SIZES: default 1.3b 125m; TREES: default base new)
+#      batches     profile_train.py (fused loss) at larger batches, each its own process: the 125M at B=16 and 32,
+#                  the 1.3B at B=12 and 16 (B=16 wants an H200's memory): issue 35 reports tokens/s and MFU at the
+#                  largest batch that fits (the optimizer's and the host's fixed cost per step spread over more tokens)
 #      flags       profile_train.py (fused loss) for the working tree with XLA_FLAGS=$FLAGS (e.g.
 #                  --xla_gpu_enable_triton_gemm=false), SIZES (default: 1.3b 125m) each in its own process
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
@@ -89,6 +92,12 @@ case "$set_name" in
           ${EXTRA:-}
       done
     done ;;
+  batches)
+    for run in 125m:16 125m:32 1.3b:12 1.3b:16; do
+      size=${run%:*} rows=${run#*:}
+      run "batch-$size-$rows" 200 python3 scripts/profile_train.py --size "$size" --batch "$rows" --backend "$backend" \
+        --loss fused --remat none --json "$out/batch-$size-$rows.json" ${EXTRA:-}
+    done ;;
   flags)
     for size in ${SIZES:-1.3b 125m}; do
       XLA_FLAGS="${FLAGS:?FLAGS: the XLA flags to try}" run "flags-$size" 200 python3 scripts/profile_train.py \
@@ -110,7 +119,7 @@ np.save('/tmp/stdlib_bytes.npy', np.frombuffer(b''.join(open(f, 'rb').read() for
       cp "/tmp/curve-$tree/metrics.jsonl" "$out/curve-$tree.jsonl" 2>/dev/null
     done ;;
   *)
-    echo "unknown set $set_name: loss, remat, throughput, peer, ab, flags or curve" >&2
+    echo "unknown set $set_name: loss, remat, throughput, peer, ab, batches, flags or curve" >&2
     exit 2 ;;
 esac
 echo "done in $((SECONDS - start)) s; results in $out"
