@@ -19,7 +19,9 @@ compiled HLO (`hlo_op` of each event, or its kernel name) and summed per categor
 
 Also printed: device busy time (the union of the events' intervals) and the host gap (step time minus busy time, for
 both timings), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory
-and the device's peak memory. On a CPU (`--tiny`) the events are XLA's CPU thunks, possibly on several threads at
+and the device's peak memory. The JSON also lists the kernels matched to no HLO instruction ("unmapped", with their
+trace events' argument names): their scope is unknown, so their category comes from the kernel name alone (the
+fused loss's cuBLAS matmuls inside its scan counted as "matmul" on an H100 that way). On a CPU (`--tiny`) the events are XLA's CPU thunks, possibly on several threads at
 once and slowed down by the profiler: the categories are coarse there and the host gap meaningless.
 
     python scripts/profile_train.py --size 1.3b --batch 8 --loss fused --remat dots --json profile.json
@@ -94,9 +96,13 @@ def profile(args: argparse.Namespace) -> dict:
         events = [e for e in events if "hlo_op" in e.get("args", {})]
     per_category = collections.defaultdict(float)
     kernels, ops = collections.defaultdict(lambda: [0.0, 0]), collections.defaultdict(float)
+    unmapped, unmapped_args = collections.defaultdict(float), {}
     for event in events:
         kind, scope = category(event, hlo)
         ms = float(event["dur"]) / 1e3 / args.steps
+        if instruction_of(event, hlo) is None:  # no HLO instruction found: its scope is unknown
+            unmapped[event["name"][:90]] += ms
+            unmapped_args.setdefault(event["name"][:90], sorted(event.get("args", {}))[:12])
         per_category[kind] += ms
         kernels[(event["name"][:90], kind)][0] += ms
         kernels[(event["name"][:90], kind)][1] += 1
@@ -122,6 +128,8 @@ def profile(args: argparse.Namespace) -> dict:
         "compile_s": compile_s, "temp_mb": memory.temp_size_in_bytes / 2**20,
         "peak_mb": None if not stats else stats.get("peak_bytes_in_use", 0) / 2**20,
         "events_per_step": len(events) / args.steps,
+        "unmapped": [{"kernel": k, "ms": v, "event_args": unmapped_args[k]}
+                     for k, v in sorted(unmapped.items(), key=lambda kv: -kv[1])[:args.top]],
     }
 
 
