@@ -32,7 +32,8 @@ mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # without preallocation JAX's allocator still stops at its memory fraction (75% of the card: 60 GB on an H100, where
 # the 1.3B at B=8 peaks near 58 GB); let it use the card
-export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-0.94}  # jaxlib refuses it beside the older XLA_PYTHON_ name
+# (jaxlib refuses the new name beside the older XLA_PYTHON_CLIENT_MEM_FRACTION: a caller's setting of that one stays)
+[ -n "${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ] || export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-0.94}
 budget=${BUDGET_S:-330}
 batch=${BATCH:-8}
 backend=${BACKEND:-triton_limit_chunk}
