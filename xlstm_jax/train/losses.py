@@ -103,48 +103,44 @@ def _block(k: jax.Array, xc: jax.Array, wc: jax.Array, targets: jax.Array, cap: 
     return logits, cols, fresh, hit
 
 
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Two partial row statistics (max m, sum s of exp(logit - m), argmax, target logit) as one: the online
+    logsumexp's rescaling, the argmax of the larger max (the lower index on ties, as `jnp.argmax`). A side with
+    s = 0 holds no column and adds nothing (its m may be -inf, where exp(-inf - -inf) would be NaN)."""
+    (ma, sa, ia, ta), (mb, sb, ib, tb) = a, b
+    m = jnp.maximum(ma, mb)
+    s = jnp.where(sa > 0, sa * jnp.exp(ma - m), 0.0) + jnp.where(sb > 0, sb * jnp.exp(mb - m), 0.0)
+    index = jnp.where(ma > mb, ia, jnp.where(mb > ma, ib, jnp.minimum(ia, ib)))
+    return m, s, index, ta + tb
+
+
+def _row_statistics(logits: jax.Array, hit: jax.Array, cols: jax.Array, counted: jax.Array | None = None
+                    ) -> tuple[jax.Array, ...]:
+    """logits (n, C), hit (n, C) bool (the target's column), cols (C,) the columns' vocabulary indices, counted (C,)
+    bool (None: all; an uncounted column adds nothing) -> per row (max, sum of exp(logit - max), the argmax, the
+    target's logit), each (n,), in one reduction (`_merge`): one read of the logits where a max, a sum of
+    exponentials, an argmax and a masked sum took a pass each."""
+    ones = jnp.ones_like(logits) if counted is None else jnp.broadcast_to(counted.astype(logits.dtype), logits.shape)
+    operands = (logits, ones, jnp.broadcast_to(cols, logits.shape), jnp.where(hit, logits, 0.0))
+    zero = jnp.zeros((), logits.dtype)
+    init = (jnp.asarray(-jnp.inf, logits.dtype), zero, jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32), zero)
+    return jax.lax.reduce(operands, init, _merge, (1,))
+
+
 def _forward(x, w, targets, weights, cap, dtype, blocks):
-    """The two sums, in one scan over vocabulary blocks (the evaluation's pass)."""
+    """The two sums, in one scan over vocabulary blocks (the evaluation's pass): each block's row statistics
+    merged into the running ones (an online logsumexp and argmax)."""
     acc, N = weights.dtype, x.shape[0]
     xc, wc = x.astype(dtype), w.astype(dtype)
 
     def body(carry, k):
-        m, s, t, best, arg = carry  # running max, sum of exp(logit - m), target logit, argmax value and index
         logits, cols, fresh, hit = _block(k, xc, wc, targets, cap, blocks, acc)
-        masked = jnp.where(fresh[None, :], logits, -jnp.inf)
-        index = jnp.argmax(masked, axis=1)  # one pass over the block for the max and where it is
-        top = jnp.take_along_axis(masked, index[:, None], axis=1)[:, 0]
-        m_new = jnp.maximum(m, top)
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(masked - m_new[:, None]), axis=1)
-        t = t + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
-        better = top > best  # strictly: a tie keeps the earlier block's (lower) index
-        arg = jnp.where(better, cols[0] + index.astype(jnp.int32), arg)
-        return (m_new, s, t, jnp.where(better, top, best), arg), None
+        return _merge(carry, _row_statistics(logits, hit, cols, fresh)), None
 
-    lowest = jnp.full((N,), -jnp.inf, acc)
-    init = (lowest, jnp.zeros((N,), acc), jnp.zeros((N,), acc), lowest, jnp.zeros((N,), jnp.int32))
-    (m, s, t, _, arg), _ = jax.lax.scan(body, init, jnp.arange(blocks[0], dtype=jnp.int32))
+    init = (jnp.full((N,), -jnp.inf, acc), jnp.zeros((N,), acc), jnp.zeros((N,), jnp.int32), jnp.zeros((N,), acc))
+    (m, s, arg, t), _ = jax.lax.scan(body, init, jnp.arange(blocks[0], dtype=jnp.int32))
     ce = m + jnp.log(s) - t
     return jnp.sum(weights * ce), jnp.sum(weights * (arg == targets).astype(acc))
-
-
-def _row_statistics(logits: jax.Array, hit: jax.Array) -> tuple[jax.Array, ...]:
-    """logits (n, V), hit (n, V) bool (the target's column) -> per row (max, sum of exp(logit - max), the argmax
-    (the lowest column among ties, as `jnp.argmax`), the target's logit), each (n,), in one reduction: one read of
-    the logits where a max, a sum of exponentials, an argmax and a masked sum took a pass each."""
-    def combine(a, b):
-        (ma, sa, ia, ta), (mb, sb, ib, tb) = a, b
-        m = jnp.maximum(ma, mb)
-        # an empty side (s = 0, m = -inf) adds nothing (exp(-inf - -inf) would be NaN)
-        s = jnp.where(sa > 0, sa * jnp.exp(ma - m), 0.0) + jnp.where(sb > 0, sb * jnp.exp(mb - m), 0.0)
-        index = jnp.where(ma > mb, ia, jnp.where(mb > ma, ib, jnp.minimum(ia, ib)))
-        return m, s, index, ta + tb
-
-    cols = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    operands = (logits, jnp.ones_like(logits), cols, jnp.where(hit, logits, 0.0))
-    zero, last = jnp.zeros((), logits.dtype), jnp.asarray(logits.shape[1], jnp.int32)
-    init = (jnp.asarray(-jnp.inf, logits.dtype), zero, last, zero)
-    return jax.lax.reduce(operands, init, combine, (1,))
 
 
 def _with_gradients(x, w, targets, weights, cap, dtype, rows):
@@ -164,8 +160,9 @@ def _with_gradients(x, w, targets, weights, cap, dtype, rows):
         z = jnp.einsum("nd,vd->nv", xb, wc, preferred_element_type=acc, precision=precision)
         tanh = None if cap is None else jnp.tanh(z / cap)
         logits = z if cap is None else cap * tanh
-        hit = jnp.arange(V, dtype=jnp.int32)[None, :] == tb[:, None]
-        top, total, arg, target = _row_statistics(logits, hit)
+        cols = jnp.arange(V, dtype=jnp.int32)
+        hit = cols[None, :] == tb[:, None]
+        top, total, arg, target = _row_statistics(logits, hit, cols)
         lse = top + jnp.log(total)
         ce = lse - target  # as the evaluation's pass forms it
         dz = (jnp.exp(logits - lse[:, None]) - hit.astype(acc)) * mb[:, None]
