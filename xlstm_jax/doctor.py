@@ -262,25 +262,27 @@ def _chunk_text(impl: api.Implementation) -> str:
     return f"{impl.chunk_sizes[0]}..{impl.chunk_sizes[1]} (default {impl.default_chunk_size})"
 
 
+def _print_problems(console: Console, problems: list[tuple[str, str]]) -> bool:
+    """Print (severity, message) pairs; True when one is an error."""
+    for severity, message in problems:
+        style = "bold red" if severity == "error" else "yellow"
+        console.print(f"[{style}]{severity}[/{style}]: {message}", highlight=False)
+    return any(severity == "error" for severity, _ in problems)
+
+
 def _print_versions(console: Console) -> bool:
     """Print the versions, known problems and self-defeating GPU memory settings; True when the combination is
     refused or a setting keeps JAX off the GPU."""
     versions = compat.installed_versions()
     console.print(_versions_table(versions))
     problems = compat.installed_problems(versions)
-    for severity, message in problems:
-        style = "bold red" if severity == "error" else "yellow"
-        console.print(f"[{style}]{severity}[/{style}]: {message}", highlight=False)
-    refused = any(severity == "error" for severity, _ in problems)
+    refused = _print_problems(console, problems)
     if refused:
         console.print("[bold red]refused[/bold red]: the Triton kernels will not run with these versions.")
     elif not problems:
         console.print("no known version problems.")
     settings = compat.environment_problems(os.environ, compat.cuda_plugin_installed())
-    for severity, message in settings:
-        style = "bold red" if severity == "error" else "yellow"
-        console.print(f"[{style}]{severity}[/{style}]: {message}", highlight=False)
-    return refused or any(severity == "error" for severity, _ in settings)
+    return _print_problems(console, settings) or refused
 
 
 def _print_backends(console: Console) -> dict[str, bool]:
