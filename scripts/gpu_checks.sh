@@ -40,10 +40,7 @@ step=${1:?step}
 out=${2:?output folder}
 shift 2
 mkdir -p "$out"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-# without preallocation the allocator still stops at 75% of the card (60 GB on an H100): let it use the card
-# (jaxlib refuses the new name beside the older XLA_PYTHON_CLIENT_MEM_FRACTION: a caller's setting of that one stays)
-[ -n "${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ] || export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-0.94}
+source "$(dirname "$0")/gpu_env.sh"
 BACKENDS=${BACKENDS:-triton_limit_chunk,triton_xl_chunk,native_chunkwise}
 # upstream's JAX limit-chunk backward is pathological (354 ms at the 7B heads) and its PyTorch xl-chunk aborts in
 # the compiler: left out by default (name them in PEERS to include them)

@@ -12,7 +12,8 @@
 set -uo pipefail
 out=${1:-${OUT:-quant-check}}
 mkdir -p "$out"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$(pwd)
+source "$(dirname "$0")/gpu_env.sh"
+export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 status=0
 timeout 120 python3 -m pytest -q tests/kernels/test_quantized_matmul.py tests/model/test_quantize_xlstm_large.py \
   2>&1 | tee "$out/gpu_tests.log" || status=1

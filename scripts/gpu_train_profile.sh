@@ -29,11 +29,8 @@ set -uo pipefail
 set_name=${1:-loss}
 out=${2:-${OUT:?give OUT_DIR or set OUT}}
 mkdir -p "$out"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# without preallocation JAX's allocator still stops at its memory fraction (75% of the card: 60 GB on an H100, where
-# the 1.3B at B=8 peaks near 58 GB); let it use the card
-# (jaxlib refuses the new name beside the older XLA_PYTHON_CLIENT_MEM_FRACTION: a caller's setting of that one stays)
-[ -n "${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ] || export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-0.94}
+source "$(dirname "$0")/gpu_env.sh"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 budget=${BUDGET_S:-330}
 batch=${BATCH:-8}
 backend=${BACKEND:-triton_limit_chunk}
@@ -88,9 +85,9 @@ case "$set_name" in
     for size in ${SIZES:-1.3b 125m}; do
       for tree in ${TREES:-base new}; do
         path=$PWD; [ "$tree" = base ] && path=$base
-        PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 200 python3 "$path/scripts/profile_train.py" \
-          --size "$size" --batch "$batch" --backend "$backend" --loss fused --remat none --json "$out/ab-$tree-$size.json" \
-          ${EXTRA:-}
+        PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 200 \
+          python3 "$path/scripts/profile_train.py" --size "$size" --batch "$batch" --backend "$backend" --loss fused \
+          --remat none --json "$out/ab-$tree-$size.json" ${EXTRA:-}
       done
     done ;;
   batches)

@@ -80,8 +80,9 @@ def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.A
 
 def fused_masked_sums(model: xLSTMLarge, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
                       block_size: int | None = None) -> jax.Array:
-    """`masked_sums` of `model.head(hidden)` computed without the logits (`blocked_cross_entropy` in vocabulary
-    blocks of `block_size`, None: automatic): hidden (B, S, D) float32, targets (B, S) int, mask (B, S)."""
+    """`masked_sums` of `model.head(hidden)` computed without the logits (`blocked_cross_entropy`: evaluated alone
+    in vocabulary blocks of `block_size`, None: automatic; under differentiation in automatic row blocks): hidden
+    (B, S, D) float32, targets (B, S) int, mask (B, S)."""
     x, weight = model.head_operands(hidden)
     c = model.config
     ce, correct = blocked_cross_entropy(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), mask.reshape(-1),
@@ -98,8 +99,9 @@ def build_steps(graphdef: Any, tx: optax.GradientTransformation, placement: Any 
     `placement` (param shardings, opt-state shardings): the step keeps parameters and optimizer states where they
     are, and the mLSTM cells split (B, NH, S) over the mesh (`MLSTM_AXES`). `remat` ("none", "block", "dots"; a
     bool: "block" / "none"): what each block keeps for the backward (`xLSTMLarge.__call__`). `loss` "plain" or
-    "fused" (`fused_masked_sums`, vocabulary blocks of `loss_block`). The LM head with the loss and the optimizer
-    update run under the named scopes "lm_head_loss" and "optimizer" (profiles tell them apart by these)."""
+    "fused" (`fused_masked_sums`; `loss_block`: its vocabulary blocks when evaluated). The LM head with the loss and
+    the optimizer update run under the named scopes "lm_head_loss" and "optimizer" (profiles tell them apart by
+    these)."""
     sums = batch_sums(graphdef, None if placement is None else MLSTM_AXES, loss, loss_block)
     tx = optax.with_extra_args_support(tx)  # the global norm goes to a clip that takes it; others ignore it
 
