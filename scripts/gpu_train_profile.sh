@@ -12,6 +12,7 @@
 #                  REV xlstm_jax scripts | tar -x -C .ab_base`, carried; each tree runs its own script) and the
 #                  working tree, alternating, each size and tree in its own process: a before/after table within one
 #                  machine, with both trees' device time by category (SIZES: default 1.3b 125m; TREES: default base new)
+#                  and the working tree's compiled HLO (ab-new-SIZE.hlo: the fusions behind the kernel names)
 #      batches     profile_train.py (fused loss) at larger batches, each its own process: the 125M at B=16 and 32,
 #                  the 1.3B at B=12 and 16 (B=16 wants an H200's memory): issue 35 reports tokens/s and MFU at the
 #                  largest batch that fits (the optimizer's and the host's fixed cost per step spread over more tokens)
@@ -84,10 +85,10 @@ case "$set_name" in
     base=$(cd "${BASE_DIR:?BASE_DIR with an older tree (xlstm_jax and scripts)}" && pwd)
     for size in ${SIZES:-1.3b 125m}; do
       for tree in ${TREES:-base new}; do
-        path=$PWD; [ "$tree" = base ] && path=$base
+        path=$PWD hlo=(--hlo "$out/ab-new-$size.hlo"); [ "$tree" = base ] && path=$base hlo=()
         PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 200 \
           python3 "$path/scripts/profile_train.py" --size "$size" --batch "$batch" --backend "$backend" --loss fused \
-          --remat none --json "$out/ab-$tree-$size.json" ${EXTRA:-}
+          --remat none --json "$out/ab-$tree-$size.json" "${hlo[@]}" ${EXTRA:-}
       done
     done ;;
   batches)

@@ -82,7 +82,11 @@ def profile(args: argparse.Namespace) -> dict:
     step = synthetic_step(args.size, args.backend, args.batch, args.seq_len, args.dtype, args.mesh, args.loss,
                           args.remat, args.loss_block)
     compiled, compile_s = step.compile()
-    hlo = parse_hlo(compiled.as_text())
+    text = compiled.as_text()
+    if args.hlo:
+        with open(args.hlo, "w") as fh:
+            fh.write(text)
+    hlo = parse_hlo(text)
     timing = timing_stats(step.seconds(compiled, args.reps, BACK_TO_BACK))
     blocked = timing_stats(step.seconds(compiled, args.reps, 1))
 
@@ -153,6 +157,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--top", type=int, default=25, help="kernels and op names listed")
     parser.add_argument("--trace-dir", help="keep the traces here (default: a new temporary folder)")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--hlo", help="also write the compiled step's HLO text (its fusions' bodies) to this file")
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.batch, args.seq_len, args.dtype = "tiny", 2, 64, "float32"
