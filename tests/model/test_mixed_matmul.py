@@ -135,3 +135,17 @@ def test_the_tied_head_backward_has_no_float32_matmul():
 
     operands = _dot_operand_types(grads, params, x, g)
     assert len(operands) == 3 and not any("f32" in o for o in operands), operands
+
+
+def test_bfloat16_results_accumulate_in_float32():
+    """A bfloat16 result (the forward's out_dtype, a bfloat16 input's gradient) is the float32 sum rounded once:
+    4096 products of 1 sum to 4096, where bfloat16 accumulation stalls at 256 (256 + 1 rounds back to 256)."""
+    x, w = jnp.ones((4, 4096), jnp.bfloat16), jnp.ones((4096, 8), jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: mixed_matmul(a, b, jnp.bfloat16, out_dtype=jnp.bfloat16), x, w)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), 4096.0)
+    dx, dw = vjp(jnp.ones((4, 8), jnp.bfloat16))
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), 8.0)
+    wide = jax.vjp(lambda a: mixed_matmul(a, jnp.ones((8, 4096)), jnp.bfloat16), jnp.ones((4, 8), jnp.bfloat16))[1]
+    np.testing.assert_array_equal(np.asarray(wide(jnp.ones((4, 4096), jnp.float32))[0], np.float32), 4096.0)

@@ -29,7 +29,11 @@ F32 = jnp.float32
 
 
 def _dot(a: jax.Array, b: jax.Array, spec: str, dtype: Any, out_dtype: Any = F32) -> jax.Array:
-    y = jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32,
+    """einsum(spec, a, b) with `dtype` operands and float32 accumulation, in `out_dtype`. A bfloat16 result is the
+    matmul's own output type (the GEMM rounds its float32 accumulators once in its epilogue; XLA accumulates
+    bfloat16 products in float32): as a float32 result and a convert, it was written, read and written again."""
+    direct = jnp.dtype(dtype) == jnp.dtype(out_dtype) == jnp.bfloat16
+    y = jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=out_dtype if direct else F32,
                    precision=matmul_precision(dtype))
     return y.astype(out_dtype)
 
@@ -68,10 +72,11 @@ def _backward(x_dtype, w_dtype, w_layout, out_dtype, residuals, g):
     xb, wb = residuals
     gb = g.astype(jnp.bfloat16)
     _, dx_spec, dw_spec = _SPECS[w_layout]
-    dx = _dot(gb, wb, dx_spec, jnp.bfloat16)
+    dx = _dot(gb, wb, dx_spec, jnp.bfloat16, x_dtype)
     # no reshape: the leading axes may be sharded apart
-    dw = _dot(xb, gb, dw_spec, jnp.bfloat16) if w_layout == "kn" else _dot(gb, xb, dw_spec, jnp.bfloat16)
-    return dx.astype(x_dtype), dw.astype(w_dtype)
+    dw = _dot(xb, gb, dw_spec, jnp.bfloat16, w_dtype) if w_layout == "kn" else _dot(gb, xb, dw_spec, jnp.bfloat16,
+                                                                                    w_dtype)
+    return dx, dw
 
 
 _bf16_matmul.defvjp(_forward, _backward)
