@@ -121,3 +121,19 @@ def test_forward_keeps_one_statistic_per_row_and_head():
     _, residuals = jax.vjp(lambda h, o: gated_head_norm(h, o, w, None, 1e-5, jnp.dtype(jnp.bfloat16)), h, o)
     activations = sorted(a.shape for a in jax.tree.leaves(residuals) if a.size > 4 * 6 * 2)
     assert activations == [(4, 2, 6, 16), (4, 6, 32)]
+
+
+def test_rms_norm_in_the_compute_dtype_rounds_the_float32_result_once():
+    """out_dtype bfloat16 (what the blocks ask for): the float32 norm rounded once; the cotangent comes in
+    bfloat16 and x's gradient goes back in x's float32, equal to the float32 backward of the rounded cotangent."""
+    keys = jax.random.split(jax.random.key(7), 3)
+    x = 3.0 * jax.random.normal(keys[0], (4, 6, 32))
+    w = 1.0 + 0.1 * jax.random.normal(keys[1], (32,))
+    g = jax.random.normal(keys[2], (4, 6, 32)).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x, w: rms_norm(x, w, None, 1e-6, jnp.dtype(jnp.bfloat16)), x, w)
+    wide, wide_vjp = jax.vjp(lambda x, w: rms_norm(x, w, None, 1e-6), x, w)
+    assert y.dtype == jnp.bfloat16 and wide.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(wide.astype(jnp.bfloat16), np.float32))
+    for got, want in zip(vjp(g), wide_vjp(g.astype(jnp.float32))):
+        assert got.dtype == want.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -8,7 +8,8 @@ intermediates in its fusions already, so on an H100 this took 2.7 GB of temporar
 B=8 (0.5 GB off the 125M) and no time (docs/benchmarks.md, fifth session). Statistics and arithmetic in float32
 (float64 for float64 inputs); cotangents come back in their primal's dtype.
 
-- `rms_norm(x, weight, bias, eps)`: x (..., D) -> x rsqrt(mean(x^2) + eps) weight (+ bias), float32 (..., D).
+- `rms_norm(x, weight, bias, eps, out_dtype)`: x (..., D) -> x rsqrt(mean(x^2) + eps) weight (+ bias) (..., D) in
+  out_dtype (None: float32).
 - `gated_head_norm(h, gate, weight, bias, eps, out_dtype)`: h (..., NH, S, DHV) (the cell's layout), gate
   (..., S, NH * DHV) -> sigmoid(gate) * (LayerNorm over each head's DHV, token-major, flattened, times weight
   (+ bias)), (..., S, NH * DHV) in out_dtype.
@@ -60,19 +61,23 @@ def _rms_statistic(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     return x, jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def rms_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
-    """x (..., D) -> x rsqrt(mean(x^2) + eps) * weight (+ bias) (..., D) in float32 (or x's wider dtype); weight,
-    bias (D,). The backward keeps x and the per-row rsqrt only."""
-    return _rms_norm_fwd(x, weight, bias, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def rms_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, out_dtype: Any = None
+             ) -> jax.Array:
+    """x (..., D) -> x rsqrt(mean(x^2) + eps) * weight (+ bias) (..., D) in out_dtype (None: float32, or x's wider
+    dtype), formed in float32; weight, bias (D,). The blocks ask for the compute dtype, which their projections
+    cast to anyway: the output and its cotangent then take half the bytes of float32. The backward keeps x and the
+    per-row rsqrt only."""
+    return _rms_norm_fwd(x, weight, bias, eps, out_dtype)[0]
 
 
-def _rms_norm_fwd(x, weight, bias, eps):
+def _rms_norm_fwd(x, weight, bias, eps, out_dtype):
     xw, rstd = _rms_statistic(x, eps)
-    return _affine(xw * rstd, weight, bias), (x, rstd, weight, bias)
+    y = _affine(xw * rstd, weight, bias)
+    return y.astype(out_dtype or y.dtype), (x, rstd, weight, bias)
 
 
-def _rms_norm_bwd(eps, residuals, g):
+def _rms_norm_bwd(eps, out_dtype, residuals, g):
     x, rstd, weight, bias = residuals
     xhat = _wide(x) * rstd
     g = g.astype(xhat.dtype)

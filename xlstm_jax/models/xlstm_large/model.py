@@ -77,16 +77,17 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight (+ bias) over the last axis, statistics in float32; returns float32
-    (`fused.rms_norm`)."""
+    """x * rsqrt(mean(x^2) + eps) * weight (+ bias) over the last axis, formed in float32, in `out_dtype` (default
+    float32; `fused.rms_norm`)."""
 
     def __init__(self, dim: int, *, eps: float, use_bias: bool, param_dtype: Any):
         self.eps = eps
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.weight[...], None if self.bias is None else self.bias[...], self.eps)
+    def __call__(self, x: jax.Array, out_dtype: Any = F32) -> jax.Array:
+        return rms_norm(x, self.weight[...], None if self.bias is None else self.bias[...], self.eps,
+                        jnp.dtype(out_dtype))
 
 
 class MultiHeadLayerNorm(nnx.Module):
@@ -148,7 +149,7 @@ class mLSTMLayer(nnx.Module):
 
     @jax.named_scope("project")
     def project(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """x (B, S, D) float32 (normed) -> q, k (B, S, NH * DHQK), v, o (B, S, NH * DHV) in the compute dtype, and
+        """x (B, S, D) (normed, in any float dtype: cast to the compute dtype) -> q, k (B, S, NH * DHQK), v, o (B, S, NH * DHV) in the compute dtype, and
         the soft-capped gate pre-activations i, f (B, S, NH) float32. Per token: rows of x may be any tokens."""
         c = self.config
         dt = c.compute_jnp_dtype
@@ -199,7 +200,7 @@ class mLSTMLayer(nnx.Module):
     def __call__(self, x: jax.Array, *, state: State | None, reset: jax.Array | None, token_mask: jax.Array | None,
                  backend: str, chunk_size: int | None, sequence_axis_name: Any = None, mesh_axes: Any = None
                  ) -> tuple[jax.Array, State]:
-        """x (B, S, D) float32 (normed) -> (y (B, S, D) float32, last state)."""
+        """x (B, S, D) (normed, any float dtype) -> (y (B, S, D) float32, last state)."""
         c = self.config
         q, k, v, o, i, f = self.project(x)
         if reset is not None:  # (B, S) document starts: -inf is the exact reset (xlstm_jax.mlstm.segments)
@@ -256,9 +257,10 @@ class mLSTMBlock(nnx.Module):
         self.ffn = FeedForward(c, rngs=rngs)
 
     def __call__(self, x: jax.Array, state: State | None = None, **kwargs: Any) -> tuple[jax.Array, State]:
-        y, state = self.mlstm_layer(self.norm_mlstm(x), state=state, **kwargs)
+        dt = self.mlstm_layer.config.compute_jnp_dtype  # the norms' outputs feed projections in the compute dtype
+        y, state = self.mlstm_layer(self.norm_mlstm(x, dt), state=state, **kwargs)
         x = x + y
-        return x + self.ffn(self.norm_ffn(x)), state
+        return x + self.ffn(self.norm_ffn(x, dt)), state
 
 
 class Embedding(nnx.Module):
@@ -401,9 +403,9 @@ class xLSTMLarge(nnx.Module):
         """The last block's output x (..., D) float32 -> soft-capped logits (..., V) float32 (the final norm, then
         the LM head or the tied embedding)."""
         c = self.config
-        if self.backbone.out_norm is not None:
-            x = self.backbone.out_norm(x)
         dt = c.compute_jnp_dtype
+        if self.backbone.out_norm is not None:
+            x = self.backbone.out_norm(x, dt)
         if self.lm_head is None:
             logits = mixed_matmul(x, self.backbone.embeddings.weight[...], dt, w_layout="nk")
         else:
@@ -411,11 +413,12 @@ class xLSTMLarge(nnx.Module):
         return soft_cap(logits, c.output_logit_soft_cap)
 
     def head_operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The last block's output x (..., D) float32 -> (the final norm's output (..., D) float32, the LM head as
-        a (V, D) matrix in the parameter dtype: the tied embedding, or the head's kernel transposed). `head(x)` is
-        soft_cap(norm @ W^T) with compute-dtype operands; `xlstm_jax.train.losses` computes its loss from them."""
+        """The last block's output x (..., D) float32 -> (the final norm's output (..., D) in the compute dtype,
+        the LM head as a (V, D) matrix in the parameter dtype: the tied embedding, or the head's kernel transposed).
+        `head(x)` is soft_cap(norm @ W^T) with compute-dtype operands; `xlstm_jax.train.losses` computes its loss
+        from them."""
         if self.backbone.out_norm is not None:
-            x = self.backbone.out_norm(x)
+            x = self.backbone.out_norm(x, self.config.compute_jnp_dtype)
         weight = self.backbone.embeddings.weight[...] if self.lm_head is None else self.lm_head.kernel[...].T
         return x, weight
 
