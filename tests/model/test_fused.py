@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlstm_jax.models.xlstm_large.fused import gated_head_norm, rms_norm, swiglu
+from xlstm_jax.models.xlstm_large.fused import gated_head_norm, rms_norm, swiglu, swiglu_pair
 
 
 def _plain(z):
@@ -137,3 +137,31 @@ def test_rms_norm_in_the_compute_dtype_rounds_the_float32_result_once():
     for got, want in zip(vjp(g), wide_vjp(g.astype(jnp.float32))):
         assert got.dtype == want.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_swiglu_pair_equals_autodiff_in_float64_and_swiglu_in_bfloat16():
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(8), 3)
+        gate, up = (3.0 * jax.random.normal(k, (2, 5, 7), jnp.float64) for k in keys[:2])
+        g = jax.random.normal(keys[2], (2, 5, 7), jnp.float64)
+        got = _all_vjps(swiglu_pair, (gate, up), g)
+        want = _all_vjps(lambda a, b: jax.nn.silu(a) * b, (gate, up), g)
+        for a, b in zip(got, want):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-13)
+    z = (3.0 * jax.random.normal(jax.random.key(9), (4, 2 * 16))).astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(10), (4, 16)).astype(jnp.bfloat16)
+    out, dgate, dup = _all_vjps(swiglu_pair, (z[:, :16], z[:, 16:]), g)
+    joined, dz = _all_vjps(swiglu, (z,), g)  # the same float32 arithmetic, one rounding each
+    assert out.dtype == dgate.dtype == dup.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(joined, np.float32))
+    np.testing.assert_array_equal(np.asarray(jnp.concatenate([dgate, dup], -1), np.float32),
+                                  np.asarray(dz, np.float32))
+
+
+def test_swiglu_pair_keeps_only_its_inputs():
+    """Autodiff of silu(gate) * up in float32 kept five float32 arrays of the FFN's width for the backward
+    (weight_mode "single", the training job's); swiglu_pair keeps gate and up as given."""
+    gate, up = jnp.ones((4, 6, 32), jnp.bfloat16), jnp.ones((4, 6, 32), jnp.bfloat16)
+    _, residuals = jax.vjp(swiglu_pair, gate, up)
+    assert sorted((a.shape, a.dtype) for a in jax.tree.leaves(residuals)) == [((4, 6, 32), jnp.bfloat16)] * 2

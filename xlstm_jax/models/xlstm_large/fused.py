@@ -13,7 +13,8 @@ B=8 (0.5 GB off the 125M) and no time (docs/benchmarks.md, fifth session). Stati
 - `gated_head_norm(h, gate, weight, bias, eps, out_dtype)`: h (..., NH, S, DHV) (the cell's layout), gate
   (..., S, NH * DHV) -> sigmoid(gate) * (LayerNorm over each head's DHV, token-major, flattened, times weight
   (+ bias)), (..., S, NH * DHV) in out_dtype.
-- `swiglu(z)`: z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype.
+- `swiglu(z)`: z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype; `swiglu_pair(gate, up)` the same
+  of the halves as two arrays.
 """
 
 from __future__ import annotations
@@ -146,6 +147,13 @@ def _gate_and_up(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.split(_wide(z), 2, axis=-1)
 
 
+def _swiglu_cotangents(gate: jax.Array, up: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Widened gate, up (..., F) and the output's cotangent g -> the cotangents of gate and up (widened)."""
+    sig, g = jax.nn.sigmoid(gate), g.astype(gate.dtype)
+    dgate = g * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
+    return dgate, g * gate * sig
+
+
 @jax.custom_vjp
 def swiglu(z: jax.Array) -> jax.Array:
     """z (..., 2F) = gate | up -> silu(gate) * up (..., F) in z's dtype, formed in float32 (or wider). Its backward
@@ -160,10 +168,28 @@ def _swiglu_fwd(z):
 
 
 def _swiglu_bwd(z, g):
-    gate, up = _gate_and_up(z)
-    sig, g = jax.nn.sigmoid(gate), g.astype(gate.dtype)
-    dgate = g * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
-    return (jnp.concatenate([dgate, g * gate * sig], axis=-1).astype(z.dtype),)
+    return (jnp.concatenate(_swiglu_cotangents(*_gate_and_up(z), g), axis=-1).astype(z.dtype),)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@jax.custom_vjp
+def swiglu_pair(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`swiglu` of the halves as two arrays (the FFN of weight_mode "single"): gate, up (..., F) -> silu(gate) * up
+    (..., F) in gate's dtype, formed in float32 (or wider). The backward keeps gate and up as they are (autodiff of
+    the float32 form kept five float32 arrays of their size) and returns their cotangents in their dtypes."""
+    return (jax.nn.silu(_wide(gate)) * _wide(up)).astype(gate.dtype)
+
+
+def _swiglu_pair_fwd(gate, up):
+    return swiglu_pair(gate, up), (gate, up)
+
+
+def _swiglu_pair_bwd(residuals, g):
+    gate, up = residuals
+    dgate, dup = _swiglu_cotangents(_wide(gate), _wide(up), g)
+    return dgate.astype(gate.dtype), dup.astype(up.dtype)
+
+
+swiglu_pair.defvjp(_swiglu_pair_fwd, _swiglu_pair_bwd)

@@ -29,7 +29,7 @@ from xlstm_jax.mlstm.prefill import mlstm_prefill
 from xlstm_jax.mlstm.segments import document_starts
 from xlstm_jax.mlstm.step import mlstm_step
 from xlstm_jax.models.xlstm_large.config import PREFILL_BACKEND, STEP_BACKEND, xLSTMLargeConfig
-from xlstm_jax.models.xlstm_large.fused import gated_head_norm, rms_norm, swiglu
+from xlstm_jax.models.xlstm_large.fused import gated_head_norm, rms_norm, swiglu, swiglu_pair
 from xlstm_jax.models.xlstm_large.mixed_matmul import mixed_matmul
 
 F32 = jnp.float32
@@ -240,8 +240,7 @@ class FeedForward(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.config.compute_jnp_dtype
         if self.config.weight_mode == "single":
-            gate, up = self.proj_up_gate(x, dt, dt), self.proj_up(x, dt, dt)
-            return self.proj_down((jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dt), dt)
+            return self.proj_down(swiglu_pair(self.proj_up_gate(x, dt, dt), self.proj_up(x, dt, dt)), dt)
         return self.proj_down(swiglu(self.proj_up_gate_z(x, dt, dt)), dt)
 
 
