@@ -149,8 +149,9 @@ class mLSTMLayer(nnx.Module):
 
     @jax.named_scope("project")
     def project(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """x (B, S, D) (normed, in any float dtype: cast to the compute dtype) -> q, k (B, S, NH * DHQK), v, o (B, S, NH * DHV) in the compute dtype, and
-        the soft-capped gate pre-activations i, f (B, S, NH) float32. Per token: rows of x may be any tokens."""
+        """x (B, S, D) (normed; cast to the compute dtype, or float32 for the gates) -> q, k (B, S, NH * DHQK), v, o
+        (B, S, NH * DHV) in the compute dtype, and the soft-capped gate pre-activations i, f (B, S, NH) float32.
+        Per token: rows of x may be any tokens."""
         c = self.config
         dt = c.compute_jnp_dtype
         if c.weight_mode == "single":
