@@ -43,7 +43,7 @@ from xlstm_jax.bench.hlo import MATMUL_KERNELS, busy_us, instruction_of, is_matm
 from xlstm_jax.bench.measure import timing_stats
 from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.train.benchmark import BACK_TO_BACK, SIZES, synthetic_step
-from xlstm_jax.train.config import LOSS_CHOICES, REMAT_CHOICES
+from xlstm_jax.train.config import LOSS_CHOICES, REMAT_CHOICES, WEIGHT_MODES
 from xlstm_jax.train.metrics import model_flops_per_token, peak_flops
 
 CATEGORIES = ("matmul", "mlstm_fw", "mlstm_bw", "lm_head_matmul", "loss", "optimizer", "collective",
@@ -80,7 +80,7 @@ def category(event: dict, hlo: dict[str, dict]) -> tuple[str, str]:
 
 def profile(args: argparse.Namespace) -> dict:
     step = synthetic_step(args.size, args.backend, args.batch, args.seq_len, args.dtype, args.mesh, args.loss,
-                          args.remat, args.loss_block)
+                          args.remat, args.loss_block, args.weight_mode)
     compiled, compile_s = step.compile()
     text = compiled.as_text()
     if args.hlo:
@@ -120,6 +120,7 @@ def profile(args: argparse.Namespace) -> dict:
     return {
         "size": args.size, "backend": args.backend, "mesh": args.mesh, "batch": args.batch, "seq_len": args.seq_len,
         "dtype": args.dtype, "loss": args.loss, "remat": args.remat, "loss_block": args.loss_block,
+        "weight_mode": args.weight_mode,
         "params_M": step.n_params / 1e6, "step_ms": timing["ms_median"], "step_iqr_ms": timing["ms_iqr"],
         "blocked_step_ms": blocked["ms_median"],
         "tokens_per_s": tokens_per_s, "mfu": None if peak is None else tokens_per_s * flops / peak,
@@ -152,6 +153,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--loss", default="plain", choices=LOSS_CHOICES)
     parser.add_argument("--remat", default="none", choices=REMAT_CHOICES)
     parser.add_argument("--loss-block", type=int, help="vocabulary columns per block of the fused loss")
+    parser.add_argument("--weight-mode", default="single", choices=WEIGHT_MODES,
+                        help="the projections as one matmul each or one per group (xlstm-jax train --weight-mode)")
     parser.add_argument("--steps", type=int, default=3, help="traced steps")
     parser.add_argument("--reps", type=int, default=10, help="timed steps (wall time, untraced)")
     parser.add_argument("--top", type=int, default=25, help="kernels and op names listed")

@@ -1,5 +1,6 @@
-"""The training step's `--loss fused` and `--remat` choices compute the same loss and gradients as the plain,
-remat-free step on a tiny model; the choices are checked, and a stored run's old boolean `remat` still resumes."""
+"""The training step's `--loss fused`, `--remat` and `--weight-mode fused` choices compute the same loss and
+gradients as the plain, remat-free, single-weight step on a tiny model; the choices are checked, and a stored run's
+old boolean `remat` still resumes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from xlstm_jax import cli
 from xlstm_jax.models.xlstm_large import xLSTMLarge
+from xlstm_jax.models.xlstm_large.checkpoint import load_state_dict, state_dict
 from xlstm_jax.train import loop
 from xlstm_jax.train.config import ConfigError, TrainConfig
 from xlstm_jax.train.steps import batch_sums, build_steps
@@ -65,6 +67,26 @@ def test_fused_loss_and_remat_give_the_plain_loss_and_gradients(tiny, loss, rema
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
+def test_fused_weight_mode_gives_the_single_loss_and_gradients(tiny):
+    """The same parameters in the fused layout (q|k|v|o, i|f, gate|up each one matmul): the same loss, and each
+    fused kernel's gradient is the single kernels' gradients side by side."""
+    graphdef, params, batch, (want, want_acc, want_grads) = tiny
+    config = TrainConfig(**TINY, weight_mode="fused").model_config()
+    assert config.weight_mode == "fused"
+    model = load_state_dict(config, state_dict(nnx.merge(graphdef, params), "hf"), "hf")
+    fused_graphdef, fused_params = nnx.split(model)
+    value, acc, grads = _step(fused_graphdef, fused_params, batch, "plain", "none")
+    assert acc == want_acc and value == pytest.approx(want, rel=1e-6)
+    want_model, got_model = nnx.merge(graphdef, want_grads), nnx.merge(fused_graphdef, grads)
+    want_fused = state_dict(load_state_dict(config, state_dict(want_model, "hf"), "hf"), "hf")
+    got = state_dict(got_model, "hf")
+    assert sorted(got) == sorted(want_fused)
+    scale = max(float(np.max(np.abs(e))) for e in want_fused.values())
+    for key, g in got.items():
+        np.testing.assert_allclose(g, want_fused[key], rtol=1e-5, atol=1e-6 * scale, err_msg=key)
+
+
 def test_remat_choices_set_the_checkpoint_policy(tiny):
     graphdef, params, batch, _ = tiny
     sums = batch_sums(graphdef, None)
@@ -96,8 +118,9 @@ def test_old_boolean_remat_settings_still_load_and_resume_quietly(tmp_path):
 
 
 @pytest.mark.parametrize("argv, reason", [(["--remat", "some"], "must be one of none, block, dots"),
-                                          (["--loss", "blocked"], "must be one of plain, fused")])
-def test_bad_remat_and_loss_flags_are_one_error_line(argv, reason, capsys):
+                                          (["--loss", "blocked"], "must be one of plain, fused"),
+                                          (["--weight-mode", "joined"], "must be one of single, fused")])
+def test_bad_remat_loss_and_weight_mode_flags_are_one_error_line(argv, reason, capsys):
     assert cli.main(["train", "--steps", "3", "--warmup-steps", "1", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {argv[0]}: {reason}") and captured.err.count("\n") == 1

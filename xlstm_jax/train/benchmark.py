@@ -59,13 +59,15 @@ class SyntheticStep:
 
 def synthetic_step(size: str, backend: str, batch: int, seq_len: int, dtype: str = "bfloat16",
                    mesh_text: str | None = None, loss: str = "fused", remat: str = "none",
-                   loss_block: int | None = None) -> SyntheticStep:
+                   loss_block: int | None = None, weight_mode: str = "single") -> SyntheticStep:
     """The step of `SIZES[size]` (tied embeddings) with AdamW, on `batch` random sequences of `seq_len` tokens
     packed with about two document starts per 2048 tokens, all positions scored; placed on `mesh_text` (a --mesh
-    value; the step must then run under `jax.set_mesh(step.mesh)`). loss, remat, loss_block: as `build_steps`."""
+    value; the step must then run under `jax.set_mesh(step.mesh)`). loss, remat, loss_block: as `build_steps`;
+    weight_mode: as `TrainConfig`."""
     vocab = 256 if size == "tiny" else 50304
     config = TrainConfig(**SIZES[size], vocab_size=vocab, seq_len=seq_len, batch_size=batch, backend=backend,
-                         compute_dtype=dtype, mesh=mesh_text, steps=100, progress=False, loss=loss, remat=remat)
+                         compute_dtype=dtype, mesh=mesh_text, steps=100, progress=False, loss=loss, remat=remat,
+                         weight_mode=weight_mode)
     model_config = dataclasses.replace(config.model_config(), tie_word_embeddings=True)
     tx = make_optimizer(config)
     mesh = sizes = None

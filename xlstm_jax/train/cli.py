@@ -105,6 +105,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     option(model, "--fgate-bias-init-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
            help="forget-gate biases at initialisation, spread evenly over the heads (default: -2 4 for MQAR: one "
                 "short-memory head for the previous-token lookup; 3 6 as xLSTM-7B for --data)")
+    option(model, "--weight-mode", metavar="{single,fused}",
+           help="the projections as one matmul each (single, xLSTM-7B's layout) or one per group: q|k|v|o, the "
+                "two gates, the FFN's gate|up (fused: fewer, larger matmuls); the same function, exported in its mode")
     option(model, "--backend", metavar="NAME",
            help="mLSTM backend (names: README or `xlstm-jax doctor`); auto: the Triton kernel on a CUDA GPU, "
                 "native_chunkwise elsewhere")

@@ -16,7 +16,7 @@ from typing import Any
 # see `lr_segments`), the cadence of logging, evaluation and checkpoints, and where and how it runs (backend,
 # chunk size, mesh, remat, loss).
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
-                 "igate_bias_init", "fgate_bias_init_range", "batch_size", "warmup_steps", "min_lr_ratio",
+                 "igate_bias_init", "fgate_bias_init_range", "weight_mode", "batch_size", "warmup_steps", "min_lr_ratio",
                  "weight_decay", "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction", "doc_separator")
 # Fields a resume may change, announced when they differ: how (not what) it computes, and the step size (a run that
 # diverged goes on from its last checkpoint with a lower peak learning rate or clip norm).
@@ -27,6 +27,7 @@ NOT_INHERITED = ("output_dir", "resume", "progress", "lr_segments")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 REMAT_CHOICES = ("none", "block", "dots")  # what each block keeps for the backward (`xLSTMLarge.__call__`)
 LOSS_CHOICES = ("plain", "fused")  # the loss over the logits, or `xlstm_jax.train.losses` (no logits stored)
+WEIGHT_MODES = ("single", "fused")  # one projection per q, k, v, o gate and FFN half, or one GEMM each (the model's)
 # Gate-bias initialisation (input-gate bias, forget-gate bias range over the heads) when not given. MQAR's gives one
 # head short memory for the previous-token lookup the recall needs (the xLSTM-7B block has no convolution) and input
 # gates open from the start: the recall circuit forms within 250-500 steps, where the xLSTM-7B initialisation took
@@ -153,7 +154,10 @@ class TrainConfig:
     its input (least activation memory), "dots" keeps the projections' outputs and recomputes the rest, "none"
     keeps everything; a stored run's true / false (before the choices) reads as "block" / "none". `loss` "fused"
     computes the cross-entropy in vocabulary blocks without storing the (B S, V) logits
-    (`xlstm_jax.train.losses`), "plain" from the logits; the two are the same function.
+    (`xlstm_jax.train.losses`), "plain" from the logits; the two are the same function. `weight_mode`
+    (`WEIGHT_MODES`): the model's projections as one matmul per q, k, v, output gate, gate and FFN half ("single",
+    xLSTM-7B's layout) or one per group ("fused": q|k|v|o, i|f and gate|up); the same function, exported in its
+    weight mode (both load, here and in `transformers`).
 
     `data` (paths, all of one kind: token files .npy/.bin, or text .txt/.jsonl with `tokenizer`) trains a language
     model on them instead of MQAR (`xlstm_jax.train.data`: packing with segment ids, a held-out `eval_fraction`;
@@ -170,6 +174,7 @@ class TrainConfig:
     num_blocks: int = 2
     igate_bias_init: float | None = None
     fgate_bias_init_range: tuple[float, float] | None = None
+    weight_mode: str = "single"
     backend: str = "auto"
     chunk_size: int | None = None
     compute_dtype: str = "auto"
@@ -235,7 +240,7 @@ class TrainConfig:
                 raise ConfigError(name, f"must be a finite number {rule}, got {getattr(self, name)}.")
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", remat_choice(self.remat))
-        for name, choices in (("remat", REMAT_CHOICES), ("loss", LOSS_CHOICES)):
+        for name, choices in (("remat", REMAT_CHOICES), ("loss", LOSS_CHOICES), ("weight_mode", WEIGHT_MODES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -339,7 +344,7 @@ class TrainConfig:
             vocab_size=vocab_size or self.vocab_size, backend=self.backend, chunk_size=self.chunk_size,
             compute_dtype=dtype,
             igate_bias_init=self.igate_bias_init, fgate_bias_init_range=self.fgate_bias_init_range,
-            **(special_token_ids or {}),
+            weight_mode=self.weight_mode, **(special_token_ids or {}),
         )
 
     def schedule_segments(self) -> tuple[tuple[int, int], ...]:
