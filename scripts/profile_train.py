@@ -19,7 +19,9 @@ compiled HLO (`hlo_op` of each event, or its kernel name) and summed per categor
 
 Also printed: device busy time (the union of the events' intervals) and the host gap (step time minus busy time, for
 both timings), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory
-and the device's peak memory. The JSON also lists the kernels matched to no HLO instruction ("unmapped", with their
+and the device's peak memory, and the matmuls' rate: their floating-point operations (`bench.hlo.matmul_flops` of
+each kernel's HLO instruction: dots, GEMM custom calls, Triton GEMM fusions) over their device time, in all and per
+op name (the projections apart: `matmul_tflops`, `top_matmuls`). The JSON also lists the kernels matched to no HLO instruction ("unmapped", with their
 trace events' argument names): their scope is unknown, so their category comes from the kernel name alone (the
 fused loss's cuBLAS matmuls inside its scan counted as "matmul" on an H100 that way). On a CPU (`--tiny`) the
 events are XLA's CPU thunks, possibly on several threads at once and slowed down by the profiler: the categories
@@ -39,7 +41,7 @@ import tempfile
 
 import jax
 
-from xlstm_jax.bench.hlo import MATMUL_KERNELS, busy_us, instruction_of, is_matmul, op_name, parse_hlo
+from xlstm_jax.bench.hlo import MATMUL_KERNELS, busy_us, instruction_of, is_matmul, matmul_flops, op_name, parse_hlo
 from xlstm_jax.bench.measure import timing_stats
 from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.train.benchmark import BACK_TO_BACK, SIZES, synthetic_step
@@ -102,10 +104,16 @@ def profile(args: argparse.Namespace) -> dict:
     per_category = collections.defaultdict(float)
     kernels, ops = collections.defaultdict(lambda: [0.0, 0]), collections.defaultdict(float)
     unmapped, unmapped_args = collections.defaultdict(float), {}
+    gemms = collections.defaultdict(lambda: [0.0, 0.0])  # matmul op name -> [ms, flops] per step
     for event in events:
         kind, scope = category(event, hlo)
         ms = float(event["dur"]) / 1e3 / args.steps
-        if instruction_of(event, hlo) is None:  # no HLO instruction found: its scope is unknown
+        instruction = instruction_of(event, hlo)
+        if kind in ("matmul", "lm_head_matmul"):
+            gemm = gemms[re.sub(r"^jit\(train_step\)/", "", scope)[:120]]
+            gemm[0] += ms
+            gemm[1] += (matmul_flops(hlo, instruction) if instruction else 0) / args.steps
+        if instruction is None:  # no HLO instruction found: its scope is unknown
             unmapped[event["name"][:90]] += ms
             unmapped_args.setdefault(event["name"][:90], sorted(event.get("args", {}))[:12])
         per_category[kind] += ms
@@ -134,6 +142,9 @@ def profile(args: argparse.Namespace) -> dict:
         "compile_s": compile_s, "temp_mb": memory.temp_size_in_bytes / 2**20,
         "peak_mb": None if not stats else stats.get("peak_bytes_in_use", 0) / 2**20,
         "events_per_step": len(events) / args.steps,
+        "matmul_tflops": sum(f for _, f in gemms.values()) / max(sum(m for m, _ in gemms.values()), 1e-9) / 1e9,
+        "top_matmuls": [{"op_name": o, "ms": ms, "tflops": flops / max(ms, 1e-9) / 1e9}
+                        for o, (ms, flops) in sorted(gemms.items(), key=lambda kv: -kv[1][0])[:args.top]],
         "unmapped": [{"kernel": k, "ms": v, "event_args": unmapped_args[k]}
                      for k, v in sorted(unmapped.items(), key=lambda kv: -kv[1])[:args.top]],
     }
@@ -178,6 +189,10 @@ def main(argv=None) -> dict:
     print("top kernels:")
     for k in row["top_kernels"]:
         print(f"  {k['ms']:9.3f} ms  {k['calls']:5.0f}x  {k['category']:15s} {k['kernel']}")
+    print(f"matmuls: {row['matmul_tflops']:.1f} TFLOP/s over their device time (flops of the kernels matched to "
+          f"the HLO); by op name:")
+    for m in row["top_matmuls"]:
+        print(f"  {m['ms']:9.3f} ms  {m['tflops']:7.1f} TFLOP/s  {m['op_name']}")
     print("top op names:")
     for o in row["top_ops"]:
         print(f"  {o['ms']:9.3f} ms  {o['category']:15s} {o['op_name']}")

@@ -4,16 +4,19 @@ matmuls, their JAX name stacks, and the device time the events cover. Shared by 
 
 from __future__ import annotations
 
+import math
 import re
 
 MATMUL_KERNELS = ("gemm", "cublas", "cutlass", "nvjet", "xmma", "matmul")
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\(")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(([^)]*)\)")
+_CONTRACTING = re.compile(r'lhs_contracting_dim(?:s=\{([\d,]*)\}|ensions"\s*:\s*\[([\d",\s]*)\])')
 
 
 def parse_hlo(text: str) -> dict[str, dict]:
     """Instruction name -> {opcode, op_name (JAX name stack), calls (called computations), target (custom-call
-    target), computation, root} of a compiled module's HLO text; computations under "computation:NAME" ->
-    {instructions, root}."""
+    target), computation, dims (of the result, or of a tuple result's first element), operands (names),
+    contracting (a dot's or GEMM custom call's lhs contracting dimensions, else None)} of a compiled module's HLO
+    text; computations under "computation:NAME" -> {instructions, root}."""
     table: dict[str, dict] = {}
     computation = None
     for line in text.splitlines():
@@ -24,12 +27,18 @@ def parse_hlo(text: str) -> dict[str, dict]:
         match = _INSTRUCTION.match(line)
         if match is None or computation is None:
             continue
-        root, name, opcode = match.groups()
+        root, name, shape, opcode, operands = match.groups()
         stack = re.search(r'op_name="([^"]*)"', line)
         target = re.search(r'custom_call_target="([^"]*)"', line)
+        dims = re.search(r"\[([\d,]*)\]", shape)
+        contracting = _CONTRACTING.search(line)
         table[name] = {"opcode": opcode, "op_name": stack[1] if stack else "",
                        "calls": re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line),
-                       "target": target[1] if target else "", "computation": computation}
+                       "target": target[1] if target else "", "computation": computation,
+                       "dims": [int(d) for d in dims[1].split(",") if d] if dims else [],
+                       "operands": re.findall(r"%([\w.\-]+)", operands),
+                       "contracting": None if contracting is None else
+                       [int(d) for d in re.findall(r"\d+", contracting[1] or contracting[2])]}
         table[f"computation:{computation}"]["instructions"].append(name)
         if root:
             table[f"computation:{computation}"]["root"] = name
@@ -47,6 +56,23 @@ def is_matmul(hlo: dict[str, dict], name: str, seen: set | None = None) -> bool:
         return False
     seen.add(name)
     return any(is_matmul(hlo, inner, seen) for called in info["calls"]
+               for inner in hlo.get(f"computation:{called}", {}).get("instructions", ()))
+
+
+def matmul_flops(hlo: dict[str, dict], name: str) -> int:
+    """Floating-point operations of one run of instruction `name`'s matmuls: 2 x (result elements) x (contracted
+    size) of a dot or GEMM custom call, summed over the instructions of a fusion's computation; 0 for the rest."""
+    info = hlo.get(name)
+    if info is None:
+        return 0
+    if info["contracting"] is not None and info["operands"]:
+        lhs = hlo.get(info["operands"][0], {}).get("dims", [])
+        if all(d < len(lhs) for d in info["contracting"]):
+            return 2 * math.prod(info["dims"]) * math.prod(lhs[d] for d in info["contracting"])
+        return 0
+    if info["opcode"] != "fusion":
+        return 0
+    return sum(matmul_flops(hlo, inner) for called in info["calls"]
                for inner in hlo.get(f"computation:{called}", {}).get("instructions", ()))
 
 
