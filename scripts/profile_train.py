@@ -21,9 +21,10 @@ Also printed: device busy time (the union of the events' intervals) and the host
 both timings), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory
 and the device's peak memory, and the matmuls' rate: their floating-point operations (`bench.hlo.matmul_flops` of
 each kernel's HLO instruction: dots, GEMM custom calls, Triton GEMM fusions) over their device time, in all and per
-op name (the projections apart: `matmul_tflops`, `top_matmuls`). The JSON also lists the kernels matched to no HLO instruction ("unmapped", with their
-trace events' argument names): their scope is unknown, so their category comes from the kernel name alone (the
-fused loss's cuBLAS matmuls inside its scan counted as "matmul" on an H100 that way). On a CPU (`--tiny`) the
+op name (the projections apart: `matmul_tflops`, `top_matmuls`). The JSON also lists the kernels matched to no
+HLO instruction ("unmapped", with their trace events' argument names): their scope is unknown, so their category
+comes from the kernel name alone (the fused loss's cuBLAS matmuls inside its scan counted as "matmul" on an H100
+that way) and their operations are not counted. On a CPU (`--tiny`) the
 events are XLA's CPU thunks, possibly on several threads at once and slowed down by the profiler: the categories
 are coarse there and the host gap meaningless.
 
