@@ -16,8 +16,9 @@ from typing import Any
 # see `lr_segments`), the cadence of logging, evaluation and checkpoints, and where and how it runs (backend,
 # chunk size, mesh, remat, loss).
 RESUME_FIELDS = ("vocab_size", "seq_len", "num_kv_pairs", "num_queries", "embedding_dim", "num_heads", "num_blocks",
-                 "igate_bias_init", "fgate_bias_init_range", "weight_mode", "batch_size", "warmup_steps", "min_lr_ratio",
-                 "weight_decay", "seed", "data", "tokenizer", "token_dtype", "eos_id", "eval_fraction", "doc_separator")
+                 "igate_bias_init", "fgate_bias_init_range", "weight_mode", "batch_size", "warmup_steps",
+                 "min_lr_ratio", "weight_decay", "seed", "data", "tokenizer", "token_dtype", "eos_id",
+                 "eval_fraction", "doc_separator")
 # Fields a resume may change, announced when they differ: how (not what) it computes, and the step size (a run that
 # diverged goes on from its last checkpoint with a lower peak learning rate or clip norm).
 EXECUTION_FIELDS = ("backend", "chunk_size", "compute_dtype", "mesh", "remat", "loss", "learning_rate",
