@@ -54,10 +54,9 @@ CATEGORIES = ("matmul", "mlstm_fw", "mlstm_bw", "lm_head_matmul", "loss", "optim
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "nccl")
 
 
-def category(event: dict, hlo: dict[str, dict]) -> tuple[str, str]:
-    """(category, op name) of a device event (`CATEGORIES`)."""
+def category(event: dict, hlo: dict[str, dict], name: str | None) -> tuple[str, str]:
+    """(category, op name) of a device event (`CATEGORIES`) that ran HLO instruction `name` (None: unknown)."""
     kernel = event["name"].lower()
-    name = instruction_of(event, hlo)
     info = hlo.get(name, {"opcode": "", "target": ""})
     scope = op_name(hlo, name) if name else ""
     opcode = info["opcode"]
@@ -107,9 +106,9 @@ def profile(args: argparse.Namespace) -> dict:
     unmapped, unmapped_args = collections.defaultdict(float), {}
     gemms = collections.defaultdict(lambda: [0.0, 0.0])  # matmul op name -> [ms, flops] per step
     for event in events:
-        kind, scope = category(event, hlo)
-        ms = float(event["dur"]) / 1e3 / args.steps
         instruction = instruction_of(event, hlo)
+        kind, scope = category(event, hlo, instruction)
+        ms = float(event["dur"]) / 1e3 / args.steps
         if kind in ("matmul", "lm_head_matmul"):
             gemm = gemms[re.sub(r"^jit\(train_step\)/", "", scope)[:120]]
             gemm[0] += ms
