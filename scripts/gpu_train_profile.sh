@@ -18,6 +18,12 @@
 #                  largest batch that fits (the optimizer's and the host's fixed cost per step spread over more tokens)
 #      flags       profile_train.py (fused loss) for the working tree with XLA_FLAGS=$FLAGS (e.g.
 #                  --xla_gpu_enable_triton_gemm=false), SIZES (default: 1.3b 125m) each in its own process
+#      queue       the sixth session's queue in one call, in this order while BUDGET_S lasts (each set in OUT_DIR/SET):
+#                  ab (SIZES 125m 1.3b), the working tree's fused weight mode (ab with TREES=new and EXTRA
+#                  --weight-mode fused, in OUT_DIR/weights), curve (TREES=new) and flags for the 125M: XLA's
+#                  block-level (Triton) rewriter of fusions such as the norms' row reductions, then its Triton
+#                  heroless fusions (both flags parse in jaxlib 0.10.2; an unknown one stops that run at once);
+#                  needs BASE_DIR
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
 #                  125M at B=8, S=2048, fused loss), for BASE_DIR and the working tree: the loss curves
 #                  (metrics.jsonl) of the same seed and data, copied to OUT_DIR as curve-base.jsonl, curve-new.jsonl
@@ -111,14 +117,31 @@ files = sorted(glob.glob(sysconfig.get_paths()['stdlib'] + '/**/*.py', recursive
 np.save('/tmp/stdlib_bytes.npy', np.frombuffer(b''.join(open(f, 'rb').read() for f in files), np.uint8).astype(np.int32))"
     for tree in ${TREES:-base new}; do
       path=$PWD; [ "$tree" = base ] && path=$base
+      rm -rf "/tmp/curve-$tree"  # this script's scratch run: a leftover would be refused as a run to resume
       PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "curve-$tree" 150 python3 -m xlstm_jax.cli train \
         --data /tmp/stdlib_bytes.npy --vocab-size 50304 --seq-len 2048 --batch-size "$batch" --embedding-dim 768 \
         --num-heads 4 --num-blocks 12 --steps 200 --log-every 10 --eval-every 50 --eval-batches 4 --loss fused \
         --backend "$backend" --output-dir "/tmp/curve-$tree" --no-progress --json
       cp "/tmp/curve-$tree/metrics.jsonl" "$out/curve-$tree.jsonl" 2>/dev/null
     done ;;
+  queue)
+    sub() {  # SET DIR [VAR=VALUE ...]: one set in OUT_DIR/DIR with what is left of the budget
+      local set_run=$1 dir=$2 left=$((budget - (SECONDS - start)))
+      shift 2
+      if [ "$left" -lt 60 ]; then
+        echo "$dir: not started, the budget of ${budget} s is spent" | tee -a "$out/summary.txt"
+        return
+      fi
+      env BUDGET_S="$left" SIZES="${SIZES:-125m 1.3b}" "$@" bash "$0" "$set_run" "$out/$dir"
+      cat "$out/$dir/summary.txt" >> "$out/summary.txt" 2>/dev/null
+    }
+    sub ab ab
+    sub ab weights TREES=new EXTRA="${EXTRA:-} --weight-mode fused"
+    sub curve curve TREES=new
+    sub flags flags SIZES=125m FLAGS=--xla_gpu_experimental_enable_fusion_block_level_rewriter=true
+    sub flags flags-heroless SIZES=125m FLAGS=--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true ;;
   *)
-    echo "unknown set $set_name: loss, remat, throughput, peer, ab, batches, flags or curve" >&2
+    echo "unknown set $set_name: loss, remat, throughput, peer, ab, batches, flags, queue or curve" >&2
     exit 2 ;;
 esac
 echo "done in $((SECONDS - start)) s; results in $out"
