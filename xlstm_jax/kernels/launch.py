@@ -3,7 +3,8 @@ layer").
 
 - CUDA: `jax_triton.triton_call` (imported lazily: it refuses to import without a CUDA jaxlib). jax-triton 0.3.1
   clobbers TRITON_CACHE_DIR on import; the previous value is restored. Works with 0.3.1 (`out_shape`) and 0.4.x
-  (`out_type`).
+  (`out_type`); jax-triton 0.4.1's needs on triton 3.6 and its launch of warp-specialized kernels are mended in
+  `jax_triton_shims`.
 - CPU with XLSTM_JAX_TRITON_INTERPRET=1: the same `@triton.jit` kernels run in Triton's interpreter inside a
   `jax.pure_callback` (slow; for tests at small shapes).
 - Otherwise: a RuntimeError that names the native backends.
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.kernels.base import vary_like
+from xlstm_jax.kernels.jax_triton_shims import define_tma_tf32, launch_with_compiled_warps
 
 INTERPRET_ENV = "XLSTM_JAX_TRITON_INTERPRET"
 
@@ -98,11 +100,11 @@ def _jax_triton():
     saved = os.environ.get("TRITON_CACHE_DIR")
     import triton.backends.nvidia.driver as nvidia_driver
 
-    # jax-triton 0.4 imports TMA_TF32 from triton's NVIDIA driver, which triton 3.6 does not define (11 is the
-    # value triton 3.7 gives it); without it the backend loads as a stub and every launch fails.
-    if not hasattr(nvidia_driver, "TMA_TF32"):
-        nvidia_driver.TMA_TF32 = 11
+    define_tma_tf32(nvidia_driver)  # before jax_triton's import, which needs it (jax_triton_shims)
     import jax_triton
+    from jax_triton import triton_lib
+
+    launch_with_compiled_warps(triton_lib)
 
     if saved is None:
         os.environ.pop("TRITON_CACHE_DIR", None)
