@@ -31,11 +31,19 @@ F32 = jnp.float32
 def _dot(a: jax.Array, b: jax.Array, spec: str, dtype: Any, out_dtype: Any = F32) -> jax.Array:
     """einsum(spec, a, b) with `dtype` operands and float32 accumulation, in `out_dtype`. A bfloat16 result is the
     matmul's own output type (the GEMM rounds its float32 accumulators once in its epilogue; XLA accumulates
-    bfloat16 products in float32): as a float32 result and a convert, it was written, read and written again."""
-    direct = jnp.dtype(dtype) == jnp.dtype(out_dtype) == jnp.bfloat16
+    bfloat16 products in float32): as a float32 result and a convert, it was written, read and written again.
+    Under a mesh of several devices the result stays float32 until summed: the partitioner may split the
+    contraction over devices (it does over fsdp), and bfloat16 partial sums would each be rounded first."""
+    direct = jnp.dtype(dtype) == jnp.dtype(out_dtype) == jnp.bfloat16 and not _on_devices()
     y = jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=out_dtype if direct else F32,
                    precision=matmul_precision(dtype))
     return y.astype(out_dtype)
+
+
+def _on_devices() -> bool:
+    """Whether this trace runs under a mesh of more than one device (`jax.set_mesh`, as the training loop's)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
 
 
 _SPECS = {  # w's layout -> (forward, dx, dw) einsum specs
