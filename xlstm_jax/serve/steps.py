@@ -95,7 +95,7 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
     last = len(model.backbone.blocks) - 1
     for index, (block, slots, start) in enumerate(zip(model.backbone.blocks, pool, state)):
         layer = block.mlstm_layer
-        q, k, v, o, i, f = layer.project(block.norm_mlstm(x, layer.config.compute_jnp_dtype))
+        q, k, v, o, i, f = layer.project(block.norm_mlstm(x))
         i, f = neutral_where_masked(i, f, keep)
         rows = [a[0, :M, None] for a in (q, k, v, i, f)]  # (M, 1, ...): one token per slot
         h_slots, slots = layer.cell(*rows, slots, backend=step_backend, chunk_size=None)
@@ -107,7 +107,7 @@ def decode_and_prefill(model: xLSTMLarge, tokens, active, pool, chunk, mask, sta
         else:
             h = jnp.concatenate([h_slots, h_chunk.astype(h_slots.dtype)], axis=2)
         x = x + layer.output(h, o)
-        x = x + block.ffn(block.norm_ffn(x, layer.config.compute_jnp_dtype))
+        x = x + block.ffn(block.norm_ffn(x))
         new_pool.append(slots)
         new_state.append(start)
     return model.head(x[0]), new_pool, new_state  # x holds the decode rows alone after the last block

@@ -28,7 +28,9 @@ NOT_INHERITED = ("output_dir", "resume", "progress", "lr_segments")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 REMAT_CHOICES = ("none", "block", "dots")  # what each block keeps for the backward (`xLSTMLarge.__call__`)
 LOSS_CHOICES = ("plain", "fused")  # the loss over the logits, or `xlstm_jax.train.losses` (no logits stored)
-WEIGHT_MODES = ("single", "fused")  # one projection per q, k, v, o gate and FFN half, or one GEMM each (the model's)
+# xLSTMLargeConfig's weight modes (one matmul per projection, or per group), named here again: this module imports no
+# jax, which the model's config does
+WEIGHT_MODES = ("single", "fused")
 # Gate-bias initialisation (input-gate bias, forget-gate bias range over the heads) when not given. MQAR's gives one
 # head short memory for the previous-token lookup the recall needs (the xLSTM-7B block has no convolution) and input
 # gates open from the start: the recall circuit forms within 250-500 steps, where the xLSTM-7B initialisation took

@@ -82,9 +82,8 @@ def _backward(x_dtype, w_dtype, w_layout, out_dtype, residuals, g):
     _, dx_spec, dw_spec = _SPECS[w_layout]
     dx = _dot(gb, wb, dx_spec, jnp.bfloat16, x_dtype)
     # no reshape: the leading axes may be sharded apart
-    dw = _dot(xb, gb, dw_spec, jnp.bfloat16, w_dtype) if w_layout == "kn" else _dot(gb, xb, dw_spec, jnp.bfloat16,
-                                                                                    w_dtype)
-    return dx, dw
+    lhs, rhs = (xb, gb) if w_layout == "kn" else (gb, xb)
+    return dx, _dot(lhs, rhs, dw_spec, jnp.bfloat16, w_dtype)
 
 
 _bf16_matmul.defvjp(_forward, _backward)

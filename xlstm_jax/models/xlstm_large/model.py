@@ -77,17 +77,16 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight (+ bias) over the last axis, formed in float32, in `out_dtype` (default
-    float32; `fused.rms_norm`)."""
+    """x * rsqrt(mean(x^2) + eps) * weight (+ bias) over the last axis, formed in float32, in `out_dtype` (the
+    model's norms: the compute dtype their projections cast to; `fused.rms_norm`)."""
 
-    def __init__(self, dim: int, *, eps: float, use_bias: bool, param_dtype: Any):
-        self.eps = eps
+    def __init__(self, dim: int, *, eps: float, use_bias: bool, param_dtype: Any, out_dtype: Any = F32):
+        self.eps, self.out_dtype = eps, jnp.dtype(out_dtype)
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array, out_dtype: Any = F32) -> jax.Array:
-        return rms_norm(x, self.weight[...], None if self.bias is None else self.bias[...], self.eps,
-                        jnp.dtype(out_dtype))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], None if self.bias is None else self.bias[...], self.eps, self.out_dtype)
 
 
 class MultiHeadLayerNorm(nnx.Module):
@@ -250,17 +249,16 @@ class mLSTMBlock(nnx.Module):
 
     def __init__(self, config: xLSTMLargeConfig, *, rngs: nnx.Rngs):
         c = config
-        norm = dict(eps=c.norm_eps, use_bias=c.use_bias, param_dtype=c.param_jnp_dtype)
+        norm = dict(eps=c.norm_eps, use_bias=c.use_bias, param_dtype=c.param_jnp_dtype, out_dtype=c.compute_jnp_dtype)
         self.norm_mlstm = RMSNorm(c.embedding_dim, **norm)
         self.mlstm_layer = mLSTMLayer(c, rngs=rngs)
         self.norm_ffn = RMSNorm(c.embedding_dim, **norm)
         self.ffn = FeedForward(c, rngs=rngs)
 
     def __call__(self, x: jax.Array, state: State | None = None, **kwargs: Any) -> tuple[jax.Array, State]:
-        dt = self.mlstm_layer.config.compute_jnp_dtype  # the norms' outputs feed projections in the compute dtype
-        y, state = self.mlstm_layer(self.norm_mlstm(x, dt), state=state, **kwargs)
+        y, state = self.mlstm_layer(self.norm_mlstm(x), state=state, **kwargs)
         x = x + y
-        return x + self.ffn(self.norm_ffn(x, dt)), state
+        return x + self.ffn(self.norm_ffn(x)), state
 
 
 class Embedding(nnx.Module):
@@ -283,7 +281,8 @@ class xLSTMBackbone(nnx.Module):
         self.embeddings = Embedding(c.vocab_size, c.embedding_dim, param_dtype=c.param_jnp_dtype, rngs=rngs)
         self.blocks = nnx.List([mLSTMBlock(c, rngs=rngs) for _ in range(c.num_blocks)])
         self.out_norm = (
-            RMSNorm(c.embedding_dim, eps=c.norm_eps, use_bias=c.use_bias, param_dtype=c.param_jnp_dtype)
+            RMSNorm(c.embedding_dim, eps=c.norm_eps, use_bias=c.use_bias, param_dtype=c.param_jnp_dtype,
+                    out_dtype=c.compute_jnp_dtype)
             if c.add_out_norm else None
         )
 
@@ -403,9 +402,9 @@ class xLSTMLarge(nnx.Module):
         """The last block's output x (..., D) float32 -> soft-capped logits (..., V) float32 (the final norm, then
         the LM head or the tied embedding)."""
         c = self.config
-        dt = c.compute_jnp_dtype
         if self.backbone.out_norm is not None:
-            x = self.backbone.out_norm(x, dt)
+            x = self.backbone.out_norm(x)
+        dt = c.compute_jnp_dtype
         if self.lm_head is None:
             logits = mixed_matmul(x, self.backbone.embeddings.weight[...], dt, w_layout="nk")
         else:
@@ -418,7 +417,7 @@ class xLSTMLarge(nnx.Module):
         `head(x)` is soft_cap(norm @ W^T) with compute-dtype operands; `xlstm_jax.train.losses` computes its loss
         from them."""
         if self.backbone.out_norm is not None:
-            x = self.backbone.out_norm(x, self.config.compute_jnp_dtype)
+            x = self.backbone.out_norm(x)
         weight = self.backbone.embeddings.weight[...] if self.lm_head is None else self.lm_head.kernel[...].T
         return x, weight
 
