@@ -19,12 +19,13 @@ compiled HLO (`hlo_op` of each event, or its kernel name) and summed per categor
 
 Also printed: device busy time (the union of the events' intervals) and the host gap (step time minus busy time, for
 both timings), per step, the kernels and op names (JAX name stacks) that take the most time, XLA's temporary memory
-and the device's peak memory, and the matmuls' rate: their floating-point operations (`bench.hlo.matmul_flops` of
-each kernel's HLO instruction: dots, GEMM custom calls, Triton GEMM fusions) over their device time, in all and per
-op name (the projections apart: `matmul_tflops`, `top_matmuls`). The JSON also lists the kernels matched to no
-HLO instruction ("unmapped", with their trace events' argument names): their scope is unknown, so their category
-comes from the kernel name alone (the fused loss's cuBLAS matmuls inside its scan counted as "matmul" on an H100
-that way) and their operations are not counted. On a CPU (`--tiny`) the
+and the device's peak memory, and the matmuls' rate: the module's matmul floating-point operations per step
+(`bench.hlo.module_matmul_flops`: dots, GEMM custom calls, Triton GEMM fusions, loop bodies times their trip
+counts) over the matmul kernels' device time (`matmul_tflops`), and per op name where an event names its HLO
+instruction (`top_matmuls`; None where it does not). The JSON also lists the kernels matched to no HLO instruction
+("unmapped", with their trace events' `hlo_op` and `tf_op`): their scope is unknown, so their category comes from
+the kernel name alone. On an H100 with jax 0.11.2 that was every cuBLAS and Triton custom call (the events carry a
+`cuda_graph_id`: XLA ran them from command buffers). On a CPU (`--tiny`) the
 events are XLA's CPU thunks, possibly on several threads at once and slowed down by the profiler: the categories
 are coarse there and the host gap meaningless.
 
@@ -42,7 +43,8 @@ import tempfile
 
 import jax
 
-from xlstm_jax.bench.hlo import MATMUL_KERNELS, busy_us, instruction_of, is_matmul, matmul_flops, op_name, parse_hlo
+from xlstm_jax.bench.hlo import (MATMUL_KERNELS, busy_us, instruction_of, is_matmul, matmul_flops, module_matmul_flops,
+                                 op_name, parse_hlo)
 from xlstm_jax.bench.measure import timing_stats
 from xlstm_jax.bench.trace import traced_events
 from xlstm_jax.train.benchmark import BACK_TO_BACK, SIZES, synthetic_step
@@ -104,7 +106,7 @@ def profile(args: argparse.Namespace) -> dict:
     per_category = collections.defaultdict(float)
     kernels, ops = collections.defaultdict(lambda: [0.0, 0]), collections.defaultdict(float)
     unmapped, unmapped_args = collections.defaultdict(float), {}
-    gemms = collections.defaultdict(lambda: [0.0, 0.0])  # matmul op name -> [ms, flops] per step
+    gemms = collections.defaultdict(lambda: [0.0, 0.0, True])  # matmul op name -> [ms, flops, flops known] a step
     for event in events:
         instruction = instruction_of(event, hlo)
         kind, scope = category(event, hlo, instruction)
@@ -113,9 +115,11 @@ def profile(args: argparse.Namespace) -> dict:
             gemm = gemms[re.sub(r"^jit\(train_step\)/", "", scope)[:120]]
             gemm[0] += ms
             gemm[1] += (matmul_flops(hlo, instruction) if instruction else 0) / args.steps
+            gemm[2] = gemm[2] and instruction is not None
         if instruction is None:  # no HLO instruction found: its scope is unknown
             unmapped[event["name"][:90]] += ms
-            unmapped_args.setdefault(event["name"][:90], sorted(event.get("args", {}))[:12])
+            unmapped_args.setdefault(event["name"][:90], {key: str(event.get("args", {}).get(key))[:120]
+                                                          for key in ("hlo_op", "tf_op", "hlo_module")})
         per_category[kind] += ms
         kernels[(event["name"][:90], kind)][0] += ms
         kernels[(event["name"][:90], kind)][1] += 1
@@ -142,9 +146,9 @@ def profile(args: argparse.Namespace) -> dict:
         "compile_s": compile_s, "temp_mb": memory.temp_size_in_bytes / 2**20,
         "peak_mb": None if not stats else stats.get("peak_bytes_in_use", 0) / 2**20,
         "events_per_step": len(events) / args.steps,
-        "matmul_tflops": sum(f for _, f in gemms.values()) / max(sum(m for m, _ in gemms.values()), 1e-9) / 1e9,
-        "top_matmuls": [{"op_name": o, "ms": ms, "tflops": flops / max(ms, 1e-9) / 1e9}
-                        for o, (ms, flops) in sorted(gemms.items(), key=lambda kv: -kv[1][0])[:args.top]],
+        "matmul_tflops": module_matmul_flops(hlo) / max(sum(g[0] for g in gemms.values()), 1e-9) / 1e9,
+        "top_matmuls": [{"op_name": o, "ms": ms, "tflops": flops / max(ms, 1e-9) / 1e9 if known else None}
+                        for o, (ms, flops, known) in sorted(gemms.items(), key=lambda kv: -kv[1][0])[:args.top]],
         "unmapped": [{"kernel": k, "ms": v, "event_args": unmapped_args[k]}
                      for k, v in sorted(unmapped.items(), key=lambda kv: -kv[1])[:args.top]],
     }
@@ -189,10 +193,11 @@ def main(argv=None) -> dict:
     print("top kernels:")
     for k in row["top_kernels"]:
         print(f"  {k['ms']:9.3f} ms  {k['calls']:5.0f}x  {k['category']:15s} {k['kernel']}")
-    print(f"matmuls: {row['matmul_tflops']:.1f} TFLOP/s over their device time (flops of the kernels matched to "
-          f"the HLO); by op name:")
+    print(f"matmuls: {row['matmul_tflops']:.1f} TFLOP/s (the module's matmul flops over their kernels' device time); "
+          f"by op name:")
     for m in row["top_matmuls"]:
-        print(f"  {m['ms']:9.3f} ms  {m['tflops']:7.1f} TFLOP/s  {m['op_name']}")
+        rate = "      ?" if m["tflops"] is None else f"{m['tflops']:7.1f}"
+        print(f"  {m['ms']:9.3f} ms  {rate} TFLOP/s  {m['op_name'] or '(no op name)'}")
     print("top op names:")
     for o in row["top_ops"]:
         print(f"  {o['ms']:9.3f} ms  {o['category']:15s} {o['op_name']}")

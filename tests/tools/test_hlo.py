@@ -1,12 +1,12 @@
 """The profilers' HLO table (xlstm_jax/bench/hlo.py): instructions, their name stacks, which are matmuls, and the
-floating-point operations of a dot, a cuBLAS GEMM custom call and a Triton GEMM fusion."""
+floating-point operations of a dot, a cuBLAS GEMM custom call and a Triton GEMM fusion, and of a whole module."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.bench.hlo import instruction_of, is_matmul, matmul_flops, op_name, parse_hlo
+from xlstm_jax.bench.hlo import instruction_of, is_matmul, matmul_flops, module_matmul_flops, op_name, parse_hlo
 
 # The shape of a GPU module's text (jax 0.11 on an H100): a cuBLAS GEMM custom call with a tuple result and its
 # dimension numbers in the JSON backend config, and an XLA Triton GEMM fusion whose computation holds the dot.
@@ -50,3 +50,17 @@ def test_a_compiled_module_s_dots_count_2mnk():
     flops = sorted(matmul_flops(hlo, name) for name, info in hlo.items()
                    if not name.startswith("computation:") and info["opcode"] == "dot")
     assert flops == [2 * 16 * 5 * 4, 2 * 16 * 4 * 16]
+
+
+def test_a_module_s_matmul_flops_count_loop_bodies_by_their_trip_counts():
+    """Five scanned matmuls and the costlier branch of a conditional: 6 x 2mnk. The profiler divides this by the
+    matmul kernels' device time where it cannot match GEMM events to instructions (command buffers on a GPU)."""
+    def f(x, w):
+        y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)
+        return jax.lax.cond(y.sum() > 0, lambda y: y @ w, lambda y: y, y)
+
+    hlo = parse_hlo(jax.jit(f).lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())
+    assert sorted(info["trip_count"] for name, info in hlo.items()
+                  if not name.startswith("computation:") and info["opcode"] == "while") == [5]
+    assert module_matmul_flops(hlo) == 6 * 2 * 8 * 16 * 16
+    assert module_matmul_flops(parse_hlo(GPU_TEXT)) == 2 * 64 * 48 * 32 + 2 * 4 * 16 * 8 * 32

@@ -15,14 +15,15 @@ _CONTRACTING = re.compile(r'lhs_contracting_dim(?:s=\{([\d,]*)\}|ensions"\s*:\s*
 def parse_hlo(text: str) -> dict[str, dict]:
     """Instruction name -> {opcode, op_name (JAX name stack), calls (called computations), target (custom-call
     target), computation, dims (of the result, or of a tuple result's first element), operands (names),
-    contracting (a dot's or GEMM custom call's lhs contracting dimensions, else None)} of a compiled module's HLO
-    text; computations under "computation:NAME" -> {instructions, root}."""
+    contracting (a dot's or GEMM custom call's lhs contracting dimensions, else None), body and trip_count (a while
+    loop's body computation and known trip count, else None)} of a compiled module's HLO text; computations under
+    "computation:NAME" -> {instructions, root, entry}."""
     table: dict[str, dict] = {}
     computation = None
     for line in text.splitlines():
         if line.rstrip().endswith("{") and " = " not in line:
             computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            table[f"computation:{computation}"] = {"instructions": [], "root": None}
+            table[f"computation:{computation}"] = {"instructions": [], "root": None, "entry": line.startswith("ENTRY")}
             continue
         match = _INSTRUCTION.match(line)
         if match is None or computation is None:
@@ -32,17 +33,26 @@ def parse_hlo(text: str) -> dict[str, dict]:
         target = re.search(r'custom_call_target="([^"]*)"', line)
         dims = re.search(r"\[([\d,]*)\]", shape)
         contracting = _CONTRACTING.search(line)
+        trips = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', line)
         table[name] = {"opcode": opcode, "op_name": stack[1] if stack else "",
-                       "calls": re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line),
+                       "calls": re.findall(r"(?:calls|body|condition|to_apply|true_computation|false_computation)"
+                                           r"=%?([\w.\-]+)", line) + _branches(line),
+                       "body": body[1] if (body := re.search(r"body=%?([\w.\-]+)", line)) else None,
                        "target": target[1] if target else "", "computation": computation,
                        "dims": [int(d) for d in dims[1].split(",") if d] if dims else [],
                        "operands": re.findall(r"%([\w.\-]+)", operands),
                        "contracting": None if contracting is None else
-                       [int(d) for d in re.findall(r"\d+", contracting[1] or contracting[2])]}
+                       [int(d) for d in re.findall(r"\d+", contracting[1] or contracting[2])],
+                       "trip_count": int(trips[1]) if trips else None}
         table[f"computation:{computation}"]["instructions"].append(name)
         if root:
             table[f"computation:{computation}"]["root"] = name
     return table
+
+
+def _branches(line: str) -> list[str]:
+    listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+    return re.findall(r"%?([\w.\-]+)", listed[1]) if listed else []
 
 
 def is_matmul(hlo: dict[str, dict], name: str, seen: set | None = None) -> bool:
@@ -74,6 +84,28 @@ def matmul_flops(hlo: dict[str, dict], name: str) -> int:
         return 0
     return sum(matmul_flops(hlo, inner) for called in info["calls"]
                for inner in hlo.get(f"computation:{called}", {}).get("instructions", ()))
+
+
+def module_matmul_flops(hlo: dict[str, dict]) -> int:
+    """Floating-point operations of the matmuls of one run of the module's entry computation: `matmul_flops` of
+    each instruction, a while loop's body times its known trip count (once where unknown), a conditional's
+    costliest branch. Needs no trace: where the profiler cannot tell which instruction an event ran (kernels
+    inside XLA's command buffers), the step's matmul rate is this over the matmul kernels' device time."""
+    def computation(name: str) -> int:
+        return sum(instruction(inner) for inner in hlo.get(f"computation:{name}", {}).get("instructions", ()))
+
+    def instruction(name: str) -> int:
+        info = hlo[name]
+        if info["opcode"] == "while":
+            return (info["trip_count"] or 1) * computation(info["body"])
+        if info["opcode"] == "conditional":
+            return max((computation(c) for c in info["calls"]), default=0)
+        if info["opcode"] == "call":
+            return sum(computation(c) for c in info["calls"])
+        return matmul_flops(hlo, name)
+
+    entries = [k.split(":", 1)[1] for k, v in hlo.items() if k.startswith("computation:") and v["entry"]]
+    return sum(computation(name) for name in entries)
 
 
 def op_name(hlo: dict[str, dict], name: str) -> str:
