@@ -12,18 +12,16 @@
 #                  REV xlstm_jax scripts | tar -x -C .ab_base`, carried; each tree runs its own script) and the
 #                  working tree, alternating, each size and tree in its own process: a before/after table within one
 #                  machine, with both trees' device time by category (SIZES: default 1.3b 125m; TREES: default base new)
-#                  and the working tree's compiled HLO (ab-new-SIZE.hlo: the fusions behind the kernel names)
-#      batches     profile_train.py (fused loss) at larger batches, each its own process: the 125M at B=16 and 32,
-#                  the 1.3B at B=12 and 16 (B=16 wants an H200's memory): issue 35 reports tokens/s and MFU at the
-#                  largest batch that fits (the optimizer's and the host's fixed cost per step spread over more tokens)
+#                  and the working tree's compiled HLO (ab-new-SIZE.hlo.xz: the fusions behind the kernel names)
+#      batches     profile_train.py (fused loss) at larger batches, each its own process: BATCHES (SIZE:ROWS, default
+#                  125m:16 125m:32 1.3b:12 1.3b:16; the 1.3B at B=16 wants an H200's memory): issue 35 reports tokens/s
+#                  and MFU at the largest batch that fits (the optimizer's and the host's fixed cost per step spread
+#                  over more tokens)
 #      flags       profile_train.py (fused loss) for the working tree with XLA_FLAGS=$FLAGS (e.g.
 #                  --xla_gpu_enable_triton_gemm=false), SIZES (default: 1.3b 125m) each in its own process
-#      queue       the sixth session's queue in one call, in this order while BUDGET_S lasts (each set in OUT_DIR/SET):
-#                  ab (SIZES 125m 1.3b), the working tree's fused weight mode (ab with TREES=new and EXTRA
-#                  --weight-mode fused, in OUT_DIR/weights), curve (TREES=new) and flags for the 125M: XLA's
-#                  block-level (Triton) rewriter of fusions such as the norms' row reductions, then its Triton
-#                  heroless fusions (both flags parse in jaxlib 0.10.2; an unknown one stops that run at once);
-#                  needs BASE_DIR
+#      queue       the queued measurements in one call, in this order while BUDGET_S lasts (each set in OUT_DIR/SET):
+#                  ab (SIZES 125m 1.3b: BASE_DIR against the working tree), batches (BATCHES: default 125m:32
+#                  1.3b:12), then peer; needs BASE_DIR
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
 #                  125M at B=8, S=2048, fused loss), for BASE_DIR and the working tree: the loss curves
 #                  (metrics.jsonl) of the same seed and data, copied to OUT_DIR as curve-base.jsonl, curve-new.jsonl
@@ -95,10 +93,11 @@ case "$set_name" in
         PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" run "ab-$tree-$size" 200 \
           python3 "$path/scripts/profile_train.py" --size "$size" --batch "$batch" --backend "$backend" --loss fused \
           --remat none --json "$out/ab-$tree-$size.json" "${hlo[@]}" ${EXTRA:-}
+        [ -f "$out/ab-new-$size.hlo" ] && xz -6 -f "$out/ab-new-$size.hlo"  # 12-22 MB of text, 0.5-0.7 MB packed
       done
     done ;;
   batches)
-    for run in 125m:16 125m:32 1.3b:12 1.3b:16; do
+    for run in ${BATCHES:-125m:16 125m:32 1.3b:12 1.3b:16}; do
       size=${run%:*} rows=${run#*:}
       run "batch-$size-$rows" 200 python3 scripts/profile_train.py --size "$size" --batch "$rows" --backend "$backend" \
         --loss fused --remat none --json "$out/batch-$size-$rows.json" ${EXTRA:-}
@@ -136,10 +135,8 @@ np.save('/tmp/stdlib_bytes.npy', np.frombuffer(b''.join(open(f, 'rb').read() for
       cat "$out/$dir/summary.txt" >> "$out/summary.txt" 2>/dev/null
     }
     sub ab ab
-    sub ab weights TREES=new EXTRA="${EXTRA:-} --weight-mode fused"
-    sub curve curve TREES=new
-    sub flags flags SIZES=125m FLAGS=--xla_gpu_experimental_enable_fusion_block_level_rewriter=true
-    sub flags flags-heroless SIZES=125m FLAGS=--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true ;;
+    sub batches batches BATCHES="${BATCHES:-125m:32 1.3b:12}"
+    sub peer peer ;;
   *)
     echo "unknown set $set_name: loss, remat, throughput, peer, ab, batches, flags, queue or curve" >&2
     exit 2 ;;
