@@ -7,13 +7,15 @@ Layouts as in fw_kernels; dC (BH, NC + 1, DHQK, DHHV) in the state-buffer dtype 
 dn (BH, NC + 1, DHQK) float32 hold the gradient w.r.t. each chunk-border state (index 0: the initial state, also
 written in float32 to dC_0 (BH, DHQK, DHHV)). dq, dk, dv are written in their output buffers' dtype (the gradient
 dtype) together with the float32 row dot products q_t·dq_t and k_t·dk_t (BH, S) the gate gradients need.
-No `tl.trans` of dot results anywhere: transposed operands are loaded transposed from memory.
+No `tl.trans` of dot results anywhere: transposed operands are loaded transposed from memory. TMA: the token tiles
+of q, k, v and dh through TMA tensor descriptors (tile_ops.token_rows, which the helpers below take as their rows;
+launch table field limit.tma), else pointer loads.
 """
 
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.triton.tile_ops import dot_in, log_decay
+from xlstm_jax.kernels.triton.tile_ops import dot_in, log_decay, row_tile, row_tile_t, token_rows
 
 
 @triton.jit
@@ -32,18 +34,18 @@ def _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC: tl.constexpr, L: tl.con
 
 @triton.jit
 def _rows_times_state_t(
-    X, norm, STATE, tok, rk, mk,
+    X, norm, STATE, t0, rk, mk,
     L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DIVIDE: tl.constexpr, dtype: tl.constexpr,
+    DIVIDE: tl.constexpr, dtype: tl.constexpr, TMA: tl.constexpr,
 ):
-    """(L, BK) float32 = X[tok, :] @ STATE[rk, :]^T over the DHHV axis, for rows X (S, DHHV) (divided by norm (L,)
-    first if DIVIDE: the dh / norm of the numerator cotangent) and one state STATE (DHQK, DHHV) loaded
-    transposed; operands rounded to `dtype`."""
+    """(L, BK) float32 = X[t0:t0+L, :] @ STATE[rk, :]^T over the DHHV axis, for the token rows X (S, DHHV) of
+    `token_rows` (divided by norm (L,) first if DIVIDE: the dh / norm of the numerator cotangent) and one state
+    STATE (DHQK, DHHV) loaded transposed; operands rounded to `dtype`."""
     acc = tl.zeros((L, BK), dtype=tl.float32)
     for jv in range(tl.cdiv(DHHV, BV)):
         rv = jv * BV + tl.arange(0, BV)
         mv = rv < DHHV
-        x = tl.load(X + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        x = row_tile(X, t0, jv * BV, DHHV, L, BV, TMA)
         if DIVIDE:
             x = x.to(tl.float32) / norm[:, None]
         s_t = tl.load(STATE + rk[None, :] * DHHV + rv[:, None], mask=mk[None, :] & mv[:, None], other=0.0)
@@ -53,24 +55,24 @@ def _rows_times_state_t(
 
 @triton.jit
 def _gradient_rows(
-    A, X, OUT, ROW_DOT, ds, coef, n_scale, ROWS, norm, STATE, VEC, tok,
+    A, X, OUT, ROW_DOT, ds, coef, n_scale, ROWS, norm, STATE, VEC, t0, tok,
     L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    QK_SCALE: tl.constexpr, DIVIDE: tl.constexpr, dtype: tl.constexpr,
+    QK_SCALE: tl.constexpr, DIVIDE: tl.constexpr, dtype: tl.constexpr, TMA: tl.constexpr,
 ):
-    """The q (or k) gradient rows of one chunk, block by block of DHQK: out = (ds @ A) · QK_SCALE +
-    coef · (ROWS @ STATEᵀ + n_scale · VEC) for the chunk's rows of A (S, DHQK) and ROWS (S, DHHV) (divided by norm
-    if DIVIDE), one state STATE (DHQK, DHHV) and VEC (DHQK,); stores out to OUT (S, DHQK) and the row dots
-    X_t·out_t to ROW_DOT (S,)."""
+    """The q (or k) gradient rows of one chunk (first token t0, token indices tok), block by block of DHQK: out = (ds @ A) ·
+    QK_SCALE + coef · (ROWS @ STATEᵀ + n_scale · VEC) for the token rows A (S, DHQK) and ROWS (S, DHHV) of
+    `token_rows` (ROWS divided by norm if DIVIDE), one state STATE (DHQK, DHHV) and VEC (DHQK,); stores out to
+    OUT (S, DHQK) and the row dots X_t·out_t (X: the token rows of q or k) to ROW_DOT (S,)."""
     row_dot = tl.zeros((L,), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
         rk = jk * BK + tl.arange(0, BK)
         mk = rk < DHQK
-        a = tl.load(A + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        a = row_tile(A, t0, jk * BK, DHQK, L, BK, TMA)
         out = dot_in(ds, a, dtype) * QK_SCALE
-        rs = _rows_times_state_t(ROWS, norm, STATE, tok, rk, mk, L, DHQK, DHHV, BK, BV, DIVIDE, dtype)
+        rs = _rows_times_state_t(ROWS, norm, STATE, t0, rk, mk, L, DHQK, DHHV, BK, BV, DIVIDE, dtype, TMA)
         vec = tl.load(VEC + rk, mask=mk, other=0.0)
         out += coef[:, None] * (rs + n_scale[:, None] * vec[None, :])
-        x = tl.load(X + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+        x = row_tile(X, t0, jk * BK, DHQK, L, BK, TMA)
         row_dot += tl.sum(x.to(tl.float32) * out, axis=1)
         tl.store(OUT + tok[:, None] * DHQK + rk[None, :], out.to(OUT.dtype.element_ty), mask=mk[None, :])
     tl.store(ROW_DOT + tok, row_dot)
@@ -81,7 +83,7 @@ def mlstm_bw_dq_kernel(
     Q, K, V, DH, VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL,
     DQ, QDQ,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """Grid (BH, NC): dq of one chunk and q_t·dq_t, rows = query positions t."""
     bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
@@ -89,22 +91,22 @@ def mlstm_bw_dq_kernel(
     m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
     state = bh * NS + kc
     dtype = K.dtype.element_ty
+    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
+    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
 
     dp = tl.zeros((L, L), dtype=tl.float32)
     for jv in range(tl.cdiv(DHHV, BV)):
-        rv = jv * BV + tl.arange(0, BV)
-        mv = rv < DHHV
-        dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-        v_t = tl.load(V + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
+        dh = row_tile(dh_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
+        v_t = row_tile_t(v_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
         dp += dot_in(dh.to(tl.float32) / norm[:, None], v_t, dtype)
     causal = rt[:, None] >= rt[None, :]
     log_d = log_decay(b[:, None], b[None, :], (ig - bl)[None, :], causal)
     ds = (dp + dden[:, None]) * tl.exp(log_d - (m_t - bl)[:, None])
     inter = tl.exp(b + m_prev - m_t) * QK_SCALE
 
-    _gradient_rows(K + bh * S * DHQK, Q + bh * S * DHQK, DQ + bh * S * DHQK, QDQ + bh * S, ds, inter, dden,
-                   DH + bh * S * DHHV, norm, C_ALL + state * DHQK * DHHV, N_ALL + state * DHQK, tok, L, DHQK, DHHV,
-                   BK, BV, QK_SCALE, True, dtype)
+    _gradient_rows(token_rows(K, bh, S, DHQK, L, BK, TMA), token_rows(Q, bh, S, DHQK, L, BK, TMA),
+                   DQ + bh * S * DHQK, QDQ + bh * S, ds, inter, dden, dh_rows, norm, C_ALL + state * DHQK * DHHV,
+                   N_ALL + state * DHQK, kc * L, tok, L, DHQK, DHHV, BK, BV, QK_SCALE, True, dtype, TMA)
 
 
 @triton.jit
@@ -112,7 +114,7 @@ def mlstm_bw_dkdv_kernel(
     Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL,
     DK, DV, KDK,
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """Grid (BH, NC): dk, dv and k_s·dk_s of one chunk, rows = key positions s (all L x L tiles built
     transposed)."""
@@ -121,20 +123,20 @@ def mlstm_bw_dkdv_kernel(
     abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
     state = bh * (NC + 1) + kc + 1
     dtype = K.dtype.element_ty
+    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
+    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
+    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
 
     s_t = tl.zeros((L, L), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
-        rk = jk * BK + tl.arange(0, BK)
-        mk = rk < DHQK
-        k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        q_t = tl.load(Q + bh * S * DHQK + tok[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        k = row_tile(k_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
+        q_t = row_tile_t(q_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
         s_t += tl.dot(k, q_t, input_precision="ieee")
     dp_t = tl.zeros((L, L), dtype=tl.float32)
     for jv in range(tl.cdiv(DHHV, BV)):
-        rv = jv * BV + tl.arange(0, BV)
-        mv = rv < DHHV
-        v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
-        dh_t = tl.load(DH + bh * S * DHHV + tok[None, :] * DHHV + rv[:, None], mask=mv[:, None], other=0.0)
+        v = row_tile(v_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
+        dh_t = row_tile_t(dh_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
         dp_t += dot_in(v, dh_t.to(tl.float32) / norm[None, :], dtype)
     causal_t = rt[None, :] >= rt[:, None]
     log_d_t = log_decay(b[None, :], b[:, None], (ig - bl)[:, None], causal_t)
@@ -142,20 +144,20 @@ def mlstm_bw_dkdv_kernel(
     ds_t = (dp_t + dden[None, :]) * d_t
     sd_t = s_t * QK_SCALE * d_t
 
-    _gradient_rows(Q + bh * S * DHQK, K + bh * S * DHQK, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar,
-                   tl.full((L,), 1.0, tl.float32), V + bh * S * DHHV, norm, DC_ALL + state * DHQK * DHHV,
-                   DN_ALL + state * DHQK, tok, L, DHQK, DHHV, BK, BV, QK_SCALE, False, dtype)
+    _gradient_rows(q_rows, k_rows, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar, tl.full((L,), 1.0, tl.float32),
+                   v_rows, norm, DC_ALL + state * DHQK * DHHV, DN_ALL + state * DHQK, kc * L, tok, L, DHQK, DHHV,
+                   BK, BV, QK_SCALE, False, dtype, TMA)
 
     for jv in range(tl.cdiv(DHHV, BV)):
         rv = jv * BV + tl.arange(0, BV)
         mv = rv < DHHV
-        dh = tl.load(DH + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+        dh = row_tile(dh_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
         dv = dot_in(sd_t, dh.to(tl.float32) / norm[:, None], dtype)
         kdc = tl.zeros((L, BV), dtype=tl.float32)
         for jk in range(tl.cdiv(DHQK, BK)):
             rk = jk * BK + tl.arange(0, BK)
             mk = rk < DHQK
-            k = tl.load(K + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
+            k = row_tile(k_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
             dc = tl.load(
                 DC_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :],
                 mask=mk[:, None] & mv[None, :], other=0.0,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.triton.core import KernelConfig, Operands, block, gradient_consts, output_consts
+from xlstm_jax.kernels.triton.core import KernelConfig, Operands, block, gradient_consts, output_consts, tma_rows
 from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
 from xlstm_jax.kernels.triton.limit.bw_kernels import mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel
 from xlstm_jax.kernels.triton.limit.fw_kernels import mlstm_fw_parallel_kernel
@@ -19,7 +19,8 @@ from xlstm_jax.kernels.triton.limit.fw_kernels import mlstm_fw_parallel_kernel
 class LimitLaunch(LaunchParams):
     """Launch of the limit per-chunk kernels, the table's "limit" section: the head-dim tile of the reductions
     (block) and of the output's DHHV columns (out_v_block); warps at L <= 64 and at L = 128, pipelining stages, and
-    the warps of the dq kernel. Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16 at
+    the warps of the dq kernel, and whether the q, k, v and dh tiles are read through TMA tensor descriptors (tma;
+    where the GPU, toolchain and row strides allow: core.tma_rows). Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16 at
     L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and the
     stage sweeps reject any candidate whose results deviate)."""
 
@@ -29,6 +30,7 @@ class LimitLaunch(LaunchParams):
     warps_l128: int = param("warps")
     stages: int = param("stages")
     dq_warps: int = param("warps")
+    tma: int = param("flag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +59,12 @@ class LimitFamily:
         outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), jnp.float32),
                 jax.ShapeDtypeStruct((BH, S), jnp.float32)]
         return launch(mlstm_fw_parallel_kernel, x.output_inputs(), outs, grid=(S // cfg.chunk_size, -(-DHHV // BV)),
-                      BV=BV, **self._run(cfg, p), **output_consts(x, cfg, p))
+                      BV=BV, TMA=bool(p.tma) and tma_rows(x.q, x.k, x.v), **self._run(cfg, p), **output_consts(x, cfg, p))
 
     def input_gradients(self, x: Operands, cfg: KernelConfig, p: LimitLaunch, grad_dtypes):
         BH, S, DHQK, DHHV = x.dims
         NC = S // cfg.chunk_size
-        consts = gradient_consts(x, cfg, p)
+        consts = dict(gradient_consts(x, cfg, p), TMA=bool(p.tma) and tma_rows(x.q, x.k, x.v, x.dh))
         dq, dk = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
         dv = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
         row = jax.ShapeDtypeStruct((BH, S), jnp.float32)

@@ -6,13 +6,14 @@ gate cumsums (chunk_math.chunk_gates); states C (BH, NS, DHQK, DHHV) in the stat
 for float16), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k: state before chunk k, index NC: last state) or
 NS = NC (last state sliced off); m (BH, NC + 1) float32.
 The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
-Addressing: every per-(b, h) base offset is int64.
+Addressing: every per-(b, h) base offset is int64. TMA: the q, k and v tiles through TMA tensor descriptors
+(tile_ops.token_rows; launch table field limit.tma), else pointer loads.
 """
 
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.triton.tile_ops import dot_in, finite_values, log_decay, normalized
+from xlstm_jax.kernels.triton.tile_ops import dot_in, finite_values, log_decay, normalized, row_tile, row_tile_t, token_rows
 
 
 @triton.jit
@@ -21,7 +22,7 @@ def mlstm_fw_parallel_kernel(
     H, DEN, M_OUT,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
-    STABILIZE_CORRECTLY: tl.constexpr, MAX_STATE: tl.constexpr = True,
+    STABILIZE_CORRECTLY: tl.constexpr, MAX_STATE: tl.constexpr = True, TMA: tl.constexpr = False,
 ):
     """Grid (BH, NC, cdiv(DHHV, BV)): the (L, BV) output tile of one chunk, intra-chunk L x L tile in registers.
     A NaN or inf in any input at token s reaches no earlier token: every chunk takes the careful path of tile_ops
@@ -40,6 +41,8 @@ def mlstm_fw_parallel_kernel(
     tok = kc * L + rt
     state = bh * NS + kc
     dtype = Q.dtype.element_ty
+    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
 
     s_qk = tl.zeros((L, L), dtype=tl.float32)
     qc = tl.zeros((L, BV), dtype=tl.float32)
@@ -47,8 +50,8 @@ def mlstm_fw_parallel_kernel(
     for jk in range(tl.cdiv(DHQK, BK)):
         rk = jk * BK + tl.arange(0, BK)
         mk = rk < DHQK
-        q = tl.load(Q + bh * S * DHQK + tok[:, None] * DHQK + rk[None, :], mask=mk[None, :], other=0.0)
-        k_t = tl.load(K + bh * S * DHQK + tok[None, :] * DHQK + rk[:, None], mask=mk[:, None], other=0.0)
+        q = row_tile(q_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
+        k_t = row_tile_t(k_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
         c = tl.load(
             C_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0
         )
@@ -70,7 +73,7 @@ def mlstm_fw_parallel_kernel(
         m_s = m_prev - tl.load(VEC_BL + bh * S + tok)
     s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_s[:, None])
     inter = tl.exp(b + m_prev - m_s) * QK_SCALE
-    v = tl.load(V + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], mask=mv[None, :], other=0.0)
+    v = row_tile(token_rows(V, bh, S, DHHV, L, BV, TMA), kc * L, iv * BV, DHHV, L, BV, TMA)
     s_bar = tl.where(causal, s_bar, 0.0)
     v, hit = finite_values(v, causal)
     num = inter[:, None] * qc + dot_in(s_bar, v, dtype)

@@ -1,7 +1,8 @@
-"""The state recurrences reading their token tiles (k, v forward; q, dh backward) through TMA tensor descriptors
-(launch table field recurrent.tma): through Triton's interpreter on CPU, both families, against the float64
-reference (outputs, last states, gradients of all eight inputs) where the head dims end inside a tile (the
-descriptor reads zeros past them) and with sequence groups; and which rows may take descriptors on a GPU."""
+"""Token tiles read through TMA tensor descriptors: the state recurrences' (k, v forward; q, dh backward; launch
+table field recurrent.tma) and the limit family's per-chunk kernels' (q, k, v, dh; limit.tma). Through Triton's
+interpreter on CPU against the float64 reference (outputs, last states, gradients of all eight inputs) where the
+head dims end inside a tile (the descriptor reads zeros past them) and with sequence groups; which rows may take
+descriptors on a GPU; and on the GPU at the 16-head and 7B head dims."""
 
 import jax.numpy as jnp
 import pytest
@@ -33,6 +34,19 @@ def test_descriptor_reads_match_the_float64_reference(family, programs):
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
 
 
+@pytest.mark.parametrize("recurrent_tma", [0, 1])
+def test_limit_chunk_descriptor_reads_match_the_float64_reference(recurrent_tma):
+    """limit.tma: the forward output, dq and dk/dv kernels read q, k, v and dh through descriptors. DHQK = 24 and
+    DHHV = 40 in 16-wide tiles (the last tile of each half outside the head dims), 250 tokens in chunks of 16."""
+    x = make_inputs(13, 1, 2, 250, 24, 40, with_state=True)
+    w = make_weights(13, x)
+    cfg = triton_families.config("limit", 16, "float32").with_launch(
+        {"limit.tma": 1, "limit.block": 16, "limit.out_v_block": 16, "recurrent.tma": recurrent_tma,
+         "recurrent.block": 16})
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
+
+
 def test_rows_take_descriptors_only_at_16_byte_strides():
     """A descriptor's rows must start at multiples of 16 bytes: bf16 rows of 24 elements (48 bytes) may, of 20 (40
     bytes) may not; float32 rows of 20 (80 bytes) may."""
@@ -43,13 +57,14 @@ def test_rows_take_descriptors_only_at_16_byte_strides():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["limit", "xl"])
+@pytest.mark.parametrize("family, launch", [("limit", {"recurrent.tma": 1}), ("xl", {"recurrent.tma": 1}),
+                                            ("limit", {"limit.tma": 1}), ("limit", {"recurrent.tma": 1, "limit.tma": 1})])
 @pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
-def test_descriptor_reads_on_gpu_match_the_float64_reference(family, DHQK, DHHV):
+def test_descriptor_reads_on_gpu_match_the_float64_reference(family, launch, DHQK, DHHV):
     """float32 at the 16-head and 7B head dims, 1,024 tokens in four sequence groups: outputs, last states and every
     gradient as tight as the pointer loads' GPU parity tests."""
     x = make_inputs(12, 1, 2, 1024, DHQK, DHHV, with_state=True)
     w = make_weights(12, x)
-    cfg = triton_families.config(family, 64, "float32").with_launch({"recurrent.tma": 1, "recurrent.programs": 64})
+    cfg = triton_families.config(family, 64, "float32").with_launch({**launch, "recurrent.programs": 64})
     out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-4, bw_tol=1e-3)
