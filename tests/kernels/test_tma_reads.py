@@ -58,7 +58,8 @@ def test_rows_take_descriptors_only_at_16_byte_strides():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family, launch", [("limit", {"recurrent.tma": 1}), ("xl", {"recurrent.tma": 1}),
-                                            ("limit", {"limit.tma": 1}), ("limit", {"recurrent.tma": 1, "limit.tma": 1})])
+                                            ("limit", {"limit.tma": 1}),
+                                            ("limit", {"recurrent.tma": 1, "limit.tma": 1})])
 @pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
 def test_descriptor_reads_on_gpu_match_the_float64_reference(family, launch, DHQK, DHHV):
     """float32 at the 16-head and 7B head dims, 1,024 tokens in four sequence groups: outputs, last states and every

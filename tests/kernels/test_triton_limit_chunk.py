@@ -19,12 +19,14 @@ from tests.support.helpers import (
     output_and_grad_dtypes,
     outputs_and_grads,
     reference_outputs_and_grads,
+    triton_core_fn,
 )
 from xlstm_jax.kernels.mlstm_chunkwise.triton_stablef.triton_fwbw import (
     _get_chunkwise_fwbw_kernel,
     _mlstm_chunkwise_fwbw_generator,
     mlstm_chunkwise_triton_stablef,
 )
+from xlstm_jax.kernels.triton import families as triton_families
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.triton_kernels import (
     BackendNameType,
@@ -55,6 +57,25 @@ def test_matches_float64_reference(B, NH, S, DHQK, DHHV, L, with_state):
     out, grads = outputs_and_grads(_limit_chunk(chunk_size=L), x, w)
     ref_out, ref_grads = reference_outputs_and_grads(x, w)
     assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=2e-5, bw_tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "NH, S, DHQK, DHHV, L, launch",
+    [
+        (2, 40, 24, 40, 16, {"limit.block": 16}),  # head dims ending inside 16-wide tiles, S not a multiple of L
+        (3, 64, 16, 32, 32, {}),  # several heads and chunks
+        (1, 40, 24, 40, 16, {"limit.block": 16, "limit.tma": 1}),  # with descriptor reads
+    ],
+)
+def test_one_backward_kernel_matches_the_float64_reference(NH, S, DHQK, DHHV, L, launch):
+    """limit.fused_bw: dq, dk and dv from one kernel (dq's score cotangent the transpose of dk's): outputs, last
+    states and the gradients of all eight inputs, with initial states."""
+    x = make_inputs(5, 1, NH, S, DHQK, DHHV, with_state=True)
+    w = make_weights(5, x)
+    cfg = triton_families.config("limit", L, "float32").with_launch({"limit.fused_bw": 1, **launch})
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
 
 
 @pytest.mark.slow
@@ -191,6 +212,18 @@ def test_gpu_parity_realistic_shape(dtype, fw_tol, bw_tol):
         ref_out, ref_grads = reference_outputs_and_grads(small, w)
         assert_matches_reference(out, grads, ref_out, ref_grads, fw_tol=fw_tol, bw_tol=bw_tol)
     assert_normalized_loss_grads_match(_limit_chunk(chunk_size=64, autocast_kernel_dtype=None), small, w["h"], bw_tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
+def test_gpu_one_backward_kernel_matches_the_float64_reference(DHQK, DHHV):
+    """limit.fused_bw at the 16-head and 7B head dims, float32, L = 64: every gradient as tight as the two-kernel
+    backward's GPU parity test."""
+    x = make_inputs(6, 1, 2, 1024, DHQK, DHHV, with_state=True)
+    w = make_weights(6, x)
+    cfg = triton_families.config("limit", 64, "float32").with_launch({"limit.fused_bw": 1})
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-4, bw_tol=1e-3)
 
 
 @pytest.mark.gpu

@@ -157,6 +157,12 @@ class Operands(NamedTuple):
         return [self.q, self.k, self.v, self.dh, vec_b, vec_bl, vec_a, self.i, self.m_out, self.norm, self.dden,
                 self.m_all, self.dc_all, self.dn_all]
 
+    def gradient_inputs(self) -> list[jax.Array]:
+        """The inputs of a kernel forming dq, dk and dv at once: dkdv_inputs' with c_in, n_in before m_all."""
+        vec_b, vec_bl, vec_a, _ = self.gates
+        return [self.q, self.k, self.v, self.dh, vec_b, vec_bl, vec_a, self.i, self.m_out, self.norm, self.dden,
+                self.c_in, self.n_in, self.m_all, self.dc_all, self.dn_all]
+
 
 class TritonFamily(Protocol):
     """The per-chunk kernels of a Triton chunkwise family; everything else (padding, gates, state recurrences,

@@ -1,5 +1,5 @@
-"""Backward per-chunk Triton kernels of the limit-chunk family, dq and dk/dv (the exact gradient of docs/math.md;
-the state cotangents: ../recurrence_kernels.py).
+"""Backward per-chunk Triton kernels of the limit-chunk family, dq and dk/dv, or all three in one kernel (the exact
+gradient of docs/math.md; the state cotangents: ../recurrence_kernels.py).
 
 The denominator is differentiated as an extra value column of ones: the output cotangent is
 (dh / norm, dden) with norm = max(|den|, lower) + eps and dden from common.output_cotangents (BH, S) float32.
@@ -7,7 +7,8 @@ Layouts as in fw_kernels; dC (BH, NC + 1, DHQK, DHHV) in the state-buffer dtype 
 dn (BH, NC + 1, DHQK) float32 hold the gradient w.r.t. each chunk-border state (index 0: the initial state, also
 written in float32 to dC_0 (BH, DHQK, DHHV)). dq, dk, dv are written in their output buffers' dtype (the gradient
 dtype) together with the float32 row dot products q_t·dq_t and k_t·dk_t (BH, S) the gate gradients need.
-No `tl.trans` of dot results anywhere: transposed operands are loaded transposed from memory. TMA: the token tiles
+The dq and dk/dv kernels transpose no dot result (transposed operands are loaded transposed from memory); the
+kernel of all three transposes the score cotangent once, for dq. TMA: the token tiles
 of q, k, v and dh through TMA tensor descriptors (tile_ops.token_rows, which the helpers below take as their rows;
 launch table field limit.tma), else pointer loads.
 """
@@ -59,10 +60,10 @@ def _gradient_rows(
     L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     QK_SCALE: tl.constexpr, DIVIDE: tl.constexpr, dtype: tl.constexpr, TMA: tl.constexpr,
 ):
-    """The q (or k) gradient rows of one chunk (first token t0, token indices tok), block by block of DHQK: out = (ds @ A) ·
-    QK_SCALE + coef · (ROWS @ STATEᵀ + n_scale · VEC) for the token rows A (S, DHQK) and ROWS (S, DHHV) of
-    `token_rows` (ROWS divided by norm if DIVIDE), one state STATE (DHQK, DHHV) and VEC (DHQK,); stores out to
-    OUT (S, DHQK) and the row dots X_t·out_t (X: the token rows of q or k) to ROW_DOT (S,)."""
+    """The q (or k) gradient rows of one chunk (first token t0, token indices tok), block by block of DHQK:
+    out = (ds @ A) · QK_SCALE + coef · (ROWS @ STATEᵀ + n_scale · VEC) for the token rows A (S, DHQK) and
+    ROWS (S, DHHV) of `token_rows` (ROWS divided by norm if DIVIDE), one state STATE (DHQK, DHHV) and VEC (DHQK,);
+    stores out to OUT (S, DHQK) and the row dots X_t·out_t (X: the token rows of q or k) to ROW_DOT (S,)."""
     row_dot = tl.zeros((L,), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
         rk = jk * BK + tl.arange(0, BK)
@@ -76,6 +77,56 @@ def _gradient_rows(
         row_dot += tl.sum(x.to(tl.float32) * out, axis=1)
         tl.store(OUT + tok[:, None] * DHQK + rk[None, :], out.to(OUT.dtype.element_ty), mask=mk[None, :])
     tl.store(ROW_DOT + tok, row_dot)
+
+
+@triton.jit
+def _value_gradient_rows(
+    K_ROWS, DH_ROWS, OUT, sd_t, abar, norm, DSTATE, t0, tok,
+    L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    dtype: tl.constexpr, TMA: tl.constexpr,
+):
+    """The v gradient rows of one chunk, block by block of DHHV: out = sd_t @ (dh / norm) + abar · (k @ dC) for the
+    token rows of k and dh (`token_rows`) and the cotangent DSTATE (DHQK, DHHV) of the state after the chunk;
+    stores out to OUT (S, DHHV)."""
+    for jv in range(tl.cdiv(DHHV, BV)):
+        rv = jv * BV + tl.arange(0, BV)
+        mv = rv < DHHV
+        dh = row_tile(DH_ROWS, t0, jv * BV, DHHV, L, BV, TMA)
+        dv = dot_in(sd_t, dh.to(tl.float32) / norm[:, None], dtype)
+        kdc = tl.zeros((L, BV), dtype=tl.float32)
+        for jk in range(tl.cdiv(DHQK, BK)):
+            rk = jk * BK + tl.arange(0, BK)
+            mk = rk < DHQK
+            k = row_tile(K_ROWS, t0, jk * BK, DHQK, L, BK, TMA)
+            dc = tl.load(DSTATE + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            kdc += dot_in(k, dc, dtype)
+        dv += abar[:, None] * kdc
+        tl.store(OUT + tok[:, None] * DHHV + rv[None, :], dv.to(OUT.dtype.element_ty), mask=mv[None, :])
+
+
+@triton.jit
+def _transposed_tiles(
+    Q_ROWS, K_ROWS, V_ROWS, DH_ROWS, t0, rt, b, bl, ig, m_t, norm, dden,
+    L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QK_SCALE: tl.constexpr, dtype: tl.constexpr, TMA: tl.constexpr,
+):
+    """The chunk's (L, L) tiles with key positions s as rows and query positions t as columns, float32: the score
+    cotangent ds_t = (v_s·dh_t / norm_t + dden_t) · D_ts and the weighted scores sd_t = (k_s·q_t) · QK_SCALE ·
+    D_ts, with D_ts = exp(F_ts + i_s - m_t) on the causal entries (t >= s) and 0 elsewhere."""
+    s_t = tl.zeros((L, L), dtype=tl.float32)
+    for jk in range(tl.cdiv(DHQK, BK)):
+        k = row_tile(K_ROWS, t0, jk * BK, DHQK, L, BK, TMA)
+        q_t = row_tile_t(Q_ROWS, t0, jk * BK, DHQK, L, BK, TMA)
+        s_t += tl.dot(k, q_t, input_precision="ieee")
+    dp_t = tl.zeros((L, L), dtype=tl.float32)
+    for jv in range(tl.cdiv(DHHV, BV)):
+        v = row_tile(V_ROWS, t0, jv * BV, DHHV, L, BV, TMA)
+        dh_t = row_tile_t(DH_ROWS, t0, jv * BV, DHHV, L, BV, TMA)
+        dp_t += dot_in(v, dh_t.to(tl.float32) / norm[None, :], dtype)
+    causal_t = rt[None, :] >= rt[:, None]
+    log_d_t = log_decay(b[None, :], b[:, None], (ig - bl)[:, None], causal_t)
+    d_t = tl.exp(log_d_t - (m_t - bl)[None, :])
+    return (dp_t + dden[None, :]) * d_t, s_t * QK_SCALE * d_t
 
 
 @triton.jit
@@ -127,41 +178,48 @@ def mlstm_bw_dkdv_kernel(
     k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
     v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
     dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
-
-    s_t = tl.zeros((L, L), dtype=tl.float32)
-    for jk in range(tl.cdiv(DHQK, BK)):
-        k = row_tile(k_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
-        q_t = row_tile_t(q_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
-        s_t += tl.dot(k, q_t, input_precision="ieee")
-    dp_t = tl.zeros((L, L), dtype=tl.float32)
-    for jv in range(tl.cdiv(DHHV, BV)):
-        v = row_tile(v_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
-        dh_t = row_tile_t(dh_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
-        dp_t += dot_in(v, dh_t.to(tl.float32) / norm[None, :], dtype)
-    causal_t = rt[None, :] >= rt[:, None]
-    log_d_t = log_decay(b[None, :], b[:, None], (ig - bl)[:, None], causal_t)
-    d_t = tl.exp(log_d_t - (m_t - bl)[None, :])
-    ds_t = (dp_t + dden[None, :]) * d_t
-    sd_t = s_t * QK_SCALE * d_t
+    ds_t, sd_t = _transposed_tiles(q_rows, k_rows, v_rows, dh_rows, kc * L, rt, b, bl, ig, m_t, norm, dden, L, DHQK,
+                                   DHHV, BK, BV, QK_SCALE, dtype, TMA)
 
     _gradient_rows(q_rows, k_rows, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar, tl.full((L,), 1.0, tl.float32),
                    v_rows, norm, DC_ALL + state * DHQK * DHHV, DN_ALL + state * DHQK, kc * L, tok, L, DHQK, DHHV,
                    BK, BV, QK_SCALE, False, dtype, TMA)
 
-    for jv in range(tl.cdiv(DHHV, BV)):
-        rv = jv * BV + tl.arange(0, BV)
-        mv = rv < DHHV
-        dh = row_tile(dh_rows, kc * L, jv * BV, DHHV, L, BV, TMA)
-        dv = dot_in(sd_t, dh.to(tl.float32) / norm[:, None], dtype)
-        kdc = tl.zeros((L, BV), dtype=tl.float32)
-        for jk in range(tl.cdiv(DHQK, BK)):
-            rk = jk * BK + tl.arange(0, BK)
-            mk = rk < DHQK
-            k = row_tile(k_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
-            dc = tl.load(
-                DC_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :],
-                mask=mk[:, None] & mv[None, :], other=0.0,
-            )
-            kdc += dot_in(k, dc, dtype)
-        dv += abar[:, None] * kdc
-        tl.store(DV + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], dv.to(DV.dtype.element_ty), mask=mv[None, :])
+    _value_gradient_rows(k_rows, dh_rows, DV + bh * S * DHHV, sd_t, abar, norm, DC_ALL + state * DHQK * DHHV, kc * L,
+                         tok, L, DHQK, DHHV, BK, BV, dtype, TMA)
+
+
+@triton.jit
+def mlstm_bw_gradients_kernel(
+    Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL, DC_ALL, DN_ALL,
+    DQ, DK, DV, QDQ, KDK,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, TMA: tl.constexpr = False,
+):
+    """Grid (BH, NC): dq, dk, dv, q_t·dq_t and k_s·dk_s of one chunk in one program (launch table field
+    limit.fused_bw), from the transposed tiles of the dk/dv kernel: dq's score cotangent is ds_t transposed, so
+    the q, k, v and dh tiles are read once and the (L, L) tile v·dhᵀ is formed once, where the dq and dk/dv
+    kernels each read and formed them."""
+    bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
+    S: tl.constexpr = NC * L
+    dtype = K.dtype.element_ty
+    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
+    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
+    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
+    ds_t, sd_t = _transposed_tiles(q_rows, k_rows, v_rows, dh_rows, kc * L, rt, b, bl, ig, m_t, norm, dden, L, DHQK,
+                                   DHHV, BK, BV, QK_SCALE, dtype, TMA)
+
+    after = bh * (NC + 1) + kc + 1  # the cotangent of the state after the chunk (dk, dv)
+    abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + after))
+    _gradient_rows(q_rows, k_rows, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar, tl.full((L,), 1.0, tl.float32),
+                   v_rows, norm, DC_ALL + after * DHQK * DHHV, DN_ALL + after * DHQK, kc * L, tok, L, DHQK, DHHV,
+                   BK, BV, QK_SCALE, False, dtype, TMA)
+    _value_gradient_rows(k_rows, dh_rows, DV + bh * S * DHHV, sd_t, abar, norm, DC_ALL + after * DHQK * DHHV, kc * L,
+                         tok, L, DHQK, DHHV, BK, BV, dtype, TMA)
+
+    before = bh * NS + kc  # the state before the chunk (dq)
+    inter = tl.exp(b + tl.load(M_ALL + bh * (NC + 1) + kc) - m_t) * QK_SCALE
+    _gradient_rows(k_rows, q_rows, DQ + bh * S * DHQK, QDQ + bh * S, tl.trans(ds_t), inter, dden, dh_rows, norm,
+                   C_ALL + before * DHQK * DHHV, N_ALL + before * DHQK, kc * L, tok, L, DHQK, DHHV, BK, BV,
+                   QK_SCALE, True, dtype, TMA)

@@ -11,18 +11,20 @@ import jax.numpy as jnp
 from xlstm_jax.kernels.launch import launch
 from xlstm_jax.kernels.triton.core import KernelConfig, Operands, block, gradient_consts, output_consts, tma_rows
 from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
-from xlstm_jax.kernels.triton.limit.bw_kernels import mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel
+from xlstm_jax.kernels.triton.limit.bw_kernels import (mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel,
+                                                       mlstm_bw_gradients_kernel)
 from xlstm_jax.kernels.triton.limit.fw_kernels import mlstm_fw_parallel_kernel
 
 
 @dataclasses.dataclass(frozen=True)
 class LimitLaunch(LaunchParams):
     """Launch of the limit per-chunk kernels, the table's "limit" section: the head-dim tile of the reductions
-    (block) and of the output's DHHV columns (out_v_block); warps at L <= 64 and at L = 128, pipelining stages, and
-    the warps of the dq kernel, and whether the q, k, v and dh tiles are read through TMA tensor descriptors (tma;
-    where the GPU, toolchain and row strides allow: core.tma_rows). Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16 at
-    L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and the
-    stage sweeps reject any candidate whose results deviate)."""
+    (block) and of the output's DHHV columns (out_v_block); warps at L <= 64 and at L = 128, pipelining stages, the
+    warps of the dq kernel; whether the q, k, v and dh tiles are read through TMA tensor descriptors (tma; where the
+    GPU, toolchain and row strides allow: core.tma_rows), and whether one kernel forms dq, dk and dv (fused_bw; with
+    dq_warps warps) where two did. Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16
+    at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and
+    the stage sweeps reject any candidate whose results deviate)."""
 
     block: int = param("tile")
     out_v_block: int = param("tile")
@@ -31,6 +33,7 @@ class LimitLaunch(LaunchParams):
     stages: int = param("stages")
     dq_warps: int = param("warps")
     tma: int = param("flag")
+    fused_bw: int = param("flag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,8 @@ class LimitFamily:
         outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), jnp.float32),
                 jax.ShapeDtypeStruct((BH, S), jnp.float32)]
         return launch(mlstm_fw_parallel_kernel, x.output_inputs(), outs, grid=(S // cfg.chunk_size, -(-DHHV // BV)),
-                      BV=BV, TMA=bool(p.tma) and tma_rows(x.q, x.k, x.v), **self._run(cfg, p), **output_consts(x, cfg, p))
+                      BV=BV, TMA=bool(p.tma) and tma_rows(x.q, x.k, x.v), **self._run(cfg, p),
+                      **output_consts(x, cfg, p))
 
     def input_gradients(self, x: Operands, cfg: KernelConfig, p: LimitLaunch, grad_dtypes):
         BH, S, DHQK, DHHV = x.dims
@@ -68,6 +72,10 @@ class LimitFamily:
         dq, dk = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
         dv = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
         row = jax.ShapeDtypeStruct((BH, S), jnp.float32)
+        if p.fused_bw:
+            dq, dk, dv, qdq, kdk = launch(mlstm_bw_gradients_kernel, x.gradient_inputs(), [dq, dk, dv, row, row],
+                                          grid=(NC,), NS=x.c_in.shape[1], **self._run(cfg, p, p.dq_warps), **consts)
+            return dq, dk, dv, qdq, kdk
         dq, qdq = launch(mlstm_bw_dq_kernel, x.dq_inputs(), [dq, row], grid=(NC,), NS=x.c_in.shape[1],
                          **self._run(cfg, p, p.dq_warps), **consts)
         dk, dv, kdk = launch(mlstm_bw_dkdv_kernel, x.dkdv_inputs(), [dk, dv, row], grid=(NC,), **self._run(cfg, p),

@@ -13,7 +13,8 @@ Addressing: every per-(b, h) base offset is int64. TMA: the q, k and v tiles thr
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.triton.tile_ops import dot_in, finite_values, log_decay, normalized, row_tile, row_tile_t, token_rows
+from xlstm_jax.kernels.triton.tile_ops import (dot_in, finite_values, log_decay, normalized, row_tile, row_tile_t,
+                                               token_rows)
 
 
 @triton.jit
