@@ -139,8 +139,6 @@ def mlstm_bw_dq_kernel(
     """Grid (BH, NC): dq of one chunk and q_t·dq_t, rows = query positions t."""
     bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
     S: tl.constexpr = NC * L
-    m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
-    state = bh * NS + kc
     dtype = K.dtype.element_ty
     dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
     v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
@@ -153,11 +151,51 @@ def mlstm_bw_dq_kernel(
     causal = rt[:, None] >= rt[None, :]
     log_d = log_decay(b[:, None], b[None, :], (ig - bl)[None, :], causal)
     ds = (dp + dden[:, None]) * tl.exp(log_d - (m_t - bl)[:, None])
-    inter = tl.exp(b + m_prev - m_t) * QK_SCALE
+    _query_gradients(Q, K, DH, C_ALL, N_ALL, M_ALL, DQ, QDQ, ds, bh, kc, tok, b, m_t, norm, dden, NC, NS, L, DHQK,
+                     DHHV, BK, BV, QK_SCALE, TMA)
 
+
+@triton.jit
+def _query_gradients(
+    Q, K, DH, C_ALL, N_ALL, M_ALL, DQ, QDQ, ds, bh, kc, tok, b, m_t, norm, dden,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, QK_SCALE: tl.constexpr, TMA: tl.constexpr,
+):
+    """dq and q_t·dq_t of chunk kc of row bh from its score cotangent ds (L, L) float32 (query rows) and the state
+    before the chunk."""
+    S: tl.constexpr = NC * L
+    before = bh * NS + kc
+    inter = tl.exp(b + tl.load(M_ALL + bh * (NC + 1) + kc) - m_t) * QK_SCALE
     _gradient_rows(token_rows(K, bh, S, DHQK, L, BK, TMA), token_rows(Q, bh, S, DHQK, L, BK, TMA),
-                   DQ + bh * S * DHQK, QDQ + bh * S, ds, inter, dden, dh_rows, norm, C_ALL + state * DHQK * DHHV,
-                   N_ALL + state * DHQK, kc * L, tok, L, DHQK, DHHV, BK, BV, QK_SCALE, True, dtype, TMA)
+                   DQ + bh * S * DHQK, QDQ + bh * S, ds, inter, dden, token_rows(DH, bh, S, DHHV, L, BV, TMA), norm,
+                   C_ALL + before * DHQK * DHHV, N_ALL + before * DHQK, kc * L, tok, L, DHQK, DHHV, BK, BV, QK_SCALE,
+                   True, K.dtype.element_ty, TMA)
+
+
+@triton.jit
+def _key_gradients(
+    Q, K, V, DH, VEC_A, M_ALL, DC_ALL, DN_ALL, DK, DV, KDK, bh, kc, rt, tok, b, bl, ig, m_t, norm, dden,
+    NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QK_SCALE: tl.constexpr, TMA: tl.constexpr,
+):
+    """dk, dv and k_s·dk_s of chunk kc of row bh (rows = key positions s, every L x L tile built transposed);
+    returns the score cotangent ds_t (L, L) float32, whose transpose is dq's."""
+    S: tl.constexpr = NC * L
+    dtype = K.dtype.element_ty
+    after = bh * (NC + 1) + kc + 1  # the state after the chunk, whose cotangent dk and dv take
+    abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + after))
+    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
+    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
+    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
+    ds_t, sd_t = _transposed_tiles(q_rows, k_rows, v_rows, dh_rows, kc * L, rt, b, bl, ig, m_t, norm, dden, L, DHQK,
+                                   DHHV, BK, BV, QK_SCALE, dtype, TMA)
+    _gradient_rows(q_rows, k_rows, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar, tl.full((L,), 1.0, tl.float32),
+                   v_rows, norm, DC_ALL + after * DHQK * DHHV, DN_ALL + after * DHQK, kc * L, tok, L, DHQK, DHHV,
+                   BK, BV, QK_SCALE, False, dtype, TMA)
+    _value_gradient_rows(k_rows, dh_rows, DV + bh * S * DHHV, sd_t, abar, norm, DC_ALL + after * DHQK * DHHV, kc * L,
+                         tok, L, DHQK, DHHV, BK, BV, dtype, TMA)
+    return ds_t
 
 
 @triton.jit
@@ -167,26 +205,10 @@ def mlstm_bw_dkdv_kernel(
     NC: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    """Grid (BH, NC): dk, dv and k_s·dk_s of one chunk, rows = key positions s (all L x L tiles built
-    transposed)."""
+    """Grid (BH, NC): dk, dv and k_s·dk_s of one chunk (`_key_gradients`)."""
     bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
-    S: tl.constexpr = NC * L
-    abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + bh * (NC + 1) + kc + 1))
-    state = bh * (NC + 1) + kc + 1
-    dtype = K.dtype.element_ty
-    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
-    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
-    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
-    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
-    ds_t, sd_t = _transposed_tiles(q_rows, k_rows, v_rows, dh_rows, kc * L, rt, b, bl, ig, m_t, norm, dden, L, DHQK,
-                                   DHHV, BK, BV, QK_SCALE, dtype, TMA)
-
-    _gradient_rows(q_rows, k_rows, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar, tl.full((L,), 1.0, tl.float32),
-                   v_rows, norm, DC_ALL + state * DHQK * DHHV, DN_ALL + state * DHQK, kc * L, tok, L, DHQK, DHHV,
-                   BK, BV, QK_SCALE, False, dtype, TMA)
-
-    _value_gradient_rows(k_rows, dh_rows, DV + bh * S * DHHV, sd_t, abar, norm, DC_ALL + state * DHQK * DHHV, kc * L,
-                         tok, L, DHQK, DHHV, BK, BV, dtype, TMA)
+    _key_gradients(Q, K, V, DH, VEC_A, M_ALL, DC_ALL, DN_ALL, DK, DV, KDK, bh, kc, rt, tok, b, bl, ig, m_t, norm, dden,
+                   NC, L, DHQK, DHHV, BK, BV, QK_SCALE, TMA)
 
 
 @triton.jit
@@ -197,29 +219,10 @@ def mlstm_bw_gradients_kernel(
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """Grid (BH, NC): dq, dk, dv, q_t·dq_t and k_s·dk_s of one chunk in one program (launch table field
-    limit.fused_bw), from the transposed tiles of the dk/dv kernel: dq's score cotangent is ds_t transposed, so
-    the q, k, v and dh tiles are read once and the (L, L) tile v·dhᵀ is formed once, where the dq and dk/dv
-    kernels each read and formed them."""
+    limit.fused_bw): dk and dv as the dk/dv kernel forms them, then dq from the transpose of their score
+    cotangent, so the q, k, v and dh tiles are read and the (L, L) tile v·dhᵀ is formed once for all three."""
     bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
-    S: tl.constexpr = NC * L
-    dtype = K.dtype.element_ty
-    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
-    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
-    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
-    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
-    ds_t, sd_t = _transposed_tiles(q_rows, k_rows, v_rows, dh_rows, kc * L, rt, b, bl, ig, m_t, norm, dden, L, DHQK,
-                                   DHHV, BK, BV, QK_SCALE, dtype, TMA)
-
-    after = bh * (NC + 1) + kc + 1  # the cotangent of the state after the chunk (dk, dv)
-    abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + after))
-    _gradient_rows(q_rows, k_rows, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar, tl.full((L,), 1.0, tl.float32),
-                   v_rows, norm, DC_ALL + after * DHQK * DHHV, DN_ALL + after * DHQK, kc * L, tok, L, DHQK, DHHV,
-                   BK, BV, QK_SCALE, False, dtype, TMA)
-    _value_gradient_rows(k_rows, dh_rows, DV + bh * S * DHHV, sd_t, abar, norm, DC_ALL + after * DHQK * DHHV, kc * L,
-                         tok, L, DHQK, DHHV, BK, BV, dtype, TMA)
-
-    before = bh * NS + kc  # the state before the chunk (dq)
-    inter = tl.exp(b + tl.load(M_ALL + bh * (NC + 1) + kc) - m_t) * QK_SCALE
-    _gradient_rows(k_rows, q_rows, DQ + bh * S * DHQK, QDQ + bh * S, tl.trans(ds_t), inter, dden, dh_rows, norm,
-                   C_ALL + before * DHQK * DHHV, N_ALL + before * DHQK, kc * L, tok, L, DHQK, DHHV, BK, BV,
-                   QK_SCALE, True, dtype, TMA)
+    ds_t = _key_gradients(Q, K, V, DH, VEC_A, M_ALL, DC_ALL, DN_ALL, DK, DV, KDK, bh, kc, rt, tok, b, bl, ig, m_t,
+                          norm, dden, NC, L, DHQK, DHHV, BK, BV, QK_SCALE, TMA)
+    _query_gradients(Q, K, DH, C_ALL, N_ALL, M_ALL, DQ, QDQ, tl.trans(ds_t), bh, kc, tok, b, m_t, norm, dden, NC, NS,
+                     L, DHQK, DHHV, BK, BV, QK_SCALE, TMA)
