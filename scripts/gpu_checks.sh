@@ -8,7 +8,7 @@
 #                   ones named after OUT_DIR; results files grow case by case, and running the step again with the
 #                   same OUT_DIR continues a cut sweep (--resume). PEERS (comma-separated) picks the peers
 #       tune        scripts/tune_launch.py for both families at the 16-head shape; the winners go into a copy of
-#                   launch_table.json in OUT_DIR (copy it back over xlstm_jax/kernels/mlstm_chunkwise/ and commit)
+#                   launch_table.json in OUT_DIR (copy it back over xlstm_jax/kernels/triton/ and commit)
 #       profile     scripts/profile_stages.py: each fw / bw stage of both families timed alone at the 16-head shape
 #       xltiles     the same for xl-chunk tilings (chunk:tile_q:tile_kv[:inter_chunk_size]) next to limit L=64: is
 #                   a larger tile or chunk than the default (64 x 64 tiles) faster? (issue 5)
@@ -16,6 +16,9 @@
 #                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
 #       serve       issue 36: the serving engine's steps (scripts/profile_serve_step.py: decode, decode + a
 #                   240-token chunk) and scripts/serve_bench.py with --prefill-chunk 240 at half load and saturation
+#       limitknobs  issue 33: profile_stages.py sweeps of limit.tma and limit.fused_bw (TMA descriptor reads of the
+#                   per-chunk kernels' token tiles; one backward kernel for dq, dk and dv) at both issue head shapes,
+#                   then the gpu tests of both knobs
 #       servegraphs the engine's steps (profile_serve_step.py) with XLA's defaults and with command buffers (CUDA
 #                   graphs) forced for fusions, GEMMs and custom calls (jaxlib >= 0.10.1 marks jax-triton's FFI kernel
 #                   call graph-compatible), each in its own process: is the step's wall time above its device time
@@ -63,7 +66,7 @@ case "$step" in
         --reps 20 --resume --out "$out/$preset" 2>&1 | tee -a "$out/$preset.log"
     done ;;
   tune)
-    cp xlstm_jax/kernels/mlstm_chunkwise/launch_table.json "$out/launch_table.json"
+    cp xlstm_jax/kernels/triton/launch_table.json "$out/launch_table.json"
     python3 scripts/tune_launch.py --runs limit:64 xl:128 --out "$out/tune.json" --write-table \
       --table "$out/launch_table.json" 2>&1 | tee "$out/tune.log" ;;
   profile)
@@ -75,13 +78,23 @@ case "$step" in
   xlblocks)
     sweep() { python3 scripts/profile_stages.py --runs xl:128 "$@" 2>&1 | tee -a "$out/xlblocks.log"; }
     sweep --shape 8,16,8192,128,256 --stages bw.parallel --out "$out/xlblocks_bw_dh256.json" \
-      --sweep xl_dq_block=64,128 xl_dv_block=128,256 xl_bw_warps=4,8
+      --sweep xl.dq_block=64,128 xl.dv_block=128,256 xl.bw_warps=4,8
     sweep --shape 8,8,8192,256,512 --stages bw.parallel --out "$out/xlblocks_bw_dh512.json" \
-      --sweep xl_dq_block=128,256 xl_dk_block=128,256 xl_dv_block=128,256 xl_bw_warps=4,8
+      --sweep xl.dq_block=128,256 xl.dk_block=128,256 xl.dv_block=128,256 xl.bw_warps=4,8
     sweep --shape 8,16,8192,128,256 --stages fw.total --out "$out/xlblocks_fw_dh256.json" \
-      --sweep xl_out_block=128,256 xl_warps=4,8
+      --sweep xl.out_block=128,256 xl.warps=4,8
     sweep --shape 8,8,8192,256,512 --stages fw.total --out "$out/xlblocks_fw_dh512.json" \
-      --sweep xl_out_block=128,256 xl_warps=4,8 ;;
+      --sweep xl.out_block=128,256 xl.warps=4,8 ;;
+  limitknobs)
+    # issue 33 items 2 and 3: the limit per-chunk kernels' TMA descriptor reads and the one-kernel backward, at both
+    # issue head shapes (every stage point checked against the table's own configuration), then their gpu tests
+    for shape in 8,16,8192,128,256 8,8,8192,256,512; do
+      python3 scripts/profile_stages.py --runs limit:64 --shape "$shape" --stages fw.total bw.parallel fwbw \
+        --sweep limit.tma=0,1 limit.fused_bw=0,1 --out "$out/limitknobs_${shape//,/x}.json" 2>&1 \
+        | tee -a "$out/limitknobs.log"
+    done
+    python3 -m pytest -q tests/kernels/test_tma_reads.py tests/kernels/test_triton_limit_chunk.py -k "gpu" 2>&1 \
+      | tee "$out/limitknobs_tests.log" ;;
   servegraphs)
     graphs="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,DYNAMIC_SLICE_FUSION"
     for name in defaults graphs graphs1; do
