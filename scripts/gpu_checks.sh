@@ -129,8 +129,9 @@ print('plain', one.eval_loss, 'mesh data=1', mesh.eval_loss, 'rel', abs(one.eval
   scaling)
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     gpus=$(nvidia-smi -L | wc -l)
-    XLSTM_JAX_TEST_DEVICES=real python3 -m pytest -q -rs tests/test_context_parallel.py tests/test_sharding.py \
-      tests/test_segments.py tests/test_train_mesh.py 2>&1 | tee "$out/parity.log"
+    XLSTM_JAX_TEST_DEVICES=real python3 -m pytest -q -rs tests/distributed/test_context_parallel.py \
+      tests/distributed/test_sharding.py tests/op/test_segments.py tests/distributed/test_train_mesh.py 2>&1 \
+      | tee "$out/parity.log"
     python3 scripts/context_parallel_scaling.py --devices 1 2 4 8 --json "$out/context_parallel.json" 2>&1 \
       | tee "$out/context_parallel.log"
     for n in 1 2 4 8; do
