@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -129,3 +130,43 @@ def test_metrics_hold_each_evaluation_once_across_resumes(tmp_path, capsys):
     logged = [r["step"] for r in records if "loss" in r]
     assert evals == [2, 4, 6, 8, 10, 12]
     assert logged == [3, 6, 8, 9, 12]  # multiples of --log-every and each run's last step, never a progress line
+
+
+@pytest.mark.slow
+def test_the_step_loop_compiles_nothing_after_its_first_step(tmp_path, monkeypatch):
+    """Between the first step (which compiles the train step; the timed window starts when it ends) and the first
+    evaluation, nothing is compiled: a compile there stalls the steps and lowers the tokens/s of its logging window.
+    The logged learning rate, evaluated op by op, compiled each operation of the schedule (0.5 s on this CPU,
+    twice the 10 steps before it) at the first logged step."""
+    from xlstm_jax.train import loop
+
+    window, compiles = {"open": False, "closed": False}, []
+    build_steps, evaluate = loop.build_steps, loop.evaluate
+
+    def steps_opening_the_window(*args, **kwargs):
+        train_step, eval_sums = build_steps(*args, **kwargs)
+
+        def step(*a):
+            out = jax.block_until_ready(train_step(*a))
+            window["open"] = not window["closed"]
+            return out
+
+        return step, eval_sums
+
+    def evaluation(*args, **kwargs):
+        window.update(open=False, closed=True)
+        return evaluate(*args, **kwargs)
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" and window["open"]:
+            compiles.append(seconds)
+
+    monkeypatch.setattr(loop, "build_steps", steps_opening_the_window)
+    monkeypatch.setattr(loop, "evaluate", evaluation)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        assert _train(*TINY_ARGV, "--steps", "12", "--log-every", "5", "--eval-every", "1000", "--no-progress",
+                      "--output-dir", str(tmp_path / "run")) == 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert window["closed"] and compiles == []
