@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.kernels.base import matmul_precision
+from xlstm_jax.models.xlstm_large.model import soft_cap
 
 BLOCK_ELEMENTS = 2**26  # automatic block width: one block's logits take about 256 MiB of float32
 BLOCK_LIMITS = (1024, 8192)  # ... within these widths (a narrower vocabulary is one block)
@@ -88,10 +89,6 @@ def blocked_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, weight
     return _blocked_ce(x, w, jnp.asarray(targets, jnp.int32), jnp.asarray(weights, acc), cap, dtype, blocks, rows)
 
 
-def _capped(z: jax.Array, cap: float | None) -> jax.Array:
-    return z if cap is None else cap * jnp.tanh(z / cap)
-
-
 def _block(k: jax.Array, xc: jax.Array, wc: jax.Array, targets: jax.Array, cap: float | None,
            blocks: tuple[int, int], acc: Any) -> tuple[jax.Array, ...]:
     """Vocabulary block k: its logits (N, width) in `acc`, the columns' indices (width,), which of them are new (not
@@ -104,7 +101,7 @@ def _block(k: jax.Array, xc: jax.Array, wc: jax.Array, targets: jax.Array, cap: 
     cols = start + jnp.arange(width, dtype=jnp.int32)
     inside = (targets >= k * width) & (targets < start + width)
     target = jnp.where(inside, _target_logit(z, jnp.clip(targets - start, 0, width - 1), cap), 0.0)
-    return _capped(z, cap), cols, cols >= k * width, target
+    return soft_cap(z, cap), cols, cols >= k * width, target
 
 
 def _target_logit(z: jax.Array, index: jax.Array, cap: float | None) -> jax.Array:
@@ -112,7 +109,7 @@ def _target_logit(z: jax.Array, index: jax.Array, cap: float | None) -> jax.Arra
     (`_row_statistics`) reads them once. Read through a masked sum as a fourth operand of that reduction, they had
     two uses there, and XLA on the GPU would not fuse the cap's tanh into it: a fusion of its own wrote the capped
     float32 logits for the reduction to read (2.2 ms of the 125M's step on an H100)."""
-    return _capped(jnp.take_along_axis(z, index[:, None], axis=1)[:, 0], cap)
+    return soft_cap(jnp.take_along_axis(z, index[:, None], axis=1)[:, 0], cap)
 
 
 def _merge(a: tuple, b: tuple) -> tuple:
@@ -169,7 +166,7 @@ def _with_gradients(x, w, targets, weights, cap, dtype, rows):
         xb, tb, mb = block  # padded rows have weight 0: no loss, no gradient
         z = jnp.einsum("nd,vd->nv", xb, wc, preferred_element_type=acc, precision=precision)
         cols = jnp.arange(V, dtype=jnp.int32)
-        top, total, arg = _row_statistics(_capped(z, cap), cols)
+        top, total, arg = _row_statistics(soft_cap(z, cap), cols)
         target = _target_logit(z, tb, cap)
         hit = cols[None, :] == tb[:, None]
         lse = top + jnp.log(total)
