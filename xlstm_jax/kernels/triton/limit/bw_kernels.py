@@ -8,9 +8,9 @@ dn (BH, NC + 1, DHQK) float32 hold the gradient w.r.t. each chunk-border state (
 written in float32 to dC_0 (BH, DHQK, DHHV)). dq, dk, dv are written in their output buffers' dtype (the gradient
 dtype) together with the float32 row dot products q_t·dq_t and k_t·dk_t (BH, S) the gate gradients need.
 The dq and dk/dv kernels transpose no dot result (transposed operands are loaded transposed from memory); the
-kernel of all three transposes the score cotangent once, for dq. TMA: the token tiles
-of q, k, v and dh through TMA tensor descriptors (tile_ops.token_rows, which the helpers below take as their rows;
-launch table field limit.tma), else pointer loads.
+kernel of all three transposes the score cotangent once, for dq. TMA: the token tiles of q, k, v and dh through
+TMA tensor descriptors (tile_ops.token_rows, which the helpers below take as their rows; launch table field
+limit.tma), else pointer loads.
 """
 
 import triton
