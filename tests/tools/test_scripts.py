@@ -170,9 +170,9 @@ def test_serve_step_profile_splits_each_step_by_kind_and_place(tmp_path):
 
 
 @pytest.mark.slow
-def test_kernel_resources_compiles_each_limit_kernel_for_hopper_without_a_gpu(tmp_path):
-    """Triton's bundled ptxas and cuobjdump: every per-chunk kernel of each sweep point compiled for sm_90 with
-    its registers, stack and shared memory (its own process: Triton's interpreter, which other tests run, patches
+def test_kernel_resources_compiles_each_kernel_for_hopper_without_a_gpu(tmp_path):
+    """Triton's bundled ptxas and cuobjdump: every per-chunk kernel of both families (of each sweep point) compiled
+    for sm_90 with its registers, stack and shared memory (its own process: Triton's interpreter, which other tests run, patches
     triton.language for the process)."""
     import os
     import subprocess
@@ -189,3 +189,10 @@ def test_kernel_resources_compiles_each_limit_kernel_for_hopper_without_a_gpu(tm
         (0, "fw output"), (0, "bw dq"), (0, "bw dk/dv"), (1, "fw output"), (1, "bw dq+dk+dv")]
     assert all(0 < r["REG"] <= 255 and r["STACK"] >= 0 and r["SHARED"] > 0 for r in rows)
     assert [r["warps"] for r in rows] == [4, 8, 4, 4, 8]  # the table's warps and dq_warps
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "kernel_resources.py"), "--family", "xl", "--head-dims",
+                           "32,64", "--chunk", "32", "--seq-len", "64", "--json", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["fw output", "bw dq", "bw dk", "bw dv"]
+    assert all(0 < r["REG"] <= 255 for r in rows)
