@@ -53,8 +53,7 @@ def resources(kernel, consts: dict, dtype: str, arch: int, warps: int, stages: i
     sm_<arch> with constexprs `consts`."""
     params = list(inspect.signature(kernel.fn).parameters)
     state = "*fp32" if dtype == "float16" else POINTER_DTYPES[dtype]
-    pointers = {**{name: POINTER_DTYPES[dtype] for name in ROWS}, "C_ALL": state, "DC_ALL": state}
-    pointers["CAREFUL"] = "*i32"
+    pointers = {**{name: POINTER_DTYPES[dtype] for name in ROWS}, "C_ALL": state, "DC_ALL": state, "CAREFUL": "*i32"}
     signature = {name: "constexpr" if name in consts else pointers.get(name, "*fp32") for name in params}
     constexprs = {(params.index(name),): value for name, value in consts.items() if name in params}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),

@@ -158,10 +158,9 @@ class Operands(NamedTuple):
                 self.m_all, self.dc_all, self.dn_all]
 
     def gradient_inputs(self) -> list[jax.Array]:
-        """The inputs of a kernel forming dq, dk and dv at once: dkdv_inputs' with c_in, n_in before m_all."""
-        vec_b, vec_bl, vec_a, _ = self.gates
-        return [self.q, self.k, self.v, self.dh, vec_b, vec_bl, vec_a, self.i, self.m_out, self.norm, self.dden,
-                self.c_in, self.n_in, self.m_all, self.dc_all, self.dn_all]
+        """The inputs of a kernel forming dq, dk and dv at once: dkdv_inputs' and the states dq reads (C_ALL,
+        N_ALL)."""
+        return [*self.dkdv_inputs(), self.c_in, self.n_in]
 
 
 class TritonFamily(Protocol):

@@ -213,7 +213,7 @@ def mlstm_bw_dkdv_kernel(
 
 @triton.jit
 def mlstm_bw_gradients_kernel(
-    Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, C_ALL, N_ALL, M_ALL, DC_ALL, DN_ALL,
+    Q, K, V, DH, VEC_B, VEC_BL, VEC_A, I, M_OUT, NORM, DDEN, M_ALL, DC_ALL, DN_ALL, C_ALL, N_ALL,
     DQ, DK, DV, QDQ, KDK,
     NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, TMA: tl.constexpr = False,
