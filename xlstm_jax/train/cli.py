@@ -107,7 +107,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 "short-memory head for the previous-token lookup; 3 6 as xLSTM-7B for --data)")
     option(model, "--weight-mode", metavar="{single,fused}",
            help="the projections as one matmul each (single, xLSTM-7B's layout) or one per group: q|k|v|o, the "
-                "two gates, the FFN's gate|up (fused: fewer, larger matmuls); the same function, exported in its mode")
+                "two gates, the FFN's gate|up (fused: fewer, larger matmuls, 1-2%% slower on an H100); the same "
+                "function, exported in its mode")
     option(model, "--backend", metavar="NAME",
            help="mLSTM backend (names: README or `xlstm-jax doctor`); auto: the Triton kernel on a CUDA GPU, "
                 "native_chunkwise elsewhere")
