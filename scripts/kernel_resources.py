@@ -48,12 +48,16 @@ def cuobjdump() -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
 
 
-def resources(kernel, consts: dict, dtype: str, arch: int, warps: int, stages: int) -> dict[str, int]:
+def resources(kernel, consts: dict, dtype: str, arch: int, warps: int, stages: int,
+              descriptors: dict[str, tuple[int, int]]) -> dict[str, int]:
     """{REG, STACK (bytes a thread), LOCAL, SHARED (Triton's dynamic shared memory, bytes)} of `kernel` compiled for
-    sm_<arch> with constexprs `consts`."""
+    sm_<arch> with constexprs `consts`; the parameters named in `descriptors` are TMA tensor descriptors with those
+    tiles (as the launch layer passes them)."""
     params = list(inspect.signature(kernel.fn).parameters)
     state = "*fp32" if dtype == "float16" else POINTER_DTYPES[dtype]
     pointers = {**{name: POINTER_DTYPES[dtype] for name in ROWS}, "C_ALL": state, "DC_ALL": state, "CAREFUL": "*i32"}
+    pointers.update({name: f"tensordesc<{POINTER_DTYPES[dtype][1:]}[{rows}, {cols}]>"
+                     for name, (rows, cols) in descriptors.items()})
     signature = {name: "constexpr" if name in consts else pointers.get(name, "*fp32") for name in params}
     constexprs = {(params.index(name),): value for name, value in consts.items() if name in params}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
@@ -72,6 +76,15 @@ OUTPUT_CONSTS = dict(EPS=1e-6, NORM_VAL=1.0, STABILIZE_CORRECTLY=True, MAX_STATE
 
 
 Kernels = list[tuple[str, object, dict, int]]  # (name, kernel, constexprs, warps)
+
+
+def row_descriptors(consts: dict) -> dict[str, tuple[int, int]]:
+    """The TMA descriptors (parameter: tile) of a kernel with these constexprs (none without TMA): q, k in (L, BK) tiles, v and
+    dh in (L, BV) tiles (limit.family)."""
+    if not consts.get("TMA"):
+        return {}
+    L, BK, BV = consts["L"], consts["BK"], consts["BV"]
+    return {"Q": (L, BK), "K": (L, BK), "V": (L, BV), "DH": (L, BV)}
 
 
 def limit_kernels(p: LimitLaunch, chunk: int, seq_len: int, DHQK: int, DHHV: int) -> Kernels:
@@ -134,7 +147,7 @@ def main(argv=None) -> None:
         overrides = dict(zip(grid, point))
         p = base.replaced(overrides, args.family)
         for name, kernel, consts, warps in family_kernels(p, args.chunk, args.seq_len, DHQK, DHHV):
-            usage = resources(kernel, consts, args.dtype, args.arch, warps, p.stages)
+            usage = resources(kernel, consts, args.dtype, args.arch, warps, p.stages, row_descriptors(consts))
             rows.append({"point": overrides, "kernel": name, "warps": warps, "stages": p.stages, **usage})
             print(f"{json.dumps(overrides):40s} {name:12s} {warps} warps  registers {usage['REG']:3d}  "
                   f"stack {usage['STACK']:5d} B  shared {usage['SHARED']} B", flush=True)

@@ -84,15 +84,17 @@ def triton_availability() -> tuple[bool, str]:
 
 @functools.cache
 def tma_available() -> bool:
-    """Whether kernels may read through TMA tensor descriptors (`tl.make_tensor_descriptor`) here: in Triton's
-    interpreter (which implements them), or on a GPU and toolchain `compat.tma_support` accepts."""
+    """Whether kernels may read through TMA tensor descriptors made on the host (`launch`'s `descriptors`) here: in
+    Triton's interpreter (which implements them), or on a GPU and toolchain `compat.tma_support` accepts whose
+    jaxlib encodes descriptors at launch (its Triton kernel-call library has `create_tma_descriptor_parameter`)."""
     if interpret_mode():
         return True
     if not triton_availability()[0]:
         return False
     from xlstm_jax.compat import installed_versions, tma_support
 
-    return tma_support(installed_versions())[0]
+    calls = _jax_triton()[0].triton_lib.triton_kernel_call_lib
+    return tma_support(installed_versions())[0] and hasattr(calls, "create_tma_descriptor_parameter")
 
 
 @functools.cache
@@ -127,10 +129,12 @@ class _HostTensor:
 
     # One long-lived dtype object per name: triton 3.9 caches argument types by the dtype object's identity, so a
     # fresh object per call could reuse a freed one's address and be read as that one's dtype (seen as bf16
-    # operands turning into float32 at random).
+    # operands turning into float32 at random). Host-made tensor descriptors read itemsize and is_floating_point.
     _DTYPES = {
-        name: type("dtype", (), {"__str__": lambda _, name=name: f"torch.{name}"})()
-        for name in ("float64", "float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "float8_e4m3fn")
+        name: type("dtype", (), {"__str__": lambda _, name=name: f"torch.{name}", "itemsize": size,
+                                 "is_floating_point": name.startswith("float") or name == "bfloat16"})()
+        for name, size in (("float64", 8), ("float32", 4), ("float16", 2), ("bfloat16", 2), ("int32", 4),
+                           ("int64", 8), ("int8", 1), ("uint8", 1), ("float8_e4m3fn", 1))
     }
 
     def __init__(self, array: np.ndarray):
@@ -247,7 +251,15 @@ def _unwritten(out: jax.ShapeDtypeStruct) -> np.ndarray:
     return np.full(out.shape, fill, dtype)
 
 
-def _interpret(kernel, grid, out_shapes, aliases, constexprs, *inputs):
+def _host_descriptor(array: np.ndarray, block_shape: tuple[int, int]) -> Any:
+    """Triton's host-made tensor descriptor over the (BH·S, D) rows of `array` (BH, S, D), for the interpreter."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = array.reshape(-1, array.shape[-1])
+    return TensorDescriptor(_HostTensor(rows), list(rows.shape), [rows.shape[1], 1], list(block_shape))
+
+
+def _interpret(kernel, grid, out_shapes, aliases, descriptors, constexprs, *inputs):
     _fix_interpreter()
 
     def host(*arrays):
@@ -255,18 +267,20 @@ def _interpret(kernel, grid, out_shapes, aliases, constexprs, *inputs):
         outs = [_unwritten(o) for o in out_shapes]
         for i, o in aliases:  # an aliased output starts as its input, as in the input's buffer on the GPU
             outs[o] = ins[i].copy()
+        tiles = dict(descriptors)
+        args = [_host_descriptor(a, tiles[i]) if i in tiles else _HostTensor(a) for i, a in enumerate(ins)]
         with _INTERPRETER_LOCK:
-            _interpreted(kernel)[grid](*(_HostTensor(a) for a in ins + outs), **constexprs)
+            _interpreted(kernel)[grid](*args, *(_HostTensor(o) for o in outs), **constexprs)
         return tuple(outs)
 
     return jax.pure_callback(host, tuple(out_shapes), *inputs, vmap_method="sequential")
 
 
-def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, aliases, constexprs, *inputs):
+def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, aliases, descriptors, constexprs, *inputs):
     bh = inputs[0].shape[0]
     grid = (bh, *grid_rest)
     if interpret_mode():
-        return _interpret(kernel, grid, out_shapes, aliases, constexprs, *inputs)
+        return _interpret(kernel, grid, out_shapes, aliases, descriptors, constexprs, *inputs)
     ok, why = triton_availability()
     if not ok:
         raise RuntimeError(
@@ -274,6 +288,9 @@ def _launch_unbatched(kernel, grid_rest, out_shapes, num_warps, num_stages, alia
             "'native_recurrent') instead."
         )
     jt, out_kw, aliases_take_parameters = _jax_triton()
+    tiles = dict(descriptors)
+    inputs = [jt.TensorDescriptor.from_array(x.reshape(-1, x.shape[-1]), tiles[i]) if i in tiles else x
+              for i, x in enumerate(inputs)]
     call = functools.partial(jt.triton_call, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages)
     if aliases_take_parameters:
         return tuple(call(*inputs, input_output_aliases=dict(aliases), **{out_kw: out_shapes}, **constexprs))
@@ -306,6 +323,7 @@ def launch(
     num_warps: int = 4,
     num_stages: int = 1,
     aliases: dict[int, int] | None = None,
+    descriptors: dict[int, tuple[int, int]] | None = None,
     **constexprs: Any,
 ) -> tuple[jax.Array, ...]:
     """Launch `kernel` over grid (BH, *grid) where BH = inputs[0].shape[0] = every array's leading axis.
@@ -314,7 +332,9 @@ def launch(
     output. `aliases` {input index: output index}: the output takes the input's buffer and starts as the input
     (XLA copies the input first when it is still needed). The aliased outputs must be the first outputs, and the
     kernel reads an aliased array through the output's parameter only (with jax-triton >= 0.4 the input's own
-    parameter receives a placeholder: `_aliased_last`). Returns the outputs (other outputs are uninitialised
+    parameter receives a placeholder: `_aliased_last`). `descriptors` {input index: (rows, columns)}: the kernel
+    takes that input (BH, S, D) as a TMA tensor descriptor over its (BH·S, D) rows with tiles of that shape, made
+    on the host at launch (needs `tma_available()`; D·itemsize a multiple of 16 bytes). Returns the outputs (other outputs are uninitialised
     memory on CUDA: kernels write every element they own). Supports `jax.vmap` (mapped axes are
     folded into BH) and `shard_map` (outputs vary over the mesh axes the inputs vary over).
     """
@@ -326,8 +346,17 @@ def launch(
     aliases = tuple(sorted((aliases or {}).items()))
     if sorted(o for _, o in aliases) != list(range(len(aliases))):
         raise ValueError(f"aliased outputs must be the first outputs, got aliases {dict(aliases)}.")
+    descriptors = tuple(sorted((descriptors or {}).items()))
+    for index, block_shape in descriptors:
+        x = inputs[index] if 0 <= index < len(inputs) else None
+        if x is None or x.ndim < 2 or index in dict(aliases) or len(block_shape) != 2:
+            raise ValueError(f"descriptors: input {index} must be an unaliased input of rank >= 2 with a "
+                             f"(rows, columns) tile, got {block_shape} for {None if x is None else x.shape}.")
+        if x.shape[-1] * x.dtype.itemsize % 16:
+            raise ValueError(f"descriptors: input {index}'s rows ({x.shape[-1]} x {x.dtype}) are not a multiple of "
+                             "16 bytes, which TMA needs.")
     call = functools.partial(_launch_unbatched, kernel, tuple(grid), out_shapes, num_warps, num_stages, aliases,
-                             constexprs)
+                             descriptors, constexprs)
 
     run = jax.custom_batching.custom_vmap(call)
 
@@ -340,7 +369,8 @@ def launch(
         outs = launch(
             kernel, folded,
             [jax.ShapeDtypeStruct((axis_size * o.shape[0], *o.shape[1:]), o.dtype) for o in out_shapes],
-            grid=grid, num_warps=num_warps, num_stages=num_stages, aliases=dict(aliases), **constexprs,
+            grid=grid, num_warps=num_warps, num_stages=num_stages, aliases=dict(aliases),
+            descriptors=dict(descriptors), **constexprs,
         )
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), tuple(True for _ in outs)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, NamedTuple, Protocol
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -214,22 +214,27 @@ def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
     return F32 if compute_dtype == jnp.float16 else compute_dtype
 
 
-def tma_rows(*arrays: jax.Array) -> bool:
-    """Whether the token rows of `arrays` (BH, S, D) can be read through TMA tensor descriptors here: the hardware
-    needs every row to start at a multiple of 16 bytes."""
-    return tma_available() and all(x.shape[-1] * x.dtype.itemsize % 16 == 0 for x in arrays)
+def token_descriptors(use: int, L: int, rows: Sequence[jax.Array], columns: Sequence[int]) -> dict:
+    """`launch`'s descriptors for a kernel whose first inputs are `rows` (BH, S, D each), read in (L, column) tiles
+    through TMA tensor descriptors where `use` (a launch-table flag) says so and this machine allows it (the
+    hardware needs every row to start at a multiple of 16 bytes); {} for pointer loads. The kernel's TMA constant is
+    whether this is non-empty."""
+    if not use or not tma_available() or any(x.shape[-1] * x.dtype.itemsize % 16 for x in rows):
+        return {}
+    return {index: (L, c) for index, c in enumerate(columns)}
 
 
 def recurrent_launch(BH: int, NC: int, DHQK: int, DHHV: int, cfg: KernelConfig, rows: tuple = ()) -> dict:
     """Grid, head-dim tiles, sequence groups (sequence_groups.py) and launch parameters of a state-recurrence kernel
     over NC chunks: one (BK, BV) tile of C of one group a program; the token tiles of `rows` (its (BH, S, D)
-    operands) through TMA descriptors where the table says so and `tma_rows` allows."""
+    operands, first among its inputs) through TMA descriptors where the table says so (`token_descriptors`)."""
     p = launch_params(DHQK, DHHV, cfg)["recurrent"]
     BK, BV = block(DHQK, p.block), block(DHHV, p.block)
     tiles = -(-DHQK // BK) * -(-DHHV // BV)
     groups = sequence_groups.num_groups(BH * tiles, NC, p.programs)
-    return dict(grid=(groups, tiles), num_warps=p.warps, num_stages=p.stages, DHQK=DHQK,
-                DHHV=DHHV, BK=BK, BV=BV, GROUPS=groups, TMA=bool(p.tma and rows) and tma_rows(*rows))
+    descriptors = token_descriptors(p.tma, cfg.recurrent_chunk, rows, (BK, BV)) if rows else {}
+    return dict(grid=(groups, tiles), num_warps=p.warps, num_stages=p.stages, DHQK=DHQK, DHHV=DHHV, BK=BK, BV=BV,
+                GROUPS=groups, descriptors=descriptors, TMA=bool(descriptors))
 
 
 def _recurrent_gates(i, f, cfg: KernelConfig, gates):

@@ -64,8 +64,8 @@ def mlstm_fw_recurrent_kernel(
     c = tl.load(C0 + start * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
     n = tl.load(N0 + start * DHQK + rk, mask=mk, other=0.0)
     m = tl.load(M0 + start)
-    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
-    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, TMA)
+    v_rows = token_rows(V, bh, S, DHHV, TMA)
     NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
     for j in range(NCG):
         kc = grp * NCG + j
@@ -123,8 +123,8 @@ def mlstm_bw_recurrent_kernel(
     end = bh * GROUPS + grp
     dc = tl.load(DC_LAST + end * DHQK * DHHV + c_off, mask=c_mask, other=0.0)
     dn = tl.load(DN_LAST + end * DHQK + rk, mask=mk, other=0.0)
-    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
-    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
+    q_rows = token_rows(Q, bh, S, DHQK, TMA)
+    dh_rows = token_rows(DH, bh, S, DHHV, TMA)
     NSAVE: tl.constexpr = NC // SAVE_EVERY + 1
     for j in range(NCG):
         kc = grp * NCG + NCG - 1 - j
@@ -142,7 +142,7 @@ def mlstm_bw_recurrent_kernel(
         norm = tl.load(NORM + bh * S + tok)
         dh = row_tile(dh_rows, kc * L, v0, DHHV, L, BV, TMA).to(tl.float32) / norm[:, None]
         decay = tl.exp(g + m_prev - m_next)
-        dc = decay * dc + dot_in(qbar_t, dh, Q.dtype.element_ty)
+        dc = decay * dc + dot_in(qbar_t, dh, (Q.dtype if TMA else Q.dtype.element_ty))
         dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
     tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask & is_first)
     tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask & is_first)

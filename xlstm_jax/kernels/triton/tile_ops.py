@@ -105,11 +105,12 @@ def state_tile(GROUPS: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, BV: t
 
 
 @triton.jit
-def token_rows(X, bh, S: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
-    """Where `row_tile` reads (L, BC) tiles of the token rows of X (BH, S, D) at `bh`: a TMA tensor descriptor
-    (TMA) or the rows' base pointer. Made once, before a kernel's loop."""
+def token_rows(X, bh, S: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Where `row_tile` reads tiles of the token rows of X (BH, S, D) at `bh`: with TMA, X is a tensor descriptor
+    the launch layer made on the host over all BH·S rows (launch's `descriptors`), and this is (X, bh's first row);
+    else the rows' base pointer. Made once, before a kernel's loop."""
     if TMA:
-        return tl.make_tensor_descriptor(X + bh * S * D, shape=[S, D], strides=[D, 1], block_shape=[L, BC])
+        return X, (bh * S).to(tl.int32)
     else:
         return X + bh * S * D
 
@@ -118,7 +119,7 @@ def token_rows(X, bh, S: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BC: tl.
 def row_tile(rows, t0, c0, D: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
     """The (L, BC) tile at token t0, column c0 of `token_rows`' rows; columns past D read 0."""
     if TMA:
-        return rows.load([t0, c0])
+        return rows[0].load([rows[1] + t0, c0])
     else:
         rc = c0 + tl.arange(0, BC)
         return tl.load(rows + (t0 + tl.arange(0, L))[:, None] * D + rc[None, :], mask=(rc < D)[None, :], other=0.0)
@@ -128,7 +129,8 @@ def row_tile(rows, t0, c0, D: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, T
 def row_tile_t(rows, t0, c0, D: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
     """`row_tile` transposed, (BC, L): pointers load it in that layout, a descriptor's tile is transposed."""
     if TMA:
-        return tl.trans(rows.load([t0, c0]))
+        return tl.trans(rows[0].load([rows[1] + t0, c0]))
     else:
         rc = c0 + tl.arange(0, BC)
         return tl.load(rows + (t0 + tl.arange(0, L))[None, :] * D + rc[:, None], mask=(rc < D)[:, None], other=0.0)
+

@@ -139,9 +139,9 @@ def mlstm_bw_dq_kernel(
     """Grid (BH, NC): dq of one chunk and q_t·dq_t, rows = query positions t."""
     bh, kc, rt, tok, b, bl, ig, m_t, norm, dden = _chunk_rows(VEC_B, VEC_BL, I, M_OUT, NORM, DDEN, NC, L)
     S: tl.constexpr = NC * L
-    dtype = K.dtype.element_ty
-    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
-    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
+    dtype = K.dtype if TMA else K.dtype.element_ty  # a descriptor's dtype is its elements'
+    dh_rows = token_rows(DH, bh, S, DHHV, TMA)
+    v_rows = token_rows(V, bh, S, DHHV, TMA)
 
     dp = tl.zeros((L, L), dtype=tl.float32)
     for jv in range(tl.cdiv(DHHV, BV)):
@@ -166,10 +166,10 @@ def _query_gradients(
     S: tl.constexpr = NC * L
     before = bh * NS + kc
     inter = tl.exp(b + tl.load(M_ALL + bh * (NC + 1) + kc) - m_t) * QK_SCALE
-    _gradient_rows(token_rows(K, bh, S, DHQK, L, BK, TMA), token_rows(Q, bh, S, DHQK, L, BK, TMA),
-                   DQ + bh * S * DHQK, QDQ + bh * S, ds, inter, dden, token_rows(DH, bh, S, DHHV, L, BV, TMA), norm,
+    _gradient_rows(token_rows(K, bh, S, DHQK, TMA), token_rows(Q, bh, S, DHQK, TMA),
+                   DQ + bh * S * DHQK, QDQ + bh * S, ds, inter, dden, token_rows(DH, bh, S, DHHV, TMA), norm,
                    C_ALL + before * DHQK * DHHV, N_ALL + before * DHQK, kc * L, tok, L, DHQK, DHHV, BK, BV, QK_SCALE,
-                   True, K.dtype.element_ty, TMA)
+                   True, (K.dtype if TMA else K.dtype.element_ty), TMA)
 
 
 @triton.jit
@@ -181,13 +181,13 @@ def _key_gradients(
     """dk, dv and k_s·dk_s of chunk kc of row bh (rows = key positions s, every L x L tile built transposed);
     returns the score cotangent ds_t (L, L) float32, whose transpose is dq's."""
     S: tl.constexpr = NC * L
-    dtype = K.dtype.element_ty
+    dtype = K.dtype if TMA else K.dtype.element_ty  # a descriptor's dtype is its elements'
     after = bh * (NC + 1) + kc + 1  # the state after the chunk, whose cotangent dk and dv take
     abar = tl.exp(tl.load(VEC_A + bh * S + tok) - tl.load(M_ALL + after))
-    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
-    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
-    v_rows = token_rows(V, bh, S, DHHV, L, BV, TMA)
-    dh_rows = token_rows(DH, bh, S, DHHV, L, BV, TMA)
+    q_rows = token_rows(Q, bh, S, DHQK, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, TMA)
+    v_rows = token_rows(V, bh, S, DHHV, TMA)
+    dh_rows = token_rows(DH, bh, S, DHHV, TMA)
     ds_t, sd_t = _transposed_tiles(q_rows, k_rows, v_rows, dh_rows, kc * L, rt, b, bl, ig, m_t, norm, dden, L, DHQK,
                                    DHHV, BK, BV, QK_SCALE, dtype, TMA)
     _gradient_rows(q_rows, k_rows, DK + bh * S * DHQK, KDK + bh * S, ds_t, abar, tl.full((L,), 1.0, tl.float32),

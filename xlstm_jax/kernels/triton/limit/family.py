@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.launch import launch
-from xlstm_jax.kernels.triton.core import KernelConfig, Operands, block, gradient_consts, output_consts, tma_rows
+from xlstm_jax.kernels.triton.core import (KernelConfig, Operands, block, gradient_consts, output_consts,
+                                          token_descriptors)
 from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
 from xlstm_jax.kernels.triton.limit.bw_kernels import (mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel,
                                                        mlstm_bw_gradients_kernel)
@@ -21,7 +22,7 @@ class LimitLaunch(LaunchParams):
     """Launch of the limit per-chunk kernels, the table's "limit" section: the head-dim tile of the reductions
     (block) and of the output's DHHV columns (out_v_block); warps at L <= 64 and at L = 128, pipelining stages, the
     warps of the dq kernel; whether the q, k, v and dh tiles are read through TMA tensor descriptors (tma; where the
-    GPU, toolchain and row strides allow: core.tma_rows), and whether one kernel forms dq, dk and dv (fused_bw; with
+    GPU, toolchain and row strides allow: core.token_descriptors), and whether one kernel forms dq, dk and dv (fused_bw; with
     dq_warps warps) where two did. Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16
     at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and
     the stage sweeps reject any candidate whose results deviate)."""
@@ -61,14 +62,18 @@ class LimitFamily:
         BV = block(DHHV, p.out_v_block)
         outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), jnp.float32),
                 jax.ShapeDtypeStruct((BH, S), jnp.float32)]
+        consts = output_consts(x, cfg, p)
+        rows = token_descriptors(p.tma, cfg.chunk_size, (x.q, x.k, x.v), (consts["BK"], consts["BK"], BV))
         return launch(mlstm_fw_parallel_kernel, x.output_inputs(), outs, grid=(S // cfg.chunk_size, -(-DHHV // BV)),
-                      BV=BV, TMA=bool(p.tma) and tma_rows(x.q, x.k, x.v), **self._run(cfg, p),
-                      **output_consts(x, cfg, p))
+                      BV=BV, descriptors=rows, TMA=bool(rows), **self._run(cfg, p), **consts)
 
     def input_gradients(self, x: Operands, cfg: KernelConfig, p: LimitLaunch, grad_dtypes):
         BH, S, DHQK, DHHV = x.dims
         NC = S // cfg.chunk_size
-        consts = dict(gradient_consts(x, cfg, p), TMA=bool(p.tma) and tma_rows(x.q, x.k, x.v, x.dh))
+        consts = gradient_consts(x, cfg, p)
+        rows = token_descriptors(p.tma, cfg.chunk_size, (x.q, x.k, x.v, x.dh), (consts["BK"], consts["BK"],
+                                                                               consts["BV"], consts["BV"]))
+        consts.update(descriptors=rows, TMA=bool(rows))
         dq, dk = (jax.ShapeDtypeStruct((BH, S, DHQK), dt) for dt in grad_dtypes[:2])
         dv = jax.ShapeDtypeStruct((BH, S, DHHV), grad_dtypes[2])
         row = jax.ShapeDtypeStruct((BH, S), jnp.float32)

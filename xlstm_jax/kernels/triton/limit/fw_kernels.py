@@ -13,8 +13,8 @@ Addressing: every per-(b, h) base offset is int64. TMA: the q, k and v tiles thr
 import triton
 import triton.language as tl
 
-from xlstm_jax.kernels.triton.tile_ops import (dot_in, finite_values, log_decay, normalized, row_tile, row_tile_t,
-                                               token_rows)
+from xlstm_jax.kernels.triton.tile_ops import (dot_in, finite_values, log_decay, normalized, row_tile,
+                                               row_tile_t, token_rows)
 
 
 @triton.jit
@@ -41,9 +41,9 @@ def mlstm_fw_parallel_kernel(
     mv = rv < DHHV
     tok = kc * L + rt
     state = bh * NS + kc
-    dtype = Q.dtype.element_ty
-    q_rows = token_rows(Q, bh, S, DHQK, L, BK, TMA)
-    k_rows = token_rows(K, bh, S, DHQK, L, BK, TMA)
+    dtype = Q.dtype if TMA else Q.dtype.element_ty  # a descriptor's dtype is its elements'
+    q_rows = token_rows(Q, bh, S, DHQK, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, TMA)
 
     s_qk = tl.zeros((L, L), dtype=tl.float32)
     qc = tl.zeros((L, BV), dtype=tl.float32)
@@ -74,7 +74,7 @@ def mlstm_fw_parallel_kernel(
         m_s = m_prev - tl.load(VEC_BL + bh * S + tok)
     s_bar = s_qk * QK_SCALE * tl.exp(log_d - m_s[:, None])
     inter = tl.exp(b + m_prev - m_s) * QK_SCALE
-    v = row_tile(token_rows(V, bh, S, DHHV, L, BV, TMA), kc * L, iv * BV, DHHV, L, BV, TMA)
+    v = row_tile(token_rows(V, bh, S, DHHV, TMA), kc * L, iv * BV, DHHV, L, BV, TMA)
     s_bar = tl.where(causal, s_bar, 0.0)
     v, hit = finite_values(v, causal)
     num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
