@@ -194,9 +194,10 @@ def installed_versions() -> dict[str, Any]:
 
 
 def tma_support(versions: dict[str, Any]) -> tuple[bool, str]:
-    """(available, why) for on-device TMA tensor descriptors (`tl.make_tensor_descriptor`) launched from JAX: a
-    Hopper or newer GPU (compute capability >= 9.0), jax-triton >= 0.4 (jaxlib >= 0.11 allocates Triton's
-    per-launch global scratch itself) and triton >= 3.6. `versions` is shaped like `installed_versions()`."""
+    """(available, why) for TMA tensor descriptors launched from JAX (made on the host at launch: launch.py's
+    `descriptors`): a Hopper or newer GPU (compute capability >= 9.0), jax-triton >= 0.4 (its `TensorDescriptor`),
+    jax >= 0.11 and triton >= 3.6. `versions` is shaped like `installed_versions()`; `launch.tma_available` also
+    asks the installed jaxlib whether it encodes descriptors."""
     cc, jt, triton = versions["compute_capability"], versions["jax_triton"], versions["triton"]
     missing = []
     if cc is None or cc < (9, 0):
