@@ -1,6 +1,7 @@
-"""The launch layer: kernels that load and store through TMA tensor descriptors (`tl.make_tensor_descriptor`) run
-in Triton's interpreter on CPU, where descriptor loads reach the interpreter's masked loads with keyword arguments,
-and on a GPU that supports them (compat.tma_support); aliased outputs start as their inputs and reach the kernel's
+"""The launch layer: kernels that read through TMA tensor descriptors the launch layer makes on the host
+(`descriptors`) run in Triton's interpreter on CPU, where descriptor loads reach the interpreter's masked loads with
+keyword arguments, and on a GPU that supports them (launch.tma_available), under vmap too; bad descriptor requests
+are refused before any launch; aliased outputs start as their inputs and reach the kernel's
 parameters in the places jax-triton >= 0.4 gives them."""
 
 from __future__ import annotations
@@ -21,23 +22,43 @@ from xlstm_jax.kernels.launch import interpret_mode, launch
 
 @triton.jit
 def _scaled_copy(X, Y, S: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Y = 2 X for X, Y (BH, S, D) in (BR, BC) tiles through descriptors; grid (BH, cdiv(S, BR))."""
+    """Y = 2 X for X (a descriptor over the (BH·S, D) rows, (BR, BC) tiles) and Y (BH, S, D); grid
+    (BH, cdiv(S, BR))."""
     bh = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1) * BR
-    src = tl.make_tensor_descriptor(X + bh * S * D, shape=[S, D], strides=[D, 1], block_shape=[BR, BC])
-    dst = tl.make_tensor_descriptor(Y + bh * S * D, shape=[S, D], strides=[D, 1], block_shape=[BR, BC])
+    rr = row + tl.arange(0, BR)
     for col in range(tl.cdiv(D, BC)):
-        dst.store([row, col * BC], src.load([row, col * BC]) * 2)
+        tile = X.load([(bh * S).to(tl.int32) + row, col * BC])
+        rc = col * BC + tl.arange(0, BC)
+        tl.store(Y + bh * S * D + rr[:, None] * D + rc[None, :], tile * 2, mask=(rr < S)[:, None] & (rc < D)[None, :])
 
 
-def test_a_descriptor_kernel_runs_through_the_launch_layer():
-    """Tiles past the array's end (S = 40 and D = 24 in 16 x 16 tiles) read zeros and write nothing."""
-    if not interpret_mode() and not tma_support(installed_versions())[0]:
+def _doubled(x, S=40):
+    return launch(_scaled_copy, [x], [jax.ShapeDtypeStruct(x.shape, x.dtype)], grid=(3,), descriptors={0: (16, 16)},
+                  S=S, D=x.shape[-1], BR=16, BC=16)[0]
+
+
+def test_a_kernel_reads_through_a_host_made_descriptor():
+    """Tiles past a row's end (D = 24 in 16 x 16 tiles) read zeros; the last row tile of each BH row (S = 40) reads
+    the next row's tokens, which the kernel masks; under vmap the mapped axis folds into the descriptor's rows."""
+    if not launch_mod.tma_available():
         pytest.skip("no TMA tensor descriptors here: " + tma_support(installed_versions())[1])
     x = jax.random.normal(jax.random.key(0), (2, 40, 24), jnp.float32)
-    (y,) = jax.jit(lambda x: launch(_scaled_copy, [x], [jax.ShapeDtypeStruct(x.shape, x.dtype)], grid=(3,), S=40,
-                                    D=24, BR=16, BC=16))(x)
-    np.testing.assert_array_equal(np.asarray(y), 2 * np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(jax.jit(_doubled)(x)), 2 * np.asarray(x))
+    xs = jax.random.normal(jax.random.key(1), (3, 2, 40, 24), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(_doubled))(xs)), 2 * np.asarray(xs))
+
+
+@pytest.mark.parametrize("dims, dtype, descriptors, message", [
+    (8, jnp.float32, {1: (16, 16)}, "must be an unaliased input"),
+    (8, jnp.float32, {0: (16,)}, "must be an unaliased input"),
+    (6, jnp.float16, {0: (16, 16)}, "not a multiple of 16 bytes"),  # rows of 12 bytes
+])
+def test_bad_descriptors_are_refused_before_any_launch(dims, dtype, descriptors, message):
+    x = jnp.zeros((2, 40, dims), dtype)
+    with pytest.raises(ValueError, match=message):
+        launch(_scaled_copy, [x], [jax.ShapeDtypeStruct(x.shape, x.dtype)], grid=(3,), descriptors=descriptors, S=40,
+               D=dims, BR=16, BC=16)
 
 
 @triton.jit
