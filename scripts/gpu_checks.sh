@@ -16,10 +16,12 @@
 #                   tiles and warps on bw.parallel, the forward's output tile and warps on fw.total
 #       serve       issue 36: the serving engine's steps (scripts/profile_serve_step.py: decode, decode + a
 #                   240-token chunk) and scripts/serve_bench.py with --prefill-chunk 240 at half load and saturation
-#       limitknobs  issue 33: profile_stages.py sweeps (KNOBS, default limit.tma, limit.fused_bw and limit.warps:
-#                   TMA descriptor reads of the per-chunk kernels' token tiles, one backward kernel for dq, dk and
-#                   dv, 8 warps, with which nothing spills offline: scripts/kernel_resources.py) at SHAPES (default
-#                   both issue head shapes; 8 points each, possibly more than one call), then the knobs' gpu tests
+#       limitknobs  issue 33: profile_stages.py sweeps (KNOBS, default limit.tma, limit.out_v_block and limit.warps:
+#                   token tiles through host-made TMA descriptors, one output column block of 256 in place of two
+#                   of 128, 8 warps; with descriptors, 256 columns and 8 warps the forward holds 182 registers and
+#                   nothing spills offline: scripts/kernel_resources.py) at SHAPES (default both issue head shapes;
+#                   8 points each, possibly more than one call), then the descriptor tests on the GPU (inside
+#                   XLA's CUDA graphs too)
 #       servegraphs the engine's steps (profile_serve_step.py) with XLA's defaults and with command buffers (CUDA
 #                   graphs) forced for fusions, GEMMs and custom calls (jaxlib >= 0.10.1 marks jax-triton's FFI kernel
 #                   call graph-compatible), each in its own process: is the step's wall time above its device time
@@ -91,7 +93,7 @@ case "$step" in
     # issue head shapes (every stage point checked against the table's own configuration), then their gpu tests
     for shape in ${SHAPES:-8,16,8192,128,256 8,8,8192,256,512}; do
       python3 scripts/profile_stages.py --runs limit:64 --shape "$shape" --stages fw.total bw.parallel fwbw \
-        --sweep ${KNOBS:-limit.tma=0,1 limit.fused_bw=0,1 limit.warps=4,8} \
+        --sweep ${KNOBS:-limit.tma=0,1 limit.out_v_block=128,256 limit.warps=4,8} \
         --out "$out/limitknobs_${shape//,/x}.json" 2>&1 | tee -a "$out/limitknobs.log"
     done
     python3 -m pytest -q tests/kernels/test_tma_reads.py tests/kernels/test_triton_limit_chunk.py -k "gpu" 2>&1 \
