@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -55,13 +56,16 @@ def test_limit_chunk_descriptor_reads_match_the_float64_reference(recurrent_tma)
 def test_rows_take_descriptors_only_at_16_byte_strides():
     """A descriptor's rows must start at multiples of 16 bytes: bf16 rows of 24 elements (48 bytes) may, of 20 (40
     bytes) may not; float32 rows of 20 (80 bytes) may. Each row operand gets an (L, columns) tile, in input order;
-    the launch table's flag off gives none."""
+    the launch table's flag off gives none, nor do rows past int32 coordinates."""
     rows = lambda d, dtype: jnp.zeros((2, 32, d), dtype)  # noqa: E731
     assert triton_core.token_descriptors(1, 16, (rows(24, jnp.bfloat16), rows(64, jnp.bfloat16)), (8, 32)) == {
         0: (16, 8), 1: (16, 32)}
     assert triton_core.token_descriptors(1, 16, (rows(24, jnp.bfloat16), rows(20, jnp.bfloat16)), (8, 32)) == {}
     assert triton_core.token_descriptors(1, 16, (rows(20, jnp.float32),), (16,)) == {0: (16, 16)}
     assert triton_core.token_descriptors(0, 16, (rows(20, jnp.float32),), (16,)) == {}
+    # 2^31 token rows overflow a descriptor's int32 row coordinate: pointer loads (int64 offsets) take them
+    huge = jax.ShapeDtypeStruct((2**16, 2**15, 64), jnp.bfloat16)
+    assert triton_core.token_descriptors(1, 64, (huge,), (64,)) == {}
 
 
 @pytest.mark.gpu

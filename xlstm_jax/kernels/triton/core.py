@@ -217,9 +217,12 @@ def _state_buffer_dtype(compute_dtype: jnp.dtype) -> jnp.dtype:
 def token_descriptors(use: int, L: int, rows: Sequence[jax.Array], columns: Sequence[int]) -> dict:
     """`launch`'s descriptors for a kernel whose first inputs are `rows` (BH, S, D each), read in (L, column) tiles
     through TMA tensor descriptors where `use` (a launch-table flag) says so and this machine allows it (the
-    hardware needs every row to start at a multiple of 16 bytes); {} for pointer loads. The kernel's TMA constant is
-    whether this is non-empty."""
-    if not use or not tma_available() or any(x.shape[-1] * x.dtype.itemsize % 16 for x in rows):
+    hardware needs every row to start at a multiple of 16 bytes; a descriptor's row coordinates are int32, so its
+    BH·S rows stay below 2^31, where pointer loads take int64 offsets); {} for pointer loads. The kernel's TMA
+    constant is whether this is non-empty."""
+    if not use or not tma_available():
+        return {}
+    if any(x.shape[-1] * x.dtype.itemsize % 16 or x.shape[0] * x.shape[1] >= 2**31 for x in rows):
         return {}
     return {index: (L, c) for index, c in enumerate(columns)}
 
