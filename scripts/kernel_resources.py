@@ -8,7 +8,8 @@ can be read before a GPU is lent:
     python scripts/kernel_resources.py --family xl --chunk 128 --sweep xl.bw_warps=4,8
 
 Each kernel is compiled with the constants its launch uses (core.block tiles of the launch table entry for --arch
-and the head dims, with the sweep point's overrides): limit's forward output kernel and its dq and dk/dv kernels or
+and the head dims, with the sweep point's overrides): limit's forward output kernel (the chunk loop where
+limit.chunks_per_program > 1) and its dq and dk/dv kernels or
 its one backward kernel (limit.fused_bw); xl's forward output kernel and its dq, dk and dv kernels (64 x 64 query
 and key tiles). STACK is the per-thread stack frame (spilled registers and local arrays);
 the figures come from the installed Triton, which may allocate registers differently from the GPU machine's.
@@ -93,8 +94,12 @@ def limit_kernels(p: LimitLaunch, chunk: int, seq_len: int, DHQK: int, DHHV: int
     common = dict(NC=NC, L=chunk, DHQK=DHQK, DHHV=DHHV, BK=block(DHQK, p.block), QK_SCALE=qk_scale(DHQK),
                   TMA=bool(p.tma))
     warps = p.warps if chunk <= 64 else p.warps_l128
-    out = [("fw output", fw_kernels.mlstm_fw_parallel_kernel,
-            dict(common, NS=NC + 1, BV=block(DHHV, p.out_v_block), **OUTPUT_CONSTS), warps)]
+    output = dict(common, NS=NC + 1, BV=block(DHHV, p.out_v_block), **OUTPUT_CONSTS)
+    if p.chunks_per_program > 1:
+        out = [("fw output", fw_kernels.mlstm_fw_chunk_loop_kernel,
+                dict(output, CHUNKS=min(p.chunks_per_program, NC), STAGES=p.stages), warps)]
+    else:
+        out = [("fw output", fw_kernels.mlstm_fw_parallel_kernel, output, warps)]
     gradients = dict(common, BV=block(DHHV, p.block))
     if p.fused_bw:
         return out + [("bw dq+dk+dv", bw_kernels.mlstm_bw_gradients_kernel, dict(gradients, NS=NC + 1), p.dq_warps)]

@@ -30,7 +30,7 @@ SHARED = {"recurrent.block": (32, 64, 128), "recurrent.warps": (1, 2, 4), "recur
 FAMILY = {
     "limit": {"limit.block": (32, 64, 128), "limit.out_v_block": (64, 128, 256), "limit.warps": (4, 8),
               "limit.warps_l128": (4, 8), "limit.stages": (1, 2, 3), "limit.tma": (0, 1),
-              "limit.fused_bw": (0, 1)},
+              "limit.fused_bw": (0, 1), "limit.chunks_per_program": (1, 2, 4, 8)},
     "xl": {"xl.block": (32, 64, 128), "xl.warps": (4, 8), "xl.out_block": (64, 128, 256), "xl.stages": (1, 2, 3),
            "xl.bw_warps": (4, 8), "xl.dq_block": (64, 128, 256), "xl.dk_block": (64, 128, 256),
            "xl.dv_block": (64, 128, 256), "tile_q": (32, 64, 128), "tile_kv": (32, 64, 128),

@@ -79,6 +79,25 @@ def test_one_backward_kernel_matches_the_float64_reference(NH, S, DHQK, DHHV, L,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "S, L, chunks, launch",
+    [
+        (250, 16, 3, {"limit.block": 16}),  # 16 chunks, 6 programs a row: the last walks one chunk
+        (64, 16, 8, {"limit.block": 16, "limit.out_v_block": 16}),  # more chunks a program than there are
+        (250, 16, 4, {"limit.block": 16, "limit.tma": 1, "limit.stages": 3}),  # descriptor reads, 3 stages
+    ],
+)
+def test_chunk_loop_forward_matches_the_float64_reference(S, L, chunks, launch):
+    """limit.chunks_per_program: each forward output program walks several chunks in a pipelined loop. DHQK = 24,
+    DHHV = 40 (head dims ending inside 16-wide tiles), outputs, last states and all eight gradients."""
+    x = make_inputs(6, 1, 2, S, 24, 40, with_state=True)
+    w = make_weights(6, x)
+    cfg = triton_families.config("limit", L, "float32").with_launch({"limit.chunks_per_program": chunks, **launch})
+    out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
+    assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=2e-5, bw_tol=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("norm_val, stabilize_correctly", [(2.0, True), (0.5, False)])
 def test_denominator_variants(norm_val, stabilize_correctly):
     x = make_inputs(1, 1, 2, 24, 16, 16, with_state=True)
@@ -215,13 +234,16 @@ def test_gpu_parity_realistic_shape(dtype, fw_tol, bw_tol):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch", [{"limit.fused_bw": 1}, {"limit.chunks_per_program": 4},
+                                    {"limit.chunks_per_program": 4, "limit.tma": 1}])
 @pytest.mark.parametrize("DHQK, DHHV", [(128, 256), (256, 512)])
-def test_gpu_one_backward_kernel_matches_the_float64_reference(DHQK, DHHV):
-    """limit.fused_bw at the 16-head and 7B head dims, float32, L = 64: every gradient as tight as the two-kernel
-    backward's GPU parity test."""
+def test_gpu_launch_variants_match_the_float64_reference(DHQK, DHHV, launch):
+    """The one-kernel backward (limit.fused_bw) and the forward's chunk loop (limit.chunks_per_program, with
+    descriptor reads too) at the 16-head and 7B head dims, float32, L = 64: every output and gradient as tight as
+    the table's kernels' GPU parity test."""
     x = make_inputs(6, 1, 2, 1024, DHQK, DHHV, with_state=True)
     w = make_weights(6, x)
-    cfg = triton_families.config("limit", 64, "float32").with_launch({"limit.fused_bw": 1})
+    cfg = triton_families.config("limit", 64, "float32").with_launch(launch)
     out, grads = outputs_and_grads(triton_core_fn(cfg), x, w)
     assert_matches_reference(out, grads, *reference_outputs_and_grads(x, w), fw_tol=1e-4, bw_tol=1e-3)
 

@@ -14,7 +14,7 @@ from xlstm_jax.kernels.triton.core import (KernelConfig, Operands, block, gradie
 from xlstm_jax.kernels.triton.launch_table import LaunchParams, param
 from xlstm_jax.kernels.triton.limit.bw_kernels import (mlstm_bw_dkdv_kernel, mlstm_bw_dq_kernel,
                                                        mlstm_bw_gradients_kernel)
-from xlstm_jax.kernels.triton.limit.fw_kernels import mlstm_fw_parallel_kernel
+from xlstm_jax.kernels.triton.limit.fw_kernels import mlstm_fw_chunk_loop_kernel, mlstm_fw_parallel_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +22,9 @@ class LimitLaunch(LaunchParams):
     """Launch of the limit per-chunk kernels, the table's "limit" section: the head-dim tile of the reductions
     (block) and of the output's DHHV columns (out_v_block); warps at L <= 64 and at L = 128, pipelining stages, the
     warps of the dq kernel; whether the q, k, v and dh tiles are read through TMA tensor descriptors (tma; where the
-    GPU, toolchain and row strides allow: core.token_descriptors), and whether one kernel forms dq, dk and dv (fused_bw; with
-    dq_warps warps) where two did. Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16
+    GPU, toolchain and row strides allow: core.token_descriptors), whether one kernel forms dq, dk and dv (fused_bw; with
+    dq_warps warps) where two did, and how many consecutive chunks one forward output program walks in a
+    software-pipelined loop (chunks_per_program; 1: one program a chunk). Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16
     at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and
     the stage sweeps reject any candidate whose results deviate)."""
 
@@ -35,6 +36,7 @@ class LimitLaunch(LaunchParams):
     dq_warps: int = param("warps")
     tma: int = param("flag")
     fused_bw: int = param("flag")
+    chunks_per_program: int = param("count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +65,16 @@ class LimitFamily:
         outs = [jax.ShapeDtypeStruct((BH, S, DHHV), out_dtype), jax.ShapeDtypeStruct((BH, S), jnp.float32),
                 jax.ShapeDtypeStruct((BH, S), jnp.float32)]
         consts = output_consts(x, cfg, p)
-        rows = token_descriptors(p.tma, cfg.chunk_size, (x.q, x.k, x.v), (consts["BK"], consts["BK"], BV))
-        return launch(mlstm_fw_parallel_kernel, x.output_inputs(), outs, grid=(S // cfg.chunk_size, -(-DHHV // BV)),
-                      BV=BV, descriptors=rows, TMA=bool(rows), **self._run(cfg, p), **consts)
+        consts.update(descriptors=token_descriptors(p.tma, cfg.chunk_size, (x.q, x.k, x.v),
+                                                    (consts["BK"], consts["BK"], BV)))
+        NC, columns = S // cfg.chunk_size, -(-DHHV // BV)
+        if p.chunks_per_program > 1:
+            chunks = min(p.chunks_per_program, NC)
+            return launch(mlstm_fw_chunk_loop_kernel, x.output_inputs(), outs, grid=(-(-NC // chunks), columns), BV=BV,
+                          TMA=bool(consts["descriptors"]), CHUNKS=chunks, STAGES=p.stages, **self._run(cfg, p),
+                          **consts)
+        return launch(mlstm_fw_parallel_kernel, x.output_inputs(), outs, grid=(NC, columns), BV=BV,
+                      TMA=bool(consts["descriptors"]), **self._run(cfg, p), **consts)
 
     def input_gradients(self, x: Operands, cfg: KernelConfig, p: LimitLaunch, grad_dtypes):
         BH, S, DHQK, DHHV = x.dims

@@ -5,7 +5,9 @@ q, k (BH, S, DHQK), v (BH, S, DHHV) in the compute dtype; vecA, vecB, vecB_lo (B
 gate cumsums (chunk_math.chunk_gates); states C (BH, NS, DHQK, DHHV) in the state-buffer dtype (the compute dtype, float32
 for float16), n (BH, NS, DHQK) float32 where NS = NC + 1 (index k: state before chunk k, index NC: last state) or
 NS = NC (last state sliced off); m (BH, NC + 1) float32.
-The output kernel writes h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32.
+The output kernels write h (BH, S, DHHV), the signed denominator q̂·ñ and the stabilizer m_t (BH, S) float32: one
+program a chunk (`mlstm_fw_parallel_kernel`), or one program walking several chunks in a software-pipelined loop
+(`mlstm_fw_chunk_loop_kernel`; launch table field limit.chunks_per_program).
 Addressing: every per-(b, h) base offset is int64. TMA: the q, k and v tiles through TMA tensor descriptors
 (tile_ops.token_rows; launch table field limit.tma), else pointer loads.
 """
@@ -36,10 +38,8 @@ def mlstm_fw_parallel_kernel(
     kc = tl.program_id(1)
     iv = tl.program_id(2)
     S: tl.constexpr = NC * L
-    rt = tl.arange(0, L)
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < DHHV
-    tok = kc * L + rt
     state = bh * NS + kc
     dtype = Q.dtype if TMA else Q.dtype.element_ty  # a descriptor's dtype is its elements'
     q_rows = token_rows(Q, bh, S, DHQK, TMA)
@@ -49,19 +49,61 @@ def mlstm_fw_parallel_kernel(
     qc = tl.zeros((L, BV), dtype=tl.float32)
     qn = tl.zeros((L,), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
-        rk = jk * BK + tl.arange(0, BK)
-        mk = rk < DHQK
-        q = row_tile(q_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
-        k_t = row_tile_t(k_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
-        c = tl.load(
-            C_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0
-        )
-        n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
-        s_qk += tl.dot(q, k_t, input_precision="ieee")
-        qc += dot_in(q, c, dtype)
-        qn += tl.sum(q.to(tl.float32) * n[None, :], axis=1)
+        s_qk, qc, qn = _head_block(s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv, L, DHQK, DHHV,
+                                   BK, TMA, dtype)
+    _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, NC, L, DHHV, BV, QK_SCALE, EPS,
+                  NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA)
 
-    # the per-token gate vectors are loaded after the loop: live across it they would spill
+
+@triton.jit
+def mlstm_fw_chunk_loop_kernel(
+    Q, K, V, VEC_B, VEC_BL, I, C_ALL, N_ALL, M_ALL,
+    H, DEN, M_OUT,
+    NC: tl.constexpr, NS: tl.constexpr, L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr, EPS: tl.constexpr, NORM_VAL: tl.constexpr,
+    STABILIZE_CORRECTLY: tl.constexpr, MAX_STATE: tl.constexpr = True, TMA: tl.constexpr = False,
+    CHUNKS: tl.constexpr = 2, STAGES: tl.constexpr = 2,
+):
+    """Grid (BH, cdiv(NC, CHUNKS), cdiv(DHHV, BV)): `mlstm_fw_parallel_kernel`'s tiles of CHUNKS consecutive chunks
+    in one program. The loop over chunks is software-pipelined over STAGES (the head-dim loop inside is unrolled,
+    so the next chunk's q, k, C and v tiles load while this chunk's are used): the one-chunk kernel exposes each
+    chunk's load latency, with at most two programs an SM at its register count."""
+    bh = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(2)
+    S: tl.constexpr = NC * L
+    rv = iv * BV + tl.arange(0, BV)
+    mv = rv < DHHV
+    dtype = Q.dtype if TMA else Q.dtype.element_ty  # a descriptor's dtype is its elements'
+    q_rows = token_rows(Q, bh, S, DHQK, TMA)
+    k_rows = token_rows(K, bh, S, DHQK, TMA)
+    first = tl.program_id(1) * CHUNKS
+    for kc in tl.range(first, tl.minimum(first + CHUNKS, NC), num_stages=STAGES):
+        state = bh * NS + kc
+        s_qk = tl.zeros((L, L), dtype=tl.float32)
+        qc = tl.zeros((L, BV), dtype=tl.float32)
+        qn = tl.zeros((L,), dtype=tl.float32)
+        for jk in tl.static_range((DHQK + BK - 1) // BK):
+            s_qk, qc, qn = _head_block(s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv, L, DHQK,
+                                       DHHV, BK, TMA, dtype)
+        _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, NC, L, DHHV, BV, QK_SCALE,
+                      EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA)
+
+
+@triton.jit
+def _chunk_output(
+    s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv,
+    NC: tl.constexpr, L: tl.constexpr, DHHV: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
+    EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr, MAX_STATE: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Chunk kc's (L, BV) output tile (column block iv) from its q·k scores s_qk (L, L), q·C (L, BV) and q·n (L,),
+    all float32 and unscaled: the decay weights, the value product, the denominator and the stores."""
+    S: tl.constexpr = NC * L
+    rt = tl.arange(0, L)
+    tok = kc * L + rt
+    rv = iv * BV + tl.arange(0, BV)
+    mv = rv < DHHV
+    # the per-token gate vectors are loaded after the head-dim loop: live across it they would spill
     b = tl.load(VEC_B + bh * S + tok)
     ic = tl.load(I + bh * S + tok) - tl.load(VEC_BL + bh * S + tok)
     m_prev = tl.load(M_ALL + bh * (NC + 1) + kc)
@@ -77,7 +119,7 @@ def mlstm_fw_parallel_kernel(
     v = row_tile(token_rows(V, bh, S, DHHV, TMA), kc * L, iv * BV, DHHV, L, BV, TMA)
     s_bar = tl.where(causal, s_bar, 0.0)
     v, hit = finite_values(v, causal)
-    num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
+    num = inter[:, None] * qc + dot_in(s_bar, v, v.dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
     m_t = m_s + tl.load(VEC_BL + bh * S + tok)
     h = normalized(num, den, m_t, NORM_VAL, STABILIZE_CORRECTLY, EPS)
@@ -85,3 +127,24 @@ def mlstm_fw_parallel_kernel(
     tl.store(H + bh * S * DHHV + tok[:, None] * DHHV + rv[None, :], h.to(H.dtype.element_ty), mask=mv[None, :])
     tl.store(DEN + bh * S + tok, den, mask=(rt < L) & (iv == 0))
     tl.store(M_OUT + bh * S + tok, m_t, mask=(rt < L) & (iv == 0))
+
+
+@triton.jit
+def _head_block(
+    s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv,
+    L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr,
+    dtype: tl.constexpr,
+):
+    """Head-dim block jk of chunk kc added to its q·k scores s_qk (L, L), q·C (L, BV) and q·n (L,) (float32) with
+    the state before the chunk (index `state` of C_ALL, N_ALL) in the columns rv of the output tile."""
+    rk = jk * BK + tl.arange(0, BK)
+    mk = rk < DHQK
+    q = row_tile(q_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
+    k_t = row_tile_t(k_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
+    c = tl.load(C_ALL + state * DHQK * DHHV + rk[:, None] * DHHV + rv[None, :], mask=mk[:, None] & mv[None, :],
+                other=0.0)
+    n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
+    s_qk += tl.dot(q, k_t, input_precision="ieee")
+    qc += dot_in(q, c, dtype)
+    qn += tl.sum(q.to(tl.float32) * n[None, :], axis=1)
+    return s_qk, qc, qn
