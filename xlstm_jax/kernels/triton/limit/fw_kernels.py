@@ -38,8 +38,10 @@ def mlstm_fw_parallel_kernel(
     kc = tl.program_id(1)
     iv = tl.program_id(2)
     S: tl.constexpr = NC * L
+    rt = tl.arange(0, L)
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < DHHV
+    tok = kc * L + rt
     state = bh * NS + kc
     dtype = Q.dtype if TMA else Q.dtype.element_ty  # a descriptor's dtype is its elements'
     q_rows = token_rows(Q, bh, S, DHQK, TMA)
@@ -51,8 +53,8 @@ def mlstm_fw_parallel_kernel(
     for jk in range(tl.cdiv(DHQK, BK)):
         s_qk, qc, qn = _head_block(s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv, L, DHQK, DHHV,
                                    BK, TMA, dtype)
-    _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, NC, L, DHHV, BV, QK_SCALE, EPS,
-                  NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA)
+    _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, rt, tok, rv, mv, NC, L, DHHV,
+                  BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA, dtype)
 
 
 @triton.jit
@@ -85,24 +87,22 @@ def mlstm_fw_chunk_loop_kernel(
         for jk in tl.static_range((DHQK + BK - 1) // BK):
             s_qk, qc, qn = _head_block(s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv, L, DHQK,
                                        DHHV, BK, TMA, dtype)
-        _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, NC, L, DHHV, BV, QK_SCALE,
-                      EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA)
+        rt = tl.arange(0, L)
+        _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, rt, kc * L + rt, rv, mv, NC,
+                      L, DHHV, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA, dtype)
 
 
 @triton.jit
 def _chunk_output(
-    s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv,
+    s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, rt, tok, rv, mv,
     NC: tl.constexpr, L: tl.constexpr, DHHV: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
     EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr, MAX_STATE: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, dtype: tl.constexpr,
 ):
-    """Chunk kc's (L, BV) output tile (column block iv) from its q·k scores s_qk (L, L), q·C (L, BV) and q·n (L,),
-    all float32 and unscaled: the decay weights, the value product, the denominator and the stores."""
+    """Chunk kc's (L, BV) output tile (column block iv; rows rt = arange(L), tokens tok, columns rv, mask mv) from
+    its q·k scores s_qk (L, L), q·C (L, BV) and q·n (L,), all float32 and unscaled: the decay weights, the value
+    product, the denominator and the stores."""
     S: tl.constexpr = NC * L
-    rt = tl.arange(0, L)
-    tok = kc * L + rt
-    rv = iv * BV + tl.arange(0, BV)
-    mv = rv < DHHV
     # the per-token gate vectors are loaded after the head-dim loop: live across it they would spill
     b = tl.load(VEC_B + bh * S + tok)
     ic = tl.load(I + bh * S + tok) - tl.load(VEC_BL + bh * S + tok)
@@ -119,7 +119,7 @@ def _chunk_output(
     v = row_tile(token_rows(V, bh, S, DHHV, TMA), kc * L, iv * BV, DHHV, L, BV, TMA)
     s_bar = tl.where(causal, s_bar, 0.0)
     v, hit = finite_values(v, causal)
-    num = inter[:, None] * qc + dot_in(s_bar, v, v.dtype)
+    num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
     m_t = m_s + tl.load(VEC_BL + bh * S + tok)
     h = normalized(num, den, m_t, NORM_VAL, STABILIZE_CORRECTLY, EPS)
