@@ -80,8 +80,8 @@ Kernels = list[tuple[str, object, dict, int]]  # (name, kernel, constexprs, warp
 
 
 def row_descriptors(consts: dict) -> dict[str, tuple[int, int]]:
-    """The TMA descriptors (parameter: tile) of a kernel with these constexprs (none without TMA): q, k in (L, BK) tiles, v and
-    dh in (L, BV) tiles (limit.family)."""
+    """The TMA descriptors (parameter: tile) of a kernel with these constexprs (none without TMA): q, k in (L, BK)
+    tiles, v and dh in (L, BV) tiles (limit.family)."""
     if not consts.get("TMA"):
         return {}
     L, BK, BV = consts["L"], consts["BK"], consts["BV"]

@@ -334,9 +334,9 @@ def launch(
     kernel reads an aliased array through the output's parameter only (with jax-triton >= 0.4 the input's own
     parameter receives a placeholder: `_aliased_last`). `descriptors` {input index: (rows, columns)}: the kernel
     takes that input (BH, S, D) as a TMA tensor descriptor over its (BH·S, D) rows with tiles of that shape, made
-    on the host at launch (needs `tma_available()`; D·itemsize a multiple of 16 bytes). Returns the outputs (other outputs are uninitialised
-    memory on CUDA: kernels write every element they own). Supports `jax.vmap` (mapped axes are
-    folded into BH) and `shard_map` (outputs vary over the mesh axes the inputs vary over).
+    on the host at launch (needs `tma_available()`; D·itemsize a multiple of 16 bytes). Returns the outputs
+    (other outputs are uninitialised memory on CUDA: kernels write every element they own). Supports `jax.vmap`
+    (mapped axes are folded into BH) and `shard_map` (outputs vary over the mesh axes the inputs vary over).
     """
     out_shapes = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_shapes)
     bh = inputs[0].shape[0]

@@ -22,11 +22,12 @@ class LimitLaunch(LaunchParams):
     """Launch of the limit per-chunk kernels, the table's "limit" section: the head-dim tile of the reductions
     (block) and of the output's DHHV columns (out_v_block); warps at L <= 64 and at L = 128, pipelining stages, the
     warps of the dq kernel; whether the q, k, v and dh tiles are read through TMA tensor descriptors (tma; where the
-    GPU, toolchain and row strides allow: core.token_descriptors), whether one kernel forms dq, dk and dv (fused_bw; with
-    dq_warps warps) where two did, and how many consecutive chunks one forward output program walks in a
-    software-pipelined loop (chunks_per_program; 1: one program a chunk). Keep dq_warps at 8: with 4, triton 3.6 on H100 miscompiles that kernel for bf16
-    at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by test_gpu_parity_realistic_shape, and the tuner and
-    the stage sweeps reject any candidate whose results deviate)."""
+    GPU, toolchain and row strides allow: core.token_descriptors), whether one kernel forms dq, dk and dv (fused_bw;
+    with dq_warps warps) where two did, and how many consecutive chunks one forward output program walks in a
+    software-pipelined loop (chunks_per_program; 1: one program a chunk). Keep dq_warps at 8: with 4, triton 3.6 on
+    H100 miscompiles that kernel for bf16 at L=64, DHQK=128, DHHV=256 (dq 80% off, silently; caught by
+    test_gpu_parity_realistic_shape, and the tuner and the stage sweeps reject any candidate whose results
+    deviate)."""
 
     block: int = param("tile")
     out_v_block: int = param("tile")
