@@ -26,7 +26,7 @@ from xlstm_jax.kernels.triton import launch_table, core as triton_core, families
 # (SHARED is tuned in the first run only); "tile_q", "tile_kv" and "inter_chunk_size" are arguments of the xl-chunk
 # function.
 SHARED = {"recurrent.block": (32, 64, 128), "recurrent.warps": (1, 2, 4), "recurrent.stages": (1, 2, 3),
-          "recurrent.tma": (0, 1)}
+          "recurrent.tma": (0, 1), "recurrent.programs": (1024, 2048, 4096)}
 FAMILY = {
     "limit": {"limit.block": (32, 64, 128), "limit.out_v_block": (64, 128, 256), "limit.warps": (4, 8),
               "limit.warps_l128": (4, 8), "limit.stages": (1, 2, 3), "limit.tma": (0, 1),
