@@ -172,8 +172,20 @@ def parse_compute_capability(value: Any) -> tuple[int, int] | None:
     return release[0], release[1] if len(release) > 1 else 0
 
 
+def _jaxlib_encodes_tma_descriptors() -> bool:
+    """Whether the installed jaxlib's Triton kernel calls take TMA descriptors made on the host at launch (its
+    `create_tma_descriptor_parameter`, which jax-triton >= 0.4's `TensorDescriptor` needs; jaxlib 0.11.2's CUDA
+    plugin has it)."""
+    try:
+        from jax._src.lib import gpu_triton
+    except ImportError:
+        return False
+    return hasattr(gpu_triton, "create_tma_descriptor_parameter")
+
+
 def installed_versions() -> dict[str, Any]:
-    """python, jax, jaxlib, triton, jax_triton (None when missing), JAX platform, GPU name and compute capability.
+    """python, jax, jaxlib, triton, jax_triton (None when missing), JAX platform, GPU name and compute capability,
+    and whether jaxlib encodes host-made TMA descriptors (jaxlib_tma_descriptors).
 
     jax-triton is read from package metadata and never imported (it refuses to import without a CUDA jaxlib).
     """
@@ -190,14 +202,14 @@ def installed_versions() -> dict[str, Any]:
         "platform": device.platform,
         "gpu": getattr(device, "device_kind", None) if on_gpu else None,
         "compute_capability": parse_compute_capability(getattr(device, "compute_capability", None)) if on_gpu else None,
+        "jaxlib_tma_descriptors": _jaxlib_encodes_tma_descriptors(),
     }
 
 
 def tma_support(versions: dict[str, Any]) -> tuple[bool, str]:
     """(available, why) for TMA tensor descriptors launched from JAX (made on the host at launch: launch.py's
     `descriptors`): a Hopper or newer GPU (compute capability >= 9.0), jax-triton >= 0.4 (its `TensorDescriptor`),
-    jax >= 0.11 and triton >= 3.6. `versions` is shaped like `installed_versions()`; `launch.tma_available` also
-    asks the installed jaxlib whether it encodes descriptors."""
+    jax >= 0.11, triton >= 3.6 and a jaxlib that encodes them. `versions` is shaped like `installed_versions()`."""
     cc, jt, triton = versions["compute_capability"], versions["jax_triton"], versions["triton"]
     missing = []
     if cc is None or cc < (9, 0):
@@ -208,6 +220,9 @@ def tma_support(versions: dict[str, Any]) -> tuple[bool, str]:
         missing.append(f"jax >= 0.11, found {versions['jax']}")
     if triton is None or not version_at_least(triton, "3.6"):
         missing.append("triton >= 3.6" + ("" if triton is None else f", found {triton}"))
+    if not versions["jaxlib_tma_descriptors"]:
+        missing.append("a jaxlib whose Triton calls take host-made descriptors (create_tma_descriptor_parameter, "
+                       "as 0.11.2's CUDA plugin)")
     if missing:
         return False, "needs " + "; ".join(missing)
     return True, f"jax-triton {jt} with triton {triton} on compute capability {cc[0]}.{cc[1]}"

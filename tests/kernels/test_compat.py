@@ -132,8 +132,9 @@ def test_aliasing_follows_the_jax_triton_version(version, takes):
     assert _aliased_outputs_take_parameters(SimpleNamespace(__version__=version)) is takes
 
 
-def _versions(cc, jax_triton, triton="3.6.0", jax="0.11.2"):
-    return {"compute_capability": cc, "jax_triton": jax_triton, "triton": triton, "jax": jax}
+def _versions(cc, jax_triton, triton="3.6.0", jax="0.11.2", encodes=True):
+    return {"compute_capability": cc, "jax_triton": jax_triton, "triton": triton, "jax": jax,
+            "jaxlib_tma_descriptors": encodes}
 
 
 @pytest.mark.parametrize("versions,available,says", [
@@ -145,6 +146,7 @@ def _versions(cc, jax_triton, triton="3.6.0", jax="0.11.2"):
     (_versions((9, 0), None), False, "jax-triton >= 0.4"),
     (_versions((9, 0), "0.4.1", jax="0.10.2"), False, "jax >= 0.11, found 0.10.2"),
     (_versions((9, 0), "0.4.1", triton="3.5.1"), False, "triton >= 3.6, found 3.5.1"),
+    (_versions((9, 0), "0.4.1", encodes=False), False, "create_tma_descriptor_parameter"),
 ])
 def test_tma_support_names_what_is_missing(versions, available, says):
     ok, why = compat.tma_support(versions)

@@ -85,16 +85,14 @@ def triton_availability() -> tuple[bool, str]:
 @functools.cache
 def tma_available() -> bool:
     """Whether kernels may read through TMA tensor descriptors made on the host (`launch`'s `descriptors`) here: in
-    Triton's interpreter (which implements them), or on a GPU and toolchain `compat.tma_support` accepts whose
-    jaxlib encodes descriptors at launch (its Triton kernel-call library has `create_tma_descriptor_parameter`)."""
+    Triton's interpreter (which implements them), or on a GPU and toolchain `compat.tma_support` accepts."""
     if interpret_mode():
         return True
     if not triton_availability()[0]:
         return False
     from xlstm_jax.compat import installed_versions, tma_support
 
-    calls = _jax_triton()[0].triton_lib.triton_kernel_call_lib
-    return tma_support(installed_versions())[0] and hasattr(calls, "create_tma_descriptor_parameter")
+    return tma_support(installed_versions())[0]
 
 
 @functools.cache
