@@ -55,6 +55,8 @@ def test_a_kernel_reads_through_a_host_made_descriptor():
     (6, jnp.float16, {0: (16, 16)}, "not a multiple of 16 bytes"),  # rows of 12 bytes
 ])
 def test_bad_descriptors_are_refused_before_any_launch(dims, dtype, descriptors, message):
+    if not launch_mod.tma_available():
+        pytest.skip("no TMA tensor descriptors here")
     x = jnp.zeros((2, 40, dims), dtype)
     with pytest.raises(ValueError, match=message):
         launch(_scaled_copy, [x], [jax.ShapeDtypeStruct(x.shape, x.dtype)], grid=(3,), descriptors=descriptors, S=40,
@@ -137,3 +139,11 @@ def test_aliased_outputs_reach_their_parameters_under_jax_triton_0_4(monkeypatch
     np.testing.assert_allclose(np.asarray(total), np.asarray((x + d).sum(-1)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="aliased outputs must be the first outputs"):
         launch(_add_in_place, [x, d], [jax.ShapeDtypeStruct(x.shape, jnp.float32)] * 2, grid=(), aliases={0: 1}, S=16)
+
+
+def test_descriptors_where_tma_is_unavailable_are_refused(monkeypatch):
+    monkeypatch.setattr(launch_mod, "tma_available", lambda: False)
+    x = jnp.zeros((2, 40, 8), jnp.float32)
+    with pytest.raises(ValueError, match="cannot be used here"):
+        launch(_scaled_copy, [x], [jax.ShapeDtypeStruct(x.shape, x.dtype)], grid=(3,), descriptors={0: (16, 16)},
+               S=40, D=8, BR=16, BC=16)

@@ -345,6 +345,9 @@ def launch(
     if sorted(o for _, o in aliases) != list(range(len(aliases))):
         raise ValueError(f"aliased outputs must be the first outputs, got aliases {dict(aliases)}.")
     descriptors = tuple(sorted((descriptors or {}).items()))
+    if descriptors and not tma_available():
+        raise ValueError("descriptors: TMA tensor descriptors cannot be used here (`xlstm-jax doctor` says why); "
+                         "pass none for pointer loads.")
     for index, block_shape in descriptors:
         x = inputs[index] if 0 <= index < len(inputs) else None
         if x is None or x.ndim < 2 or index in dict(aliases) or len(block_shape) != 2:
