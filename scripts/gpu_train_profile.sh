@@ -19,9 +19,10 @@
 #                  over more tokens)
 #      flags       profile_train.py (fused loss) for the working tree with XLA_FLAGS=$FLAGS (e.g.
 #                  --xla_gpu_enable_triton_gemm=false), SIZES (default: 1.3b 125m) each in its own process
-#      queue       the queued measurements in one call, in this order while BUDGET_S lasts (each set in OUT_DIR/SET):
-#                  ab (SIZES 125m 1.3b: BASE_DIR against the working tree), batches (BATCHES: default 125m:32
-#                  1.3b:12), then peer; needs BASE_DIR
+#      queue       the queued measurements in one call, in the order of QUEUE (default "ab batches peer") while
+#                  BUDGET_S lasts (each set in OUT_DIR/SET): ab (SIZES 125m 1.3b: BASE_DIR against the working tree,
+#                  which needs BASE_DIR), batches (BATCHES: default 125m:32 1.3b:12), peer. On an H200, issue 35's
+#                  table: QUEUE="peer batches" BATCHES="125m:32 1.3b:16"
 #      curve       `xlstm-jax train` for 200 steps on the Python standard library's bytes (vocabulary 50304, the
 #                  125M at B=8, S=2048, fused loss), for BASE_DIR and the working tree: the loss curves
 #                  (metrics.jsonl) of the same seed and data, copied to OUT_DIR as curve-base.jsonl, curve-new.jsonl
@@ -134,9 +135,12 @@ np.save('/tmp/stdlib_bytes.npy', np.frombuffer(b''.join(open(f, 'rb').read() for
       env BUDGET_S="$left" SIZES="${SIZES:-125m 1.3b}" "$@" bash "$0" "$set_run" "$out/$dir"
       cat "$out/$dir/summary.txt" >> "$out/summary.txt" 2>/dev/null
     }
-    sub ab ab
-    sub batches batches BATCHES="${BATCHES:-125m:32 1.3b:12}"
-    sub peer peer ;;
+    for set_run in ${QUEUE:-ab batches peer}; do
+      case $set_run in
+        batches) sub batches batches BATCHES="${BATCHES:-125m:32 1.3b:12}" ;;
+        *) sub "$set_run" "$set_run" ;;
+      esac
+    done ;;
   *)
     echo "unknown set $set_name: loss, remat, throughput, peer, ab, batches, flags, queue or curve" >&2
     exit 2 ;;
