@@ -63,7 +63,8 @@ class Steps:
 
     def __init__(self, model: xLSTMLarge, slots: int, state_dtype: str):
         self.config = model.config
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, params = nnx.split(model)
+        self.params_tree, self.params = steps.flat_params(params)
         self.slots, self.state_dtype = slots, state_dtype
         M = slots
         self.pool = steps.empty_states(self.config, M, state_dtype)
@@ -76,7 +77,7 @@ class Steps:
     def call(self, variant: str):
         """(compiled function of no arguments running the variant once, carrying its states, its HLO text)."""
         kind, *rest = variant.split(":")
-        static = dict(graphdef=self.graphdef, state_dtype=self.state_dtype)
+        static = dict(graphdef=self.graphdef, params_tree=self.params_tree, state_dtype=self.state_dtype)
         backend = rest[1] if len(rest) > 1 else self.config.backend
         chunk_size = int(rest[2]) if len(rest) > 2 else self.config.chunk_size
         if kind == "decode":

@@ -120,10 +120,11 @@ class Engine:
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.metrics = metrics or Metrics(max_slots)
         self.mesh = mesh
-        self._graphdef, self._params = nnx.split(model)
+        graphdef, params = nnx.split(model)
         if mesh is not None:
-            self._params = place_params(self._params, mesh)
-        static = dict(graphdef=self._graphdef, state_dtype=state_dtype)  # the device functions, settings bound
+            params = place_params(params, mesh)
+        params_tree, self._params = steps.flat_params(params)
+        static = dict(graphdef=graphdef, params_tree=params_tree, state_dtype=state_dtype)  # bound in every step
         self._decode_step = steps.compiled(steps.decode_step, backend=self.config.step_backend, **static)
         self._prefill_chunk = steps.compiled(steps.prefill_chunk, backend=prefill_backend,
                                              chunk_size=self.config.chunk_size, **static)
