@@ -123,8 +123,8 @@ class Engine:
         graphdef, params = nnx.split(model)
         if mesh is not None:
             params = place_params(params, mesh)
-        params_tree, self._params = steps.flat_params(params)
-        static = dict(graphdef=graphdef, params_tree=params_tree, state_dtype=state_dtype)  # bound in every step
+        self._params_tree, self._params = steps.flat_params(params)
+        static = dict(graphdef=graphdef, params_tree=self._params_tree, state_dtype=state_dtype)  # bound once
         self._decode_step = steps.compiled(steps.decode_step, backend=self.config.step_backend, **static)
         self._prefill_chunk = steps.compiled(steps.prefill_chunk, backend=prefill_backend,
                                              chunk_size=self.config.chunk_size, **static)

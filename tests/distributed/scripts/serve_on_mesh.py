@@ -56,7 +56,8 @@ for text, mode in (("data=4", "fused"), ("data=2,tensor=2", "single")):
     for leaf in jax.tree.leaves(engine._pool):
         assert (*leaf.sharding.spec, None, None)[:2] == want and len(leaf.sharding.device_set) == 4, (text, leaf.sharding)
     if sizes["tensor"] > 1:
-        q = engine._params["backbone"]["blocks"][0]["mlstm_layer"]["q"]["kernel"]
+        params = jax.tree.unflatten(engine._params_tree, engine._params)  # the engine's flat list, as a State
+        q = params["backbone"]["blocks"][0]["mlstm_layer"]["q"]["kernel"]
         assert tuple(q.sharding.spec) == (None, "tensor"), q.sharding
     print("ok", text, flush=True)
 
