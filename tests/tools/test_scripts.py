@@ -71,6 +71,14 @@ def test_checkpoint_cost_times_each_part_of_a_save(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_dispatch_cost_times_the_state_both_ways(tmp_path):
+    out = tmp_path / "dispatch.json"
+    _load("dispatch_cost").main(["--blocks", "2", "--calls", "3", "--rounds", "1", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["blocks"] == 2 and row["train_arrays"] > row["param_arrays"] > 0
+    assert all(row[key] > 0 for key in ("train_state_us", "train_flat_us", "params_state_us", "params_flat_us"))
+
+
 @pytest.mark.slow
 def test_stage_profiler_times_every_stage_and_sweeps(tmp_path, capsys):
     profiler = _load("profile_stages")
