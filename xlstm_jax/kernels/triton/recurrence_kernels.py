@@ -142,7 +142,7 @@ def mlstm_bw_recurrent_kernel(
         norm = tl.load(NORM + bh * S + tok)
         dh = row_tile(dh_rows, kc * L, v0, DHHV, L, BV, TMA).to(tl.float32) / norm[:, None]
         decay = tl.exp(g + m_prev - m_next)
-        dc = decay * dc + dot_in(qbar_t, dh, (Q.dtype if TMA else Q.dtype.element_ty))
+        dc = decay * dc + dot_in(qbar_t, dh, q_t.dtype)
         dn = decay * dn + tl.sum(qbar_t * tl.load(DDEN + bh * S + tok)[None, :], axis=1)
     tl.store(DC_ALL + bh * NSAVE * DHQK * DHHV + c_off, dc.to(DC_ALL.dtype.element_ty), mask=c_mask & is_first)
     tl.store(DC_FIRST + bh * DHQK * DHHV + c_off, dc, mask=c_mask & is_first)

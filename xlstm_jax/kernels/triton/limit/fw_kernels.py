@@ -43,7 +43,6 @@ def mlstm_fw_parallel_kernel(
     mv = rv < DHHV
     tok = kc * L + rt
     state = bh * NS + kc
-    dtype = Q.dtype if TMA else Q.dtype.element_ty  # a descriptor's dtype is its elements'
     q_rows = token_rows(Q, bh, S, DHQK, TMA)
     k_rows = token_rows(K, bh, S, DHQK, TMA)
 
@@ -52,9 +51,9 @@ def mlstm_fw_parallel_kernel(
     qn = tl.zeros((L,), dtype=tl.float32)
     for jk in range(tl.cdiv(DHQK, BK)):
         s_qk, qc, qn = _head_block(s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv, L, DHQK, DHHV,
-                                   BK, TMA, dtype)
+                                   BK, TMA)
     _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, rt, tok, rv, mv, NC, L, DHHV,
-                  BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA, dtype)
+                  BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA)
 
 
 @triton.jit
@@ -75,7 +74,6 @@ def mlstm_fw_chunk_loop_kernel(
     S: tl.constexpr = NC * L
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < DHHV
-    dtype = Q.dtype if TMA else Q.dtype.element_ty  # a descriptor's dtype is its elements'
     q_rows = token_rows(Q, bh, S, DHQK, TMA)
     k_rows = token_rows(K, bh, S, DHQK, TMA)
     first = tl.program_id(1) * CHUNKS
@@ -86,10 +84,10 @@ def mlstm_fw_chunk_loop_kernel(
         qn = tl.zeros((L,), dtype=tl.float32)
         for jk in tl.static_range((DHQK + BK - 1) // BK):
             s_qk, qc, qn = _head_block(s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv, L, DHQK,
-                                       DHHV, BK, TMA, dtype)
+                                       DHHV, BK, TMA)
         rt = tl.arange(0, L)
         _chunk_output(s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, rt, kc * L + rt, rv, mv, NC,
-                      L, DHHV, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA, dtype)
+                      L, DHHV, BV, QK_SCALE, EPS, NORM_VAL, STABILIZE_CORRECTLY, MAX_STATE, TMA)
 
 
 @triton.jit
@@ -97,7 +95,7 @@ def _chunk_output(
     s_qk, qc, qn, V, VEC_B, VEC_BL, I, M_ALL, H, DEN, M_OUT, bh, kc, iv, rt, tok, rv, mv,
     NC: tl.constexpr, L: tl.constexpr, DHHV: tl.constexpr, BV: tl.constexpr, QK_SCALE: tl.constexpr,
     EPS: tl.constexpr, NORM_VAL: tl.constexpr, STABILIZE_CORRECTLY: tl.constexpr, MAX_STATE: tl.constexpr,
-    TMA: tl.constexpr, dtype: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Chunk kc's (L, BV) output tile (column block iv; rows rt = arange(L), tokens tok, columns rv, mask mv) from
     its q·k scores s_qk (L, L), q·C (L, BV) and q·n (L,), all float32 and unscaled: the decay weights, the value
@@ -119,7 +117,7 @@ def _chunk_output(
     v = row_tile(token_rows(V, bh, S, DHHV, TMA), kc * L, iv * BV, DHHV, L, BV, TMA)
     s_bar = tl.where(causal, s_bar, 0.0)
     v, hit = finite_values(v, causal)
-    num = inter[:, None] * qc + dot_in(s_bar, v, dtype)
+    num = inter[:, None] * qc + dot_in(s_bar, v, v.dtype)
     den = inter * qn + tl.sum(s_bar, axis=1)
     m_t = m_s + tl.load(VEC_BL + bh * S + tok)
     h = normalized(num, den, m_t, NORM_VAL, STABILIZE_CORRECTLY, EPS)
@@ -133,10 +131,10 @@ def _chunk_output(
 def _head_block(
     s_qk, qc, qn, q_rows, k_rows, C_ALL, N_ALL, state, kc, jk, rv, mv,
     L: tl.constexpr, DHQK: tl.constexpr, DHHV: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr,
-    dtype: tl.constexpr,
 ):
     """Head-dim block jk of chunk kc added to its q·k scores s_qk (L, L), q·C (L, BV) and q·n (L,) (float32) with
-    the state before the chunk (index `state` of C_ALL, N_ALL) in the columns rv of the output tile."""
+    the state before the chunk (index `state` of C_ALL, N_ALL) in the columns rv of the output tile; the products
+    in the compute dtype (q's, whether read through a pointer or a descriptor)."""
     rk = jk * BK + tl.arange(0, BK)
     mk = rk < DHQK
     q = row_tile(q_rows, kc * L, jk * BK, DHQK, L, BK, TMA)
@@ -145,6 +143,6 @@ def _head_block(
                 other=0.0)
     n = tl.load(N_ALL + state * DHQK + rk, mask=mk, other=0.0)
     s_qk += tl.dot(q, k_t, input_precision="ieee")
-    qc += dot_in(q, c, dtype)
+    qc += dot_in(q, c, q.dtype)
     qn += tl.sum(q.to(tl.float32) * n[None, :], axis=1)
     return s_qk, qc, qn
