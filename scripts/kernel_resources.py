@@ -9,10 +9,10 @@ can be read before a GPU is lent:
 
 Each kernel is compiled with the constants its launch uses (core.block tiles of the launch table entry for --arch
 and the head dims, with the sweep point's overrides): limit's forward output kernel (the chunk loop where
-limit.chunks_per_program > 1) and its dq and dk/dv kernels or
-its one backward kernel (limit.fused_bw); xl's forward output kernel and its dq, dk and dv kernels (64 x 64 query
-and key tiles). STACK is the per-thread stack frame (spilled registers and local arrays);
-the figures come from the installed Triton, which may allocate registers differently from the GPU machine's.
+limit.chunks_per_program > 1) and its dq and dk/dv kernels or its one backward kernel (limit.fused_bw); xl's
+forward output kernel and its dq, dk and dv kernels (64 x 64 query and key tiles). STACK is the per-thread stack
+frame (spilled registers and local arrays); the figures come from the installed Triton, which may allocate
+registers differently from the GPU machine's.
 """
 
 from __future__ import annotations
